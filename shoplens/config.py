@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 # Category id -> display name. Ids are the shop's 8-digit category ids (see docs/target-site notes).
@@ -25,40 +25,34 @@ DEFAULT_CATEGORIES: dict[str, str] = {
 }
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"SHOPLENS_{name}", default)
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = _env(name, str(default))
+def _parse(name: str, raw: str, type_name: Any) -> Any:
+    """Parse one environment value by the dataclass field's (string) annotation."""
+    t = str(type_name)
     try:
-        return int(raw)
+        if t == "int":
+            return int(raw)
+        if t == "float":
+            return float(raw)
+        if t == "bool":
+            low = raw.strip().lower()
+            if low in {"1", "true", "yes", "on"}:
+                return True
+            if low in {"0", "false", "no", "off"}:
+                return False
+            raise ConfigError(f"{name} must be a boolean (1/0/true/false), got {raw!r}")
+        if t.startswith("tuple"):
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
+        if t.startswith("Mapping") or t.startswith("dict"):
+            value = json.loads(raw)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a JSON object")
+            return value
     except ValueError as exc:
-        raise ConfigError(f"SHOPLENS_{name} must be an integer, got {raw!r}") from exc
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = _env(name, str(default))
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"SHOPLENS_{name} must be a number, got {raw!r}") from exc
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = _env(name, "1" if default else "0").strip().lower()
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"SHOPLENS_{name} must be a boolean (1/0/true/false), got {raw!r}")
-
-
-def _env_list(name: str, default: list[str]) -> list[str]:
-    raw = os.environ.get(f"SHOPLENS_{name}")
-    if raw is None:
-        return list(default)
-    return [item.strip() for item in raw.split(",") if item.strip()]
+        if isinstance(exc, ConfigError):
+            raise
+        kind = {"int": "an integer", "float": "a number"}.get(t, "valid JSON" if "Map" in t else t)
+        raise ConfigError(f"{name} must be {kind}, got {raw!r}") from exc
+    return raw
 
 
 class ConfigError(ValueError):
@@ -99,45 +93,24 @@ class Settings:
     manifest_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/shoplens"
     # --- browser -------------------------------------------------------------------------------
     chromium_path: str = "/usr/bin/chromium"
-    # --- free-form extras for later stages (JSON object in SHOPLENS_EXTRA) -----------------------
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    # --- dedup (dataset.dedup) -----------------------------------------------------------------
+    # --- filter (dataset.filter) ---------------------------------------------------------------
+    # --- dataset build (dataset.build) ---------------------------------------------------------
+    # --- training and evaluation (modeling) ----------------------------------------------------
+    # --- operations (alerts, reports) ----------------------------------------------------------
 
     @classmethod
-    def from_env(cls) -> "Settings":
-        d = cls()
-        extra_raw = os.environ.get("SHOPLENS_EXTRA", "{}")
-        try:
-            extra = json.loads(extra_raw)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"SHOPLENS_EXTRA must be a JSON object: {exc}") from exc
-        settings = cls(
-            shop_base_url=_env("SHOP_BASE_URL", d.shop_base_url).rstrip("/"),
-            allowed_hosts=tuple(_env_list("ALLOWED_HOSTS", list(d.allowed_hosts))),
-            categories=tuple(_env_list("CATEGORIES", list(d.categories))),
-            best_n=_env_int("BEST_N", d.best_n),
-            photo_cap_per_product=_env_int("PHOTO_CAP", d.photo_cap_per_product),
-            image_params=_env("IMAGE_PARAMS", d.image_params),
-            reviews_per_page=_env_int("REVIEWS_PER_PAGE", d.reviews_per_page),
-            user_agent=_env("USER_AGENT", d.user_agent),
-            download_delay=_env_float("DOWNLOAD_DELAY", d.download_delay),
-            concurrent_per_host=_env_int("CONCURRENT_PER_HOST", d.concurrent_per_host),
-            autothrottle=_env_bool("AUTOTHROTTLE", d.autothrottle),
-            obey_robots=_env_bool("OBEY_ROBOTS", d.obey_robots),
-            download_timeout=_env_float("DOWNLOAD_TIMEOUT", d.download_timeout),
-            retry_times=_env_int("RETRY_TIMES", d.retry_times),
-            retry_after_cap=_env_float("RETRY_AFTER_CAP", d.retry_after_cap),
-            max_image_pixels=_env_int("MAX_IMAGE_PIXELS", d.max_image_pixels),
-            max_image_bytes=_env_int("MAX_IMAGE_BYTES", d.max_image_bytes),
-            s3_endpoint=_env("S3_ENDPOINT", d.s3_endpoint),
-            s3_access_key=_env("S3_ACCESS_KEY", d.s3_access_key),
-            s3_secret_key=_env("S3_SECRET_KEY", d.s3_secret_key),
-            s3_secure=_env_bool("S3_SECURE", d.s3_secure),
-            s3_bucket=_env("S3_BUCKET", d.s3_bucket),
-            s3_region=_env("S3_REGION", d.s3_region),
-            manifest_url=_env("MANIFEST_URL", d.manifest_url),
-            chromium_path=_env("CHROMIUM_PATH", d.chromium_path),
-            extra=extra,
-        )
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Every field ``x`` is read from ``SHOPLENS_X`` when set; otherwise its default stays."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f"SHOPLENS_{f.name.upper()}"
+            if name not in env:
+                continue
+            values[f.name] = _parse(name, env[name], f.type)
+        settings = cls(**values)
+        settings = dataclasses.replace(settings, shop_base_url=settings.shop_base_url.rstrip("/"))
         settings.validate()
         return settings
 

@@ -1,0 +1,1 @@
+"""Crawl stage: Scrapy spider for the shop, its local replica, and manifest/object-store writes."""

@@ -1,0 +1,1 @@
+"""Dataset stages: near-duplicate removal, detector-assisted filter, versioned dataset build."""

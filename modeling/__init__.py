@@ -1,0 +1,1 @@
+"""Training, evaluation and prediction for the photo-to-product ensemble."""
