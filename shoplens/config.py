@@ -98,6 +98,11 @@ class Settings:
     # --- dataset build (dataset.build) ---------------------------------------------------------
     # --- training and evaluation (modeling) ----------------------------------------------------
     # --- operations (alerts, reports) ----------------------------------------------------------
+    # Failure alerts and run summaries are POSTed as JSON to this URL when set (a chat webhook).
+    alert_webhook_url: str = ""
+    alert_timeout: float = 10.0
+    # Base URL of the Airflow UI that run-report links point to; "" means Airflow's [api] base_url.
+    ui_base_url: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -149,11 +154,15 @@ class Settings:
             raise ConfigError("concurrent_per_host must be >= 1")
         if self.download_delay < 0:
             raise ConfigError("download_delay must be >= 0")
+        if self.alert_webhook_url and not self.alert_webhook_url.startswith(("http://", "https://")):
+            raise ConfigError(f"alert_webhook_url must be an http(s) URL, got {self.alert_webhook_url!r}")
 
     def public_dict(self) -> dict[str, Any]:
         """Settings without secrets, for run provenance rows and logs."""
         d = dataclasses.asdict(self)
         d["s3_secret_key"] = "***"
+        if self.alert_webhook_url:  # chat webhook URLs embed their token
+            d["alert_webhook_url"] = "***"
         d["categories"] = list(self.categories)
         d["allowed_hosts"] = list(self.allowed_hosts)
         return d
