@@ -96,6 +96,17 @@ class Settings:
     # --- dedup (dataset.dedup) -----------------------------------------------------------------
     # --- filter (dataset.filter) ---------------------------------------------------------------
     # --- dataset build (dataset.build) ---------------------------------------------------------
+    # Products with fewer kept photos than this are left out of a version (and reported).
+    dataset_min_photos_per_product: int = 10
+    dataset_max_photos_per_product: int = 1000
+    # Target split fractions; must be positive and sum to 1.
+    dataset_train_ratio: float = 0.70
+    dataset_val_ratio: float = 0.15
+    dataset_test_ratio: float = 0.15
+    # Seeds the hash that orders new images for split assignment and for the per-product cap.
+    dataset_split_seed: str = "shoplens-splits-v1"
+    # TFRecord shard size (images per shard); part of a version's export layout.
+    dataset_images_per_shard: int = 512
     # --- training and evaluation (modeling) ----------------------------------------------------
     # --- operations (alerts, reports) ----------------------------------------------------------
     # Failure alerts and run summaries are POSTed as JSON to this URL when set (a chat webhook).
