@@ -95,6 +95,24 @@ class Settings:
     chromium_path: str = "/usr/bin/chromium"
     # --- dedup (dataset.dedup) -----------------------------------------------------------------
     # --- filter (dataset.filter) ---------------------------------------------------------------
+    # The YOLOX-Nano ONNX file; `python -m dataset models fetch` downloads it here.
+    detector_model_path: str = "~/.cache/shoplens/models/yolox_nano.onnx"
+    detector_model_url: str = (
+        "https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0/yolox_nano.onnx")
+    # Detections at or above this score are stored, so rule thresholds can move without re-running.
+    detector_store_min_score: float = 0.05
+    filter_min_score: float = 0.3
+    filter_min_box_area: float = 0.02
+    filter_same_object_iou: float = 0.5
+    filter_min_occupancy: float = 0.5
+    filter_plain_border: float = 0.9
+    filter_occupancy_when_unknown: str = "pass"
+    filter_min_side: int = 224
+    filter_max_aspect: float = 3.0
+    filter_min_luma_std: float = 6.0
+    # JSON object: category id (or "*") -> list of COCO classes that count as a product there.
+    filter_product_classes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    filter_report_examples: int = 6
     # --- dataset build (dataset.build) ---------------------------------------------------------
     # Products with fewer kept photos than this are left out of a version (and reported).
     dataset_min_photos_per_product: int = 10

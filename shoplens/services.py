@@ -202,14 +202,40 @@ def start_private_postgres(state_dir: Path, port: int = 5432) -> int:
     return pid
 
 
+def redis_reachable(port: int = 6379) -> bool:
+    return postgres_reachable(LOCALHOST, port)
+
+
+def start_private_redis(state_dir: Path, port: int = 6379) -> int:
+    server = shutil.which("redis-server")
+    if not server:
+        raise RuntimeError("Redis is not reachable on 127.0.0.1:6379 and redis-server is not "
+                           "installed (Debian package 'redis-server'); run 'make deps'")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([server, "--bind", LOCALHOST, "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--dir", str(state_dir)],
+                            stdout=open(state_dir / "redis.log", "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    (state_dir / "redis.pid").write_text(str(proc.pid))
+    wait_for_port(port, 30, proc=proc)
+    return proc.pid
+
+
+def ensure_databases_and_broker(state_dir: Path) -> None:
+    """PostgreSQL and Redis as the machine provides them, or private ones when none is running."""
+    if not postgres_reachable():
+        start_private_postgres(state_dir)
+    if not redis_reachable():
+        start_private_redis(state_dir)
+
+
 # --------------------------------------------------------------------------------------------
 # CLI used by the Makefile
 # --------------------------------------------------------------------------------------------
 def _up(state_dir: Path, s3_base: int) -> dict[str, str]:
     state_dir.mkdir(parents=True, exist_ok=True)
     env: dict[str, str] = {}
-    if not postgres_reachable():
-        start_private_postgres(state_dir)
+    ensure_databases_and_broker(state_dir)
     access = os.environ.get("SHOPLENS_S3_ACCESS_KEY", "shoplens")
     secret = os.environ.get("SHOPLENS_S3_SECRET_KEY", "shoplens-secret")
     pidfile = state_dir / "seaweedfs" / "weed.pid"
@@ -249,12 +275,15 @@ def _down(state_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shoplens.services", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("action", choices=["up", "ensure", "down"],
+                        help="up: databases, broker and S3; ensure: databases and broker only")
     parser.add_argument("--state-dir", type=Path, default=Path(".run"))
     parser.add_argument("--s3-base-port", type=int, default=8327,
                         help="first of 12 consecutive ports for SeaweedFS; S3 listens on base+6")
     args = parser.parse_args(argv)
-    if args.action == "up":
+    if args.action == "ensure":
+        ensure_databases_and_broker(args.state_dir)
+    elif args.action == "up":
         env = _up(args.state_dir, args.s3_base_port)
         for k, v in env.items():
             print(f"export {k}={v}")

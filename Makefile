@@ -1,0 +1,51 @@
+# shoplens: `make demo` runs the whole nightly pipeline end to end; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN := .run
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: all venv deps test test-fast demo demo-up demo-down benchmarks clean
+
+all: test
+
+# The virtualenv, re-created only when the pinned dependencies change.
+$(VENV)/.installed: requirements.in constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.in -c constraints.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Debian packages the pipeline needs: Chromium for Playwright (never `playwright install`),
+# PostgreSQL and Redis servers only when none is reachable on 127.0.0.1.
+deps:
+	@need=""; \
+	test -x /usr/bin/chromium || need="$$need chromium"; \
+	(exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$$need postgresql"; \
+	(exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null || command -v redis-server >/dev/null || need="$$need redis-server"; \
+	if [ -n "$$need" ]; then \
+	  echo "installing Debian packages:$$need"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$need; \
+	fi
+
+test: venv deps
+	$(PY) -m shoplens.services ensure --state-dir $(RUN)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The whole nightly pipeline on embedded defaults: generated replica shop, SeaweedFS, PostgreSQL,
+# a real Airflow (CeleryExecutor, Redis); prints the run summary and stops what it started.
+demo: venv deps
+	$(PY) -m shoplens.demo --state-dir $(RUN)
+
+benchmarks: venv deps
+	$(PY) benchmarks/crawl.py
+	$(PY) benchmarks/dedup.py
+	$(PY) benchmarks/filter.py
+
+clean:
+	-$(PY) -m shoplens.services down --state-dir $(RUN)
+	rm -rf $(RUN)

@@ -1,0 +1,96 @@
+"""shoplens nightly: crawl review photos -> dedup -> filter -> build a dataset version.
+
+Thin by design: each task calls one stage entry in the packages; the logic is testable there
+without Airflow. Params let a manual run from the UI override the configured defaults.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from shoplens.assets import DATASET_VERSION
+
+default_args = {
+    "retries": 2,
+    "retry_delay": timedelta(seconds=20),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+
+def _settings():
+    """Settings from the worker's SHOPLENS_* environment, overridden by this run's Params."""
+    from shoplens.config import Settings
+
+    params = get_current_context()["params"]
+    overrides = {k: params.get(k) for k in ("categories", "best_n", "photo_cap_per_product", "shop_base_url")}
+    return Settings.from_env().with_overrides(**{k: v for k, v in overrides.items() if v not in ("", None, [])})
+
+
+@dag(
+    dag_id="shoplens_nightly",
+    schedule="0 2 * * *",
+    start_date=pendulum.datetime(2026, 1, 1, tz="Asia/Seoul"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args,
+    tags=["shoplens"],
+    params={
+        "categories": Param([], type="array", items={"type": "string", "pattern": "^[0-9]+$"},
+                            description="Category ids to crawl; empty = configured defaults"),
+        "best_n": Param(None, type=["null", "integer"], minimum=1, description="Best-N products per category"),
+        "photo_cap_per_product": Param(None, type=["null", "integer"], minimum=1),
+        "shop_base_url": Param("", type="string", description="Shop (or replica) base URL; empty = configured"),
+    },
+)
+def shoplens_nightly():
+    @task
+    def start_run() -> list[str]:
+        from crawler import start_run as begin
+
+        settings = _settings()
+        begin(settings, get_current_context()["run_id"])
+        return list(settings.categories)
+
+    @task(max_active_tis_per_dagrun=2, pool="shop")
+    def crawl_category(category_id: str) -> dict:
+        from crawler import crawl_category as crawl
+
+        return crawl(_settings(), category_id, get_current_context()["run_id"])
+
+    @task
+    def finish_crawl(per_category: list[dict]) -> dict:
+        from crawler import finish_run
+
+        return finish_run(_settings(), get_current_context()["run_id"])
+
+    @task
+    def dedup(_crawl: dict) -> dict:
+        from dataset import dedup as stage
+
+        return stage.run(_settings(), get_current_context()["run_id"])
+
+    @task
+    def filter_photos(_dedup: dict) -> dict:
+        from dataset import filter as stage
+
+        stats = stage.run(_settings(), get_current_context()["run_id"])
+        print(f"filter run report: {stats.get('report_url')}")
+        return stats
+
+    @task(outlets=[DATASET_VERSION])
+    def build_dataset(_filter: dict) -> dict:
+        from dataset import build as stage
+
+        stats = stage.run(_settings(), get_current_context()["run_id"])
+        get_current_context()["outlet_events"][DATASET_VERSION].extra = {"version": stats.get("version_id")}
+        return stats
+
+    categories = start_run()
+    crawled = finish_crawl(crawl_category.expand(category_id=categories))
+    build_dataset(filter_photos(dedup(crawled)))
+
+
+shoplens_nightly()

@@ -1,0 +1,52 @@
+"""shoplens training: retrain and evaluate the ensemble whenever a new dataset version lands.
+
+Data-aware: scheduled on the dataset-version Asset that the nightly build emits. Runs on the
+``training`` queue so that a GPU worker can take it.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from shoplens.assets import DATASET_VERSION
+
+
+@dag(
+    dag_id="shoplens_train",
+    schedule=[DATASET_VERSION],
+    start_date=pendulum.datetime(2026, 1, 1, tz="Asia/Seoul"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=2)},
+    tags=["shoplens"],
+    params={"dataset_version": Param("", type="string",
+                                     description="Version to train on; empty = the triggering or latest version")},
+)
+def shoplens_train():
+    @task
+    def pick_version() -> str:
+        ctx = get_current_context()
+        if ctx["params"].get("dataset_version"):
+            return ctx["params"]["dataset_version"]
+        for events in ctx["triggering_asset_events"].values():
+            for event in reversed(list(events)):
+                if event.extra.get("version"):
+                    return event.extra["version"]
+        from shoplens.config import Settings
+        from dataset.build import latest_version
+
+        return latest_version(Settings.from_env())
+
+    @task(queue="training", execution_timeout=timedelta(hours=6))
+    def train_and_evaluate(version: str) -> dict:
+        from modeling import train
+        from shoplens.config import Settings
+
+        return train.run(Settings.from_env(), version)
+
+    train_and_evaluate(pick_version())
+
+
+shoplens_train()

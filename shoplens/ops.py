@@ -1,0 +1,335 @@
+"""Operations: failure alerts, per-stage run metrics and the end-of-night run summary.
+
+- :class:`FailureAlert` is an Airflow notifier: pass ``on_failure_callback=FailureAlert()`` to a
+  task (or the DAG). It writes the failure to the log and, when ``alert_webhook_url`` is set,
+  POSTs it as JSON (a ``text`` field that chat webhooks display, plus structured fields).
+- :func:`run_stage` calls a stage entry function and records its duration and data volume (the
+  numeric counters of the stats dict it returns) in the manifest table ``run_metrics``.
+- :func:`summarize_run` closes a night: it adds a ``run`` row with the whole run's duration and
+  volume, logs a summary with the link to the run report page, and sends it to the webhook.
+
+Recording metrics or delivering an alert never masks the stage's own outcome: their errors are
+logged, not raised.
+
+    python -m shoplens.ops metrics [--run-key KEY] [--last 10]
+    python -m shoplens.ops summary --run-key KEY
+    python -m shoplens.ops test-alert
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping
+from urllib.parse import quote
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB, insert
+
+from airflow.sdk.bases.notifier import BaseNotifier
+
+from shoplens.config import Settings
+from shoplens.manifest import engine_for
+
+log = logging.getLogger("shoplens.ops")
+
+RUN_STAGE = "run"  # the run_metrics row that covers the whole night
+REPORT_PATH = "/shoplens/runs/"  # served by plugins/shoplens_ui
+
+_metadata = sa.MetaData()
+run_metrics = sa.Table(
+    "run_metrics",
+    _metadata,
+    sa.Column("run_key", sa.Text, primary_key=True),
+    sa.Column("stage", sa.Text, primary_key=True),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("duration_seconds", sa.Float, nullable=False),
+    sa.Column("volume", JSONB, nullable=False),
+    sa.Column("detail", JSONB, nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Alerts
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Alert:
+    event: str  # task_failed | dag_run_failed | run_summary | test
+    dag_id: str | None
+    run_id: str | None
+    task_id: str | None
+    try_number: int | None
+    error: str | None
+    log_url: str | None
+    text: str  # one human-readable line; chat webhooks (Slack, Mattermost, ...) show this field
+
+    def payload(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def alert_from_context(context: Mapping[str, Any]) -> Alert:
+    """Build an alert from an Airflow callback context (a task's or a DAG run's)."""
+    ti = context.get("ti") or context.get("task_instance")
+    dag_run = context.get("dag_run")
+    dag = context.get("dag")
+    dag_id = getattr(ti, "dag_id", None) or getattr(dag_run, "dag_id", None) or getattr(dag, "dag_id", None)
+    run_id = getattr(ti, "run_id", None) or getattr(dag_run, "run_id", None) or context.get("run_id")
+    task_id = getattr(ti, "task_id", None)
+    error = context.get("exception") or context.get("reason")
+    error_text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else (
+        str(error) if error else None)
+    try:
+        log_url = getattr(ti, "log_url", None) if ti is not None else None
+    except Exception:  # log_url reads Airflow config; an alert must not fail on it
+        log_url = None
+    if task_id:
+        event = "task_failed"
+        what = f"task {task_id} (try {getattr(ti, 'try_number', '?')})"
+    else:
+        event = "dag_run_failed"
+        what = "DAG run"
+    text = f"shoplens: {what} of {dag_id} run {run_id} failed: {error_text or 'no error message'}"
+    if log_url:
+        text += f" - log: {log_url}"
+    return Alert(event=event, dag_id=dag_id, run_id=run_id, task_id=task_id,
+                 try_number=getattr(ti, "try_number", None), error=error_text, log_url=log_url,
+                 text=text)
+
+
+def post_webhook(url: str, payload: Mapping[str, Any], timeout: float) -> bool:
+    """POST ``payload`` as JSON; True when the receiver answered 2xx. Never raises."""
+    body = json.dumps(payload, ensure_ascii=False, default=str).encode()
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "User-Agent": "shoplens-alerts"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        log.error("alert webhook delivery failed: %s", exc)
+        return False
+
+
+def send_alert(alert: Alert, settings: Settings) -> bool:
+    """Log the alert; deliver it to the webhook when one is configured. True when delivered."""
+    level = logging.INFO if alert.event == "run_summary" else logging.ERROR
+    log.log(level, "%s", alert.text)
+    if not settings.alert_webhook_url:
+        return False
+    return post_webhook(settings.alert_webhook_url, alert.payload(), settings.alert_timeout)
+
+
+class FailureAlert(BaseNotifier):
+    """Airflow notifier for ``on_failure_callback``: log + optional webhook.
+
+    Settings are read from the environment when the callback fires (on the worker for a task,
+    in the dag-processor for a DAG run), so a rotated webhook URL needs no DAG change.
+    """
+
+    def __init__(self, settings: Settings | None = None):
+        super().__init__()
+        self._settings = settings
+
+    def notify(self, context) -> None:
+        settings = self._settings or Settings.from_env()
+        send_alert(alert_from_context(context), settings)
+
+
+# --------------------------------------------------------------------------------------------
+# Run metrics
+# --------------------------------------------------------------------------------------------
+def volume_of(stats: Any, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a stats dict, flattened with dotted keys (booleans are not volume)."""
+    out: dict[str, float] = {}
+    if not isinstance(stats, Mapping):
+        return out
+    for key, value in stats.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[name] = value
+        elif isinstance(value, Mapping):
+            out.update(volume_of(value, f"{name}."))
+    return out
+
+
+def record_stage(settings: Settings, run_key: str, stage: str, started_at: datetime,
+                 finished_at: datetime, status: str, stats: Any = None,
+                 detail: Mapping[str, Any] | None = None) -> None:
+    """Upsert one (run_key, stage) row; a retried stage overwrites its earlier attempt."""
+    if status not in ("success", "failed"):
+        raise ValueError(f"status must be 'success' or 'failed', got {status!r}")
+    duration = max(0.0, (finished_at - started_at).total_seconds())
+    row = {
+        "run_key": run_key, "stage": stage, "status": status, "started_at": started_at,
+        "finished_at": finished_at, "duration_seconds": duration,
+        "volume": volume_of(stats),
+        "detail": json.loads(json.dumps(dict(detail or {}), default=str)),
+    }
+    stmt = insert(run_metrics).values(**row)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["run_key", "stage"],
+        set_={k: stmt.excluded[k] for k in row if k not in ("run_key", "stage")}
+        | {"recorded_at": sa.func.now()})
+    with engine_for(settings.manifest_url).begin() as conn:
+        conn.execute(stmt)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def run_stage(settings: Settings, run_key: str, stage: str, entry: Callable[..., Any],
+              *args: Any, **kwargs: Any) -> Any:
+    """Call ``entry(*args, **kwargs)`` and record its duration and volume under ``stage``.
+
+    The entry's result (or exception) is passed through unchanged.
+    """
+    started = _now()
+    try:
+        stats = entry(*args, **kwargs)
+    except BaseException as exc:
+        _record_quietly(settings, run_key, stage, started, "failed", None,
+                        {"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    _record_quietly(settings, run_key, stage, started, "success", stats, {})
+    return stats
+
+
+def _record_quietly(settings, run_key, stage, started, status, stats, detail) -> None:
+    try:
+        record_stage(settings, run_key, stage, started, _now(), status, stats, detail)
+    except Exception as exc:  # the manifest being down must not turn a good stage into a failure
+        log.error("could not record run metrics for %s/%s: %s", run_key, stage, exc)
+
+
+def stage_metrics(settings: Settings, run_key: str) -> list[dict[str, Any]]:
+    """The recorded rows of one run, in the order the stages started."""
+    with engine_for(settings.manifest_url).connect() as conn:
+        rows = conn.execute(sa.select(run_metrics).where(run_metrics.c.run_key == run_key)
+                            .order_by(run_metrics.c.started_at, run_metrics.c.stage)).mappings()
+        return [dict(r) for r in rows]
+
+
+def recent_runs(settings: Settings, last: int = 10) -> list[dict[str, Any]]:
+    """The ``run`` rows of the latest runs, newest first."""
+    with engine_for(settings.manifest_url).connect() as conn:
+        rows = conn.execute(sa.select(run_metrics).where(run_metrics.c.stage == RUN_STAGE)
+                            .order_by(run_metrics.c.finished_at.desc()).limit(last)).mappings()
+        return [dict(r) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# Run summary
+# --------------------------------------------------------------------------------------------
+def report_url(settings: Settings, run_key: str) -> str:
+    base = settings.ui_base_url
+    if not base:
+        try:
+            from airflow.configuration import conf
+
+            base = conf.get("api", "base_url", fallback="") or ""
+        except Exception:
+            base = ""
+    base = (base or "http://localhost:8080").rstrip("/")
+    return f"{base}{REPORT_PATH}{quote(run_key, safe='')}"
+
+
+def _manifest_volume(conn: sa.Connection, run_key: str) -> dict[str, float]:
+    """Stored-data totals after the run: the crawl tables always exist (migration 0001)."""
+    row = conn.execute(sa.text(
+        "SELECT count(*) AS images_total, coalesce(sum(size_bytes), 0) AS image_bytes_total, "
+        "count(*) FILTER (WHERE first_seen_run = (SELECT id FROM crawl_runs WHERE run_key = :k)) "
+        "AS images_new FROM images"), {"k": run_key}).mappings().one()
+    return {f"manifest.{k}": float(v) for k, v in row.items()}
+
+
+def summarize_run(settings: Settings, run_key: str, run_started_at: datetime | None = None,
+                  failed_stages: list[str] | None = None) -> dict[str, Any]:
+    """Record the whole run's duration and volume, log the summary, and send it to the webhook.
+
+    Returns the summary (JSON-serialisable, for XCom). ``run_started_at`` is the DAG run's start;
+    without it the earliest recorded stage start is used.
+    """
+    stages = [r for r in stage_metrics(settings, run_key) if r["stage"] != RUN_STAGE]
+    finished = _now()
+    starts = [r["started_at"] for r in stages]
+    started = run_started_at or (min(starts) if starts else finished)
+    failed = sorted(set(failed_stages or []) | {r["stage"] for r in stages if r["status"] == "failed"})
+    volume: dict[str, float] = {}
+    for r in stages:
+        for key, value in r["volume"].items():
+            volume[key] = volume.get(key, 0) + value
+    with engine_for(settings.manifest_url).connect() as conn:
+        volume.update(_manifest_volume(conn, run_key))
+    status = "failed" if failed else "success"
+    url = report_url(settings, run_key)
+    summary = {
+        "run_key": run_key, "status": status, "started_at": started.isoformat(),
+        "finished_at": finished.isoformat(),
+        "duration_seconds": round(max(0.0, (finished - started).total_seconds()), 3),
+        "stages": {r["stage"]: {"status": r["status"], "duration_seconds": r["duration_seconds"]}
+                   for r in stages},
+        "failed_stages": failed, "volume": volume, "report_url": url,
+    }
+    record_stage(settings, run_key, RUN_STAGE, started, finished, status, volume,
+                 {"stages": summary["stages"], "failed_stages": failed, "report_url": url})
+    lines = [f"shoplens run {run_key}: {status} in {summary['duration_seconds']:.0f}s, "
+             f"{len(stages)} stage(s)"
+             + (f", failed: {', '.join(failed)}" if failed else "")]
+    for r in stages:
+        lines.append(f"  {r['stage']}: {r['status']} {r['duration_seconds']:.1f}s "
+                     + " ".join(f"{k}={v:g}" for k, v in sorted(r["volume"].items())))
+    lines.append(f"Run report: {url}")
+    for line in lines:
+        log.info("%s", line)
+    send_alert(Alert(event="run_summary", dag_id=None, run_id=run_key, task_id=None, try_number=None,
+                     error=None, log_url=url, text="\n".join(lines)), settings)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shoplens.ops", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    metrics = sub.add_parser("metrics", help="print recorded run metrics as JSON lines")
+    metrics.add_argument("--run-key", help="one run's stages; default: the latest runs")
+    metrics.add_argument("--last", type=int, default=10)
+    summary = sub.add_parser("summary", help="(re)compute and record a run's summary")
+    summary.add_argument("--run-key", required=True)
+    sub.add_parser("test-alert", help="send a test alert to the configured webhook")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+    if args.command == "metrics":
+        rows = stage_metrics(settings, args.run_key) if args.run_key else recent_runs(settings, args.last)
+        for row in rows:
+            print(json.dumps(row, default=str, ensure_ascii=False))
+        return 0
+    if args.command == "summary":
+        print(json.dumps(summarize_run(settings, args.run_key), ensure_ascii=False, indent=2))
+        return 0
+    if not settings.alert_webhook_url:
+        print("SHOPLENS_ALERT_WEBHOOK_URL is not set", file=sys.stderr)
+        return 2
+    delivered = send_alert(Alert(event="test", dag_id=None, run_id=None, task_id=None,
+                                 try_number=None, error=None, log_url=None,
+                                 text="shoplens: test alert"), settings)
+    print("delivered" if delivered else "NOT delivered (see the log line above)")
+    return 0 if delivered else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
