@@ -1,0 +1,220 @@
+"""Acceptance 1: the filter's rules measured on ../shared/datasets/ikea (+ a grocery keep rate).
+
+    .venv/bin/python benchmarks/filter_ikea.py [--shared ../shared] [--out results/filter_ikea.json]
+
+Sets (every image is assigned to the "tune" or the "report" half by a hash of its file name; the
+thresholds in dataset/rules.py were chosen on "tune" only, the numbers to quote are "report"):
+- multi-product: room scenes must be rejected; single-product studio photos (bed, chair, couch,
+  dining table, plant_pot) must pass.
+- occupancy, both sides from the same studio photos: the product trimmed to its own extent plus a
+  5 % margin must pass; the product cut out (non-white pixels) and pasted small (8-30 % of the
+  frame by its bounding box) onto a plain colour or onto a crop of a room scene must be rejected.
+  The product extent is annotated from pure-white studio pixels (min channel < 240), not by the
+  filter's own estimator.
+- grocery: share of real phone photos (val split) the whole filter keeps.
+Features (detections + image statistics) are computed once per image; the rules then run on them.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dataset.detector import Detector  # noqa: E402
+from dataset.occupancy import image_statistics  # noqa: E402
+from dataset import rules  # noqa: E402
+
+STUDIO_DIRS = ("bed", "chair", "couch", "dining table", "plant_pot")
+MARGIN = 0.05
+FRAME_SIZES = ((640, 640), (640, 480), (480, 640))
+
+
+def split_of(name: str) -> str:
+    return "tune" if int(hashlib.sha256(name.encode()).hexdigest(), 16) % 2 == 0 else "report"
+
+
+def product_mask(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB")).min(axis=2) < 240
+
+
+def trimmed(img: Image.Image) -> Image.Image | None:
+    mask = product_mask(img)
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 50:
+        return None
+    x1, x2, y1, y2 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    mx, my = int((x2 - x1) * MARGIN), int((y2 - y1) * MARGIN)
+    w, h = img.size
+    # Pad with white where the margin leaves the photo (the studio backdrop is white).
+    canvas = Image.new("RGB", (x2 - x1 + 2 * mx, y2 - y1 + 2 * my), (255, 255, 255))
+    crop = img.convert("RGB").crop((max(0, x1 - mx), max(0, y1 - my), min(w, x2 + mx), min(h, y2 + my)))
+    canvas.paste(crop, (max(0, x1 - mx) - (x1 - mx), max(0, y1 - my) - (y1 - my)))
+    return canvas
+
+
+def pasted_small(img: Image.Image, background: Image.Image, rng: random.Random) -> Image.Image | None:
+    mask = product_mask(img)
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 50:
+        return None
+    x1, x2, y1, y2 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    product = img.convert("RGB").crop((x1, y1, x2, y2))
+    alpha = Image.fromarray((mask[y1:y2, x1:x2] * 255).astype(np.uint8)).filter(ImageFilter.MaxFilter(3))
+    fw, fh = background.size
+    target = rng.uniform(0.08, 0.30) * fw * fh  # bounding-box share of the frame
+    scale = min((target / (product.width * product.height)) ** 0.5,
+                0.95 * fw / product.width, 0.95 * fh / product.height)
+    size = (max(1, int(product.width * scale)), max(1, int(product.height * scale)))
+    product, alpha = product.resize(size, Image.BILINEAR), alpha.resize(size, Image.BILINEAR)
+    frame = background.copy()
+    frame.paste(product, (rng.randrange(0, fw - size[0] + 1), rng.randrange(0, fh - size[1] + 1)), alpha)
+    return frame
+
+
+def plain_background(rng: random.Random) -> Image.Image:
+    size = rng.choice(FRAME_SIZES)
+    colour = tuple(rng.randrange(30, 256) for _ in range(3))
+    noise = np.random.default_rng(rng.randrange(1 << 30)).normal(0, 3, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8))
+
+
+def room_background(rooms: list[Path], rng: random.Random) -> Image.Image:
+    size = rng.choice(FRAME_SIZES)
+    room = Image.open(rng.choice(rooms)).convert("RGB")
+    scale = max(size[0] / room.width, size[1] / room.height) * rng.uniform(1.0, 1.6)
+    room = room.resize((int(room.width * scale) + 1, int(room.height * scale) + 1), Image.BILINEAR)
+    x, y = rng.randrange(0, room.width - size[0] + 1), rng.randrange(0, room.height - size[1] + 1)
+    return room.crop((x, y, x + size[0], y + size[1]))
+
+
+def features_of(detector: Detector, img: Image.Image, category: str | None = None) -> rules.Features:
+    return rules.Features(img.width, img.height, [b.as_dict() for b in detector.detect(img)],
+                          image_statistics(img), category)
+
+
+def confusion(should_reject: list[bool], rejected: list[bool]) -> dict:
+    tp = sum(s and r for s, r in zip(should_reject, rejected))
+    fp = sum((not s) and r for s, r in zip(should_reject, rejected))
+    fn = sum(s and not r for s, r in zip(should_reject, rejected))
+    tn = sum((not s) and not r for s, r in zip(should_reject, rejected))
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn,
+            "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+            "recall": round(tp / (tp + fn), 4) if tp + fn else None,
+            "specificity": round(tn / (tn + fp), 4) if tn + fp else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", default=str(REPO.parent / "shared"))
+    ap.add_argument("--out", default=str(REPO / "results" / "filter_ikea.json"))
+    ap.add_argument("--grocery", type=int, default=296, help="grocery val photos to sample")
+    ap.add_argument("--seed", type=int, default=7)
+    args = ap.parse_args(argv)
+    shared = Path(args.shared)
+    ikea = shared / "datasets" / "ikea" / "images"
+    model = shared / "models" / "yolox_nano.onnx"
+    if not ikea.is_dir() or not model.is_file():
+        print(f"needs {ikea} and {model} (absent on this machine)", file=sys.stderr)
+        return 2
+    detector = Detector(model)
+    rng = random.Random(args.seed)
+    rooms = sorted((ikea / "room_scenes").glob("*.jpg"))
+    samples: list[dict] = []  # {"set", "split", "name", "features"}
+
+    def add(set_name: str, name: str, img: Image.Image) -> None:
+        samples.append({"set": set_name, "split": split_of(name), "name": name,
+                        "features": features_of(detector, img)})
+
+    started = time.perf_counter()
+    for room in rooms:
+        add("room", room.name, Image.open(room))
+    for folder in STUDIO_DIRS:
+        for path in sorted((ikea / folder).glob("*.jpg")):
+            img = Image.open(path).convert("RGB")
+            name = f"{folder}/{path.name}"
+            add(f"studio:{folder}", name, img)
+            trim = trimmed(img)
+            if trim is not None:
+                add(f"trimmed:{folder}", name, trim)
+                # Room backgrounds come from rooms of the same half, so nothing leaks across.
+                same_half = [r for r in rooms if split_of(r.name) == split_of(name)]
+                add(f"pasted_plain:{folder}", name, pasted_small(img, plain_background(rng), rng))
+                add(f"pasted_room:{folder}", name, pasted_small(img, room_background(same_half, rng), rng))
+    grocery_root = shared / "datasets" / "grocery"
+    grocery_lines = (grocery_root / "val.txt").read_text().splitlines()
+    for line in random.Random(args.seed).sample(grocery_lines, min(args.grocery, len(grocery_lines))):
+        rel = line.split(",")[0].strip()
+        add("grocery", rel, Image.open(grocery_root / rel))
+    feature_seconds = time.perf_counter() - started
+
+    params = rules.RuleParams()
+    result: dict = {"command": "benchmarks/filter_ikea.py", "rules_version": rules.RULES_VERSION,
+                    "detector_version": detector.version, "params": params.as_json(),
+                    "images": len(samples), "feature_seconds": round(feature_seconds, 1), "splits": {}}
+    for split in ("tune", "report", "all"):
+        chosen = [s for s in samples if split == "all" or s["split"] == split]
+        by_set: dict[str, list[list[rules.Decision]]] = {}
+        for s in chosen:
+            by_set.setdefault(s["set"], []).append(rules.decide(s["features"], params))
+
+        def rejected_by(rule: str, set_prefix: str) -> list[bool]:
+            return [not next(d for d in ds if d.rule == rule).passed
+                    for name, group in by_set.items() if name.split(":")[0] == set_prefix
+                    for ds in group]
+
+        def keep_rate(set_prefix: str) -> float | None:
+            verdicts = [rules.verdict(ds)[0] == "keep" for name, group in by_set.items()
+                        if name.split(":")[0] == set_prefix for ds in group]
+            return round(sum(verdicts) / len(verdicts), 4) if verdicts else None
+
+        rooms_rej, studio_rej = rejected_by("multi_product", "room"), rejected_by("multi_product", "studio")
+        trim_rej = rejected_by("occupancy", "trimmed")
+        small_rej = rejected_by("occupancy", "pasted_plain") + rejected_by("occupancy", "pasted_room")
+        per_set = {}
+        for name, group in sorted(by_set.items()):
+            per_set[name] = {"n": len(group), **{
+                f"{rule}_pass": round(sum(next(d for d in ds if d.rule == rule).passed
+                                          for ds in group) / len(group), 4)
+                for rule in rules.RULE_NAMES}, "keep": round(
+                    sum(rules.verdict(ds)[0] == "keep" for ds in group) / len(group), 4)}
+        result["splits"][split] = {
+            "multi_product": {**confusion([True] * len(rooms_rej) + [False] * len(studio_rej),
+                                          rooms_rej + studio_rej),
+                              "rooms_rejected": round(sum(rooms_rej) / max(1, len(rooms_rej)), 4),
+                              "studio_passed": round(1 - sum(studio_rej) / max(1, len(studio_rej)), 4)},
+            "occupancy": {**confusion([True] * len(small_rej) + [False] * len(trim_rej),
+                                      small_rej + trim_rej),
+                          "pasted_small_rejected": round(sum(small_rej) / max(1, len(small_rej)), 4),
+                          "pasted_plain_rejected": round(
+                              sum(rejected_by("occupancy", "pasted_plain"))
+                              / max(1, len(rejected_by("occupancy", "pasted_plain"))), 4),
+                          "pasted_room_rejected": round(
+                              sum(rejected_by("occupancy", "pasted_room"))
+                              / max(1, len(rejected_by("occupancy", "pasted_room"))), 4),
+                          "trimmed_passed": round(1 - sum(trim_rej) / max(1, len(trim_rej)), 4)},
+            "keep_rate": {k: keep_rate(k) for k in ("room", "studio", "trimmed", "pasted_plain",
+                                                     "pasted_room", "grocery")},
+            "per_set": per_set,
+        }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    features_out = out.with_name(out.stem + "_features.json")
+    features_out.write_text(json.dumps([{**{k: v for k, v in s.items() if k != "features"},
+                                         "features": s["features"].__dict__} for s in samples]))
+    print(json.dumps({k: result["splits"][k] for k in ("tune", "report")}, indent=1)[:6000])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

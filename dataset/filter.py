@@ -1,0 +1,210 @@
+"""The nightly filter stage: detect, store features, decide rules, report.
+
+``run(settings, run_key)``:
+1. inspects only images that have no detections for the current detector version (bytes from the
+   object store by ``images.object_key``), storing every box >= ``detector_store_min_score`` and
+   the image statistics, one committed row per image (a crash loses at most the image in hand);
+2. decides every rule for each image whose latest decisions were made with other thresholds, rule
+   version or detector version (so a threshold change re-decides from stored features, without
+   the detector), appending rows to the ``rule_decisions`` history;
+3. writes an HTML report to ``reports/<run_key>/filter.html`` and returns its key and a
+   presigned URL in the stats dict.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB, insert
+
+from dataset import report, rules
+from dataset.detector import Detector, open_image
+from dataset.filter_tables import detections, filter_runs, rule_decisions
+from dataset.occupancy import FEATURES_VERSION, image_statistics
+from shoplens.config import Settings
+from shoplens.manifest import engine_for
+from shoplens.manifest.tables import images, products
+from shoplens.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+def features_for(detector: Detector, data: bytes, category_id: str | None = None) -> rules.Features:
+    """Detections + statistics of one image's bytes; undecodable bytes give a decode_error."""
+    try:
+        image = open_image(data)
+    except Exception as exc:  # PIL raises several types for corrupt or unknown data
+        return rules.Features(0, 0, [], {"decode_error": f"{type(exc).__name__}: {exc}"[:300]},
+                              category_id)
+    boxes = [b.as_dict() for b in detector.detect(image)]
+    return rules.Features(image.width, image.height, boxes, image_statistics(image), category_id)
+
+
+def load_detector(settings: Settings) -> Detector:
+    return Detector(settings.detector_model_path, min_score=settings.detector_store_min_score)
+
+
+def _start_run(conn: sa.Connection, run_key: str, detector_version: str, params: dict) -> int:
+    stmt = insert(filter_runs).values(run_key=run_key, detector_version=detector_version,
+                                      rule_version=rules.RULES_VERSION, params=params, stats={})
+    stmt = stmt.on_conflict_do_update(  # a retried task reuses its run row
+        index_elements=["run_key"],
+        set_={"status": "running", "detector_version": detector_version,
+              "rule_version": rules.RULES_VERSION, "params": params, "finished_at": None})
+    return conn.execute(stmt.returning(filter_runs.c.id)).scalar_one()
+
+
+def inspect_new_images(settings: Settings, detector: Detector, run_id: int) -> dict:
+    """Detect on every image without detections for this detector version."""
+    engine = engine_for(settings.manifest_url)
+    store = ObjectStore(settings)
+    with engine.connect() as conn:
+        todo = conn.execute(
+            sa.select(images.c.sha256, images.c.object_key)
+            .where(~sa.exists().where(detections.c.sha256 == images.c.sha256,
+                                      detections.c.detector_version == detector.version))
+            .order_by(images.c.sha256)).all()
+    inspected = unreadable = 0
+    for sha256, object_key in todo:
+        features = features_for(detector, store.get_bytes(object_key))
+        unreadable += "decode_error" in features.stats
+        with engine.begin() as conn:
+            conn.execute(insert(detections).values(
+                sha256=sha256, detector_version=detector.version, features_version=FEATURES_VERSION,
+                width=features.width, height=features.height, boxes=features.boxes,
+                stats=features.stats, min_score=detector.min_score, run_id=run_id,
+            ).on_conflict_do_nothing())
+        inspected += 1
+    return {"inspected": inspected, "unreadable": unreadable}
+
+
+def decide_stored(settings: Settings, detector_version: str, params: rules.RuleParams,
+                  run_id: int) -> dict:
+    """Decide rules from stored features for every image not yet decided with these params."""
+    engine = engine_for(settings.manifest_url)
+    params_json = params.as_json()
+    already = sa.exists().where(
+        rule_decisions.c.sha256 == detections.c.sha256,
+        rule_decisions.c.detector_version == detector_version,
+        rule_decisions.c.rule_version == rules.RULES_VERSION,
+        rule_decisions.c.params == sa.cast(sa.literal(params_json, JSONB), JSONB),
+        # The latest run's decisions must be those: an older identical run does not count.
+        rule_decisions.c.run_id == sa.select(sa.func.max(rule_decisions.c.run_id))
+        .where(rule_decisions.c.sha256 == detections.c.sha256).scalar_subquery())
+    query = (sa.select(detections.c.sha256, detections.c.width, detections.c.height,
+                       detections.c.boxes, detections.c.stats, products.c.category_id)
+             .select_from(detections.join(images, images.c.sha256 == detections.c.sha256)
+                          .outerjoin(products, products.c.id == images.c.product_id))
+             .where(detections.c.detector_version == detector_version, ~already))
+    decided = 0
+    with engine.begin() as conn:
+        rows = conn.execute(query).all()
+        batch: list[dict] = []
+        for row in rows:
+            f = rules.Features(row.width, row.height, row.boxes, row.stats, row.category_id)
+            for d in rules.decide(f, params):
+                batch.append({"sha256": row.sha256, "rule": d.rule, "run_id": run_id,
+                              "passed": d.passed, "score": d.score, "reason": d.reason,
+                              "rule_version": rules.RULES_VERSION,
+                              "detector_version": detector_version, "params": params_json})
+            decided += 1
+            if len(batch) >= 2000:
+                _insert_decisions(conn, batch)
+                batch = []
+        _insert_decisions(conn, batch)
+    return {"decided": decided}
+
+
+def _insert_decisions(conn: sa.Connection, batch: list[dict]) -> None:
+    if batch:
+        conn.execute(insert(rule_decisions).on_conflict_do_update(
+            constraint="rule_decisions_once_per_run",
+            set_={c: sa.text(f"excluded.{c}") for c in
+                  ("passed", "score", "reason", "rule_version", "detector_version", "params")}),
+            batch)
+
+
+def _report(settings: Settings, run_key: str, run_id: int, summary: dict) -> tuple[str, str]:
+    engine = engine_for(settings.manifest_url)
+    store = ObjectStore(settings)
+    with engine.connect() as conn:
+        counts = conn.execute(
+            sa.select(rule_decisions.c.rule, rule_decisions.c.passed, sa.func.count())
+            .where(rule_decisions.c.run_id == run_id)
+            .group_by(rule_decisions.c.rule, rule_decisions.c.passed)).all()
+        rejected = conn.execute(
+            sa.select(rule_decisions.c.rule, rule_decisions.c.sha256, rule_decisions.c.reason,
+                      rule_decisions.c.score, images.c.object_key)
+            .join(images, images.c.sha256 == rule_decisions.c.sha256)
+            .where(rule_decisions.c.run_id == run_id, ~rule_decisions.c.passed)
+            .order_by(rule_decisions.c.rule, rule_decisions.c.sha256)).all()
+    rule_counts: dict[str, dict[str, int]] = {}
+    for rule, passed, n in counts:
+        rule_counts.setdefault(rule, {})["passed" if passed else "rejected"] = n
+    examples: dict[str, list[dict]] = {}
+    for row in rejected:
+        shown = examples.setdefault(row.rule, [])
+        if len(shown) < settings.filter_report_examples:
+            shown.append({"sha256": row.sha256, "reason": row.reason, "score": row.score,
+                          "thumbnail": report.thumbnail_data_uri(store.get_bytes(row.object_key))})
+    key = f"reports/{run_key}/filter.html"
+    page = report.render(run_key, summary, rule_counts, examples)
+    store.put_bytes(key, page.encode(), "text/html; charset=utf-8")
+    return key, store.presigned_url(key)
+
+
+def run(settings: Settings, run_key: str, detector: Detector | None = None) -> dict:
+    """The nightly entry: see the module docstring. Returns a JSON-serialisable stats dict."""
+    params = rules.params_from_settings(settings)
+    detector = detector or load_detector(settings)
+    engine = engine_for(settings.manifest_url)
+    with engine.begin() as conn:
+        run_id = _start_run(conn, run_key, detector.version, params.as_json())
+    try:
+        stats: dict = {"run_key": run_key, "detector_version": detector.version,
+                       "rule_version": rules.RULES_VERSION}
+        stats.update(inspect_new_images(settings, detector, run_id))
+        stats.update(decide_stored(settings, detector.version, params, run_id))
+        with engine.connect() as conn:
+            per_rule = conn.execute(
+                sa.select(rule_decisions.c.rule, sa.func.count())
+                .where(rule_decisions.c.run_id == run_id, ~rule_decisions.c.passed)
+                .group_by(rule_decisions.c.rule)).all()
+            rejected_images = conn.execute(
+                sa.select(sa.func.count(sa.distinct(rule_decisions.c.sha256)))
+                .where(rule_decisions.c.run_id == run_id, ~rule_decisions.c.passed)).scalar_one()
+        stats["rejected_by_rule"] = {rule: n for rule, n in per_rule}
+        stats["rejected_images"] = rejected_images
+        stats["kept_images"] = stats["decided"] - rejected_images
+        stats["report_key"], stats["report_url"] = _report(
+            settings, run_key, run_id, {k: v for k, v in stats.items() if k != "rejected_by_rule"})
+        log.info("filter report for %s: %s", run_key, stats["report_url"])
+    except BaseException:
+        with engine.begin() as conn:
+            conn.execute(sa.update(filter_runs).where(filter_runs.c.id == run_id)
+                         .values(status="failed", finished_at=sa.func.now()))
+        raise
+    with engine.begin() as conn:
+        conn.execute(sa.update(filter_runs).where(filter_runs.c.id == run_id).values(
+            status="success", finished_at=sa.func.now(),
+            stats={k: v for k, v in stats.items() if k != "report_url"}))
+    return stats
+
+
+def decide_files(detector: Detector, paths: Iterable[str], params: rules.RuleParams,
+                 category_id: str | None = None) -> Iterable[dict]:
+    """The CLI's per-file JSON objects (no manifest involved)."""
+    for path in paths:
+        with open(path, "rb") as fh:
+            f = features_for(detector, fh.read(), category_id)
+        decisions = rules.decide(f, params)
+        verdict, reasons = rules.verdict(decisions)
+        by_rule = {d.rule: d for d in decisions}
+        occupancy = by_rule.get("occupancy")
+        yield {"image": path, "verdict": verdict, "reasons": reasons,
+               "occupancy": occupancy.score if occupancy else None,
+               "products": rules.count_products(f, params) if f.width else 0,
+               "boxes": [b for b in f.boxes if b["score"] >= params.min_score],
+               "details": {d.rule: {"passed": d.passed, "score": d.score, "reason": d.reason}
+                           for d in decisions}}

@@ -1,0 +1,86 @@
+"""``python -m dataset override``: a data engineer forces keep/reject for an image, with a reason.
+
+    python -m dataset override SHA256 --keep --reason "two chairs but one product set"
+    python -m dataset override SHA256 --reject --reason "shows the box, not the product"
+    python -m dataset override SHA256 --clear
+    python -m dataset override --list
+
+The same can be done in SQL (``INSERT INTO image_overrides (sha256, verdict, reason) ...``). The
+``image_verdicts`` view puts an override before every automatic decision, and the dataset build
+reads verdicts from that view.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import re
+import sys
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+
+from dataset.filter_tables import image_overrides
+from shoplens.config import Settings
+from shoplens.manifest import engine_for
+from shoplens.manifest.tables import images
+
+
+class OverrideError(ValueError):
+    """The override cannot be recorded as asked."""
+
+
+def set_override(manifest_url: str, sha256: str, verdict: str, reason: str,
+                 created_by: str | None = None) -> None:
+    sha256 = sha256.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise OverrideError(f"not a sha256 (64 hex digits): {sha256!r}")
+    if verdict not in ("keep", "reject"):
+        raise OverrideError(f"verdict must be keep or reject, got {verdict!r}")
+    if not reason or not reason.strip():
+        raise OverrideError("a reason is required")
+    with engine_for(manifest_url).begin() as conn:
+        if conn.execute(sa.select(images.c.sha256).where(images.c.sha256 == sha256)).first() is None:
+            raise OverrideError(f"no image {sha256} in the manifest")
+        values = {"sha256": sha256, "verdict": verdict, "reason": reason.strip(),
+                  "created_by": created_by or getpass.getuser()}
+        conn.execute(insert(image_overrides).values(**values).on_conflict_do_update(
+            index_elements=["sha256"],
+            set_={**{k: v for k, v in values.items() if k != "sha256"}, "created_at": sa.func.now()}))
+
+
+def clear_override(manifest_url: str, sha256: str) -> bool:
+    with engine_for(manifest_url).begin() as conn:
+        return conn.execute(sa.delete(image_overrides)
+                            .where(image_overrides.c.sha256 == sha256.strip().lower())).rowcount > 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dataset override", description=__doc__.splitlines()[0])
+    ap.add_argument("sha256", nargs="?")
+    action = ap.add_mutually_exclusive_group(required=True)
+    action.add_argument("--keep", action="store_const", const="keep", dest="verdict")
+    action.add_argument("--reject", action="store_const", const="reject", dest="verdict")
+    action.add_argument("--clear", action="store_true", help="remove the override")
+    action.add_argument("--list", action="store_true", help="print every override as JSON lines")
+    ap.add_argument("--reason", help="why (required with --keep/--reject)")
+    ap.add_argument("--by", help="who decided (default: the OS user)")
+    args = ap.parse_args(argv)
+    url = Settings.from_env().manifest_url
+    try:
+        if args.list:
+            with engine_for(url).connect() as conn:
+                for row in conn.execute(sa.select(image_overrides).order_by(image_overrides.c.created_at)):
+                    print(json.dumps({k: str(v) for k, v in row._mapping.items()}))
+            return 0
+        if not args.sha256:
+            ap.error("give the image's SHA256")
+        if args.clear:
+            print("override removed" if clear_override(url, args.sha256) else "no override for that image")
+            return 0
+        set_override(url, args.sha256, args.verdict, args.reason or "", args.by)
+    except OverrideError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.sha256}: {args.verdict} ({args.reason.strip()})")
+    return 0

@@ -1,0 +1,226 @@
+"""The filter's rules: pure functions of stored features (detections + image statistics) and
+thresholds. Changing a threshold re-decides from the manifest without running the detector.
+
+Each rule returns a :class:`Decision` with a score (the measured quantity the threshold is applied
+to) so a data engineer can see how close an image came. ``RULES_VERSION`` changes whenever the
+meaning of a rule changes (not when a threshold does: thresholds are stored with every decision).
+
+How products are counted (multi-product rule):
+1. Only boxes of classes that count as a product for the image's category, with score >=
+   ``min_score`` and covering >= ``min_box_area`` of the frame. People never count.
+2. Boxes of the same class are one product: a bunch of bananas, a stack of bowls or a set of
+   chairs is what one review photo of one product shows. (Two different chairs are therefore one
+   product: a known limit of a class-level detector.)
+3. Boxes of different classes that overlap with IoU >= ``same_object_iou`` are one object the
+   detector could not name for sure (an armchair seen as both chair and couch).
+Two or more products left -> rejected.
+
+Occupancy: on a plain background (border ring plain >= ``plain_border``) the foreground extent is
+the estimate; otherwise the largest product box. When the background is not plain and no product
+is detected, ``occupancy_when_unknown`` decides (chosen by measurement: see docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
+
+from dataset.detector import COCO_CLASSES
+
+RULES_VERSION = "rules-1"
+
+FURNITURE = ("chair", "couch", "bed", "dining table", "bench", "potted plant", "toilet", "sink")
+KITCHENWARE = ("bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "vase",
+               "scissors", "microwave", "oven", "toaster", "refrigerator")
+FOOD = ("banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza",
+        "donut", "cake")
+DECOR_AND_DEVICES = ("clock", "book", "teddy bear", "tv", "laptop", "mouse", "remote",
+                     "keyboard", "cell phone", "hair drier", "toothbrush", "umbrella", "handbag",
+                     "backpack", "suitcase")
+DEFAULT_PRODUCT_CLASSES = FURNITURE + KITCHENWARE + FOOD + DECOR_AND_DEVICES
+NEVER_PRODUCTS = frozenset({"person"})
+
+RULE_NAMES = ("unreadable", "too_small", "aspect_ratio", "blank", "multi_product", "occupancy")
+
+
+@dataclass(frozen=True)
+class RuleParams:
+    min_score: float = 0.3
+    min_box_area: float = 0.02
+    same_object_iou: float = 0.5
+    min_occupancy: float = 0.5
+    plain_border: float = 0.9
+    occupancy_when_unknown: str = "pass"  # "pass" | "reject"
+    min_side: int = 224
+    max_aspect: float = 3.0
+    min_luma_std: float = 6.0
+    # category id -> detector classes that count as a product there; "*" is the default.
+    product_classes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def classes_for(self, category_id: str | None) -> frozenset[str]:
+        chosen = self.product_classes.get(category_id or "", self.product_classes.get("*"))
+        return frozenset(chosen or DEFAULT_PRODUCT_CLASSES) - NEVER_PRODUCTS
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["product_classes"] = {k: list(v) for k, v in self.product_classes.items()}
+        return d
+
+
+@dataclass(frozen=True)
+class Decision:
+    rule: str
+    passed: bool
+    score: float | None
+    reason: str | None = None  # set when rejected: the reason shown to people
+
+
+@dataclass(frozen=True)
+class Features:
+    """What is stored per image and detector version: everything a rule may look at."""
+
+    width: int
+    height: int
+    boxes: list[dict]  # {"label", "score", "box": [x1, y1, x2, y2]} in image pixels
+    stats: dict  # dataset.occupancy.image_statistics
+    category_id: str | None = None
+
+
+def _area(b: list[float]) -> float:
+    return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    inter = _area([max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])])
+    union = _area(a) + _area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def product_boxes(f: Features, p: RuleParams) -> list[dict]:
+    classes = p.classes_for(f.category_id)
+    frame = float(f.width * f.height)
+    return [b for b in f.boxes
+            if b["label"] in classes and b["score"] >= p.min_score
+            and _area(b["box"]) / frame >= p.min_box_area]
+
+
+def group_products(boxes: list[dict], same_object_iou: float) -> list[list[dict]]:
+    """Boxes grouped into products (same class, or different classes on the same object)."""
+    groups: list[list[dict]] = []
+    for box in sorted(boxes, key=lambda b: -b["score"]):
+        home = None
+        for group in groups:
+            if any(g["label"] == box["label"] or _iou(g["box"], box["box"]) >= same_object_iou
+                   for g in group):
+                home = group
+                break
+        if home is None:
+            groups.append([box])
+        else:
+            home.append(box)
+    # Two groups joined later by one box (transitive overlap) are merged.
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                if any(a["label"] == b["label"] or _iou(a["box"], b["box"]) >= same_object_iou
+                       for a in groups[i] for b in groups[j]):
+                    groups[i].extend(groups.pop(j))
+                    merged = True
+                    break
+            if merged:
+                break
+    return groups
+
+
+def count_products(f: Features, p: RuleParams) -> int:
+    return len(group_products(product_boxes(f, p), p.same_object_iou))
+
+
+def estimate_occupancy(f: Features, p: RuleParams) -> float | None:
+    """Share of the frame the main product covers, or None when it cannot be told."""
+    if f.stats.get("border_plain", 0.0) >= p.plain_border:
+        return float(f.stats.get("fg_extent", 0.0))
+    boxes = product_boxes(f, p)
+    if not boxes:
+        return None
+    frame = float(f.width * f.height)
+    return max(_area(b["box"]) for b in boxes) / frame
+
+
+def unreadable(f: Features, p: RuleParams) -> Decision:
+    error = f.stats.get("decode_error")
+    return Decision("unreadable", error is None, None, None if error is None else f"unreadable: {error}")
+
+
+def too_small(f: Features, p: RuleParams) -> Decision:
+    side = min(f.width, f.height)
+    ok = side >= p.min_side
+    return Decision("too_small", ok, float(side), None if ok else f"too small ({f.width}x{f.height})")
+
+
+def aspect_ratio(f: Features, p: RuleParams) -> Decision:
+    ratio = max(f.width, f.height) / max(1, min(f.width, f.height))
+    ok = ratio <= p.max_aspect
+    return Decision("aspect_ratio", ok, round(ratio, 3), None if ok else f"extreme aspect ratio {ratio:.1f}")
+
+
+def blank(f: Features, p: RuleParams) -> Decision:
+    spread = float(f.stats.get("luma_std", 0.0))
+    ok = spread >= p.min_luma_std
+    return Decision("blank", ok, spread, None if ok else "nearly blank")
+
+
+def multi_product(f: Features, p: RuleParams) -> Decision:
+    n = count_products(f, p)
+    ok = n < 2
+    return Decision("multi_product", ok, float(n), None if ok else f"{n} products in view")
+
+
+def occupancy(f: Features, p: RuleParams) -> Decision:
+    share = estimate_occupancy(f, p)
+    if share is None:
+        ok = p.occupancy_when_unknown == "pass"
+        return Decision("occupancy", ok, None, None if ok else "no product found")
+    ok = share >= p.min_occupancy
+    return Decision("occupancy", ok, round(share, 4),
+                    None if ok else f"product covers {share:.0%} of the photo")
+
+
+RULES = {"unreadable": unreadable, "too_small": too_small, "aspect_ratio": aspect_ratio,
+         "blank": blank, "multi_product": multi_product, "occupancy": occupancy}
+
+
+def decide(f: Features, p: RuleParams) -> list[Decision]:
+    """Every rule's decision; an unreadable image gets only that one (the others would be noise)."""
+    first = unreadable(f, p)
+    if not first.passed:
+        return [first]
+    return [first] + [RULES[name](f, p) for name in RULE_NAMES[1:]]
+
+
+def verdict(decisions: list[Decision]) -> tuple[str, list[str]]:
+    reasons = [d.rule for d in decisions if not d.passed]
+    return ("reject" if reasons else "keep"), reasons
+
+
+def params_from_settings(settings) -> RuleParams:
+    """The rule thresholds configured in :class:`shoplens.config.Settings` (``filter_*``)."""
+    if settings.filter_occupancy_when_unknown not in ("pass", "reject"):
+        raise ValueError("filter_occupancy_when_unknown must be 'pass' or 'reject', "
+                         f"got {settings.filter_occupancy_when_unknown!r}")
+    mapping = {}
+    for category, classes in dict(settings.filter_product_classes).items():
+        if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"filter_product_classes[{category!r}] must be a list of class names")
+        unknown = sorted(set(classes) - set(COCO_CLASSES))
+        if unknown:
+            raise ValueError(f"filter_product_classes[{category!r}] names unknown classes {unknown}")
+        mapping[str(category)] = tuple(classes)
+    return RuleParams(
+        min_score=settings.filter_min_score, min_box_area=settings.filter_min_box_area,
+        same_object_iou=settings.filter_same_object_iou,
+        min_occupancy=settings.filter_min_occupancy, plain_border=settings.filter_plain_border,
+        occupancy_when_unknown=settings.filter_occupancy_when_unknown,
+        min_side=settings.filter_min_side, max_aspect=settings.filter_max_aspect,
+        min_luma_std=settings.filter_min_luma_std, product_classes=mapping)
