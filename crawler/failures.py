@@ -1,0 +1,38 @@
+"""Turning a failed download into the short reason code stored in ``crawl_failures.reason``."""
+from __future__ import annotations
+
+from scrapy.exceptions import IgnoreRequest
+from scrapy.exceptions import (CannotResolveHostError, DownloadCancelledError,
+                               DownloadConnectionRefusedError, DownloadFailedError,
+                               DownloadTimeoutError, ResponseDataLossError)
+from scrapy.spidermiddlewares.httperror import HttpError
+from twisted.internet import error as twisted_errors
+
+from crawler.browser import BrowserError
+from crawler.middlewares import OffsiteRequest
+
+
+def classify(exc: BaseException, stage: str | None) -> tuple[str, str]:
+    """(reason code, human detail) for an exception an errback received."""
+    detail = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, HttpError):
+        return f"http_{exc.response.status}", f"HTTP {exc.response.status} after retries"
+    if isinstance(exc, OffsiteRequest):
+        return ("offsite_redirect" if exc.redirected_from else "offsite"), str(exc)
+    if isinstance(exc, (DownloadTimeoutError, twisted_errors.TimeoutError)):
+        return "timeout", detail
+    if isinstance(exc, ResponseDataLossError):
+        return "truncated", detail
+    if isinstance(exc, DownloadCancelledError):
+        # Scrapy cancels a body above DOWNLOAD_MAXSIZE (= max_image_bytes).
+        return ("image_too_large" if stage == "image" else "too_large"), detail
+    if isinstance(exc, BrowserError):
+        return "waf_cookie", detail
+    if isinstance(exc, (DownloadConnectionRefusedError, CannotResolveHostError,
+                        twisted_errors.ConnectError, DownloadFailedError,
+                        twisted_errors.ConnectionLost, twisted_errors.ConnectionDone)):
+        return "connection_error", detail
+    if isinstance(exc, IgnoreRequest):
+        text = str(exc)
+        return ("robots_disallowed" if "robots" in text.lower() else "ignored"), detail
+    return type(exc).__name__.lower(), detail

@@ -1,0 +1,259 @@
+"""Every write (and the few reads) the crawl stage does on the PostgreSQL manifest.
+
+All writes are idempotent upserts (``INSERT ... ON CONFLICT``), so a retried task, a rerun after a
+crash or two overlapping attempts converge on the same rows. Run provenance: ``first_seen_run`` is
+written once, ``last_seen_run`` moves forward.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB, insert
+
+from crawler import site
+from shoplens.manifest import engine_for
+from shoplens.manifest.tables import (categories, crawl_failures, crawl_runs, images, product_ranks,
+                                      products, review_photos, reviews)
+
+
+class RunNotFound(LookupError):
+    """No crawl run has this run key (start_run was not called)."""
+
+
+@dataclass
+class ProductState:
+    """What the manifest already knows about one product's reviews and photos."""
+    reviews_synced_run: int | None = None
+    # Reviews known at the product's last complete walk: paging stops once it reaches one.
+    known_at_sync: set[int] = field(default_factory=set)
+    reviews_with_photo_stored: set[int] = field(default_factory=set)
+    # Known reviews whose photo is not stored yet (an earlier failure): (review_id, photo_url).
+    photos_missing: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    stage: str
+    reason: str
+    url: str
+    detail: str | None = None
+    category_id: str | None = None
+    product_id: int | None = None
+    review_id: int | None = None
+
+
+class ManifestWriter:
+    def __init__(self, manifest_url: str, run_id: int):
+        self.engine = engine_for(manifest_url)
+        self.run_id = run_id
+
+    @classmethod
+    def for_run_key(cls, manifest_url: str, run_key: str) -> "ManifestWriter":
+        return cls(manifest_url, ensure_run_id(manifest_url, run_key))
+
+    # --- ranking and products ---------------------------------------------------------------
+    def record_ranking(self, category_id: str, category_name: str | None, ranking_url: str,
+                       ranked: list[site.RankedProduct], product_url_for) -> None:
+        """Category, its best-N products and this run's rank rows, in one transaction."""
+        with self.engine.begin() as conn:
+            stmt = insert(categories).values(
+                id=category_id, name=category_name, source_url=ranking_url,
+                first_seen_run=self.run_id, last_seen_run=self.run_id)
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=[categories.c.id],
+                set_={"name": sa.func.coalesce(stmt.excluded.name, categories.c.name),
+                      "source_url": stmt.excluded.source_url,
+                      "last_seen_run": stmt.excluded.last_seen_run}))
+            for p in ranked:
+                self._upsert_product(conn, category_id, p.id, p.name, p.brand, p.price, p.rank,
+                                     p.review_count, p.rating, product_url_for(p.id))
+                rank_stmt = insert(product_ranks).values(
+                    run_id=self.run_id, product_id=p.id, category_id=category_id, rank=p.rank,
+                    review_count=p.review_count, rating=p.rating, source_url=ranking_url)
+                conn.execute(rank_stmt.on_conflict_do_update(
+                    index_elements=[product_ranks.c.run_id, product_ranks.c.product_id],
+                    set_={c: rank_stmt.excluded[c] for c in
+                          ("category_id", "rank", "review_count", "rating", "source_url")}))
+
+    def record_product_page(self, category_id: str, rank: int, page: site.ProductPage,
+                            url: str) -> None:
+        with self.engine.begin() as conn:
+            self._upsert_product(conn, category_id, page.id, page.name, page.brand, page.price,
+                                 rank, page.review_count, page.rating, url)
+
+    def _upsert_product(self, conn, category_id, product_id, name, brand, price, rank,
+                        review_count, rating, url) -> None:
+        stmt = insert(products).values(
+            id=product_id, category_id=category_id, name=name, brand=brand, price=price,
+            rank=rank, review_count=review_count, rating=rating, source_url=url,
+            first_seen_run=self.run_id, last_seen_run=self.run_id)
+        conn.execute(stmt.on_conflict_do_update(
+            index_elements=[products.c.id],
+            set_={**{c: stmt.excluded[c] for c in ("category_id", "name", "brand", "price", "rank",
+                                                   "review_count", "rating", "source_url",
+                                                   "last_seen_run")},
+                  "last_seen_at": sa.func.now()}))
+
+    def product_states(self, product_ids: Iterable[int]) -> dict[int, ProductState]:
+        ids = list(product_ids)
+        states = {pid: ProductState() for pid in ids}
+        if not ids:
+            return states
+        with self.engine.connect() as conn:
+            for pid, synced in conn.execute(sa.select(products.c.id, products.c.reviews_synced_run)
+                                            .where(products.c.id.in_(ids))):
+                states[pid].reviews_synced_run = synced
+            known = sa.select(reviews.c.product_id, reviews.c.id).join(
+                products, products.c.id == reviews.c.product_id).where(
+                reviews.c.product_id.in_(ids),
+                reviews.c.first_seen_run <= products.c.reviews_synced_run)
+            for pid, rid in conn.execute(known):
+                states[pid].known_at_sync.add(rid)
+            photos = sa.select(reviews.c.product_id, reviews.c.id, reviews.c.photo_url,
+                               review_photos.c.sha256).select_from(
+                reviews.outerjoin(review_photos, review_photos.c.review_id == reviews.c.id)).where(
+                reviews.c.product_id.in_(ids), reviews.c.photo_url.is_not(None)).order_by(
+                reviews.c.product_id, reviews.c.id.desc())
+            for pid, rid, url, sha in conn.execute(photos):
+                if sha is None:
+                    states[pid].photos_missing.append((rid, url))
+                else:
+                    states[pid].reviews_with_photo_stored.add(rid)
+        return states
+
+    # --- reviews ----------------------------------------------------------------------------
+    def record_reviews(self, product_id: int, page: list[site.Review], url: str) -> int:
+        """Upsert one page of reviews; returns how many were new to the manifest."""
+        if not page:
+            return 0
+        rows = [dict(id=r.id, product_id=product_id, created_date=r.created_date, stars=r.stars,
+                     comment=r.comment, writer_nickname=r.writer_nickname, photo_url=r.photo_url,
+                     source_url=url, first_seen_run=self.run_id) for r in page]
+        with self.engine.begin() as conn:
+            before = conn.execute(sa.select(sa.func.count()).select_from(reviews).where(
+                reviews.c.id.in_([r.id for r in page]))).scalar_one()
+            stmt = insert(reviews).values(rows)
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=[reviews.c.id],
+                set_={c: stmt.excluded[c] for c in ("product_id", "created_date", "stars",
+                                                    "comment", "writer_nickname", "photo_url")}))
+        return len(page) - before
+
+    def mark_reviews_synced(self, product_id: int) -> None:
+        """Only after a complete walk: the next run may stop paging at what is known now."""
+        with self.engine.begin() as conn:
+            conn.execute(products.update().where(products.c.id == product_id)
+                         .values(reviews_synced_run=self.run_id))
+
+    # --- photos -----------------------------------------------------------------------------
+    def record_photo(self, *, sha256: str, object_key: str, size_bytes: int, width: int,
+                     height: int, fmt: str, source_url: str, review_id: int,
+                     product_id: int) -> bool:
+        """Image row (first review that brought the bytes) and this review's link, atomically.
+
+        Call only after the object is in the store. Returns True when the image row is new.
+        """
+        with self.engine.begin() as conn:
+            img = insert(images).values(
+                sha256=sha256, object_key=object_key, size_bytes=size_bytes, width=width,
+                height=height, format=fmt, source_url=source_url, review_id=review_id,
+                product_id=product_id, first_seen_run=self.run_id)
+            new_image = conn.execute(img.on_conflict_do_nothing(
+                index_elements=[images.c.sha256]).returning(images.c.sha256)).first() is not None
+            link = insert(review_photos).values(review_id=review_id, sha256=sha256,
+                                                run_id=self.run_id)
+            conn.execute(link.on_conflict_do_update(
+                index_elements=[review_photos.c.review_id], set_={"sha256": link.excluded.sha256}))
+        return new_image
+
+    # --- failures ---------------------------------------------------------------------------
+    def record_failure(self, failure: FailureRecord) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(crawl_failures.insert().values(
+                run_id=self.run_id, category_id=failure.category_id,
+                product_id=failure.product_id, review_id=failure.review_id, url=failure.url,
+                stage=failure.stage, reason=failure.reason,
+                detail=(failure.detail or "")[:2000] or None))
+
+
+# --- runs -----------------------------------------------------------------------------------
+def ensure_run(manifest_url: str, run_key: str, shop_base_url: str, settings_json: dict) -> int:
+    """The run row for ``run_key`` (created once; a retried task gets the same id)."""
+    engine = engine_for(manifest_url)
+    with engine.begin() as conn:
+        stmt = insert(crawl_runs).values(run_key=run_key, shop_base_url=shop_base_url,
+                                         settings=settings_json)
+        conn.execute(stmt.on_conflict_do_nothing(index_elements=[crawl_runs.c.run_key]))
+        run_id, status = conn.execute(sa.select(crawl_runs.c.id, crawl_runs.c.status).where(
+            crawl_runs.c.run_key == run_key)).one()
+        if status != "running":  # a rerun of a finished run (e.g. Airflow clear) runs again
+            conn.execute(crawl_runs.update().where(crawl_runs.c.id == run_id).values(
+                status="running", finished_at=None))
+    return run_id
+
+
+def ensure_run_id(manifest_url: str, run_key: str) -> int:
+    with engine_for(manifest_url).connect() as conn:
+        run_id = conn.execute(sa.select(crawl_runs.c.id).where(
+            crawl_runs.c.run_key == run_key)).scalar()
+    if run_id is None:
+        raise RunNotFound(f"no crawl run with run_key {run_key!r}; call start_run first")
+    return run_id
+
+
+def merge_category_stats(manifest_url: str, run_id: int, category_id: str, stats: dict) -> None:
+    """``crawl_runs.stats.categories.<id>`` = the category's crawl stats (last attempt wins)."""
+    with engine_for(manifest_url).begin() as conn:
+        conn.execute(sa.text(
+            "UPDATE crawl_runs SET stats = stats || jsonb_build_object('categories', "
+            "coalesce(stats->'categories', '{}'::jsonb) || jsonb_build_object(:cat, "
+            "CAST(:value AS jsonb))) WHERE id = :id"),
+            {"cat": category_id, "value": json.dumps(stats), "id": run_id})
+
+
+def run_summary(manifest_url: str, run_id: int) -> dict:
+    """Counts for one run, straight from the manifest."""
+    with engine_for(manifest_url).connect() as conn:
+        scalar = lambda q: conn.execute(q).scalar_one()  # noqa: E731
+        failures: dict[str, int] = defaultdict(int)
+        by_stage: dict[str, int] = defaultdict(int)
+        for stage, reason, n in conn.execute(
+                sa.select(crawl_failures.c.stage, crawl_failures.c.reason, sa.func.count())
+                .where(crawl_failures.c.run_id == run_id)
+                .group_by(crawl_failures.c.stage, crawl_failures.c.reason)):
+            failures[reason] += n
+            by_stage[stage] += n
+        return {
+            "categories": scalar(sa.select(sa.func.count()).select_from(categories).where(
+                categories.c.last_seen_run == run_id)),
+            "products": scalar(sa.select(sa.func.count()).select_from(product_ranks).where(
+                product_ranks.c.run_id == run_id)),
+            "reviews_new": scalar(sa.select(sa.func.count()).select_from(reviews).where(
+                reviews.c.first_seen_run == run_id)),
+            "reviews_total": scalar(sa.select(sa.func.count()).select_from(reviews)),
+            "photos_stored": scalar(sa.select(sa.func.count()).select_from(review_photos).where(
+                review_photos.c.run_id == run_id)),
+            "images_new": scalar(sa.select(sa.func.count()).select_from(images).where(
+                images.c.first_seen_run == run_id)),
+            "images_total": scalar(sa.select(sa.func.count()).select_from(images)),
+            "failures": dict(sorted(failures.items())),
+            "failures_by_stage": dict(sorted(by_stage.items())),
+        }
+
+
+def finish_run_row(manifest_url: str, run_key: str, status: str, stats: dict) -> int:
+    with engine_for(manifest_url).begin() as conn:
+        run_id = conn.execute(sa.select(crawl_runs.c.id).where(
+            crawl_runs.c.run_key == run_key)).scalar()
+        if run_id is None:
+            raise RunNotFound(f"no crawl run with run_key {run_key!r}")
+        conn.execute(crawl_runs.update().where(crawl_runs.c.id == run_id).values(
+            status=status, finished_at=dt.datetime.now(dt.timezone.utc),
+            stats=crawl_runs.c.stats.op("||")(sa.cast(sa.literal(stats, sa.JSON),
+                                                      JSONB))))
+    return run_id

@@ -1,0 +1,154 @@
+"""Downloader middlewares: the host allow-list, the WAF cookie, and Retry-After on HTTP 429."""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+
+from scrapy import Request
+from scrapy.downloadermiddlewares.retry import RetryMiddleware
+from scrapy.exceptions import IgnoreRequest
+from scrapy.http import Response
+
+from crawler.browser import BrowserError, acquire_cookies, host_allowed
+from crawler.site import ShopSite
+
+logger = logging.getLogger(__name__)
+
+
+class OffsiteRequest(IgnoreRequest):
+    """A request (or a redirect target) outside the allow-list; it is never sent."""
+
+    def __init__(self, url: str, redirected_from: list[str]):
+        self.url = url
+        self.redirected_from = redirected_from
+        origin = f" (redirected from {redirected_from[0]})" if redirected_from else ""
+        super().__init__(f"{url}: host not in the allow-list{origin}")
+
+
+class HostAllowListMiddleware:
+    """Drops every request whose host is not the shop's or in ``allowed_hosts``.
+
+    Placed before RobotsTxtMiddleware, and RedirectMiddleware sends redirect targets back through
+    the whole chain, so an off-list host never sees even a robots.txt request.
+    """
+
+    def __init__(self, crawler):
+        shop = crawler.settings["SHOPLENS_SETTINGS"]
+        self.allowed = {ShopSite(shop.shop_base_url).netloc, *shop.allowed_hosts}
+        self.stats = crawler.stats
+
+    @classmethod
+    def from_crawler(cls, crawler):
+        return cls(crawler)
+
+    def process_request(self, request: Request):
+        if host_allowed(request.url, self.allowed):
+            return None
+        self.stats.inc_value("shoplens/offsite_dropped")
+        raise OffsiteRequest(request.url, list(request.meta.get("redirect_urls", [])))
+
+
+class WafCookieMiddleware:
+    """Adds the browser-obtained WAF cookie to guarded shop calls; renews it on a 403.
+
+    The cookie is fetched lazily, once, with the page the call names as its Referer (the page a
+    visitor would be on). A 403 on a request sent with the current cookie renews it; requests
+    sent with an older cookie just retry with the newer one.
+    """
+
+    max_renewals = 2
+
+    def __init__(self, crawler):
+        self.shop = crawler.settings["SHOPLENS_SETTINGS"]
+        self.site = ShopSite(self.shop.shop_base_url)
+        self.allowed = {self.site.netloc, *self.shop.allowed_hosts}
+        self.stats = crawler.stats
+        self.cookie_header: str | None = None
+        self.generation = 0
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_crawler(cls, crawler):
+        return cls(crawler)
+
+    async def _renew(self, page_url: str, seen_generation: int) -> None:
+        async with self._lock:
+            if self.generation != seen_generation:
+                return  # someone renewed it while we waited
+            started = time.monotonic()
+            cookies = await acquire_cookies(
+                page_url, chromium_path=self.shop.chromium_path, user_agent=self.shop.user_agent,
+                allowed_hosts=self.allowed, timeout_s=self.shop.download_timeout)
+            self.cookie_header = "; ".join(f"{k}={v}" for k, v in cookies.items())
+            self.generation += 1
+            self.stats.inc_value("shoplens/waf_cookie_acquired")
+            logger.info("WAF cookie obtained from %s in %.1fs", page_url,
+                        time.monotonic() - started)
+
+    def _page_for(self, request: Request) -> str:
+        referer = request.headers.get("Referer")
+        return referer.decode() if referer else self.site.base_url + "/"
+
+    async def process_request(self, request: Request):
+        if not self.site.is_waf_guarded(request.url):
+            return None
+        if self.cookie_header is None:
+            await self._renew(self._page_for(request), self.generation)
+        request.headers["Cookie"] = self.cookie_header
+        request.meta["waf_generation"] = self.generation
+        return None
+
+    async def process_response(self, request: Request, response: Response):
+        if response.status != 403 or not self.site.is_waf_guarded(request.url):
+            return response
+        renewals = request.meta.get("waf_renewals", 0)
+        if renewals >= self.max_renewals:
+            return response
+        try:
+            await self._renew(self._page_for(request), request.meta.get("waf_generation", -1))
+        except BrowserError as exc:
+            logger.warning("WAF cookie renewal failed: %s", exc)
+            return response
+        retry = request.replace(dont_filter=True)
+        retry.meta["waf_renewals"] = renewals + 1
+        return retry
+
+
+class RetryAfterMiddleware(RetryMiddleware):
+    """Scrapy's RetryMiddleware, but a retried 429 first waits what ``Retry-After`` asks
+    (capped by ``retry_after_cap``); the other codes and exceptions retry as usual."""
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.cap = settings.getfloat("RETRY_AFTER_CAP", 60.0)
+
+    async def process_response(self, request: Request, response: Response):
+        if request.meta.get("dont_retry", False) or response.status not in self.retry_http_codes:
+            return response
+        retry = self._retry(request, f"http_{response.status}")
+        if retry is None:
+            return response
+        if response.status == 429:
+            wait = min(self.cap, retry_after_seconds(response.headers.get("Retry-After")))
+            if wait > 0:
+                self.crawler.stats.inc_value("shoplens/retry_after_waits")
+                await asyncio.sleep(wait)
+        return retry
+
+
+def retry_after_seconds(value: bytes | None) -> float:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date; 0 when absent or unreadable."""
+    if not value:
+        return 0.0
+    text = value.decode("latin-1").strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, when.timestamp() - time.time())

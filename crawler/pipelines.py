@@ -1,0 +1,97 @@
+"""Item pipeline: validate a downloaded review photo, store it, then record it in the manifest.
+
+Order matters for crash safety: the object is written first (content-addressed, so a repeat is a
+no-op), then the image and review_photos rows in one transaction. A crash in between leaves an
+object without a row, which the next run's download of the same photo adopts; never a row
+without an object.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import sqlalchemy as sa
+from scrapy.downloadermiddlewares.retry import get_retry_request
+from scrapy.exceptions import DropItem
+
+from crawler.images import ImageRejected, ValidImage, validate_image
+from crawler.items import ReviewPhotoItem
+from crawler.manifest_writer import FailureRecord, ManifestWriter
+from shoplens.store import ObjectStore
+
+logger = logging.getLogger(__name__)
+
+
+class StoreUnavailable(RuntimeError):
+    """The object store did not accept a write (down, refusing, out of space)."""
+
+
+class ReviewPhotoPipeline:
+    def __init__(self, crawler):
+        self.crawler = crawler
+        self.shop = crawler.settings["SHOPLENS_SETTINGS"]
+        self.store = ObjectStore(self.shop)
+        self.writer: ManifestWriter | None = None
+
+    @classmethod
+    def from_crawler(cls, crawler):
+        return cls(crawler)
+
+    def open_spider(self) -> None:
+        self.writer = self.crawler.spider.writer
+
+    async def process_item(self, item):
+        if not isinstance(item, ReviewPhotoItem):
+            return item
+        spider = self.crawler.spider
+        if spider.fatal_error:
+            raise DropItem("crawl aborted")
+        stats = self.crawler.stats
+        try:
+            image = await asyncio.to_thread(
+                validate_image, item.body, item.content_type,
+                max_pixels=self.shop.max_image_pixels, max_bytes=self.shop.max_image_bytes)
+        except ImageRejected as rejected:
+            # A broken body may be a transient fault of the CDN: download it again first.
+            retry = get_retry_request(item.request, spider=spider,
+                                      reason=f"image_{rejected.reason}")
+            if retry is not None:
+                self.crawler.engine.crawl(retry)
+                raise DropItem(f"{rejected}; downloading again") from None
+            stats.inc_value(f"shoplens/failures/{rejected.reason}")
+            stats.inc_value("shoplens/photos_rejected")
+            await spider._db(self.writer.record_failure, FailureRecord(
+                stage="image", reason=rejected.reason, url=item.url, detail=rejected.detail,
+                category_id=item.category_id, product_id=item.product_id,
+                review_id=item.review_id))
+            raise DropItem(str(rejected)) from None
+        try:
+            new_object, new_image = await asyncio.to_thread(self._store, item, image)
+        except StoreUnavailable as exc:
+            spider.abort(str(exc))
+            raise DropItem("object store unavailable") from None
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            spider.abort(f"manifest database unavailable: {str(exc.orig or exc).strip()[:300]}")
+            raise DropItem("manifest unavailable") from None
+        stats.inc_value("shoplens/photos_stored")
+        stats.set_value("shoplens/last_photo_stored_at", time.time())
+        stats.inc_value("shoplens/bytes_stored", image.size_bytes)
+        if new_object:
+            stats.inc_value("shoplens/objects_written")
+        if new_image:
+            stats.inc_value("shoplens/images_new")
+        return {"review_id": item.review_id, "sha256": image.sha256}
+
+    def _store(self, item: ReviewPhotoItem, image: ValidImage) -> tuple[bool, bool]:
+        try:
+            key, new_object = self.store.put_image(item.body, image.format, image.sha256)
+        except Exception as exc:  # minio raises urllib3/S3 errors of many kinds
+            raise StoreUnavailable(f"object store {self.shop.s3_endpoint} bucket "
+                                   f"{self.shop.s3_bucket!r} refused a write: "
+                                   f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        new_image = self.writer.record_photo(
+            sha256=image.sha256, object_key=key, size_bytes=image.size_bytes, width=image.width,
+            height=image.height, fmt=image.format, source_url=item.url,
+            review_id=item.review_id, product_id=item.product_id)
+        return new_object, new_image

@@ -1,0 +1,172 @@
+"""Public entries of the crawl stage: start a run, crawl one category, finish the run.
+
+``crawl_category`` runs Scrapy in a child process (``python -m crawler crawl``): Twisted's reactor
+cannot be restarted inside one process, so an Airflow worker or a test can call it any number of
+times, and killing the child (even with SIGKILL) is a realistic crash that a rerun recovers from.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from crawler import manifest_writer
+from shoplens.config import Settings
+from shoplens.manifest import upgrade
+from shoplens.store import ObjectStore, StoreError
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+class CrawlError(RuntimeError):
+    """A crawl could not complete (object store or manifest down, crawler crashed)."""
+
+
+def start_run(settings: Settings, run_key: str) -> int:
+    """Migrate the manifest, make sure the bucket exists, and return the run's id (idempotent)."""
+    try:
+        upgrade(settings.manifest_url)
+    except Exception as exc:
+        raise CrawlError(f"manifest database {_safe_url(settings.manifest_url)} unavailable: "
+                         f"{type(exc).__name__}: {str(exc).strip()[:300]}") from exc
+    check_object_store(settings)
+    return manifest_writer.ensure_run(settings.manifest_url, run_key, settings.shop_base_url,
+                                      settings.public_dict())
+
+
+def check_object_store(settings: Settings) -> None:
+    try:
+        ObjectStore(settings).ensure_bucket()
+    except (StoreError, Exception) as exc:
+        raise CrawlError(f"object store {settings.s3_endpoint} (bucket {settings.s3_bucket!r}) "
+                         f"unavailable: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def crawl_category(settings: Settings, category_id: str, run_key: str) -> dict:
+    """Crawl one category into the run ``run_key`` in a child process; returns its stats."""
+    with tempfile.TemporaryDirectory(prefix="shoplens-crawl-") as tmp:
+        stats_file = Path(tmp) / "stats.json"
+        cmd = [sys.executable, "-m", "crawler", "crawl", "--category", str(category_id),
+               "--run-key", run_key, "--stats-file", str(stats_file)]
+        env = {**os.environ, **settings_env(settings)}
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        returncode, tail = _run_relaying_stderr(cmd, env)
+        stats = json.loads(stats_file.read_text()) if stats_file.exists() else None
+    if returncode != 0 or stats is None or stats.get("error"):
+        reason = (stats or {}).get("error") or f"exit status {returncode}; last log lines:\n{tail}"
+        raise CrawlError(f"crawl of category {category_id} (run {run_key}) failed: {reason}")
+    return stats
+
+
+def finish_run(settings: Settings, run_key: str) -> dict:
+    """Summarise the run from the manifest and mark it successful."""
+    run_id = manifest_writer.ensure_run_id(settings.manifest_url, run_key)
+    summary = {"run_key": run_key, "run_id": run_id,
+               **manifest_writer.run_summary(settings.manifest_url, run_id)}
+    manifest_writer.finish_run_row(settings.manifest_url, run_key, "success",
+                                   {"summary": summary})
+    return summary
+
+
+def fail_run(settings: Settings, run_key: str, error: str) -> None:
+    manifest_writer.finish_run_row(settings.manifest_url, run_key, "failed", {"error": error})
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``Settings`` as the ``SHOPLENS_*`` variables that ``Settings.from_env`` reads back."""
+    env = {}
+    for field in dataclasses.fields(settings):
+        value: Any = getattr(settings, field.name)
+        if isinstance(value, bool):
+            text = "1" if value else "0"
+        elif isinstance(value, (tuple, list)):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, dict) or hasattr(value, "keys"):
+            text = json.dumps(dict(value), ensure_ascii=False)
+        else:
+            text = str(value)
+        env[f"SHOPLENS_{field.name.upper()}"] = text
+    return env
+
+
+def _run_relaying_stderr(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``cmd``; its log goes to our stderr as it comes, and its last lines are kept."""
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+
+    def relay() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line.rstrip("\n"))
+            sys.stderr.write(line)
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    try:
+        returncode = proc.wait()
+    except BaseException:
+        proc.kill()  # our own child: never leave a crawler running behind a cancelled task
+        proc.wait()
+        raise
+    reader.join(timeout=5)
+    return returncode, "\n".join(tail)
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
+    """The crawl itself, in this process (the ``python -m crawler crawl`` child)."""
+    from scrapy.crawler import CrawlerProcess
+
+    from crawler.scrapy_settings import scrapy_settings
+    from crawler.spiders.reviews import ReviewsSpider
+
+    run_id = start_run(settings, run_key)
+    started = time.monotonic()
+    process = CrawlerProcess(scrapy_settings(settings))
+    crawler = process.create_crawler(ReviewsSpider)
+    process.crawl(crawler, category_id=category_id, run_key=run_key)
+    process.start()
+    elapsed = time.monotonic() - started
+    raw = crawler.stats.get_stats()
+    spider = crawler.spider
+    ours = {k.removeprefix("shoplens/"): v for k, v in raw.items()
+            if k.startswith("shoplens/") and not k.startswith("shoplens/failures/")}
+    failures = {k.removeprefix("shoplens/failures/"): v for k, v in raw.items()
+                if k.startswith("shoplens/failures/")}
+    first, last = ours.pop("first_photo_request_at", None), ours.pop("last_photo_stored_at", None)
+    stats = {
+        "category_id": category_id, "run_key": run_key, "run_id": run_id,
+        **{k: ours.get(k, 0) for k in (
+            "products", "products_synced", "review_pages", "reviews_seen", "reviews_new",
+            "photos_requested", "photos_healing", "photos_stored", "objects_written",
+            "images_new", "photos_rejected", "photos_over_cap", "bytes_stored",
+            "offsite_dropped", "retry_after_waits", "waf_cookie_acquired")},
+        "failures": dict(sorted(failures.items())),
+        "requests": raw.get("downloader/request_count", 0),
+        "retries": raw.get("retry/count", 0),
+        "robots_forbidden": raw.get("robotstxt/forbidden", 0),
+        "finish_reason": raw.get("finish_reason"),
+        "elapsed_s": round(elapsed, 3),
+        "image_phase_s": round(last - first, 3) if first and last and last > first else None,
+        "error": getattr(spider, "fatal_error", None),
+    }
+    if stats["error"] is None and stats["finish_reason"] != "finished":
+        stats["error"] = f"crawl ended early: {stats['finish_reason']}"
+    if stats["error"] is None:
+        manifest_writer.merge_category_stats(settings.manifest_url, run_id, category_id, stats)
+    return stats

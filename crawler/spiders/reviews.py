@@ -1,0 +1,212 @@
+"""One category: best-N ranking -> product pages -> every review page -> each photo once.
+
+Incremental: a product's review walk (newest first) stops at the first page that reaches reviews
+known at the product's last complete walk (``products.reviews_synced_run``), and a review whose
+photo is already in the manifest is never downloaded again. Photos of known reviews that are still
+missing (an earlier failure) are requested again, so failures heal on the next run.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import scrapy
+import sqlalchemy as sa
+from scrapy import Request
+from scrapy.downloadermiddlewares.retry import get_retry_request
+from scrapy.exceptions import IgnoreRequest
+from scrapy.http import Response
+from twisted.python.failure import Failure
+
+from crawler import failures as failure_codes
+from crawler.items import ReviewPhotoItem
+from crawler.manifest_writer import FailureRecord, ManifestWriter, ProductState
+from crawler.site import ParseError, ShopSite
+
+logger = logging.getLogger(__name__)
+
+
+class ReviewsSpider(scrapy.Spider):
+    name = "reviews"
+
+    def __init__(self, category_id: str, run_key: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.category_id = str(category_id)
+        self.run_key = run_key
+        self.fatal_error: str | None = None
+        self.states: dict[int, ProductState] = {}
+        self.ranks: dict[int, int] = {}
+        self.photos_scheduled: dict[int, int] = defaultdict(int)
+        self.reviews_scheduled: set[int] = set()
+        self._closing: asyncio.Task | None = None
+
+    @classmethod
+    def from_crawler(cls, crawler, *args: Any, **kwargs: Any):
+        spider = super().from_crawler(crawler, *args, **kwargs)
+        spider.shop = crawler.settings["SHOPLENS_SETTINGS"]
+        spider.site = ShopSite(spider.shop.shop_base_url, spider.shop.image_params)
+        spider.writer = ManifestWriter.for_run_key(spider.shop.manifest_url, spider.run_key)
+        return spider
+
+    # --- flow -------------------------------------------------------------------------------
+    async def start(self):
+        url = self.site.ranks_page_url(self.category_id)
+        yield Request(url, callback=self.parse_ranks_page, errback=self.on_error,
+                      meta=self._meta("ranking"))
+
+    async def parse_ranks_page(self, response: Response):
+        try:
+            build_id = self.site.parse_build_id(response.text)
+        except ParseError as exc:
+            for out in await self._parse_failed(response, exc):
+                yield out
+            return
+        yield Request(self.site.ranks_data_url(build_id, self.category_id),
+                      headers=self.site.guarded_headers(response.url), callback=self.parse_ranking,
+                      errback=self.on_error, meta=self._meta("ranking"))
+
+    async def parse_ranking(self, response: Response):
+        try:
+            ranking = self.site.parse_ranking(response.body)
+        except ParseError as exc:
+            for out in await self._parse_failed(response, exc):
+                yield out
+            return
+        best = ranking.products[: self.shop.best_n]
+        name = ranking.category.name if ranking.category else None
+        ranks_page = self.site.ranks_page_url(self.category_id)
+        await self._db(self.writer.record_ranking, self.category_id, name, ranks_page, best,
+                       self.site.product_page_url)
+        self.states = await self._db(self.writer.product_states, [p.id for p in best])
+        self.crawler.stats.set_value("shoplens/products", len(best))
+        for product in best:
+            self.ranks[product.id] = product.rank
+            # Photos an earlier run could not store: asked for again straight from the manifest.
+            for review_id, photo_url in self.states[product.id].photos_missing:
+                request = self._photo_request(product.id, review_id, photo_url)
+                if request is not None:
+                    self.crawler.stats.inc_value("shoplens/photos_healing")
+                    yield request
+            yield Request(self.site.product_page_url(product.id), callback=self.parse_product,
+                          errback=self.on_error, meta=self._meta("product", product.id))
+
+    async def parse_product(self, response: Response):
+        product_id = response.meta["product_id"]
+        try:
+            page = self.site.parse_product_page(response.text)
+        except ParseError as exc:
+            for out in await self._parse_failed(response, exc):
+                yield out
+            return
+        await self._db(self.writer.record_product_page, self.category_id,
+                       self.ranks.get(product_id), page, response.url)
+        yield self._reviews_request(product_id, 1, referer=response.url)
+
+    async def parse_reviews(self, response: Response):
+        product_id, page_no = response.meta["product_id"], response.meta["page"]
+        try:
+            page = self.site.parse_reviews(response.body)
+        except ParseError as exc:
+            for out in await self._parse_failed(response, exc):
+                yield out
+            return
+        stats = self.crawler.stats
+        stats.inc_value("shoplens/review_pages")
+        stats.inc_value("shoplens/reviews_seen", len(page.reviews))
+        new = await self._db(self.writer.record_reviews, product_id, page.reviews, response.url)
+        stats.inc_value("shoplens/reviews_new", new)
+        state = self.states[product_id]
+        for review in page.reviews:
+            if review.photo_url and review.id not in state.reviews_with_photo_stored:
+                request = self._photo_request(product_id, review.id, review.photo_url)
+                if request is not None:
+                    yield request
+        reached_known = any(r.id in state.known_at_sync for r in page.reviews)
+        per = self.shop.reviews_per_page
+        at_end = (not page.reviews
+                  or (page.total_count is not None and page_no * per >= page.total_count))
+        if reached_known or at_end:
+            await self._db(self.writer.mark_reviews_synced, product_id)
+            stats.inc_value("shoplens/products_synced")
+        else:
+            yield self._reviews_request(product_id, page_no + 1,
+                                        referer=response.request.headers.get("Referer", b"").decode())
+
+    async def parse_photo(self, response: Response):
+        meta = response.meta
+        yield ReviewPhotoItem(
+            body=response.body, content_type=(response.headers.get("Content-Type") or b"").decode(
+                "latin-1") or None, url=response.url, review_id=meta["review_id"],
+            product_id=meta["product_id"], category_id=self.category_id, request=response.request)
+
+    # --- requests ---------------------------------------------------------------------------
+    def _meta(self, stage: str, product_id: int | None = None, **extra: Any) -> dict:
+        return {"stage": stage, "product_id": product_id, **extra}
+
+    def _reviews_request(self, product_id: int, page: int, referer: str) -> Request:
+        return Request(self.site.reviews_url(product_id, page, self.shop.reviews_per_page),
+                       headers=self.site.guarded_headers(referer), callback=self.parse_reviews,
+                       errback=self.on_error, meta=self._meta("reviews", product_id, page=page))
+
+    def _photo_request(self, product_id: int, review_id: int, photo_url: str) -> Request | None:
+        """The photo at the fixed size, unless already asked for or the product's cap is met."""
+        if review_id in self.reviews_scheduled:
+            return None
+        state = self.states[product_id]
+        if (len(state.reviews_with_photo_stored) + self.photos_scheduled[product_id]
+                >= self.shop.photo_cap_per_product):
+            self.crawler.stats.inc_value("shoplens/photos_over_cap")
+            return None
+        self.reviews_scheduled.add(review_id)
+        self.photos_scheduled[product_id] += 1
+        stats = self.crawler.stats
+        stats.inc_value("shoplens/photos_requested")
+        if stats.get_value("shoplens/first_photo_request_at") is None:
+            stats.set_value("shoplens/first_photo_request_at", time.time())
+        return Request(self.site.image_url(photo_url), callback=self.parse_photo,
+                       errback=self.on_error,
+                       meta=self._meta("image", product_id, review_id=review_id))
+
+    # --- failures ---------------------------------------------------------------------------
+    async def _parse_failed(self, response: Response, exc: ParseError) -> list:
+        """A malformed answer may be a transient error page: retry, then record it."""
+        retry = get_retry_request(response.request, spider=self, reason=exc.reason)
+        if retry is not None:
+            return [retry]
+        await self._record(response.request, exc.reason, exc.detail)
+        return []
+
+    async def on_error(self, failure: Failure):
+        request = failure.request
+        reason, detail = failure_codes.classify(failure.value, request.meta.get("stage"))
+        await self._record(request, reason, detail)
+
+    async def _record(self, request: Request, reason: str, detail: str | None) -> None:
+        meta = request.meta
+        self.crawler.stats.inc_value(f"shoplens/failures/{reason}")
+        logger.warning("failure %s at %s (%s): %s", reason, request.url, meta.get("stage"), detail)
+        await self._db(self.writer.record_failure, FailureRecord(
+            stage=meta.get("stage") or "unknown", reason=reason, url=request.url, detail=detail,
+            category_id=self.category_id, product_id=meta.get("product_id"),
+            review_id=meta.get("review_id")))
+
+    # --- infrastructure ---------------------------------------------------------------------
+    async def _db(self, fn: Callable, *args: Any) -> Any:
+        """Run a blocking manifest call off the reactor; an unreachable database ends the crawl."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            self.abort(f"manifest database unavailable: {str(exc.orig or exc).strip()[:300]}")
+            raise IgnoreRequest("crawl aborted") from exc
+
+    def abort(self, message: str) -> None:
+        """Stop the whole crawl (an outage of the store or the manifest): nothing half-written."""
+        if self.fatal_error is None:
+            self.fatal_error = message
+            logger.error("aborting the crawl: %s", message)
+            self._closing = asyncio.ensure_future(
+                self.crawler.engine.close_spider_async(reason="aborted"))
+
