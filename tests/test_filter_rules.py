@@ -1,0 +1,133 @@
+"""The filter's rules as pure functions of stored features and thresholds (no model needed)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from PIL import Image
+
+from dataset import rules
+from dataset.occupancy import image_statistics
+from shoplens.config import Settings
+
+PLAIN_STUDIO = {"border_plain": 1.0, "fg_extent": 0.8, "fg_fill": 0.4, "luma_std": 40.0}
+CLUTTERED = {"border_plain": 0.3, "fg_extent": 0.95, "fg_fill": 0.7, "luma_std": 50.0}
+P = rules.RuleParams()
+
+
+def box(label, score, x1, y1, x2, y2):
+    return {"label": label, "score": score, "box": [x1, y1, x2, y2]}
+
+
+def features(boxes, stats=CLUTTERED, width=1000, height=1000, category=None):
+    return rules.Features(width, height, boxes, stats, category)
+
+
+def decision(f, rule, params=P):
+    return next(d for d in rules.decide(f, params) if d.rule == rule)
+
+
+def test_a_bunch_of_bananas_is_one_product():
+    bunch = [box("banana", 0.8, 100 + 60 * i, 200, 400 + 60 * i, 700) for i in range(6)]
+    f = features(bunch)
+    assert rules.count_products(f, P) == 1
+    assert decision(f, "multi_product").passed
+
+
+def test_a_pile_of_produce_the_detector_names_apple_and_orange_is_one_product():
+    pile = [box("apple", 0.6, 0, 0, 300, 300), box("orange", 0.5, 400, 400, 700, 700)]
+    assert rules.count_products(features(pile), P) == 1
+
+
+def test_bed_and_chair_are_two_products_and_rejected():
+    room = [box("bed", 0.8, 0, 400, 600, 900), box("chair", 0.7, 700, 500, 900, 900)]
+    d = decision(features(room), "multi_product")
+    assert not d.passed and d.score == 2.0 and "2 products" in d.reason
+
+
+def test_one_object_named_both_chair_and_couch_is_one_product():
+    armchair = [box("chair", 0.6, 100, 100, 800, 900), box("couch", 0.5, 120, 110, 820, 880)]
+    assert rules.count_products(features(armchair), P) == 1
+
+
+def test_people_never_count_even_when_configured():
+    params = dataclasses.replace(P, product_classes={"*": ("person", "bowl")})
+    f = features([box("bowl", 0.9, 0, 0, 800, 800), box("person", 0.9, 500, 0, 1000, 1000)])
+    assert rules.count_products(f, params) == 1
+
+
+def test_weak_or_tiny_boxes_do_not_count_as_a_second_product():
+    f = features([box("bed", 0.9, 0, 0, 900, 900), box("chair", 0.1, 0, 0, 100, 100),
+                  box("cup", 0.9, 0, 0, 10, 10)])
+    assert rules.count_products(f, P) == 1
+
+
+def test_category_mapping_decides_which_classes_are_products():
+    f = features([box("bowl", 0.9, 0, 0, 600, 600), box("dining table", 0.8, 0, 500, 1000, 1000)],
+                 category="16220000")
+    assert rules.count_products(f, P) == 2
+    bowls_only = dataclasses.replace(P, product_classes={"16220000": ("bowl", "cup")})
+    assert rules.count_products(f, bowls_only) == 1
+
+
+def test_occupancy_on_a_plain_background_is_the_foreground_extent():
+    d = decision(features([], stats=PLAIN_STUDIO), "occupancy")
+    assert d.passed and d.score == 0.8
+    small = dict(PLAIN_STUDIO, fg_extent=0.2)
+    d = decision(features([box("chair", 0.9, 0, 0, 1000, 1000)], stats=small), "occupancy")
+    assert not d.passed and d.score == 0.2 and "20%" in d.reason
+
+
+def test_occupancy_in_a_cluttered_scene_is_the_largest_product_box():
+    f = features([box("chair", 0.9, 0, 0, 500, 400), box("chair", 0.9, 0, 0, 100, 100)])
+    d = decision(f, "occupancy")
+    assert d.score == 0.2 and not d.passed
+    assert decision(f, "occupancy", dataclasses.replace(P, min_occupancy=0.15)).passed
+
+
+def test_occupancy_unknown_follows_the_configured_verdict():
+    f = features([])
+    assert decision(f, "occupancy").passed and decision(f, "occupancy").score is None
+    strict = dataclasses.replace(P, occupancy_when_unknown="reject")
+    assert not decision(f, "occupancy", strict).passed
+
+
+def test_quality_rules_small_aspect_blank():
+    assert not decision(features([], width=200, height=300), "too_small").passed
+    assert decision(features([], width=224, height=300), "too_small").passed
+    d = decision(features([], width=3100, height=1000), "aspect_ratio")
+    assert not d.passed and d.score == 3.1
+    assert not decision(features([], stats=dict(CLUTTERED, luma_std=2.0)), "blank").passed
+
+
+def test_unreadable_image_gets_only_that_reason():
+    f = rules.Features(0, 0, [], {"decode_error": "UnidentifiedImageError: x"})
+    decisions = rules.decide(f, P)
+    assert [d.rule for d in decisions] == ["unreadable"] and not decisions[0].passed
+    assert rules.verdict(decisions) == ("reject", ["unreadable"])
+
+
+def test_verdict_lists_every_failed_rule():
+    f = features([box("bed", 0.8, 0, 0, 60, 60), box("chair", 0.8, 120, 120, 180, 180)],
+                 width=200, height=200)
+    verdict, reasons = rules.verdict(rules.decide(f, P))
+    assert verdict == "reject" and reasons == ["too_small", "multi_product", "occupancy"]
+
+
+def test_image_statistics_measure_extent_on_plain_background_and_blankness():
+    photo = Image.new("RGB", (400, 300), (250, 250, 250))
+    photo.paste((30, 60, 90), (100, 75, 300, 225))  # half the width, half the height
+    stats = image_statistics(photo)
+    assert stats["border_plain"] == 1.0
+    assert stats["fg_extent"] == pytest.approx(0.25, abs=0.03)
+    assert image_statistics(Image.new("RGB", (400, 300), (128, 128, 128)))["luma_std"] == 0.0
+
+
+def test_settings_map_to_params_and_unknown_classes_are_refused():
+    params = rules.params_from_settings(Settings(filter_min_occupancy=0.6,
+                                                 filter_product_classes={"*": ["bowl"]}))
+    assert params.min_occupancy == 0.6 and params.classes_for("x") == {"bowl"}
+    with pytest.raises(ValueError, match="unknown classes"):
+        rules.params_from_settings(Settings(filter_product_classes={"*": ["sofa"]}))
+    with pytest.raises(ValueError, match="occupancy_when_unknown"):
+        rules.params_from_settings(Settings(filter_occupancy_when_unknown="maybe"))
