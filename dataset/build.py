@@ -1,0 +1,397 @@
+"""Build an immutable, labelled dataset version from the manifest's kept images.
+
+``run(settings, run_key)`` is the stage entry. One build:
+
+1. reads the kept images (``kept_images``: not duplicates; passing the rules or force-kept),
+2. selects products and photos (:mod:`dataset.selection`), labels them with the stable label map
+   (:mod:`dataset.labels`) and splits them (:mod:`dataset.splits`),
+3. if the result equals the latest complete version (same content hash), stops: nothing new,
+4. otherwise stores the version row (status ``building``), the new labels and the member rows in
+   one transaction,
+5. runs the data-quality checks (:mod:`dataset.checks`: Airflow SQL check operators plus the
+   object-store check) and marks the version ``failed`` on any violation,
+6. exports the files (:mod:`dataset.export`) and only then marks the version ``complete``.
+
+Only complete versions count as parents or as the split history of later builds, so a failed or
+crashed build never changes what the next one does. Builds are serialised by an advisory lock.
+A retried task with the same ``run_key`` gets the version it already completed.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import subprocess
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlalchemy as sa
+
+from dataset import checks, export
+from dataset.build_tables import MEMBER_EXPORT_COLUMNS, dataset_members, dataset_versions
+from dataset.labels import assign_labels, load_label_map, store_new_labels
+from dataset.selection import select_photos
+from dataset.splits import SPLITS, SplitCandidate, SplitRatios, assign_splits
+from shoplens.config import ConfigError, Settings
+from shoplens.manifest import engine_for
+
+BUILD_LOCK_KEY = 0x5D_B01D  # pg advisory lock id shared by every dataset build
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class BuildError(RuntimeError):
+    """The manifest cannot yield a dataset version (e.g. a required table is missing)."""
+
+
+@dataclass
+class VersionPlan:
+    members: list[dict[str, Any]]          # export columns + cluster_id, in export order
+    new_labels: dict[int, int]             # product_id -> label, for products new to the map
+    excluded: list[dict[str, int]]
+    capped: list[dict[str, int]]
+    kept_splits: int
+    new_images: int
+    inherited_splits: int
+    moved: list[tuple[str, str, str]]
+    kept_images: int
+
+    @functools.cached_property
+    def content_hash(self) -> str:
+        """Hash of everything a version's export is derived from, except its metadata."""
+        digest = hashlib.sha256()
+        for m in self.members:
+            digest.update(json.dumps([m[c] for c in (*MEMBER_EXPORT_COLUMNS, "cluster_id")],
+                                     ensure_ascii=False, separators=(",", ":")).encode())
+            digest.update(b"\n")
+        return digest.hexdigest()
+
+    def counts(self) -> dict[str, Any]:
+        split_sizes = Counter(m["split"] for m in self.members)
+        return {
+            "images": len(self.members),
+            "labels": len({m["label"] for m in self.members}),
+            "splits": {s: split_sizes.get(s, 0) for s in SPLITS},
+            "kept_images_in_manifest": self.kept_images,
+            "new_labels": len(self.new_labels),
+            "excluded_products": len(self.excluded),
+            "capped_products": len(self.capped),
+            "images_keeping_split": self.kept_splits,
+            "images_new": self.new_images,
+            "images_following_cluster": self.inherited_splits,
+            "images_moved_to_join_cluster": len(self.moved),
+        }
+
+
+def validate_settings(settings: Settings) -> SplitRatios:
+    if settings.dataset_min_photos_per_product < 1:
+        raise ConfigError("dataset_min_photos_per_product must be >= 1")
+    if settings.dataset_max_photos_per_product < settings.dataset_min_photos_per_product:
+        raise ConfigError("dataset_max_photos_per_product must be >= dataset_min_photos_per_product")
+    if settings.dataset_images_per_shard < 1:
+        raise ConfigError("dataset_images_per_shard must be >= 1")
+    if not settings.dataset_split_seed:
+        raise ConfigError("dataset_split_seed must not be empty")
+    return SplitRatios.from_settings(settings)
+
+
+def run(settings: Settings, run_key: str) -> dict[str, Any]:
+    """Build (or find) the dataset version for ``run_key``; returns its stats."""
+    ratios = validate_settings(settings)
+    engine = engine_for(settings.manifest_url)
+    with _build_lock(engine):
+        with engine.connect() as conn:
+            _require_tables(conn)
+            done = _complete_version_for_run(conn, run_key)
+            if done is not None:
+                return _stats(settings, done, reused=True)
+        _abandon_unfinished(settings, engine, run_key)
+        with engine.connect() as conn:
+            parent = _latest_complete(conn)
+            plan = plan_version(conn, settings, ratios, parent)
+        if parent is not None and parent["content_hash"].strip() == plan.content_hash:
+            return _stats(settings, parent, unchanged=True, plan=plan)
+        version_id = _insert_version(settings, engine, run_key, parent, plan)
+        try:
+            check_results = _run_checks(settings, version_id)
+            files = export.export_version(settings, version_id)
+        except BaseException as exc:
+            with engine.begin() as conn:
+                conn.execute(dataset_versions.update().where(
+                    dataset_versions.c.version_id == version_id).values(
+                    status="failed", error=f"{type(exc).__name__}: {exc}"[:20000]))
+            raise
+        with engine.begin() as conn:
+            conn.execute(dataset_versions.update().where(
+                dataset_versions.c.version_id == version_id).values(
+                status="complete", completed_at=sa.func.now()))
+            row = _version_row(conn, version_id)
+    stats = _stats(settings, row, plan=plan)
+    stats["checks"] = {"passed": len(check_results), "failed": 0}
+    stats["files"] = {"count": len(files), "bytes": sum(f["bytes"] for f in files.values())}
+    return stats
+
+
+# --- planning (pure reads) ------------------------------------------------------------------
+
+KEPT_SQL = sa.text("""
+    SELECT k.sha256, k.object_key, k.product_id, k.review_id, k.source_url,
+           k.first_seen_run AS crawl_run, k.width, k.height, k.format,
+           COALESCE(k.cluster_id, k.sha256) AS cluster_id,
+           p.name AS product_name, p.category_id
+    FROM kept_images k JOIN products p ON p.id = k.product_id
+""")
+
+# Split of every image in the newest complete version that held it.
+EARLIER_SPLITS_SQL = sa.text("""
+    SELECT DISTINCT ON (m.sha256) m.sha256, m.split
+    FROM dataset_members m JOIN dataset_versions v ON v.version_id = m.version_id
+    WHERE v.status = 'complete'
+    ORDER BY m.sha256, v.seq DESC
+""")
+
+# Earlier splits per current dedup cluster, over every image ever in a complete version.
+CLUSTER_HISTORY_SQL = sa.text("""
+    WITH earlier AS (
+        SELECT DISTINCT ON (m.sha256) m.sha256, m.split
+        FROM dataset_members m JOIN dataset_versions v ON v.version_id = m.version_id
+        WHERE v.status = 'complete'
+        ORDER BY m.sha256, v.seq DESC
+    )
+    SELECT d.cluster_id, e.split, count(*) AS images
+    FROM earlier e JOIN image_dedup d ON d.sha256 = e.sha256
+    GROUP BY d.cluster_id, e.split
+""")
+
+
+@dataclass(frozen=True)
+class _Kept:
+    sha256: str
+    product_id: int
+    row: dict
+
+
+def plan_version(conn: sa.Connection, settings: Settings, ratios: SplitRatios,
+                 parent: dict | None) -> VersionPlan:
+    kept = [dict(r) for r in conn.execute(KEPT_SQL).mappings()]
+    for r in kept:
+        r["sha256"] = r["sha256"].strip()
+        r["cluster_id"] = r["cluster_id"].strip()
+    in_parent: set[str] = set()
+    if parent is not None:
+        in_parent = {s.strip() for s in conn.execute(sa.select(dataset_members.c.sha256).where(
+            dataset_members.c.version_id == parent["version_id"])).scalars()}
+    selection = select_photos([_Kept(r["sha256"], int(r["product_id"]), r) for r in kept],
+                              settings.dataset_min_photos_per_product,
+                              settings.dataset_max_photos_per_product, in_parent,
+                              settings.dataset_split_seed)
+    chosen = [k.row for k in selection.chosen]
+
+    label_of = load_label_map(conn)
+    new_labels = assign_labels(label_of, {r["product_id"] for r in chosen})
+    label_of = {**label_of, **new_labels}
+
+    earlier = {s.strip(): split for s, split in conn.execute(EARLIER_SPLITS_SQL).all()}
+    history: dict[str, dict[str, int]] = defaultdict(dict)
+    for cluster_id, split, images in conn.execute(CLUSTER_HISTORY_SQL).all():
+        history[cluster_id.strip()][split] = int(images)
+    assignment = assign_splits(
+        [SplitCandidate(r["sha256"], int(r["product_id"]), r["cluster_id"]) for r in chosen],
+        earlier, ratios, settings.dataset_split_seed, history)
+
+    members = []
+    for r in chosen:
+        members.append({
+            **{c: r[c] for c in MEMBER_EXPORT_COLUMNS if c in r},
+            "label": label_of[int(r["product_id"])],
+            "split": assignment.splits[r["sha256"]],
+            "product_id": int(r["product_id"]),
+            "cluster_id": r["cluster_id"],
+        })
+    members.sort(key=export.member_sort_key)
+    return VersionPlan(members=members, new_labels=new_labels, excluded=selection.excluded,
+                       capped=selection.capped, kept_splits=assignment.kept,
+                       new_images=assignment.new, inherited_splits=assignment.inherited,
+                       moved=assignment.moved, kept_images=len(kept))
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def _insert_version(settings: Settings, engine: sa.Engine, run_key: str, parent: dict | None,
+                    plan: VersionPlan) -> str:
+    with engine.begin() as conn:
+        seq = int(conn.execute(sa.text(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM dataset_versions")).scalar_one())
+        version_id = f"v{seq:04d}"
+        conn.execute(dataset_versions.insert().values(
+            version_id=version_id, seq=seq,
+            parent_version=parent["version_id"] if parent else None,
+            run_key=run_key, status="building", code_version=code_version(),
+            params=build_params(conn, settings), counts=plan.counts(),
+            excluded_products=plan.excluded, content_hash=plan.content_hash,
+            uri=export.version_uri(settings, version_id)))
+        store_new_labels(conn, plan.new_labels, version_id)
+        if plan.members:
+            conn.execute(dataset_members.insert(),
+                         [{**m, "version_id": version_id} for m in plan.members])
+    return version_id
+
+
+def _run_checks(settings: Settings, version_id: str) -> list[checks.CheckResult]:
+    results = checks.run_sql_checks(settings, version_id)
+    failed = [r for r in results if not r.passed]
+    missing = checks.missing_objects(settings, version_id)
+    if failed or missing:
+        lines = [f"{r.table}.{r.name} (got {r.actual})" for r in failed]
+        if missing:
+            lines.append(f"{len(missing)} member object(s) missing from the store, e.g. "
+                         + ", ".join(missing[:5]))
+        raise checks.DataQualityError(
+            f"dataset version {version_id} failed {len(lines)} data-quality check(s): "
+            + "; ".join(lines))
+    return results
+
+
+def _abandon_unfinished(settings: Settings, engine: sa.Engine, run_key: str) -> None:
+    """A crashed attempt of this run left a 'building' version: mark it failed, drop its files."""
+    with engine.begin() as conn:
+        stale = conn.execute(dataset_versions.update().where(
+            (dataset_versions.c.run_key == run_key) & (dataset_versions.c.status == "building")
+        ).values(status="failed", error="abandoned: the build did not finish (retried)")
+        .returning(dataset_versions.c.version_id)).scalars().all()
+    for version_id in stale:
+        export.remove_export(settings, version_id)
+
+
+# --- reading helpers ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _build_lock(engine: sa.Engine) -> Iterator[None]:
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": BUILD_LOCK_KEY})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": BUILD_LOCK_KEY})
+            conn.commit()
+
+
+def _require_tables(conn: sa.Connection) -> None:
+    missing = [name for name in ("kept_images", "image_dedup", "dataset_versions")
+               if conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar() is None]
+    if missing:
+        raise BuildError(f"the manifest lacks {', '.join(missing)}: apply the migrations "
+                         "(shoplens.manifest.upgrade) before building a dataset")
+
+
+def _version_row(conn: sa.Connection, version_id: str) -> dict:
+    return dict(conn.execute(sa.select(dataset_versions).where(
+        dataset_versions.c.version_id == version_id)).mappings().one())
+
+
+def _complete_version_for_run(conn: sa.Connection, run_key: str) -> dict | None:
+    row = conn.execute(sa.select(dataset_versions).where(
+        (dataset_versions.c.run_key == run_key) & (dataset_versions.c.status == "complete"))
+        .order_by(dataset_versions.c.seq.desc()).limit(1)).mappings().first()
+    return dict(row) if row else None
+
+
+def _latest_complete(conn: sa.Connection) -> dict | None:
+    row = conn.execute(sa.select(dataset_versions).where(dataset_versions.c.status == "complete")
+                       .order_by(dataset_versions.c.seq.desc()).limit(1)).mappings().first()
+    return dict(row) if row else None
+
+
+def latest_version_id(settings: Settings) -> str | None:
+    with engine_for(settings.manifest_url).connect() as conn:
+        row = _latest_complete(conn)
+    return row["version_id"] if row else None
+
+
+def _stats(settings: Settings, row: dict, *, reused: bool = False, unchanged: bool = False,
+           plan: VersionPlan | None = None) -> dict[str, Any]:
+    stats = {
+        "version_id": row["version_id"],
+        "parent_version": row["parent_version"],
+        "uri": row["uri"],
+        "content_hash": row["content_hash"].strip(),
+        "code_version": row["code_version"],
+        "created_at": row["created_at"].isoformat(),
+        "counts": row["counts"],
+        "excluded_products": row["excluded_products"],
+        "reused": reused,
+        "unchanged": unchanged,
+    }
+    if plan is not None:
+        stats["capped_products"] = plan.capped
+        stats["moved_to_join_cluster"] = [
+            {"sha256": s, "from": a, "to": b} for s, a, b in plan.moved]
+    return stats
+
+
+# --- provenance -----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The code that built a version: git commit (with -dirty) when available."""
+    try:
+        described = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return f"git:{described}"
+    except (OSError, subprocess.SubprocessError):
+        return "git:unknown"
+
+
+def _package_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def build_params(conn: sa.Connection, settings: Settings) -> dict[str, Any]:
+    """The rules and thresholds in force: build, dedup and filter settings, and what the
+    manifest records about the dedup and filter runs the kept images came from."""
+    public = settings.public_dict()
+    params: dict[str, Any] = {
+        "build": {
+            "min_photos_per_product": settings.dataset_min_photos_per_product,
+            "max_photos_per_product": settings.dataset_max_photos_per_product,
+            "split_ratios": SplitRatios.from_settings(settings).as_dict(),
+            "split_seed": settings.dataset_split_seed,
+            "images_per_shard": settings.dataset_images_per_shard,
+        },
+        "dedup_settings": {k: v for k, v in public.items() if k.startswith("dedup_")},
+        "filter_settings": {k: v for k, v in public.items()
+                            if k.startswith(("filter_", "detector_"))},
+        "software": {
+            "pyarrow": _package_version("pyarrow"),
+            "tensorflow": _package_version("tensorflow-cpu", "tensorflow"),
+            "protobuf": _package_version("protobuf"),
+        },
+    }
+    if _exists(conn, "image_dedup"):
+        params["dedup_thresholds"] = [
+            t for t in conn.execute(sa.text(
+                "SELECT DISTINCT d.threshold FROM image_dedup d JOIN kept_images k"
+                " ON k.sha256 = d.sha256 WHERE d.threshold IS NOT NULL ORDER BY 1")).scalars()]
+    if _exists(conn, "filter_runs"):
+        last = conn.execute(sa.text(
+            "SELECT id, run_key, detector_version, rule_version, params FROM filter_runs"
+            " WHERE status = 'success' ORDER BY id DESC LIMIT 1")).mappings().first()
+        params["filter_run"] = ({**dict(last), "id": int(last["id"])} if last else None)
+    return json.loads(json.dumps(params, default=str))
+
+
+def _exists(conn: sa.Connection, relation: str) -> bool:
+    return conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": relation}).scalar() is not None
