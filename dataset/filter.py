@@ -84,14 +84,15 @@ def decide_stored(settings: Settings, detector_version: str, params: rules.RuleP
     """Decide rules from stored features for every image not yet decided with these params."""
     engine = engine_for(settings.manifest_url)
     params_json = params.as_json()
+    later = rule_decisions.alias("later")
     already = sa.exists().where(
         rule_decisions.c.sha256 == detections.c.sha256,
         rule_decisions.c.detector_version == detector_version,
         rule_decisions.c.rule_version == rules.RULES_VERSION,
         rule_decisions.c.params == sa.cast(sa.literal(params_json, JSONB), JSONB),
         # The latest run's decisions must be those: an older identical run does not count.
-        rule_decisions.c.run_id == sa.select(sa.func.max(rule_decisions.c.run_id))
-        .where(rule_decisions.c.sha256 == detections.c.sha256).scalar_subquery())
+        rule_decisions.c.run_id == sa.select(sa.func.max(later.c.run_id))
+        .where(later.c.sha256 == detections.c.sha256).scalar_subquery())
     query = (sa.select(detections.c.sha256, detections.c.width, detections.c.height,
                        detections.c.boxes, detections.c.stats, products.c.category_id)
              .select_from(detections.join(images, images.c.sha256 == detections.c.sha256)
