@@ -244,13 +244,19 @@ def report_url(settings: Settings, run_key: str) -> str:
     return f"{base}{REPORT_PATH}{quote(run_key, safe='')}"
 
 
-def _manifest_volume(conn: sa.Connection, run_key: str) -> dict[str, float]:
-    """Stored-data totals after the run: the crawl tables always exist (migration 0001)."""
-    row = conn.execute(sa.text(
-        "SELECT count(*) AS images_total, coalesce(sum(size_bytes), 0) AS image_bytes_total, "
-        "count(*) FILTER (WHERE first_seen_run = (SELECT id FROM crawl_runs WHERE run_key = :k)) "
-        "AS images_new FROM images"), {"k": run_key}).mappings().one()
-    return {f"manifest.{k}": float(v) for k, v in row.items()}
+def _manifest_volume(settings: Settings, run_key: str) -> dict[str, float]:
+    """Stored-data counts after the run, from the manifest (products, reviews, photos, failures)."""
+    from shoplens.summary import crawl_summary
+
+    volume = volume_of(crawl_summary(settings, run_key), "manifest.")
+    with engine_for(settings.manifest_url).connect() as conn:
+        row = conn.execute(sa.text(
+            "SELECT coalesce(sum(size_bytes), 0) AS photo_bytes_total, "
+            "coalesce(sum(size_bytes) FILTER (WHERE first_seen_run = "
+            "(SELECT id FROM crawl_runs WHERE run_key = :k)), 0) AS photo_bytes_this_run "
+            "FROM images"), {"k": run_key}).mappings().one()
+    volume.update({f"manifest.{k}": int(v) for k, v in row.items()})
+    return volume
 
 
 def summarize_run(settings: Settings, run_key: str, run_started_at: datetime | None = None,
@@ -269,8 +275,7 @@ def summarize_run(settings: Settings, run_key: str, run_started_at: datetime | N
     for r in stages:
         for key, value in r["volume"].items():
             volume[key] = volume.get(key, 0) + value
-    with engine_for(settings.manifest_url).connect() as conn:
-        volume.update(_manifest_volume(conn, run_key))
+    volume.update(_manifest_volume(settings, run_key))
     status = "failed" if failed else "success"
     url = report_url(settings, run_key)
     summary = {
