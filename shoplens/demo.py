@@ -72,13 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         stack.extra_env.update(env)
         stack.start(workers={"worker-1": "default,training"})
         print(f"[demo] Airflow UI on {stack.api_url} (user admin, password in {state}/airflow/passwords.json)")
+        stack.wait_for_dag("shoplens_train")
+        stack.api("PATCH", "/dags/shoplens_train", {"is_paused": False})
+        trainings_before = _train_run_ids(stack)
         run_id = stack.trigger("shoplens_nightly", {})
         print(f"[demo] triggered shoplens_nightly {run_id}; waiting...")
         state_nightly = stack.wait_for_run("shoplens_nightly", run_id, args.timeout)
         print(f"[demo] shoplens_nightly: {state_nightly}")
         train_state = None
         if state_nightly == "success":
-            train_state = _wait_for_training(stack, args.timeout)
+            train_state = _wait_for_training(stack, trainings_before, args.timeout)
             print(f"[demo] shoplens_train: {train_state}")
         from shoplens.summary import print_summary
 
@@ -94,12 +97,19 @@ def main(argv: list[str] | None = None) -> int:
         _down(state)
 
 
-def _wait_for_training(stack, timeout: float) -> str | None:
+def _train_run_ids(stack) -> set[str]:
+    runs = stack.api("GET", "/dags/shoplens_train/dagRuns?limit=100")["dag_runs"]
+    return {r["dag_run_id"] for r in runs}
+
+
+def _wait_for_training(stack, before: set[str], timeout: float) -> str | None:
+    """State of the training run that this night's dataset version triggered."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = stack.api("GET", "/dags/shoplens_train/dagRuns?order_by=-run_after&limit=1")["dag_runs"]
-        if runs and runs[0]["state"] in ("success", "failed"):
-            return runs[0]["state"]
+        runs = stack.api("GET", "/dags/shoplens_train/dagRuns?limit=100")["dag_runs"]
+        new = [r for r in runs if r["dag_run_id"] not in before]
+        if new and all(r["state"] in ("success", "failed") for r in new):
+            return "success" if all(r["state"] == "success" for r in new) else "failed"
         time.sleep(5)
     return "timeout"
 
