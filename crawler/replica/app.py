@@ -59,7 +59,8 @@ class Handlers:
 
     # --- faults ------------------------------------------------------------------------------
     def _draw(self, request: web.Request, surface: str) -> str | None:
-        kind = self.rt.faults.draw(surface, str(request.url))
+        # Drawn on the path, not the URL, so shops on different ports fault alike for a seed.
+        kind = self.rt.faults.draw(surface, request.path_qs)
         if kind:
             self.rt.record_fault(str(request.url), kind)
         return kind

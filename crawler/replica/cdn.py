@@ -17,7 +17,8 @@ from typing import Mapping
 
 from PIL import Image, ImageOps
 
-MAX_SIDE = 4096
+MAX_SIDE = 10_000  # bounds never upscale, so any bound up to this is cheap
+MAX_CROP_SIDE = 2048  # a crop may upscale: keep its cost bounded
 DEFAULT_QUALITY = 85
 
 
@@ -49,6 +50,8 @@ class ImageParams:
             raise BadImageParams("c=c needs w and/or h")
         if crop:  # a crop with one side given is a square crop
             width, height = width or height, height or width
+            if max(width, height) > MAX_CROP_SIDE:
+                raise BadImageParams(f"c=c crops are at most {MAX_CROP_SIDE} px a side")
         raw_q = query.get("q", "")
         if raw_q and (not raw_q.isdigit() or not 1 <= int(raw_q) <= 100):
             raise BadImageParams(f"q must be an integer 1..100, got {raw_q!r}")
