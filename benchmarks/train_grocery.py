@@ -1,0 +1,143 @@
+"""Benchmark: train the ensemble on real phone photos of grocery products and report accuracy.
+
+Builds a dataset version folder (the dataset build's export layout) from ../shared/datasets/grocery
+(train + val photos, 81 products; a seeded, stratified 70/15/15 train/val/test split of our own,
+since the official test split is held back), trains the configured profile (default: the offline
+EfficientNet-Lite0/1/2 ensemble) with modeling.train.train_ensemble, and writes Top-1/Top-3 per
+member and for the ensemble on the held-out split, with wall time, to results/train_grocery.json.
+The exported ensemble directory is accepted by ``python -m modeling predict --model DIR``.
+
+    .venv/bin/python benchmarks/train_grocery.py                      # the full run
+    .venv/bin/python benchmarks/train_grocery.py --classes 5 --per-class 12 --image-size 64 \
+        --head-epochs 2 --finetune-epochs 1 --views 2                 # a quick smoke run
+
+Every training setting can also come from SHOPLENS_MODEL_* variables; flags override them.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from shoplens.config import Settings  # noqa: E402
+
+GROCERY = Path(os.environ.get("SHOPLENS_SHARED_DIR", REPO.parent / "shared")) / "datasets" / "grocery"
+
+
+def grocery_photos(root: Path) -> tuple[list[dict], list[tuple[Path, int]]]:
+    """The 81 fine classes as label entries and every train + val photo with its label."""
+    labels = []
+    with (root / "classes.csv").open() as f:
+        for row in csv.DictReader(f):
+            label = int(row["Class ID (int)"])
+            labels.append({"label": label, "product_id": 1_000_000 + label,
+                           "name": row["Class Name (str)"],
+                           "category_id": row["Coarse Class Name (str)"]})
+    photos = []
+    for listing in ("train.txt", "val.txt"):
+        for line in (root / listing).read_text().splitlines():
+            if line.strip():
+                rel, fine, _ = [p.strip() for p in line.split(",")]
+                photos.append((root / rel, int(fine)))
+    return sorted(labels, key=lambda e: e["label"]), photos
+
+
+def stratified_split(photos, seed: int, fractions=(0.70, 0.15, 0.15)):
+    by_label = defaultdict(list)
+    for path, label in photos:
+        by_label[label].append(path)
+    rng = random.Random(seed)
+    out = []
+    for label, paths in sorted(by_label.items()):
+        paths = sorted(paths)
+        rng.shuffle(paths)
+        n = len(paths)
+        n_test = max(1, round(n * fractions[2]))
+        n_val = max(1, round(n * fractions[1]))
+        for i, path in enumerate(paths):
+            split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+            out.append((path, label, split))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=REPO / ".run" / "train_grocery")
+    ap.add_argument("--export", type=Path, help="ensemble directory (default WORK/ensemble)")
+    ap.add_argument("--classes", type=int, default=0, help="use only the first N products")
+    ap.add_argument("--per-class", type=int, default=0, help="at most N photos per product")
+    ap.add_argument("--seed", type=int, default=20240611)
+    for flag, field in (("--profile", "model_profile"), ("--image-size", "model_image_size"),
+                        ("--head-epochs", "model_head_epochs"),
+                        ("--finetune-epochs", "model_finetune_epochs"),
+                        ("--finetune-blocks", "model_finetune_blocks"),
+                        ("--views", "model_views_per_image"), ("--tta", "model_tta"),
+                        ("--batch-size", "model_batch_size")):
+        ap.add_argument(flag, dest=field)
+    ap.add_argument("--results", type=Path, default=REPO / "results" / "train_grocery.json")
+    args = ap.parse_args()
+    if not GROCERY.is_dir():
+        print(f"skipped: needs {GROCERY} (absent on this machine)")
+        return 0
+
+    from modeling.dataset_layout import LocalDataset, write_local_dataset
+    from modeling.train import train_ensemble
+
+    overrides = {k: v for k, v in vars(args).items() if k.startswith("model_") and v is not None}
+    settings = Settings.from_env()
+    for key, value in overrides.items():
+        current = getattr(settings, key)
+        overrides[key] = type(current)(value)
+    settings = settings.with_overrides(**overrides)
+
+    labels, photos = grocery_photos(GROCERY)
+    if args.classes:
+        labels = labels[:args.classes]
+        photos = [(p, lab) for p, lab in photos if lab < args.classes]
+    if args.per_class:
+        kept, seen = [], defaultdict(int)
+        for p, lab in sorted(photos):
+            if seen[lab] < args.per_class:
+                kept.append((p, lab))
+                seen[lab] += 1
+        photos = kept
+    split = stratified_split(photos, args.seed)
+    tag = f"grocery-c{len(labels)}-p{args.per_class or 'all'}-s{args.seed}"
+    data_dir = args.work / "datasets" / tag
+    if not (data_dir / "labels.json").is_file():
+        write_local_dataset(data_dir, tag, labels, [(p.read_bytes(), lab, s) for p, lab, s in split])
+    dataset = LocalDataset(data_dir)
+    export = args.export or args.work / "ensemble"
+    t0 = time.monotonic()
+    trained = train_ensemble(settings, dataset, export, model_id=f"bench-{tag}")
+    wall = time.monotonic() - t0
+    metrics = trained["metrics"]
+    counts = {s: sum(1 for *_, x in split if x == s) for s in ("train", "val", "test")}
+    result = {
+        "benchmark": "train_grocery", "dataset": tag, "products": len(labels), "photos": counts,
+        "profile": settings.model_profile, "training": trained["config"]["training"],
+        "test": metrics["test"], "val": metrics["val"], "tta": metrics["tta"],
+        "decisions": metrics["decisions"], "members": metrics["members"],
+        "wall_seconds": round(wall, 1), "export": str(export), "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "targets": {"ensemble_top1": 0.86, "ensemble_top3": 0.96, "wall_seconds": 5400},
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    for name, s in metrics["test"].items():
+        print(f"{name:20s} top1 {100 * s['top1']:5.1f} %  top3 {100 * s['top3']:5.1f} %  n={s['n']}")
+    print(f"wall {wall:.0f} s; results in {args.results}; ensemble in {export}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

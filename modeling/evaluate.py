@@ -1,0 +1,145 @@
+"""Measuring an ensemble on a test split: Top-1/Top-3 per member and for the ensemble,
+per-product precision/recall, a confusion-matrix plot and a grid of the worst mistakes, written
+as an HTML report next to the model."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+ENSEMBLE = "ensemble"
+
+
+def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    if len(labels) == 0:
+        return 0.0
+    topk = np.argsort(-probs, axis=1)[:, :k]
+    return float((topk == labels[:, None]).any(axis=1).mean())
+
+
+def scores(member_probs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, dict]:
+    """{member or 'ensemble': {top1, top3, n}}; the ensemble averages the members' softmax."""
+    out = {name: {"top1": top_k_accuracy(p, labels, 1), "top3": top_k_accuracy(p, labels, 3),
+                  "n": int(len(labels))} for name, p in member_probs.items()}
+    ens = np.mean(list(member_probs.values()), axis=0)
+    out[ENSEMBLE] = {"top1": top_k_accuracy(ens, labels, 1), "top3": top_k_accuracy(ens, labels, 3),
+                     "n": int(len(labels))}
+    return out
+
+
+def per_product(probs: np.ndarray, labels: np.ndarray, entries: list[dict]) -> list[dict]:
+    pred = probs.argmax(1)
+    rows = []
+    for e in entries:
+        c = e["label"]
+        tp = int(((pred == c) & (labels == c)).sum())
+        predicted, support = int((pred == c).sum()), int((labels == c).sum())
+        rows.append({"label": c, "product_id": e["product_id"], "name": e["name"],
+                     "support": support, "predicted": predicted,
+                     "precision": tp / predicted if predicted else None,
+                     "recall": tp / support if support else None})
+    return rows
+
+
+def confusion(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(m, (labels, probs.argmax(1)), 1)
+    return m
+
+
+def _plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    side = min(24, max(5, n * 0.22))
+    fig, ax = plt.subplots(figsize=(side, side))
+    rows = matrix.sum(1, keepdims=True)
+    ax.imshow(matrix / np.maximum(rows, 1), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=6)
+    ax.set_yticks(range(n), names, fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (row-normalised)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def worst_mistakes(probs: np.ndarray, labels: np.ndarray, limit: int = 24) -> list[int]:
+    """Indices of wrong predictions, most confident first."""
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != labels)
+    return [int(i) for i in wrong[np.argsort(-probs[wrong, pred[wrong]])][:limit]]
+
+
+def _plot_mistakes(indices: list[int], probs, labels, names, photos: list[bytes], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from modeling import images
+
+    cols = 6
+    rows = max(1, -(-len(indices) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 3.0), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, indices):
+        ax.imshow(images.fitted_square(images.decode(photos[i]), 160))
+        p = int(probs[i].argmax())
+        ax.set_title(f"true: {names[labels[i]]}\npred: {names[p]} ({probs[i, p]:.2f})", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, title: str, metrics: dict, ensemble_probs: np.ndarray,
+                 labels: np.ndarray, entries: list[dict], photos: list[bytes],
+                 shas: list[str]) -> dict:
+    """index.html + confusion.png + mistakes.png + per_product.json in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [e["name"] for e in entries]
+    products = per_product(ensemble_probs, labels, entries)
+    _plot_confusion(confusion(ensemble_probs, labels, len(entries)), names, out_dir / "confusion.png")
+    worst = worst_mistakes(ensemble_probs, labels)
+    if worst:
+        _plot_mistakes(worst, ensemble_probs, labels, names, photos, out_dir / "mistakes.png")
+    (out_dir / "per_product.json").write_text(json.dumps(products, ensure_ascii=False, indent=1))
+
+    def pct(x):
+        return "" if x is None else f"{100 * x:.1f} %"
+
+    esc = html.escape
+    score_rows = "".join(
+        f"<tr><td>{esc(name)}</td><td>{pct(s['top1'])}</td><td>{pct(s['top3'])}</td>"
+        f"<td>{s['n']}</td></tr>" for name, s in metrics["test"].items())
+    product_rows = "".join(
+        f"<tr><td>{p['label']}</td><td>{esc(str(p['name']))}</td><td>{p['support']}</td>"
+        f"<td>{pct(p['precision'])}</td><td>{pct(p['recall'])}</td></tr>" for p in products)
+    mistake_rows = "".join(
+        f"<tr><td>{esc(shas[i][:12])}</td><td>{esc(names[labels[i]])}</td>"
+        f"<td>{esc(names[int(ensemble_probs[i].argmax())])}</td>"
+        f"<td>{ensemble_probs[i].max():.3f}</td></tr>" for i in worst)
+    decisions = esc(json.dumps(metrics.get("decisions", {}), indent=1))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px}}</style></head><body>
+<h1>{esc(title)}</h1>
+<h2>Test split: Top-1 / Top-3</h2>
+<table><tr><th>model</th><th>Top-1</th><th>Top-3</th><th>photos</th></tr>{score_rows}</table>
+<h2>Decisions taken by measurement on the validation split</h2><pre>{decisions}</pre>
+<h2>Confusion matrix (ensemble)</h2><img src="confusion.png" style="max-width:100%">
+<h2>Worst mistakes (most confident wrong predictions)</h2>
+{'<img src="mistakes.png" style="max-width:100%">' if worst else '<p>none</p>'}
+<table><tr><th>photo sha256</th><th>true</th><th>predicted</th><th>prob</th></tr>{mistake_rows}</table>
+<h2>Per product (ensemble)</h2>
+<table><tr><th>label</th><th>product</th><th>test photos</th><th>precision</th><th>recall</th></tr>
+{product_rows}</table></body></html>"""
+    (out_dir / "index.html").write_text(page)
+    return {"per_product": products, "worst_mistakes": [shas[i] for i in worst]}

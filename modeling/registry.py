@@ -1,0 +1,139 @@
+"""Where models live: artefacts under ``models/<model_id>/`` in the object store, rows in the
+manifest (``models``, ``model_metrics``, ``model_promotions`` / ``current_model``).
+
+Artefacts are uploaded before the rows that point at them are committed, so a crash never leaves
+a row naming missing files; a downloaded model is assembled in a temporary folder and renamed
+into place, so a crash never leaves a half model that looks complete.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from modeling import tables
+from modeling.ensemble import ENSEMBLE_FILE
+from shoplens.config import Settings
+from shoplens.manifest import engine_for, session_scope
+
+MODEL_PREFIX = "models"
+
+
+class ModelNotFound(LookupError):
+    """No such model (or no current model) in the manifest or the object store."""
+
+
+def artifact_prefix(model_id: str) -> str:
+    return f"{MODEL_PREFIX}/{model_id}/"
+
+
+def upload(settings: Settings, model_id: str, local_dir: Path) -> str:
+    from shoplens.store import ObjectStore
+
+    store = ObjectStore(settings)
+    store.ensure_bucket()
+    prefix = artifact_prefix(model_id)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    # ensemble.json last: its presence marks a complete upload.
+    files.sort(key=lambda p: p.name == ENSEMBLE_FILE)
+    for path in files:
+        rel = path.relative_to(local_dir).as_posix()
+        ctype = {".json": "application/json", ".html": "text/html", ".png": "image/png"}.get(
+            path.suffix, "application/octet-stream")
+        store.put_bytes(prefix + rel, path.read_bytes(), ctype)
+    return prefix
+
+
+def download(settings: Settings, model_id: str, cache_dir: Path) -> Path:
+    """The model's directory in ``cache_dir`` (downloaded once)."""
+    from shoplens.store import ObjectStore
+
+    target = cache_dir / model_id
+    if (target / ENSEMBLE_FILE).is_file():
+        return target
+    store = ObjectStore(settings)
+    prefix = artifact_prefix(model_id)
+    keys = list(store.list_keys(prefix))
+    if prefix + ENSEMBLE_FILE not in keys:
+        raise ModelNotFound(f"model {model_id!r} has no complete artefacts under {prefix} in "
+                            f"bucket {settings.s3_bucket!r}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{model_id}-"))
+    try:
+        for key in keys:
+            dest = tmp / key[len(prefix):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(store.get_bytes(key))
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def current_model_id(settings: Settings) -> str | None:
+    with engine_for(settings.manifest_url).connect() as conn:
+        return conn.execute(sa.select(tables.current_model.c.id)).scalar()
+
+
+def begin(settings: Settings, model_id: str, dataset_version: str, profile: str, config: dict) -> None:
+    with session_scope(settings.manifest_url) as conn:
+        conn.execute(tables.models.insert().values(
+            id=model_id, dataset_version=dataset_version, profile=profile, status="training",
+            promoted=False, artifact_prefix=artifact_prefix(model_id), config=config))
+
+
+def fail(settings: Settings, model_id: str, error: str) -> None:
+    with session_scope(settings.manifest_url) as conn:
+        conn.execute(tables.models.update().where(tables.models.c.id == model_id).values(
+            status="failed", error=error[:4000], completed_at=sa.func.now()))
+
+
+def metric_rows(model_id: str, dataset_version: str, split: str, scores: dict, tta: bool) -> list[dict]:
+    return [{"model_id": model_id, "dataset_version": dataset_version, "split": split,
+             "member": member, "top1": s["top1"], "top3": s["top3"], "n": s["n"], "tta": tta}
+            for member, s in scores.items()]
+
+
+def save_metrics(conn, rows: list[dict]) -> None:
+    from sqlalchemy.dialects.postgresql import insert
+
+    if not rows:
+        return
+    stmt = insert(tables.model_metrics).values(rows)
+    conn.execute(stmt.on_conflict_do_update(
+        index_elements=["model_id", "dataset_version", "split", "member"],
+        set_={c: stmt.excluded[c] for c in ("top1", "top3", "n", "tta")}))
+
+
+def ensemble_score(settings: Settings, model_id: str, dataset_version: str) -> float | None:
+    """A model's ensemble Top-1 on a version's test split, if it was measured there."""
+    m = tables.model_metrics.c
+    with engine_for(settings.manifest_url).connect() as conn:
+        return conn.execute(sa.select(m.top1).where(
+            m.model_id == model_id, m.dataset_version == dataset_version, m.split == "test",
+            m.member == "ensemble")).scalar()
+
+
+def complete(settings: Settings, model_id: str, rows: list[dict], config: dict,
+             decide_promotion) -> tuple[bool, str]:
+    """Store metrics and take the promotion decision in one transaction.
+
+    ``decide_promotion(conn, current_id) -> (promote, reason)`` runs under an advisory lock, so
+    two runs finishing together cannot both replace the same current model.
+    """
+    with session_scope(settings.manifest_url) as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('shoplens.model_promotion'))"))
+        save_metrics(conn, rows)
+        current = conn.execute(sa.select(tables.current_model.c.id)).scalar()
+        promote, reason = decide_promotion(conn, current)
+        conn.execute(tables.models.update().where(tables.models.c.id == model_id).values(
+            status="complete", promoted=promote, reason=reason, config=config,
+            completed_at=sa.func.now()))
+        if promote:
+            conn.execute(tables.model_promotions.insert().values(
+                model_id=model_id, previous_model_id=current, reason=reason))
+    return promote, reason
