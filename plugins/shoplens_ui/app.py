@@ -1,0 +1,142 @@
+"""The FastAPI app behind the shoplens page, rendered server-side from the manifest.
+
+Mounted by the Airflow api-server under ``/shoplens`` (see ``plugins/shoplens_plugin.py``),
+where every route requires an Airflow login (the UI's JWT cookie). It also runs on its own for
+development: ``uvicorn --factory shoplens_ui.app:standalone_app`` with ``plugins/`` on the path.
+
+    /                 dataset versions, counts per split and product, latest rejections,
+                      current model and its history, diff of the last two versions, recent runs
+    /runs/{run_key}   one run's report: stage durations and volumes, that run's rejections
+    /thumb/{sha256}   a bounded-size JPEG thumbnail of a stored photo
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Callable
+
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from minio.error import S3Error
+
+from shoplens.config import Settings
+from shoplens.manifest import engine_for
+from shoplens.store import ObjectStore
+from shoplens_ui import queries
+from shoplens_ui.thumbnails import ThumbnailError, clamp_side, thumbnail_from_store
+
+log = logging.getLogger("shoplens.ui")
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+ICON = Path(__file__).with_name("icon.svg")
+TEMPLATES = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")),
+                        autoescape=select_autoescape(["html"]))
+
+
+def _fmt_seconds(value) -> str:
+    if value is None:
+        return "-"
+    value = float(value)
+    return f"{value / 60:.1f} min" if value >= 120 else f"{value:.1f} s"
+
+
+def _fmt_pct(value) -> str:
+    return "-" if value is None else f"{100 * float(value):.1f}%"
+
+
+TEMPLATES.filters["seconds"] = _fmt_seconds
+TEMPLATES.filters["pct"] = _fmt_pct
+
+
+def _airflow_login() -> list:
+    from airflow.api_fastapi.core_api.security import get_user
+
+    return [Depends(get_user)]
+
+
+def create_app(settings_factory: Callable[[], Settings] = Settings.from_env,
+               require_login: bool = True) -> FastAPI:
+    """The page's app; ``require_login`` adds Airflow's authentication to every route."""
+    app = FastAPI(title="shoplens", docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=_airflow_login() if require_login else [])
+
+    def render(request: Request, template: str, status: int = 200, **context) -> HTMLResponse:
+        context.setdefault("error", None)
+        html = TEMPLATES.get_template(template).render(
+            thumb=lambda sha, side=96: f"{request.url_for('thumbnail', sha256=sha).path}?side={side}",
+            run_link=lambda key: request.url_for("run_report", run_key=key).path,
+            home=request.url_for("overview").path, **context)
+        return HTMLResponse(html, status_code=status)
+
+    @app.get("/", response_class=HTMLResponse, name="overview")
+    def overview(request: Request, version: str | None = None) -> HTMLResponse:
+        settings = settings_factory()
+        try:
+            with engine_for(settings.manifest_url).connect() as conn:
+                sections = {
+                    "versions": queries.dataset_versions(conn),
+                    "counts": queries.version_counts(conn, version),
+                    "rejections": queries.rejections(conn),
+                    "models": queries.model_history(conn),
+                    "diff": queries.version_diff(conn),
+                    "runs": queries.recent_runs(conn),
+                }
+        except sa.exc.OperationalError as exc:
+            log.error("manifest unreachable: %s", exc)
+            return render(request, "overview.html", 503, sections=None,
+                          error="The manifest database is unreachable; see the api-server log.")
+        return render(request, "overview.html", sections=sections)
+
+    @app.get("/runs/{run_key}", response_class=HTMLResponse, name="run_report")
+    def run_report(request: Request, run_key: str) -> HTMLResponse:
+        settings = settings_factory()
+        try:
+            with engine_for(settings.manifest_url).connect() as conn:
+                stages = queries.run_stages(conn, run_key)
+                rejected = queries.rejections(conn, run_key=run_key)
+        except sa.exc.OperationalError as exc:
+            log.error("manifest unreachable: %s", exc)
+            return render(request, "run.html", 503, run_key=run_key, stages=None, rejections=None,
+                          error="The manifest database is unreachable; see the api-server log.")
+        known = (stages.available and stages.data["stages"]) or (
+            rejected.available and rejected.data["run"] is not None)
+        return render(request, "run.html", 200 if known else 404, run_key=run_key,
+                      stages=stages, rejections=rejected)
+
+    @app.get("/thumb/{sha256}", name="thumbnail")
+    def thumbnail(sha256: str, side: int = Query(96, ge=1, le=4096)) -> Response:
+        if not SHA256.match(sha256):
+            raise HTTPException(404, "not a sha256")
+        settings = settings_factory()
+        with engine_for(settings.manifest_url).connect() as conn:
+            found = queries.image_object_key(conn, sha256)
+        if found is None:
+            raise HTTPException(404, "no such image in the manifest")
+        key, size = found
+        try:
+            data = thumbnail_from_store(ObjectStore(settings), key, size, clamp_side(side),
+                                        settings.max_image_bytes, settings.max_image_pixels)
+        except ThumbnailError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        except S3Error as exc:
+            log.error("thumbnail %s: object store refused %s: %s", sha256, key, exc)
+            raise HTTPException(404 if exc.code in ("NoSuchKey", "NoSuchObject") else 502,
+                                f"object store: {exc.code}") from exc
+        # Content-addressed: the bytes behind a sha256 never change.
+        return Response(data, media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=604800, immutable"})
+
+    @app.get("/icon.svg", name="icon")
+    def icon() -> Response:
+        return Response(ICON.read_bytes(), media_type="image/svg+xml",
+                        headers={"Cache-Control": "private, max-age=86400"})
+
+    return app
+
+
+def standalone_app() -> FastAPI:
+    """For ``uvicorn --factory``: the page without Airflow's login, for local development."""
+    return create_app(require_login=False)

@@ -1,0 +1,113 @@
+"""The shoplens page's HTML and thumbnails, rendered from a real manifest and a real S3 store."""
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from shoplens.config import Settings
+from shoplens.store import ObjectStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+from shoplens_ui.app import create_app  # noqa: E402
+
+import ui_manifest  # noqa: E402
+
+
+def client_for(settings: Settings) -> TestClient:
+    # Mounted under /shoplens as the api-server does, so that every link carries the prefix.
+    from fastapi import FastAPI
+
+    root = FastAPI()
+    root.mount("/shoplens", create_app(lambda: settings, require_login=False))
+    return TestClient(root)
+
+
+@pytest.fixture
+def page(manifest_url, s3_settings):
+    settings = s3_settings.with_overrides(manifest_url=manifest_url)
+    ui_manifest.seed(manifest_url, ObjectStore(settings))
+    return client_for(settings)
+
+
+def test_overview_shows_versions_counts_rejections_model_diff_and_runs(page):
+    response = page.get("/shoplens/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    html = response.text
+    for text in ("v0003", "failed", "Photos per split and product in v0002", "원목 침대 프레임",
+                 "도자기 그릇 세트", "too_small: <span class=\"num\">3</span> photos",
+                 "5 of 24 photos rejected", "Top-1 78.0%", "Top-3 93.0%", "model <strong>m1</strong>",
+                 "v0001 &rarr; v0002", "<strong>4</strong> added", "<strong>2</strong> removed",
+                 "<strong>1</strong> moved between splits",
+                 "Top-1 0.760 &lt; current 0.780 - margin 0.0"):  # escaped, not raw HTML
+        assert text in html, text
+    assert f'src="/shoplens/thumb/{ui_manifest.photo_sha(0)}?side=96"' in html
+    assert f'href="/shoplens/runs/{quote(ui_manifest.NIGHT1, safe="")}"' in html \
+        or f'href="/shoplens/runs/{ui_manifest.NIGHT1}"' in html
+    assert "not available yet" not in html
+
+
+def test_a_version_can_be_picked_from_the_list(page):
+    html = page.get("/shoplens/", params={"version": "v0001"}).text
+    assert "Photos per split and product in v0001" in html
+    assert "도자기 그릇 세트</td>" not in html.split('id="counts"')[1].split("</table>")[0]
+
+
+def test_thumbnails_are_bounded_jpegs_of_the_stored_photo(page):
+    sha = ui_manifest.photo_sha(3)
+    small = page.get(f"/shoplens/thumb/{sha}")
+    assert small.status_code == 200 and small.headers["content-type"] == "image/jpeg"
+    assert "immutable" in small.headers["cache-control"]
+    assert Image.open(io.BytesIO(small.content)).size == (96, 72)  # 640x480 scaled to fit 96
+    huge = page.get(f"/shoplens/thumb/{sha}", params={"side": 4000})
+    assert max(Image.open(io.BytesIO(huge.content)).size) == 256  # the bound, whatever is asked
+    original = ui_manifest.jpeg(3)
+    assert len(huge.content) < len(original) * 2
+
+
+@pytest.mark.parametrize("path,status", [
+    (f"/shoplens/thumb/{'ab' * 32}", 404),  # well-formed but unknown to the manifest
+    ("/shoplens/thumb/not-a-hash", 404),
+    (f"/shoplens/thumb/{'01' * 32}?side=0", 422),
+])
+def test_bad_thumbnail_requests_get_clear_errors(page, path, status):
+    assert page.get(path).status_code == status
+
+
+def test_a_photo_missing_from_the_store_is_a_404_not_a_crash(page, s3_settings):
+    sha = ui_manifest.photo_sha(5)
+    ObjectStore(s3_settings).remove(f"images/{sha[:2]}/{sha}.jpg")
+    response = page.get(f"/shoplens/thumb/{sha}")
+    assert response.status_code == 404 and "NoSuchKey" in response.text
+
+
+def test_run_report_lists_stages_and_that_runs_rejections(page):
+    response = page.get(f"/shoplens/runs/{quote(ui_manifest.NIGHT1, safe='')}")
+    assert response.status_code == 200
+    html = response.text
+    assert f"Run report: {ui_manifest.NIGHT1}" in html
+    for text in ("crawl:10120000", "95.0 s", "3.3 min", "photos_stored=18", "decided=24", "too_small"):
+        assert text in html, text
+    assert page.get("/shoplens/runs/manual__nonexistent").status_code == 404
+
+
+def test_a_manifest_without_the_later_stages_shows_empty_states(fresh_database):
+    from shoplens.manifest import upgrade
+
+    upgrade(fresh_database, "0001_crawl")
+    html = client_for(Settings(manifest_url=fresh_database)).get("/shoplens/").text
+    for what in ("Dataset versions", "Rejections", "Model metrics", "Version diff", "Run metrics"):
+        assert f"{what} not available yet" in html, what
+
+
+def test_an_unreachable_manifest_is_a_503_with_a_message():
+    from shoplens.services import free_port_block
+
+    dead = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port_block(1)}/nothing"
+    response = client_for(Settings(manifest_url=dead)).get("/shoplens/")
+    assert response.status_code == 503 and "manifest database is unreachable" in response.text
