@@ -1,0 +1,346 @@
+"""The dataset build against a real PostgreSQL manifest and a real S3 store (SeaweedFS)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+
+import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
+
+from build_fixtures import ManifestWriter, migrate_for_build
+from conftest import _admin_engine, PG_SERVER
+from dataset import build, checks, export
+from dataset.diff import diff_versions
+from dataset.lineage import LineageError, lineage
+from shoplens.manifest import engine_for
+from shoplens.store import ObjectStore
+
+
+@pytest.fixture
+def env(fresh_database, s3_settings):
+    migrate_for_build(fresh_database)
+    settings = s3_settings.with_overrides(
+        manifest_url=fresh_database, dataset_min_photos_per_product=3,
+        dataset_max_photos_per_product=10, dataset_images_per_shard=4)
+    return settings, ManifestWriter(fresh_database, settings)
+
+
+@pytest.fixture
+def second_env(s3_settings):
+    """Another manifest database and bucket, for builds that must not share state."""
+    name = f"shoplens_test_{uuid.uuid4().hex[:10]}"
+    admin = _admin_engine()
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = f"{PG_SERVER}/{name}"
+    migrate_for_build(url)
+    settings = s3_settings.with_overrides(
+        manifest_url=url, s3_bucket=f"t-{uuid.uuid4().hex[:12]}",
+        dataset_min_photos_per_product=3, dataset_max_photos_per_product=10,
+        dataset_images_per_shard=4)
+    ObjectStore(settings).ensure_bucket()
+    yield settings, ManifestWriter(url, settings)
+    engine_for(url).dispose()
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def populate(writer: ManifestWriter) -> dict[str, list[str]]:
+    """Three products that qualify, one with too few photos, one capped, plus rejected,
+    overridden and near-duplicate photos that must stay out."""
+    photos: dict[str, list[str]] = {}
+    for product_id, count in ((101, 8), (102, 7), (103, 6), (104, 2), (105, 14)):
+        writer.product(product_id, name=f"product {product_id}")
+        photos[str(product_id)] = writer.photos(product_id, count)
+    photos["rejected"] = [writer.photo(101, passed=False) for _ in range(2)]
+    photos["force_kept"] = [writer.photo(102, passed=False, override="keep")]
+    photos["force_rejected"] = [writer.photo(103, override="reject")]
+    photos["duplicates"] = [writer.photo(101, cluster_of=photos["101"][0]),
+                            writer.photo(102, cluster_of=photos["102"][0])]
+    return photos
+
+
+def stored_files(settings, version_id: str) -> dict[str, bytes]:
+    store = ObjectStore(settings)
+    prefix = export.version_prefix(version_id)
+    return {k[len(prefix):]: store.get_bytes(k) for k in store.list_keys(prefix)}
+
+
+def members(settings, version_id: str) -> dict[str, tuple[int, str]]:
+    with engine_for(settings.manifest_url).connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT sha256, label, split FROM dataset_members WHERE version_id = :v"),
+            {"v": version_id}).all()
+    return {s.strip(): (label, split) for s, label, split in rows}
+
+
+def parse_shards(tmp_path, files: dict[str, bytes]) -> list[dict]:
+    import tensorflow as tf
+
+    spec = {"image/encoded": tf.io.FixedLenFeature([], tf.string),
+            "image/sha256": tf.io.FixedLenFeature([], tf.string),
+            "image/label": tf.io.FixedLenFeature([], tf.int64)}
+    out = []
+    for name, data in sorted(files.items()):
+        if not name.startswith("tfrecords/"):
+            continue
+        path = tmp_path / name.replace("/", "_")
+        path.write_bytes(data)
+        for raw in tf.data.TFRecordDataset(str(path)):
+            ex = tf.io.parse_single_example(raw, spec)
+            out.append({"shard": name, "split": name.split("/")[1].split("-")[0],
+                        "encoded": ex["image/encoded"].numpy(),
+                        "sha256": ex["image/sha256"].numpy().decode(),
+                        "label": int(ex["image/label"].numpy())})
+    return out
+
+
+def test_a_build_exports_the_contract_layout(env, tmp_path):
+    settings, writer = env
+    photos = populate(writer)
+
+    stats = build.run(settings, "run-1")
+
+    assert stats["version_id"] == "v0001" and stats["parent_version"] is None
+    assert stats["uri"] == f"s3://{settings.s3_bucket}/datasets/v0001/"
+    assert stats["excluded_products"] == [{"product_id": 104, "photos": 2}]
+    assert stats["capped_products"] == [{"product_id": 105, "photos": 14, "selected": 10}]
+    # 8 + (7 + 1 force-kept) + 6 + capped 10; rejected, force-rejected and duplicates stay out
+    assert stats["counts"]["images"] == 32
+    assert stats["counts"]["labels"] == 4
+
+    files = stored_files(settings, "v0001")
+    table = pq.read_table(io.BytesIO(files["manifest.parquet"]))
+    assert table.schema.names == ["sha256", "object_key", "label", "product_id", "product_name",
+                                  "category_id", "split", "review_id", "source_url", "crawl_run",
+                                  "width", "height", "format"]
+    assert str(table.schema.field("label").type) == "int32"
+    assert str(table.schema.field("product_id").type) == "int64"
+    rows = table.to_pylist()
+    order = {"train": 0, "val": 1, "test": 2}
+    assert rows == sorted(rows, key=lambda r: (order[r["split"]], r["label"], r["sha256"]))
+    shas = {r["sha256"] for r in rows}
+    assert set(photos["force_kept"]) <= shas
+    assert not shas & set(photos["rejected"] + photos["force_rejected"] + photos["duplicates"]
+                          + photos["104"])
+    assert {r["product_id"]: r["label"] for r in rows} == {101: 0, 102: 1, 103: 2, 105: 3}
+
+    labels = json.loads(files["labels.json"])
+    assert labels["num_classes"] == 4
+    assert [entry["product_id"] for entry in labels["labels"]] == [101, 102, 103, 105]
+
+    version = json.loads(files["version.json"])
+    assert version["version_id"] == "v0001" and version["parent_version"] is None
+    assert version["content_hash"] == stats["content_hash"]
+    assert version["params"]["build"]["min_photos_per_product"] == 3
+    assert version["params"]["filter_run"]["rule_version"] == "rules-test"
+    assert version["code_version"].startswith("git:")
+    for name, digest in version["files"].items():
+        assert hashlib.sha256(files[name]).hexdigest() == digest["sha256"]
+    assert set(files) == set(version["files"]) | {"version.json"}
+
+    records = parse_shards(tmp_path, files)
+    by_sha = {r["sha256"]: r for r in rows}
+    assert sorted(r["sha256"] for r in records) == sorted(by_sha)
+    store = ObjectStore(settings)
+    for rec in records:
+        row = by_sha[rec["sha256"]]
+        assert rec["label"] == row["label"] and rec["split"] == row["split"]
+        assert rec["encoded"] == store.get_bytes(row["object_key"])
+    shard_names = sorted({r["shard"] for r in records})
+    train_count = sum(1 for r in rows if r["split"] == "train")
+    n_train = -(-train_count // 4)
+    assert f"tfrecords/train-00000-of-{n_train:05d}.tfrecord" in shard_names
+
+
+def test_two_builds_from_the_same_manifest_are_byte_identical(env, second_env):
+    outputs = []
+    for settings, writer in (env, second_env):
+        populate(writer)
+        stats = build.run(settings, "nightly-1")
+        outputs.append((stats, stored_files(settings, stats["version_id"])))
+    (stats_a, files_a), (stats_b, files_b) = outputs
+
+    assert stats_a["content_hash"] == stats_b["content_hash"]
+    assert set(files_a) == set(files_b)
+    for name in files_a:
+        if name != "version.json":
+            assert files_a[name] == files_b[name], name
+    version_a, version_b = (json.loads(f["version.json"]) for f in (files_a, files_b))
+    for volatile in ("created_at", "uri"):  # when it was built and into which bucket
+        version_a.pop(volatile), version_b.pop(volatile)
+    assert version_a == version_b
+
+
+def test_rebuilding_an_unchanged_manifest_makes_no_new_version_and_rematerialises_exactly(env, tmp_path):
+    settings, writer = env
+    populate(writer)
+    first = build.run(settings, "run-1")
+
+    again = build.run(settings, "run-2")
+
+    assert again["unchanged"] and again["version_id"] == first["version_id"]
+    assert export.verify_export(settings, "v0001") == []
+    rebuilt = export.rematerialise(settings, "v0001", tmp_path / "re")
+    stored = stored_files(settings, "v0001")
+    for name in rebuilt:
+        assert (tmp_path / "re" / name).read_bytes() == stored[name], name
+    # a changed byte in the store is noticed
+    ObjectStore(settings).put_bytes("datasets/v0001/labels.json", b"{}")
+    assert export.verify_export(settings, "v0001") == [
+        "labels.json: stored bytes differ from the manifest's"]
+
+
+def test_a_new_crawl_keeps_every_label_and_split_and_diff_reports_exactly_the_additions(env):
+    settings, writer = env
+    populate(writer)
+    build.run(settings, "run-1")
+    before = members(settings, "v0001")
+
+    writer.crawl_run("crawl-2")
+    added = writer.photos(101, 2) + writer.photos(103, 3)
+    for product_id in (107, 106):
+        writer.product(product_id, category_id="16220000")
+        added += writer.photos(product_id, 4)
+    stats = build.run(settings, "run-2")
+
+    after = members(settings, "v0002")
+    assert stats["version_id"] == "v0002" and stats["parent_version"] == "v0001"
+    assert {s: after[s] for s in before} == before
+    assert set(after) - set(before) == set(added)
+
+    d = diff_versions(settings, "v0001", "v0002")
+    assert sorted(d["images_added"]) == sorted(added)
+    assert d["images_removed"] == [] and d["relabelled"] == [] and d["moved"] == []
+    assert d["products_added"] == [{"label": 4, "product_id": 106, "name": "product 106"},
+                                   {"label": 5, "product_id": 107, "name": "product 107"}]
+    assert d["products_dropped"] == []
+    assert {c["product_id"]: c["delta"] for c in d["label_count_changes"]} == {
+        101: 2, 103: 3, 106: 4, 107: 4}
+
+
+def test_a_dropped_product_keeps_its_label_reserved(env):
+    settings, writer = env
+    photos = populate(writer)
+    build.run(settings, "run-1")
+
+    for sha in photos["103"][:4]:  # a later filter run rejects most of product 103's photos
+        writer.reject(sha)
+    writer.product(108)
+    writer.photos(108, 3)
+    stats = build.run(settings, "run-2")
+
+    assert {"product_id": 103, "photos": 2} in stats["excluded_products"]
+    d = diff_versions(settings, "v0001", "v0002")
+    assert d["products_dropped"] == [{"label": 2, "product_id": 103, "name": "product 103"}]
+    assert d["products_added"] == [{"label": 4, "product_id": 108, "name": "product 108"}]
+    assert sorted(d["images_removed"]) == sorted(photos["103"])
+
+
+def test_near_duplicate_clusters_stay_in_one_split_across_versions(env):
+    settings, writer = env
+    reps, dups = [], []
+    for product_id in (201, 202, 203):
+        writer.product(product_id)
+        for _ in range(8):
+            rep = writer.photo(product_id)
+            reps.append(rep)
+            dups.append([writer.photo(product_id, cluster_of=rep) for _ in range(2)])
+    build.run(settings, "run-1")
+
+    # dedup re-runs and picks another member as representative of every cluster
+    for rep, cluster in zip(reps, dups):
+        writer.make_representative(cluster[0], rep)
+    stats = build.run(settings, "run-2")
+
+    assert stats["counts"]["images_following_cluster"] == len(reps)
+    with engine_for(settings.manifest_url).connect() as conn:
+        spanning = conn.execute(sa.text("""
+            SELECT d.cluster_id, array_agg(DISTINCT m.split)
+            FROM dataset_members m JOIN image_dedup d ON d.sha256 = m.sha256
+            GROUP BY d.cluster_id HAVING count(DISTINCT m.split) > 1""")).all()
+        leakage_view = conn.execute(sa.text("SELECT count(*) FROM dataset_split_leakage")).scalar()
+    assert spanning == [] and leakage_view == 0
+    assert set(members(settings, "v0002").values()) >= {(0, "train"), (0, "val"), (0, "test")}
+
+
+def test_quality_checks_catch_planted_leakage_and_a_label_without_train_photos(env):
+    settings, writer = env
+    populate(writer)
+    build.run(settings, "run-1")
+    assert all(r.passed for r in checks.run_sql_checks(settings, "v0001"))
+
+    with engine_for(settings.manifest_url).begin() as conn:
+        # plant a near-copy of a train photo in test, and move all of label 2 out of train
+        conn.execute(sa.text("""
+            UPDATE dataset_members SET cluster_id = (
+                SELECT cluster_id FROM dataset_members WHERE version_id = 'v0001'
+                AND split = 'train' ORDER BY sha256 LIMIT 1)
+            WHERE sha256 = (SELECT sha256 FROM dataset_members WHERE version_id = 'v0001'
+                            AND split = 'test' ORDER BY sha256 LIMIT 1)"""))
+        conn.execute(sa.text(
+            "UPDATE dataset_members SET split = 'val' WHERE label = 2 AND split = 'train'"))
+
+    failed = {r.name for r in checks.run_sql_checks(settings, "v0001") if not r.passed}
+    assert failed == {"no_cluster_spans_two_splits", "every_label_has_a_train_photo"}
+
+
+def test_a_missing_object_fails_the_build_and_publishes_nothing(env):
+    settings, writer = env
+    photos = populate(writer)
+    store = ObjectStore(settings)
+    with engine_for(settings.manifest_url).connect() as conn:
+        lost_key = conn.execute(sa.text("SELECT object_key FROM images WHERE sha256 = :s"),
+                                {"s": photos["101"][3]}).scalar_one()
+    lost_bytes = store.get_bytes(lost_key)
+    store.remove(lost_key)
+
+    with pytest.raises(checks.DataQualityError, match="1 member object"):
+        build.run(settings, "run-1")
+
+    with engine_for(settings.manifest_url).connect() as conn:
+        status, error = conn.execute(sa.text(
+            "SELECT status, error FROM dataset_versions WHERE version_id = 'v0001'")).one()
+    assert status == "failed" and lost_key in error
+    assert list(store.list_keys("datasets/")) == []
+    assert build.latest_version_id(settings) is None
+
+    store.put_bytes(lost_key, lost_bytes)
+    stats = build.run(settings, "run-1")  # the retried task
+    assert stats["version_id"] == "v0002" and stats["parent_version"] is None
+    assert build.run(settings, "run-1")["reused"] is True
+
+
+def test_lineage_goes_back_to_the_source_and_forward_to_models(env, tmp_path):
+    settings, writer = env
+    photos = populate(writer)
+    build.run(settings, "run-1")
+    sha = photos["102"][0]
+
+    story = lineage(settings, sha[:12])
+
+    assert story["sha256"] == sha
+    assert [(v["version_id"], v["label"]) for v in story["versions"]] == [("v0001", 1)]
+    assert story["image"]["source_url"].startswith("http://127.0.0.1:8612/reviews/")
+    assert story["review"]["id"] == story["image"]["review_id"]
+    assert story["product"]["id"] == 102
+    assert story["crawl_run"]["run_key"] == "crawl-1"
+    assert sorted(d["rule"] for d in story["rule_decisions"]) == [
+        "min_side", "product_occupancy", "single_product"]
+    assert story["verdict"]["verdict"] == "keep"
+    with engine_for(settings.manifest_url).connect() as conn:
+        has_models = conn.execute(sa.text("SELECT to_regclass('models')")).scalar() is not None
+    if has_models:
+        assert isinstance(story["models"], list)
+    else:
+        assert story["models"] is None and any("models" in n for n in story["notes"])
+    with pytest.raises(LineageError, match="not in version v0009"):
+        lineage(settings, sha, version="v0009")
+
+    local = export.materialise(settings, "v0001", tmp_path / "v0001")
+    stored = stored_files(settings, "v0001")
+    assert sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()) == sorted(stored)
