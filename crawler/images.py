@@ -14,6 +14,11 @@ from PIL import Image, UnidentifiedImageError
 ACCEPTED_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
 
 
+# Reasons that describe the bytes themselves (as opposed to the transfer).
+CONTENT_REJECTIONS = frozenset({"empty_image", "image_too_large", "wrong_content_type", "not_image",
+                                "truncated_image", "corrupt_image", "unsupported_format"})
+
+
 class ImageRejected(ValueError):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -63,7 +68,7 @@ def validate_image(body: bytes, content_type: str | None, *, max_pixels: int,
         raise ImageRejected("image_too_large", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)
-        reason = "truncated" if "truncated" in text or isinstance(exc, EOFError) else "corrupt_image"
+        reason = "truncated_image" if "truncated" in text or isinstance(exc, EOFError) else "corrupt_image"
         raise ImageRejected(reason, text) from None
     return ValidImage(sha256=hashlib.sha256(body).hexdigest(), format=fmt, width=width,
                       height=height, size_bytes=len(body))

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from crawler import site
+from crawler.images import CONTENT_REJECTIONS
 from shoplens.manifest import engine_for
 from shoplens.manifest.tables import (categories, crawl_failures, crawl_runs, images, product_ranks,
                                       products, review_photos, reviews)
@@ -31,7 +32,11 @@ class ProductState:
     reviews_synced_run: int | None = None
     # Reviews known at the product's last complete walk: paging stops once it reaches one.
     known_at_sync: set[int] = field(default_factory=set)
+    known: set[int] = field(default_factory=set)  # every review of the product in the manifest
     reviews_with_photo_stored: set[int] = field(default_factory=set)
+    # Reviews whose photo an earlier run downloaded and rejected as not a usable image (after
+    # in-run retries): not downloaded again every night.
+    photos_rejected: set[int] = field(default_factory=set)
     # Known reviews whose photo is not stored yet (an earlier failure): (review_id, photo_url).
     photos_missing: list[tuple[int, str]] = field(default_factory=list)
 
@@ -108,19 +113,27 @@ class ManifestWriter:
             for pid, synced in conn.execute(sa.select(products.c.id, products.c.reviews_synced_run)
                                             .where(products.c.id.in_(ids))):
                 states[pid].reviews_synced_run = synced
-            known = sa.select(reviews.c.product_id, reviews.c.id).join(
+            known = sa.select(reviews.c.product_id, reviews.c.id,
+                              reviews.c.first_seen_run <= products.c.reviews_synced_run).join(
                 products, products.c.id == reviews.c.product_id).where(
-                reviews.c.product_id.in_(ids),
-                reviews.c.first_seen_run <= products.c.reviews_synced_run)
-            for pid, rid in conn.execute(known):
-                states[pid].known_at_sync.add(rid)
+                reviews.c.product_id.in_(ids))
+            for pid, rid, at_sync in conn.execute(known):
+                states[pid].known.add(rid)
+                if at_sync:
+                    states[pid].known_at_sync.add(rid)
             photos = sa.select(reviews.c.product_id, reviews.c.id, reviews.c.photo_url,
                                review_photos.c.sha256).select_from(
                 reviews.outerjoin(review_photos, review_photos.c.review_id == reviews.c.id)).where(
                 reviews.c.product_id.in_(ids), reviews.c.photo_url.is_not(None)).order_by(
                 reviews.c.product_id, reviews.c.id.desc())
+            rejected = sa.select(crawl_failures.c.product_id, crawl_failures.c.review_id).where(
+                crawl_failures.c.product_id.in_(ids), crawl_failures.c.stage == "image",
+                crawl_failures.c.reason.in_(sorted(CONTENT_REJECTIONS)),
+                crawl_failures.c.run_id < self.run_id).distinct()
+            for pid, rid in conn.execute(rejected):
+                states[pid].photos_rejected.add(rid)
             for pid, rid, url, sha in conn.execute(photos):
-                if sha is None:
+                if sha is None and rid not in states[pid].photos_rejected:
                     states[pid].photos_missing.append((rid, url))
                 else:
                     states[pid].reviews_with_photo_stored.add(rid)

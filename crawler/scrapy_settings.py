@@ -12,7 +12,7 @@ def scrapy_settings(settings: Settings) -> dict:
         "USER_AGENT": settings.user_agent,
         "ROBOTSTXT_OBEY": settings.obey_robots,
         "DOWNLOAD_DELAY": settings.download_delay,
-        "RANDOMIZE_DOWNLOAD_DELAY": True,
+        "DOWNLOAD_DELAY_JITTER": 0.5,  # +-50% around DOWNLOAD_DELAY
         # Scrapy keys its slots by host name; the shop and its CDN are separate hosts on the real
         # site, so the global cap allows each to use its own per-host share.
         "CONCURRENT_REQUESTS_PER_DOMAIN": per_host,

@@ -1,7 +1,8 @@
 """One category: best-N ranking -> product pages -> every review page -> each photo once.
 
 Incremental: a product's review walk (newest first) stops at the first page that reaches reviews
-known at the product's last complete walk (``products.reviews_synced_run``), and a review whose
+known at the product's last complete walk (``products.reviews_synced_run``) once the shop's
+review count is accounted for, and a review whose
 photo is already in the manifest is never downloaded again. Photos of known reviews that are still
 missing (an earlier failure) are requested again, so failures heal on the next run.
 """
@@ -23,6 +24,7 @@ from twisted.python.failure import Failure
 
 from crawler import failures as failure_codes
 from crawler.items import ReviewPhotoItem
+from crawler.middlewares import OffsiteRequest
 from crawler.manifest_writer import FailureRecord, ManifestWriter, ProductState
 from crawler.site import ParseError, ShopSite
 
@@ -41,6 +43,7 @@ class ReviewsSpider(scrapy.Spider):
         self.ranks: dict[int, int] = {}
         self.photos_scheduled: dict[int, int] = defaultdict(int)
         self.reviews_scheduled: set[int] = set()
+        self.unknown_seen: dict[int, set[int]] = defaultdict(set)  # per product, this walk
         self._closing: asyncio.Task | None = None
 
     @classmethod
@@ -120,14 +123,21 @@ class ReviewsSpider(scrapy.Spider):
         stats.inc_value("shoplens/reviews_new", new)
         state = self.states[product_id]
         for review in page.reviews:
-            if review.photo_url and review.id not in state.reviews_with_photo_stored:
+            if (review.photo_url and review.id not in state.reviews_with_photo_stored
+                    and review.id not in state.photos_rejected):
                 request = self._photo_request(product_id, review.id, review.photo_url)
                 if request is not None:
                     yield request
-        reached_known = any(r.id in state.known_at_sync for r in page.reviews)
+        unseen = self.unknown_seen[product_id]
+        unseen.update(r.id for r in page.reviews if r.id not in state.known)
         per = self.shop.reviews_per_page
         at_end = (not page.reviews
                   or (page.total_count is not None and page_no * per >= page.total_count))
+        # Known territory: a review known at the last complete walk, and (when the shop says
+        # how many it has) every review accounted for. The count matters because a new review
+        # is not always the newest one (e.g. a delayed moderation publishes an older review).
+        reached_known = any(r.id in state.known_at_sync for r in page.reviews) and (
+            page.total_count is None or len(state.known) + len(unseen) >= page.total_count)
         if reached_known or at_end:
             await self._db(self.writer.mark_reviews_synced, product_id)
             stats.inc_value("shoplens/products_synced")
@@ -181,7 +191,17 @@ class ReviewsSpider(scrapy.Spider):
 
     async def on_error(self, failure: Failure):
         request = failure.request
-        reason, detail = failure_codes.classify(failure.value, request.meta.get("stage"))
+        exc = failure.value
+        if isinstance(exc, OffsiteRequest) and exc.redirected_from:
+            # The redirect may be a passing fault of the CDN: ask the allowed address again.
+            original = request.replace(url=exc.redirected_from[0])
+            for key in ("redirect_urls", "redirect_times", "redirect_ttl", "redirect_reasons"):
+                original.meta.pop(key, None)
+            retry = get_retry_request(original, spider=self, reason="offsite_redirect")
+            if retry is not None:
+                yield retry
+                return
+        reason, detail = failure_codes.classify(exc, request.meta.get("stage"))
         await self._record(request, reason, detail)
 
     async def _record(self, request: Request, reason: str, detail: str | None) -> None:

@@ -1,0 +1,394 @@
+"""The crawl stage against the replica shop, with a real PostgreSQL manifest and real SeaweedFS.
+
+Each test builds a tiny photo catalogue (a few products, a few dozen small photos), runs the
+replica in-process on free ports, crawls it through the public entries (which run Scrapy in a
+child process) and compares the manifest and the bucket with the replica's ground truth.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+import crawler
+from crawler.replica import ReplicaShop
+from crawler.run import PACKAGE_ROOT, CrawlError, settings_env
+from shoplens.manifest import engine_for
+from shoplens.services import SeaweedFS, free_port_block
+from shoplens.store import ObjectStore
+
+CATEGORY = "10120000"  # 침대
+BAD_REASON_FOR_KIND = {"bomb": "image_too_large", "not_image": "not_image",
+                       "truncated_file": "truncated_image", "wrong_type": "wrong_content_type"}
+
+
+# --- catalogue and settings ------------------------------------------------------------------
+def make_photo_dir(root: Path, photos_per_product: list[int], seed: int = 0,
+                   category: str = "침대") -> Path:
+    """``root/<category>/<product>/*.jpg``: small noisy JPEGs, every one distinct."""
+    rng = np.random.default_rng(seed)
+    for p, count in enumerate(photos_per_product):
+        folder = root / category / f"product-{p}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            h, w = int(rng.integers(48, 96)), int(rng.integers(48, 96))
+            pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=80)
+    return root
+
+
+def crawl_settings(shop: ReplicaShop, s3_settings, manifest_url: str, **overrides):
+    base = dict(manifest_url=manifest_url, shop_base_url=shop.base_url,
+                allowed_hosts=[urlsplit(shop.cdn_url).netloc], categories=[CATEGORY],
+                best_n=20, download_delay=0.01, autothrottle=False, download_timeout=5.0,
+                retry_times=3, retry_after_cap=1.0, reviews_per_page=5, concurrent_per_host=3)
+    return s3_settings.with_overrides(**{**base, **overrides})
+
+
+def crawl_run(settings, run_key: str) -> dict:
+    crawler.start_run(settings, run_key)
+    for category_id in settings.categories:
+        crawler.crawl_category(settings, category_id, run_key)
+    return crawler.finish_run(settings, run_key)
+
+
+# --- reading the ground truth and the manifest ----------------------------------------------
+def expected_products(truth: dict, best_n: int) -> dict[str, list[int]]:
+    return {c["id"]: c["product_ids_by_rank"][:best_n] for c in truth["categories"]}
+
+
+def photo_reviews(truth: dict, product_ids, good: bool = True) -> dict[int, dict]:
+    ids = set(product_ids)
+    return {r["id"]: r for r in truth["reviews"]
+            if r["product_id"] in ids and r["photo_id"] and (r["bad"] is None) == good}
+
+
+def query(url: str, sql: str, **params) -> list[tuple]:
+    with engine_for(url).connect() as conn:
+        return [tuple(row) for row in conn.execute(sa.text(sql), params)]
+
+
+def stored_photos(url: str) -> dict[int, str]:
+    return dict(query(url, "SELECT review_id, sha256 FROM review_photos"))
+
+
+def assert_store_and_manifest_agree(settings) -> None:
+    """Every image row has its object with those very bytes, and no object lacks a row."""
+    store = ObjectStore(settings)
+    rows = dict(query(settings.manifest_url, "SELECT object_key, sha256 FROM images"))
+    assert set(store.list_keys("images/")) == set(rows)
+    for key, sha in rows.items():
+        assert hashlib.sha256(store.get_bytes(key)).hexdigest() == sha
+
+
+def assert_matches_ground_truth(settings, truth: dict) -> None:
+    url = settings.manifest_url
+    best = expected_products(truth, settings.best_n)
+    crawled = {c: best[c] for c in settings.categories}
+    product_ids = [p for ids in crawled.values() for p in ids]
+    ranked = query(url, "SELECT category_id, product_id, rank FROM product_ranks r "
+                        "JOIN crawl_runs c ON c.id = r.run_id WHERE c.id = (SELECT max(id) FROM "
+                        "crawl_runs) ORDER BY category_id, rank")
+    assert [(c, p) for c, p, _ in ranked] == [(c, p) for c, ids in crawled.items() for p in ids]
+    truth_products = {p["id"]: p for p in truth["products"]}
+    for pid, name, brand, price in query(url, "SELECT id, name, brand, price FROM products"):
+        assert (name, brand, price) == (truth_products[pid]["name"], truth_products[pid]["brand"],
+                                        truth_products[pid]["price"])
+    truth_reviews = {r["id"]: r for r in truth["reviews"] if r["product_id"] in set(product_ids)}
+    manifest_reviews = {rid: (pid, str(day).replace("-", "."), stars, comment, writer, photo)
+                        for rid, pid, day, stars, comment, writer, photo in query(
+                            url, "SELECT id, product_id, created_date, stars, comment, "
+                                 "writer_nickname, photo_url FROM reviews")}
+    assert manifest_reviews == {
+        r["id"]: (r["product_id"], r["created_at"], float(r["stars"]), r["comment"], r["writer"],
+                  r["photo_url"]) for r in truth_reviews.values()}
+    good = photo_reviews(truth, product_ids)
+    stored = stored_photos(url)
+    assert set(stored) == set(good)
+    for review_id, sha in stored.items():
+        assert sha in truth["served"][good[review_id]["photo_id"]]
+    assert_store_and_manifest_agree(settings)
+
+
+# --- fixtures -------------------------------------------------------------------------------
+@pytest.fixture
+def replica(tmp_path):
+    shops = []
+
+    def start(photos_per_product: list[int], **kwargs) -> ReplicaShop:
+        photos = make_photo_dir(tmp_path / f"photos{len(shops)}", photos_per_product,
+                                seed=kwargs.pop("photo_seed", len(shops)))
+        shop = ReplicaShop(photos=photos, seed=kwargs.pop("seed", 7), **kwargs).start()
+        shops.append(shop)
+        return shop
+
+    yield start
+    for shop in shops:
+        shop.stop()
+
+
+# --- specifications -------------------------------------------------------------------------
+def test_crawl_matches_ground_truth_rerun_fetches_nothing_and_release_adds_exactly_the_new(
+        replica, s3_settings, manifest_url):
+    shop = replica([9, 7, 8, 6, 10], bad_photos=0.1, hold_back=30)
+    settings = crawl_settings(shop, s3_settings, manifest_url)
+
+    first = crawl_run(settings, "night-1")
+    truth = shop.ground_truth()
+    assert_matches_ground_truth(settings, truth)
+    assert first["photos_stored"] == len(stored_photos(manifest_url)) > 0
+
+    # Bad photos are rejected, each with the reason its kind calls for, and never stored.
+    all_ids = [p for ids in expected_products(truth, settings.best_n).values() for p in ids]
+    bad = photo_reviews(truth, all_ids, good=False)
+    assert bad, "the catalogue should contain bad photos"
+    failures = {rid: reason for rid, reason in query(
+        manifest_url, "SELECT review_id, reason FROM crawl_failures WHERE stage = 'image'")}
+    assert failures == {rid: BAD_REASON_FOR_KIND[r["bad"]] for rid, r in bad.items()}
+
+    # Politeness, as the shop saw it.
+    stats = shop.stats()
+    assert stats["disallowed_hits"] == 0
+    shop_host, cdn_host = urlsplit(shop.base_url).netloc, urlsplit(shop.cdn_url).netloc
+    assert set(stats["hosts"]) <= {shop_host, cdn_host}
+    assert all(h["max_in_flight"] <= settings.concurrent_per_host for h in stats["hosts"].values())
+    assert set(stats["user_agents"]) == {settings.user_agent}  # the browser says who it is too
+
+    # Nothing changed: the second night downloads no image at all.
+    images_before = stats["requests"].get("image", 0)
+    second = crawl_run(settings, "night-2")
+    assert shop.stats()["requests"].get("image", 0) == images_before
+    assert second["photos_stored"] == 0 and second["reviews_new"] == 0
+
+    # 30 new reviews appear: exactly their (good) photos are stored the next night.
+    released = set(shop.release(30))
+    assert len(released) == 30
+    third = crawl_run(settings, "night-3")
+    truth = shop.ground_truth()
+    assert_matches_ground_truth(settings, truth)
+    new_photos = {rid for (rid,) in query(
+        manifest_url, "SELECT review_id FROM review_photos rp JOIN crawl_runs c ON c.id = rp.run_id "
+                      "WHERE c.run_key = 'night-3'")}
+    released_good = {rid for rid in released if truth_review(truth, rid)["bad"] is None}
+    assert new_photos == released_good
+    assert third["reviews_new"] == 30
+    assert third["photos_stored"] == len(released_good)
+
+
+def truth_review(truth: dict, review_id: int) -> dict:
+    return next(r for r in truth["reviews"] if r["id"] == review_id)
+
+
+def test_with_five_percent_faults_the_run_finishes_and_one_more_run_heals_everything(
+        replica, s3_settings, manifest_url):
+    shop = replica([8, 9, 7, 10, 6], faults="all=0.05", bad_photos=0.1, hang_seconds=3,
+                   photo_seed=11)
+    settings = crawl_settings(shop, s3_settings, manifest_url, best_n=3, download_timeout=1.0,
+                              retry_times=4)
+
+    crawl_run(settings, "faulty-1")
+    truth = shop.ground_truth()
+    product_ids = expected_products(truth, 3)[CATEGORY]
+    reachable = photo_reviews(truth, product_ids)
+    stored = stored_photos(manifest_url)
+    assert set(stored) <= set(reachable)  # nothing invalid, nothing outside the best 3
+    # Every reachable photo that is missing is explained by a recorded failure: its own, or one
+    # of the product or review page that would have led to it.
+    failures = query(manifest_url, "SELECT stage, reason, product_id, review_id FROM crawl_failures")
+    explained_reviews = {rid for _, _, _, rid in failures if rid}
+    explained_products = {pid for stage, _, pid, _ in failures if stage in ("product", "reviews")}
+    ranking_failed = any(stage == "ranking" for stage, *_ in failures)
+    for rid in set(reachable) - set(stored):
+        assert (rid in explained_reviews or reachable[rid]["product_id"] in explained_products
+                or ranking_failed), f"photo of review {rid} missing without a recorded failure"
+    assert all(reason for _, reason, _, _ in failures)
+
+    faults_injected = shop.stats()["faults"]
+    assert sum(faults_injected.values()) > 0, "the replica injected no faults"
+
+    crawl_run(settings, "faulty-2")
+    truth = shop.ground_truth()
+    stored = stored_photos(manifest_url)
+    assert set(stored) == set(reachable)
+    for rid, sha in stored.items():
+        assert sha in truth["served"][reachable[rid]["photo_id"]]
+    assert_store_and_manifest_agree(settings)
+    bad = photo_reviews(truth, product_ids, good=False)
+    rejected = dict(query(manifest_url, "SELECT DISTINCT review_id, reason FROM crawl_failures "
+                                        "WHERE review_id IS NOT NULL AND reason IN "
+                                        "('image_too_large','not_image','truncated_image',"
+                                        "'wrong_content_type')"))
+    for rid, review in bad.items():
+        assert rejected.get(rid) == BAD_REASON_FOR_KIND[review["bad"]]
+
+
+def test_offsite_redirects_are_never_followed_and_are_recorded(replica, s3_settings, manifest_url):
+    shop = replica([6, 5], faults="offsite=1.0")
+    settings = crawl_settings(shop, s3_settings, manifest_url, retry_times=1)
+    crawl_run(settings, "offsite")
+    reasons = query(manifest_url, "SELECT DISTINCT stage, reason FROM crawl_failures")
+    assert reasons == [("image", "offsite_redirect")]
+    photo_count = len(photo_reviews(shop.ground_truth(), [p for ids in expected_products(
+        shop.ground_truth(), 20).values() for p in ids]))
+    assert query(manifest_url, "SELECT count(*) FROM crawl_failures")[0][0] == photo_count
+    assert stored_photos(manifest_url) == {}
+    assert set(shop.stats()["hosts"]) <= {urlsplit(shop.base_url).netloc,
+                                          urlsplit(shop.cdn_url).netloc}
+
+
+def _table_contents(url: str) -> dict[str, set]:
+    """Manifest content without run ids and timestamps, for comparing two histories."""
+    q = {
+        "categories": "SELECT id, name, source_url FROM categories",
+        "products": "SELECT id, category_id, name, brand, price, rank, review_count, rating, "
+                    "source_url, reviews_synced_run IS NOT NULL FROM products",
+        "product_ranks": "SELECT product_id, category_id, rank, review_count, rating, source_url "
+                         "FROM product_ranks",
+        "reviews": "SELECT id, product_id, created_date, stars, comment, writer_nickname, "
+                   "photo_url, source_url FROM reviews",
+        "images": "SELECT sha256, object_key, size_bytes, width, height, format, source_url, "
+                  "review_id, product_id FROM images",
+        "review_photos": "SELECT review_id, sha256 FROM review_photos",
+    }
+    return {table: set(query(url, sql)) for table, sql in q.items()}
+
+
+def _store_keys(settings) -> set[str]:
+    return set(ObjectStore(settings).list_keys(""))
+
+
+def _new_bucket(s3_settings):
+    settings = s3_settings.with_overrides(s3_bucket=f"t-{uuid.uuid4().hex[:12]}")
+    ObjectStore(settings).ensure_bucket()
+    return settings
+
+
+def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(
+        replica, s3_settings, manifest_url, fresh_database):
+    shop = replica([12, 10, 11, 9], photo_seed=5)
+    interrupted = crawl_settings(shop, s3_settings, manifest_url, download_delay=0.15,
+                                 concurrent_per_host=1)
+    crawler.start_run(interrupted, "night")
+    env = {**os.environ, **settings_env(interrupted), "PYTHONPATH": str(PACKAGE_ROOT)}
+    child = subprocess.Popen([sys.executable, "-m", "crawler", "crawl", "--category", CATEGORY,
+                              "--run-key", "night"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(stored_photos(manifest_url)) < 5:
+        assert child.poll() is None, "the crawl ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    total = len(photo_reviews(shop.ground_truth(), expected_products(
+        shop.ground_truth(), 20)[CATEGORY]))
+    assert len(stored_photos(manifest_url)) < total, "killed too late to prove anything"
+
+    crawler.crawl_category(interrupted.with_overrides(download_delay=0.01,
+                                                      concurrent_per_host=3), CATEGORY, "night")
+    crawler.finish_run(interrupted, "night")
+
+    from shoplens.manifest import upgrade
+    upgrade(fresh_database)
+    uninterrupted = crawl_settings(shop, _new_bucket(s3_settings), fresh_database)
+    crawl_run(uninterrupted, "night")
+
+    assert _table_contents(manifest_url) == _table_contents(fresh_database)
+    assert _store_keys(interrupted) == _store_keys(uninterrupted)
+    assert_store_and_manifest_agree(interrupted)
+    assert_matches_ground_truth(interrupted, shop.ground_truth())
+
+
+def test_object_store_outage_fails_cleanly_and_a_rerun_completes_without_orphans(
+        replica, manifest_url, tmp_path):
+    shop = replica([10, 12, 9], photo_seed=9)
+    weed = SeaweedFS(tmp_path / "weed", free_port_block(12), "outage-key", "outage-secret")
+    weed.start()
+    try:
+        s3 = crawler_s3_settings(weed)
+        settings = crawl_settings(shop, s3, manifest_url, download_delay=0.15,
+                                  concurrent_per_host=1)
+        crawler.start_run(settings, "outage")
+        outcome: dict = {}
+
+        def crawl():
+            try:
+                outcome["stats"] = crawler.crawl_category(settings, CATEGORY, "outage")
+            except CrawlError as exc:
+                outcome["error"] = str(exc)
+
+        worker = threading.Thread(target=crawl)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while len(stored_photos(manifest_url)) < 3:
+            assert worker.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        weed.stop()
+        worker.join(timeout=120)
+        assert not worker.is_alive()
+        assert "object store" in outcome.get("error", ""), outcome
+        partial = len(stored_photos(manifest_url))
+
+        weed.start()
+        stats = crawler.crawl_category(settings, CATEGORY, "outage")
+        crawler.finish_run(settings, "outage")
+        assert stats["photos_stored"] > 0
+        assert len(stored_photos(manifest_url)) > partial
+        assert_matches_ground_truth(settings, shop.ground_truth())  # includes: no orphans
+    finally:
+        weed.stop()
+
+
+def crawler_s3_settings(weed: SeaweedFS):
+    from shoplens.config import Settings
+
+    settings = Settings().with_overrides(s3_endpoint=weed.endpoint, s3_access_key=weed.access_key,
+                                         s3_secret_key=weed.secret_key, s3_bucket="outage")
+    ObjectStore(settings).ensure_bucket()
+    return settings
+
+
+def test_an_unreachable_manifest_or_store_is_a_clear_error(replica, s3_settings, manifest_url):
+    shop = replica([3])
+    settings = crawl_settings(shop, s3_settings, manifest_url)
+    no_store = settings.with_overrides(s3_endpoint=f"127.0.0.1:{free_port_block(1)}")
+    with pytest.raises(CrawlError, match="object store"):
+        crawler.start_run(no_store, "x")
+    no_db = settings.with_overrides(
+        manifest_url=f"postgresql+psycopg2://postgres@127.0.0.1:{free_port_block(1)}/none")
+    with pytest.raises(CrawlError, match="manifest database"):
+        crawler.start_run(no_db, "x")
+
+
+@pytest.mark.shared
+def test_grocery_replica_best_20_of_6_categories_equals_ground_truth(s3_settings, manifest_url,
+                                                                      tmp_path):
+    from tests.conftest import shared_path
+    from crawler.replica.listings import grocery_listing, write_listing
+
+    root = shared_path("datasets", "grocery")
+    listing = tmp_path / "grocery.csv"
+    write_listing(grocery_listing(root, "train"), listing)
+    with ReplicaShop(listing=listing, seed=1) as shop:
+        settings = crawl_settings(shop, s3_settings, manifest_url, best_n=20,
+                                  categories=[c["id"] for c in shop.ground_truth()["categories"]],
+                                  reviews_per_page=50, concurrent_per_host=4,
+                                  download_delay=0.0)
+        assert len(settings.categories) == 6
+        summary = crawl_run(settings, "grocery")
+        truth = shop.ground_truth()
+        assert_matches_ground_truth(settings, truth)
+        assert summary["failures"] == {}

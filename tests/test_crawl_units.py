@@ -1,0 +1,179 @@
+"""The crawl stage's pure parts: the shop adapter, photo validation, settings hand-over."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from crawler.images import ImageRejected, validate_image
+from crawler.middlewares import retry_after_seconds
+from crawler.run import settings_env
+from crawler.site import ParseError, ShopSite
+from shoplens.config import Settings
+
+SITE = ShopSite("http://shop.test", "w=1280&h=1280")
+LIMITS = dict(max_pixels=40_000_000, max_bytes=20_000_000)
+
+
+def _jpeg(size=(64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` but carries almost no pixel data (a bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+# --- addresses ------------------------------------------------------------------------------
+def test_addresses_follow_the_current_store_generation():
+    assert SITE.ranks_page_url("10120000") == "http://shop.test/ranks?type=best&category_id=10120000"
+    assert (SITE.ranks_data_url("B1", "10120000")
+            == "http://shop.test/_next/data/B1/ko-KR/ranks.json?type=best&category_id=10120000")
+    assert SITE.product_page_url(123) == "http://shop.test/goods/123"
+    assert (SITE.reviews_url(123, 2, 20)
+            == "http://shop.test/api/goods/reviews?productionId=123&page=2&per=20&order=recent")
+
+
+def test_a_photo_is_always_requested_at_the_one_fixed_size():
+    cdn = "http://cdn.test/apne2/any/uploads/cards/snapshots/123456789012345678.jpg"
+    assert SITE.image_url(cdn + "?w=360&h=360&c=c") == cdn + "?w=1280&h=1280"
+    assert SITE.image_url(cdn) == cdn + "?w=1280&h=1280"
+
+
+def test_only_json_endpoints_of_the_shop_are_waf_guarded():
+    assert SITE.is_waf_guarded("http://shop.test/api/goods/reviews?productionId=1")
+    assert SITE.is_waf_guarded("http://shop.test/_next/data/B/ko-KR/ranks.json")
+    assert not SITE.is_waf_guarded("http://shop.test/goods/1")
+    assert not SITE.is_waf_guarded("http://cdn.test/api/x")
+
+
+# --- parsing --------------------------------------------------------------------------------
+def _next_page(data: dict) -> str:
+    return (f'<html><script id="__NEXT_DATA__" type="application/json">{json.dumps(data)}'
+            f'</script></html>')
+
+
+def test_build_id_comes_from_next_data_or_the_build_manifest_script():
+    assert SITE.parse_build_id(_next_page({"buildId": "abc123", "page": "/ranks"})) == "abc123"
+    assert SITE.parse_build_id('<script src="/_next/static/XyZ/_buildManifest.js"></script>') == "XyZ"
+    with pytest.raises(ParseError) as err:
+        SITE.parse_build_id("<html>nothing</html>")
+    assert err.value.reason == "no_build_id"
+
+
+def test_ranking_keeps_rank_order_and_category_meta():
+    doc = {"pageProps": {"dehydratedState": {"queries": [
+        {"state": {"data": {"category": {"id": "10120000", "title": "침대"}}}},
+        {"state": {"data": {"products": [
+            {"id": 7, "name": "A", "brandName": "b", "reviewCount": 9, "reviewAvg": 4.5,
+             "sellingPrice": 1000},
+            {"id": 3, "name": "B", "brandName": None, "reviewCount": 2}]}}}]}}}
+    ranking = SITE.parse_ranking(json.dumps(doc).encode())
+    assert ranking.category.id == "10120000" and ranking.category.name == "침대"
+    assert [(p.id, p.rank) for p in ranking.products] == [(7, 1), (3, 2)]
+    assert ranking.products[0].price == 1000 and ranking.products[1].rating is None
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"<html>Access Denied</html>", "invalid_json"),
+    (b'{"pageProps": {}}', "missing_field"),
+    (b'{"pageProps": {"dehydratedState": {"queries": {}}}}', "unexpected_shape"),
+    (b'{"pageProps": {"dehydratedState": {"queries": [{"state": {"data": {"products": '
+     b'[{"name": "no id"}]}}}]}}}', "missing_field"),
+])
+def test_malformed_ranking_is_a_parse_error_with_a_reason(body, reason):
+    with pytest.raises(ParseError) as err:
+        SITE.parse_ranking(body)
+    assert err.value.reason == reason
+
+
+def test_product_page_is_read_from_next_data():
+    html = _next_page({"props": {"pageProps": {"dehydratedState": {"queries": [
+        {"state": {"data": {"production": {"id": 5, "name": "침대 A", "brandName": "B",
+                                           "sellingPrice": 10, "reviewCount": 3,
+                                           "reviewAvg": 4.0},
+                            "categories": [{"id": "10120000", "title": "침대"}]}}},
+        {"state": {"data": {"review": {"reviews": [], "totalCount": 3}}}}]}}}})
+    page = SITE.parse_product_page(html)
+    assert (page.id, page.name, page.review_total) == (5, "침대 A", 3)
+    assert page.categories[0].id == "10120000"
+    with pytest.raises(ParseError):
+        SITE.parse_product_page("<html><body>404</body></html>")
+
+
+def test_reviews_page_keeps_the_bare_photo_address_and_photo_less_reviews():
+    doc = {"totalCount": 2, "reviews": [
+        {"id": 11, "createdAt": "2026.08.31", "writerNickname": "w",
+         "review": {"starAvg": 5, "comment": "좋아요"},
+         "card": {"imageUrl": "http://cdn.test/a/1.jpg", "imgUrl": "http://cdn.test/a/1.jpg?w=360"}},
+        {"id": 10, "createdAt": "2026.08.30", "review": {"starAvg": 3}, "card": None}]}
+    page = SITE.parse_reviews(json.dumps(doc))
+    assert page.total_count == 2
+    first, second = page.reviews
+    assert first.photo_url == "http://cdn.test/a/1.jpg" and str(first.created_date) == "2026-08-31"
+    assert second.photo_url is None and second.stars == 3.0
+
+
+def test_an_html_error_page_instead_of_reviews_is_invalid_json():
+    with pytest.raises(ParseError) as err:
+        SITE.parse_reviews(b"<!doctype html><title>Error</title>")
+    assert err.value.reason == "invalid_json"
+
+
+# --- photo validation -----------------------------------------------------------------------
+def test_a_valid_photo_is_described_by_its_decoded_facts():
+    body = _jpeg((64, 48))
+    image = validate_image(body, "image/jpeg", **LIMITS)
+    assert (image.format, image.width, image.height) == ("jpeg", 64, 48)
+    assert image.sha256 == hashlib.sha256(body).hexdigest() and image.size_bytes == len(body)
+
+
+@pytest.mark.parametrize("make_body, content_type, reason", [
+    (lambda: b"", "image/jpeg", "empty_image"),
+    (lambda: b"<html><body>not found</body></html>", "image/jpeg", "not_image"),
+    (lambda: _jpeg((400, 300))[:700], "image/jpeg", "truncated_image"),
+    (lambda: b"%PDF-1.4 fake", "text/plain", "wrong_content_type"),
+    (lambda: _png_header_only(30000, 30000), "image/png", "image_too_large"),
+    (lambda: _jpeg() + b"\0" * 30, "image/jpeg", None),
+])
+def test_bad_photos_are_rejected_with_a_reason(make_body, content_type, reason):
+    body = make_body()
+    if reason is None:  # trailing junk after a complete JPEG is still a complete photo
+        assert validate_image(body, content_type, **LIMITS).format == "jpeg"
+        return
+    with pytest.raises(ImageRejected) as err:
+        validate_image(body, content_type, **LIMITS)
+    assert err.value.reason == reason
+
+
+def test_byte_limit_rejects_before_decoding():
+    with pytest.raises(ImageRejected) as err:
+        validate_image(_jpeg(), "image/jpeg", max_pixels=10**9, max_bytes=100)
+    assert err.value.reason == "image_too_large"
+
+
+# --- plumbing -------------------------------------------------------------------------------
+def test_retry_after_reads_seconds_and_http_dates():
+    assert retry_after_seconds(b"3") == 3.0
+    assert retry_after_seconds(None) == 0.0
+    assert retry_after_seconds(b"garbage") == 0.0
+    assert retry_after_seconds(b"Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+
+
+def test_settings_survive_the_trip_to_the_crawl_subprocess():
+    settings = Settings().with_overrides(categories=["10120000", "16220000"], best_n=3,
+                                         obey_robots=False, download_delay=0.05,
+                                         allowed_hosts=["127.0.0.1:9", "cdn.test"])
+    assert Settings.from_env(settings_env(settings)) == settings
