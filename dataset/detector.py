@@ -60,16 +60,35 @@ class Box:
         return cls(d["label"], float(d["score"]), *(float(v) for v in d["box"]))
 
 
+def fit_for_model(image: Image.Image, original_size: tuple[int, int] | None = None,
+                  size: int = INPUT_SIZE) -> tuple[Image.Image, float]:
+    """The RGB image resized (aspect kept) to fit ``size`` x ``size``, and the scale factor
+    (model pixels per original pixel). ``original_size`` is given when ``image`` was already
+    decoded at a reduced size (JPEG draft mode)."""
+    width, height = original_size or image.size
+    scale = min(size / width, size / height)
+    new_size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    rgb = image.convert("RGB")
+    if rgb.size != new_size:
+        rgb = rgb.resize(new_size, Image.BILINEAR, reducing_gap=3.0)
+    return rgb, scale
+
+
+def tensor_from_fitted(fitted: Image.Image | np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """Pad bottom/right with 114 to ``size`` x ``size``; (1, 3, size, size) BGR float32."""
+    pixels = np.asarray(fitted)
+    height, width = pixels.shape[:2]
+    tensor = np.full((1, 3, size, size), PAD_VALUE, dtype=np.float32)
+    for channel in range(3):  # RGB -> BGR, written straight into the contiguous CHW layout
+        tensor[0, channel, :height, :width] = pixels[:, :, 2 - channel]
+    return tensor
+
+
 def letterbox(image: Image.Image, size: int = INPUT_SIZE) -> tuple[np.ndarray, float]:
     """Resize keeping aspect, pad bottom/right with 114; returns the (1,3,size,size) BGR float
     tensor and the scale factor (model pixels per original pixel)."""
-    rgb = image.convert("RGB")
-    scale = min(size / rgb.width, size / rgb.height)
-    new_w, new_h = max(1, int(rgb.width * scale)), max(1, int(rgb.height * scale))
-    resized = np.asarray(rgb.resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
-    canvas = np.full((size, size, 3), PAD_VALUE, dtype=np.float32)
-    canvas[:new_h, :new_w] = resized[:, :, ::-1]  # RGB -> BGR, as the model was trained
-    return canvas.transpose(2, 0, 1)[None], scale
+    fitted, scale = fit_for_model(image, size=size)
+    return tensor_from_fitted(fitted, size), scale
 
 
 def _grid(size: int = INPUT_SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -90,11 +109,16 @@ def decode(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Raw output (N, 85) -> boxes (N, 4) as x1,y1,x2,y2 in model pixels and scores (N, 80)."""
     if raw.shape != (len(_GRID_CELLS), 5 + len(COCO_CLASSES)):
         raise DetectorError(f"unexpected detector output shape {raw.shape}")
-    centers = (raw[:, 0:2] + _GRID_CELLS) * _GRID_STRIDES
-    sizes = np.exp(raw[:, 2:4]) * _GRID_STRIDES
+    return decode_rows(raw, np.arange(len(raw)))
+
+
+def decode_rows(rows: np.ndarray, anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the raw rows of the given anchor indices (see :func:`decode`)."""
+    cells, strides = _GRID_CELLS[anchors], _GRID_STRIDES[anchors]
+    centers = (rows[:, 0:2] + cells) * strides
+    sizes = np.exp(rows[:, 2:4]) * strides
     boxes = np.concatenate([centers - sizes / 2, centers + sizes / 2], axis=1)
-    scores = raw[:, 4:5] * raw[:, 5:]
-    return boxes, scores
+    return boxes, rows[:, 4:5] * rows[:, 5:]
 
 
 def iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -111,29 +135,53 @@ def iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float = NMS_IOU) -> list[int]:
     """Greedy non-maximum suppression; indices kept, best score first."""
     order = np.argsort(-scores, kind="stable")
-    keep: list[int] = []
-    while order.size:
-        best = int(order[0])
-        keep.append(best)
-        rest = order[1:]
-        order = rest[iou(boxes[best], boxes[rest]) <= iou_threshold]
+    if len(order) > 1000:  # bound the IoU matrix's memory; row by row is the same algorithm
+        keep: list[int] = []
+        while order.size:
+            keep.append(int(order[0]))
+            order = order[1:][iou(boxes[order[0]], boxes[order[1:]]) <= iou_threshold]
+        return keep
+    # One IoU matrix instead of one IoU row per kept box: hundreds of low-score candidates are
+    # common because every box >= the storage threshold is kept.
+    overlaps = _iou_matrix(boxes[order])
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep = []
+    for i in range(len(order)):
+        if not suppressed[i]:
+            keep.append(int(order[i]))
+            suppressed |= overlaps[i] > iou_threshold
     return keep
 
 
+def _iou_matrix(b: np.ndarray) -> np.ndarray:
+    x1 = np.maximum(b[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(b[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(b[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(b[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-9)
+
+
 def postprocess(raw: np.ndarray, scale: float, width: int, height: int,
-                min_score: float) -> list[Box]:
+                 min_score: float) -> list[Box]:
     """Decode, keep (anchor, class) pairs above ``min_score``, per-class NMS, back to image pixels."""
-    boxes, scores = decode(raw)
-    anchors, classes = np.nonzero(scores >= min_score)
+    if raw.shape != (len(_GRID_CELLS), 5 + len(COCO_CLASSES)):
+        raise DetectorError(f"unexpected detector output shape {raw.shape}")
+    # score = objectness x class score <= objectness: most anchors are dropped before decoding.
+    candidates = np.nonzero(raw[:, 4] >= min_score)[0]
+    boxes, scores = decode_rows(raw[candidates], candidates)
+    rows, classes = np.nonzero(scores >= min_score)
+    if rows.size == 0:
+        return []
+    pair_boxes, pair_scores = boxes[rows], scores[rows, classes]
+    # Per-class NMS in one pass: boxes of different classes are shifted apart so they never overlap.
+    offsets = classes[:, None].astype(np.float32) * (4 * INPUT_SIZE)
     found: list[Box] = []
-    for cls in np.unique(classes):
-        idx = anchors[classes == cls]
-        cls_boxes, cls_scores = boxes[idx], scores[idx, cls]
-        for k in nms(cls_boxes, cls_scores):
-            x1, y1, x2, y2 = (cls_boxes[k] / scale).tolist()
-            found.append(Box(COCO_CLASSES[int(cls)], float(cls_scores[k]),
-                             max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)))
-    found.sort(key=lambda b: -b.score)
+    for k in nms(pair_boxes + offsets, pair_scores):
+        x1, y1, x2, y2 = (pair_boxes[k] / scale).tolist()
+        found.append(Box(COCO_CLASSES[int(classes[k])], float(pair_scores[k]),
+                         max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)))
     return found
 
 
@@ -171,9 +219,16 @@ class Detector:
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: tensor})[0][0]
 
-    def detect(self, image: Image.Image) -> list[Box]:
-        tensor, scale = letterbox(image)
-        return postprocess(self.infer(tensor), scale, image.width, image.height, self.min_score)
+    def detect(self, image: Image.Image, original_size: tuple[int, int] | None = None) -> list[Box]:
+        """Boxes in original-image pixels; pass ``original_size`` for a draft-decoded image."""
+        fitted, scale = fit_for_model(image, original_size)
+        width, height = original_size or image.size
+        return self.detect_fitted(fitted, scale, width, height)
+
+    def detect_fitted(self, fitted: Image.Image | np.ndarray, scale: float, width: int,
+                      height: int) -> list[Box]:
+        """Boxes for an image already resized by :func:`fit_for_model` (PIL image or array)."""
+        return postprocess(self.infer(tensor_from_fitted(fitted)), scale, width, height, self.min_score)
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -181,3 +236,16 @@ def open_image(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+
+
+def open_for_model(data: bytes, size: int = INPUT_SIZE) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode bytes, letting JPEG decode at a reduced scale that still covers the model input
+    (decoding full resolution only to shrink it is most of the non-inference cost); returns the
+    image and the original size."""
+    image = Image.open(io.BytesIO(data))
+    original = image.size
+    scale = min(size / original[0], size / original[1])
+    if scale < 1:
+        image.draft("RGB", (int(original[0] * scale) + 1, int(original[1] * scale) + 1))
+    image.load()
+    return image, original

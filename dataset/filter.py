@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 from typing import Iterable
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from dataset import report, rules
-from dataset.detector import Detector, open_image
+from dataset.detector import Detector, fit_for_model, open_for_model
 from dataset.filter_tables import detections, filter_runs, rule_decisions
 from dataset.occupancy import FEATURES_VERSION, image_statistics
 from shoplens.config import Settings
@@ -33,12 +34,15 @@ log = logging.getLogger(__name__)
 def features_for(detector: Detector, data: bytes, category_id: str | None = None) -> rules.Features:
     """Detections + statistics of one image's bytes; undecodable bytes give a decode_error."""
     try:
-        image = open_image(data)
+        image, (width, height) = open_for_model(data)
+        fitted, scale = fit_for_model(image, (width, height))
     except Exception as exc:  # PIL raises several types for corrupt or unknown data
         return rules.Features(0, 0, [], {"decode_error": f"{type(exc).__name__}: {exc}"[:300]},
                               category_id)
-    boxes = [b.as_dict() for b in detector.detect(image)]
-    return rules.Features(image.width, image.height, boxes, image_statistics(image), category_id)
+    pixels = np.asarray(fitted)  # one array for the model input and the statistics
+    boxes = [b.as_dict() for b in detector.detect_fitted(pixels, scale, width, height)]
+    # Statistics from the model-sized image: they subsample to about 128 px anyway.
+    return rules.Features(width, height, boxes, image_statistics(pixels), category_id)
 
 
 def load_detector(settings: Settings) -> Detector:
