@@ -148,6 +148,8 @@ def test_ranks_data_lists_products_by_review_count(shop):
         assert [p["id"] for p in products] == category["product_ids_by_rank"]
         keys = [(-p["reviewCount"], p["id"]) for p in products]
         assert keys == sorted(keys)
+        expected = {p["id"]: p["review_count"] for p in truth["products"]}
+        assert all(p["reviewCount"] == expected[p["id"]] for p in products)
         assert set(products[0]) == {"id", "brandName", "name", "reviewCount", "reviewAvg",
                                     "sellingPrice", "originalImageUrl"}
 
@@ -324,6 +326,10 @@ def test_cdn_serves_original_bytes_without_params_and_resizes_deterministically(
     low = requests.get(url, params={"w": 200, "q": 20}).content
     assert len(low) < len(requests.get(url, params={"w": 200, "q": 95}).content)
     assert requests.get(url, params={"w": "big"}).status_code == 400
+    product = next(iter(shop.catalog.products.values()))
+    catalogue_image = requests.get(f"{shop.cdn_url}/apne2/any/uploads/productions/"
+                                   f"v1-{product.image_id}.jpg", params={"w": 100})
+    assert catalogue_image.status_code == 200 and _image(catalogue_image).width <= 100
     missing = f"{shop.cdn_url}/apne2/any/uploads/cards/snapshots/{'1' * 18}.jpg"
     assert requests.get(missing).status_code == 404
 

@@ -195,7 +195,7 @@ def build_catalog(sources: list[ProductSource], seed: int = 0, bad_photos: float
         quality = rng.random()
         launch = rng.randrange(0, span // 2)
         text_only = rng.randint(1, max(2, len(source.photos) // 3)) if source.photos \
-            else rng.randint(0, 6)
+            else rng.randint(1, 6)
         photo_paths: list[Path | None] = list(source.photos) + [None] * text_only
         for index, path in enumerate(photo_paths):
             review_rng = random.Random(f"review:{seed}:{source.key}:{index}")

@@ -76,12 +76,14 @@ class ReplicaRuntime:
         if pending is None:  # one render per key, however many ask at once
             pending = asyncio.get_running_loop().run_in_executor(self.executor, compute)
             self._rendering[key] = pending
-            try:
-                result = await pending
-                self.cache.put(key, result)
-                return result
-            finally:
+
+            def finished(future: asyncio.Future) -> None:
                 self._rendering.pop(key, None)
+                if not future.cancelled() and future.exception() is None:
+                    self.cache.put(key, future.result())
+
+            pending.add_done_callback(finished)
+        # Shielded: a client hanging up must not cancel the render other requests wait for.
         return await asyncio.shield(pending)
 
     async def photo(self, review: Review, params: ImageParams) -> Rendered:
