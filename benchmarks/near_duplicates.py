@@ -1,0 +1,260 @@
+"""Near-duplicate detection quality on real photos: which rule and thresholds, and how good.
+
+Every GroceryStoreDataset photo (train + val lists of ../shared/datasets/grocery) gets six
+deterministic variants: JPEG quality 50-70, resize to 30-70 %, crop of up to 8 % per side,
+brightness and contrast each within +-15 %, an added uniform border, and all of them combined.
+A pair of images is a true near-duplicate when both come from the same photo; different photos,
+including different photos of the same product, are non-duplicates.
+
+Photos are split by a hash of their path into a tuning half and a held-out half. Precision and
+recall of every pair (all pairs, not a sample) are computed on the tuning half for
+``pHash + dHash <= t`` (the stage's rule) and, for comparison, ``pHash <= a AND dHash <= b`` over a
+grid, with and without the trim-border step. The default threshold is chosen on the tuning half
+(highest recall at precision >= 0.97) and then reported on the held-out half, both as a pair rule
+and as clusters (connected components, as the stage builds them).
+
+    .venv/bin/python benchmarks/near_duplicates.py [--grocery DIR] [--out results/near_duplicates.json]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import multiprocessing
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dataset.dedup_clusters import DuplicateRule, component_labels, find_pairs  # noqa: E402
+from dataset.hashing import as_uint64, hashes_of_image  # noqa: E402
+
+VARIANTS = ("jpeg", "resize", "crop", "brightness_contrast", "border", "combined")
+MAX_DISTANCE = 64
+MIN_TUNING_PRECISION = 0.97  # margin above the 0.95 acceptance level for the held-out half
+
+
+def _encode_jpeg(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def _crop(image: Image.Image, rng: random.Random) -> Image.Image:
+    w, h = image.size
+    cut_w, cut_h = int(w * rng.uniform(0, 0.08)), int(h * rng.uniform(0, 0.08))
+    left, top = rng.randint(0, cut_w), rng.randint(0, cut_h)
+    return image.crop((left, top, w - (cut_w - left), h - (cut_h - top)))
+
+
+def _resize(image: Image.Image, rng: random.Random) -> Image.Image:
+    scale = rng.uniform(0.3, 0.7)
+    w, h = image.size
+    return image.resize((max(8, round(w * scale)), max(8, round(h * scale))),
+                        rng.choice([Image.BILINEAR, Image.BICUBIC, Image.LANCZOS]))
+
+
+def _brightness_contrast(image: Image.Image, rng: random.Random) -> Image.Image:
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.85, 1.15))
+    return ImageEnhance.Contrast(image).enhance(rng.uniform(0.85, 1.15))
+
+
+def _border(image: Image.Image, rng: random.Random) -> Image.Image:
+    width = max(2, round(min(image.size) * rng.uniform(0.02, 0.10)))
+    colour = rng.choice([(255, 255, 255), (0, 0, 0), tuple(rng.randint(0, 255) for _ in range(3))])
+    return ImageOps.expand(image, border=width, fill=colour)
+
+
+def make_variants(image: Image.Image, seed: str) -> dict[str, Image.Image]:
+    """The six near-duplicates of one photo; the same seed always gives the same pixels."""
+    rng = random.Random(seed)
+    image = image.convert("RGB")
+    combined = _border(_resize(_brightness_contrast(_crop(image, rng), rng), rng), rng)
+    return {
+        "jpeg": _encode_jpeg(image, rng.randint(50, 70)),
+        "resize": _encode_jpeg(_resize(image, rng), 90),
+        "crop": _encode_jpeg(_crop(image, rng), 90),
+        "brightness_contrast": _encode_jpeg(_brightness_contrast(image, rng), 90),
+        "border": _encode_jpeg(_border(image, rng), 90),
+        "combined": _encode_jpeg(combined, rng.randint(50, 70)),
+    }
+
+
+def _hash_photo(path: str) -> list[tuple[int, int, int, int]]:
+    """(pHash, dHash) without and with border trimming for the photo and each variant, in order."""
+    with Image.open(path) as photo:
+        original = photo.convert("RGB")
+    images = [original, *make_variants(original, seed=Path(path).name).values()]
+    rows = []
+    for image in images:
+        raw, trimmed = hashes_of_image(image, trim_border=False), hashes_of_image(image, trim_border=True)
+        rows.append((raw.phash, raw.dhash, trimmed.phash, trimmed.dhash))
+    return rows
+
+
+def list_photos(grocery: Path) -> list[str]:
+    photos = []
+    for listing in ("train.txt", "val.txt"):
+        for line in (grocery / listing).read_text().splitlines():
+            if line.strip():
+                photos.append(str(grocery / line.split(",")[0].strip()))
+    return photos
+
+
+def is_tuning(path: str) -> bool:
+    return hashlib.sha1(Path(path).name.encode()).digest()[0] % 2 == 0
+
+
+def distance_histograms(phash, dhash, photo) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of all unordered pairs by (pHash distance, dHash distance), same photo vs not."""
+    phash, dhash = as_uint64(phash), as_uint64(dhash)
+    size = MAX_DISTANCE + 1
+    same = np.zeros(size * size, dtype=np.int64)
+    different = np.zeros(size * size, dtype=np.int64)
+    n = len(phash)
+    for start in range(0, n, 256):
+        rows = np.arange(start, min(start + 256, n))
+        p = np.bitwise_count(phash[rows, None] ^ phash[None, :])
+        d = np.bitwise_count(dhash[rows, None] ^ dhash[None, :])
+        upper = np.arange(n)[None, :] > rows[:, None]
+        bucket = (p.astype(np.int64) * size + d)[upper]
+        same_photo = (photo[rows, None] == photo[None, :])[upper]
+        same += np.bincount(bucket[same_photo], minlength=size * size)
+        different += np.bincount(bucket[~same_photo], minlength=size * size)
+    return same.reshape(size, size), different.reshape(size, size)
+
+
+def _metrics(true_pos: float, predicted: float, positives: float) -> dict:
+    return {"precision": round(true_pos / predicted, 4) if predicted else 1.0,
+            "recall": round(true_pos / positives, 4) if positives else 0.0,
+            "true_pairs_found": int(true_pos), "pairs_predicted": int(predicted)}
+
+
+def and_rule_table(same: np.ndarray, different: np.ndarray, limit: int = 24) -> dict[tuple[int, int], dict]:
+    """Pair metrics of ``pHash <= a AND dHash <= b`` for every a, b up to ``limit``."""
+    cum_same = same.cumsum(0).cumsum(1)
+    cum_diff = different.cumsum(0).cumsum(1)
+    positives = same.sum()
+    return {(a, b): _metrics(cum_same[a, b], cum_same[a, b] + cum_diff[a, b], positives)
+            for a in range(limit + 1) for b in range(limit + 1)}
+
+
+def sum_rule_table(same: np.ndarray, different: np.ndarray, limit: int = 48) -> dict[int, dict]:
+    p, d = np.indices(same.shape)
+    positives = same.sum()
+    table = {}
+    for t in range(limit + 1):
+        inside = (p + d) <= t
+        tp = same[inside].sum()
+        table[t] = _metrics(tp, tp + different[inside].sum(), positives)
+    return table
+
+
+def best_by_recall(table: dict, min_precision: float = MIN_TUNING_PRECISION):
+    """Key of the entry with the highest recall among those at ``min_precision`` or better."""
+    eligible = [k for k, v in table.items() if v["precision"] >= min_precision]
+    if not eligible:
+        return None
+    return max(eligible, key=lambda k: (table[k]["recall"], table[k]["precision"]))
+
+
+def cluster_metrics(phash, dhash, photo, rule: DuplicateRule) -> dict:
+    """Pairs put in one cluster by the stage's clustering (connected components), scored per pair."""
+    pairs = find_pairs(phash, dhash, rule)
+    labels = component_labels(len(phash), pairs.first, pairs.second)
+    _, cluster_sizes = np.unique(labels, return_counts=True)
+    predicted = int((cluster_sizes * (cluster_sizes - 1) // 2).sum())
+    _, joint_sizes = np.unique(labels * (photo.max() + 1) + photo, return_counts=True)
+    true_pos = int((joint_sizes * (joint_sizes - 1) // 2).sum())
+    _, photo_sizes = np.unique(photo, return_counts=True)
+    positives = int((photo_sizes * (photo_sizes - 1) // 2).sum())
+    return {**_metrics(true_pos, predicted, positives), "clusters": int(len(cluster_sizes)),
+            "largest_cluster": int(cluster_sizes.max())}
+
+
+def variant_recall(phash, dhash, photo, variant, rule: DuplicateRule) -> dict[str, float]:
+    """Per variant kind: share of (original, variant) pairs the rule calls near-duplicates."""
+    phash, dhash = as_uint64(phash), as_uint64(dhash)
+    originals = np.flatnonzero(variant == 0)
+    result = {}
+    for k, name in enumerate(VARIANTS, start=1):
+        members = np.flatnonzero(variant == k)
+        p = np.bitwise_count(phash[members] ^ phash[originals])
+        d = np.bitwise_count(dhash[members] ^ dhash[originals])
+        result[name] = round(float(rule.matches(p, d).mean()), 4)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grocery", type=Path, default=REPO.parent / "shared" / "datasets" / "grocery")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "near_duplicates.json")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=0, help="only the first N photos (smoke run)")
+    args = parser.parse_args(argv)
+    if not (args.grocery / "train.txt").exists():
+        print(f"needs the grocery photos at {args.grocery} (absent on this machine)", file=sys.stderr)
+        return 2
+
+    started = time.perf_counter()
+    photos = list_photos(args.grocery)
+    if args.limit:
+        photos = photos[:args.limit]
+    with multiprocessing.Pool(args.workers) as pool:
+        hashed = pool.map(_hash_photo, photos, chunksize=16)
+    print(f"hashed {len(photos)} photos x {1 + len(VARIANTS)} images in {time.perf_counter() - started:.0f}s")
+
+    per_image = np.array([row for rows in hashed for row in rows], dtype=object)
+    photo_of = np.repeat(np.arange(len(photos)), 1 + len(VARIANTS))
+    variant_of = np.tile(np.arange(1 + len(VARIANTS)), len(photos))
+    tuning_photo = np.array([is_tuning(p) for p in photos])
+    subsets = {"tuning": tuning_photo[photo_of], "held_out": ~tuning_photo[photo_of]}
+
+    report: dict = {"command": "python benchmarks/near_duplicates.py", "photos": len(photos),
+                    "images_per_photo": 1 + len(VARIANTS), "variants": list(VARIANTS),
+                    "photos_tuning": int(tuning_photo.sum()), "photos_held_out": int((~tuning_photo).sum()),
+                    "min_tuning_precision": MIN_TUNING_PRECISION, "by_preprocessing": {}}
+    for trimmed, columns in ((False, (0, 1)), (True, (2, 3))):
+        label = "trim_border" if trimmed else "no_trim"
+        phash, dhash = as_uint64(per_image[:, columns[0]]), as_uint64(per_image[:, columns[1]])
+        tuning, held = subsets["tuning"], subsets["held_out"]
+        same, different = distance_histograms(phash[tuning], dhash[tuning], photo_of[tuning])
+        sums, grid = sum_rule_table(same, different), and_rule_table(same, different)
+        threshold, and_best = best_by_recall(sums), best_by_recall(grid)
+        if threshold is None:
+            raise SystemExit(f"no threshold reaches precision {MIN_TUNING_PRECISION} on the tuning half")
+        h_same, h_diff = distance_histograms(phash[held], dhash[held], photo_of[held])
+        rule = DuplicateRule(threshold)
+        report["by_preprocessing"][label] = {
+            "chosen_on_tuning": {"threshold": threshold, **sums[threshold]},
+            "held_out_pairs": sum_rule_table(h_same, h_diff)[threshold],
+            "held_out_clusters": cluster_metrics(phash[held], dhash[held], photo_of[held], rule),
+            "held_out_variant_recall": variant_recall(phash[held], dhash[held], photo_of[held],
+                                                      variant_of[held], rule),
+            "held_out_sum_rule": {t: [v["precision"], v["recall"]] for t, v in
+                                  sum_rule_table(h_same, h_diff).items() if 18 <= t <= 32},
+            "and_rule_best_on_tuning": and_best and {
+                "phash_threshold": and_best[0], "dhash_threshold": and_best[1], **grid[and_best],
+                "held_out": and_rule_table(h_same, h_diff)[and_best]},
+            "phash_only_best_on_tuning": (lambda k: k and {"phash_threshold": k[0], **grid[k]})(
+                best_by_recall({k: v for k, v in grid.items() if k[1] == 24})),
+            "tuning_sum_rule": {t: [v["precision"], v["recall"]] for t, v in sums.items() if 18 <= t <= 32},
+        }
+        print(label, json.dumps({k: v for k, v in report["by_preprocessing"][label].items()
+                                 if not k.endswith("sum_rule")}, indent=1))
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Near-duplicate pairs and clusters from perceptual hashes (pure functions, no I/O).
+
+Two images are near-duplicates when their pHash distance plus their dHash distance is within a
+threshold (rule and default chosen by measurement in ``benchmarks/near_duplicates.py``). Clusters are the connected components of that relation, so
+they do not depend on the order images arrive in: adding images can only merge clusters, which
+is what lets the nightly run update clusters incrementally and still match a full recomputation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from dataset.hamming_index import HammingIndex, brute_force_neighbours
+from dataset.hashing import HASH_BITS, as_uint64
+
+# Below this many items a vectorised scan is faster than building an index.
+BRUTE_FORCE_BELOW = 4096
+
+
+@dataclass(frozen=True)
+class DuplicateRule:
+    """Near-duplicates: pHash distance + dHash distance <= ``threshold`` (0..128).
+
+    The sum is the Hamming distance between the two 128-bit concatenations (pHash, dHash); it
+    beat ``pHash <= a AND dHash <= b`` on the tuning photos (see docs/benchmarks.md).
+    """
+    threshold: int
+
+    def __post_init__(self):
+        if not 0 <= self.threshold <= 2 * HASH_BITS:
+            raise ValueError(f"dedup threshold must be within 0..{2 * HASH_BITS}, got {self.threshold}")
+
+    @property
+    def index_radius(self) -> int:
+        # p + d <= t implies min(p, d) <= t // 2: a radius search on either hash finds every pair.
+        return self.threshold // 2
+
+    def matches(self, phash_distance, dhash_distance):
+        return (np.asarray(phash_distance) + np.asarray(dhash_distance)) <= self.threshold
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Near-duplicate pairs: ``first[k] < second[k]`` (positions) and their combined distance."""
+    first: np.ndarray
+    second: np.ndarray
+    distance: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
+def _neighbours(hashes: np.ndarray, queries: np.ndarray, radius: int):
+    if len(hashes) < BRUTE_FORCE_BELOW:
+        return brute_force_neighbours(hashes, hashes[queries], radius)
+    return HammingIndex(hashes, radius).query(hashes[queries])
+
+
+def find_pairs(phashes, dhashes, rule: DuplicateRule, query_positions=None) -> Pairs:
+    """Near-duplicate pairs among all items, or between ``query_positions`` and all items.
+
+    Candidates come from a radius-``threshold // 2`` search on each hash (one of the two must be
+    that close); the combined distance then decides. Each unordered pair appears once.
+    """
+    phashes, dhashes = as_uint64(phashes), as_uint64(dhashes)
+    queries = (np.arange(len(phashes), dtype=np.int64) if query_positions is None
+               else np.unique(np.asarray(query_positions, dtype=np.int64)))
+    firsts, seconds = [], []
+    for hashes in (phashes, dhashes):
+        found = _neighbours(hashes, queries, rule.index_radius)
+        firsts.append(queries[found.query])
+        seconds.append(found.item)
+    first, second = np.concatenate(firsts), np.concatenate(seconds)
+    low, high = np.minimum(first, second), np.maximum(first, second)
+    key = np.unique(low[low != high] * np.int64(max(len(phashes), 1)) + high[low != high])
+    low, high = np.divmod(key, np.int64(max(len(phashes), 1)))
+    distance = hamming_distances(phashes[low], phashes[high]) + hamming_distances(dhashes[low], dhashes[high])
+    keep = distance <= rule.threshold
+    return Pairs(low[keep], high[keep], distance[keep])
+
+
+def component_labels(count: int, first, second) -> np.ndarray:
+    """Connected-component label (0..k-1) of each of ``count`` nodes joined by the given edges."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    first, second = np.asarray(first, dtype=np.int64), np.asarray(second, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(first), dtype=np.int8), (first, second)), shape=(count, count))
+    _, labels = connected_components(graph, directed=False)
+    return labels.astype(np.int64)
+
+
+def representative_order(pixels: Sequence[int], first_seen: Sequence, sha256: Sequence[str]) -> list[int]:
+    """Positions sorted best representative first: largest resolution, then earliest, then sha256."""
+    return sorted(range(len(sha256)), key=lambda k: (-pixels[k], first_seen[k], sha256[k]))
+
+
+def hamming_distances(a, b) -> np.ndarray:
+    return np.bitwise_count(as_uint64(a) ^ as_uint64(b)).astype(np.int64)

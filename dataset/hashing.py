@@ -1,0 +1,93 @@
+"""Perceptual hashes (pHash and dHash, 64 bits each) of one image, as signed 64-bit integers.
+
+PostgreSQL has no unsigned 64-bit type, so a hash is kept as the BIGINT with the same bits (two's
+complement); Hamming distances are identical either way. A uniform border (a frame, letterbox
+bars, the margin of a screenshot) is trimmed before hashing because it moves every pixel of the
+small thumbnail the hashes are computed from; ``benchmarks/near_duplicates.py`` measures the gain.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import imagehash
+import numpy as np
+from PIL import Image, ImageChops, UnidentifiedImageError
+
+HASH_BITS = 64
+# Bumped whenever the bits a given image hashes to could change (library, size, preprocessing);
+# rows with another version are re-hashed by the dedup stage.
+HASH_VERSION = f"phash8+dhash8;trim-border-v1;imagehash-{imagehash.__version__}"
+
+# A border pixel may differ from the corner colour by this much (0-255, per channel) after JPEG
+# re-encoding and still count as border.
+BORDER_TOLERANCE = 24
+# Trimming that would keep less than this fraction of a side is not a border but the photo's own
+# flat background; the image is then hashed untrimmed.
+MIN_KEPT_FRACTION = 0.5
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image Pillow can decode."""
+
+
+@dataclass(frozen=True)
+class PerceptualHashes:
+    phash: int  # signed 64-bit
+    dhash: int  # signed 64-bit
+
+
+def to_signed64(value: int) -> int:
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def to_unsigned64(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
+def _hash_to_int(bits: imagehash.ImageHash) -> int:
+    return to_signed64(int(str(bits), 16))
+
+
+def trim_uniform_border(image: Image.Image, tolerance: int = BORDER_TOLERANCE) -> Image.Image:
+    """The image without a frame whose colour matches its top-left corner pixel (within tolerance)."""
+    rgb = image.convert("RGB")
+    background = Image.new("RGB", rgb.size, rgb.getpixel((0, 0)))
+    difference = ImageChops.difference(rgb, background).convert("L")
+    mask = difference.point(lambda v: 255 if v > tolerance else 0)
+    box = mask.getbbox()
+    if box is None:  # one flat colour: nothing to trim
+        return rgb
+    left, top, right, bottom = box
+    if (right - left) < MIN_KEPT_FRACTION * rgb.width or (bottom - top) < MIN_KEPT_FRACTION * rgb.height:
+        return rgb
+    return rgb.crop(box)
+
+
+def hashes_of_image(image: Image.Image, trim_border: bool = True) -> PerceptualHashes:
+    prepared = trim_uniform_border(image) if trim_border else image.convert("RGB")
+    return PerceptualHashes(phash=_hash_to_int(imagehash.phash(prepared, hash_size=8)),
+                            dhash=_hash_to_int(imagehash.dhash(prepared, hash_size=8)))
+
+
+def hashes_of_bytes(data: bytes, trim_border: bool = True) -> PerceptualHashes:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return hashes_of_image(image, trim_border=trim_border)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+
+
+def hamming(a: int, b: int) -> int:
+    return (to_unsigned64(a) ^ to_unsigned64(b)).bit_count()
+
+
+def as_uint64(values) -> np.ndarray:
+    """Signed (BIGINT) or unsigned hash values as a uint64 array with the same bits."""
+    array = np.asarray(values)
+    if array.dtype == np.uint64:
+        return array
+    if array.dtype == object:
+        return np.array([to_unsigned64(int(v)) for v in array], dtype=np.uint64)
+    return array.astype(np.int64).view(np.uint64)
