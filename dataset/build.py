@@ -22,6 +22,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import subprocess
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from dataset.selection import select_photos
 from dataset.splits import SPLITS, SplitCandidate, SplitRatios, assign_splits
 from shoplens.config import ConfigError, Settings
 from shoplens.manifest import engine_for
+
+log = logging.getLogger(__name__)
 
 BUILD_LOCK_KEY = 0x5D_B01D  # pg advisory lock id shared by every dataset build
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +126,7 @@ def run(settings: Settings, run_key: str) -> dict[str, Any]:
                 conn.execute(dataset_versions.update().where(
                     dataset_versions.c.version_id == version_id).values(
                     status="failed", error=f"{type(exc).__name__}: {exc}"[:20000]))
+            _remove_partial_export(settings, version_id)
             raise
         with engine.begin() as conn:
             conn.execute(dataset_versions.update().where(
@@ -264,7 +268,15 @@ def _abandon_unfinished(settings: Settings, engine: sa.Engine, run_key: str) -> 
         ).values(status="failed", error="abandoned: the build did not finish (retried)")
         .returning(dataset_versions.c.version_id)).scalars().all()
     for version_id in stale:
+        _remove_partial_export(settings, version_id)
+
+
+def _remove_partial_export(settings: Settings, version_id: str) -> None:
+    """Best effort: a failed version must not leave files that look like a dataset."""
+    try:
         export.remove_export(settings, version_id)
+    except Exception as exc:  # the store may be what failed; the version row already says so
+        log.warning("could not remove the partial export of %s: %s", version_id, exc)
 
 
 # --- reading helpers ------------------------------------------------------------------------

@@ -344,3 +344,39 @@ def test_lineage_goes_back_to_the_source_and_forward_to_models(env, tmp_path):
     local = export.materialise(settings, "v0001", tmp_path / "v0001")
     stored = stored_files(settings, "v0001")
     assert sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()) == sorted(stored)
+
+
+def test_a_crash_during_export_leaves_a_failed_version_and_no_files(env, monkeypatch):
+    settings, writer = env
+    populate(writer)
+    real_export = export.export_version
+
+    def export_then_crash(settings_, version_id):
+        real_export(settings_, version_id)  # every file written, then the worker dies
+        raise RuntimeError("worker lost before marking the version complete")
+
+    monkeypatch.setattr(export, "export_version", export_then_crash)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        build.run(settings, "run-1")
+    monkeypatch.setattr(export, "export_version", real_export)
+
+    assert list(ObjectStore(settings).list_keys("datasets/")) == []
+    assert build.latest_version_id(settings) is None
+    assert build.run(settings, "run-1")["version_id"] == "v0002"
+
+
+def test_a_retry_abandons_the_version_a_killed_build_left_behind(env):
+    settings, writer = env
+    populate(writer)
+    build.run(settings, "run-1")
+    with engine_for(settings.manifest_url).begin() as conn:  # as if killed mid-export
+        conn.execute(sa.text("UPDATE dataset_versions SET status = 'building'"))
+    ObjectStore(settings).put_bytes("datasets/v0001/tfrecords/stray.tfrecord", b"partial")
+
+    stats = build.run(settings, "run-1")
+
+    assert stats["version_id"] == "v0002" and stats["parent_version"] is None
+    with engine_for(settings.manifest_url).connect() as conn:
+        assert conn.execute(sa.text(
+            "SELECT status FROM dataset_versions WHERE version_id = 'v0001'")).scalar() == "failed"
+    assert all(k.startswith("datasets/v0002/") for k in ObjectStore(settings).list_keys("datasets/"))
