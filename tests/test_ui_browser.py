@@ -1,0 +1,218 @@
+"""The UI as a person uses it, in headless Chromium (Debian's, driven by Playwright).
+
+1. The shoplens page served by uvicorn from a known manifest: sections, loaded thumbnails, a
+   screenshot.
+2. The real Airflow UI (e2e): log in, open the nightly DAG, trigger it through the trigger form
+   with edited Params (two categories, best 5), watch the run to success, open the run report
+   linked from a task log, then open the shoplens page from the navigation and check it shows
+   what the manifest holds, with a screenshot.
+
+Screenshots are kept in results/ui/ (git-ignored) for a person to look at.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import sqlalchemy as sa
+
+from shoplens.services import free_port_block, wait_for_port
+from shoplens.store import ObjectStore
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "plugins"))
+import ui_manifest  # noqa: E402
+
+SHOTS = REPO / "results" / "ui"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                     args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page_server(manifest_url, s3_settings):
+    """The page app on a real uvicorn (no Airflow login), over the seeded manifest and store."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from shoplens_ui.app import create_app
+
+    settings = s3_settings.with_overrides(manifest_url=manifest_url)
+    ui_manifest.seed(manifest_url, ObjectStore(settings))
+    root = FastAPI()
+    root.mount("/shoplens", create_app(lambda: settings, require_login=False))
+    port = free_port_block(1)
+    server = uvicorn.Server(uvicorn.Config(root, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for_port(port, 30)
+    yield f"http://127.0.0.1:{port}/shoplens/"
+    server.should_exit = True
+    thread.join(10)
+
+
+def _broken_images(frame) -> list[str]:
+    return frame.evaluate(
+        "() => Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+
+
+def _screenshot(page, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / name
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 30_000, "a page with tables and photos is not a blank image"
+    return path
+
+
+def test_page_in_a_browser_shows_every_section_with_loaded_thumbnails(browser, page_server):
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    page.goto(page_server)
+    page.wait_for_load_state("networkidle")
+    assert page.locator("h1").inner_text() == "shoplens: datasets, rejections and models"
+    headings = page.locator("h2").all_inner_texts()
+    assert headings == ["Dataset versions", "Latest filter run: rejections by reason", "Current model",
+                        "Diff between the last two versions", "Recent nightly runs"]
+    thumbs = page.locator(".thumbs img")
+    assert thumbs.count() == 6  # 3 + 2 + 1 rejected samples
+    assert _broken_images(page) == []
+    assert page.locator(".thumbs img").first.evaluate("i => i.naturalWidth") == 96
+    assert "Top-1 78.0%" in page.locator("#model ~ p").first.inner_text()
+    _screenshot(page, "shoplens_page_standalone.png")
+    # a version link and a run link lead to their views
+    page.get_by_role("link", name="v0001").click()
+    assert page.locator("#counts").inner_text() == "Photos per split and product in v0001"
+    page.get_by_role("link", name=ui_manifest.NIGHT1).click()
+    page.wait_for_load_state("networkidle")
+    assert page.locator("h1").inner_text() == f"Run report: {ui_manifest.NIGHT1}"
+    assert _broken_images(page) == []
+
+
+# --------------------------------------------------------------------------------------------
+# The real Airflow UI
+# --------------------------------------------------------------------------------------------
+CATEGORIES = ["10120000", "16220000"]
+BEST_N = 5
+
+
+@pytest.fixture
+def replica():
+    from crawler.replica import ReplicaShop
+
+    shop = ReplicaShop(seed=11, synthetic_products=4, synthetic_photos=(3, 6))
+    shop.start()
+    yield shop
+    shop.stop()
+
+
+@pytest.fixture
+def airflow_ui(tmp_path, manifest_url, s3_settings, replica):
+    from tests.airflow_e2e import drop_database, stack_for
+    from tests.conftest import shared_path
+
+    model = shared_path("models", "yolox_nano.onnx")  # the filter stage needs the detector
+    cdn_host = replica.cdn_url.split("://", 1)[1]
+    settings = s3_settings.with_overrides(manifest_url=manifest_url, shop_base_url=replica.base_url,
+                                          allowed_hosts=[cdn_host], download_delay=0.0,
+                                          concurrent_per_host=4)
+    stack = stack_for(tmp_path / "airflow", settings, model)
+    try:
+        stack.start(workers={"worker-1": "default,training"})
+        yield stack, settings
+    finally:
+        stack.stop()
+        drop_database(stack.db_url)
+
+
+def _log_in(page, stack) -> None:
+    page.goto(stack.api_url + "/")
+    page.get_by_label("Username").fill("admin")
+    page.get_by_label("Password").fill(stack.password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(stack.api_url + "/")
+
+
+def _wait_for_run(stack, run_id: str, timeout: float = 900) -> str:
+    return stack.wait_for_run("shoplens_nightly", run_id, timeout)
+
+
+@pytest.mark.e2e
+@pytest.mark.shared
+def test_trigger_from_the_ui_then_read_the_report_and_the_shoplens_page(browser, airflow_ui):
+    stack, settings = airflow_ui
+    stack.wait_for_dag("shoplens_nightly")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    # the plugin's routes are behind Airflow's login
+    assert page.request.get(stack.api_url + "/shoplens/").status == 401
+    _log_in(page, stack)
+
+    # --- trigger with edited Params through the trigger form
+    page.goto(f"{stack.api_url}/dags/shoplens_nightly")
+    page.get_by_role("button", name="Trigger").first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_role("textbox", name="categories").fill("\n".join(CATEGORIES))
+    dialog.get_by_role("spinbutton", name="best_n").fill(str(BEST_N))
+    shop_url = dialog.get_by_role("textbox", name="shop_base_url")
+    if shop_url.count():
+        shop_url.fill(settings.shop_base_url)
+    dialog.get_by_role("button", name="Trigger").click()
+    run_id = None
+    deadline = time.monotonic() + 60
+    while run_id is None and time.monotonic() < deadline:
+        runs = stack.api("GET", "/dags/shoplens_nightly/dagRuns?limit=5")["dag_runs"]
+        run_id = runs[0]["dag_run_id"] if runs else None
+        time.sleep(1)
+    assert run_id, "the trigger form created no DAG run"
+    run = stack.api("GET", f"/dags/shoplens_nightly/dagRuns/{quote(run_id, safe='')}")
+    assert run["conf"]["categories"] == CATEGORIES and run["conf"]["best_n"] == BEST_N
+
+    # --- watch it in the UI until it succeeds
+    page.goto(f"{stack.api_url}/dags/shoplens_nightly/runs/{quote(run_id, safe='')}")
+    assert _wait_for_run(stack, run_id) == "success", stack.logs_tail()
+    page.reload()
+    page.get_by_text("success", exact=False).first.wait_for(timeout=30_000)
+
+    # --- the run report linked from the filter task's log
+    page.goto(f"{stack.api_url}/dags/shoplens_nightly/runs/{quote(run_id, safe='')}/tasks/filter_photos")
+    log_line = page.get_by_text(re.compile(r"filter run report: https?://")).first
+    log_line.wait_for(timeout=60_000)
+    report_url = re.search(r"https?://\S+", log_line.inner_text()).group(0)
+    report = browser.new_page()
+    response = report.goto(report_url)
+    assert response.status == 200 and "filter" in report.content().lower()
+
+    # --- the shoplens page from the navigation, against the manifest
+    page.goto(stack.api_url + "/")
+    page.get_by_role("link", name="shoplens").click()
+    frame = page.frame_locator("iframe").first
+    frame.locator("h1").wait_for(timeout=30_000)
+    with sa.create_engine(settings.manifest_url).connect() as conn:
+        version = conn.execute(sa.text(
+            "SELECT version_id, images FROM dataset_version_summary WHERE status = 'complete' "
+            "ORDER BY seq DESC LIMIT 1")).mappings().one()
+        rejected = conn.execute(sa.text(
+            "SELECT count(DISTINCT sha256) FROM rule_decisions d JOIN filter_runs f ON f.id = d.run_id "
+            "WHERE f.run_key = :k AND NOT d.passed"), {"k": run_id}).scalar_one()
+    assert frame.locator("#counts").inner_text() == f"Photos per split and product in {version['version_id']}"
+    assert frame.get_by_text(f"{rejected} of ").first.is_visible()
+    assert frame.locator("h1").inner_text() == "shoplens: datasets, rejections and models"
+    broken = page.frame_locator("iframe").first.locator("img").evaluate_all(
+        "imgs => imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+    assert broken == []
+    shot = _screenshot(page, "shoplens_page_in_airflow.png")
+    assert json.dumps(str(shot))
