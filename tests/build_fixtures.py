@@ -14,32 +14,10 @@ from shoplens.config import Settings
 from shoplens.manifest import engine_for, upgrade
 from shoplens.store import ObjectStore
 
-# Stand-ins used only while migration 0002_dedup is still a placeholder in this checkout: the
-# columns the dedup stage's contract names, and 0003's kept_images view over them.
-_DEDUP_STANDIN = """
-CREATE TABLE image_dedup (
-    sha256 CHAR(64) PRIMARY KEY REFERENCES images(sha256),
-    cluster_id CHAR(64) NOT NULL,
-    duplicate_of CHAR(64),
-    distance INTEGER,
-    threshold INTEGER,
-    spans_products BOOLEAN NOT NULL DEFAULT false,
-    run_id BIGINT
-);
-CREATE VIEW kept_images AS
-SELECT i.*, d.cluster_id
-FROM images i
-JOIN image_verdicts v ON v.sha256 = i.sha256 AND v.verdict = 'keep'
-JOIN image_dedup d ON d.sha256 = i.sha256 AND d.duplicate_of IS NULL;
-"""
-
 
 def migrate_for_build(url: str) -> None:
-    """Apply every migration; add the dedup stand-in if 0002 does not create image_dedup yet."""
+    """Apply every migration (the build reads 0002's image_dedup and 0003's kept_images)."""
     upgrade(url)
-    with engine_for(url).begin() as conn:
-        if conn.execute(sa.text("SELECT to_regclass('image_dedup')")).scalar() is None:
-            conn.exec_driver_sql(_DEDUP_STANDIN)
 
 
 def jpeg_bytes(seed: int, size: int = 16) -> bytes:
@@ -137,9 +115,18 @@ class ManifestWriter:
     def _set_cluster(self, conn, sha: str, representative: str | None) -> None:
         conn.execute(sa.text(
             "INSERT INTO image_dedup (sha256, cluster_id, duplicate_of, distance, threshold,"
-            " spans_products, run_id) VALUES (:s, :c, :d, :dist, 6, false, NULL)"),
+            " spans_products, run_id) VALUES (:s, :c, :d, :dist, 6, false, :r)"),
             {"s": sha, "c": representative or sha, "d": representative,
-             "dist": 2 if representative else None})
+             "dist": 2 if representative else None, "r": self.run_id})
+        self._mark_spanning(conn, representative or sha)
+
+    @staticmethod
+    def _mark_spanning(conn, cluster_id: str) -> None:
+        conn.execute(sa.text("""
+            UPDATE image_dedup SET spans_products = (
+                SELECT count(DISTINCT i.product_id) > 1 FROM image_dedup d
+                JOIN images i ON i.sha256 = d.sha256 WHERE d.cluster_id = :c)
+            WHERE cluster_id = :c"""), {"c": cluster_id})
 
     def make_representative(self, new_rep: str, old_rep: str) -> None:
         """Dedup re-ran and chose ``new_rep`` as the cluster's representative instead of ``old_rep``."""
@@ -149,7 +136,8 @@ class ManifestWriter:
             for member in members:
                 conn.execute(sa.text(
                     "UPDATE image_dedup SET cluster_id = :n,"
-                    " duplicate_of = CASE WHEN sha256 = :n THEN NULL ELSE :n END WHERE sha256 = :s"),
+                    " duplicate_of = CASE WHEN sha256 = :n THEN NULL ELSE :n END,"
+                    " distance = CASE WHEN sha256 = :n THEN NULL ELSE 2 END WHERE sha256 = :s"),
                     {"n": new_rep, "s": member})
 
     def reject(self, sha: str, rule: str = "single_product") -> None:
