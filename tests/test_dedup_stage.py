@@ -1,0 +1,204 @@
+"""The nightly dedup stage against a real manifest (PostgreSQL) and object store (SeaweedFS)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from PIL import Image, ImageEnhance
+
+from dataset import dedup
+from dataset.hashing import HASH_VERSION, hamming, hashes_of_bytes
+from shoplens.manifest import engine_for
+from shoplens.store import ObjectStore
+
+
+def photo(seed: int, size=(320, 240)) -> Image.Image:
+    """A smooth synthetic 'photo': a few random colour blobs, so perceptual hashes behave."""
+    small = np.random.RandomState(seed).randint(0, 256, (6, 8, 3)).astype(np.uint8)
+    return Image.fromarray(small).resize(size, Image.BICUBIC)
+
+
+def jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+class Crawl:
+    """Writes crawl rows (runs, products, reviews, images) with plain SQL, like the crawler would."""
+
+    def __init__(self, url: str, settings):
+        self.engine = engine_for(url)
+        self.store = ObjectStore(settings)
+        self.review_ids = itertools.count(1)
+        self.run_id = self.new_run("crawl-1")
+        with self.engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO categories (id, name, first_seen_run, last_seen_run)"
+                                 " VALUES ('10120000', 'beds', :r, :r)"), {"r": self.run_id})
+            for product in (1, 2):
+                conn.execute(sa.text(
+                    "INSERT INTO products (id, category_id, name, source_url, first_seen_run, last_seen_run)"
+                    " VALUES (:p, '10120000', :n, :u, :r, :r)"),
+                    {"p": product, "n": f"product {product}", "u": f"http://shop/{product}", "r": self.run_id})
+
+    def new_run(self, run_key: str) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(sa.text("INSERT INTO crawl_runs (run_key, shop_base_url) VALUES (:k, 'http://shop')"
+                                        " RETURNING id"), {"k": run_key}).scalar()
+
+    def add(self, data: bytes, product: int = 1, run_id: int | None = None, store: bool = True) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        key = f"images/{sha[:2]}/{sha}.jpg"
+        if store:
+            self.store.put_image(data, "jpeg", sha)
+        width, height = Image.open(io.BytesIO(data)).size
+        review = next(self.review_ids)
+        with self.engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO reviews (id, product_id, source_url, first_seen_run)"
+                                 " VALUES (:id, :p, 'http://shop/reviews', :r)"),
+                         {"id": review, "p": product, "r": run_id or self.run_id})
+            conn.execute(sa.text(
+                "INSERT INTO images (sha256, object_key, size_bytes, width, height, format, source_url,"
+                " review_id, product_id, first_seen_run) VALUES (:s, :k, :b, :w, :h, 'jpeg', :u, :rv, :p, :r)"),
+                {"s": sha, "k": key, "b": len(data), "w": width, "h": height, "u": f"http://cdn/{sha}",
+                 "rv": review, "p": product, "r": run_id or self.run_id})
+        return sha
+
+    def dedup_rows(self) -> dict[str, dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT * FROM image_dedup")).mappings().all()
+        return {r["sha256"]: dict(r) for r in rows}
+
+    def hash_rows(self) -> dict[str, dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT * FROM image_hashes")).mappings().all()
+        return {r["sha256"]: dict(r) for r in rows}
+
+
+@pytest.fixture
+def crawl(manifest_url, s3_settings):
+    return Crawl(manifest_url, s3_settings)
+
+
+@pytest.fixture
+def settings(manifest_url, s3_settings):
+    return s3_settings.with_overrides(manifest_url=manifest_url)
+
+
+def combined_distance(a: bytes, b: bytes) -> int:
+    ha, hb = hashes_of_bytes(a), hashes_of_bytes(b)
+    return hamming(ha.phash, hb.phash) + hamming(ha.dhash, hb.dhash)
+
+
+def test_largest_image_represents_its_cluster_and_the_others_point_to_it_with_distance(crawl, settings):
+    large, small, recompressed = jpeg(photo(1)), jpeg(photo(1).resize((160, 120))), jpeg(photo(1), quality=55)
+    other = jpeg(photo(2))
+    shas = [crawl.add(data) for data in (small, large, recompressed, other)]
+    small_sha, large_sha, recompressed_sha, other_sha = shas
+
+    stats = dedup.run(settings, "crawl-1")
+
+    assert stats["hashed"] == 4 and stats["run_id"] == crawl.run_id and stats["hash_failures"] == []
+    rows = crawl.dedup_rows()
+    assert rows[large_sha]["cluster_id"] == large_sha and rows[large_sha]["duplicate_of"] is None
+    for sha, data in ((small_sha, small), (recompressed_sha, recompressed)):
+        assert rows[sha]["cluster_id"] == large_sha and rows[sha]["duplicate_of"] == large_sha
+        assert rows[sha]["distance"] == combined_distance(data, large)
+    assert rows[other_sha]["cluster_id"] == other_sha and rows[other_sha]["duplicate_of"] is None
+    assert {r["threshold"] for r in rows.values()} == {settings.dedup_threshold}
+    assert {r["run_id"] for r in rows.values()} == {crawl.run_id}
+    hashes = crawl.hash_rows()
+    assert set(hashes) == set(shas) and {h["hash_version"] for h in hashes.values()} == {HASH_VERSION}
+    assert hashes[other_sha]["phash"] == hashes_of_bytes(other).phash
+    assert stats["clusters"] == 2 and stats["duplicates"] == 2 and stats["clusters_spanning_products"] == 0
+
+
+def test_same_photo_under_two_products_is_flagged_for_review(crawl, settings):
+    first = crawl.add(jpeg(photo(3)), product=1)
+    second = crawl.add(jpeg(ImageEnhance.Brightness(photo(3)).enhance(1.1), quality=70), product=2)
+    alone = crawl.add(jpeg(photo(4)), product=2)
+
+    dedup.run(settings, "run-without-crawl-row")
+
+    rows = crawl.dedup_rows()
+    assert rows[first]["spans_products"] and rows[second]["spans_products"]
+    assert not rows[alone]["spans_products"]
+    assert {r["run_id"] for r in rows.values()} == {None}  # the run key has no crawl_runs row
+    with crawl.engine.connect() as conn:
+        review = conn.execute(sa.text("SELECT * FROM duplicate_clusters_for_review")).mappings().all()
+    assert len(review) == 1
+    assert review[0]["products"] == [1, 2] and sorted(review[0]["members"]) == sorted([first, second])
+
+
+def test_incremental_run_hashes_only_new_images_and_a_rerun_changes_nothing(crawl, settings):
+    a = crawl.add(jpeg(photo(5)))
+    b = crawl.add(jpeg(photo(6)))
+    dedup.run(settings, "crawl-1")
+    before_hashes, before_rows = crawl.hash_rows(), crawl.dedup_rows()
+
+    second_run = crawl.new_run("crawl-2")
+    copy = crawl.add(jpeg(photo(5).resize((200, 150)), quality=60), run_id=second_run)
+    stats = dedup.run(settings, "crawl-2")
+
+    assert stats["hashed"] == 1 and stats["queried"] == 1 and stats["mode"] == "incremental"
+    after_hashes, after_rows = crawl.hash_rows(), crawl.dedup_rows()
+    assert after_hashes[copy]["computed_run"] == second_run
+    for sha in (a, b):
+        assert after_hashes[sha] == before_hashes[sha]  # not hashed again
+        assert after_rows[sha] == before_rows[sha]  # a is still the representative: row untouched
+    assert after_rows[copy]["duplicate_of"] == a and after_rows[copy]["run_id"] == second_run
+
+    again = dedup.run(settings, "crawl-3")
+    assert again["hashed"] == 0 and again["queried"] == 0 and again["rows_changed"] == 0
+    assert crawl.hash_rows() == after_hashes and crawl.dedup_rows() == after_rows
+
+
+def test_a_new_larger_image_becomes_representative_and_members_are_repointed(crawl, settings):
+    medium = crawl.add(jpeg(photo(7).resize((240, 180))))
+    small = crawl.add(jpeg(photo(7).resize((120, 90)), quality=60))
+    dedup.run(settings, "crawl-1")
+    assert crawl.dedup_rows()[small]["duplicate_of"] == medium
+
+    later = crawl.new_run("crawl-2")
+    large_bytes = jpeg(photo(7, size=(480, 360)))
+    large = crawl.add(large_bytes, run_id=later)
+    stats = dedup.run(settings, "crawl-2")
+
+    rows = crawl.dedup_rows()
+    assert rows[large]["cluster_id"] == large and rows[large]["duplicate_of"] is None
+    assert rows[medium]["duplicate_of"] == large and rows[small]["duplicate_of"] == large
+    assert rows[medium]["distance"] == combined_distance(jpeg(photo(7).resize((240, 180))), large_bytes)
+    assert stats["rows_changed"] == 3 and stats["clusters"] == 1
+
+
+def test_missing_object_is_reported_not_fatal_and_is_retried_next_run(crawl, settings):
+    present = crawl.add(jpeg(photo(8)))
+    missing_bytes = jpeg(photo(9))
+    missing = crawl.add(missing_bytes, store=False)
+
+    stats = dedup.run(settings, "crawl-1")
+
+    assert [f["sha256"] for f in stats["hash_failures"]] == [missing]
+    assert "unreadable object" in stats["hash_failures"][0]["reason"]
+    assert set(crawl.dedup_rows()) == {present}
+    crawl.store.put_image(missing_bytes, "jpeg", missing)  # the object shows up later
+    assert dedup.run(settings, "crawl-2")["hashed"] == 1
+    assert set(crawl.dedup_rows()) == {present, missing}
+
+
+def test_changing_the_threshold_reclusters_every_image(crawl, settings):
+    original = crawl.add(jpeg(photo(10)))
+    copy = crawl.add(jpeg(photo(10).resize((160, 120)), quality=55))
+    dedup.run(settings, "crawl-1")
+    assert crawl.dedup_rows()[copy]["duplicate_of"] == original
+
+    stats = dedup.run(settings.with_overrides(dedup_threshold=0), "crawl-1")
+
+    rows = crawl.dedup_rows()
+    assert stats["mode"] == "full" and stats["rows_changed"] == 2
+    assert rows[copy]["duplicate_of"] is None and rows[copy]["cluster_id"] == copy
+    assert {r["threshold"] for r in rows.values()} == {0}
