@@ -64,10 +64,11 @@ class VersionPlan:
 
     @functools.cached_property
     def content_hash(self) -> str:
-        """Hash of everything a version's export is derived from, except its metadata."""
+        """Hash of the exported member columns: equal hashes mean equal data files, so an
+        unchanged manifest does not make a new version (nor trigger retraining)."""
         digest = hashlib.sha256()
         for m in self.members:
-            digest.update(json.dumps([m[c] for c in (*MEMBER_EXPORT_COLUMNS, "cluster_id")],
+            digest.update(json.dumps([m[c] for c in MEMBER_EXPORT_COLUMNS],
                                      ensure_ascii=False, separators=(",", ":")).encode())
             digest.update(b"\n")
         return digest.hexdigest()
@@ -112,7 +113,8 @@ def run(settings: Settings, run_key: str) -> dict[str, Any]:
             if done is not None:
                 return _stats(settings, done, reused=True)
         _abandon_unfinished(settings, engine, run_key)
-        with engine.connect() as conn:
+        # One snapshot for all planning reads, so a crawl writing meanwhile cannot skew them.
+        with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
             parent = _latest_complete(conn)
             plan = plan_version(conn, settings, ratios, parent)
         if parent is not None and parent["content_hash"].strip() == plan.content_hash:

@@ -14,6 +14,9 @@ import json
 import sys
 from datetime import datetime, timezone
 
+import sqlalchemy as sa
+from minio.error import S3Error
+
 from shoplens.config import ConfigError, Settings
 
 
@@ -74,5 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     except (checks.DataQualityError, export.ExportError, build.BuildError, LookupError,
             ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except sa.exc.DBAPIError as exc:  # unreachable or un-migrated manifest
+        print(f"error: cannot use the manifest: {exc.orig}", file=sys.stderr)
+        return 1
+    except S3Error as exc:
+        print(f"error: the object store refused: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -145,5 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     except LineageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except sa.exc.DBAPIError as exc:  # unreachable or un-migrated manifest
+        print(f"error: cannot read the manifest: {exc.orig}", file=sys.stderr)
+        return 1
     print(json.dumps(story, indent=2, ensure_ascii=False))
     return 0
