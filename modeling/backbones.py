@@ -71,7 +71,7 @@ def members(settings: Settings) -> list[MemberSpec]:
     except KeyError:
         raise ValueError(f"model_profile must be one of {sorted(PROFILES)}, "
                          f"got {settings.model_profile!r}") from None
-    return [member(name) for name in names]
+    return [member(name) for name in (settings.model_members or names)]
 
 
 def member(name: str) -> MemberSpec:

@@ -107,7 +107,7 @@ def train_member(spec: MemberSpec, data: dict[str, Split], num_classes: int,
     backbone = spec.build(size, settings)
     split_name = spec.split_layer(settings.model_finetune_blocks)
     split_tensor = backbone.get_layer(split_name).output
-    bottom = keras.Model(backbone.input, split_tensor, name=f"{spec.name}_bottom")
+    bottom = keras.Model(backbone.inputs[0], split_tensor, name=f"{spec.name}_bottom")
     top = keras.Model(split_tensor, backbone.outputs[0], name=f"{spec.name}_top")
 
     # Cache the bottom's output: train (clean + augmented views), val and test (clean, mirrored).
@@ -172,7 +172,7 @@ def train_member(spec: MemberSpec, data: dict[str, Split], num_classes: int,
     def probs(x):
         return finetune.predict(x, batch_size=128, verbose=0)
 
-    full = keras.Model(backbone.input, classifier(dropout(backbone.outputs[0])), name=spec.name)
+    full = keras.Model(backbone.inputs[0], classifier(dropout(backbone.outputs[0])), name=spec.name)
     full.trainable = False
     result = MemberResult(
         name=spec.name, size=size, model=full,

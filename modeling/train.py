@@ -26,7 +26,7 @@ from shoplens.config import Settings
 log = logging.getLogger(__name__)
 
 TRAINING_SETTINGS = (
-    "model_profile", "model_image_size", "model_batch_size", "model_views_per_image",
+    "model_profile", "model_members", "model_image_size", "model_batch_size", "model_views_per_image",
     "model_head_epochs", "model_finetune_epochs", "model_finetune_blocks", "model_learning_rate",
     "model_finetune_learning_rate", "model_dropout", "model_label_smoothing",
     "model_early_stopping_patience", "model_seed", "model_tta", "model_init",

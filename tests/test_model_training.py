@@ -1,0 +1,126 @@
+"""Training, saving, reloading, evaluating and predicting, end to end on a tiny generated dataset.
+
+The seed profile's three fixed architectures (VGG19, MobileNetV3Large, ResNet50) cannot be made
+small, so the dataset is tiny and the photos 32 px; weights start random (no download here).
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from modeling.dataset_layout import DatasetError, LocalDataset, write_local_dataset
+from shoplens.config import Settings
+
+COLOURS = [(220, 40, 40), (40, 180, 60), (50, 80, 220), (230, 200, 40)]
+
+
+def synthetic_photo(label: int, rng: np.random.Generator, fmt: str = "JPEG") -> bytes:
+    """A 'product' of a class-specific colour and shape on a noisy background, random placement."""
+    w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+    bg = rng.integers(0, 90, size=(h, w, 3), dtype=np.uint8)
+    img = Image.fromarray(bg)
+    draw = ImageDraw.Draw(img)
+    x, y = int(rng.integers(0, w // 3)), int(rng.integers(0, h // 3))
+    box = (x, y, x + w // 2 + 5, y + h // 2 + 5)
+    colour = COLOURS[label % len(COLOURS)]
+    (draw.ellipse if label % 2 else draw.rectangle)(box, fill=colour)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def make_dataset(root, version="v0001", classes=3, per_split=(6, 3, 3), seed=0):
+    rng = np.random.default_rng(seed)
+    labels = [{"label": i, "product_id": 5000 + i, "name": f"product-{i}", "category_id": "16220000"}
+              for i in range(classes)]
+    photos = []
+    for split, n in zip(("train", "val", "test"), per_split):
+        for label in range(classes):
+            photos += [(synthetic_photo(label, rng), label, split) for _ in range(n)]
+    return write_local_dataset(root / version, version, labels, photos)
+
+
+def tiny_settings(**overrides) -> Settings:
+    base = dict(model_image_size=32, model_views_per_image=2, model_head_epochs=1,
+                model_finetune_epochs=1, model_batch_size=16, model_work_dir="")
+    base.update(overrides)
+    return Settings().with_overrides(**base)
+
+
+def test_dataset_layout_round_trips(tmp_path):
+    ds = LocalDataset(make_dataset(tmp_path, classes=2, per_split=(2, 1, 1)))
+    assert ds.num_classes == 2 and ds.version_id == "v0001"
+    train = ds.load_split("train")
+    assert len(train) == 4 and sorted(train.labels.tolist()) == [0, 0, 1, 1]
+    assert all(len(sha) == 64 for sha in train.sha256)
+
+
+def test_a_folder_without_labels_is_not_a_dataset(tmp_path):
+    with pytest.raises(DatasetError, match="labels.json is missing"):
+        LocalDataset(tmp_path)
+
+
+def test_seed_profile_trains_all_three_architectures_saves_reloads_evaluates_and_predicts(tmp_path):
+    from modeling import predict
+    from modeling.ensemble import Ensemble
+    from modeling.train import evaluate_model_on, train_ensemble
+
+    data = make_dataset(tmp_path)
+    settings = tiny_settings(model_profile="seed", model_init="random", model_tta="on")
+    out = tmp_path / "ensemble"
+    trained = train_ensemble(settings, LocalDataset(data), out, "m-test")
+
+    test = trained["metrics"]["test"]
+    assert set(test) == {"vgg19", "mobilenetv3large", "resnet50", "ensemble"}
+    assert all(s["n"] == 9 and 0 <= s["top1"] <= s["top3"] <= 1 for s in test.values())
+    assert trained["metrics"]["tta"] is True
+    assert (out / "report" / "index.html").read_text().count("<tr>") >= 4 + 3
+    assert (out / "report" / "confusion.png").stat().st_size > 0
+
+    ens = Ensemble.load(out)  # reload from disk, as predict does
+    assert [n for n, _, _ in ens.models] == ["vgg19", "mobilenetv3large", "resnet50"]
+    scores, tta = evaluate_model_on(settings, str(out), LocalDataset(data), tmp_path)
+    assert tta is True
+    for name in test:  # the reloaded models score exactly what training measured
+        assert scores[name]["top1"] == pytest.approx(test[name]["top1"], abs=1 / 9 + 1e-9)
+
+    photo = tmp_path / "shot.png"
+    photo.write_bytes(synthetic_photo(1, np.random.default_rng(7), "PNG"))
+    out_lines = io.StringIO()
+    assert predict.main(settings, str(out), [str(photo)], True, tmp_path, out=out_lines) == 0
+    answer = json.loads(out_lines.getvalue())
+    assert answer["image"] == str(photo) and len(answer["top"]) == 3
+    assert {t["name"] for t in answer["top"]} == {"product-0", "product-1", "product-2"}
+    assert sum(t["prob"] for t in answer["top"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_offline_profile_learns_the_generated_classes(tmp_path):
+    """With ImageNet features a quick head fit separates colour/shape classes well above chance."""
+    from modeling.train import train_ensemble
+
+    data = make_dataset(tmp_path, classes=4, per_split=(8, 4, 6), seed=1)
+    settings = tiny_settings(model_members=("efficientnet_lite0",), model_image_size=64,
+                             model_head_epochs=25, model_finetune_epochs=2, model_tta="auto",
+                             model_learning_rate=3e-3)
+    trained = train_ensemble(settings, LocalDataset(data), tmp_path / "ens", "m-lite")
+    metrics = trained["metrics"]
+    assert metrics["test"]["ensemble"]["top1"] >= 0.75  # chance is 0.25
+    decisions = metrics["decisions"]
+    assert set(decisions["tta"]) >= {"val_top1_plain", "val_top1_flip_tta", "rule"}
+    stage2 = metrics["members"]["efficientnet_lite0"]["stage2"]
+    assert stage2["epochs_run"] >= 1 and stage2["kept"] == (
+        stage2["val_top1"] >= metrics["members"]["efficientnet_lite0"]["stage1"]["val_top1"])
+
+
+def test_an_empty_test_split_is_refused(tmp_path):
+    from modeling.train import train_ensemble
+
+    data = make_dataset(tmp_path, per_split=(2, 1, 0))
+    with pytest.raises(DatasetError, match="test split is empty"):
+        train_ensemble(tiny_settings(model_members=("efficientnet_lite0",), model_init="random"),
+                       LocalDataset(data), tmp_path / "ens", "m-x")
+    assert not (tmp_path / "ens").exists()
