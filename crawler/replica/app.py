@@ -111,7 +111,8 @@ class Handlers:
         reason = self.rt.waf.check(request.cookies.get(COOKIE_NAME))
         if reason is None and needs_referer:
             referer = request.headers.get("Referer", "")
-            if not (referer == self.rt.base_url or referer.startswith(self.rt.base_url + "/")):
+            origin = f"{request.scheme}://{request.host}"  # the origin the client addressed
+            if not (referer == origin or referer.startswith(origin + "/")):
                 reason = "no_referer"
         if reason is None:
             return None
