@@ -20,7 +20,9 @@ import numpy as np
 from dataset.hashing import HASH_BITS, as_uint64
 
 MAX_CHUNK_BITS = 22  # a direct offsets table of 2**22 entries is 16 MiB; wider chunks would not pay
-QUERY_BATCH = 512
+# Queries per vectorised step are limited so that the probe arrays stay near this many entries:
+# bigger temporaries fall out of cache and cost more per probe than they save in numpy overhead.
+PROBES_PER_STEP = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,15 @@ def _probe_count(bits: int, max_flips: int) -> int:
 def choose_chunk_count(item_count: int, radius: int) -> int:
     """Chunk count with the lowest expected work per query, assuming evenly spread hashes.
 
-    Work = probes (table look-ups) plus candidates (64-bit checks); fewer, wider chunks mean
-    emptier buckets but many more probes per chunk.
+    Work = probes (table look-ups) plus candidates (64-bit checks), which cost about the same
+    each (measured); fewer, wider chunks mean emptier buckets but many more probes per chunk.
     """
     best_cost, best_m = math.inf, None
     for m in range(math.ceil(HASH_BITS / MAX_CHUNK_BITS), HASH_BITS + 1):
         bits = math.ceil(HASH_BITS / m)
         probes = _probe_count(bits, radius // m)
         candidates = m * probes * item_count / 2 ** bits
-        cost = 2 * m * probes + candidates
+        cost = m * probes + candidates
         if cost < best_cost:
             best_cost, best_m = cost, m
     return best_m
@@ -132,8 +134,9 @@ class HammingIndex:
         if radius > self.radius:
             raise ValueError(f"index built for radius {self.radius}, asked for {radius}")
         probes = as_uint64(queries)
-        parts = [self._query_batch(probes[s:s + QUERY_BATCH], s, radius)
-                 for s in range(0, len(probes), QUERY_BATCH)]
+        per_query = sum(len(self._masks[w]) for _, w in self.chunks)
+        step = max(1, min(4096, PROBES_PER_STEP // per_query))
+        parts = [self._query_batch(probes[s:s + step], s, radius) for s in range(0, len(probes), step)]
         parts = [p for p in parts if len(p)]
         if not parts:
             return _empty()
