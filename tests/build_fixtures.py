@@ -31,8 +31,9 @@ def jpeg_bytes(seed: int, size: int = 16) -> bytes:
 class ManifestWriter:
     """Writes crawl/dedup/filter rows the way those stages would, for one test's database."""
 
-    def __init__(self, url: str, settings: Settings):
+    def __init__(self, url: str, settings: Settings, image_size: int = 16):
         self.url = url
+        self.image_size = image_size
         self.engine = engine_for(url)
         self.store = ObjectStore(settings)
         self._review_ids = itertools.count(1_000_001)
@@ -77,7 +78,7 @@ class ManifestWriter:
         ``passed``: the filter's verdict; a rejected photo fails ``failed_rule``.
         ``override``: 'keep' or 'reject' by a human, with a reason.
         """
-        data = jpeg_bytes(next(self._seeds) if seed is None else seed)
+        data = jpeg_bytes(next(self._seeds) if seed is None else seed, self.image_size)
         sha = hashlib.sha256(data).hexdigest()
         key, _ = self.store.put_image(data, "jpeg", sha)
         review_id = next(self._review_ids)
@@ -91,8 +92,9 @@ class ManifestWriter:
             conn.execute(sa.text(
                 "INSERT INTO images (sha256, object_key, size_bytes, width, height, format,"
                 " source_url, review_id, product_id, first_seen_run)"
-                " VALUES (:s, :k, :n, 16, 16, 'jpeg', :u, :rv, :p, :r)"),
+                " VALUES (:s, :k, :n, :side, :side, 'jpeg', :u, :rv, :p, :r)"),
                 {"s": sha, "k": key, "n": len(data), "rv": review_id, "p": product_id,
+                 "side": self.image_size,
                  "r": self.run_id, "u": f"http://127.0.0.1:8612/reviews/{review_id}.jpg?w=1280&h=1280"})
             conn.execute(sa.text(
                 "INSERT INTO review_photos (review_id, sha256, run_id) VALUES (:rv, :s, :r)"),
