@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import random
 import sys
@@ -31,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dataset.detector import Detector  # noqa: E402
-from dataset.occupancy import image_statistics  # noqa: E402
+from dataset.filter import features_for  # noqa: E402
 from dataset import rules  # noqa: E402
 
 STUDIO_DIRS = ("bed", "chair", "couch", "dining table", "plant_pot")
@@ -97,9 +98,14 @@ def room_background(rooms: list[Path], rng: random.Random) -> Image.Image:
     return room.crop((x, y, x + size[0], y + size[1]))
 
 
-def features_of(detector: Detector, img: Image.Image, category: str | None = None) -> rules.Features:
-    return rules.Features(img.width, img.height, [b.as_dict() for b in detector.detect(img)],
-                          image_statistics(img), category)
+def features_of(detector: Detector, img: Image.Image | Path) -> rules.Features:
+    """The production path (dataset.filter.features_for) on the file's bytes; made-up images are
+    JPEG-encoded first, as a crawled photo would be."""
+    if isinstance(img, Path):
+        return features_for(detector, img.read_bytes())
+    out = io.BytesIO()
+    img.convert("RGB").save(out, "JPEG", quality=92)
+    return features_for(detector, out.getvalue())
 
 
 def confusion(should_reject: list[bool], rejected: list[bool]) -> dict:
@@ -131,18 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     rooms = sorted((ikea / "room_scenes").glob("*.jpg"))
     samples: list[dict] = []  # {"set", "split", "name", "features"}
 
-    def add(set_name: str, name: str, img: Image.Image) -> None:
+    def add(set_name: str, name: str, img: Image.Image | Path) -> None:
         samples.append({"set": set_name, "split": split_of(name), "name": name,
                         "features": features_of(detector, img)})
 
     started = time.perf_counter()
     for room in rooms:
-        add("room", room.name, Image.open(room))
+        add("room", room.name, room)
     for folder in STUDIO_DIRS:
         for path in sorted((ikea / folder).glob("*.jpg")):
             img = Image.open(path).convert("RGB")
             name = f"{folder}/{path.name}"
-            add(f"studio:{folder}", name, img)
+            add(f"studio:{folder}", name, path)
             trim = trimmed(img)
             if trim is not None:
                 add(f"trimmed:{folder}", name, trim)
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     grocery_lines = (grocery_root / "val.txt").read_text().splitlines()
     for line in random.Random(args.seed).sample(grocery_lines, min(args.grocery, len(grocery_lines))):
         rel = line.split(",")[0].strip()
-        add("grocery", rel, Image.open(grocery_root / rel))
+        add("grocery", rel, grocery_root / rel)
     feature_seconds = time.perf_counter() - started
 
     params = rules.RuleParams()
