@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -146,8 +147,10 @@ def run_sql_checks(settings: Settings, version_id: str) -> list[CheckResult]:
     failures rather than the first one.
     """
     results: list[CheckResult] = []
-    with _airflow_connection(BUILD_CHECKS_CONN_ID, settings.manifest_url):
-        for operator in check_operators(settings, BUILD_CHECKS_CONN_ID, partition_for(version_id),
+    # A fresh id per call: no cached connection from another manifest can be picked up.
+    conn_id = f"{BUILD_CHECKS_CONN_ID}_{uuid.uuid4().hex[:8]}"
+    with _airflow_connection(conn_id, settings.manifest_url):
+        for operator in check_operators(settings, conn_id, partition_for(version_id),
                                         include_build_time=True):
             try:
                 operator.execute(context={})

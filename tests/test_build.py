@@ -332,12 +332,19 @@ def test_lineage_goes_back_to_the_source_and_forward_to_models(env, tmp_path):
     assert sorted(d["rule"] for d in story["rule_decisions"]) == [
         "min_side", "product_occupancy", "single_product"]
     assert story["verdict"]["verdict"] == "keep"
-    with engine_for(settings.manifest_url).connect() as conn:
-        has_models = conn.execute(sa.text("SELECT to_regclass('models')")).scalar() is not None
-    if has_models:
-        assert isinstance(story["models"], list)
-    else:
-        assert story["models"] is None and any("models" in n for n in story["notes"])
+    assert story["models"] == []  # nothing trained yet
+
+    with engine_for(settings.manifest_url).begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO models (id, dataset_version, profile, artifact_prefix, status)"
+            " VALUES ('m-1', 'v0001', 'fast', 'models/m-1/', 'complete'),"
+            "        ('m-other', 'v0099', 'fast', 'models/m-other/', 'complete')"))
+    assert [m["id"] for m in lineage(settings, sha)["models"]] == ["m-1"]
+
+    with engine_for(settings.manifest_url).begin() as conn:  # a manifest without modeling tables
+        conn.execute(sa.text("DROP TABLE models CASCADE"))
+    degraded = lineage(settings, sha)
+    assert degraded["models"] is None and any(n.startswith("models:") for n in degraded["notes"])
     with pytest.raises(LineageError, match="not in version v0009"):
         lineage(settings, sha, version="v0009")
 

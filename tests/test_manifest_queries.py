@@ -71,6 +71,11 @@ def manifest(seaweedfs):
     added += writer.photos(320, 3)
     writer.reject(photos[301][0])  # product 301 falls below the minimum of 3
     build.run(settings, "nightly-2")
+    with engine_for(url).begin() as conn:  # what the modeling stage records after training
+        conn.execute(sa.text(
+            "INSERT INTO models (id, dataset_version, profile, artifact_prefix, status)"
+            " VALUES ('model-a', 'v0001', 'fast', 'models/model-a/', 'complete'),"
+            "        ('model-b', 'v0002', 'full', 'models/model-b/', 'training')"))
 
     yield SimpleNamespace(settings=settings, url=url, photos=photos, added=added,
                           rejected=rejected, cross_product_copy=cross_product_copy)
@@ -161,7 +166,12 @@ def expect_q14(m, rows):
     assert len(rows) == 1 and sorted(rows[0]["product_ids"]) == [305, 306]
 
 
-EXPECTATIONS = {f"Q{i}": globals()[f"expect_q{i}"] for i in range(1, 15)}
+def expect_q15(m, rows):
+    assert [(r["model_id"], r["dataset_version"]) for r in rows] == [
+        ("model-a", "v0001"), ("model-b", "v0002")]
+
+
+EXPECTATIONS = {f"Q{i}": globals()[f"expect_q{i}"] for i in range(1, 16)}
 
 
 @pytest.mark.parametrize("query_id,title,columns,sql", documented_queries(),
