@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
+import json
 import logging
+import os
+import tempfile
 import time
+from pathlib import Path
 
 from scrapy import Request
 from scrapy.downloadermiddlewares.retry import RetryMiddleware
@@ -55,7 +60,9 @@ class WafCookieMiddleware:
 
     The cookie is fetched lazily, once, with the page the call names as its Referer (the page a
     visitor would be on). A 403 on a request sent with the current cookie renews it; requests
-    sent with an older cookie just retry with the newer one.
+    sent with an older cookie just retry with the newer one. The cookie is kept in a private
+    temp file per shop, so the next crawl process (next category) reuses it instead of starting
+    a browser again, as a visitor's browser would.
     """
 
     max_renewals = 2
@@ -68,6 +75,29 @@ class WafCookieMiddleware:
         self.cookie_header: str | None = None
         self.generation = 0
         self._lock = asyncio.Lock()
+        key = hashlib.sha256(f"{self.site.base_url}|{self.shop.user_agent}".encode()).hexdigest()
+        self.cache_file = Path(tempfile.gettempdir()) / f"shoplens-waf-{key[:20]}.json"
+        self._load_cached()
+
+    def _load_cached(self) -> None:
+        try:
+            cached = json.loads(self.cache_file.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(cached, dict) and isinstance(cached.get("cookie"), str):
+            self.cookie_header = cached["cookie"]
+            self.generation = 1
+            self.stats.inc_value("shoplens/waf_cookie_reused")
+
+    def _save_cached(self) -> None:
+        tmp = self.cache_file.with_name(f"{self.cache_file.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"cookie": self.cookie_header, "saved_at": time.time()}, fh)
+            tmp.replace(self.cache_file)
+        except OSError as exc:  # only an optimisation: the next process renews instead
+            logger.info("could not cache the WAF cookie: %s", exc)
 
     @classmethod
     def from_crawler(cls, crawler):
@@ -83,6 +113,7 @@ class WafCookieMiddleware:
                 allowed_hosts=self.allowed, timeout_s=self.shop.download_timeout)
             self.cookie_header = "; ".join(f"{k}={v}" for k, v in cookies.items())
             self.generation += 1
+            self._save_cached()
             self.stats.inc_value("shoplens/waf_cookie_acquired")
             logger.info("WAF cookie obtained from %s in %.1fs", page_url,
                         time.monotonic() - started)

@@ -84,6 +84,8 @@ class ReviewPhotoPipeline:
         return {"review_id": item.review_id, "sha256": image.sha256}
 
     def _store(self, item: ReviewPhotoItem, image: ValidImage) -> tuple[bool, bool]:
+        if self.crawler.spider.fatal_error:  # queued behind the write that found the outage
+            raise StoreUnavailable(self.crawler.spider.fatal_error)
         try:
             key, new_object = self.store.put_image(item.body, image.format, image.sha256)
         except Exception as exc:  # minio raises urllib3/S3 errors of many kinds

@@ -155,7 +155,7 @@ def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
             "products", "products_synced", "review_pages", "reviews_seen", "reviews_new",
             "photos_requested", "photos_healing", "photos_stored", "objects_written",
             "images_new", "photos_rejected", "photos_over_cap", "bytes_stored",
-            "offsite_dropped", "retry_after_waits", "waf_cookie_acquired")},
+            "offsite_dropped", "retry_after_waits", "waf_cookie_acquired", "waf_cookie_reused")},
         "failures": dict(sorted(failures.items())),
         "requests": raw.get("downloader/request_count", 0),
         "retries": raw.get("retry/count", 0),
