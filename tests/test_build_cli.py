@@ -109,3 +109,14 @@ def test_check_operators_for_a_dag_template_the_version_and_cover_every_check(bu
     assert "{{ ti.xcom_pull" in operators[0].sql  # the version is filled in at run time
     with pytest.raises(ValueError, match="not a dataset version id"):
         checks.partition_for("v1; DROP TABLE images")
+
+
+def test_run_summary_lines_name_the_runs_version_or_say_there_is_none(built):
+    settings, _ = built
+    lines = build.summary_lines(settings, "run-2")
+    # 5 photos per product split 3/1/1 by the quota rule, product 14's 4 photos 3/1/0
+    assert lines[0] == ("dataset: v0002 complete (parent v0001): 19 images, 4 labels; "
+                        "train 12 / val 4 / test 3")
+    assert lines[1] == f"dataset: s3://{settings.s3_bucket}/datasets/v0002/"
+    assert build.summary_lines(settings, "run-without-build") == [
+        "dataset: no new version this run (latest v0002, 19 images)"]
