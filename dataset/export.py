@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -293,7 +293,3 @@ def remove_export(settings: Settings, version_id: str) -> int:
         store.remove(key)
     return len(keys)
 
-
-def iter_tfrecord_paths(root: str | Path, split: str) -> Iterable[Path]:
-    """Local shard files of one split, in shard order (for readers of a materialised version)."""
-    return sorted((Path(root) / TFRECORD_DIR).glob(f"{split}-*-of-*.tfrecord"))
