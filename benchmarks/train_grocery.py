@@ -81,7 +81,7 @@ def main() -> int:
                         ("--finetune-epochs", "model_finetune_epochs"),
                         ("--finetune-blocks", "model_finetune_blocks"),
                         ("--views", "model_views_per_image"), ("--tta", "model_tta"),
-                        ("--batch-size", "model_batch_size")):
+                        ("--batch-size", "model_batch_size"), ("--members", "model_members")):
         ap.add_argument(flag, dest=field)
     ap.add_argument("--results", type=Path, default=REPO / "results" / "train_grocery.json")
     args = ap.parse_args()
@@ -96,7 +96,7 @@ def main() -> int:
     settings = Settings.from_env()
     for key, value in overrides.items():
         current = getattr(settings, key)
-        overrides[key] = type(current)(value)
+        overrides[key] = tuple(value.split(",")) if isinstance(current, tuple) else type(current)(value)
     settings = settings.with_overrides(**overrides)
 
     labels, photos = grocery_photos(GROCERY)

@@ -94,6 +94,7 @@ def test_runs_store_artefacts_and_metrics_and_gate_promotion(settings, tmp_path)
     os.environ.update(env)
     try:
         assert cli(["export", "--model", first["model_id"], "--out", str(tmp_path / "exp")]) == 0
+        assert cli(["evaluate", "--model", first["model_id"], "--version", str(v1)]) == 0
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
