@@ -84,9 +84,13 @@ class Ensemble:
     def member_probs(self, photos: list[bytes], names: list[str] | None = None,
                      tta: bool | None = None) -> dict[str, np.ndarray]:
         """Each member's class probabilities for encoded photos (raises UnreadableImage)."""
-        tta = self.tta if tta is None else tta
         names = names or [f"photo {i}" for i in range(len(photos))]
         decoded = [images.decode(data, name) for data, name in zip(photos, names)]
+        return self.member_probs_decoded(decoded, tta)
+
+    def member_probs_decoded(self, decoded: list, tta: bool | None = None) -> dict[str, np.ndarray]:
+        """Each member's class probabilities for already decoded (upright RGB) PIL images."""
+        tta = self.tta if tta is None else tta
         out = {}
         for name, size, model in self.models:
             m = images.margin_size(size)
@@ -99,8 +103,10 @@ class Ensemble:
         return out
 
     def predict_probs(self, photos: list[bytes], names: list[str] | None = None) -> np.ndarray:
-        probs = self.member_probs(photos, names)
-        return np.mean(list(probs.values()), axis=0)
+        return np.mean(list(self.member_probs(photos, names).values()), axis=0)
+
+    def predict_probs_decoded(self, decoded: list) -> np.ndarray:
+        return np.mean(list(self.member_probs_decoded(decoded).values()), axis=0)
 
     def top_k(self, probs: np.ndarray, k: int = 3) -> list[dict]:
         order = np.argsort(-probs)[:k]

@@ -33,10 +33,9 @@ def load_ensemble(settings: Settings, model: str | None, cache_dir: Path) -> Ens
 
 
 def _read(path: str):
+    # Decoded here, in the pool, so that a bad file never spoils its batch.
     try:
-        data = images.read_file(path)
-        images.decode(data, path)  # validate now, so a bad file never spoils its batch
-        return path, data, None
+        return path, images.decode(images.read_file(path), path), None
     except images.UnreadableImage as exc:
         return path, None, str(exc)
 
@@ -48,7 +47,7 @@ def predict_paths(ens: Ensemble, paths: list[str], batch_size: int = 32,
         for start in range(0, len(paths), batch_size):
             batch = list(pool.map(_read, paths[start:start + batch_size]))
             good = [(p, d) for p, d, err in batch if err is None]
-            probs = ens.predict_probs([d for _, d in good], [p for p, _ in good]) if good else []
+            probs = ens.predict_probs_decoded([img for _, img in good]) if good else []
             answers = {p: ens.top_k(pr) for (p, _), pr in zip(good, probs)}
             for path, _, err in batch:
                 yield {"image": path, "error": err} if err else {"image": path, "top": answers[path]}
