@@ -82,10 +82,16 @@ def shoplens_nightly():
 
     @task(outlets=[DATASET_VERSION])
     def build_dataset(_filter: dict) -> dict:
+        from airflow.exceptions import AirflowFailException
         from dataset import build as stage
+        from dataset.checks import DataQualityError
 
-        stats = stage.run(_settings(), get_current_context()["run_id"])
-        get_current_context()["outlet_events"][DATASET_VERSION].extra = {"version": stats.get("version_id")}
+        try:
+            stats = stage.run(_settings(), get_current_context()["run_id"])
+        except DataQualityError as exc:  # the data is wrong: a retry would fail the same way
+            raise AirflowFailException(str(exc)) from exc
+        get_current_context()["outlet_events"][DATASET_VERSION].extra = {
+            "version": stats["version_id"], "uri": stats["uri"], "unchanged": stats["unchanged"]}
         return stats
 
     categories = start_run()

@@ -25,19 +25,20 @@ from shoplens.assets import DATASET_VERSION
                                      description="Version to train on; empty = the triggering or latest version")},
 )
 def shoplens_train():
-    @task
-    def pick_version() -> str:
+    @task.short_circuit
+    def pick_version() -> str | None:
+        """The version to train on; None (skip training) when the night produced no new version."""
         ctx = get_current_context()
         if ctx["params"].get("dataset_version"):
             return ctx["params"]["dataset_version"]
         for events in ctx["triggering_asset_events"].values():
             for event in reversed(list(events)):
                 if event.extra.get("version"):
-                    return event.extra["version"]
+                    return None if event.extra.get("unchanged") else event.extra["version"]
+        from dataset.build import latest_version_id
         from shoplens.config import Settings
-        from dataset.build import latest_version
 
-        return latest_version(Settings.from_env())
+        return latest_version_id(Settings.from_env())
 
     @task(queue="training", execution_timeout=timedelta(hours=6))
     def train_and_evaluate(version: str) -> dict:
