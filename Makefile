@@ -19,11 +19,13 @@ $(VENV)/.installed: requirements.in constraints.txt
 
 venv: $(VENV)/.installed
 
-# Debian packages the pipeline needs: Chromium for Playwright (never `playwright install`),
+# Debian packages the pipeline needs: Chromium for Playwright (never `playwright install`) and
+# CJK fonts for its screenshots of Korean pages,
 # PostgreSQL and Redis servers only when none is reachable on 127.0.0.1.
 deps:
 	@need=""; \
 	test -x /usr/bin/chromium || need="$$need chromium"; \
+	dpkg -s fonts-noto-cjk >/dev/null 2>&1 || need="$$need fonts-noto-cjk"; \
 	(exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$$need postgresql"; \
 	(exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null || command -v redis-server >/dev/null || need="$$need redis-server"; \
 	if [ -n "$$need" ]; then \

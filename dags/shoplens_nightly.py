@@ -1,7 +1,8 @@
 """shoplens nightly: crawl review photos -> dedup -> filter -> build a dataset version.
 
-Thin by design: each task calls one stage entry in the packages; the logic is testable there
-without Airflow. Params let a manual run from the UI override the configured defaults.
+Thin by design: each task calls one stage entry in the packages (logic testable there without
+Airflow) through ``ops.run_stage``, which records its duration and data volume. Params let a manual
+run from the UI override the configured defaults; failures alert through ``FailureAlert``.
 """
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 from shoplens.assets import DATASET_VERSION
+from shoplens.ops import FailureAlert
 
 default_args = {
     "retries": 2,
     "retry_delay": timedelta(seconds=20),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=10),
+    "on_failure_callback": FailureAlert(),
 }
 
 
@@ -25,8 +28,16 @@ def _settings():
     from shoplens.config import Settings
 
     params = get_current_context()["params"]
-    overrides = {k: params.get(k) for k in ("categories", "best_n", "photo_cap_per_product", "shop_base_url")}
-    return Settings.from_env().with_overrides(**{k: v for k, v in overrides.items() if v not in ("", None, [])})
+    keys = ("categories", "best_n", "photo_cap_per_product", "shop_base_url")
+    return Settings.from_env().with_overrides(**{k: params.get(k) for k in keys if params.get(k)})
+
+
+def _stage(name: str, entry, *args):
+    """Run one stage entry for this DAG run, recording its metrics."""
+    from shoplens import ops
+
+    settings, run_key = _settings(), get_current_context()["run_id"]
+    return ops.run_stage(settings, run_key, name, entry, settings, *args, run_key)
 
 
 @dag(
@@ -36,13 +47,14 @@ def _settings():
     catchup=False,
     max_active_runs=1,
     default_args=default_args,
+    on_failure_callback=FailureAlert(),
     tags=["shoplens"],
     params={
-        "categories": Param([], type="array", items={"type": "string", "pattern": "^[0-9]+$"},
+        "categories": Param(None, type=["null", "array"], items={"type": "string", "pattern": "^[0-9]+$"},
                             description="Category ids to crawl; empty = configured defaults"),
         "best_n": Param(None, type=["null", "integer"], minimum=1, description="Best-N products per category"),
         "photo_cap_per_product": Param(None, type=["null", "integer"], minimum=1),
-        "shop_base_url": Param("", type="string", description="Shop (or replica) base URL; empty = configured"),
+        "shop_base_url": Param(None, type=["null", "string"], description="Shop base URL; empty = configured"),
     },
 )
 def shoplens_nightly():
@@ -58,25 +70,25 @@ def shoplens_nightly():
     def crawl_category(category_id: str) -> dict:
         from crawler import crawl_category as crawl
 
-        return crawl(_settings(), category_id, get_current_context()["run_id"])
+        return _stage(f"crawl:{category_id}", crawl, category_id)
 
     @task
     def finish_crawl(per_category: list[dict]) -> dict:
         from crawler import finish_run
 
-        return finish_run(_settings(), get_current_context()["run_id"])
+        return _stage("crawl", finish_run)
 
     @task
     def dedup(_crawl: dict) -> dict:
         from dataset import dedup as stage
 
-        return stage.run(_settings(), get_current_context()["run_id"])
+        return _stage("dedup", stage.run)
 
     @task
     def filter_photos(_dedup: dict) -> dict:
         from dataset import filter as stage
 
-        stats = stage.run(_settings(), get_current_context()["run_id"])
+        stats = _stage("filter", stage.run)
         print(f"filter run report: {stats.get('report_url')}")
         return stats
 
@@ -87,16 +99,24 @@ def shoplens_nightly():
         from dataset.checks import DataQualityError
 
         try:
-            stats = stage.run(_settings(), get_current_context()["run_id"])
+            stats = _stage("build", stage.run)
         except DataQualityError as exc:  # the data is wrong: a retry would fail the same way
             raise AirflowFailException(str(exc)) from exc
         get_current_context()["outlet_events"][DATASET_VERSION].extra = {
             "version": stats["version_id"], "uri": stats["uri"], "unchanged": stats["unchanged"]}
         return stats
 
+    @task
+    def run_summary() -> dict:
+        from shoplens import ops
+
+        ctx = get_current_context()
+        return ops.summarize_run(_settings(), ctx["run_id"], run_started_at=ctx["dag_run"].start_date)
+
     categories = start_run()
     crawled = finish_crawl(crawl_category.expand(category_id=categories))
-    build_dataset(filter_photos(dedup(crawled)))
+    # A teardown runs even after a failure and does not decide the run's state: the stages do.
+    build_dataset(filter_photos(dedup(crawled))) >> run_summary().as_teardown(setups=categories)
 
 
 shoplens_nightly()

@@ -66,3 +66,11 @@ def test_dag_files_import_nothing_heavy_at_top_level(path):
     assert not top_imports & {"tensorflow", "keras", "scrapy", "onnxruntime", "crawler", "dataset",
                               "modeling", "playwright", "numpy", "PIL"}
     assert len(path.read_text().splitlines()) < 150, "DAG files stay short; logic lives in packages"
+
+
+def test_the_run_summary_always_runs_but_never_hides_a_failure(dagbag):
+    dag = dagbag.dags["shoplens_nightly"]
+    summary = dag.get_task("run_summary")
+    assert summary.is_teardown and "build_dataset" in summary.upstream_task_ids
+    assert dag.get_task("start_run").is_setup
+    assert all(t.on_failure_callback for t in dag.tasks if t.task_id != "run_summary")
