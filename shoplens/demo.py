@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
         stack = default_stack(state / "airflow", AIRFLOW_PORT)
         stack.extra_env.update(env)
+        # The demo triggers its night itself; unpausing a scheduled DAG would add last night's run.
+        stack.extra_env["SHOPLENS_NIGHTLY_SCHEDULE"] = ""
         stack.start(workers={"worker-1": "default,training"})
         print(f"[demo] Airflow UI on {stack.api_url} (user admin, password in {state}/airflow/passwords.json)")
         stack.wait_for_dag("shoplens_train")

@@ -30,6 +30,8 @@ def stack_for(home: Path, settings: Settings, model_path: Path | None) -> Airflo
         # Dead workers are noticed quickly in tests; production keeps Airflow's default.
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        # Only the runs a test triggers: unpausing a scheduled DAG would also start last night's run.
+        "SHOPLENS_NIGHTLY_SCHEDULE": "",
     }
     if model_path is not None:
         env["SHOPLENS_DETECTOR_MODEL_PATH"] = str(model_path)
