@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 ACCEPTED_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
+IMAGE_CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
+                       "gif": "image/gif"}
 
 
 # Reasons that describe the bytes themselves (as opposed to the transfer).

@@ -7,13 +7,14 @@ without an object.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 import sqlalchemy as sa
 from scrapy.downloadermiddlewares.retry import get_retry_request
 from scrapy.exceptions import DropItem
+from scrapy.utils.defer import maybe_deferred_to_future
+from twisted.internet.threads import deferToThread
 
 from crawler.images import ImageRejected, ValidImage, validate_image
 from crawler.items import ReviewPhotoItem
@@ -49,9 +50,9 @@ class ReviewPhotoPipeline:
             raise DropItem("crawl aborted")
         stats = self.crawler.stats
         try:
-            image = await asyncio.to_thread(
-                validate_image, item.body, item.content_type,
-                max_pixels=self.shop.max_image_pixels, max_bytes=self.shop.max_image_bytes)
+            # One hop to Twisted's thread pool (REACTOR_THREADPOOL_MAXSIZE) for the blocking part.
+            image, new_image = await maybe_deferred_to_future(
+                deferToThread(self._validate_and_store, item))
         except ImageRejected as rejected:
             # A broken body may be a transient fault of the CDN: download it again first.
             retry = get_retry_request(item.request, spider=spider,
@@ -66,8 +67,6 @@ class ReviewPhotoPipeline:
                 category_id=item.category_id, product_id=item.product_id,
                 review_id=item.review_id))
             raise DropItem(str(rejected)) from None
-        try:
-            new_object, new_image = await asyncio.to_thread(self._store, item, image)
         except StoreUnavailable as exc:
             spider.abort(str(exc))
             raise DropItem("object store unavailable") from None
@@ -77,17 +76,18 @@ class ReviewPhotoPipeline:
         stats.inc_value("shoplens/photos_stored")
         stats.set_value("shoplens/last_photo_stored_at", time.time())
         stats.inc_value("shoplens/bytes_stored", image.size_bytes)
-        if new_object:
-            stats.inc_value("shoplens/objects_written")
         if new_image:
             stats.inc_value("shoplens/images_new")
         return {"review_id": item.review_id, "sha256": image.sha256}
 
-    def _store(self, item: ReviewPhotoItem, image: ValidImage) -> tuple[bool, bool]:
+    def _validate_and_store(self, item: ReviewPhotoItem) -> tuple[ValidImage, bool]:
+        image = validate_image(item.body, item.content_type,
+                               max_pixels=self.shop.max_image_pixels,
+                               max_bytes=self.shop.max_image_bytes)
         if self.crawler.spider.fatal_error:  # queued behind the write that found the outage
             raise StoreUnavailable(self.crawler.spider.fatal_error)
         try:
-            key, new_object = self.store.put_image(item.body, image.format, image.sha256)
+            key, _ = self.store.put_image(item.body, image.format, image.sha256)
         except Exception as exc:  # minio raises urllib3/S3 errors of many kinds
             raise StoreUnavailable(f"object store {self.shop.s3_endpoint} bucket "
                                    f"{self.shop.s3_bucket!r} refused a write: "
@@ -96,4 +96,4 @@ class ReviewPhotoPipeline:
             sha256=image.sha256, object_key=key, size_bytes=image.size_bytes, width=image.width,
             height=image.height, fmt=image.format, source_url=item.url,
             review_id=item.review_id, product_id=item.product_id)
-        return new_object, new_image
+        return image, new_image

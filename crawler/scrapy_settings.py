@@ -31,6 +31,8 @@ def scrapy_settings(settings: Settings) -> dict:
         "RETRY_GIVE_UP_LOG_LEVEL": "WARNING",
         # The WAF cookie is managed by WafCookieMiddleware; nothing else should send cookies.
         "COOKIES_ENABLED": False,
+        # The photo pipeline's blocking work (decode, S3 PUT, manifest insert) runs in this pool.
+        "REACTOR_THREADPOOL_MAXSIZE": 16,
         "TELNETCONSOLE_ENABLED": False,
         "REMOTE_CONTROL_ENABLED": False,
         "LOG_LEVEL": "INFO",
