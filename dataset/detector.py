@@ -143,14 +143,19 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float = NMS_IOU) -
         return keep
     # One IoU matrix instead of one IoU row per kept box: hundreds of low-score candidates are
     # common because every box >= the storage threshold is kept.
-    overlaps = _iou_matrix(boxes[order])
+    overlapping = _iou_matrix(boxes[order]) > iou_threshold
     suppressed = np.zeros(len(order), dtype=bool)
-    keep = []
-    for i in range(len(order)):
-        if not suppressed[i]:
-            keep.append(int(order[i]))
-            suppressed |= overlaps[i] > iou_threshold
-    return keep
+    keep_positions = []
+    position = 0
+    while position < len(order):
+        keep_positions.append(position)
+        suppressed |= overlapping[position]
+        # Jump straight to the next box nothing kept so far overlaps.
+        later = np.flatnonzero(~suppressed[position + 1:])
+        if not later.size:
+            break
+        position += 1 + int(later[0])
+    return order[keep_positions].tolist()
 
 
 def _iou_matrix(b: np.ndarray) -> np.ndarray:
@@ -163,26 +168,47 @@ def _iou_matrix(b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-9)
 
 
-def postprocess(raw: np.ndarray, scale: float, width: int, height: int,
-                 min_score: float) -> list[Box]:
-    """Decode, keep (anchor, class) pairs above ``min_score``, per-class NMS, back to image pixels."""
+def postprocess_arrays(raw: np.ndarray, min_score: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode, keep (anchor, class) pairs above ``min_score``, per-class NMS: boxes (k, 4) in model
+    pixels, scores (k,) and class indices (k,), best score first."""
     if raw.shape != (len(_GRID_CELLS), 5 + len(COCO_CLASSES)):
         raise DetectorError(f"unexpected detector output shape {raw.shape}")
     # score = objectness x class score <= objectness: most anchors are dropped before decoding.
-    candidates = np.nonzero(raw[:, 4] >= min_score)[0]
+    candidates = np.flatnonzero(raw[:, 4] >= min_score)
     boxes, scores = decode_rows(raw[candidates], candidates)
     rows, classes = np.nonzero(scores >= min_score)
-    if rows.size == 0:
-        return []
     pair_boxes, pair_scores = boxes[rows], scores[rows, classes]
     # Per-class NMS in one pass: boxes of different classes are shifted apart so they never overlap.
     offsets = classes[:, None].astype(np.float32) * (4 * INPUT_SIZE)
-    found: list[Box] = []
-    for k in nms(pair_boxes + offsets, pair_scores):
-        x1, y1, x2, y2 = (pair_boxes[k] / scale).tolist()
-        found.append(Box(COCO_CLASSES[int(classes[k])], float(pair_scores[k]),
-                         max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)))
-    return found
+    kept = nms(pair_boxes + offsets, pair_scores) if rows.size else []
+    return pair_boxes[kept], pair_scores[kept], classes[kept]
+
+
+def _in_image_pixels(boxes: np.ndarray, scale: float, width: int, height: int) -> np.ndarray:
+    xyxy = boxes / scale
+    np.clip(xyxy[:, 0::2], 0.0, float(width), out=xyxy[:, 0::2])
+    np.clip(xyxy[:, 1::2], 0.0, float(height), out=xyxy[:, 1::2])
+    return xyxy
+
+
+def postprocess(raw: np.ndarray, scale: float, width: int, height: int,
+                min_score: float) -> list[Box]:
+    """Decode, keep (anchor, class) pairs above ``min_score``, per-class NMS, back to image pixels."""
+    boxes, scores, classes = postprocess_arrays(raw, min_score)
+    xyxy = _in_image_pixels(boxes, scale, width, height)
+    return [Box(COCO_CLASSES[c], s, *b) for b, s, c in
+            zip(xyxy.tolist(), scores.tolist(), classes.tolist())]
+
+
+def postprocess_dicts(raw: np.ndarray, scale: float, width: int, height: int,
+                      min_score: float) -> list[dict]:
+    """:func:`postprocess` as the stored JSON form (:meth:`Box.as_dict`), rounded in one numpy
+    pass instead of one Python object per box (hundreds of boxes are stored per image)."""
+    boxes, scores, classes = postprocess_arrays(raw, min_score)
+    xyxy = np.round(_in_image_pixels(boxes, scale, width, height).astype(np.float64), 1).tolist()
+    rounded = np.round(scores.astype(np.float64), 4).tolist()
+    return [{"label": COCO_CLASSES[c], "score": s, "box": b}
+            for b, s, c in zip(xyxy, rounded, classes.tolist())]
 
 
 def file_sha256(path: Path) -> str:
@@ -223,12 +249,15 @@ class Detector:
         """Boxes in original-image pixels; pass ``original_size`` for a draft-decoded image."""
         fitted, scale = fit_for_model(image, original_size)
         width, height = original_size or image.size
-        return self.detect_fitted(fitted, scale, width, height)
+        raw = self.infer(tensor_from_fitted(fitted))
+        return postprocess(raw, scale, width, height, self.min_score)
 
     def detect_fitted(self, fitted: Image.Image | np.ndarray, scale: float, width: int,
-                      height: int) -> list[Box]:
-        """Boxes for an image already resized by :func:`fit_for_model` (PIL image or array)."""
-        return postprocess(self.infer(tensor_from_fitted(fitted)), scale, width, height, self.min_score)
+                      height: int) -> list[dict]:
+        """Boxes (stored JSON form, see :meth:`Box.as_dict`) for an image already resized by
+        :func:`fit_for_model` (PIL image or array)."""
+        return postprocess_dicts(self.infer(tensor_from_fitted(fitted)), scale, width, height,
+                                 self.min_score)
 
 
 def open_image(data: bytes) -> Image.Image:

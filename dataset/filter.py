@@ -40,8 +40,9 @@ def features_for(detector: Detector, data: bytes, category_id: str | None = None
         return rules.Features(0, 0, [], {"decode_error": f"{type(exc).__name__}: {exc}"[:300]},
                               category_id)
     pixels = np.asarray(fitted)  # one array for the model input and the statistics
-    boxes = [b.as_dict() for b in detector.detect_fitted(pixels, scale, width, height)]
-    # Statistics from the model-sized image: they subsample to about 128 px anyway.
+    boxes = detector.detect_fitted(pixels, scale, width, height)
+    # Statistics from the model-sized image (no second decode or resize): they subsample it to
+    # about 128 px anyway.
     return rules.Features(width, height, boxes, image_statistics(pixels), category_id)
 
 
@@ -197,6 +198,16 @@ def run(settings: Settings, run_key: str, detector: Detector | None = None) -> d
     return stats
 
 
+def measured_occupancy(f: rules.Features, params: rules.RuleParams) -> float:
+    """The CLI's ``occupancy``: the share of the frame the main product covers (0..1). It is 0.0
+    when no product was found: an unreadable image, or no product box on a cluttered background
+    (the occupancy rule then passes or rejects as ``filter_occupancy_when_unknown`` says)."""
+    if not f.width:
+        return 0.0
+    share = rules.estimate_occupancy(f, params)
+    return 0.0 if share is None else round(share, 4)
+
+
 def decide_files(detector: Detector, paths: Iterable[str], params: rules.RuleParams,
                  category_id: str | None = None) -> Iterable[dict]:
     """The CLI's per-file JSON objects (no manifest involved)."""
@@ -205,10 +216,8 @@ def decide_files(detector: Detector, paths: Iterable[str], params: rules.RulePar
             f = features_for(detector, fh.read(), category_id)
         decisions = rules.decide(f, params)
         verdict, reasons = rules.verdict(decisions)
-        by_rule = {d.rule: d for d in decisions}
-        occupancy = by_rule.get("occupancy")
         yield {"image": path, "verdict": verdict, "reasons": reasons,
-               "occupancy": occupancy.score if occupancy else None,
+               "occupancy": measured_occupancy(f, params),
                "products": rules.count_products(f, params) if f.width else 0,
                "boxes": [b for b in f.boxes if b["score"] >= params.min_score],
                "details": {d.rule: {"passed": d.passed, "score": d.score, "reason": d.reason}

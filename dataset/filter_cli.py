@@ -4,6 +4,12 @@
     python -m dataset filter --category 10120000 photo.jpg    # product classes of that category
     python -m dataset filter --manifest --run-key manual-1    # what the nightly DAG runs
 
+JSON fields: ``verdict`` (keep/reject), ``reasons`` (failed rules), ``occupancy`` (float, 0..1: the
+share of the frame the main product covers; 0.0 when no product was found, i.e. the image is
+unreadable or no product box was detected on a cluttered background, where the occupancy rule
+follows ``SHOPLENS_FILTER_OCCUPANCY_WHEN_UNKNOWN``, "pass" by default), ``products`` (products
+counted), ``boxes`` (detections at or above the rules' score threshold).
+
 Thresholds and the model path come from Settings (env ``SHOPLENS_FILTER_*``,
 ``SHOPLENS_DETECTOR_MODEL_PATH``).
 """
@@ -60,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result, ensure_ascii=False), flush=True)
         else:
             why = ", ".join(result["reasons"]) or "-"
-            occ = "?" if result["occupancy"] is None else f"{result['occupancy']:.0%}"
+            measured = result["details"].get("occupancy", {}).get("score") is not None
+            occ = f"{result['occupancy']:.0%}" if measured else "none"
             print(f"{result['verdict']:<6} occupancy={occ:<5} products={result['products']} "
                   f"reasons={why}  {path}", flush=True)
     return 1 if failures else 0

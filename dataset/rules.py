@@ -17,10 +17,20 @@ How products are counted (multi-product rule):
    detector could not name for sure (an armchair seen as both chair and couch).
 Two or more products left -> rejected.
 
+Before step 2, a *holder* is set aside: a box of a class that holds products (dining table,
+bench, bowl, sink, refrigerator, oven, microwave) that encloses >= ``holder_inside`` of every other
+product box, without being the same object as one of them (step 3), is where the product lies
+(fruit in a bowl, a carton on a fridge shelf), not a second product; it counts neither as a
+product nor for occupancy.
+
 Occupancy: on a plain background (border ring plain >= ``plain_border``) the foreground extent is
-the estimate (the detector misses many studio products and its boxes are loose); otherwise the
-largest product box. When the background is not plain and no product
-is detected, ``occupancy_when_unknown`` decides (chosen by measurement: see docs/benchmarks.md).
+the estimate (the detector misses many studio products and its boxes are loose). Otherwise it is
+the share of the *main product*: the product group holding the most confident box (a big piece of
+furniture the detector is unsure of, behind a small product, is not what the photo is about). Its
+share is its largest box, except for food, where it is the extent of all its boxes (a pile of
+produce is one product; the detector boxes single fruits). When the background is not plain and
+no product is detected, ``occupancy_when_unknown`` decides (chosen by measurement: see
+docs/benchmarks.md); the measured share is then 0.
 """
 from __future__ import annotations
 
@@ -29,7 +39,7 @@ from typing import Mapping
 
 from dataset.detector import COCO_CLASSES
 
-RULES_VERSION = "rules-1"
+RULES_VERSION = "rules-2"
 
 FURNITURE = ("chair", "couch", "bed", "dining table", "bench", "potted plant", "toilet", "sink")
 KITCHENWARE = ("bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "vase",
@@ -41,6 +51,8 @@ DECOR_AND_DEVICES = ("clock", "book", "teddy bear", "tv", "laptop", "mouse", "re
                      "backpack", "suitcase")
 DEFAULT_PRODUCT_CLASSES = FURNITURE + KITCHENWARE + FOOD + DECOR_AND_DEVICES
 NEVER_PRODUCTS = frozenset({"person"})
+# Classes that hold or carry other products: see "holder" in the module doc.
+HOLDERS = frozenset({"dining table", "bench", "bowl", "sink", "refrigerator", "oven", "microwave"})
 
 RULE_NAMES = ("unreadable", "too_small", "aspect_ratio", "blank", "multi_product", "occupancy")
 
@@ -50,6 +62,7 @@ class RuleParams:
     min_score: float = 0.25
     min_box_area: float = 0.005
     same_object_iou: float = 0.5
+    holder_inside: float = 0.8
     min_occupancy: float = 0.5
     plain_border: float = 0.9
     occupancy_when_unknown: str = "pass"  # "pass" | "reject"
@@ -98,12 +111,37 @@ def _iou(a: list[float], b: list[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def _inside(inner: list[float], outer: list[float]) -> float:
+    """Share of ``inner``'s area that lies within ``outer``."""
+    area = _area(inner)
+    overlap = _area([max(inner[0], outer[0]), max(inner[1], outer[1]),
+                     min(inner[2], outer[2]), min(inner[3], outer[3])])
+    return overlap / area if area > 0 else 0.0
+
+
+def _extent(boxes: list[dict]) -> list[float]:
+    return [min(b["box"][0] for b in boxes), min(b["box"][1] for b in boxes),
+            max(b["box"][2] for b in boxes), max(b["box"][3] for b in boxes)]
+
+
 def product_boxes(f: Features, p: RuleParams) -> list[dict]:
+    """Boxes that count as products: product classes, confident and big enough, holders set aside."""
     classes = p.classes_for(f.category_id)
     frame = float(f.width * f.height)
-    return [b for b in f.boxes
-            if b["label"] in classes and b["score"] >= p.min_score
-            and _area(b["box"]) / frame >= p.min_box_area]
+    boxes = [b for b in f.boxes
+             if b["label"] in classes and b["score"] >= p.min_score
+             and _area(b["box"]) / frame >= p.min_box_area]
+    held = [b for b in boxes if b["label"] not in HOLDERS]
+    if not held:
+        return boxes
+    return [b for b in boxes if b["label"] not in HOLDERS or not _holds_all(b, held, p)]
+
+
+def _holds_all(holder: dict, held: list[dict], p: RuleParams) -> bool:
+    """``holder`` encloses every held box, and is none of them under another name (a box that
+    is the same object, IoU >= same_object_iou, is that object: a bench also seen as a chair)."""
+    return all(_inside(h["box"], holder["box"]) >= p.holder_inside
+               and _iou(h["box"], holder["box"]) < p.same_object_iou for h in held)
 
 
 def kind_of(label: str) -> str:
@@ -153,8 +191,12 @@ def estimate_occupancy(f: Features, p: RuleParams) -> float | None:
     boxes = product_boxes(f, p)
     if not boxes:
         return None
+    # group_products starts from the most confident box, so the first group is the main product.
+    main = group_products(boxes, p.same_object_iou)[0]
     frame = float(f.width * f.height)
-    return max(_area(b["box"]) for b in boxes) / frame
+    if kind_of(main[0]["label"]) == "food":
+        return _area(_extent(main)) / frame
+    return max(_area(b["box"]) for b in main) / frame
 
 
 def unreadable(f: Features, p: RuleParams) -> Decision:
@@ -228,7 +270,7 @@ def params_from_settings(settings) -> RuleParams:
         mapping[str(category)] = tuple(classes)
     return RuleParams(
         min_score=settings.filter_min_score, min_box_area=settings.filter_min_box_area,
-        same_object_iou=settings.filter_same_object_iou,
+        same_object_iou=settings.filter_same_object_iou, holder_inside=settings.filter_holder_inside,
         min_occupancy=settings.filter_min_occupancy, plain_border=settings.filter_plain_border,
         occupancy_when_unknown=settings.filter_occupancy_when_unknown,
         min_side=settings.filter_min_side, max_aspect=settings.filter_max_aspect,

@@ -109,6 +109,8 @@ class Settings:
     filter_min_score: float = 0.25
     filter_min_box_area: float = 0.005
     filter_same_object_iou: float = 0.5
+    # A table/bowl/fridge box enclosing this share of every other product box holds the product.
+    filter_holder_inside: float = 0.8
     filter_min_occupancy: float = 0.5
     filter_plain_border: float = 0.9
     filter_occupancy_when_unknown: str = "pass"

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dataset.detector import (COCO_CLASSES, PAD_VALUE, Detector, DetectorError, letterbox, nms,
-                              postprocess)
+                              postprocess, postprocess_dicts)
 from tests.conftest import shared_path
 
 BANANA, CHAIR, PERSON = (COCO_CLASSES.index(c) for c in ("banana", "chair", "person"))
@@ -69,6 +69,21 @@ def test_boxes_are_clipped_to_the_image():
 def test_nms_keeps_best_of_overlapping_and_all_disjoint_boxes():
     boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], dtype=np.float32)
     assert nms(boxes, np.array([0.5, 0.9, 0.4])) == [1, 2]
+
+
+def test_nms_a_suppressed_box_suppresses_nothing():
+    # b overlaps a and c; a and c barely overlap: greedy NMS keeps a, drops b, so c stays.
+    a, b, c = [0, 0, 10, 10], [3, 0, 13, 10], [6, 0, 16, 10]
+    assert nms(np.array([a, b, c], dtype=np.float32), np.array([0.9, 0.8, 0.7])) == [0, 2]
+
+
+def test_stored_form_matches_the_box_objects():
+    raw = raw_output()
+    set_anchor(raw, 270, 0.5, 0.25, math.log(4), math.log(2), 0.9, BANANA, 0.8)
+    set_anchor(raw, 272, -1.5, 0.25, math.log(4), math.log(2), 0.6, CHAIR, 0.9)
+    as_objects = [b.as_dict() for b in postprocess(raw, 0.37, 1000, 700, min_score=0.3)]
+    assert postprocess_dicts(raw, 0.37, 1000, 700, min_score=0.3) == as_objects
+    assert postprocess_dicts(raw_output(), 1.0, 10, 10, min_score=0.3) == []
 
 
 def test_missing_model_file_says_how_to_get_it(tmp_path):

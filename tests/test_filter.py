@@ -200,20 +200,50 @@ def test_override_cli_writes_the_table(settings, seeded):
     assert refused.returncode == 2 and "reason is required" in refused.stderr
 
 
+def test_kept_images_lists_kept_photos_that_are_not_duplicates(settings, seeded, model_path):
+    copy = seed(settings, {"copy": studio_photo(0.79)}, first_id=50)["copy"]  # a near-duplicate
+    stage.run(settings, "night-1", detector=CountingDetector(model_path))
+    kept_sql = sa.text("SELECT sha256 FROM kept_images ORDER BY sha256")
+    with engine_for(settings.manifest_url).begin() as conn:
+        for sha in seeded.values():
+            conn.execute(sa.text(
+                "INSERT INTO image_dedup (sha256, cluster_id, threshold) VALUES (:s, :s, 25)"),
+                {"s": sha})
+        assert conn.execute(kept_sql).scalars().all() == [seeded["filled"]]  # copy: not deduped yet
+        conn.execute(sa.text(
+            "INSERT INTO image_dedup (sha256, cluster_id, duplicate_of, distance, threshold) "
+            "VALUES (:c, :s, :s, 1, 25)"), {"c": copy, "s": seeded["filled"]})
+        assert verdicts(settings)[copy][0] == "keep"
+        assert conn.execute(kept_sql).scalars().all() == [seeded["filled"]]
+
+
+def noise_photo() -> bytes:
+    """Cluttered everywhere (no plain border) and nothing the detector can name."""
+    import numpy as np
+    pixels = np.random.default_rng(5).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    return jpeg(Image.fromarray(pixels))
+
+
 def test_cli_prints_one_json_object_per_image(tmp_path, model_path):
-    filled, small = tmp_path / "filled.jpg", tmp_path / "small.jpg"
+    filled, small, noise = tmp_path / "filled.jpg", tmp_path / "small.jpg", tmp_path / "noise.jpg"
     filled.write_bytes(studio_photo(0.8))
     small.write_bytes(studio_photo(0.1))
+    noise.write_bytes(noise_photo())
     banana = shared_path("datasets", "grocery", "train", "Fruit", "Banana", "Banana_001.jpg")
+    images = [str(filled), str(small), str(banana), str(noise)]
     done = subprocess.run(
-        [sys.executable, "-m", "dataset", "filter", "--json", str(filled), str(small), str(banana)],
+        [sys.executable, "-m", "dataset", "filter", "--json", *images],
         cwd=REPO, env={"SHOPLENS_DETECTOR_MODEL_PATH": str(model_path), "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [line["image"] for line in lines] == [str(filled), str(small), str(banana)]
+    assert [line["image"] for line in lines] == images
     for line in lines:
         assert set(line) == {"image", "verdict", "reasons", "occupancy", "products", "boxes"}
+        assert isinstance(line["occupancy"], float)
+    # No product found on a cluttered background: occupancy 0.0, and the rule passes (default).
+    assert lines[3]["occupancy"] == 0.0 and lines[3]["products"] == 0
+    assert "occupancy" not in lines[3]["reasons"]
     assert lines[0]["verdict"] == "keep" and lines[0]["occupancy"] == pytest.approx(0.8, abs=0.05)
     assert lines[1]["verdict"] == "reject" and lines[1]["reasons"] == ["occupancy"]
     assert lines[2]["products"] == 1 and lines[2]["boxes"][0]["label"] == "banana"

@@ -78,11 +78,54 @@ def test_occupancy_on_a_plain_background_is_the_foreground_extent():
     assert not d.passed and d.score == 0.2 and "20%" in d.reason
 
 
-def test_occupancy_in_a_cluttered_scene_is_the_largest_product_box():
+def test_occupancy_in_a_cluttered_scene_is_the_main_products_largest_box():
     f = features([box("chair", 0.9, 0, 0, 500, 400), box("chair", 0.9, 0, 0, 100, 100)])
     d = decision(f, "occupancy")
     assert d.score == 0.2 and not d.passed
     assert decision(f, "occupancy", dataclasses.replace(P, min_occupancy=0.15)).passed
+
+
+def test_the_main_product_is_the_most_confident_one_not_the_biggest_box():
+    # A small chair the detector is sure of, in front of a bed it is unsure of: the photo is
+    # about the chair, which covers 10 % of it.
+    f = features([box("bed", 0.4, 0, 0, 1000, 700), box("chair", 0.9, 600, 600, 900, 933)])
+    d = decision(f, "occupancy")
+    assert d.score == pytest.approx(0.1, abs=0.001) and not d.passed
+
+
+def test_a_pile_of_produce_covers_the_extent_of_all_its_fruit():
+    pile = [box("apple", 0.7, 0, 0, 250, 250), box("orange", 0.6, 700, 700, 1000, 1000),
+            box("apple", 0.5, 400, 100, 600, 300)]
+    d = decision(features(pile), "occupancy")
+    assert d.passed and d.score == 1.0
+    # Not for other kinds: two chairs far apart are measured by the bigger one.
+    chairs = [box("chair", 0.7, 0, 0, 250, 250), box("chair", 0.6, 700, 700, 1000, 1000)]
+    assert decision(features(chairs), "occupancy").score == 0.09
+
+
+def test_a_fridge_or_bowl_holding_the_product_is_not_a_second_product():
+    fridge = box("refrigerator", 0.9, 0, 0, 1000, 1000)
+    carton = box("bottle", 0.6, 300, 100, 700, 900)
+    f = features([fridge, carton])
+    assert rules.count_products(f, P) == 1
+    assert decision(f, "occupancy").score == 0.32  # the carton, not the fridge around it
+    fruit_bowl = [box("bowl", 0.5, 0, 200, 1000, 1000), box("orange", 0.8, 100, 300, 500, 700),
+                  box("orange", 0.7, 500, 300, 900, 700)]
+    assert rules.count_products(features(fruit_bowl), P) == 1
+    # A holder beside the product, or one that is not a holder class, still counts.
+    beside = box("refrigerator", 0.9, 0, 0, 400, 1000)
+    assert rules.count_products(features([beside, carton]), P) == 2
+    bed = box("bed", 0.9, 0, 0, 1000, 1000)
+    assert rules.count_products(features([bed, carton]), P) == 2
+    # A holder-class box that is the product under another name is that product, not its holder.
+    bench_or_chair = [box("bench", 0.7, 0, 0, 1000, 600), box("chair", 0.5, 100, 0, 1000, 600)]
+    assert rules.product_boxes(features(bench_or_chair), P) == bench_or_chair
+    assert rules.count_products(features(bench_or_chair), P) == 1
+    # How much of the product must lie within the holder is a threshold.
+    half_inside = box("refrigerator", 0.9, 0, 0, 500, 1000)
+    assert rules.count_products(features([half_inside, carton]), P) == 2
+    loose = dataclasses.replace(P, holder_inside=0.4)
+    assert rules.count_products(features([half_inside, carton]), loose) == 1
 
 
 def test_occupancy_unknown_follows_the_configured_verdict():
@@ -123,10 +166,20 @@ def test_image_statistics_measure_extent_on_plain_background_and_blankness():
     assert image_statistics(Image.new("RGB", (400, 300), (128, 128, 128)))["luma_std"] == 0.0
 
 
+def test_foreground_extent_ignores_a_few_stray_specks():
+    photo = Image.new("RGB", (400, 400), (250, 250, 250))
+    photo.paste((30, 60, 90), (100, 100, 300, 300))  # a quarter of the frame
+    alone = image_statistics(photo)["fg_extent"]
+    photo.paste((0, 0, 0), (4, 4, 8, 8))  # one dark speck in a corner
+    assert image_statistics(photo)["fg_extent"] == pytest.approx(alone, abs=0.02)
+    assert alone == pytest.approx(0.25, abs=0.03)
+
+
 def test_settings_map_to_params_and_unknown_classes_are_refused():
-    params = rules.params_from_settings(Settings(filter_min_occupancy=0.6,
+    params = rules.params_from_settings(Settings(filter_min_occupancy=0.6, filter_holder_inside=0.7,
                                                  filter_product_classes={"*": ["bowl"]}))
     assert params.min_occupancy == 0.6 and params.classes_for("x") == {"bowl"}
+    assert params.holder_inside == 0.7
     with pytest.raises(ValueError, match="unknown classes"):
         rules.params_from_settings(Settings(filter_product_classes={"*": ["sofa"]}))
     with pytest.raises(ValueError, match="occupancy_when_unknown"):

@@ -95,10 +95,7 @@ def upgrade() -> None:
         sa.CheckConstraint("length(btrim(reason)) > 0", name="image_overrides_reason"),
     )
     op.execute(IMAGE_VERDICTS)
-    # kept_images needs 0002's image_dedup; while that migration is still a placeholder the view
-    # cannot exist yet (remove this guard once 0002_dedup creates image_dedup).
-    if sa.inspect(op.get_bind()).has_table("image_dedup"):
-        op.execute(KEPT_IMAGES)
+    op.execute(KEPT_IMAGES)  # needs 0002_dedup's image_dedup
 
 
 def downgrade() -> None:
