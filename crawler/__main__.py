@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(runner.finish_run(settings, run_key), ensure_ascii=False, indent=2))
         return 0
 
+    import sqlalchemy as sa
+
     from crawler import manifest_writer
 
     try:
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except manifest_writer.RunNotFound as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except sa.exc.DBAPIError as exc:
+        print(f"error: manifest database unavailable: {str(exc.orig).strip()[:300]}",
+              file=sys.stderr)
+        return 3
     print(json.dumps({"run_key": args.run_key, "run_id": run_id,
                       **manifest_writer.run_summary(settings.manifest_url, run_id)},
                      ensure_ascii=False, indent=2))
