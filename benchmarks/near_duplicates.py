@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dataset.dedup_clusters import DuplicateRule, component_labels, find_pairs  # noqa: E402
-from dataset.hashing import as_uint64, hashes_of_image  # noqa: E402
+from dataset.hashing import HASH_VERSION, as_uint64, hashes_of_image, to_unsigned64  # noqa: E402
 
 VARIANTS = ("jpeg", "resize", "crop", "brightness_contrast", "border", "combined")
 MAX_DISTANCE = 64
@@ -146,12 +146,14 @@ def and_rule_table(same: np.ndarray, different: np.ndarray, limit: int = 24) -> 
             for a in range(limit + 1) for b in range(limit + 1)}
 
 
-def sum_rule_table(same: np.ndarray, different: np.ndarray, limit: int = 48) -> dict[int, dict]:
+def sum_rule_table(same: np.ndarray, different: np.ndarray, limit: int = 48,
+                   candidate_radius: int | None = None) -> dict[int, dict]:
+    """Pair metrics of ``DuplicateRule(t, candidate_radius)`` for every threshold t up to ``limit``."""
     p, d = np.indices(same.shape)
     positives = same.sum()
     table = {}
     for t in range(limit + 1):
-        inside = (p + d) <= t
+        inside = DuplicateRule(t, candidate_radius).matches(p, d)
         tp = same[inside].sum()
         table[t] = _metrics(tp, tp + different[inside].sum(), positives)
     return table
@@ -163,6 +165,31 @@ def best_by_recall(table: dict, min_precision: float = MIN_TUNING_PRECISION):
     if not eligible:
         return None
     return max(eligible, key=lambda k: (table[k]["recall"], table[k]["precision"]))
+
+
+def radius_table(same, different, held_same, held_different, radii=range(4, 13)) -> dict[int, dict]:
+    """For each bound r on min(pHash, dHash): the threshold chosen on tuning and its held-out metrics."""
+    table = {}
+    for radius in radii:
+        tuning = sum_rule_table(same, different, candidate_radius=radius)
+        threshold = best_by_recall(tuning)
+        if threshold is not None:
+            held = sum_rule_table(held_same, held_different, candidate_radius=radius)[threshold]
+            table[radius] = {"threshold": threshold, "tuning": [tuning[threshold]["precision"],
+                                                                tuning[threshold]["recall"]],
+                             "held_out": [held["precision"], held["recall"]]}
+    return table
+
+
+def _cached_hashes(path: Path | None, photos: list[str]) -> np.ndarray | None:
+    if path is None or not path.exists():
+        return None
+    with np.load(path) as cache:
+        if cache["photos"].tolist() != photos or str(cache["hash_version"]) != HASH_VERSION:
+            print(f"{path} holds other photos or another hash version: hashing again", file=sys.stderr)
+            return None
+        print(f"hashes read from {path}")
+        return cache["hashes"]
 
 
 def cluster_metrics(phash, dhash, photo, rule: DuplicateRule) -> dict:
@@ -198,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "results" / "near_duplicates.json")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=0, help="only the first N photos (smoke run)")
+    parser.add_argument("--candidate-radius", type=int, default=None,
+                        help="also require min(pHash, dHash) <= this (default: no bound, the stage's rule)")
+    parser.add_argument("--hash-cache", type=Path, default=None,
+                        help="npz of the photos' hashes: read when it matches this photo list and hash "
+                             "version, else written (re-runs the rule analysis without re-hashing)")
     args = parser.parse_args(argv)
     if not (args.grocery / "train.txt").exists():
         print(f"needs the grocery photos at {args.grocery} (absent on this machine)", file=sys.stderr)
@@ -207,11 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     photos = list_photos(args.grocery)
     if args.limit:
         photos = photos[:args.limit]
-    with multiprocessing.Pool(args.workers) as pool:
-        hashed = pool.map(_hash_photo, photos, chunksize=16)
-    print(f"hashed {len(photos)} photos x {1 + len(VARIANTS)} images in {time.perf_counter() - started:.0f}s")
-
-    per_image = np.array([row for rows in hashed for row in rows], dtype=object)
+    per_image = _cached_hashes(args.hash_cache, photos)
+    if per_image is None:
+        with multiprocessing.Pool(args.workers) as pool:
+            hashed = pool.map(_hash_photo, photos, chunksize=16)
+        print(f"hashed {len(photos)} photos x {1 + len(VARIANTS)} images in {time.perf_counter() - started:.0f}s")
+        per_image = np.array([[to_unsigned64(v) for v in row] for rows in hashed for row in rows], dtype=np.uint64)
+        if args.hash_cache:
+            args.hash_cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(args.hash_cache, hashes=per_image, photos=np.array(photos), hash_version=HASH_VERSION)
     photo_of = np.repeat(np.arange(len(photos)), 1 + len(VARIANTS))
     variant_of = np.tile(np.arange(1 + len(VARIANTS)), len(photos))
     tuning_photo = np.array([is_tuning(p) for p in photos])
@@ -220,26 +256,30 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"command": "python benchmarks/near_duplicates.py", "photos": len(photos),
                     "images_per_photo": 1 + len(VARIANTS), "variants": list(VARIANTS),
                     "photos_tuning": int(tuning_photo.sum()), "photos_held_out": int((~tuning_photo).sum()),
-                    "min_tuning_precision": MIN_TUNING_PRECISION, "by_preprocessing": {}}
+                    "min_tuning_precision": MIN_TUNING_PRECISION, "candidate_radius": args.candidate_radius,
+                    "by_preprocessing": {}}
     for trimmed, columns in ((False, (0, 1)), (True, (2, 3))):
         label = "trim_border" if trimmed else "no_trim"
         phash, dhash = as_uint64(per_image[:, columns[0]]), as_uint64(per_image[:, columns[1]])
         tuning, held = subsets["tuning"], subsets["held_out"]
         same, different = distance_histograms(phash[tuning], dhash[tuning], photo_of[tuning])
-        sums, grid = sum_rule_table(same, different), and_rule_table(same, different)
+        sums = sum_rule_table(same, different, candidate_radius=args.candidate_radius)
+        grid = and_rule_table(same, different)
         threshold, and_best = best_by_recall(sums), best_by_recall(grid)
         if threshold is None:
             raise SystemExit(f"no threshold reaches precision {MIN_TUNING_PRECISION} on the tuning half")
         h_same, h_diff = distance_histograms(phash[held], dhash[held], photo_of[held])
-        rule = DuplicateRule(threshold)
+        held_sums = sum_rule_table(h_same, h_diff, candidate_radius=args.candidate_radius)
+        rule = DuplicateRule(threshold, args.candidate_radius)
         report["by_preprocessing"][label] = {
+            "rule": rule.describe(),
             "chosen_on_tuning": {"threshold": threshold, **sums[threshold]},
-            "held_out_pairs": sum_rule_table(h_same, h_diff)[threshold],
+            "held_out_pairs": held_sums[threshold],
             "held_out_clusters": cluster_metrics(phash[held], dhash[held], photo_of[held], rule),
             "held_out_variant_recall": variant_recall(phash[held], dhash[held], photo_of[held],
                                                       variant_of[held], rule),
-            "held_out_sum_rule": {t: [v["precision"], v["recall"]] for t, v in
-                                  sum_rule_table(h_same, h_diff).items() if 18 <= t <= 32},
+            "held_out_sum_rule": {t: [v["precision"], v["recall"]] for t, v in held_sums.items() if 18 <= t <= 32},
+            "by_candidate_radius": radius_table(same, different, h_same, h_diff),
             "and_rule_best_on_tuning": and_best and {
                 "phash_threshold": and_best[0], "dhash_threshold": and_best[1], **grid[and_best],
                 "held_out": and_rule_table(h_same, h_diff)[and_best]},

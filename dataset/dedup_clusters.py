@@ -14,33 +14,42 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from dataset.hamming_index import HammingIndex, brute_force_neighbours
+from dataset.hamming_index import radius_neighbours
 from dataset.hashing import HASH_BITS, as_uint64
-
-# Below this many items a vectorised scan is faster than building an index.
-BRUTE_FORCE_BELOW = 4096
 
 
 @dataclass(frozen=True)
 class DuplicateRule:
-    """Near-duplicates: pHash distance + dHash distance <= ``threshold`` (0..128).
+    """Near-duplicates: pHash distance + dHash distance <= ``threshold`` (0..128), and one of the two
+    distances <= ``candidate_radius`` (unset: ``threshold // 2``, which the sum already implies).
 
     The sum is the Hamming distance between the two 128-bit concatenations (pHash, dHash); it
-    beat ``pHash <= a AND dHash <= b`` on the tuning photos (see docs/benchmarks.md).
+    beat ``pHash <= a AND dHash <= b`` on the tuning photos (see docs/benchmarks.md). The second
+    condition is what makes the search fast: neighbours are looked up within ``candidate_radius``
+    of each hash, and a small radius keeps the multi-index search far below a full scan.
     """
     threshold: int
+    candidate_radius: int | None = None
 
     def __post_init__(self):
         if not 0 <= self.threshold <= 2 * HASH_BITS:
             raise ValueError(f"dedup threshold must be within 0..{2 * HASH_BITS}, got {self.threshold}")
+        if self.candidate_radius is not None and not 0 <= self.candidate_radius <= HASH_BITS:
+            raise ValueError(f"dedup candidate radius must be within 0..{HASH_BITS}, got {self.candidate_radius}")
 
     @property
     def index_radius(self) -> int:
         # p + d <= t implies min(p, d) <= t // 2: a radius search on either hash finds every pair.
-        return self.threshold // 2
+        implied = self.threshold // 2
+        return implied if self.candidate_radius is None else min(implied, self.candidate_radius)
 
     def matches(self, phash_distance, dhash_distance):
-        return (np.asarray(phash_distance) + np.asarray(dhash_distance)) <= self.threshold
+        p, d = np.asarray(phash_distance), np.asarray(dhash_distance)
+        return ((p + d) <= self.threshold) & (np.minimum(p, d) <= self.index_radius)
+
+    def describe(self) -> str:
+        bound = "" if self.index_radius == self.threshold // 2 else f" and min(phash, dhash) <= {self.index_radius}"
+        return f"phash + dhash <= {self.threshold}{bound}"
 
 
 @dataclass(frozen=True)
@@ -54,12 +63,6 @@ class Pairs:
         return len(self.first)
 
 
-def _neighbours(hashes: np.ndarray, queries: np.ndarray, radius: int):
-    if len(hashes) < BRUTE_FORCE_BELOW:
-        return brute_force_neighbours(hashes, hashes[queries], radius)
-    return HammingIndex(hashes, radius).query(hashes[queries])
-
-
 def find_pairs(phashes, dhashes, rule: DuplicateRule, query_positions=None) -> Pairs:
     """Near-duplicate pairs among all items, or between ``query_positions`` and all items.
 
@@ -71,16 +74,17 @@ def find_pairs(phashes, dhashes, rule: DuplicateRule, query_positions=None) -> P
                else np.unique(np.asarray(query_positions, dtype=np.int64)))
     firsts, seconds = [], []
     for hashes in (phashes, dhashes):
-        found = _neighbours(hashes, queries, rule.index_radius)
+        found = radius_neighbours(hashes, hashes[queries], rule.index_radius)
         firsts.append(queries[found.query])
         seconds.append(found.item)
     first, second = np.concatenate(firsts), np.concatenate(seconds)
     low, high = np.minimum(first, second), np.maximum(first, second)
     key = np.unique(low[low != high] * np.int64(max(len(phashes), 1)) + high[low != high])
     low, high = np.divmod(key, np.int64(max(len(phashes), 1)))
-    distance = hamming_distances(phashes[low], phashes[high]) + hamming_distances(dhashes[low], dhashes[high])
-    keep = distance <= rule.threshold
-    return Pairs(low[keep], high[keep], distance[keep])
+    phash_distance = hamming_distances(phashes[low], phashes[high])
+    dhash_distance = hamming_distances(dhashes[low], dhashes[high])
+    keep = rule.matches(phash_distance, dhash_distance)
+    return Pairs(low[keep], high[keep], (phash_distance + dhash_distance)[keep])
 
 
 def component_labels(count: int, first, second) -> np.ndarray:

@@ -10,7 +10,8 @@ from PIL import Image, ImageOps
 
 from dataset.dedup import assign_clusters
 from dataset.dedup_clusters import DuplicateRule, component_labels, find_pairs
-from dataset.hamming_index import HammingIndex, brute_force_neighbours, choose_chunk_count
+from dataset.hamming_index import (HammingIndex, brute_force_neighbours, cheapest_method, choose_chunk_count,
+                                   chunk_radii, probe_scan_neighbours, radius_neighbours)
 from dataset.hashing import as_uint64, hamming, hashes_of_image, to_signed64, to_unsigned64
 
 
@@ -41,6 +42,33 @@ def test_index_returns_exactly_the_brute_force_result_set(seed):
         # A smaller radius on the same index is exact too.
         assert index.query(queries, radius // 2).as_set() == brute_force_neighbours(
             hashes, queries, radius // 2).as_set()
+
+
+@pytest.mark.parametrize("chunk_count", [3, 4, 5, 7])
+def test_probe_scan_returns_exactly_the_brute_force_result_set(chunk_count):
+    rng = np.random.default_rng(chunk_count)
+    hashes = planted_hashes(rng, count=3000, near_per_seed=3, max_flips=14)
+    queries = hashes[rng.choice(len(hashes), 200, replace=False)]
+    for radius in (0, 5, 12):
+        expected = brute_force_neighbours(hashes, queries, radius).as_set()
+        assert probe_scan_neighbours(hashes, queries, radius, chunk_count).as_set() == expected
+        assert radius_neighbours(hashes, queries, radius).as_set() == expected
+
+
+def test_chunk_radii_are_the_tight_pigeonhole_split_of_the_radius():
+    # A pair escapes every chunk only if chunk k differs in radii[k] + 1 bits or more, for all k:
+    # that needs sum(radii[k] + 1) = radius + 1 bits, so nothing within the radius escapes.
+    for chunk_count in range(1, 9):
+        for radius in range(0, 25):
+            radii = chunk_radii(radius, chunk_count)
+            assert sum(r + 1 for r in radii) == radius + 1 and min(radii) >= -1
+            assert max(radii) - min(radii) <= 1
+
+
+def test_search_method_follows_the_batch_size():
+    assert cheapest_method(1_000_000, 1, 12) == "brute force"  # one new image: a scan is cheapest
+    assert cheapest_method(1_000_000, 500, 12) != "brute force"
+    assert cheapest_method(1_000_000, 1_000_000, 12) == "index"  # re-clustering everything
 
 
 def test_index_self_join_lists_each_close_pair_once():
@@ -90,6 +118,23 @@ def test_pairs_use_the_combined_distance_and_clusters_are_connected_components()
     # 0-1: 3 + 1 = 4; 0-3: 2 + 16 (too far); 1-3: 1 + 17; 0-2: 8 + 4 = 12 (too far); 1-2: 11 + 3.
     assert found == {(0, 1, 4)}
     assert list(component_labels(5, pairs.first, pairs.second)) == [0, 0, 1, 2, 3]
+
+
+def test_candidate_radius_bounds_the_smaller_of_the_two_distances():
+    rng = np.random.default_rng(5)
+    phashes = planted_hashes(rng, count=1500, near_per_seed=2, max_flips=14)
+    dhashes = phashes ^ rng.integers(0, 2**20, len(phashes)).astype(np.uint64)  # copies near in both
+    rule = DuplicateRule(25, candidate_radius=6)
+    assert rule.index_radius == 6 and DuplicateRule(25).index_radius == 12
+    assert list(rule.matches([6, 7, 12, 3], [19, 7, 1, 23])) == [True, False, True, False]
+    p = np.bitwise_count(phashes[:, None] ^ phashes[None, :])
+    d = np.bitwise_count(dhashes[:, None] ^ dhashes[None, :])
+    first, second = np.nonzero(np.triu(rule.matches(p, d), k=1))
+    pairs = find_pairs(phashes, dhashes, rule)
+    assert set(zip(pairs.first.tolist(), pairs.second.tolist())) == set(zip(first.tolist(), second.tolist()))
+    assert len(pairs) > 0
+    with pytest.raises(ValueError, match="candidate radius"):
+        DuplicateRule(25, candidate_radius=65)
 
 
 Row = namedtuple("Row", "sha256 phash dhash width height first_seen_run created_at product_id")
