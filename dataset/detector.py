@@ -141,21 +141,43 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float = NMS_IOU) -
             keep.append(int(order[0]))
             order = order[1:][iou(boxes[order[0]], boxes[order[1:]]) <= iou_threshold]
         return keep
-    # One IoU matrix instead of one IoU row per kept box: hundreds of low-score candidates are
-    # common because every box >= the storage threshold is kept.
-    overlapping = _iou_matrix(boxes[order]) > iou_threshold
-    suppressed = np.zeros(len(order), dtype=bool)
-    keep_positions = []
+    return order[_greedy(_iou_matrix(boxes[order]) > iou_threshold)].tolist()
+
+
+def _greedy(overlapping: np.ndarray) -> list[int]:
+    """Positions kept by greedy suppression over boxes already sorted best first, given which
+    pairs overlap: one IoU matrix instead of one IoU row per kept box."""
+    suppressed = np.zeros(len(overlapping), dtype=bool)
+    keep = []
     position = 0
-    while position < len(order):
-        keep_positions.append(position)
+    while position < len(overlapping):
+        keep.append(position)
         suppressed |= overlapping[position]
         # Jump straight to the next box nothing kept so far overlaps.
         later = np.flatnonzero(~suppressed[position + 1:])
         if not later.size:
             break
         position += 1 + int(later[0])
-    return order[keep_positions].tolist()
+    return keep
+
+
+def per_class_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                  iou_threshold: float = NMS_IOU) -> np.ndarray:
+    """:func:`nms` within each class (boxes of different classes never suppress each other);
+    indices kept, best score first. One small IoU matrix per class present: cheaper than one
+    matrix over every (box, class) pair, and exact."""
+    order = np.lexsort((-scores, classes))  # grouped by class, best score first within each
+    grouped = classes[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+    kept = []
+    for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(order)]):
+        members = order[start:end]
+        if len(members) > 1000:
+            kept.append(members[nms(boxes[members], scores[members], iou_threshold)])
+        else:
+            kept.append(members[_greedy(_iou_matrix(boxes[members]) > iou_threshold)])
+    kept_all = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    return kept_all[np.argsort(-scores[kept_all], kind="stable")]
 
 
 def _iou_matrix(b: np.ndarray) -> np.ndarray:
@@ -178,9 +200,7 @@ def postprocess_arrays(raw: np.ndarray, min_score: float) -> tuple[np.ndarray, n
     boxes, scores = decode_rows(raw[candidates], candidates)
     rows, classes = np.nonzero(scores >= min_score)
     pair_boxes, pair_scores = boxes[rows], scores[rows, classes]
-    # Per-class NMS in one pass: boxes of different classes are shifted apart so they never overlap.
-    offsets = classes[:, None].astype(np.float32) * (4 * INPUT_SIZE)
-    kept = nms(pair_boxes + offsets, pair_scores) if rows.size else []
+    kept = per_class_nms(pair_boxes, pair_scores, classes)
     return pair_boxes[kept], pair_scores[kept], classes[kept]
 
 

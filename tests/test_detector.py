@@ -59,6 +59,18 @@ def test_decode_and_nms_match_hand_computed_boxes():
     ]
 
 
+def test_nms_never_lets_one_class_suppress_another_wherever_its_box_lies():
+    raw = raw_output()
+    apple = COCO_CLASSES.index("apple")  # the class right after banana
+    # A junk banana box one class-offset (4 x 416 px) right of and below an apple box of the
+    # same size: shifting boxes apart by class index would make the two coincide.
+    set_anchor(raw, 270, 0.5 + 4 * 416 / 8, 0.25 + 4 * 416 / 8, math.log(4), math.log(2), 0.9,
+               BANANA, 0.8)
+    set_anchor(raw, 271, -0.5, 0.25, math.log(4), math.log(2), 0.9, apple, 0.7)
+    labels = [b.label for b in postprocess(raw, 1.0, 4000, 416, min_score=0.3)]
+    assert labels == ["banana", "apple"]
+
+
 def test_boxes_are_clipped_to_the_image():
     raw = raw_output()
     set_anchor(raw, 0, 0, 0, math.log(4), math.log(4), 0.9, CHAIR, 0.9)  # centre (0, 0), 32x32
