@@ -143,8 +143,20 @@ class AirflowStack:
                                   "--celery-hostname", f"{name}@%h", "--concurrency", "2"])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Kill one component and its children (the Celery pool), e.g. to test recovery."""
+        """Kill one component and every process under it (Celery pool, task runners, crawls),
+        as when its machine dies, e.g. to test recovery."""
+        import psutil
+
         pid = self.pids.pop(name)
+        try:
+            victims = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            victims = []
+        for proc in victims:
+            try:
+                proc.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
@@ -175,9 +187,19 @@ class AirflowStack:
         return "\n".join(out)
 
     def stop(self) -> None:
+        """SIGTERM every component, then SIGKILL whatever is left of their process trees
+        (task runners may sit in sessions of their own)."""
+        import psutil
+
         if not self.pids and (self.home / "pids.json").exists():
             self.pids = json.loads((self.home / "pids.json").read_text())
-        for name, pid in list(self.pids.items()):
+        descendants: list[psutil.Process] = []
+        for pid in self.pids.values():
+            try:
+                descendants += psutil.Process(pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+        for pid in self.pids.values():
             try:
                 os.killpg(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -185,10 +207,16 @@ class AirflowStack:
         for name, pid in list(self.pids.items()):
             stop_pid(pid, timeout=20)
             try:
-                os.killpg(pid, signal.SIGKILL)  # leftovers of the process group (task runners)
+                os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.pids.pop(name)
+        _, alive = psutil.wait_procs(descendants, timeout=5)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
         self._save_pids()
 
     # ---------------------------------------------------------------- REST API

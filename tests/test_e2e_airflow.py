@@ -112,13 +112,19 @@ def test_two_workers_one_killed_mid_run_still_succeed_with_the_same_manifest(
 
 
 def _wait_for_running_crawl(stack, run_id: str, timeout: float = 300) -> str:
-    """Name of the worker that runs a crawl task right now."""
+    """Name of the worker whose process tree runs a crawl task right now."""
+    import psutil
+
+    workers = {pid: name for name, pid in stack.pids.items() if name.startswith("worker-")}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for ti in stack.task_instances("shoplens_nightly", run_id):
-            if ti["task_id"] == "crawl_category" and ti["state"] == "running" and ti.get("hostname"):
-                for name in stack.pids:
-                    if name.startswith("worker-") and ti["hostname"].startswith(name):
-                        return name
-        time.sleep(0.5)
+            if ti["task_id"] == "crawl_category" and ti["state"] == "running" and ti.get("pid"):
+                try:
+                    ancestors = {p.pid for p in psutil.Process(ti["pid"]).parents()}
+                except psutil.NoSuchProcess:
+                    continue
+                for pid in ancestors & set(workers):
+                    return workers[pid]
+        time.sleep(0.3)
     raise TimeoutError("no crawl task started running")
