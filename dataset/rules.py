@@ -30,7 +30,7 @@ furniture the detector is unsure of, behind a small product, is not what the pho
 share is its largest box, except for food, where it is the extent of all its boxes (a pile of
 produce is one product; the detector boxes single fruits). When the background is not plain and
 no product is detected, ``occupancy_when_unknown`` decides (chosen by measurement: see
-docs/benchmarks.md); the measured share is then 0.
+docs/benchmarks.md); the stored decision's score is then NULL and the CLI reports occupancy 0.0.
 """
 from __future__ import annotations
 
