@@ -51,6 +51,16 @@ def grocery_photos(root: Path) -> tuple[list[dict], list[tuple[Path, int]]]:
     return sorted(labels, key=lambda e: e["label"]), photos
 
 
+def official_val_holdout(photos, seed: int, val_fraction: float = 0.15):
+    """Test = the data set's own val/ photos (taken apart from train/); train/ photos split
+    stratified into train and val. Near-identical consecutive shots of one shelf cannot straddle
+    train and test this way, which a random split of all photos allows."""
+    test = [(p, lab, "test") for p, lab in photos if "/val/" in str(p)]
+    rest = [(p, lab) for p, lab in photos if not ("/val/" in str(p))]
+    return test + [(p, lab, "val" if s == "test" else s)
+                   for p, lab, s in stratified_split(rest, seed, (1 - val_fraction, 0.0, val_fraction))]
+
+
 def stratified_split(photos, seed: int, fractions=(0.70, 0.15, 0.15)):
     by_label = defaultdict(list)
     for path, label in photos:
@@ -62,7 +72,7 @@ def stratified_split(photos, seed: int, fractions=(0.70, 0.15, 0.15)):
         rng.shuffle(paths)
         n = len(paths)
         n_test = max(1, round(n * fractions[2]))
-        n_val = max(1, round(n * fractions[1]))
+        n_val = round(n * fractions[1]) if fractions[1] == 0 else max(1, round(n * fractions[1]))
         for i, path in enumerate(paths):
             split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
             out.append((path, label, split))
@@ -76,6 +86,9 @@ def main() -> int:
     ap.add_argument("--classes", type=int, default=0, help="use only the first N products")
     ap.add_argument("--per-class", type=int, default=0, help="at most N photos per product")
     ap.add_argument("--seed", type=int, default=20240611)
+    ap.add_argument("--holdout", choices=("random", "official-val"), default="random",
+                    help="random: stratified 70/15/15 of train+val photos; official-val: test = "
+                         "the grocery val/ photos, train/ split 85/15 into train/val")
     for flag, field in (("--profile", "model_profile"), ("--image-size", "model_image_size"),
                         ("--head-epochs", "model_head_epochs"),
                         ("--finetune-epochs", "model_finetune_epochs"),
@@ -110,8 +123,12 @@ def main() -> int:
                 kept.append((p, lab))
                 seen[lab] += 1
         photos = kept
-    split = stratified_split(photos, args.seed)
-    tag = f"grocery-c{len(labels)}-p{args.per_class or 'all'}-s{args.seed}"
+    if args.holdout == "random":
+        split = stratified_split(photos, args.seed)
+    else:
+        split = official_val_holdout(photos, args.seed)
+    tag = f"grocery-c{len(labels)}-p{args.per_class or 'all'}-s{args.seed}" + (
+        "-officialval" if args.holdout == "official-val" else "")
     data_dir = args.work / "datasets" / tag
     if not (data_dir / "labels.json").is_file():
         write_local_dataset(data_dir, tag, labels, [(p.read_bytes(), lab, s) for p, lab, s in split])
@@ -123,7 +140,7 @@ def main() -> int:
     metrics = trained["metrics"]
     counts = {s: sum(1 for *_, x in split if x == s) for s in ("train", "val", "test")}
     result = {
-        "benchmark": "train_grocery", "dataset": tag, "products": len(labels), "photos": counts,
+        "benchmark": "train_grocery", "dataset": tag, "holdout": args.holdout, "products": len(labels), "photos": counts,
         "profile": settings.model_profile, "training": trained["config"]["training"],
         "test": metrics["test"], "val": metrics["val"], "tta": metrics["tta"],
         "decisions": metrics["decisions"], "members": metrics["members"],

@@ -61,17 +61,19 @@ def augmenter(size: int, seed: int):
 
 def _features(bottom, sq: np.ndarray, size: int, mode: str, aug=None) -> np.ndarray:
     """Bottom output for every photo: mode 'clean' (centre crop), 'flip' (mirrored), 'augment'."""
+    import keras
+
     chunks = []
     for start in range(0, len(sq), _BATCH_INFER):
         batch = sq[start:start + _BATCH_INFER]
         if mode == "augment":
-            x = np.asarray(aug(batch.astype(np.float32), training=True))
+            x = keras.ops.convert_to_numpy(aug(batch.astype(np.float32), training=True))
         else:
             x = images.centre_crop(batch.transpose(1, 2, 0, 3), size).transpose(2, 0, 1, 3)
             x = x.astype(np.float32)
             if mode == "flip":
                 x = x[:, :, ::-1]
-        chunks.append(np.asarray(bottom(x, training=False)).astype(np.float16))
+        chunks.append(np.asarray(bottom.predict_on_batch(x)).astype(np.float16))
     return np.concatenate(chunks) if chunks else np.zeros((0,) + tuple(bottom.output.shape[1:]),
                                                            np.float16)
 
