@@ -42,6 +42,20 @@ class ProductState:
 
 
 @dataclass(frozen=True)
+class PhotoRow:
+    """A stored photo's facts, as its ``images`` and ``review_photos`` rows need them."""
+    sha256: str
+    object_key: str
+    size_bytes: int
+    width: int
+    height: int
+    format: str
+    source_url: str
+    review_id: int
+    product_id: int
+
+
+@dataclass(frozen=True)
 class FailureRecord:
     stage: str
     reason: str
@@ -164,25 +178,37 @@ class ManifestWriter:
                          .values(reviews_synced_run=self.run_id))
 
     # --- photos -----------------------------------------------------------------------------
-    def record_photo(self, *, sha256: str, object_key: str, size_bytes: int, width: int,
-                     height: int, fmt: str, source_url: str, review_id: int,
-                     product_id: int) -> bool:
-        """Image row (first review that brought the bytes) and this review's link, atomically.
+    def record_photos(self, photos: list[PhotoRow]) -> list[bool]:
+        """Image rows (first review that brought the bytes) and each review's link, atomically.
 
-        Call only after the object is in the store. Returns True when the image row is new.
+        Call only after every photo's object is in the store. One transaction for the whole
+        batch: a crash leaves either all of the batch's rows or none (objects without rows are
+        adopted by the next run's download). Returns, per photo, whether it brought new bytes
+        (its image row is new and no earlier photo of the batch had the same bytes).
         """
+        if not photos:
+            return []
+        image_rows = {}
+        for p in photos:  # a repeated photo in one batch: the first review keeps the image row
+            image_rows.setdefault(p.sha256, dict(
+                sha256=p.sha256, object_key=p.object_key, size_bytes=p.size_bytes,
+                width=p.width, height=p.height, format=p.format, source_url=p.source_url,
+                review_id=p.review_id, product_id=p.product_id, first_seen_run=self.run_id))
+        # One link per review (ON CONFLICT DO UPDATE may not touch a row twice in one statement).
+        links = {p.review_id: dict(review_id=p.review_id, sha256=p.sha256, run_id=self.run_id)
+                 for p in photos}
         with self.engine.begin() as conn:
-            img = insert(images).values(
-                sha256=sha256, object_key=object_key, size_bytes=size_bytes, width=width,
-                height=height, format=fmt, source_url=source_url, review_id=review_id,
-                product_id=product_id, first_seen_run=self.run_id)
-            new_image = conn.execute(img.on_conflict_do_nothing(
-                index_elements=[images.c.sha256]).returning(images.c.sha256)).first() is not None
-            link = insert(review_photos).values(review_id=review_id, sha256=sha256,
-                                                run_id=self.run_id)
+            img = insert(images).values(list(image_rows.values()))
+            new = {sha for (sha,) in conn.execute(img.on_conflict_do_nothing(
+                index_elements=[images.c.sha256]).returning(images.c.sha256))}
+            link = insert(review_photos).values(list(links.values()))
             conn.execute(link.on_conflict_do_update(
                 index_elements=[review_photos.c.review_id], set_={"sha256": link.excluded.sha256}))
-        return new_image
+        firsts = []
+        for p in photos:
+            firsts.append(p.sha256 in new)
+            new.discard(p.sha256)
+        return firsts
 
     # --- failures ---------------------------------------------------------------------------
     def record_failure(self, failure: FailureRecord) -> None:

@@ -15,6 +15,7 @@ from scrapy import Request
 from scrapy.downloadermiddlewares.retry import RetryMiddleware
 from scrapy.exceptions import IgnoreRequest
 from scrapy.http import Response
+from scrapy.utils.httpobj import urlparse_cached
 
 from crawler.browser import BrowserError, acquire_cookies, host_allowed
 from crawler.site import ShopSite
@@ -53,6 +54,16 @@ class HostAllowListMiddleware:
             return None
         self.stats.inc_value("shoplens/offsite_dropped")
         raise OffsiteRequest(request.url, list(request.meta.get("redirect_urls", [])))
+
+
+class HostSlotMiddleware:
+    """Puts each request in the download slot of its host:port (Scrapy's default is the host
+    name alone), so that concurrency, delay and AutoThrottle apply per server."""
+
+    def process_request(self, request: Request):
+        if "download_slot" not in request.meta:
+            request.meta["download_slot"] = urlparse_cached(request).netloc
+        return None
 
 
 class WafCookieMiddleware:

@@ -1,25 +1,27 @@
 """Item pipeline: validate a downloaded review photo, store it, then record it in the manifest.
 
-Order matters for crash safety: the object is written first (content-addressed, so a repeat is a
-no-op), then the image and review_photos rows in one transaction. A crash in between leaves an
-object without a row, which the next run's download of the same photo adopts; never a row
-without an object.
+Order matters for crash safety: the object is written first (content-addressed, so writing the
+same bytes again is a no-op and needs no existence check), then the image and review_photos
+rows, in one transaction shared with the photos stored meanwhile (group commit). A crash in
+between leaves objects without rows, which the next run's download of the same photos adopts;
+never a row without an object.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import sqlalchemy as sa
 from scrapy.downloadermiddlewares.retry import get_retry_request
 from scrapy.exceptions import DropItem
-from scrapy.utils.defer import maybe_deferred_to_future
-from twisted.internet.threads import deferToThread
 
-from crawler.images import ImageRejected, ValidImage, validate_image
+from crawler.group_commit import GroupCommit
+from crawler.images import IMAGE_CONTENT_TYPES, ImageRejected, ValidImage, validate_image
 from crawler.items import ReviewPhotoItem
-from crawler.manifest_writer import FailureRecord, ManifestWriter
-from shoplens.store import ObjectStore
+from crawler.manifest_writer import FailureRecord, ManifestWriter, PhotoRow
+from shoplens.store import ObjectStore, image_key
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,12 @@ class ReviewPhotoPipeline:
         self.shop = crawler.settings["SHOPLENS_SETTINGS"]
         self.store = ObjectStore(self.shop)
         self.writer: ManifestWriter | None = None
+        # Decoding, hashing and the S3 PUT block: they run in these threads, off the event loop.
+        self.workers = ThreadPoolExecutor(crawler.settings.getint("SHOPLENS_PHOTO_THREADS", 4),
+                                          thread_name_prefix="photo")
+        self.photo_rows: GroupCommit[PhotoRow, bool] = GroupCommit(
+            lambda rows: self.writer.record_photos(rows),
+            max_batch=crawler.settings.getint("SHOPLENS_PHOTO_BATCH", 200))
 
     @classmethod
     def from_crawler(cls, crawler):
@@ -41,6 +49,10 @@ class ReviewPhotoPipeline:
 
     def open_spider(self) -> None:
         self.writer = self.crawler.spider.writer
+
+    def close_spider(self) -> None:
+        self.workers.shutdown(wait=False, cancel_futures=True)  # every item is settled by now
+        self.crawler.stats.set_value("shoplens/photo_transactions", self.photo_rows.transactions)
 
     async def process_item(self, item):
         if not isinstance(item, ReviewPhotoItem):
@@ -50,9 +62,12 @@ class ReviewPhotoPipeline:
             raise DropItem("crawl aborted")
         stats = self.crawler.stats
         try:
-            # One hop to Twisted's thread pool (REACTOR_THREADPOOL_MAXSIZE) for the blocking part.
-            image, new_image = await maybe_deferred_to_future(
-                deferToThread(self._validate_and_store, item))
+            image, key = await asyncio.get_running_loop().run_in_executor(
+                self.workers, self._validate_and_store, item)
+            new_image = await self.photo_rows.submit(PhotoRow(
+                sha256=image.sha256, object_key=key, size_bytes=image.size_bytes,
+                width=image.width, height=image.height, format=image.format, source_url=item.url,
+                review_id=item.review_id, product_id=item.product_id))
         except ImageRejected as rejected:
             # A broken body may be a transient fault of the CDN: download it again first.
             retry = get_retry_request(item.request, spider=spider,
@@ -80,20 +95,18 @@ class ReviewPhotoPipeline:
             stats.inc_value("shoplens/images_new")
         return {"review_id": item.review_id, "sha256": image.sha256}
 
-    def _validate_and_store(self, item: ReviewPhotoItem) -> tuple[ValidImage, bool]:
+    def _validate_and_store(self, item: ReviewPhotoItem) -> tuple[ValidImage, str]:
+        """Decode-checked image facts and the key its bytes are stored under."""
         image = validate_image(item.body, item.content_type,
                                max_pixels=self.shop.max_image_pixels,
                                max_bytes=self.shop.max_image_bytes)
         if self.crawler.spider.fatal_error:  # queued behind the write that found the outage
             raise StoreUnavailable(self.crawler.spider.fatal_error)
+        key = image_key(image.sha256, image.format)
         try:
-            key, _ = self.store.put_image(item.body, image.format, image.sha256)
+            self.store.put_bytes(key, item.body, IMAGE_CONTENT_TYPES[image.format])
         except Exception as exc:  # minio raises urllib3/S3 errors of many kinds
             raise StoreUnavailable(f"object store {self.shop.s3_endpoint} bucket "
                                    f"{self.shop.s3_bucket!r} refused a write: "
                                    f"{type(exc).__name__}: {str(exc)[:300]}") from exc
-        new_image = self.writer.record_photo(
-            sha256=image.sha256, object_key=key, size_bytes=image.size_bytes, width=image.width,
-            height=image.height, fmt=image.format, source_url=item.url,
-            review_id=item.review_id, product_id=item.product_id)
-        return image, new_image
+        return image, key

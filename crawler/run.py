@@ -130,14 +130,14 @@ def _safe_url(url: str) -> str:
 
 def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
     """The crawl itself, in this process (the ``python -m crawler crawl`` child)."""
-    from scrapy.crawler import CrawlerProcess
+    from scrapy.crawler import AsyncCrawlerProcess
 
     from crawler.scrapy_settings import scrapy_settings
     from crawler.spiders.reviews import ReviewsSpider
 
     run_id = start_run(settings, run_key)
     started = time.monotonic()
-    process = CrawlerProcess(scrapy_settings(settings))
+    process = AsyncCrawlerProcess(scrapy_settings(settings))
     crawler = process.create_crawler(ReviewsSpider)
     process.crawl(crawler, category_id=category_id, run_key=run_key)
     process.start()
@@ -155,7 +155,8 @@ def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
             "products", "products_synced", "review_pages", "reviews_seen", "reviews_new",
             "photos_requested", "photos_healing", "photos_stored",
             "images_new", "photos_rejected", "photos_over_cap", "bytes_stored",
-            "offsite_dropped", "retry_after_waits", "waf_cookie_acquired", "waf_cookie_reused")},
+            "offsite_dropped", "retry_after_waits", "waf_cookie_acquired", "waf_cookie_reused",
+            "photo_transactions")},
         "failures": dict(sorted(failures.items())),
         "requests": raw.get("downloader/request_count", 0),
         "retries": raw.get("retry/count", 0),

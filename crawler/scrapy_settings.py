@@ -13,8 +13,8 @@ def scrapy_settings(settings: Settings) -> dict:
         "ROBOTSTXT_OBEY": settings.obey_robots,
         "DOWNLOAD_DELAY": settings.download_delay,
         "DOWNLOAD_DELAY_JITTER": 0.5,  # +-50% around DOWNLOAD_DELAY
-        # Scrapy keys its slots by host name; the shop and its CDN are separate hosts on the real
-        # site, so the global cap allows each to use its own per-host share.
+        # One download slot per host:port (HostSlotMiddleware), so the shop and its CDN each get
+        # their own per-host share even where they share an address (the replica).
         "CONCURRENT_REQUESTS_PER_DOMAIN": per_host,
         "CONCURRENT_REQUESTS": per_host * 2,
         "AUTOTHROTTLE_ENABLED": settings.autothrottle,
@@ -31,14 +31,20 @@ def scrapy_settings(settings: Settings) -> dict:
         "RETRY_GIVE_UP_LOG_LEVEL": "WARNING",
         # The WAF cookie is managed by WafCookieMiddleware; nothing else should send cookies.
         "COOKIES_ENABLED": False,
-        # The photo pipeline's blocking work (decode, S3 PUT, manifest insert) runs in this pool.
-        "REACTOR_THREADPOOL_MAXSIZE": 16,
+        # A photo response yields one item: Scrapy's default (100) starts 100 worker tasks for
+        # every response, which cost more CPU than the download itself.
+        "CONCURRENT_ITEMS": 1,
+        # The photo pipeline's decode + S3 PUT threads (at most the minio client's 10 connections)
+        # and the most manifest rows one group-committed transaction takes.
+        "SHOPLENS_PHOTO_THREADS": min(10, max(2, 2 * per_host)),
+        "SHOPLENS_PHOTO_BATCH": 200,
         "TELNETCONSOLE_ENABLED": False,
         "REMOTE_CONTROL_ENABLED": False,
         "LOG_LEVEL": "INFO",
         "LOGSTATS_INTERVAL": 30,
         "DOWNLOADER_MIDDLEWARES": {
             "crawler.middlewares.HostAllowListMiddleware": 40,
+            "crawler.middlewares.HostSlotMiddleware": 45,
             "scrapy.downloadermiddlewares.retry.RetryMiddleware": None,
             "crawler.middlewares.RetryAfterMiddleware": 550,
             "crawler.middlewares.WafCookieMiddleware": 700,

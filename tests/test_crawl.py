@@ -430,3 +430,39 @@ def test_grocery_replica_best_20_of_6_categories_equals_ground_truth(s3_settings
         assert_matches_ground_truth(settings, truth, sample=200)  # 2,640 photos: read back 200
         assert summary["failures"] == {}
         assert summary["photos_stored"] == len(truth["served"]) == 2640
+
+
+def test_a_batch_of_photo_rows_is_one_idempotent_transaction(manifest_url):
+    from crawler.manifest_writer import ManifestWriter, PhotoRow, ensure_run
+
+    run_id = ensure_run(manifest_url, "batch", "http://shop.test", {})
+    with engine_for(manifest_url).begin() as conn:
+        conn.execute(sa.text("INSERT INTO categories (id, name, source_url, first_seen_run, "
+                             "last_seen_run) VALUES ('1', 'c', 'u', :r, :r)"), {"r": run_id})
+        conn.execute(sa.text("INSERT INTO products (id, category_id, name, source_url, "
+                             "first_seen_run, last_seen_run) VALUES (5, '1', 'p', 'u', :r, :r)"),
+                     {"r": run_id})
+        for review_id in (1, 2, 3):
+            conn.execute(sa.text("INSERT INTO reviews (id, product_id, source_url, first_seen_run)"
+                                 " VALUES (:id, 5, 'u', :r)"), {"id": review_id, "r": run_id})
+    sha = {name: hashlib.sha256(name.encode()).hexdigest() for name in "abcd"}
+
+    def row(name: str, review_id: int) -> PhotoRow:
+        return PhotoRow(sha256=sha[name], object_key=f"images/{name}.jpg", size_bytes=1, width=1,
+                        height=1, format="jpeg", source_url=f"http://cdn.test/{review_id}",
+                        review_id=review_id, product_id=5)
+
+    writer = ManifestWriter(manifest_url, run_id)
+    batch = [row("a", 1), row("a", 2), row("b", 3)]  # reviews 1 and 2 carry the same bytes
+    assert writer.record_photos(batch) == [True, False, True]
+    assert dict(query(manifest_url, "SELECT sha256, review_id FROM images")) == {
+        sha["a"]: 1, sha["b"]: 3}  # the first review that brought the bytes
+    assert dict(query(manifest_url, "SELECT review_id, sha256 FROM review_photos")) == {
+        1: sha["a"], 2: sha["a"], 3: sha["b"]}
+    assert writer.record_photos(batch) == [False, False, False]  # a rerun adds nothing
+
+    # One bad row (its review is unknown) fails the whole batch: none of its rows is written.
+    with pytest.raises(sa.exc.IntegrityError):
+        writer.record_photos([row("c", 3), row("d", 999)])
+    assert query(manifest_url, "SELECT count(*) FROM images")[0][0] == 2
+    assert dict(query(manifest_url, "SELECT review_id, sha256 FROM review_photos"))[3] == sha["b"]

@@ -177,3 +177,76 @@ def test_settings_survive_the_trip_to_the_crawl_subprocess():
                                          obey_robots=False, download_delay=0.05,
                                          allowed_hosts=["127.0.0.1:9", "cdn.test"])
     assert Settings.from_env(settings_env(settings)) == settings
+
+
+# --- group commit of photo rows -------------------------------------------------------------
+def _group_commit_recording(fail_on=None, max_batch=200):
+    """A GroupCommit whose blocking commit records each batch and waits for ``gate``."""
+    import threading
+
+    from crawler.group_commit import GroupCommit
+
+    batches: list[list[int]] = []
+    gate = threading.Event()
+
+    def commit(entries):
+        gate.wait(5)
+        batches.append(list(entries))
+        if fail_on is not None and fail_on in entries:
+            raise RuntimeError("database went away")
+        return [e * 10 for e in entries]
+
+    return GroupCommit(commit, max_batch=max_batch), batches, gate
+
+
+def test_entries_arriving_during_a_commit_share_the_next_transaction():
+    import asyncio
+
+    async def scenario():
+        group, batches, gate = _group_commit_recording()
+        first = asyncio.ensure_future(group.submit(1))
+        await asyncio.sleep(0.05)  # transaction 1 is running (blocked on the gate)
+        rest = [asyncio.ensure_future(group.submit(n)) for n in (2, 3, 4)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await first, await asyncio.gather(*rest), batches, group.transactions
+
+    first, rest, batches, transactions = asyncio.run(scenario())
+    assert batches == [[1], [2, 3, 4]] and transactions == 2
+    assert first == 10 and rest == [20, 30, 40]  # each waiter gets its own row's result
+
+
+def test_a_lone_entry_is_committed_at_once_and_batches_respect_the_cap():
+    import asyncio
+
+    async def scenario():
+        group, batches, gate = _group_commit_recording(max_batch=2)
+        gate.set()
+        assert await group.submit(7) == 70  # no timer to wait for
+        results = await asyncio.gather(*(group.submit(n) for n in range(5)))
+        return results, batches
+
+    results, batches = asyncio.run(scenario())
+    assert results == [0, 10, 20, 30, 40]
+    assert batches[0] == [7] and all(len(b) <= 2 for b in batches)
+    assert sorted(n for b in batches[1:] for n in b) == [0, 1, 2, 3, 4]
+
+
+def test_a_failed_transaction_fails_exactly_its_own_entries():
+    import asyncio
+
+    async def scenario():
+        group, batches, gate = _group_commit_recording(fail_on=2)
+        first = asyncio.ensure_future(group.submit(1))
+        await asyncio.sleep(0.05)
+        doomed = [asyncio.ensure_future(group.submit(n)) for n in (2, 3)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        outcomes = await asyncio.gather(first, *doomed, return_exceptions=True)
+        later = await group.submit(4)
+        return outcomes, later
+
+    outcomes, later = asyncio.run(scenario())
+    assert outcomes[0] == 10
+    assert all(isinstance(o, RuntimeError) for o in outcomes[1:])
+    assert later == 40  # the next transaction goes ahead
