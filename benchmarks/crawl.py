@@ -1,15 +1,23 @@
-"""Crawler throughput vs a plain aiohttp downloader, against the same replica, in one run.
+"""Crawler throughput vs a plain asyncio downloader, against the same replica, in one run.
 
-    .venv/bin/python benchmarks/crawl.py [--concurrency 8] [--listing CSV | --synthetic]
+    .venv/bin/python benchmarks/crawl.py [--concurrency 8] [--repeats 2] [--latency-ms 0,20]
+                                         [--listing CSV | --synthetic] [--out results/crawl.json]
 
-(a) the crawler (Scrapy in its child processes, validating, storing in SeaweedFS and recording in
-PostgreSQL) crawls every category with no delay and ``concurrent_per_host = C``;
-(b) a bare asyncio/aiohttp client downloads the very same image URLs (read back from the manifest)
-with C requests in flight, discarding the bytes. (b) runs once before and once after (a); the
-faster of the two is the baseline, so that a cold or warm page cache cannot flatter the ratio.
-The replica runs as its own process so that neither client shares an interpreter with it.
-Writes results/crawl.json. Default catalogue: the grocery listing when ../shared is present,
-else the replica's generated photo set.
+For each latency (the replica, in its own process, holds every answer that long, like a server
+across a network; 0 = loopback speed), ``--repeats`` rounds of, in alternating order:
+(a) the crawler: the whole stage (Scrapy child process per category; Pillow decode, SeaweedFS
+    PUT, PostgreSQL rows) crawls every category into a fresh manifest and bucket, no delay,
+    AutoThrottle off, ``concurrent_per_host = C``;
+(b) the plain downloader: a bare aiohttp client fetches the very same photo URLs with C
+    requests in flight and discards the bytes (run before and after (a); the faster is used,
+    so that a warm or cold cache cannot flatter the ratio);
+(c) an extra line: asyncio doing the crawler's storage work too (the same aiohttp download, then
+    the crawler's own validate + PUT in threads and group-committed manifest rows), so the gap
+    between (a) and (b) can be split into storage work and Scrapy.
+The target ratio (a)/(b) >= 0.8 is judged on the image phase (first photo request to last photo
+row) of each round; end to end (process starts, ranking, product and review pages included) is
+reported too. Writes results/crawl.json. Default catalogue: the grocery listing when ../shared is
+present, else the replica's generated photo set.
 """
 from __future__ import annotations
 
@@ -17,11 +25,13 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,9 +45,11 @@ from shoplens.manifest import engine_for  # noqa: E402
 from shoplens.services import SeaweedFS, free_port_block, stop_pid, wait_for_port  # noqa: E402
 
 PG_SERVER = os.environ.get("SHOPLENS_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
+TARGET_RATIO = 0.8
 
 
 async def plain_download(urls: list[str], concurrency: int) -> dict:
+    """(b): fetch every URL, C in flight, keep nothing."""
     import aiohttp
 
     semaphore = asyncio.Semaphore(concurrency)
@@ -62,14 +74,217 @@ async def plain_download(urls: list[str], concurrency: int) -> dict:
             "photos_per_s": round(len(sizes) / elapsed, 2), "bytes": sum(sizes)}
 
 
+async def download_and_store(photos: list[dict], concurrency: int, settings: Settings,
+                             run_key: str, threads: int) -> dict:
+    """(c): the plain download plus the crawler's own storage work for each photo."""
+    import aiohttp
+
+    from crawler.group_commit import GroupCommit
+    from crawler.images import IMAGE_CONTENT_TYPES, validate_image
+    from crawler.manifest_writer import ManifestWriter, PhotoRow
+    from shoplens.store import ObjectStore, image_key
+
+    store = ObjectStore(settings)
+    writer = ManifestWriter.for_run_key(settings.manifest_url, run_key)
+    rows = GroupCommit(writer.record_photos, max_batch=200)
+    workers = ThreadPoolExecutor(threads, thread_name_prefix="bench-photo")
+    loop = asyncio.get_running_loop()
+    semaphore = asyncio.Semaphore(concurrency)
+    stored = 0
+
+    def validate_and_put(body: bytes, content_type: str):
+        image = validate_image(body, content_type, max_pixels=settings.max_image_pixels,
+                               max_bytes=settings.max_image_bytes)
+        key = image_key(image.sha256, image.format)
+        store.put_bytes(key, body, IMAGE_CONTENT_TYPES[image.format])
+        return image, key
+
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one(photo: dict) -> None:
+            nonlocal stored
+            async with semaphore:
+                async with session.get(photo["url"]) as resp:
+                    body = await resp.read()
+                    content_type = resp.headers.get("Content-Type", "")
+            image, key = await loop.run_in_executor(workers, validate_and_put, body, content_type)
+            await rows.submit(PhotoRow(
+                sha256=image.sha256, object_key=key, size_bytes=image.size_bytes,
+                width=image.width, height=image.height, format=image.format,
+                source_url=photo["url"], review_id=photo["review_id"],
+                product_id=photo["product_id"]))
+            stored += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(p) for p in photos))
+        elapsed = time.perf_counter() - started
+    workers.shutdown()
+    return {"photos": stored, "seconds": round(elapsed, 3),
+            "photos_per_s": round(stored / elapsed, 2), "transactions": rows.transactions}
+
+
+class Bench:
+    def __init__(self, args, work: Path, listing: Path | None):
+        self.args = args
+        self.work = work
+        self.listing = listing
+        self.admin = sa.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+        self.databases: list[str] = []
+        self.weed = SeaweedFS(work / "weed", free_port_block(12), "bench-key", "bench-secret-key")
+
+    def fresh_settings(self, base: str, cdn: str, categories: list[str]) -> Settings:
+        name = f"shoplens_bench_{uuid.uuid4().hex[:8]}"
+        with self.admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        self.databases.append(name)
+        return Settings().with_overrides(
+            shop_base_url=base, allowed_hosts=[cdn], categories=categories, best_n=20,
+            download_delay=0.0, autothrottle=False, concurrent_per_host=self.args.concurrency,
+            reviews_per_page=50, manifest_url=f"{PG_SERVER}/{name}", s3_endpoint=self.weed.endpoint,
+            s3_access_key=self.weed.access_key, s3_secret_key=self.weed.secret_key,
+            s3_bucket=f"bench-{uuid.uuid4().hex[:10]}")
+
+    def drop_databases(self) -> None:
+        engine_for.cache_clear()
+        with self.admin.connect() as conn:
+            for name in self.databases:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self.admin.dispose()
+
+    def start_replica(self, latency_ms: float) -> tuple[subprocess.Popen, int]:
+        port = free_port_block(2)
+        cmd = [sys.executable, "-m", "crawler.replica", "--port", str(port), "--seed", "0",
+               "--latency", str(latency_ms / 1000)]
+        if self.listing:
+            cmd += ["--listing", str(self.listing)]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(port, timeout=600, proc=proc)
+        wait_for_port(port + 1, timeout=60, proc=proc)
+        return proc, port
+
+    def crawl(self, settings: Settings) -> dict:
+        crawler.start_run(settings, "bench")
+        per_category = []
+        started = time.perf_counter()
+        for category_id in settings.categories:
+            per_category.append(crawler.crawl_category(settings, category_id, "bench"))
+        wall = time.perf_counter() - started
+        summary = crawler.finish_run(settings, "bench")
+        photos = sum(s["photos_stored"] for s in per_category)
+        image_phase = sum(s["image_phase_s"] or 0 for s in per_category)
+        return {
+            "photos": photos, "image_phase_s": round(image_phase, 3),
+            "image_phase_photos_per_s": round(photos / image_phase, 2) if image_phase else 0.0,
+            "end_to_end_s": round(wall, 3), "end_to_end_photos_per_s": round(photos / wall, 2),
+            "requests": sum(s["requests"] for s in per_category),
+            "photo_transactions": sum(s.get("photo_transactions", 0) for s in per_category),
+            "failures": summary["failures"],
+            "per_category": [{k: s.get(k) for k in ("category_id", "photos_stored", "elapsed_s",
+                                                    "image_phase_s", "requests")}
+                             for s in per_category],
+        }
+
+    def one_latency(self, latency_ms: float) -> dict:
+        from crawler.site import ShopSite
+
+        replica, port = self.start_replica(latency_ms)
+        try:
+            base, cdn = f"http://127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
+            truth = json.loads(_get(f"{base}/__replica/ground-truth.json"))
+            categories = [c["id"] for c in truth["categories"]]
+            site = ShopSite(base, Settings().image_params)
+            best = {p for c in truth["categories"] for p in c["product_ids_by_rank"][:20]}
+            photos = [{"url": site.image_url(r["photo_url"]), "review_id": r["id"],
+                       "product_id": r["product_id"]}
+                      for r in truth["reviews"] if r["photo_url"] and r["product_id"] in best]
+            urls = [p["url"] for p in photos]
+            c = self.args.concurrency
+            rounds = []
+            for r in range(self.args.repeats):
+                load_before = os.getloadavg()[0]
+                storage_first = r % 2 == 1  # alternate which side runs right after the replica warms
+                storage = None
+                if storage_first:
+                    storage = self.storage_round(base, cdn, categories, photos)
+                plain_before = asyncio.run(plain_download(urls, c))
+                settings = self.fresh_settings(base, cdn, categories)
+                crawled = self.crawl(settings)
+                with engine_for(settings.manifest_url).connect() as conn:
+                    crawled_urls = {u for (u,) in conn.execute(sa.text("SELECT source_url FROM images"))}
+                plain_after = asyncio.run(plain_download(urls, c))
+                if not storage_first:
+                    storage = self.storage_round(base, cdn, categories, photos)
+                plain = max(plain_before["photos_per_s"], plain_after["photos_per_s"])
+                rounds.append({
+                    "round": r, "loadavg_before": round(load_before, 2),
+                    "loadavg_after": round(os.getloadavg()[0], 2),
+                    "same_urls": crawled_urls == set(urls),
+                    "crawler": crawled,
+                    "plain_download": {"before_crawl": plain_before, "after_crawl": plain_after,
+                                       "used_photos_per_s": plain},
+                    "asyncio_with_storage": storage,
+                    "ratio_image_phase": round(crawled["image_phase_photos_per_s"] / plain, 3),
+                    "ratio_end_to_end": round(crawled["end_to_end_photos_per_s"] / plain, 3),
+                    "ratio_image_phase_vs_asyncio_with_storage": round(
+                        crawled["image_phase_photos_per_s"] / storage["photos_per_s"], 3),
+                })
+                print(json.dumps({"latency_ms": latency_ms, **{k: v for k, v in rounds[-1].items()
+                                                              if k.startswith(("ratio", "round"))}}),
+                      file=sys.stderr, flush=True)
+            return {
+                "latency_ms": latency_ms, "photos": len(urls), "rounds": rounds,
+                "median_ratio_image_phase": _median(rounds, "ratio_image_phase"),
+                "median_ratio_end_to_end": _median(rounds, "ratio_end_to_end"),
+                "median_ratio_image_phase_vs_asyncio_with_storage": _median(
+                    rounds, "ratio_image_phase_vs_asyncio_with_storage"),
+                "target_met_image_phase": _median(rounds, "ratio_image_phase") >= TARGET_RATIO,
+            }
+        finally:
+            stop_pid(replica.pid)
+
+    def storage_round(self, base: str, cdn: str, categories: list[str], photos: list[dict]) -> dict:
+        """(c) into its own manifest: the reviews rows the photo rows point to come first."""
+        settings = self.fresh_settings(base, cdn, categories)
+        crawler.start_run(settings, "bench-storage")
+        _copy_reviews(photos, settings)
+        threads = min(10, max(2, 2 * self.args.concurrency))  # as crawler.scrapy_settings
+        return asyncio.run(download_and_store(photos, self.args.concurrency, settings,
+                                              "bench-storage", threads))
+
+
+def _copy_reviews(photos: list[dict], settings: Settings) -> None:
+    from shoplens.manifest.tables import categories, crawl_runs, products, reviews
+
+    engine = engine_for(settings.manifest_url)
+    with engine.begin() as conn:
+        run_id = conn.execute(sa.select(sa.func.max(crawl_runs.c.id))).scalar_one()
+        conn.execute(categories.insert().values(id="0", name="bench", source_url="bench",
+                                                first_seen_run=run_id, last_seen_run=run_id))
+        conn.execute(products.insert(), [
+            dict(id=pid, category_id="0", name="bench", source_url="bench",
+                 first_seen_run=run_id, last_seen_run=run_id)
+            for pid in sorted({p["product_id"] for p in photos})])
+        conn.execute(reviews.insert(), [
+            dict(id=p["review_id"], product_id=p["product_id"], photo_url=p["url"],
+                 source_url="bench", first_seen_run=run_id) for p in photos])
+
+
+def _median(rounds: list[dict], key: str) -> float:
+    return round(statistics.median(r[key] for r in rounds), 3)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--latency-ms", default="0,20",
+                        help="comma list of replica answer delays to measure at (ms)")
     parser.add_argument("--listing", type=Path, default=None)
     parser.add_argument("--synthetic", action="store_true", help="use the generated photo set")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "crawl.json")
     args = parser.parse_args()
+    latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
 
     work = Path(tempfile.mkdtemp(prefix="shoplens-bench-crawl-"))
     listing = args.listing
@@ -81,89 +296,24 @@ def main() -> int:
         write_listing(grocery_listing(grocery, "train"), listing)
     catalogue = f"listing {listing}" if listing else "replica generated photo set (seed 0)"
 
-    port = free_port_block(2)
-    replica_cmd = [sys.executable, "-m", "crawler.replica", "--port", str(port), "--seed", "0"]
-    if listing:
-        replica_cmd += ["--listing", str(listing)]
-    replica = subprocess.Popen(replica_cmd, cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    weed = SeaweedFS(work / "weed", free_port_block(12), "bench-key", "bench-secret-key")
-    db_name = f"shoplens_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    bench = Bench(args, work, listing)
     try:
-        wait_for_port(port, timeout=600, proc=replica)
-        wait_for_port(port + 1, timeout=60, proc=replica)
-        weed.start()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{db_name}"'))
-        base = f"http://127.0.0.1:{port}"
-        categories = [c["id"] for c in json.loads(_get(f"{base}/__replica/ground-truth.json"))
-                      ["categories"]]
-        settings = Settings().with_overrides(
-            shop_base_url=base, allowed_hosts=[f"127.0.0.1:{port + 1}"], categories=categories,
-            best_n=20, download_delay=0.0, autothrottle=False,
-            concurrent_per_host=args.concurrency, reviews_per_page=50,
-            manifest_url=f"{PG_SERVER}/{db_name}", s3_endpoint=weed.endpoint,
-            s3_access_key=weed.access_key, s3_secret_key=weed.secret_key, s3_bucket="bench")
-
-        # Before the crawl, the baseline takes the photo URLs from the ground truth (at the same
-        # fixed size); after it, the URLs the crawler actually stored, read from the manifest.
-        from crawler.site import ShopSite
-
-        site = ShopSite(base, settings.image_params)
-        truth = json.loads(_get(f"{base}/__replica/ground-truth.json"))
-        best = {p for c in truth["categories"] for p in c["product_ids_by_rank"][:20]}
-        truth_urls = [site.image_url(r["photo_url"]) for r in truth["reviews"]
-                      if r["photo_url"] and r["product_id"] in best]
-        baseline_before = asyncio.run(plain_download(truth_urls, args.concurrency))
-
-        crawler.start_run(settings, "bench")
-        per_category = []
-        started = time.perf_counter()
-        for category_id in categories:
-            per_category.append(crawler.crawl_category(settings, category_id, "bench"))
-        wall = time.perf_counter() - started
-        summary = crawler.finish_run(settings, "bench")
-        with engine_for(settings.manifest_url).connect() as conn:
-            urls = [u for (u,) in conn.execute(sa.text("SELECT source_url FROM images"))]
-        baseline_after = asyncio.run(plain_download(urls, args.concurrency))
-
-        photos = sum(s["photos_stored"] for s in per_category)
-        image_phase = sum(s["image_phase_s"] or 0 for s in per_category)
-        baseline = max((baseline_before, baseline_after), key=lambda b: b["photos_per_s"])
-        crawler_image_rate = photos / image_phase if image_phase else 0.0
-        result = {
-            "catalogue": catalogue, "concurrency_per_host": args.concurrency,
-            "categories": len(categories), "photos": photos,
-            "crawler": {
-                "image_phase_s": round(image_phase, 3),
-                "image_phase_photos_per_s": round(crawler_image_rate, 2),
-                "end_to_end_s": round(wall, 3),
-                "end_to_end_photos_per_s": round(photos / wall, 2),
-                "requests": sum(s["requests"] for s in per_category),
-                "failures": summary["failures"],
-                "per_category": [{k: s[k] for k in ("category_id", "photos_stored", "elapsed_s",
-                                                    "image_phase_s", "requests")}
-                                 for s in per_category],
-            },
-            "baseline_aiohttp": {"before_crawl": baseline_before, "after_crawl": baseline_after,
-                                 "used": baseline["photos_per_s"]},
-            "ratio_image_phase": round(crawler_image_rate / baseline["photos_per_s"], 3),
-            "ratio_end_to_end": round(photos / wall / baseline["photos_per_s"], 3),
-            "target_ratio": 0.8,
-            "machine": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg()},
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-        return 0
+        bench.weed.start()
+        by_latency = [bench.one_latency(latency) for latency in latencies]
     finally:
-        stop_pid(replica.pid)
-        weed.stop()
-        engine_for.cache_clear()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-        admin.dispose()
+        bench.weed.stop()
+        bench.drop_databases()
+    result = {
+        "catalogue": catalogue, "concurrency_per_host": args.concurrency,
+        "repeats": args.repeats, "target_ratio": TARGET_RATIO,
+        "summary": [{k: v for k, v in b.items() if k != "rounds"} for b in by_latency],
+        "by_latency": by_latency,
+        "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    print(json.dumps(result["summary"], indent=2, ensure_ascii=False))
+    return 0
 
 
 def _get(url: str) -> str:

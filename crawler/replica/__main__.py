@@ -38,6 +38,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--ground-truth", type=Path, default=None, metavar="PATH")
     p.add_argument("--hang-seconds", type=float, default=30.0)
     p.add_argument("--cookie-ttl", type=float, default=3600.0)
+    p.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
+                   help="every answer (admin calls excepted) waits this long, like a remote server")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the generated photo set is cached (default ~/.cache/shoplens-replica)")
     p.add_argument("--synthetic-products", type=int, default=7,
@@ -61,7 +63,8 @@ async def _serve(args) -> int:
         cdn_port=args.cdn_port, faults=args.faults, bad_photos=args.bad_photos,
         hold_back=args.hold_back, ground_truth_path=args.ground_truth,
         hang_seconds=args.hang_seconds, cookie_ttl=args.cookie_ttl, cache_dir=args.cache_dir,
-        synthetic_products=args.synthetic_products, synthetic_photos=args.synthetic_photos)
+        synthetic_products=args.synthetic_products, synthetic_photos=args.synthetic_photos,
+        latency=args.latency)
     await shop.serve()
     print(f"replica listening on {shop.base_url} (cdn {shop.cdn_url})", flush=True)
     stop = asyncio.Event()

@@ -41,6 +41,8 @@ async def track_requests(request: web.Request, handler):
     record = stats.begin(request.app[HOST_KEY], request.path, route_name.split(":")[0],
                          request.headers.get("User-Agent", ""))
     try:
+        if request.app[RUNTIME].latency:  # a server across a network: the answer comes later
+            await asyncio.sleep(request.app[RUNTIME].latency)
         response = await handler(request)
         stats.by_status[response.status] += 1
         return response

@@ -26,12 +26,14 @@ from .waf import Waf
 class ReplicaRuntime:
     def __init__(self, catalog: Catalog, *, faults: str = "", cookie_ttl: float = 3600.0,
                  hang_seconds: float = 30.0, ground_truth_path: Path | None = None,
-                 cache_bytes: int = 256 * 1024 * 1024, image_workers: int | None = None):
+                 cache_bytes: int = 256 * 1024 * 1024, image_workers: int | None = None,
+                 latency: float = 0.0):
         self.catalog = catalog
         self.waf = Waf(ttl=cookie_ttl)
         self.faults = FaultPlan(faults, catalog.seed)
         self.stats = Stats()
         self.hang_seconds = hang_seconds
+        self.latency = latency
         self.ground_truth_path = ground_truth_path
         self.cache = RenderCache(cache_bytes)
         self.executor = ThreadPoolExecutor(max_workers=image_workers or min(4, os.cpu_count() or 2),

@@ -55,7 +55,7 @@ class ReplicaShop:
                  hang_seconds: float = 30.0, cookie_ttl: float = 3600.0,
                  cache_dir: Path | str | None = None, synthetic_products: int = 7,
                  synthetic_photos: tuple[int, int] = (6, 25),
-                 sources: list[ProductSource] | None = None):
+                 sources: list[ProductSource] | None = None, latency: float = 0.0):
         self.host = host
         self.port = port
         self.cdn_port = cdn_port if cdn_port is not None else (port + 1 if port else 0)
@@ -66,7 +66,8 @@ class ReplicaShop:
         self.catalog: Catalog = build_catalog(sources, seed, bad_photos, hold_back)
         self.runtime = ReplicaRuntime(
             self.catalog, faults=faults, cookie_ttl=cookie_ttl, hang_seconds=hang_seconds,
-            ground_truth_path=Path(ground_truth_path) if ground_truth_path else None)
+            ground_truth_path=Path(ground_truth_path) if ground_truth_path else None,
+            latency=latency)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runners: list[web.AppRunner] = []
