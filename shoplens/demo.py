@@ -31,11 +31,33 @@ def demo_env(s3_endpoint: str) -> dict[str, str]:
         "SHOPLENS_DOWNLOAD_DELAY": os.environ.get("SHOPLENS_DOWNLOAD_DELAY", "0.02"),
         "SHOPLENS_CONCURRENT_PER_HOST": os.environ.get("SHOPLENS_CONCURRENT_PER_HOST", "8"),
     }
-    # Small, low-resolution training so that the demo stays within about 15 minutes.
-    env.setdefault("SHOPLENS_TRAIN_PROFILE", os.environ.get("SHOPLENS_TRAIN_PROFILE", "offline"))
-    for key, value in {"SHOPLENS_TRAIN_IMAGE_SIZE": "96", "SHOPLENS_TRAIN_EPOCHS": "3"}.items():
+    # Low-resolution training of the offline ensemble so that the demo stays within ~15 minutes;
+    # any of these can be overridden from the caller's environment.
+    demo_training = {"SHOPLENS_MODEL_PROFILE": "offline", "SHOPLENS_MODEL_IMAGE_SIZE": "96",
+                     "SHOPLENS_MODEL_HEAD_EPOCHS": "15", "SHOPLENS_MODEL_VIEWS_PER_IMAGE": "1",
+                     "SHOPLENS_DATASET_MIN_PHOTOS_PER_PRODUCT": "5"}
+    for key, value in demo_training.items():
         env[key] = os.environ.get(key, value)
+    env["SHOPLENS_DETECTOR_MODEL_PATH"] = str(detector_model())
     return env
+
+
+def detector_model() -> Path:
+    """The YOLOX-Nano file: configured, else the developers' ../shared copy, else downloaded."""
+    from shoplens.config import Settings
+
+    configured = Path(Settings.from_env().detector_model_path).expanduser()
+    shared = Path(__file__).resolve().parents[2] / "shared" / "models" / "yolox_nano.onnx"
+    if "SHOPLENS_DETECTOR_MODEL_PATH" in os.environ or configured.exists():
+        return configured
+    if shared.exists():
+        return shared
+    print(f"[demo] detector model not found at {configured}; fetching the official release asset")
+    if subprocess.run([sys.executable, "-m", "dataset", "models", "fetch"]).returncode != 0:
+        raise SystemExit("the filter stage needs the YOLOX-Nano model: run "
+                         "'python -m dataset models fetch' on a connected machine, or set "
+                         "SHOPLENS_DETECTOR_MODEL_PATH to a copy of yolox_nano.onnx")
+    return configured
 
 
 def main(argv: list[str] | None = None) -> int:

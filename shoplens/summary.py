@@ -43,12 +43,58 @@ def print_summary(settings: Settings, run_key: str) -> None:
           f"photos stored this run {s['photos_stored_this_run']} (total {s['photos_total']})")
     failures = s["failures_by_reason"]
     print("   failures by reason: " + (", ".join(f"{k}={v}" for k, v in failures.items()) or "none"))
+    for line in filter_lines(settings):
+        print(f"   {line}")
     # Later stages contribute their own lines when they are installed.
-    for module, func in (("dataset.filter", "summary_lines"), ("dataset.build", "summary_lines"),
-                         ("modeling.train", "summary_lines")):
+    for module, func in (("dataset.build", "summary_lines"),):
         try:
             fn = getattr(importlib.import_module(module), func)
         except (ImportError, AttributeError):
             continue
         for line in fn(settings, run_key):
             print(f"   {line}")
+    for line in model_lines(settings):
+        print(f"   {line}")
+    try:
+        from dataset.version_summary import readme_summary
+    except ImportError:
+        return
+    try:
+        print("\n" + readme_summary(settings))
+    except Exception as exc:  # a night without any dataset version yet
+        print(f"   (no dataset version summary: {exc})")
+
+
+def _relation_exists(conn, name: str) -> bool:
+    return conn.execute(sa.text("SELECT to_regclass(:n) IS NOT NULL"), {"n": name}).scalar()
+
+
+def filter_lines(settings: Settings) -> list[str]:
+    """Verdicts over all inspected photos and rejections per reason."""
+    with engine_for(settings.manifest_url).connect() as conn:
+        if not _relation_exists(conn, "image_verdicts"):
+            return []
+        verdicts = dict(conn.execute(sa.text(
+            "SELECT verdict, count(*) FROM image_verdicts GROUP BY verdict")).all())
+        reasons = conn.execute(sa.text(
+            "SELECT reason, count(*) FROM image_verdicts, unnest(reasons) AS reason "
+            "WHERE verdict = 'reject' GROUP BY reason ORDER BY count(*) DESC")).all()
+        duplicates = conn.execute(sa.text(
+            "SELECT count(*) FROM image_dedup WHERE duplicate_of IS NOT NULL")).scalar() \
+            if _relation_exists(conn, "image_dedup") else 0
+    return [f"filter: keep {verdicts.get('keep', 0)}, reject {verdicts.get('reject', 0)} "
+            f"({', '.join(f'{r}={n}' for r, n in reasons) or 'no rejections'}); "
+            f"near-duplicates {duplicates}"]
+
+
+def model_lines(settings: Settings) -> list[str]:
+    """The current model and the latest training run's result."""
+    with engine_for(settings.manifest_url).connect() as conn:
+        if not _relation_exists(conn, "model_scoreboard"):
+            return []
+        rows = conn.execute(sa.text(
+            "SELECT model_id, trained_on, evaluated_on, top1, top3, n, promoted, reason "
+            "FROM model_scoreboard ORDER BY created_at DESC LIMIT 3")).mappings().all()
+    return [f"model {r['model_id']} (trained on {r['trained_on']}, test of {r['evaluated_on']}, "
+            f"n={r['n']}): ensemble Top-1 {r['top1']:.1%}, Top-3 {r['top3']:.1%}; "
+            f"{'promoted' if r['promoted'] else 'not promoted'}: {r['reason']}" for r in rows]
