@@ -15,6 +15,9 @@ from airflow.sdk import Param, dag, get_current_context, task
 from shoplens.assets import DATASET_VERSION
 from shoplens.ops import FailureAlert
 
+# Crawls at once: the DAG's cap per run; the `shop` pool (same size) caps them across runs.
+CRAWL_PARALLELISM = int(os.environ.get("SHOPLENS_CRAWL_PARALLELISM", "2"))
+
 default_args = {
     "retries": 2,
     "retry_delay": timedelta(seconds=20),
@@ -68,11 +71,15 @@ def shoplens_nightly():
         begin(settings, get_current_context()["run_id"])
         return list(settings.categories)
 
-    @task(max_active_tis_per_dagrun=2, pool="shop")
+    @task(max_active_tis_per_dagrun=CRAWL_PARALLELISM, pool="shop")
     def crawl_category(category_id: str) -> dict:
         from crawler import crawl_category as crawl
+        from shoplens import ops
 
-        return _stage(f"crawl:{category_id}", crawl, category_id)
+        # Each parallel crawl gets its share of the per-host budget, whatever the worker count.
+        settings = _settings().share_of_shop(CRAWL_PARALLELISM)
+        run_key = get_current_context()["run_id"]
+        return ops.run_stage(settings, run_key, f"crawl:{category_id}", crawl, settings, category_id, run_key)
 
     @task
     def finish_crawl(per_category: list[dict]) -> dict:

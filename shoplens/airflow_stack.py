@@ -37,7 +37,7 @@ class AirflowStack:
     api_port: int
     broker_url: str = "redis://127.0.0.1:6379/0"
     executor: str = "CeleryExecutor"
-    shop_pool_slots: int = 2
+    shop_pool_slots: int = field(default_factory=lambda: int(os.environ.get("SHOPLENS_CRAWL_PARALLELISM", "2")))
     extra_env: dict[str, str] = field(default_factory=dict)
     password: str = ""
     pids: dict[str, int] = field(default_factory=dict)

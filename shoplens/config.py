@@ -82,6 +82,9 @@ class Settings:
     retry_after_cap: float = 60.0
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 20_000_000
+    # Category crawls that may run at once across all workers (the Airflow pool `shop` and the
+    # DAG's per-run cap); the politeness budgets above are shared among them.
+    crawl_parallelism: int = 2
     # --- object store --------------------------------------------------------------------------
     s3_endpoint: str = "127.0.0.1:8333"
     s3_access_key: str = "shoplens"
@@ -207,6 +210,21 @@ class Settings:
         new = dataclasses.replace(self, **clean)
         new.validate()
         return new
+
+    def share_of_shop(self, parallel_crawls: int) -> "Settings":
+        """Politeness for one of ``parallel_crawls`` crawls running at once (on any workers).
+
+        The configured per-host concurrency and request rate are budgets for the whole
+        deployment: each crawl gets an equal share, so together they never exceed them.
+        """
+        if parallel_crawls < 1:
+            raise ConfigError(f"parallel_crawls must be >= 1, got {parallel_crawls}")
+        if self.concurrent_per_host < parallel_crawls:
+            raise ConfigError(
+                f"concurrent_per_host={self.concurrent_per_host} cannot be shared by "
+                f"{parallel_crawls} parallel crawls; lower SHOPLENS_CRAWL_PARALLELISM")
+        return dataclasses.replace(self, concurrent_per_host=self.concurrent_per_host // parallel_crawls,
+                                   download_delay=self.download_delay * parallel_crawls)
 
     def validate(self) -> None:
         if not self.shop_base_url.startswith(("http://", "https://")):

@@ -67,3 +67,14 @@ def test_images_are_stored_once_under_their_content_address(s3_settings):
     assert store.put_image(data, "jpeg") == (key, False)
     assert store.get_bytes(key) == data
     assert list(store.list_keys("images/")) == [key]
+
+
+def test_parallel_crawls_share_the_politeness_budget_instead_of_multiplying_it():
+    s = Settings().with_overrides(concurrent_per_host=4, download_delay=0.4)
+    share = s.share_of_shop(2)
+    assert share.concurrent_per_host * 2 <= s.concurrent_per_host
+    # two crawls each waiting 0.8 s between requests ask at the rate of one waiting 0.4 s
+    assert share.download_delay == pytest.approx(0.8)
+    assert s.share_of_shop(1) == s
+    with pytest.raises(ConfigError, match="cannot be shared"):
+        s.share_of_shop(5)

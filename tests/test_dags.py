@@ -34,7 +34,11 @@ def test_crawl_is_mapped_over_categories_and_capped(dagbag):
     crawl = dagbag.dags["shoplens_nightly"].get_task("crawl_category")
     assert type(crawl).__name__.endswith("MappedOperator")
     assert crawl.pool == "shop"
-    assert crawl.max_active_tis_per_dagrun == 2
+    from shoplens.airflow_stack import AirflowStack
+    from shoplens.config import Settings
+
+    assert crawl.max_active_tis_per_dagrun == Settings.from_env().crawl_parallelism
+    assert AirflowStack(home=REPO, db_url="", api_port=0).shop_pool_slots == crawl.max_active_tis_per_dagrun
     assert crawl.retries >= 1
 
 

@@ -78,6 +78,9 @@ def test_nightly_dag_triggered_over_rest_crawls_exactly_the_shop(tmp_path, crawl
     eng.dispose()
     assert {key for _, key in rows} == keys, "every object has a row and every row an object"
     assert {sha for sha, _ in rows} <= served, "stored bytes are exactly bytes the shop served"
+    # Two categories crawled in parallel still share one per-host budget.
+    for host, seen in replica.stats()["hosts"].items():
+        assert seen["max_in_flight"] <= crawl_settings.concurrent_per_host, host
 
 
 def test_two_workers_one_killed_mid_run_still_succeed_with_the_same_manifest(
