@@ -17,6 +17,8 @@ def scrapy_settings(settings: Settings) -> dict:
         # their own per-host share even where they share an address (the replica).
         "CONCURRENT_REQUESTS_PER_DOMAIN": per_host,
         "CONCURRENT_REQUESTS": per_host * 2,
+        # Keeps CONCURRENT_REQUESTS_PER_DOMAIN a hard limit with no download delay (Scrapy 2.19).
+        "DOWNLOADER": "crawler.downloader.PerHostLimitDownloader",
         "AUTOTHROTTLE_ENABLED": settings.autothrottle,
         "AUTOTHROTTLE_START_DELAY": max(settings.download_delay, 0.1),
         "AUTOTHROTTLE_MAX_DELAY": settings.retry_after_cap,

@@ -466,3 +466,16 @@ def test_a_batch_of_photo_rows_is_one_idempotent_transaction(manifest_url):
         writer.record_photos([row("c", 3), row("d", 999)])
     assert query(manifest_url, "SELECT count(*) FROM images")[0][0] == 2
     assert dict(query(manifest_url, "SELECT review_id, sha256 FROM review_photos"))[3] == sha["b"]
+
+
+def test_with_no_delay_a_host_never_sees_more_requests_at_once_than_the_limit(
+        replica, s3_settings, manifest_url):
+    # Answers take 30 ms, so queued photos pile up in the CDN's download slot.
+    shop = replica([14, 12, 10], latency=0.03, photo_seed=4)
+    settings = crawl_settings(shop, s3_settings, manifest_url, download_delay=0.0,
+                              concurrent_per_host=2, reviews_per_page=20)
+    summary = crawl_run(settings, "no-delay")
+    assert summary["photos_stored"] == 36
+    hosts = shop.stats()["hosts"]
+    assert hosts[urlsplit(shop.cdn_url).netloc]["requests"] >= 36
+    assert all(h["max_in_flight"] <= 2 for h in hosts.values()), hosts
