@@ -77,3 +77,23 @@ def s3_settings(seaweedfs):
         s3_secret_key=seaweedfs.secret_key, s3_bucket=f"t-{uuid.uuid4().hex[:12]}")
     ObjectStore(settings).ensure_bucket()
     return settings
+
+
+@pytest.fixture
+def small_replica():
+    """A small generated replica shop (6 categories x 4 products, 3-6 photos each)."""
+    from crawler.replica import ReplicaShop
+
+    shop = ReplicaShop(seed=11, synthetic_products=4, synthetic_photos=(3, 6))
+    shop.start()
+    yield shop
+    shop.stop()
+
+
+@pytest.fixture
+def replica_settings(manifest_url, s3_settings, small_replica):
+    """Settings that crawl ``small_replica`` into a fresh manifest and bucket, without delays."""
+    cdn_host = small_replica.cdn_url.split("://", 1)[1]
+    return s3_settings.with_overrides(manifest_url=manifest_url, shop_base_url=small_replica.base_url,
+                                      allowed_hosts=[cdn_host], download_delay=0.0,
+                                      concurrent_per_host=4)

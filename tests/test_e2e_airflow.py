@@ -10,7 +10,6 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from crawler.replica import ReplicaShop
 from shoplens.store import ObjectStore
 from tests.airflow_e2e import drop_database, expected_photo_reviews, manifest_snapshot, stack_for
 from tests.conftest import shared_path
@@ -22,19 +21,13 @@ BEST_N = 3
 
 
 @pytest.fixture
-def replica():
-    shop = ReplicaShop(seed=11, synthetic_products=4, synthetic_photos=(3, 6))
-    shop.start()
-    yield shop
-    shop.stop()
+def replica(small_replica):
+    return small_replica
 
 
 @pytest.fixture
-def crawl_settings(manifest_url, s3_settings, replica):
-    cdn_host = replica.cdn_url.split("://", 1)[1]
-    return s3_settings.with_overrides(manifest_url=manifest_url, shop_base_url=replica.base_url,
-                                      allowed_hosts=[cdn_host], download_delay=0.0,
-                                      concurrent_per_host=4)
+def crawl_settings(replica_settings):
+    return replica_settings
 
 
 def _stored_review_ids(manifest_url: str) -> set[int]:

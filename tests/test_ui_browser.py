@@ -112,25 +112,12 @@ BEST_N = 5
 
 
 @pytest.fixture
-def replica():
-    from crawler.replica import ReplicaShop
-
-    shop = ReplicaShop(seed=11, synthetic_products=4, synthetic_photos=(3, 6))
-    shop.start()
-    yield shop
-    shop.stop()
-
-
-@pytest.fixture
-def airflow_ui(tmp_path, manifest_url, s3_settings, replica):
+def airflow_ui(tmp_path, replica_settings):
     from tests.airflow_e2e import drop_database, stack_for
     from tests.conftest import shared_path
 
     model = shared_path("models", "yolox_nano.onnx")  # the filter stage needs the detector
-    cdn_host = replica.cdn_url.split("://", 1)[1]
-    settings = s3_settings.with_overrides(manifest_url=manifest_url, shop_base_url=replica.base_url,
-                                          allowed_hosts=[cdn_host], download_delay=0.0,
-                                          concurrent_per_host=4)
+    settings = replica_settings
     stack = stack_for(tmp_path / "airflow", settings, model)
     try:
         stack.start(workers={"worker-1": "default,training"})
