@@ -27,8 +27,13 @@ def stack_for(home: Path, settings: Settings, model_path: Path | None) -> Airflo
         "SHOPLENS_DOWNLOAD_DELAY": str(settings.download_delay),
         "SHOPLENS_CONCURRENT_PER_HOST": str(settings.concurrent_per_host),
         "SHOPLENS_DATASET_MIN_PHOTOS_PER_PRODUCT": "1",
-        # Dead workers are noticed quickly in tests; production keeps Airflow's default.
+        # Dead workers are noticed quickly in tests; production keeps Airflow's defaults. A task
+        # a killed worker had taken but not started stays "queued": it is re-queued after
+        # task_queued_timeout, and Redis hands its message out again after the visibility timeout.
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
+        "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "60",
+        "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "15",
+        "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "300",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         # Only the runs a test triggers: unpausing a scheduled DAG would also start last night's run.
         "SHOPLENS_NIGHTLY_SCHEDULE": "",
