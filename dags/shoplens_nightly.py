@@ -36,11 +36,11 @@ def _settings():
     return Settings.from_env().with_overrides(**{k: params.get(k) for k in keys if params.get(k)})
 
 
-def _stage(name: str, entry, *args):
+def _stage(name: str, entry, *args, settings=None):
     """Run one stage entry for this DAG run, recording its metrics."""
     from shoplens import ops
 
-    settings, run_key = _settings(), get_current_context()["run_id"]
+    settings, run_key = settings or _settings(), get_current_context()["run_id"]
     return ops.run_stage(settings, run_key, name, entry, settings, *args, run_key)
 
 
@@ -74,12 +74,10 @@ def shoplens_nightly():
     @task(max_active_tis_per_dagrun=CRAWL_PARALLELISM, pool="shop")
     def crawl_category(category_id: str) -> dict:
         from crawler import crawl_category as crawl
-        from shoplens import ops
 
         # Each parallel crawl gets its share of the per-host budget, whatever the worker count.
-        settings = _settings().share_of_shop(CRAWL_PARALLELISM)
-        run_key = get_current_context()["run_id"]
-        return ops.run_stage(settings, run_key, f"crawl:{category_id}", crawl, settings, category_id, run_key)
+        return _stage(f"crawl:{category_id}", crawl, category_id,
+                      settings=_settings().share_of_shop(CRAWL_PARALLELISM))
 
     @task
     def finish_crawl(per_category: list[dict]) -> dict:

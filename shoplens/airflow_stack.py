@@ -42,6 +42,7 @@ class AirflowStack:
     password: str = ""
     pids: dict[str, int] = field(default_factory=dict)
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _token: str | None = None
 
     # ---------------------------------------------------------------- environment
     @property
@@ -221,13 +222,19 @@ class AirflowStack:
 
     # ---------------------------------------------------------------- REST API
     def token(self) -> str:
+        """A REST API token, fetched once and reused until the API refuses it."""
+        if self._token is None:
+            self._token = self._fetch_token()
+        return self._token
+
+    def _fetch_token(self) -> str:
         body = json.dumps({"username": ADMIN_USER, "password": self.password}).encode()
         req = urllib.request.Request(f"{self.api_url}/auth/token", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())["access_token"]
 
-    def api(self, method: str, path: str, payload: dict | None = None) -> dict:
+    def api(self, method: str, path: str, payload: dict | None = None, _relogin: bool = True) -> dict:
         data = json.dumps(payload).encode() if payload is not None else None
         req = urllib.request.Request(f"{self.api_url}/api/v2{path}", data=data, method=method,
                                      headers={"Content-Type": "application/json",
@@ -237,6 +244,9 @@ class AirflowStack:
                 raw = r.read()
                 return json.loads(raw) if raw else {}
         except urllib.error.HTTPError as exc:
+            if exc.code == 401 and _relogin:  # the token expired: log in again, once
+                self._token = None
+                return self.api(method, path, payload, _relogin=False)
             raise RuntimeError(f"{method} {path} -> {exc.code}: {exc.read()[:500]!r}") from exc
 
     def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:

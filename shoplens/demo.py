@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from shoplens.services import LOCALHOST, _down, _up, stop_pid, wait_for_port
+from shoplens.services import LOCALHOST, down, stop_pid, up, wait_for_port
 
 REPLICA_PORT, CDN_PORT, AIRFLOW_PORT = 8611, 8612, 8780
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     replica = None
     stack = None
     try:
-        env_s3 = _up(state, 8327)
+        env_s3 = up(state, 8327)
         env = demo_env(env_s3["SHOPLENS_S3_ENDPOINT"])
         os.environ.update(env)
         from shoplens.config import Settings
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if replica is not None:
             stop_pid(replica.pid)
             (state / "replica.pid").unlink(missing_ok=True)
-        _down(state)
+        down(state)
 
 
 def _train_run_ids(stack) -> set[str]:

@@ -170,7 +170,8 @@ class SeaweedFS:
 # --------------------------------------------------------------------------------------------
 # PostgreSQL
 # --------------------------------------------------------------------------------------------
-def postgres_reachable(host: str = LOCALHOST, port: int = 5432) -> bool:
+def port_open(port: int, host: str = LOCALHOST) -> bool:
+    """Whether something accepts connections on host:port."""
     try:
         with socket.create_connection((host, port), timeout=2):
             return True
@@ -202,10 +203,6 @@ def start_private_postgres(state_dir: Path, port: int = 5432) -> int:
     return pid
 
 
-def redis_reachable(port: int = 6379) -> bool:
-    return postgres_reachable(LOCALHOST, port)
-
-
 def start_private_redis(state_dir: Path, port: int = 6379) -> int:
     server = shutil.which("redis-server")
     if not server:
@@ -223,16 +220,16 @@ def start_private_redis(state_dir: Path, port: int = 6379) -> int:
 
 def ensure_databases_and_broker(state_dir: Path) -> None:
     """PostgreSQL and Redis as the machine provides them, or private ones when none is running."""
-    if not postgres_reachable():
+    if not port_open(5432):
         start_private_postgres(state_dir)
-    if not redis_reachable():
+    if not port_open(6379):
         start_private_redis(state_dir)
 
 
 # --------------------------------------------------------------------------------------------
 # CLI used by the Makefile
 # --------------------------------------------------------------------------------------------
-def _up(state_dir: Path, s3_base: int) -> dict[str, str]:
+def up(state_dir: Path, s3_base: int) -> dict[str, str]:
     state_dir.mkdir(parents=True, exist_ok=True)
     env: dict[str, str] = {}
     ensure_databases_and_broker(state_dir)
@@ -256,7 +253,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _down(state_dir: Path) -> None:
+def down(state_dir: Path) -> None:
     for pidfile in [state_dir / "seaweedfs" / "weed.pid", *state_dir.glob("*.pid")]:
         if pidfile.name == "postgres.pid":
             continue  # stopped below with pg_ctl so that it shuts down cleanly
@@ -284,11 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "ensure":
         ensure_databases_and_broker(args.state_dir)
     elif args.action == "up":
-        env = _up(args.state_dir, args.s3_base_port)
+        env = up(args.state_dir, args.s3_base_port)
         for k, v in env.items():
             print(f"export {k}={v}")
     else:
-        _down(args.state_dir)
+        down(args.state_dir)
     return 0
 
 

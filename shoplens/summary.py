@@ -1,8 +1,6 @@
 """The run summary printed at the end of a demo or nightly run, read from the manifest alone."""
 from __future__ import annotations
 
-import importlib
-
 import sqlalchemy as sa
 
 from shoplens.config import Settings
@@ -10,26 +8,13 @@ from shoplens.manifest import engine_for
 
 
 def crawl_summary(settings: Settings, run_key: str) -> dict:
+    """The summary the crawl stage recorded for this run (``crawl_runs.stats``), and its status."""
     with engine_for(settings.manifest_url).connect() as conn:
-        run = conn.execute(sa.text("SELECT id, status FROM crawl_runs WHERE run_key = :k"),
+        run = conn.execute(sa.text("SELECT status, stats FROM crawl_runs WHERE run_key = :k"),
                            {"k": run_key}).mappings().first()
-        if run is None:
-            return {"run_key": run_key, "found": False}
-        rid = run["id"]
-        one = lambda q: conn.execute(sa.text(q), {"r": rid}).scalar()  # noqa: E731
-        return {
-            "run_key": run_key,
-            "status": run["status"],
-            "products_seen": one("SELECT count(*) FROM product_ranks WHERE run_id = :r"),
-            "products_total": one("SELECT count(*) FROM products"),
-            "reviews_new": one("SELECT count(*) FROM reviews WHERE first_seen_run = :r"),
-            "reviews_total": one("SELECT count(*) FROM reviews"),
-            "photos_stored_this_run": one("SELECT count(*) FROM images WHERE first_seen_run = :r"),
-            "photos_total": one("SELECT count(*) FROM images"),
-            "failures_by_reason": dict(conn.execute(sa.text(
-                "SELECT reason, count(*) FROM crawl_failures WHERE run_id = :r GROUP BY reason "
-                "ORDER BY count(*) DESC"), {"r": rid}).all()),
-        }
+    if run is None:
+        return {"run_key": run_key, "found": False}
+    return {"run_key": run_key, "status": run["status"], **(run["stats"] or {}).get("summary", {})}
 
 
 def print_summary(settings: Settings, run_key: str) -> None:
@@ -38,22 +23,14 @@ def print_summary(settings: Settings, run_key: str) -> None:
     if not s.get("found", True):
         print("   no crawl run recorded")
         return
-    print(f"   crawl: {s['status']}; products this run {s['products_seen']} (total {s['products_total']}), "
-          f"new reviews {s['reviews_new']} (total {s['reviews_total']}), "
-          f"photos stored this run {s['photos_stored_this_run']} (total {s['photos_total']})")
-    failures = s["failures_by_reason"]
+    print(f"   crawl: {s['status']}; categories {s.get('categories', 0)}, products {s.get('products', 0)}, "
+          f"new reviews {s.get('reviews_new', 0)} (total {s.get('reviews_total', 0)}), "
+          f"photos stored this run {s.get('photos_stored', 0)} (total {s.get('images_total', 0)})")
+    failures = s.get("failures", {})
     print("   failures by reason: " + (", ".join(f"{k}={v}" for k, v in failures.items()) or "none"))
     for line in filter_lines(settings):
         print(f"   {line}")
-    # Later stages contribute their own lines when they are installed.
-    for module, func in (("dataset.build", "summary_lines"),):
-        try:
-            fn = getattr(importlib.import_module(module), func)
-        except (ImportError, AttributeError):
-            continue
-        for line in fn(settings, run_key):
-            print(f"   {line}")
-    for line in model_lines(settings):
+    for line in build_summary_lines(settings, run_key) + model_lines(settings):
         print(f"   {line}")
     try:
         from dataset.version_summary import readme_summary
@@ -63,6 +40,14 @@ def print_summary(settings: Settings, run_key: str) -> None:
         print("\n" + readme_summary(settings))
     except Exception as exc:  # a night without any dataset version yet
         print(f"   (no dataset version summary: {exc})")
+
+
+def build_summary_lines(settings: Settings, run_key: str) -> list[str]:
+    try:  # the dataset stage is optional for a crawl-only installation
+        from dataset.build import summary_lines
+    except ImportError:
+        return []
+    return summary_lines(settings, run_key)
 
 
 def _relation_exists(conn, name: str) -> bool:
