@@ -8,13 +8,31 @@ from shoplens.manifest import engine_for
 
 
 def crawl_summary(settings: Settings, run_key: str) -> dict:
-    """The summary the crawl stage recorded for this run (``crawl_runs.stats``), and its status."""
+    """A run's crawl counts, recounted from the manifest rows.
+
+    Recounted rather than read from ``crawl_runs.stats``: that summary is only written when the
+    crawl finishes, and a failed night needs its counts most.
+    """
     with engine_for(settings.manifest_url).connect() as conn:
-        run = conn.execute(sa.text("SELECT status, stats FROM crawl_runs WHERE run_key = :k"),
+        run = conn.execute(sa.text("SELECT id, status FROM crawl_runs WHERE run_key = :k"),
                            {"k": run_key}).mappings().first()
-    if run is None:
-        return {"run_key": run_key, "found": False}
-    return {"run_key": run_key, "status": run["status"], **(run["stats"] or {}).get("summary", {})}
+        if run is None:
+            return {"run_key": run_key, "found": False}
+        rid = run["id"]
+        one = lambda q: conn.execute(sa.text(q), {"r": rid}).scalar()  # noqa: E731
+        return {
+            "run_key": run_key,
+            "status": run["status"],
+            "products_seen": one("SELECT count(*) FROM product_ranks WHERE run_id = :r"),
+            "products_total": one("SELECT count(*) FROM products"),
+            "reviews_new": one("SELECT count(*) FROM reviews WHERE first_seen_run = :r"),
+            "reviews_total": one("SELECT count(*) FROM reviews"),
+            "photos_stored_this_run": one("SELECT count(*) FROM images WHERE first_seen_run = :r"),
+            "photos_total": one("SELECT count(*) FROM images"),
+            "failures_by_reason": dict(conn.execute(sa.text(
+                "SELECT reason, count(*) FROM crawl_failures WHERE run_id = :r GROUP BY reason "
+                "ORDER BY count(*) DESC"), {"r": rid}).all()),
+        }
 
 
 def print_summary(settings: Settings, run_key: str) -> None:
@@ -23,10 +41,10 @@ def print_summary(settings: Settings, run_key: str) -> None:
     if not s.get("found", True):
         print("   no crawl run recorded")
         return
-    print(f"   crawl: {s['status']}; categories {s.get('categories', 0)}, products {s.get('products', 0)}, "
-          f"new reviews {s.get('reviews_new', 0)} (total {s.get('reviews_total', 0)}), "
-          f"photos stored this run {s.get('photos_stored', 0)} (total {s.get('images_total', 0)})")
-    failures = s.get("failures", {})
+    print(f"   crawl: {s['status']}; products this run {s['products_seen']} (total {s['products_total']}), "
+          f"new reviews {s['reviews_new']} (total {s['reviews_total']}), "
+          f"photos stored this run {s['photos_stored_this_run']} (total {s['photos_total']})")
+    failures = s["failures_by_reason"]
     print("   failures by reason: " + (", ".join(f"{k}={v}" for k, v in failures.items()) or "none"))
     for line in filter_lines(settings):
         print(f"   {line}")
