@@ -95,9 +95,7 @@ def shoplens_nightly():
     def filter_photos(_dedup: dict) -> dict:
         from dataset import filter as stage
 
-        stats = _stage("filter", stage.run)
-        print(f"filter run report: {stats.get('report_url')}")
-        return stats
+        return _stage("filter", stage.run)  # its log line links the run report
 
     @task(outlets=[DATASET_VERSION])
     def build_dataset(_filter: dict) -> dict:

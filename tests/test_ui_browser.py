@@ -176,7 +176,9 @@ def test_trigger_from_the_ui_then_read_the_report_and_the_shoplens_page(browser,
     page.get_by_text("success", exact=False).first.wait_for(timeout=30_000)
 
     # --- the run report linked from the filter task's log
-    log_line = page.get_by_text(re.compile(r"filter run report: https?://")).first
+    # The filter stage logs the link through logging, which the log viewer shows in order
+    # (a print lands in the collapsed "Post Execute" group once stdout is flushed at exit).
+    log_line = page.get_by_text(re.compile(r"filter report for \S+: https?://")).first
     for attempt in range(3):  # on a busy machine the log viewer can come up empty at first
         page.goto(f"{stack.api_url}/dags/shoplens_nightly/runs/{quote(run_id, safe='')}/tasks/filter_photos")
         try:
@@ -184,6 +186,8 @@ def test_trigger_from_the_ui_then_read_the_report_and_the_shoplens_page(browser,
             break
         except PlaywrightTimeout:
             if attempt == 2:
+                SHOTS.mkdir(parents=True, exist_ok=True)  # for whoever reads the failure
+                page.screenshot(path=str(SHOTS / "filter_task_log_missing.png"), full_page=True)
                 raise
     report_url = re.search(r"https?://\S+", log_line.inner_text()).group(0)
     report = browser.new_page()
