@@ -6,11 +6,19 @@ differ in at most ``q`` bits in one of the first ``a + 1`` chunks, or in at most
 one of the others (otherwise their distance would be at least ``(a + 1)(q + 1) + (m - a - 1) q =
 r + 1``). So a query probes each table with every value within that chunk's radius of its own chunk
 value, and the items found are checked on all 64 bits: the result is exact, the same set a brute-
-force scan returns. This refined pigeonhole probes far fewer values than ``r // m`` everywhere
-when ``a`` is small (e.g. r = 12, m = 5: two chunks at radius 2 and three at 1 bit).
+force scan returns. A pair close in several chunks is reported only from the first chunk that
+finds it, so no pair appears twice.
 
-Everything is vectorised over a batch of queries with numpy; tables are counting-sorted arrays
-(``offsets[value] .. offsets[value + 1]`` in ``order``), so building one costs one sort.
+The search is compiled with numba (``cache=True``: the JIT cost is paid once per machine). A
+table is a counting sort of the items by chunk value: the items' hashes in bucket order plus a
+direct offsets table of ``2**width + 1`` entries. Queries go in batches, and a batch's probe keys
+are counting-sorted by bucket too, so each chunk's table is walked once, in address order, with
+every probe of a bucket checked against its items while they are in cache: random jumps into the
+tables (one cache miss per probe) cost ~10x a candidate check. For a few queries a plain compiled
+scan is cheaper than building tables; ``radius_neighbours`` picks by a cost model.
+
+``brute_force_neighbours`` is the numpy baseline the benchmark compares against and the tests
+check every compiled path with.
 """
 from __future__ import annotations
 
@@ -19,31 +27,29 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numba
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
 
 from dataset.hashing import HASH_BITS, as_uint64
 
-MAX_CHUNK_BITS = 22  # a direct offsets table of 2**22 entries is 16 MiB; wider chunks would not pay
-# Queries per vectorised step are limited so that the probe arrays stay near this many entries:
-# bigger temporaries fall out of cache and cost more per probe than they save in numpy overhead.
-PROBES_PER_STEP = 1_000_000
-BRUTE_FORCE_PAIRS_PER_STEP = 1_000_000
-MAX_SCAN_KEYS = 16_000_000  # probe keys the probe scan may hold per chunk (int64: 128 MB)
-# Relative costs of numpy's elementary steps, in units of one table probe (measured by
-# benchmarks/dedup.py, section cost_constants): a candidate checked on 64 bits, one item put into
-# one chunk table (a sort), one item passed over in one chunk by the probe scan, one probe key
-# sorted by the probe scan, and one (query, item) pair of the brute force. They decide the chunk
-# count and which of brute force, probe scan and index is cheapest for a search.
-PROBE_COST = 1.0
-CANDIDATE_COST = 0.07
-BUILD_COST_PER_ITEM_AND_CHUNK = 1.8
-PASS_COST_PER_ITEM_AND_CHUNK = 0.18
-KEY_COST = 1.2
-# The probe scan checks a candidate at scattered places (the query side is not in bucket order):
-# ~2.5 probes each (r = 12, 4 chunks, 500 queries, 1 M items: the chunk_sweep row of the benchmark).
-SCAN_CANDIDATE_COST = 2.5
-SCAN_COST_PER_PAIR = 0.06
-
+MAX_CHUNK_BITS = 22  # a direct offsets table of 2**22 entries is 32 MiB; wider chunks would not pay
+# The numpy baseline: this many queries x items per step, into reused buffers (64 K pairs stay in
+# L2; measured ~25 % faster than one query against all 1 M items per step).
+BRUTE_FORCE_QUERIES_PER_STEP = 4
+BRUTE_FORCE_ITEMS_PER_STEP = 16_384
+# Probes (query id + hash, 16 bytes each) one chunk of the index sorts per query batch.
+PROBE_KEYS_PER_BATCH = 2_000_000
+# Relative costs of the compiled steps, in units of one candidate checked on 64 bits, fitted to
+# benchmarks/dedup.py (section cost_constants: r = 12 on 1 M items with 4..7 chunks, index build,
+# compiled scan): one probe (sorted into its bucket, its bucket visited), one item put into one
+# chunk table, and one (query, item) pair of the compiled scan. They pick the chunk count and
+# whether a search scans or builds an index.
+CANDIDATE_COST = 1.0
+PROBE_COST = 60.0
+BUILD_COST_PER_ITEM_AND_CHUNK = 25.0
+SCAN_COST_PER_PAIR = 0.5
 
 @dataclass(frozen=True)
 class Neighbours:
@@ -62,6 +68,12 @@ class Neighbours:
 def _empty() -> Neighbours:
     z = np.zeros(0, dtype=np.int64)
     return Neighbours(z, z, z)
+
+
+def _sorted_neighbours(query: np.ndarray, item: np.ndarray, distance: np.ndarray) -> Neighbours:
+    """Pairs in (query, item) order, as the brute force lists them."""
+    order = np.lexsort((item, query))
+    return Neighbours(query[order], item[order], distance[order])
 
 
 @lru_cache(maxsize=64)
@@ -107,28 +119,28 @@ def query_cost(item_count: int, radius: int, chunk_count: int) -> float:
     return probes * PROBE_COST + candidates * CANDIDATE_COST
 
 
-def choose_chunk_count(item_count: int, radius: int) -> int:
-    """Chunk count with the lowest expected work per query (fewer, wider chunks: emptier buckets
-    but many more probes per chunk)."""
+def build_cost(item_count: int, radius: int, chunk_count: int) -> float:
+    probed_chunks = sum(1 for flips in chunk_radii(radius, chunk_count) if flips >= 0)
+    return item_count * probed_chunks * BUILD_COST_PER_ITEM_AND_CHUNK
+
+
+def choose_chunk_count(item_count: int, radius: int, query_count: int | None = None) -> int:
+    """Chunk count with the lowest expected work (fewer, wider chunks: emptier buckets but many
+    more probes per chunk). Given ``query_count``, a table's build counts too (a one-off search);
+    without it, only the work per query (an index kept for many queries)."""
     smallest = math.ceil(HASH_BITS / MAX_CHUNK_BITS)
-    return min(range(smallest, HASH_BITS + 1), key=lambda m: query_cost(item_count, radius, m))
+
+    def cost(m: int) -> float:
+        per_query = query_cost(item_count, radius, m)
+        return per_query if query_count is None else build_cost(item_count, radius, m) + query_count * per_query
+    return min(range(smallest, HASH_BITS + 1), key=cost)
 
 
 def search_costs(item_count: int, query_count: int, radius: int) -> dict[str, float]:
-    """Expected cost of one search by each method (units of one probe; see the constants above)."""
-    m = choose_chunk_count(item_count, radius)
-    probes, candidates = expected_work(item_count, radius, m)
-    probed_chunks = sum(1 for flips in chunk_radii(radius, m) if flips >= 0)
-    verify = query_count * candidates * CANDIDATE_COST
-    return {
-        "brute force": query_count * item_count * SCAN_COST_PER_PAIR,
-        # The probe scan holds every query's probe keys at once: only for batches of moderate size.
-        "probe scan": (item_count * probed_chunks * PASS_COST_PER_ITEM_AND_CHUNK
-                       + query_count * probes * KEY_COST + query_count * candidates * SCAN_CANDIDATE_COST
-                       if query_count * probes <= MAX_SCAN_KEYS else math.inf),
-        "index": (item_count * probed_chunks * BUILD_COST_PER_ITEM_AND_CHUNK
-                  + query_count * probes * PROBE_COST + verify),
-    }
+    """Expected cost of a one-off search by each method (units of one candidate check)."""
+    m = choose_chunk_count(item_count, radius, query_count)
+    return {"scan": query_count * item_count * SCAN_COST_PER_PAIR,
+            "index": build_cost(item_count, radius, m) + query_count * query_cost(item_count, radius, m)}
 
 
 def cheapest_method(item_count: int, query_count: int, radius: int) -> str:
@@ -137,99 +149,247 @@ def cheapest_method(item_count: int, query_count: int, radius: int) -> str:
 
 
 def radius_neighbours(hashes, queries, radius: int) -> Neighbours:
-    """Exact radius search by whichever of brute force, probe scan and index is expected cheapest."""
+    """Exact radius search by whichever of the compiled scan and the index is expected cheapest."""
     items, probes = as_uint64(hashes), as_uint64(queries)
-    method = cheapest_method(len(items), len(probes), radius)
-    if method == "brute force":
-        return brute_force_neighbours(items, probes, radius)
-    if method == "probe scan":
-        return probe_scan_neighbours(items, probes, radius)
-    return HammingIndex(items, radius).query(probes)
+    if cheapest_method(len(items), len(probes), radius) == "scan":
+        return scan_neighbours(items, probes, radius)
+    return HammingIndex(items, radius, choose_chunk_count(len(items), radius, len(probes))).query(probes)
 
 
-def brute_force_neighbours(hashes, queries, radius: int, batch: int | None = None) -> Neighbours:
-    """The baseline: each query against every item, vectorised with numpy (XOR + popcount).
-
-    Queries go ``batch`` at a time (default: about a million pairs per step, which was the fastest
-    on 1 M items: bigger temporaries leave the cache)."""
-    items = as_uint64(hashes)
-    probes = as_uint64(queries)
-    batch = batch or max(1, BRUTE_FORCE_PAIRS_PER_STEP // max(len(items), 1))
-    found_q, found_i, found_d = [], [], []
-    for start in range(0, len(probes), batch):
-        block = probes[start:start + batch]
-        distances = np.bitwise_count(block[:, None] ^ items[None, :])
-        q, i = np.nonzero(distances <= radius)
-        found_q.append(q + start)
-        found_i.append(i)
-        found_d.append(distances[q, i])
-    if not found_q:
-        return _empty()
-    return Neighbours(np.concatenate(found_q).astype(np.int64), np.concatenate(found_i).astype(np.int64),
-                      np.concatenate(found_d).astype(np.int64))
-
-
-def _run_positions(starts: np.ndarray, counts: np.ndarray, run_ends: np.ndarray) -> np.ndarray:
-    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])`` for non-empty runs, as a
-    cumulative sum of steps (1 inside a run, a jump between runs): cheaper than repeat for short runs."""
-    steps = np.ones(int(run_ends[-1]), dtype=np.int64)
-    steps[0] = starts[0]
-    steps[run_ends[:-1]] = starts[1:] - (starts[:-1] + counts[:-1] - 1)
-    return np.cumsum(steps, out=steps)
-
-
-def probe_scan_neighbours(hashes, queries, radius: int, chunk_count: int | None = None) -> Neighbours:
-    """Exact radius search for a batch of queries without building tables over the items.
-
-    Multi-index hashing turned around: the probe keys of all queries (each query's chunk values
-    within the chunk radii) are marked in a bitmap per chunk, and every item's chunk value is
-    looked up there, one pass over the items per chunk; the few items that hit are matched to
-    their queries through the sorted keys and checked on all 64 bits. Cheaper than sorting the
-    items into tables when the index would be used once, for a few hundred or thousand queries.
-    """
-    items, probes = as_uint64(hashes), as_uint64(queries)
+def _check_radius(radius: int) -> None:
     if not 0 <= radius <= HASH_BITS:
         raise ValueError(f"radius must be within 0..{HASH_BITS}, got {radius}")
-    m = chunk_count or choose_chunk_count(len(items), radius)
-    found_rows, found_items = [], []
-    offset = 0
-    for width, flips in zip(chunk_widths(m), chunk_radii(radius, m)):
-        chunk_offset, offset = offset, offset + width
-        if flips < 0 or len(probes) == 0:
-            continue
-        masks = _flip_masks(width, flips)
-        keys = (HammingIndex._chunk_values(probes, chunk_offset, width)[:, None] ^ masks[None, :]).ravel()
-        key_order = np.argsort(keys)
-        sorted_keys = keys[key_order]
-        marked = np.zeros(1 << width, dtype=bool)
-        marked[keys] = True
-        values = HammingIndex._chunk_values(items, chunk_offset, width)
-        hit = np.flatnonzero(marked[values])
-        if len(hit) == 0:
-            continue
-        lows = np.searchsorted(sorted_keys, values[hit], side="left")
-        counts = np.searchsorted(sorted_keys, values[hit], side="right") - lows
-        item_rows = np.repeat(hit, counts)
-        shift = np.repeat(np.cumsum(counts) - counts - lows, counts)
-        query_rows = key_order[np.arange(len(item_rows), dtype=np.int64) - shift] // len(masks)
-        close = np.bitwise_count(probes[query_rows] ^ items[item_rows]) <= radius
-        found_rows.append(query_rows[close])
-        found_items.append(item_rows[close])
-    if not found_rows:
+
+
+def brute_force_neighbours(hashes, queries, radius: int, queries_per_step: int = BRUTE_FORCE_QUERIES_PER_STEP,
+                           items_per_step: int = BRUTE_FORCE_ITEMS_PER_STEP) -> Neighbours:
+    """The baseline: each query against every item, vectorised with numpy (XOR + popcount).
+
+    A block of queries x items per step, written into buffers allocated once: small enough to
+    stay in cache, large enough that numpy's per-call overhead is a few percent."""
+    items = as_uint64(hashes)
+    probes = as_uint64(queries)
+    qb, ib = max(1, min(queries_per_step, len(probes))), max(1, min(items_per_step, len(items)))
+    xor, counts, close = np.empty((qb, ib), np.uint64), np.empty((qb, ib), np.uint8), np.empty((qb, ib), bool)
+    found_q, found_i, found_d = [], [], []
+    for start in range(0, len(probes), qb):
+        block = probes[start:start + qb, None]
+        for first_item in range(0, len(items), ib):
+            part = items[None, first_item:first_item + ib]
+            shape = (block.shape[0], part.shape[1])
+            x, c, hit = xor[:shape[0], :shape[1]], counts[:shape[0], :shape[1]], close[:shape[0], :shape[1]]
+            np.bitwise_xor(block, part, out=x)
+            np.bitwise_count(x, out=c)
+            np.less_equal(c, radius, out=hit)
+            q, i = np.nonzero(hit)
+            if len(q):
+                found_q.append(q + start)
+                found_i.append(i + first_item)
+                found_d.append(c[q, i])
+    if not found_q:
         return _empty()
-    n = np.int64(max(len(items), 1))
-    unique = np.unique(np.concatenate(found_rows) * n + np.concatenate(found_items))
-    query_rows, item_rows = np.divmod(unique, n)
-    distances = np.bitwise_count(probes[query_rows] ^ items[item_rows]).astype(np.int64)
-    return Neighbours(query_rows, item_rows, distances)
+    return _sorted_neighbours(np.concatenate(found_q).astype(np.int64), np.concatenate(found_i).astype(np.int64),
+                              np.concatenate(found_d).astype(np.int64))
+
+
+# ---- compiled kernels ------------------------------------------------------------------------
+
+@intrinsic
+def _popcount(typingctx, value):
+    """Bits set in a 64-bit word: one POPCNT instruction (numba has no popcount of its own)."""
+    if not (isinstance(value, types.Integer) and value.bitwidth == 64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+    return types.int64(value), codegen
+
+
+@numba.njit(cache=True)
+def _reserved(out_query, out_item, out_distance, needed):
+    """The three output columns, copied into arrays of at least ``needed`` (doubling) entries."""
+    capacity = max(needed, 2 * len(out_query))
+    grown = (np.empty(capacity, np.int64), np.empty(capacity, np.int64), np.empty(capacity, np.int64))
+    grown[0][:len(out_query)] = out_query
+    grown[1][:len(out_item)] = out_item
+    grown[2][:len(out_distance)] = out_distance
+    return grown
+
+
+@numba.njit(cache=True)
+def _bucket_sort(items, shift, width, order_out, bucketed_out, offsets_out):
+    """Counting sort of the items by one chunk value: ids and hashes in bucket order, and where
+    each bucket starts (``offsets_out[v] .. offsets_out[v + 1]``). Stable, so ids rise in a bucket."""
+    buckets = 1 << width
+    low, s = np.uint64(buckets - 1), np.uint64(shift)
+    offsets_out[:] = 0
+    for i in range(len(items)):
+        offsets_out[np.int64((items[i] >> s) & low) + 1] += 1
+    for b in range(buckets):
+        offsets_out[b + 1] += offsets_out[b]
+    fill = offsets_out[:buckets].copy()
+    for i in range(len(items)):
+        value = np.int64((items[i] >> s) & low)
+        place = fill[value]
+        order_out[place] = i
+        bucketed_out[place] = items[i]
+        fill[value] = place + 1
+
+
+@numba.njit(cache=True)
+def _found_in_earlier_chunk(difference, chunk, shifts, widths, radii):
+    for earlier in range(chunk):
+        if radii[earlier] >= 0:
+            bits = (difference >> np.uint64(shifts[earlier])) & np.uint64((1 << widths[earlier]) - 1)
+            if _popcount(bits) <= radii[earlier]:
+                return True
+    return False
+
+
+@numba.njit(cache=True)
+def _check_bucket(radius, chunk, shifts, widths, radii, first_item, end_item, bucketed, order,
+                  probe_hash, probe_query, first_probe, end_probe, out_query, out_item, out_distance, found):
+    """Check one bucket's items against its probes. Matches are rare, so each probe first counts
+    them (a loop LLVM vectorises) and only a probe with some walks the items again to record
+    them. Returns the next probe when the output could overflow, so that the caller grows it
+    outside these loops: an array reallocated in them makes numba's code several times slower."""
+    for p in range(first_probe, end_probe):
+        query_hash = probe_hash[p]
+        matches = 0
+        for j in range(first_item, end_item):
+            matches += _popcount(query_hash ^ bucketed[j]) <= radius
+        if matches == 0:
+            continue
+        if found + matches > len(out_query):
+            return found, p
+        for j in range(first_item, end_item):
+            difference = query_hash ^ bucketed[j]
+            distance = _popcount(difference)
+            if distance <= radius and not _found_in_earlier_chunk(difference, chunk, shifts, widths, radii):
+                out_query[found] = probe_query[p]
+                out_item[found] = order[j]
+                out_distance[found] = distance
+                found += 1
+    return found, end_probe
+
+
+@numba.njit(cache=True)
+def _search_chunk(queries, first_query, radius, chunk, shifts, widths, radii, masks, order, bucketed, offsets,
+                  out_query, out_item, out_distance, found):
+    """Pairs within ``radius`` first found in one chunk's table. The batch's probe keys are sorted
+    by bucket, so the table is walked once in address order and each bucket's items are checked
+    against all its probes while in cache (random jumps cost a cache miss per probe)."""
+    buckets = 1 << widths[chunk]
+    low, shift = np.uint64(buckets - 1), np.uint64(shifts[chunk])
+    probe_count = len(queries) * len(masks)
+    probe_query = np.empty(probe_count, np.int64)
+    probe_hash = np.empty(probe_count, np.uint64)
+    sparse = probe_count * 4 < buckets  # few probes in a wide chunk: sort them, do not count buckets
+    if sparse:
+        keys = np.empty(probe_count, np.int64)
+        for q in range(len(queries)):
+            value = np.int64((queries[q] >> shift) & low)
+            for k in range(len(masks)):
+                keys[q * len(masks) + k] = value ^ masks[k]
+        by_bucket = np.argsort(keys)
+        bucket_keys = keys[by_bucket]
+        for p in range(probe_count):
+            probe_query[p] = by_bucket[p] // len(masks) + first_query
+            probe_hash[p] = queries[by_bucket[p] // len(masks)]
+        heads = np.empty(0, np.int32)
+    else:
+        heads = np.zeros(buckets + 1, np.int32)
+        for q in range(len(queries)):
+            value = np.int64((queries[q] >> shift) & low)
+            for k in range(len(masks)):
+                heads[(value ^ masks[k]) + 1] += 1
+        for b in range(buckets):
+            heads[b + 1] += heads[b]
+        fill = heads[:buckets].copy()
+        for q in range(len(queries)):
+            value = np.int64((queries[q] >> shift) & low)
+            for k in range(len(masks)):
+                place = fill[value ^ masks[k]]
+                probe_query[place] = q + first_query
+                probe_hash[place] = queries[q]
+                fill[value ^ masks[k]] = place + 1
+        bucket_keys = np.empty(0, np.int64)
+    first_probe, key = 0, 0
+    while first_probe < probe_count:
+        if sparse:
+            key = bucket_keys[first_probe]
+            end_probe = first_probe + 1
+            while end_probe < probe_count and bucket_keys[end_probe] == key:
+                end_probe += 1
+        else:
+            while heads[key + 1] == first_probe:  # empty bucket
+                key += 1
+            end_probe = np.int64(heads[key + 1])
+        next_probe = first_probe
+        while next_probe < end_probe:
+            found, next_probe = _check_bucket(radius, chunk, shifts, widths, radii, offsets[key], offsets[key + 1],
+                                              bucketed, order, probe_hash, probe_query, next_probe, end_probe,
+                                              out_query, out_item, out_distance, found)
+            if next_probe < end_probe:
+                out_query, out_item, out_distance = _reserved(out_query, out_item, out_distance,
+                                                              found + offsets[key + 1] - offsets[key])
+        first_probe = end_probe
+        key += 1
+    return found, out_query, out_item, out_distance
+
+
+@numba.njit(cache=True)
+def _scan(queries, items, radius):
+    """Every (query, item, distance) within ``radius`` by checking all pairs: a block of items
+    stays in L1 while every query passes over it."""
+    capacity = max(16, len(queries))
+    out_query = np.empty(capacity, np.int64)
+    out_item = np.empty(capacity, np.int64)
+    out_distance = np.empty(capacity, np.int64)
+    found = 0
+    block = 2048
+    close = np.empty(block, np.int64)  # one query's matches in one block: the hot loop never reallocates
+    for first_item in range(0, len(items), block):
+        end_item = min(first_item + block, len(items))
+        for q in range(len(queries)):
+            query_hash = queries[q]
+            matches = 0
+            for i in range(first_item, end_item):
+                if _popcount(query_hash ^ items[i]) <= radius:
+                    close[matches] = i
+                    matches += 1
+            if matches:
+                if found + matches > len(out_query):
+                    out_query, out_item, out_distance = _reserved(out_query, out_item, out_distance, found + matches)
+                for k in range(matches):
+                    out_query[found] = q
+                    out_item[found] = close[k]
+                    out_distance[found] = _popcount(query_hash ^ items[close[k]])
+                    found += 1
+    return out_query[:found], out_item[:found], out_distance[:found]
+
+
+def scan_neighbours(hashes, queries, radius: int) -> Neighbours:
+    """Exact radius search by a compiled scan of every pair: cheapest for a handful of queries."""
+    _check_radius(radius)
+    items, probes = as_uint64(hashes), as_uint64(queries)
+    if len(items) == 0 or len(probes) == 0:
+        return _empty()
+    return _sorted_neighbours(*_scan(probes, items, radius))
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel, on tiny inputs."""
+    hashes = np.arange(40, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    HammingIndex(hashes, 3).query(hashes)
+    scan_neighbours(hashes, hashes, 3)
 
 
 class HammingIndex:
     """Exact radius-``radius`` search among a fixed set of 64-bit hashes (signed or unsigned)."""
 
     def __init__(self, hashes, radius: int, chunk_count: int | None = None):
-        if not 0 <= radius <= HASH_BITS:
-            raise ValueError(f"radius must be within 0..{HASH_BITS}, got {radius}")
+        _check_radius(radius)
         self.items = as_uint64(hashes)
         self.radius = radius
         m = chunk_count or choose_chunk_count(len(self.items), radius)
@@ -240,29 +400,22 @@ class HammingIndex:
         for width in chunk_widths(m):
             self.chunks.append((offset, width))
             offset += width
-        # Chunks never probed at this radius (refined pigeonhole) need no table.
-        self._tables = [self._build_table(off, width) if flips >= 0 else None
-                        for (off, width), flips in zip(self.chunks, chunk_radii(radius, m))]
+        # Chunks never probed at this radius (refined pigeonhole) need no table; a smaller radius
+        # never probes a chunk a larger one skips.
+        self._probed = [k for k, flips in enumerate(chunk_radii(radius, m)) if flips >= 0]
+        widest = max(self.chunks[k][1] for k in self._probed)
+        n = len(self.items)
+        self._orders = np.empty((len(self._probed), n), np.int64)
+        self._bucketed = np.empty((len(self._probed), n), np.uint64)
+        self._offsets = np.empty((len(self._probed), (1 << widest) + 1), np.int64)
+        for row, k in enumerate(self._probed):
+            offset, width = self.chunks[k]
+            _bucket_sort(self.items, offset, width, self._orders[row], self._bucketed[row], self._offsets[row])
+        self._shifts = np.array([self.chunks[k][0] for k in self._probed], np.int64)
+        self._widths = np.array([self.chunks[k][1] for k in self._probed], np.int64)
 
     def __len__(self) -> int:
         return len(self.items)
-
-    @staticmethod
-    def _chunk_values(hashes: np.ndarray, offset: int, width: int) -> np.ndarray:
-        return ((hashes >> np.uint64(offset)) & np.uint64((1 << width) - 1)).astype(np.int64)
-
-    def _build_table(self, offset: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(item ids in bucket order, their hashes in that order, bucket offsets) for one chunk."""
-        # int32 halves the offsets (probed at random, so smaller is faster) and the sort.
-        index_type = np.int32 if len(self.items) < 2**31 else np.int64
-        values = self._chunk_values(self.items, offset, width).astype(np.int32)
-        # numpy's stable sort of 16-bit keys is a radix sort: ~3x faster than sorting int32.
-        keys = values.astype(np.uint16) if width <= 16 else values
-        order = np.argsort(keys, kind="stable" if width <= 16 else None).astype(index_type)
-        offsets = np.zeros((1 << width) + 1, dtype=index_type)
-        np.cumsum(np.bincount(values, minlength=1 << width), out=offsets[1:])
-        # Candidates are checked against this copy: a bucket is one contiguous run of it.
-        return order, self.items[order], offsets
 
     def query(self, queries, radius: int | None = None) -> Neighbours:
         """Every (query, item) pair within ``radius`` (default: the index's radius), exactly."""
@@ -270,48 +423,22 @@ class HammingIndex:
         if not 0 <= radius <= self.radius:
             raise ValueError(f"index built for radius {self.radius}, asked for {radius}")
         probes = as_uint64(queries)
-        radii = chunk_radii(radius, len(self.chunks))
-        probes_per_query, candidates_per_query = expected_work(len(self.items), radius, len(self.chunks))
-        step = max(1, min(4096, int(PROBES_PER_STEP // (probes_per_query + candidates_per_query))))
-        parts = [self._query_batch(probes[s:s + step], s, radius) for s in range(0, len(probes), step)]
-        parts = [p for p in parts if len(p)]
-        if not parts:
+        if len(probes) == 0 or len(self.items) == 0:
             return _empty()
-        return Neighbours(*(np.concatenate([getattr(p, f) for p in parts])
-                            for f in ("query", "item", "distance")))
-
-    def _query_batch(self, block: np.ndarray, first: int, radius: int) -> Neighbours:
-        found_rows, found_items = [], []
-        radii = chunk_radii(radius, len(self.chunks))
-        for (offset, width), table, flips in zip(self.chunks, self._tables, radii):
-            if flips < 0:
-                continue
-            order, bucketed, offsets = table
-            masks = _flip_masks(width, flips)
-            keys = (self._chunk_values(block, offset, width)[:, None] ^ masks[None, :]).ravel()
-            starts = offsets[keys]
-            counts = offsets[keys + 1] - starts
-            hit = np.flatnonzero(counts)  # most probes land in empty buckets
-            if len(hit) == 0:
-                continue
-            starts, counts = starts[hit].astype(np.int64), counts[hit].astype(np.int64)
-            run_ends = np.cumsum(counts)
-            positions = _run_positions(starts, counts, run_ends)
-            # Probes are grouped by query, so each query's hash repeats over one long stretch.
-            per_query = np.bincount(hit // len(masks), weights=counts, minlength=len(block)).astype(np.int64)
-            probe_hashes = np.repeat(block, per_query)
-            close = np.flatnonzero(np.bitwise_count(probe_hashes ^ bucketed[positions]) <= radius)
-            # Only the few close candidates are traced back to their query and item id.
-            found_rows.append(hit[np.searchsorted(run_ends, close, side="right")] // len(masks))
-            found_items.append(order[positions[close]].astype(np.int64))
-        if not found_rows:
-            return _empty()
-        # A pair close in several chunks is found once per chunk.
-        n = np.int64(max(len(self.items), 1))
-        unique = np.unique(np.concatenate(found_rows) * n + np.concatenate(found_items))
-        query_rows, items = np.divmod(unique, n)
-        distances = np.bitwise_count(block[query_rows] ^ self.items[items]).astype(np.int64)
-        return Neighbours(query_rows + first, items, distances)
+        all_radii = chunk_radii(radius, len(self.chunks))
+        radii = np.array([all_radii[k] for k in self._probed], np.int64)
+        masks = [_flip_masks(int(w), max(int(r), 0)) for w, r in zip(self._widths, radii)]
+        step = max(1, PROBE_KEYS_PER_BATCH // max(len(m) for m in masks))
+        columns = (np.empty(len(probes), np.int64), np.empty(len(probes), np.int64), np.empty(len(probes), np.int64))
+        found = 0
+        for start in range(0, len(probes), step):
+            block = probes[start:start + step]
+            for row, chunk_masks in enumerate(masks):
+                if radii[row] >= 0:
+                    found, *columns = _search_chunk(block, start, radius, row, self._shifts, self._widths, radii,
+                                                    chunk_masks, self._orders[row], self._bucketed[row],
+                                                    self._offsets[row], *columns, found)
+        return _sorted_neighbours(*(column[:found] for column in columns))
 
     def self_join(self) -> Neighbours:
         """Every pair of distinct items ``query < item`` within the radius (items are the queries)."""

@@ -10,8 +10,9 @@ from PIL import Image, ImageOps
 
 from dataset.dedup import assign_clusters
 from dataset.dedup_clusters import DuplicateRule, component_labels, find_pairs
+from dataset import hamming_index
 from dataset.hamming_index import (HammingIndex, brute_force_neighbours, cheapest_method, choose_chunk_count,
-                                   chunk_radii, probe_scan_neighbours, radius_neighbours)
+                                   chunk_radii, radius_neighbours, scan_neighbours)
 from dataset.hashing import as_uint64, hamming, hashes_of_image, to_signed64, to_unsigned64
 
 
@@ -27,34 +28,99 @@ def planted_hashes(rng: np.random.Generator, count: int, near_per_seed: int, max
     return np.concatenate([seeds, np.array(near, dtype=np.uint64)])
 
 
+def naive_neighbours(hashes, queries, radius) -> set[tuple[int, int, int]]:
+    """The definition, one pair at a time in Python: what every search must return."""
+    return {(q, i, bin(int(a) ^ int(b)).count("1")) for q, a in enumerate(as_uint64(queries))
+            for i, b in enumerate(as_uint64(hashes)) if bin(int(a) ^ int(b)).count("1") <= radius}
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_index_returns_exactly_the_brute_force_result_set(seed):
     rng = np.random.default_rng(seed)
     hashes = planted_hashes(rng, count=3000, near_per_seed=3, max_flips=14)
     queries = np.concatenate([hashes[rng.choice(len(hashes), 300, replace=False)],
                               rng.integers(0, 2**63, 50, dtype=np.int64).view(np.uint64)])
-    chunk_count = [None, 3, 4, 6, 8, 13][seed]
+    chunk_count = [None, 3, 4, 5, 8, 13][seed]
     # Three 21-22 bit chunks probe ~10^5 keys per chunk beyond radius 11: exact but slow to test.
-    for radius in (0, 3, 7, 11) if chunk_count == 3 else (0, 3, 7, 12, 16):
+    for radius in (0, 3, 7, 11) if chunk_count == 3 else (0, 1, 3, 7, 12, 16):
         index = HammingIndex(hashes, radius, chunk_count=chunk_count)
-        expected = brute_force_neighbours(hashes, queries, radius).as_set()
-        assert index.query(queries).as_set() == expected, (radius, chunk_count)
+        expected = brute_force_neighbours(hashes, queries, radius)
+        found = index.query(queries)
+        assert found.as_set() == expected.as_set(), (radius, chunk_count)
+        assert len(found) == len(expected)  # a pair close in several chunks is listed once
         # A smaller radius on the same index is exact too.
         assert index.query(queries, radius // 2).as_set() == brute_force_neighbours(
             hashes, queries, radius // 2).as_set()
 
 
-@pytest.mark.parametrize("chunk_count", [3, 4, 5, 7])
-def test_probe_scan_returns_exactly_the_brute_force_result_set(chunk_count):
-    rng = np.random.default_rng(chunk_count)
-    hashes = planted_hashes(rng, count=3000, near_per_seed=3, max_flips=14)
-    queries = hashes[rng.choice(len(hashes), 200, replace=False)]
-    for radius in (0, 5, 12):
-        expected = brute_force_neighbours(hashes, queries, radius).as_set()
-        assert probe_scan_neighbours(hashes, queries, radius, chunk_count).as_set() == expected
-        assert radius_neighbours(hashes, queries, radius).as_set() == expected
+def test_brute_force_baseline_is_the_definition_whatever_its_block_shape():
+    rng = np.random.default_rng(11)
+    hashes = planted_hashes(rng, count=300, near_per_seed=2, max_flips=10)
+    queries = hashes[rng.choice(len(hashes), 37, replace=False)]
+    expected = naive_neighbours(hashes, queries, 10)
+    assert len(expected) > len(queries)  # planted copies are found, not only the queries themselves
+    for queries_per_step, items_per_step in [(4, 16_384), (1, 7), (5, 64), (37, 300), (100, 1000)]:
+        found = brute_force_neighbours(hashes, queries, 10, queries_per_step, items_per_step)
+        assert found.as_set() == expected and len(found) == len(expected)
 
 
+@pytest.mark.parametrize("radius", [0, 1, 5, 12, 20, 64])
+def test_compiled_scan_and_automatic_search_return_exactly_the_brute_force_result_set(radius):
+    rng = np.random.default_rng(radius)
+    hashes = planted_hashes(rng, count=1500, near_per_seed=3, max_flips=14)
+    queries = np.concatenate([hashes[rng.choice(len(hashes), 120, replace=False)],
+                              rng.integers(0, 2**63, 10, dtype=np.int64).view(np.uint64)])
+    expected = brute_force_neighbours(hashes, queries, radius)
+    assert len(expected) >= 120
+    assert scan_neighbours(hashes, queries, radius).as_set() == expected.as_set()
+    assert radius_neighbours(hashes, queries, radius).as_set() == expected.as_set()
+    if radius <= 20:  # radius 64 lists all 1500 x 130 pairs: the index would probe every bucket
+        assert HammingIndex(hashes, radius).query(queries).as_set() == expected.as_set()
+
+
+def test_planted_near_copies_of_random_hashes_are_found_at_every_distance_up_to_the_radius():
+    rng = np.random.default_rng(21)
+    originals = rng.integers(0, 2**63, 2000, dtype=np.int64).view(np.uint64)
+    flips = np.arange(2000) % 14  # a copy of each original with 0..13 bits flipped
+    copies = np.array([int(h) ^ sum(1 << int(b) for b in rng.choice(64, f, replace=False))
+                       for h, f in zip(originals, flips)], dtype=np.uint64)
+    found = HammingIndex(copies, 12).query(originals)
+    pairs = {(q, i): d for q, i, d in found.as_set()}
+    for k in range(2000):
+        assert (pairs.get((k, k)) == flips[k]) if flips[k] <= 12 else (k, k) not in pairs
+    assert found.as_set() == brute_force_neighbours(copies, originals, 12).as_set()
+
+
+def test_index_in_many_small_batches_with_a_growing_output_gives_the_same_pairs(monkeypatch):
+    rng = np.random.default_rng(8)
+    base = rng.integers(0, 2**63, 40, dtype=np.int64).view(np.uint64)
+    hashes = np.repeat(base, 50) ^ rng.integers(0, 8, 2000).astype(np.uint64)  # 50 near-copies each
+    expected = brute_force_neighbours(hashes, hashes, 6)
+    assert len(expected) == 50 * len(hashes)  # far more pairs than queries: the output must grow
+    one_batch = HammingIndex(hashes, 6).query(hashes)
+    monkeypatch.setattr(hamming_index, "PROBE_KEYS_PER_BATCH", 500)
+    many_batches = HammingIndex(hashes, 6).query(hashes)
+    assert one_batch.as_set() == many_batches.as_set() == expected.as_set()
+    assert list(many_batches.query) == list(expected.query) and list(many_batches.item) == list(expected.item)
+
+
+def test_empty_inputs_and_out_of_range_radii():
+    rng = np.random.default_rng(3)
+    hashes = rng.integers(0, 2**63, 100, dtype=np.int64).view(np.uint64)
+    none = np.zeros(0, dtype=np.uint64)
+    for search in (brute_force_neighbours, scan_neighbours, radius_neighbours,
+                   lambda h, q, r: HammingIndex(h, r).query(q)):
+        assert len(search(hashes, none, 12)) == 0
+        assert len(search(none, hashes, 12)) == 0
+        assert len(search(none, none, 0)) == 0
+    assert len(HammingIndex(none, 12).self_join()) == 0
+    for bad in (-1, 65):
+        with pytest.raises(ValueError, match="radius"):
+            scan_neighbours(hashes, hashes, bad)
+        with pytest.raises(ValueError, match="radius"):
+            HammingIndex(hashes, bad)
+    with pytest.raises(ValueError, match="radius"):
+        HammingIndex(hashes, 4).query(hashes, 5)  # an index answers only within the radius it was built for
 def test_chunk_radii_are_the_tight_pigeonhole_split_of_the_radius():
     # A pair escapes every chunk only if chunk k differs in radii[k] + 1 bits or more, for all k:
     # that needs sum(radii[k] + 1) = radius + 1 bits, so nothing within the radius escapes.
@@ -66,8 +132,8 @@ def test_chunk_radii_are_the_tight_pigeonhole_split_of_the_radius():
 
 
 def test_search_method_follows_the_batch_size():
-    assert cheapest_method(1_000_000, 1, 12) == "brute force"  # one new image: a scan is cheapest
-    assert cheapest_method(1_000_000, 500, 12) != "brute force"
+    assert cheapest_method(1_000_000, 1, 12) == "scan"  # one new image: building tables would not pay
+    assert cheapest_method(1_000_000, 5_000, 12) == "index"
     assert cheapest_method(1_000_000, 1_000_000, 12) == "index"  # re-clustering everything
 
 
