@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -137,7 +138,11 @@ def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
 
     run_id = start_run(settings, run_key)
     started = time.monotonic()
-    process = AsyncCrawlerProcess(scrapy_settings(settings))
+    scrapy_config = scrapy_settings(settings)
+    process = AsyncCrawlerProcess(scrapy_config)
+    # Scrapy filters by LOG_LEVEL in its handler, after a record of every "Crawled"/"Scraped"
+    # debug line was built: the logger's own level skips building them.
+    logging.getLogger("scrapy").setLevel(scrapy_config["LOG_LEVEL"])
     crawler = process.create_crawler(ReviewsSpider)
     process.crawl(crawler, category_id=category_id, run_key=run_key)
     process.start()
@@ -158,7 +163,7 @@ def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
             "offsite_dropped", "retry_after_waits", "waf_cookie_acquired", "waf_cookie_reused",
             "photo_transactions")},
         "failures": dict(sorted(failures.items())),
-        "requests": raw.get("downloader/request_count", 0),
+        "requests": ours.get("requests", 0),
         "retries": raw.get("retry/count", 0),
         "robots_forbidden": raw.get("robotstxt/forbidden", 0),
         "finish_reason": raw.get("finish_reason"),

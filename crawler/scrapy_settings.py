@@ -36,9 +36,9 @@ def scrapy_settings(settings: Settings) -> dict:
         # A photo response yields one item: Scrapy's default (100) starts 100 worker tasks for
         # every response, which cost more CPU than the download itself.
         "CONCURRENT_ITEMS": 1,
-        # The photo pipeline's decode + S3 PUT threads (at most the minio client's 10 connections)
-        # and the most manifest rows one group-committed transaction takes.
-        "SHOPLENS_PHOTO_THREADS": min(10, max(2, 2 * per_host)),
+        # The photo pipeline's decode + S3 PUT worker processes (crawler/photo_workers.py) and
+        # the most manifest rows one group-committed transaction takes.
+        "SHOPLENS_PHOTO_PROCESSES": 4,
         "SHOPLENS_PHOTO_BATCH": 200,
         "TELNETCONSOLE_ENABLED": False,
         "REMOTE_CONTROL_ENABLED": False,
@@ -50,6 +50,20 @@ def scrapy_settings(settings: Settings) -> dict:
             "scrapy.downloadermiddlewares.retry.RetryMiddleware": None,
             "crawler.middlewares.RetryAfterMiddleware": 550,
             "crawler.middlewares.WafCookieMiddleware": 700,
+            # Per-request CPU for nothing here (profiled, docs/benchmarks.md): Scrapy's offsite
+            # filter lets everything through without ``allowed_domains`` (HostAllowListMiddleware
+            # is the allow-list, redirects included); no HTTP credentials; request/response byte
+            # statistics (the spider counts requests itself).
+            "scrapy.downloadermiddlewares.offsite.OffsiteMiddleware": None,
+            "scrapy.downloadermiddlewares.httpauth.HttpAuthMiddleware": None,
+            "scrapy.downloadermiddlewares.stats.DownloaderStats": None,
+        },
+        # No depth limit is set (Depth only keeps statistics then); the URLs are the site
+        # adapter's, of fixed shape; the spider copies no response.meta into its requests.
+        "SPIDER_MIDDLEWARES": {
+            "scrapy.spidermiddlewares.depth.DepthMiddleware": None,
+            "scrapy.spidermiddlewares.urllength.UrlLengthMiddleware": None,
+            "scrapy.spidermiddlewares.metacopy.MetaCopyDetectionMiddleware": None,
         },
         "ITEM_PIPELINES": {"crawler.pipelines.ReviewPhotoPipeline": 300},
     }

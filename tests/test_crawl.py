@@ -314,6 +314,11 @@ def second_manifest_url():
     admin.dispose()
 
 
+def _child_pids(pid: int) -> list[int]:
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
 def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(
         replica, s3_settings, manifest_url, second_manifest_url):
     shop = replica([12, 10, 11, 9], photo_seed=5)
@@ -329,8 +334,14 @@ def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(
         assert child.poll() is None, "the crawl ended before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    photo_workers = _child_pids(child.pid)
+    assert photo_workers, "the crawl validates and stores photos in worker processes"
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
+    deadline = time.monotonic() + 10  # they die with the crawl: no orphan keeps writing
+    while any(Path(f"/proc/{pid}").exists() for pid in photo_workers):
+        assert time.monotonic() < deadline, f"orphaned photo workers {photo_workers}"
+        time.sleep(0.05)
     total = len(photo_reviews(shop.ground_truth(), expected_products(
         shop.ground_truth(), 20)[CATEGORY]))
     assert len(stored_photos(manifest_url)) < total, "killed too late to prove anything"

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import scrapy
 import sqlalchemy as sa
-from scrapy import Request
+from scrapy import Request, signals
 from scrapy.downloadermiddlewares.retry import get_retry_request
 from scrapy.exceptions import IgnoreRequest
 from scrapy.http import Response
@@ -52,7 +52,12 @@ class ReviewsSpider(scrapy.Spider):
         spider.shop = crawler.settings["SHOPLENS_SETTINGS"]
         spider.site = ShopSite(spider.shop.shop_base_url, spider.shop.image_params)
         spider.writer = ManifestWriter.for_run_key(spider.shop.manifest_url, spider.run_key)
+        # Every request that reaches the downloader (retries and redirects included).
+        crawler.signals.connect(spider._count_request, signal=signals.request_reached_downloader)
         return spider
+
+    def _count_request(self, request: Request) -> None:
+        self.crawler.stats.inc_value("shoplens/requests")
 
     # --- flow -------------------------------------------------------------------------------
     async def start(self):
@@ -176,8 +181,11 @@ class ReviewsSpider(scrapy.Spider):
         stats.inc_value("shoplens/photos_requested")
         if stats.get_value("shoplens/first_photo_request_at") is None:
             stats.set_value("shoplens/first_photo_request_at", time.time())
+        # Each review's photo is asked for once (reviews_scheduled, and the manifest across
+        # runs): Scrapy's URL fingerprinting (CPU per request) would only drop the photo of a
+        # second review that shows the very same file.
         return Request(self.site.image_url(photo_url), callback=self.parse_photo,
-                       errback=self.on_error,
+                       errback=self.on_error, dont_filter=True,
                        meta=self._meta("image", product_id, review_id=review_id))
 
     # --- failures ---------------------------------------------------------------------------
