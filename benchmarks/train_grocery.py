@@ -11,6 +11,11 @@ Hold-out (the official test split is held back by the data set's authors):
       split 85/15 into train/val (seeded, stratified). The honest estimate for new photos.
   random: a seeded, stratified 70/15/15 split of train + val photos. Leaky: near-identical
       consecutive shots of one shelf land on both sides, so it flatters (95.7 vs 68.6 % Top-1).
+  train-sessions: for choosing a recipe without looking at val/: only train/ photos; per
+      product, its files in shooting order are cut into train (first 70 %), val (next 15 %) and
+      test (last 15 %), so runs of consecutive shots mostly stay on one side.
+--val-carve (official-val): "random" (default, seeded stratified 15 % of train/) or "sessions"
+      (per product the last 15 % of its train/ files in shooting order).
 The test photos decide nothing: early stopping, stage-2 keep/discard and TTA use val only.
 
     .venv/bin/python benchmarks/train_grocery.py                      # the full run
@@ -58,14 +63,37 @@ def grocery_photos(root: Path) -> tuple[list[dict], list[tuple[Path, int]]]:
     return sorted(labels, key=lambda e: e["label"]), photos
 
 
-def official_val_holdout(photos, seed: int, val_fraction: float = 0.15):
+def official_val_holdout(photos, seed: int, val_fraction: float = 0.15, carve: str = "random"):
     """Test = the data set's own val/ photos (taken apart from train/); train/ photos split
-    stratified into train and val. Near-identical consecutive shots of one shelf cannot straddle
-    train and test this way, which a random split of all photos allows."""
+    into train and val (stratified at random, or per product by shooting order). Near-identical
+    consecutive shots of one shelf cannot straddle train and test this way, which a random split
+    of all photos allows."""
     test = [(p, lab, "test") for p, lab in photos if "/val/" in str(p)]
     rest = [(p, lab) for p, lab in photos if not ("/val/" in str(p))]
-    return test + [(p, lab, "val" if s == "test" else s)
-                   for p, lab, s in stratified_split(rest, seed, (1 - val_fraction, 0.0, val_fraction))]
+    if carve == "sessions":
+        carved = session_split(rest, (1 - val_fraction, 0.0, val_fraction))
+    else:
+        carved = stratified_split(rest, seed, (1 - val_fraction, 0.0, val_fraction))
+    return test + [(p, lab, "val" if s == "test" else s) for p, lab, s in carved]
+
+
+def session_split(photos, fractions=(0.70, 0.15, 0.15)):
+    """Per product, its photos in file (shooting) order: first part train, then val, last test.
+    Consecutive shots of one shelf are near-identical; contiguous runs keep most of them on one
+    side, so val/test measure new shots far better than a random split does."""
+    by_label = defaultdict(list)
+    for path, label in photos:
+        by_label[label].append(path)
+    out = []
+    for label, paths in sorted(by_label.items()):
+        paths = sorted(paths)
+        n = len(paths)
+        n_test = max(1, round(n * fractions[2])) if fractions[2] else 0
+        n_val = max(1, round(n * fractions[1])) if fractions[1] else 0
+        for i, path in enumerate(paths):
+            split = "train" if i < n - n_val - n_test else "val" if i < n - n_test else "test"
+            out.append((path, label, split))
+    return out
 
 
 def stratified_split(photos, seed: int, fractions=(0.70, 0.15, 0.15)):
@@ -93,14 +121,24 @@ def main() -> int:
     ap.add_argument("--classes", type=int, default=0, help="use only the first N products")
     ap.add_argument("--per-class", type=int, default=0, help="at most N photos per product")
     ap.add_argument("--seed", type=int, default=20240611)
-    ap.add_argument("--holdout", choices=("official-val", "random"), default="official-val",
+    ap.add_argument("--holdout", choices=("official-val", "random", "train-sessions"),
+                    default="official-val",
                     help="official-val: test = the grocery val/ photos, train/ split 85/15 into "
-                         "train/val; random: stratified 70/15/15 of train+val photos (leaky)")
+                         "train/val; random: stratified 70/15/15 of train+val photos (leaky); "
+                         "train-sessions: train/ photos only, 70/15/15 by shooting order")
+    ap.add_argument("--val-carve", choices=("random", "sessions"), default="random",
+                    help="official-val: how val is carved from train/ (sessions: the last 15 %% "
+                         "of each product's files)")
     for flag, field in (("--profile", "model_profile"), ("--image-size", "model_image_size"),
                         ("--head-epochs", "model_head_epochs"),
                         ("--finetune-epochs", "model_finetune_epochs"),
                         ("--finetune-blocks", "model_finetune_blocks"),
                         ("--views", "model_views_per_image"), ("--tta", "model_tta"),
+                        ("--augmentation", "model_augmentation"),
+                        ("--crop-min-scale", "model_crop_min_scale"),
+                        ("--finetune-schedule", "model_finetune_schedule"),
+                        ("--finetune-learning-rate", "model_finetune_learning_rate"),
+                        ("--label-smoothing", "model_label_smoothing"),
                         ("--batch-size", "model_batch_size"), ("--members", "model_members")):
         ap.add_argument(flag, dest=field)
     ap.add_argument("--results", type=Path, default=REPO / "results" / "train_grocery.json")
@@ -134,10 +172,13 @@ def main() -> int:
         photos = kept
     if args.holdout == "random":
         split = stratified_split(photos, args.seed)
+    elif args.holdout == "train-sessions":
+        split = session_split([(p, lab) for p, lab in photos if "/val/" not in str(p)])
     else:
-        split = official_val_holdout(photos, args.seed)
-    tag = f"grocery-c{len(labels)}-p{args.per_class or 'all'}-s{args.seed}" + (
-        "-officialval" if args.holdout == "official-val" else "")
+        split = official_val_holdout(photos, args.seed, carve=args.val_carve)
+    tag = f"grocery-c{len(labels)}-p{args.per_class or 'all'}-s{args.seed}" + {
+        "official-val": "-officialval" + ("-sessionval" if args.val_carve == "sessions" else ""),
+        "train-sessions": "-trainsessions", "random": ""}[args.holdout]
     data_dir = args.work / "datasets" / tag
     if not (data_dir / "labels.json").is_file():
         write_local_dataset(data_dir, tag, labels, [(p.read_bytes(), lab, s) for p, lab, s in split])
@@ -150,7 +191,9 @@ def main() -> int:
     metrics = trained["metrics"]
     counts = {s: sum(1 for *_, x in split if x == s) for s in ("train", "val", "test")}
     result = {
-        "benchmark": "train_grocery", "dataset": tag, "holdout": args.holdout, "products": len(labels), "photos": counts,
+        "benchmark": "train_grocery", "dataset": tag, "holdout": args.holdout,
+        "val_carve": args.val_carve if args.holdout == "official-val" else None,
+        "products": len(labels), "photos": counts,
         "profile": settings.model_profile, "training": trained["config"]["training"],
         "test": metrics["test"], "val": metrics["val"], "tta": metrics["tta"],
         "decisions": metrics["decisions"], "members": metrics["members"],

@@ -4,8 +4,9 @@ The backbone is split at ``spec.split_layer``: the bottom never trains, so every
 through it once per augmented view and its output is cached (float16). Stage 1 trains the new
 head (dropout + dense softmax) on the pooled output of the frozen top; stage 2 unfreezes the top
 blocks (batch-norm statistics stay frozen, as in Keras' fine-tuning guide) at a lower rate and is
-kept only if it improves validation accuracy. Both stages use Keras' EarlyStopping and
-ReduceLROnPlateau (factor 0.2, patience 2) on validation loss.
+kept only if it does not lower validation accuracy. Both stages use Keras' EarlyStopping on
+validation loss; stage 1 and a 'plateau' stage 2 cut the rate with ReduceLROnPlateau (factor 0.2,
+patience 2), a 'cosine' stage 2 decays it to 0 over its epochs.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def squares(split: Split, size: int) -> np.ndarray:
 
 
 def augmenter(size: int, seed: int):
-    """Phone-photo augmentation: random crop (scale/position), mirror, small tilt, light, contrast."""
+    """'crop' augmentation: random crop of the margin square, mirror, small tilt, light, contrast."""
     import keras
     from keras import layers
 
@@ -59,14 +60,43 @@ def augmenter(size: int, seed: int):
     ], name="augment")
 
 
+def resized_crop_views(batch: np.ndarray, size: int, rng: np.random.Generator,
+                       min_scale: float) -> np.ndarray:
+    """'resized_crop' augmentation (Inception-style): a random box of ``min_scale``..1 of the
+    square's area and 3/4..4/3 aspect, scaled to ``size``; mirror; brightness, contrast and
+    saturation jitter. A new shot frames and lights the product differently, which a fixed-scale
+    crop of the same square does not imitate."""
+    from PIL import Image, ImageEnhance
+
+    side = batch.shape[1]
+    out = np.empty((len(batch), size, size, 3), dtype=np.float32)
+    for i, square in enumerate(batch):
+        area = side * side * rng.uniform(min_scale, 1.0)
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        w = int(min(side, round(np.sqrt(area * aspect))))
+        h = int(min(side, round(np.sqrt(area / aspect))))
+        x0, y0 = int(rng.integers(0, side - w + 1)), int(rng.integers(0, side - h + 1))
+        img = Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR,
+                                             box=(x0, y0, x0 + w, y0 + h))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            img = enhance(img).enhance(rng.uniform(0.75, 1.25))
+        out[i] = np.asarray(img, dtype=np.float32)
+    return out
+
+
 def _features(bottom, sq: np.ndarray, size: int, mode: str, aug=None) -> np.ndarray:
-    """Bottom output for every photo: mode 'clean' (centre crop), 'flip' (mirrored), 'augment'."""
+    """Bottom output for every photo: mode 'clean' (centre crop), 'flip' (mirrored), 'augment'
+    (``aug``: a Keras augmentation model, or a function batch -> augmented float32 batch)."""
     import keras
 
     chunks = []
     for start in range(0, len(sq), _BATCH_INFER):
         batch = sq[start:start + _BATCH_INFER]
-        if mode == "augment":
+        if mode == "augment" and not hasattr(aug, "layers"):
+            x = aug(batch)
+        elif mode == "augment":
             x = keras.ops.convert_to_numpy(aug(batch.astype(np.float32), training=True))
         else:
             x = images.centre_crop(batch.transpose(1, 2, 0, 3), size).transpose(2, 0, 1, 3)
@@ -78,14 +108,30 @@ def _features(bottom, sq: np.ndarray, size: int, mode: str, aug=None) -> np.ndar
                                                            np.float16)
 
 
-def _callbacks(settings: Settings):
+def _callbacks(settings: Settings, plateau: bool = True):
     import keras
 
-    return [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.model_early_stopping_patience,
-                                      restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=2, min_lr=1e-6),
-    ]
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss",
+                                         patience=settings.model_early_stopping_patience,
+                                         restore_best_weights=True)
+    if not plateau:  # a learning-rate schedule owns the rate
+        return [stop]
+    return [stop, keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=2,
+                                                    min_lr=1e-6)]
+
+
+def _finetune_rate(settings: Settings, train_samples: int):
+    """Stage 2's learning rate: fixed (cut on plateaus) or cosine-decayed to 0 over its epochs."""
+    import keras
+
+    if settings.model_finetune_schedule == "plateau":
+        return settings.model_finetune_learning_rate
+    if settings.model_finetune_schedule != "cosine":
+        raise ValueError("model_finetune_schedule must be plateau or cosine, "
+                         f"got {settings.model_finetune_schedule!r}")
+    steps = settings.model_finetune_epochs * -(-train_samples // settings.model_batch_size)
+    return keras.optimizers.schedules.CosineDecay(settings.model_finetune_learning_rate,
+                                                  decay_steps=max(1, steps))
 
 
 def _loss(settings: Settings):
@@ -113,7 +159,16 @@ def train_member(spec: MemberSpec, data: dict[str, Split], num_classes: int,
     top = keras.Model(split_tensor, backbone.outputs[0], name=f"{spec.name}_top")
 
     # Cache the bottom's output: train (clean + augmented views), val and test (clean, mirrored).
-    aug = augmenter(size, settings.model_seed)
+    if settings.model_augmentation == "crop":
+        aug = augmenter(size, settings.model_seed)
+    elif settings.model_augmentation == "resized_crop":
+        rng = np.random.default_rng(settings.model_seed)
+
+        def aug(batch):
+            return resized_crop_views(batch, size, rng, settings.model_crop_min_scale)
+    else:
+        raise ValueError("model_augmentation must be crop or resized_crop, "
+                         f"got {settings.model_augmentation!r}")
     sq = {name: squares(split, size) for name, split in data.items()}
     views = max(1, settings.model_views_per_image)
     train_feats = np.concatenate(
@@ -156,11 +211,13 @@ def train_member(spec: MemberSpec, data: dict[str, Split], num_classes: int,
             if isinstance(layer, layers.BatchNormalization):
                 layer.trainable = False
         before = finetune.get_weights()
-        finetune.compile(keras.optimizers.Adam(settings.model_finetune_learning_rate),
+        finetune.compile(keras.optimizers.Adam(_finetune_rate(settings, len(train_feats))),
                          loss=_loss(settings), metrics=["accuracy"])
         h2 = finetune.fit(train_feats, y_train, batch_size=settings.model_batch_size,
                           epochs=settings.model_finetune_epochs,
-                          validation_data=(feats["val"], y_val), callbacks=_callbacks(settings),
+                          validation_data=(feats["val"], y_val),
+                          callbacks=_callbacks(settings,
+                                               settings.model_finetune_schedule == "plateau"),
                           shuffle=True, verbose=0)
         stage2_val = _accuracy(finetune.predict(feats["val"], verbose=0), data["val"].labels)
         stage2.update(epochs_run=len(h2.history["loss"]), val_top1=stage2_val,
@@ -183,6 +240,7 @@ def train_member(spec: MemberSpec, data: dict[str, Split], num_classes: int,
         test_probs_flipped=probs(flipped["test"]) if use_flips else None)
     result.report = {
         "image_size": size, "split_layer": split_name, "views_per_image": views,
+        "augmentation": settings.model_augmentation,
         "train_photos": len(data["train"]), "stage1": {
             "epochs_run": len(h1.history["loss"]), "val_top1": stage1_val},
         "stage2": stage2, "seconds": {"cache_features": round(t_cache, 1),

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 TRAINING_SETTINGS = (
     "model_profile", "model_members", "model_image_size", "model_batch_size", "model_views_per_image",
+    "model_augmentation", "model_crop_min_scale",
     "model_head_epochs", "model_finetune_epochs", "model_finetune_blocks", "model_learning_rate",
-    "model_finetune_learning_rate", "model_dropout", "model_label_smoothing",
+    "model_finetune_learning_rate", "model_finetune_schedule", "model_dropout",
+    "model_label_smoothing",
     "model_early_stopping_patience", "model_seed", "model_tta", "model_init",
 )
 

@@ -148,6 +148,11 @@ class Settings:
     model_batch_size: int = 128
     # Augmented views per training photo cached through the frozen backbone part.
     model_views_per_image: int = 2
+    # How the extra views are made: "resized_crop" (random box of model_crop_min_scale..1 of the
+    # photo's area, any aspect 3/4..4/3, mirror, light/contrast/colour jitter) or "crop" (random
+    # crop of the 1.143x square, mirror, small tilt, light, contrast).
+    model_augmentation: str = "crop"
+    model_crop_min_scale: float = 0.25
     model_head_epochs: int = 30
     # Stage 2 (top blocks unfrozen at a lower rate); 0 disables it. Kept only if val does not drop.
     # 3 epochs of the top 2 blocks: the measured recipe (kept on val by 2 of 3 members at 224 px,
@@ -156,6 +161,8 @@ class Settings:
     model_finetune_blocks: int = 2
     model_learning_rate: float = 1e-3
     model_finetune_learning_rate: float = 1e-4
+    # Stage 2's rate: "plateau" (cut by 5 when val loss stalls) or "cosine" (decays to 0).
+    model_finetune_schedule: str = "plateau"
     model_dropout: float = 0.3
     model_label_smoothing: float = 0.1
     model_early_stopping_patience: int = 4

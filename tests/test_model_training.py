@@ -124,3 +124,32 @@ def test_an_empty_test_split_is_refused(tmp_path):
         train_ensemble(tiny_settings(model_members=("efficientnet_lite0",), model_init="random"),
                        LocalDataset(data), tmp_path / "ens", "m-x")
     assert not (tmp_path / "ens").exists()
+
+
+def test_resized_crop_views_zoom_mirror_and_jitter_within_the_photo():
+    """Each view is a size x size float crop of the square; views differ from the centre crop and
+    from each other, and a uniform photo stays uniform (no fill from outside the photo)."""
+    from modeling.member_training import resized_crop_views
+
+    rng = np.random.default_rng(0)
+    square = np.zeros((2, 40, 40, 3), dtype=np.uint8)
+    square[:, :, :20] = 200  # left half bright: mirrored or shifted crops change the mean column
+    views = resized_crop_views(square, 16, rng, min_scale=0.25)
+    assert views.shape == (2, 16, 16, 3) and views.dtype == np.float32
+    assert 0 <= views.min() and views.max() <= 255
+    more = resized_crop_views(square, 16, rng, min_scale=0.25)
+    assert not np.allclose(views, more)
+    grey = np.full((3, 40, 40, 3), 120, dtype=np.uint8)
+    flat = resized_crop_views(grey, 16, rng, min_scale=0.25)
+    assert np.ptp(flat.reshape(3, -1), axis=1).max() <= 1  # jitter scales it, but evenly
+
+
+def test_cosine_stage2_schedule_and_unknown_choices_are_refused(tmp_path):
+    from modeling.member_training import _finetune_rate
+
+    rate = _finetune_rate(tiny_settings(model_finetune_schedule="cosine",
+                                        model_finetune_learning_rate=1e-3,
+                                        model_finetune_epochs=2, model_batch_size=10), 100)
+    assert float(rate(0)) == pytest.approx(1e-3) and float(rate(20)) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="model_finetune_schedule"):
+        _finetune_rate(tiny_settings(model_finetune_schedule="linear"), 100)
