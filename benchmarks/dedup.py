@@ -17,7 +17,10 @@ reliable it is.
 4. ``compile``: numba's import and JIT compile time of the kernels in a fresh process with an
    empty cache, and the time to load them from that cache in another fresh process (what every
    later run pays), reported apart from the search timings (which run after a warm-up).
-5. ``cost_constants``: the cost model's constants fitted to this run (chunk sweep: time per query
+5. ``baseline_shape``: the numpy brute force with its default block (a few queries x 16 K items
+   into reused buffers) against one query x all items per step (the previous baseline), to show
+   the baseline was not weakened.
+6. ``cost_constants``: the cost model's constants fitted to this run (chunk sweep: time per query
    = probes x probe cost + candidates x candidate cost, least squares; the index build; the
    compiled scan), relative to one candidate check, next to the ones the code uses.
 
@@ -26,7 +29,7 @@ copies (a tenth of the items are copies of others with a few bits flipped), so q
 neighbours. Uniform bits are the worst case for radius search (no structure to exploit) and the
 best case for bucket balance.
 
-    .venv/bin/python benchmarks/dedup.py [--items 1000000] [--queries 500] [--repeats 5] [--out results/dedup.json]
+    .venv/bin/python benchmarks/dedup.py [--items 1000000] [--queries 500] [--repeats 7] [--out results/dedup.json]
 """
 from __future__ import annotations
 
@@ -217,15 +220,27 @@ def compile_times() -> dict:
             "import_numba_second_process_s": round(cached["import_numba_s"], 3)}
 
 
+def baseline_shape(hashes, queries, radius: int, repeats: int) -> dict:
+    shapes = {"default": {}, "one query x all items": {"queries_per_step": 1, "items_per_step": len(hashes)}}
+    results, seconds = alternate({name: (lambda kw=kw: brute_force_neighbours(hashes, queries, radius, **kw))
+                                  for name, kw in shapes.items()}, repeats)
+    return {"radius": radius, "queries": len(queries),
+            "default_block": [hamming_index.BRUTE_FORCE_QUERIES_PER_STEP, hamming_index.BRUTE_FORCE_ITEMS_PER_STEP],
+            "same_result": results["default"].as_set() == results["one query x all items"].as_set(),
+            **{f"{name}_s": round(median(seconds[name]), 3) for name in shapes}}
+
+
 def cost_constants(rng, hashes, queries, sweep: list[dict], repeats: int) -> dict:
     """Seconds per elementary step, and each relative to one candidate check."""
     per_query = np.array([row["index_query_s"] / len(queries) for row in sweep])
     work = np.array([[row["probes_per_query"], row["expected_candidates_per_query"]] for row in sweep], float)
     (probe_s, candidate_s), *_ = np.linalg.lstsq(work, per_query, rcond=None)
-    _, seconds = alternate({"build": lambda: HammingIndex(hashes, 7, chunk_count=8),
+    chunks = hamming_index.choose_chunk_count(len(hashes), 12)
+    probed = sum(1 for flips in hamming_index.chunk_radii(12, chunks) if flips >= 0)
+    _, seconds = alternate({"build": lambda: HammingIndex(hashes, 12, chunk_count=chunks),
                             "scan": lambda: scan_neighbours(hashes, queries[:20], 12)}, repeats)
     per = {"candidate": candidate_s, "probe": probe_s,
-           "build_per_item_and_chunk": median(seconds["build"]) / (len(hashes) * 8),
+           "build_per_item_and_chunk": median(seconds["build"]) / (len(hashes) * probed),
            "scan_per_pair": median(seconds["scan"]) / (20 * len(hashes))}
     in_code = {"candidate": hamming_index.CANDIDATE_COST, "probe": hamming_index.PROBE_COST,
                "build_per_item_and_chunk": hamming_index.BUILD_COST_PER_ITEM_AND_CHUNK,
@@ -239,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison (medians)")
+    parser.add_argument("--repeats", type=int, default=7, help="alternating rounds per comparison (medians)")
     parser.add_argument("--radii", default="6,8,10,12")
     parser.add_argument("--sweep-chunks", default="4,5,6,7", help="chunk counts tried at radius 12")
     parser.add_argument("--stage-new-images", default="5,50,500")
@@ -270,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             for row in chunk_sweep(hashes, queries, radius, [int(m) for m in args.sweep_chunks.split(",")],
                                    args.repeats):
                 record("chunk_sweep", row)
+            report["baseline_shape"] = baseline_shape(hashes, queries[:100], radius, args.repeats)
+            print("baseline_shape", json.dumps(report["baseline_shape"]), flush=True)
+            ok = ok and report["baseline_shape"]["same_result"]
             report["cost_constants"] = cost_constants(rng, hashes, queries, report["chunk_sweep"], args.repeats)
             print("cost_constants", json.dumps(report["cost_constants"]), flush=True)
 

@@ -47,9 +47,10 @@ PROBE_KEYS_PER_BATCH = 2_000_000
 # chunk table, and one (query, item) pair of the compiled scan. They pick the chunk count and
 # whether a search scans or builds an index.
 CANDIDATE_COST = 1.0
-PROBE_COST = 60.0
+PROBE_COST = 110.0
 BUILD_COST_PER_ITEM_AND_CHUNK = 25.0
-SCAN_COST_PER_PAIR = 0.5
+BUILD_COST_PER_CHUNK_VALUE = 2.0  # the offsets table: zeroed, counted into, summed
+SCAN_COST_PER_PAIR = 1.2
 
 @dataclass(frozen=True)
 class Neighbours:
@@ -120,8 +121,8 @@ def query_cost(item_count: int, radius: int, chunk_count: int) -> float:
 
 
 def build_cost(item_count: int, radius: int, chunk_count: int) -> float:
-    probed_chunks = sum(1 for flips in chunk_radii(radius, chunk_count) if flips >= 0)
-    return item_count * probed_chunks * BUILD_COST_PER_ITEM_AND_CHUNK
+    return sum(item_count * BUILD_COST_PER_ITEM_AND_CHUNK + 2 ** width * BUILD_COST_PER_CHUNK_VALUE
+               for width, flips in zip(chunk_widths(chunk_count), chunk_radii(radius, chunk_count)) if flips >= 0)
 
 
 def choose_chunk_count(item_count: int, radius: int, query_count: int | None = None) -> int:
@@ -247,29 +248,48 @@ def _found_in_earlier_chunk(difference, chunk, shifts, widths, radii):
 
 
 @numba.njit(cache=True)
+def _record_matches(query_hash, query_id, radius, chunk, shifts, widths, radii, first_item, end_item, bucketed,
+                    order, out_query, out_item, out_distance, found):
+    for j in range(first_item, end_item):
+        difference = query_hash ^ bucketed[j]
+        distance = _popcount(difference)
+        if distance <= radius and not _found_in_earlier_chunk(difference, chunk, shifts, widths, radii):
+            out_query[found] = query_id
+            out_item[found] = order[j]
+            out_distance[found] = distance
+            found += 1
+    return found
+
+
+@numba.njit(cache=True)
 def _check_bucket(radius, chunk, shifts, widths, radii, first_item, end_item, bucketed, order,
                   probe_hash, probe_query, first_probe, end_probe, out_query, out_item, out_distance, found):
-    """Check one bucket's items against its probes. Matches are rare, so each probe first counts
-    them (a loop LLVM vectorises) and only a probe with some walks the items again to record
-    them. Returns the next probe when the output could overflow, so that the caller grows it
-    outside these loops: an array reallocated in them makes numba's code several times slower."""
-    for p in range(first_probe, end_probe):
-        query_hash = probe_hash[p]
-        matches = 0
+    """Check one bucket's items against its probes. Matches are rare, so probes first count them,
+    two at a time per pass over the items (a loop LLVM vectorises; two probes per loaded item
+    halve the loads), and only a probe with matches walks the items again to record them. Returns
+    the next probe when the output could overflow, so that the caller grows it outside these
+    loops: an array reallocated in them makes numba's code several times slower."""
+    p = first_probe
+    while p < end_probe:
+        paired = p + 1 < end_probe
+        hash_0 = probe_hash[p]
+        hash_1 = probe_hash[p + 1] if paired else hash_0
+        matches_0, matches_1 = 0, 0
         for j in range(first_item, end_item):
-            matches += _popcount(query_hash ^ bucketed[j]) <= radius
-        if matches == 0:
-            continue
-        if found + matches > len(out_query):
+            item_hash = bucketed[j]
+            matches_0 += _popcount(hash_0 ^ item_hash) <= radius
+            matches_1 += _popcount(hash_1 ^ item_hash) <= radius
+        if not paired:
+            matches_1 = 0
+        if found + matches_0 + matches_1 > len(out_query):
             return found, p
-        for j in range(first_item, end_item):
-            difference = query_hash ^ bucketed[j]
-            distance = _popcount(difference)
-            if distance <= radius and not _found_in_earlier_chunk(difference, chunk, shifts, widths, radii):
-                out_query[found] = probe_query[p]
-                out_item[found] = order[j]
-                out_distance[found] = distance
-                found += 1
+        if matches_0:
+            found = _record_matches(hash_0, probe_query[p], radius, chunk, shifts, widths, radii, first_item,
+                                    end_item, bucketed, order, out_query, out_item, out_distance, found)
+        if matches_1:
+            found = _record_matches(hash_1, probe_query[p + 1], radius, chunk, shifts, widths, radii, first_item,
+                                    end_item, bucketed, order, out_query, out_item, out_distance, found)
+        p += 2
     return found, end_probe
 
 
@@ -332,7 +352,7 @@ def _search_chunk(queries, first_query, radius, chunk, shifts, widths, radii, ma
                                               out_query, out_item, out_distance, found)
             if next_probe < end_probe:
                 out_query, out_item, out_distance = _reserved(out_query, out_item, out_distance,
-                                                              found + offsets[key + 1] - offsets[key])
+                                                              found + 2 * (offsets[key + 1] - offsets[key]))
         first_probe = end_probe
         key += 1
     return found, out_query, out_item, out_distance
