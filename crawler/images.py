@@ -27,9 +27,6 @@ class ImageRejected(ValueError):
         self.reason = reason
         self.detail = detail
 
-    def __reduce__(self):  # raised in a photo worker process, re-raised in the crawl process
-        return type(self), (self.reason, self.detail)
-
 
 @dataclass(frozen=True)
 class ValidImage:

@@ -198,12 +198,8 @@ class ManifestWriter:
         links = {p.review_id: dict(review_id=p.review_id, sha256=p.sha256, run_id=self.run_id)
                  for p in photos}
         with self.engine.begin() as conn:
-            img = insert(images).values(list(image_rows.values()))
-            new = {sha for (sha,) in conn.execute(img.on_conflict_do_nothing(
-                index_elements=[images.c.sha256]).returning(images.c.sha256))}
-            link = insert(review_photos).values(list(links.values()))
-            conn.execute(link.on_conflict_do_update(
-                index_elements=[review_photos.c.review_id], set_={"sha256": link.excluded.sha256}))
+            new = set(conn.execute(_INSERT_NEW_IMAGES, list(image_rows.values())).scalars())
+            conn.execute(_UPSERT_REVIEW_PHOTOS, list(links.values()))
         firsts = []
         for p in photos:
             firsts.append(p.sha256 in new)
@@ -218,6 +214,18 @@ class ManifestWriter:
                 product_id=failure.product_id, review_id=failure.review_id, url=failure.url,
                 stage=failure.stage, reason=failure.reason,
                 detail=(failure.detail or "")[:2000] or None))
+
+
+# The photo rows' statements, built once and run with a list of rows (SQLAlchemy's
+# "insertmanyvalues": one multi-row INSERT per batch), so their compiled form is cached. A
+# statement holding the rows themselves (``.values(rows)``) is compiled again for every
+# transaction: ~4 ms of CPU each, measured, when the batches are a few photos.
+_INSERT_NEW_IMAGES = (insert(images).on_conflict_do_nothing(index_elements=[images.c.sha256])
+                      .returning(images.c.sha256))
+_review_photo_upsert = insert(review_photos)
+_UPSERT_REVIEW_PHOTOS = _review_photo_upsert.on_conflict_do_update(
+    index_elements=[review_photos.c.review_id],
+    set_={"sha256": _review_photo_upsert.excluded.sha256})
 
 
 # --- runs -----------------------------------------------------------------------------------

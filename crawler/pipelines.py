@@ -8,30 +8,37 @@ never a row without an object.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import sqlalchemy as sa
 from scrapy.downloadermiddlewares.retry import get_retry_request
 from scrapy.exceptions import DropItem
 
 from crawler.group_commit import GroupCommit
-from crawler.images import ImageRejected
+from crawler.images import IMAGE_CONTENT_TYPES, ImageRejected, ValidImage, validate_image
 from crawler.items import ReviewPhotoItem
 from crawler.manifest_writer import FailureRecord, ManifestWriter, PhotoRow
-from crawler.photo_workers import BrokenProcessPool, PhotoWorkers, StoreUnavailable
+from shoplens.store import ObjectStore, image_key
 
 logger = logging.getLogger(__name__)
+
+
+class StoreUnavailable(RuntimeError):
+    """The object store did not accept a write (down, refusing, out of space)."""
 
 
 class ReviewPhotoPipeline:
     def __init__(self, crawler):
         self.crawler = crawler
         self.shop = crawler.settings["SHOPLENS_SETTINGS"]
+        self.store = ObjectStore(self.shop)
         self.writer: ManifestWriter | None = None
-        # Decoding, hashing and the S3 PUT: in worker processes, off the event loop and its GIL.
-        self.workers = PhotoWorkers(self.shop,
-                                    crawler.settings.getint("SHOPLENS_PHOTO_PROCESSES", 4))
+        # Decoding, hashing and the S3 PUT block: they run in these threads, off the event loop.
+        self.workers = ThreadPoolExecutor(crawler.settings.getint("SHOPLENS_PHOTO_THREADS", 4),
+                                          thread_name_prefix="photo")
         self.photo_rows: GroupCommit[PhotoRow, bool] = GroupCommit(
             lambda rows: self.writer.record_photos(rows),
             max_batch=crawler.settings.getint("SHOPLENS_PHOTO_BATCH", 200))
@@ -42,10 +49,9 @@ class ReviewPhotoPipeline:
 
     def open_spider(self) -> None:
         self.writer = self.crawler.spider.writer
-        self.workers.start()
 
     def close_spider(self) -> None:
-        self.workers.shutdown()  # every item is settled by now
+        self.workers.shutdown(wait=False, cancel_futures=True)  # every item is settled by now
         self.crawler.stats.set_value("shoplens/photo_transactions", self.photo_rows.transactions)
 
     async def process_item(self, item):
@@ -56,7 +62,8 @@ class ReviewPhotoPipeline:
             raise DropItem("crawl aborted")
         stats = self.crawler.stats
         try:
-            image, key = await self.workers.validate_and_store(item.body, item.content_type)
+            image, key = await asyncio.get_running_loop().run_in_executor(
+                self.workers, self._validate_and_store, item)
             new_image = await self.photo_rows.submit(PhotoRow(
                 sha256=image.sha256, object_key=key, size_bytes=image.size_bytes,
                 width=image.width, height=image.height, format=image.format, source_url=item.url,
@@ -78,9 +85,6 @@ class ReviewPhotoPipeline:
         except StoreUnavailable as exc:
             spider.abort(str(exc))
             raise DropItem("object store unavailable") from None
-        except BrokenProcessPool as exc:  # a worker died (killed, or crashed in a decoder)
-            spider.abort(f"a photo worker process died: {exc}")
-            raise DropItem("photo workers unavailable") from None
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             spider.abort(f"manifest database unavailable: {str(exc.orig or exc).strip()[:300]}")
             raise DropItem("manifest unavailable") from None
@@ -90,3 +94,19 @@ class ReviewPhotoPipeline:
         if new_image:
             stats.inc_value("shoplens/images_new")
         return {"review_id": item.review_id, "sha256": image.sha256}
+
+    def _validate_and_store(self, item: ReviewPhotoItem) -> tuple[ValidImage, str]:
+        """Decode-checked image facts and the key its bytes are stored under."""
+        image = validate_image(item.body, item.content_type,
+                               max_pixels=self.shop.max_image_pixels,
+                               max_bytes=self.shop.max_image_bytes)
+        if self.crawler.spider.fatal_error:  # queued behind the write that found the outage
+            raise StoreUnavailable(self.crawler.spider.fatal_error)
+        key = image_key(image.sha256, image.format)
+        try:
+            self.store.put_bytes(key, item.body, IMAGE_CONTENT_TYPES[image.format])
+        except Exception as exc:  # minio raises urllib3/S3 errors of many kinds
+            raise StoreUnavailable(f"object store {self.shop.s3_endpoint} bucket "
+                                   f"{self.shop.s3_bucket!r} refused a write: "
+                                   f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        return image, key

@@ -1,7 +1,6 @@
 """The crawl stage's pure parts: the shop adapter, photo validation, settings hand-over."""
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import json
@@ -13,7 +12,6 @@ from PIL import Image
 
 from crawler.images import ImageRejected, validate_image
 from crawler.middlewares import retry_after_seconds
-from crawler.photo_workers import PhotoWorkers
 from crawler.run import settings_env
 from crawler.site import ParseError, ShopSite
 from shoplens.config import Settings
@@ -164,20 +162,6 @@ def test_byte_limit_rejects_before_decoding():
     with pytest.raises(ImageRejected) as err:
         validate_image(_jpeg(), "image/jpeg", max_pixels=10**9, max_bytes=100)
     assert err.value.reason == "image_too_large"
-
-
-def test_a_photo_worker_process_rejects_bad_bytes_with_the_reason_intact():
-    cut_off = _jpeg()[:300]
-    with pytest.raises(ImageRejected) as in_process:
-        validate_image(cut_off, "image/jpeg", **LIMITS)
-    workers = PhotoWorkers(Settings(), processes=1)
-    try:
-        with pytest.raises(ImageRejected) as err:
-            asyncio.run(workers.validate_and_store(cut_off, "image/jpeg"))
-    finally:
-        workers.shutdown()
-    assert (err.value.reason, err.value.detail) == (in_process.value.reason,
-                                                    in_process.value.detail)
 
 
 # --- plumbing -------------------------------------------------------------------------------
