@@ -51,13 +51,25 @@ def augmenter(size: int, seed: int):
     import keras
     from keras import layers
 
-    return keras.Sequential([
+    model = keras.Sequential([
         layers.RandomCrop(size, size, seed=seed),
         layers.RandomFlip("horizontal", seed=seed + 1),
         layers.RandomRotation(0.04, fill_mode="reflect", seed=seed + 2),
         layers.RandomBrightness(0.15, value_range=(0, 255), seed=seed + 3),
         layers.RandomContrast(0.2, seed=seed + 4),
     ], name="augment")
+    return lambda batch: keras.ops.convert_to_numpy(model(batch.astype(np.float32), training=True))
+
+
+def view_augmenter(settings: Settings, size: int):
+    """The configured augmentation, as a function: batch of squares -> float32 views of ``size``."""
+    if settings.model_augmentation == "crop":
+        return augmenter(size, settings.model_seed)
+    if settings.model_augmentation == "resized_crop":
+        rng = np.random.default_rng(settings.model_seed)
+        return lambda batch: resized_crop_views(batch, size, rng, settings.model_crop_min_scale)
+    raise ValueError("model_augmentation must be crop or resized_crop, "
+                     f"got {settings.model_augmentation!r}")
 
 
 def resized_crop_views(batch: np.ndarray, size: int, rng: np.random.Generator,
@@ -88,16 +100,12 @@ def resized_crop_views(batch: np.ndarray, size: int, rng: np.random.Generator,
 
 def _features(bottom, sq: np.ndarray, size: int, mode: str, aug=None) -> np.ndarray:
     """Bottom output for every photo: mode 'clean' (centre crop), 'flip' (mirrored), 'augment'
-    (``aug``: a Keras augmentation model, or a function batch -> augmented float32 batch)."""
-    import keras
-
+    (``aug``, from :func:`view_augmenter`)."""
     chunks = []
     for start in range(0, len(sq), _BATCH_INFER):
         batch = sq[start:start + _BATCH_INFER]
-        if mode == "augment" and not hasattr(aug, "layers"):
+        if mode == "augment":
             x = aug(batch)
-        elif mode == "augment":
-            x = keras.ops.convert_to_numpy(aug(batch.astype(np.float32), training=True))
         else:
             x = images.centre_crop(batch.transpose(1, 2, 0, 3), size).transpose(2, 0, 1, 3)
             x = x.astype(np.float32)
@@ -159,16 +167,7 @@ def train_member(spec: MemberSpec, data: dict[str, Split], num_classes: int,
     top = keras.Model(split_tensor, backbone.outputs[0], name=f"{spec.name}_top")
 
     # Cache the bottom's output: train (clean + augmented views), val and test (clean, mirrored).
-    if settings.model_augmentation == "crop":
-        aug = augmenter(size, settings.model_seed)
-    elif settings.model_augmentation == "resized_crop":
-        rng = np.random.default_rng(settings.model_seed)
-
-        def aug(batch):
-            return resized_crop_views(batch, size, rng, settings.model_crop_min_scale)
-    else:
-        raise ValueError("model_augmentation must be crop or resized_crop, "
-                         f"got {settings.model_augmentation!r}")
+    aug = view_augmenter(settings, size)
     sq = {name: squares(split, size) for name, split in data.items()}
     views = max(1, settings.model_views_per_image)
     train_feats = np.concatenate(
