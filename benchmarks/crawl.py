@@ -1,6 +1,6 @@
 """Crawler throughput vs a plain asyncio downloader, against the same replica, in one run.
 
-    .venv/bin/python benchmarks/crawl.py [--concurrency 8] [--repeats 2] [--latency-ms 0,20]
+    .venv/bin/python benchmarks/crawl.py [--concurrency 8] [--repeats 2] [--latency-ms 0,20,50,100]
                                          [--listing CSV | --synthetic] [--out results/crawl.json]
 
 For each latency (the replica, in its own process, holds every answer that long, like a server
@@ -16,7 +16,9 @@ across a network; 0 = loopback speed), ``--repeats`` rounds of, in alternating o
     between (a) and (b) can be split into storage work and Scrapy.
 The target ratio (a)/(b) >= 0.8 is judged on the image phase (first photo request to last photo
 row) of each round; end to end (process starts, ranking, product and review pages included) is
-reported too. Writes results/crawl.json. Default catalogue: the grocery listing when ../shared is
+reported too. Per round, the replica also reports how many requests each client kept in
+flight at the CDN on average while it had any (``cdn_mean_in_flight``; C is the most allowed),
+which shows where the crawler loses time at high latency. Writes results/crawl.json. Default catalogue: the grocery listing when ../shared is
 present, else the replica's generated photo set.
 """
 from __future__ import annotations
@@ -206,12 +208,17 @@ class Bench:
                 storage = None
                 if storage_first:
                     storage = self.storage_round(base, cdn, categories, photos)
+                cdn_0 = _cdn_counters(base, cdn)
                 plain_before = asyncio.run(plain_download(urls, c))
+                cdn_1 = _cdn_counters(base, cdn)
                 settings = self.fresh_settings(base, cdn, categories)
                 crawled = self.crawl(settings)
+                cdn_2 = _cdn_counters(base, cdn)
                 with engine_for(settings.manifest_url).connect() as conn:
                     crawled_urls = {u for (u,) in conn.execute(sa.text("SELECT source_url FROM images"))}
                 plain_after = asyncio.run(plain_download(urls, c))
+                plain_before["cdn_mean_in_flight"] = _mean_in_flight(cdn_0, cdn_1)
+                crawled["cdn_mean_in_flight"] = _mean_in_flight(cdn_1, cdn_2)
                 if not storage_first:
                     storage = self.storage_round(base, cdn, categories, photos)
                 plain = max(plain_before["photos_per_s"], plain_after["photos_per_s"])
@@ -224,6 +231,8 @@ class Bench:
                                        "used_photos_per_s": plain},
                     "asyncio_with_storage": storage,
                     "ratio_image_phase": round(crawled["image_phase_photos_per_s"] / plain, 3),
+                    "round_cdn_mean_in_flight": {"crawler": crawled["cdn_mean_in_flight"],
+                                                 "plain": plain_before["cdn_mean_in_flight"]},
                     "ratio_end_to_end": round(crawled["end_to_end_photos_per_s"] / plain, 3),
                     "ratio_image_phase_vs_asyncio_with_storage": round(
                         crawled["image_phase_photos_per_s"] / storage["photos_per_s"], 3),
@@ -269,6 +278,19 @@ def _copy_reviews(photos: list[dict], settings: Settings) -> None:
                  source_url="bench", first_seen_run=run_id) for p in photos])
 
 
+def _cdn_counters(base: str, cdn: str) -> dict:
+    """The replica's running totals for the CDN host (busy seconds, in-flight seconds)."""
+    return json.loads(_get(f"{base}/__replica/stats"))["hosts"].get(cdn, {})
+
+
+def _mean_in_flight(before: dict, after: dict) -> float | None:
+    """How many requests a client kept in flight at the CDN, on average while it had any:
+    the share of its allowed concurrency it kept busy (the rest is its own processing time)."""
+    busy = after.get("busy_s", 0.0) - before.get("busy_s", 0.0)
+    weighted = after.get("in_flight_s", 0.0) - before.get("in_flight_s", 0.0)
+    return round(weighted / busy, 2) if busy > 0 else None
+
+
 def _median(rounds: list[dict], key: str) -> float:
     return round(statistics.median(r[key] for r in rounds), 3)
 
@@ -278,7 +300,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--latency-ms", default="0,20",
+    parser.add_argument("--latency-ms", default="0,20,50,100",
                         help="comma list of replica answer delays to measure at (ms)")
     parser.add_argument("--listing", type=Path, default=None)
     parser.add_argument("--synthetic", action="store_true", help="use the generated photo set")

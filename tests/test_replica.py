@@ -20,6 +20,7 @@ from crawler.replica import ReplicaShop
 from crawler.replica.catalog import build_catalog
 from crawler.replica.faults import FaultSpecError
 from crawler.replica.listings import ListingError, category_id_for
+from crawler.replica.stats import Stats
 from crawler.replica.synthetic import synthetic_sources
 from tests.conftest import REPO, shared_path
 
@@ -549,6 +550,27 @@ def test_stats_measure_concurrency_gaps_and_disallowed_hits(small_sources):
         host = shop.stats()["hosts"][shop.base_url.removeprefix("http://")]
         assert host["requests"] == 3 and host["max_in_flight"] == 1
         assert host["min_gap_s"] >= 0.3
+
+
+def test_stats_average_in_flight_counts_only_busy_time_weighted_by_duration():
+    now = [0.0]
+    stats = Stats(clock=lambda: now[0])
+    first = stats.begin("cdn", "/img/1.jpg", "image", "ua")
+    now[0] = 1.0
+    second = stats.begin("cdn", "/img/2.jpg", "image", "ua")
+    now[0] = 2.0
+    stats.end(first)
+    now[0] = 3.0
+    stats.end(second)
+    now[0] = 10.0  # seven idle seconds: a client that leaves the host idle is not averaged down
+    third = stats.begin("cdn", "/img/3.jpg", "image", "ua")
+    now[0] = 11.0
+    stats.end(third)
+    host = stats.snapshot()["hosts"]["cdn"]
+    # busy 0-3 s and 10-11 s; in flight: 1 for 1 s, 2 for 1 s, 1 for 1 s, 1 for 1 s
+    assert host["busy_s"] == 4.0 and host["in_flight_s"] == 5.0
+    assert host["mean_in_flight_while_busy"] == 1.25
+    assert host["max_in_flight"] == 2 and host["in_flight"] == 0
 
 
 # --- listings and CLI --------------------------------------------------------------------------

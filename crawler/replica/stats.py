@@ -1,7 +1,8 @@
 """What the replica measures about its visitors, politeness first.
 
 Per host (the shop and the CDN listen on different ports, so they are different hosts): the most
-requests in flight at once and the smallest gap between two request starts. Sub-resources a
+requests in flight at once, the average number in flight while any is (how well a client keeps its
+allowed concurrency busy), and the smallest gap between two request starts. Sub-resources a
 browser loads by itself with a page (``/_next/static/``, ``/favicon.ico``) are counted but left
 out of the politeness numbers: they arrive together by design, the crawler does not pace them.
 Requests sent by the harness with header ``X-Replica-Admin: 1`` are not counted at all.
@@ -27,6 +28,16 @@ class HostStats:
     max_in_flight: int = 0
     last_start: float | None = None
     min_gap_s: float | None = None
+    busy_s: float = 0.0             # time with at least one request in flight
+    in_flight_s: float = 0.0        # integral of in_flight over time
+    last_change: float | None = None
+
+    def account(self, now: float) -> None:
+        """Add the time since the last start or end, at the in-flight count it had."""
+        if self.last_change is not None and self.in_flight:
+            self.busy_s += now - self.last_change
+            self.in_flight_s += (now - self.last_change) * self.in_flight
+        self.last_change = now
 
 
 @dataclass
@@ -58,13 +69,14 @@ class Stats:
             record.min_gap_s = gap if record.min_gap_s is None else min(record.min_gap_s, gap)
         record.last_start = now
         record.requests += 1
+        record.account(now)
         record.in_flight += 1
         record.max_in_flight = max(record.max_in_flight, record.in_flight)
         return record
 
-    @staticmethod
-    def end(record: HostStats | None) -> None:
+    def end(self, record: HostStats | None) -> None:
         if record is not None:
+            record.account(self.clock())
             record.in_flight -= 1
 
     def snapshot(self) -> dict:
@@ -77,7 +89,10 @@ class Stats:
             "disallowed_hits": self.disallowed_hits,
             "disallowed_paths": list(self.disallowed_paths),
             "hosts": {host: {"requests": h.requests, "max_in_flight": h.max_in_flight,
-                             "in_flight": h.in_flight, "min_gap_s": h.min_gap_s}
+                             "in_flight": h.in_flight, "min_gap_s": h.min_gap_s,
+                             "busy_s": round(h.busy_s, 3), "in_flight_s": round(h.in_flight_s, 3),
+                             "mean_in_flight_while_busy": round(h.in_flight_s / h.busy_s, 3)
+                             if h.busy_s else None}
                       for host, h in self.hosts.items()},
             "user_agents": dict(self.user_agents),
         }
