@@ -35,6 +35,7 @@ def demo_env(s3_endpoint: str) -> dict[str, str]:
     # any of these can be overridden from the caller's environment.
     demo_training = {"SHOPLENS_MODEL_PROFILE": "offline", "SHOPLENS_MODEL_IMAGE_SIZE": "96",
                      "SHOPLENS_MODEL_HEAD_EPOCHS": "15", "SHOPLENS_MODEL_VIEWS_PER_IMAGE": "1",
+                     "SHOPLENS_MODEL_FINETUNE_EPOCHS": "3", "SHOPLENS_MODEL_FINETUNE_BLOCKS": "2",
                      "SHOPLENS_DATASET_MIN_PHOTOS_PER_PRODUCT": "5"}
     for key, value in demo_training.items():
         env[key] = os.environ.get(key, value)

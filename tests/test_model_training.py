@@ -144,8 +144,14 @@ def test_resized_crop_views_zoom_mirror_and_jitter_within_the_photo():
     assert np.ptp(flat.reshape(3, -1), axis=1).max() <= 1  # jitter scales it, but evenly
 
 
-def test_cosine_stage2_schedule_and_unknown_choices_are_refused(tmp_path):
-    from modeling.member_training import _finetune_rate
+def test_stage2_rate_is_fixed_on_plateaus_cosine_decayed_and_unknown_choices_are_refused(tmp_path):
+    from modeling.member_training import _callbacks, _finetune_rate
+
+    plateau = tiny_settings(model_finetune_schedule="plateau", model_finetune_learning_rate=1e-3)
+    assert _finetune_rate(plateau, 100) == 1e-3
+    assert [type(c).__name__ for c in _callbacks(plateau)] == ["EarlyStopping",
+                                                               "ReduceLROnPlateau"]
+    assert [type(c).__name__ for c in _callbacks(plateau, plateau=False)] == ["EarlyStopping"]
 
     rate = _finetune_rate(tiny_settings(model_finetune_schedule="cosine",
                                         model_finetune_learning_rate=1e-3,
