@@ -18,8 +18,8 @@ The target ratio (a)/(b) >= 0.8 is judged on the image phase (first photo reques
 row) of each round; end to end (process starts, ranking, product and review pages included) is
 reported too. Per round, the replica also reports how many requests each client kept in
 flight at the CDN on average while it had any (``cdn_mean_in_flight``; C is the most allowed),
-which shows where the crawler loses time at high latency. Writes results/crawl.json. Default catalogue: the grocery listing when ../shared is
-present, else the replica's generated photo set.
+which shows where the crawler loses time at high latency. Writes results/crawl.json. Default
+catalogue: the grocery listing when ../shared is present, else the replica's generated photo set.
 """
 from __future__ import annotations
 
