@@ -68,9 +68,20 @@ def page_server(manifest_url, s3_settings):
     thread.join(10)
 
 
-def _broken_images(frame) -> list[str]:
-    return frame.evaluate(
-        "() => Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+def _broken_images(images) -> list[str]:
+    """The src of every image (a Playwright locator of <img>) that does not show a picture.
+
+    The sample thumbnails are lazy: each is loaded now and waited for until it has loaded or
+    failed (30 s at most), so that a thumbnail still on its way is not taken for a broken one."""
+    return images.evaluate_all("""imgs =>
+        Promise.all(imgs.map(i => {
+            i.loading = "eager";
+            return i.complete ? null : new Promise(done => {
+                i.addEventListener("load", done, {once: true});
+                i.addEventListener("error", done, {once: true});
+                setTimeout(done, 30000);
+            });
+        })).then(() => imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src))""")
 
 
 def _screenshot(page, name: str) -> Path:
@@ -91,7 +102,7 @@ def test_page_in_a_browser_shows_every_section_with_loaded_thumbnails(browser, p
                         "Diff between the last two versions", "Recent nightly runs"]
     thumbs = page.locator(".thumbs img")
     assert thumbs.count() == 6  # 3 + 2 + 1 rejected samples
-    assert _broken_images(page) == []
+    assert _broken_images(page.locator("img")) == []
     assert page.locator(".thumbs img").first.evaluate("i => i.naturalWidth") == 96
     assert "Top-1 78.0%" in page.locator("#model ~ p").first.inner_text()
     _screenshot(page, "shoplens_page_standalone.png")
@@ -101,7 +112,7 @@ def test_page_in_a_browser_shows_every_section_with_loaded_thumbnails(browser, p
     page.get_by_role("link", name=ui_manifest.NIGHT1).click()
     page.wait_for_load_state("networkidle")
     assert page.locator("h1").inner_text() == f"Run report: {ui_manifest.NIGHT1}"
-    assert _broken_images(page) == []
+    assert _broken_images(page.locator("img")) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,8 +221,6 @@ def test_trigger_from_the_ui_then_read_the_report_and_the_shoplens_page(browser,
     assert frame.locator("#counts").inner_text() == f"Photos per split and product in {version['version_id']}"
     assert frame.get_by_text(f"{rejected} of ").first.is_visible()
     assert frame.locator("h1").inner_text() == "shoplens: datasets, rejections and models"
-    broken = page.frame_locator("iframe").first.locator("img").evaluate_all(
-        "imgs => imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
-    assert broken == []
+    assert _broken_images(frame.locator("img")) == []
     shot = _screenshot(page, "shoplens_page_in_airflow.png")
     assert json.dumps(str(shot))
