@@ -187,18 +187,10 @@ class Bench:
         }
 
     def one_latency(self, latency_ms: float) -> dict:
-        from crawler.site import ShopSite
-
         replica, port = self.start_replica(latency_ms)
         try:
             base, cdn = f"http://127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
-            truth = json.loads(_get(f"{base}/__replica/ground-truth.json"))
-            categories = [c["id"] for c in truth["categories"]]
-            site = ShopSite(base, Settings().image_params)
-            best = {p for c in truth["categories"] for p in c["product_ids_by_rank"][:20]}
-            photos = [{"url": site.image_url(r["photo_url"]), "review_id": r["id"],
-                       "product_id": r["product_id"]}
-                      for r in truth["reviews"] if r["photo_url"] and r["product_id"] in best]
+            categories, photos = replica_photos(base)
             urls = [p["url"] for p in photos]
             c = self.args.concurrency
             rounds = []
@@ -259,6 +251,20 @@ class Bench:
         threads = min(10, max(2, 2 * self.args.concurrency))  # as crawler.scrapy_settings
         return asyncio.run(download_and_store(photos, self.args.concurrency, settings,
                                               "bench-storage", threads))
+
+
+def replica_photos(base: str, best_n: int = 20) -> tuple[list[str], list[dict]]:
+    """The replica's categories and, from its ground truth, the photos a crawl of the best-N
+    products of every category fetches (URL at the crawler's fixed size, review, product)."""
+    from crawler.site import ShopSite
+
+    truth = json.loads(_get(f"{base}/__replica/ground-truth.json"))
+    site = ShopSite(base, Settings().image_params)
+    best = {p for c in truth["categories"] for p in c["product_ids_by_rank"][:best_n]}
+    photos = [{"url": site.image_url(r["photo_url"]), "review_id": r["id"],
+               "product_id": r["product_id"]}
+              for r in truth["reviews"] if r["photo_url"] and r["product_id"] in best]
+    return [c["id"] for c in truth["categories"]], photos
 
 
 def _copy_reviews(photos: list[dict], settings: Settings) -> None:

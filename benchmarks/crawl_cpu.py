@@ -37,12 +37,9 @@ bench.weed.start()
 replica, port = bench.start_replica(a.latency_ms)
 try:
     base, cdn = f"http://127.0.0.1:{port}", f"127.0.0.1:{port+1}"
-    truth = json.loads(B._get(f"{base}/__replica/ground-truth.json"))
-    cats = [c["id"] for c in truth["categories"]][: a.categories]
-    from crawler.site import ShopSite
-    site = ShopSite(base, B.Settings().image_params)
-    best = {p for c in truth["categories"] for p in c["product_ids_by_rank"][:20]}
-    urls = [site.image_url(r["photo_url"]) for r in truth["reviews"] if r["photo_url"] and r["product_id"] in best and str(r["product_id"])]
+    cats, photos = B.replica_photos(base)
+    cats = cats[: a.categories]
+    urls = [p["url"] for p in photos]
     for rnd in range(a.rounds):
         plain = asyncio.run(B.plain_download(urls, 8))
         variants = [v.split(":") for v in a.variants.split(",")]

@@ -2,17 +2,20 @@
 import os, sys, threading, json, resource, collections, re, atexit
 sys.argv = ["crawler"] + sys.argv[1:]
 from crawler.__main__ import main
+def cpu_seconds(stat_path):
+    """user + system CPU seconds of a task or process, from its /proc stat file (None if gone)."""
+    try:
+        f = open(stat_path).read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 def report():
-    tick = os.sysconf("SC_CLK_TCK")
     names = {t.native_id: re.sub(r"_\d+$", "", t.name) for t in threading.enumerate()}
     per = collections.Counter()
     for tid in os.listdir("/proc/self/task"):
-        try:
-            f = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        cpu = (int(f[11]) + int(f[12])) / tick
-        per[names.get(int(tid), "exited")] += cpu
+        cpu = cpu_seconds(f"/proc/self/task/{tid}/stat")
+        if cpu is not None:
+            per[names.get(int(tid), "exited")] += cpu
     ru = resource.getrusage(resource.RUSAGE_SELF)
     per["TOTAL"] = ru.ru_utime + ru.ru_stime
     per["main_before_photos"] = marks.get("first", 0)
@@ -36,18 +39,13 @@ from crawler import pipelines as P
 orig_close = P.ReviewPhotoPipeline.close_spider
 def close(self):
     marks["last"] = time.thread_time(); marks["last_proc"] = time.process_time()
-    tick = os.sysconf("SC_CLK_TCK"); w = 0
+    w = 0
     for task in os.listdir("/proc/self/task"):
         try:
             kids = open(f"/proc/self/task/{task}/children").read().split()
         except OSError:
             continue
-        for k in kids:
-            try:
-                f = open(f"/proc/{k}/stat").read().rsplit(")", 1)[1].split()
-                w += (int(f[11]) + int(f[12])) / tick
-            except OSError:
-                pass
+        w += sum(c for c in (cpu_seconds(f"/proc/{k}/stat") for k in kids) if c is not None)
     marks["workers"] = w
     if "prof" in marks:
         marks["prof"].disable(); marks["prof"].dump_stats(os.environ["CPROF"])
