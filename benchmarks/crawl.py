@@ -1,13 +1,16 @@
 """Crawler throughput vs a plain asyncio downloader, against the same replica, in one run.
 
     .venv/bin/python benchmarks/crawl.py [--concurrency 8] [--repeats 2] [--latency-ms 0,20,50,100]
+                                         [--http-clients twisted[,aiohttp]]
                                          [--listing CSV | --synthetic] [--out results/crawl.json]
 
 For each latency (the replica, in its own process, holds every answer that long, like a server
 across a network; 0 = loopback speed), ``--repeats`` rounds of, in alternating order:
 (a) the crawler: the whole stage (Scrapy child process per category; Pillow decode, SeaweedFS
     PUT, PostgreSQL rows) crawls every category into a fresh manifest and bucket, no delay,
-    AutoThrottle off, ``concurrent_per_host = C``;
+    AutoThrottle off, ``concurrent_per_host = C``; once per ``--http-clients`` entry (the
+    crawler's ``http_client`` setting: Scrapy's Twisted handler, or its experimental aiohttp
+    one), the order alternating per round; the target is judged on the first;
 (b) the plain downloader: a bare aiohttp client fetches the very same photo URLs with C
     requests in flight and discards the bytes (run before and after (a); the faster is used,
     so that a warm or cold cache cannot flatter the ratio);
@@ -18,7 +21,10 @@ The target ratio (a)/(b) >= 0.8 is judged on the image phase (first photo reques
 row) of each round; end to end (process starts, ranking, product and review pages included) is
 reported too. Per round, the replica also reports how many requests each client kept in
 flight at the CDN on average while it had any (``cdn_mean_in_flight``; C is the most allowed),
-which shows where the crawler loses time at high latency. Writes results/crawl.json. Default
+which shows where the crawler loses time at high latency, and where the machine's CPU went
+(``cpu``: busy cores on average and CPU ms per photo for the crawl processes, the replica, the
+object store, PostgreSQL and the rest), which shows when the machine itself is the limit.
+Writes results/crawl.json. Default
 catalogue: the grocery listing when ../shared is present, else the replica's generated photo set.
 """
 from __future__ import annotations
@@ -193,55 +199,77 @@ class Bench:
             categories, photos = replica_photos(base)
             urls = [p["url"] for p in photos]
             c = self.args.concurrency
+            meter = CpuMeter(replica.pid, self.weed.pid)
             rounds = []
+            clients = self.args.http_clients
             for r in range(self.args.repeats):
                 load_before = os.getloadavg()[0]
                 storage_first = r % 2 == 1  # alternate which side runs right after the replica warms
                 storage = None
                 if storage_first:
                     storage = self.storage_round(base, cdn, categories, photos)
-                cdn_0 = _cdn_counters(base, cdn)
+                cdn_0, cpu_0 = _cdn_counters(base, cdn), meter.snapshot()
                 plain_before = asyncio.run(plain_download(urls, c))
-                cdn_1 = _cdn_counters(base, cdn)
-                settings = self.fresh_settings(base, cdn, categories)
-                crawled = self.crawl(settings)
-                cdn_2 = _cdn_counters(base, cdn)
-                with engine_for(settings.manifest_url).connect() as conn:
-                    crawled_urls = {u for (u,) in conn.execute(sa.text("SELECT source_url FROM images"))}
+                plain_before["cdn_mean_in_flight"] = _mean_in_flight(cdn_0, _cdn_counters(base, cdn))
+                plain_before["cpu"] = meter.usage(cpu_0, meter.snapshot(), plain_before["photos"])
+                crawled = {}
+                for client in (clients if r % 2 == 0 else clients[::-1]):
+                    crawled[client] = self.measured_crawl(base, cdn, categories, meter, client)
                 plain_after = asyncio.run(plain_download(urls, c))
-                plain_before["cdn_mean_in_flight"] = _mean_in_flight(cdn_0, cdn_1)
-                crawled["cdn_mean_in_flight"] = _mean_in_flight(cdn_1, cdn_2)
                 if not storage_first:
                     storage = self.storage_round(base, cdn, categories, photos)
                 plain = max(plain_before["photos_per_s"], plain_after["photos_per_s"])
+                default = crawled[clients[0]]
                 rounds.append({
                     "round": r, "loadavg_before": round(load_before, 2),
                     "loadavg_after": round(os.getloadavg()[0], 2),
-                    "same_urls": crawled_urls == set(urls),
-                    "crawler": crawled,
+                    "same_urls": all(x["urls"] == set(urls) for x in crawled.values()),
+                    "crawler": {k: v for k, v in default.items() if k != "urls"},
                     "plain_download": {"before_crawl": plain_before, "after_crawl": plain_after,
                                        "used_photos_per_s": plain},
                     "asyncio_with_storage": storage,
-                    "ratio_image_phase": round(crawled["image_phase_photos_per_s"] / plain, 3),
-                    "round_cdn_mean_in_flight": {"crawler": crawled["cdn_mean_in_flight"],
+                    "ratio_image_phase": round(default["image_phase_photos_per_s"] / plain, 3),
+                    "ratio_image_phase_by_http_client": {
+                        k: round(x["image_phase_photos_per_s"] / plain, 3) for k, x in crawled.items()},
+                    "round_cdn_mean_in_flight": {**{k: x["cdn_mean_in_flight"] for k, x in crawled.items()},
                                                  "plain": plain_before["cdn_mean_in_flight"]},
-                    "ratio_end_to_end": round(crawled["end_to_end_photos_per_s"] / plain, 3),
+                    "round_cores_busy": {**{k: x["cpu"]["cores_busy"] for k, x in crawled.items()},
+                                         "plain": plain_before["cpu"]["cores_busy"]},
+                    "ratio_end_to_end": round(default["end_to_end_photos_per_s"] / plain, 3),
                     "ratio_image_phase_vs_asyncio_with_storage": round(
-                        crawled["image_phase_photos_per_s"] / storage["photos_per_s"], 3),
+                        default["image_phase_photos_per_s"] / storage["photos_per_s"], 3),
+                    "other_http_clients": {k: {kk: vv for kk, vv in x.items() if kk != "urls"}
+                                           for k, x in crawled.items() if k != clients[0]},
                 })
                 print(json.dumps({"latency_ms": latency_ms, **{k: v for k, v in rounds[-1].items()
                                                               if k.startswith(("ratio", "round"))}}),
                       file=sys.stderr, flush=True)
             return {
-                "latency_ms": latency_ms, "photos": len(urls), "rounds": rounds,
+                "latency_ms": latency_ms, "photos": len(urls), "http_client": clients[0],
+                "rounds": rounds,
                 "median_ratio_image_phase": _median(rounds, "ratio_image_phase"),
                 "median_ratio_end_to_end": _median(rounds, "ratio_end_to_end"),
                 "median_ratio_image_phase_vs_asyncio_with_storage": _median(
                     rounds, "ratio_image_phase_vs_asyncio_with_storage"),
+                "median_ratio_image_phase_by_http_client": {
+                    k: round(statistics.median(r["ratio_image_phase_by_http_client"][k]
+                                               for r in rounds), 3) for k in clients},
                 "target_met_image_phase": _median(rounds, "ratio_image_phase") >= TARGET_RATIO,
             }
         finally:
             stop_pid(replica.pid)
+
+    def measured_crawl(self, base: str, cdn: str, categories: list[str], meter: "CpuMeter",
+                       http_client: str) -> dict:
+        """(a) into a fresh manifest and bucket, with the CDN's slot use and the machine's CPU."""
+        settings = self.fresh_settings(base, cdn, categories).with_overrides(http_client=http_client)
+        cdn_before, cpu_before = _cdn_counters(base, cdn), meter.snapshot()
+        crawled = self.crawl(settings)
+        crawled["cdn_mean_in_flight"] = _mean_in_flight(cdn_before, _cdn_counters(base, cdn))
+        crawled["cpu"] = meter.usage(cpu_before, meter.snapshot(), crawled["photos"])
+        with engine_for(settings.manifest_url).connect() as conn:
+            crawled["urls"] = {u for (u,) in conn.execute(sa.text("SELECT source_url FROM images"))}
+        return crawled
 
     def storage_round(self, base: str, cdn: str, categories: list[str], photos: list[dict]) -> dict:
         """(c) into its own manifest: the reviews rows the photo rows point to come first."""
@@ -297,6 +325,78 @@ def _mean_in_flight(before: dict, after: dict) -> float | None:
     return round(weighted / busy, 2) if busy > 0 else None
 
 
+class CpuMeter:
+    """Where the machine's CPU goes while one side runs: core-seconds per process group.
+
+    Groups: this benchmark's child processes (the crawl subprocesses; counted when they end),
+    this process itself (the plain downloader runs here), the replica, the object store and
+    PostgreSQL (live backends plus those that ended, through the postmaster's children
+    times), and the whole machine from /proc/stat; "other" is the machine minus the groups.
+    """
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, replica_pid: int, store_pid: int | None):
+        self.pids = {"replica": replica_pid, "object_store": store_pid}
+
+    def snapshot(self) -> dict:
+        own = os.times()
+        groups = {"children": own.children_user + own.children_system,
+                  "this_process": own.user + own.system}
+        for name, pid in self.pids.items():
+            groups[name] = _proc_cpu(pid)[0] if pid else 0.0
+        groups["postgres"] = _postgres_cpu()
+        return {"t": time.perf_counter(), "machine": _machine_busy_s(), **groups}
+
+    @staticmethod
+    def usage(before: dict, after: dict, photos: int) -> dict:
+        """Busy cores on average, and CPU milliseconds per photo for each group."""
+        wall = after["t"] - before["t"]
+        spent = {k: after[k] - before[k] for k in before if k != "t"}
+        spent["other"] = spent["machine"] - sum(v for k, v in spent.items() if k != "machine")
+        return {"wall_s": round(wall, 3), "cores_busy": round(spent["machine"] / wall, 2),
+                "cores": os.cpu_count(),
+                "cpu_ms_per_photo": {k: round(1000 * v / max(photos, 1), 2)
+                                     for k, v in spent.items()}}
+
+
+def _proc_cpu(pid: int) -> tuple[float, float]:
+    """(own CPU seconds, CPU seconds of its ended children) of a live process; 0 once gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0, 0.0
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime) / CpuMeter.TICK, (cutime + cstime) / CpuMeter.TICK
+
+
+def _postgres_cpu() -> float:
+    """All PostgreSQL processes' CPU seconds, backends that already ended included."""
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if comm.startswith("postgres"):
+                procs[int(entry.name)] = ppid
+    total = 0.0
+    for pid, ppid in procs.items():
+        own, ended_children = _proc_cpu(pid)
+        total += own + (ended_children if ppid not in procs else 0.0)  # the postmaster
+    return total
+
+
+def _machine_busy_s() -> float:
+    """Core-seconds the whole machine spent not idle since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / CpuMeter.TICK
+
+
 def _median(rounds: list[dict], key: str) -> float:
     return round(statistics.median(r[key] for r in rounds), 3)
 
@@ -308,11 +408,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--latency-ms", default="0,20,50,100",
                         help="comma list of replica answer delays to measure at (ms)")
+    parser.add_argument("--http-clients", default="twisted",
+                        help="comma list of the crawler's http_client settings to run each round; "
+                             "the first is the one the target is judged on")
     parser.add_argument("--listing", type=Path, default=None)
     parser.add_argument("--synthetic", action="store_true", help="use the generated photo set")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "crawl.json")
     args = parser.parse_args()
     latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
+    args.http_clients = [x.strip() for x in args.http_clients.split(",") if x.strip()]
 
     work = Path(tempfile.mkdtemp(prefix="shoplens-bench-crawl-"))
     listing = args.listing

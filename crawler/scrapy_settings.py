@@ -4,6 +4,14 @@ from __future__ import annotations
 from shoplens.config import Settings
 
 
+# Scrapy's own handlers; "twisted" is Scrapy's default, so it needs no entry.
+_DOWNLOAD_HANDLERS = {
+    "twisted": {},
+    "aiohttp": {scheme: "scrapy.core.downloader.handlers._aiohttp.AiohttpDownloadHandler"
+                for scheme in ("http", "https")},
+}
+
+
 def scrapy_settings(settings: Settings) -> dict:
     per_host = settings.concurrent_per_host
     return {
@@ -19,6 +27,7 @@ def scrapy_settings(settings: Settings) -> dict:
         "CONCURRENT_REQUESTS": per_host * 2,
         # Keeps CONCURRENT_REQUESTS_PER_DOMAIN a hard limit with no download delay (Scrapy 2.19).
         "DOWNLOADER": "crawler.downloader.PerHostLimitDownloader",
+        "DOWNLOAD_HANDLERS": _DOWNLOAD_HANDLERS[settings.http_client],
         "AUTOTHROTTLE_ENABLED": settings.autothrottle,
         "AUTOTHROTTLE_START_DELAY": max(settings.download_delay, 0.1),
         "AUTOTHROTTLE_MAX_DELAY": settings.retry_after_cap,

@@ -26,6 +26,7 @@ from PIL import Image
 import crawler
 from crawler.replica import ReplicaShop
 from crawler.run import PACKAGE_ROOT, CrawlError, settings_env
+from shoplens.config import HTTP_CLIENTS
 from shoplens.manifest import engine_for
 from shoplens.services import SeaweedFS, free_port_block
 from shoplens.store import ObjectStore
@@ -196,12 +197,13 @@ def truth_review(truth: dict, review_id: int) -> dict:
     return next(r for r in truth["reviews"] if r["id"] == review_id)
 
 
+@pytest.mark.parametrize("http_client", HTTP_CLIENTS)
 def test_with_five_percent_faults_the_run_finishes_and_one_more_run_heals_everything(
-        replica, s3_settings, manifest_url):
+        replica, s3_settings, manifest_url, http_client):
     shop = replica([8, 9, 7, 10, 6], faults="all=0.05", bad_photos=0.1, hang_seconds=3,
                    photo_seed=11)
     settings = crawl_settings(shop, s3_settings, manifest_url, best_n=3, download_timeout=1.0,
-                              retry_times=4)
+                              retry_times=4, http_client=http_client)
 
     crawl_run(settings, "faulty-1")
     truth = shop.ground_truth()

@@ -14,7 +14,8 @@ from crawler.images import ImageRejected, validate_image
 from crawler.middlewares import retry_after_seconds
 from crawler.run import settings_env
 from crawler.site import ParseError, ShopSite
-from shoplens.config import Settings
+from crawler.scrapy_settings import scrapy_settings
+from shoplens.config import ConfigError, Settings
 
 SITE = ShopSite("http://shop.test", "w=1280&h=1280")
 LIMITS = dict(max_pixels=40_000_000, max_bytes=20_000_000)
@@ -177,6 +178,16 @@ def test_settings_survive_the_trip_to_the_crawl_subprocess():
                                          obey_robots=False, download_delay=0.05,
                                          allowed_hosts=["127.0.0.1:9", "cdn.test"])
     assert Settings.from_env(settings_env(settings)) == settings
+
+
+
+def test_the_http_client_picks_scrapys_download_handler_and_an_unknown_one_is_refused():
+    assert scrapy_settings(Settings())["DOWNLOAD_HANDLERS"] == {}  # Scrapy's default (Twisted)
+    handlers = scrapy_settings(Settings().with_overrides(http_client="aiohttp"))["DOWNLOAD_HANDLERS"]
+    assert set(handlers) == {"http", "https"}
+    assert all(h.endswith("AiohttpDownloadHandler") for h in handlers.values())
+    with pytest.raises(ConfigError, match="http_client"):
+        Settings().with_overrides(http_client="curl")
 
 
 # --- group commit of photo rows -------------------------------------------------------------
