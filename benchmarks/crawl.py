@@ -1,31 +1,36 @@
 """Crawler throughput vs a plain asyncio downloader, against the same replica, in one run.
 
     .venv/bin/python benchmarks/crawl.py [--concurrency 8] [--repeats 2] [--latency-ms 0,20,50,100]
-                                         [--http-clients twisted[,aiohttp]]
+                                         [--crawlers twisted:1[,aiohttp:1,twisted:2]]
                                          [--listing CSV | --synthetic] [--out results/crawl.json]
 
 For each latency (the replica, in its own process, holds every answer that long, like a server
 across a network; 0 = loopback speed), ``--repeats`` rounds of, in alternating order:
 (a) the crawler: the whole stage (Scrapy child process per category; Pillow decode, SeaweedFS
     PUT, PostgreSQL rows) crawls every category into a fresh manifest and bucket, no delay,
-    AutoThrottle off, ``concurrent_per_host = C``; once per ``--http-clients`` entry (the
-    crawler's ``http_client`` setting: Scrapy's Twisted handler, or its experimental aiohttp
-    one), the order alternating per round; the target is judged on the first;
+    AutoThrottle off, ``concurrent_per_host = C`` shared by the category crawls that run at
+    once (``Settings.share_of_shop``; the nightly DAG runs 2 at once, C/2 each), so the shop
+    never sees more than C requests in flight; once per ``--crawlers`` entry
+    ``HTTP_CLIENT:PARALLEL`` (the ``http_client`` setting: Scrapy's Twisted handler or its
+    experimental aiohttp one; PARALLEL category crawls at once), the order alternating per
+    round; the target is judged on the first (default ``twisted:1``: one crawl at a time with
+    all C slots, like the plain client);
 (b) the plain downloader: a bare aiohttp client fetches the very same photo URLs with C
     requests in flight and discards the bytes (run before and after (a); the faster is used,
     so that a warm or cold cache cannot flatter the ratio);
 (c) an extra line: asyncio doing the crawler's storage work too (the same aiohttp download, then
     the crawler's own validate + PUT in threads and group-committed manifest rows), so the gap
     between (a) and (b) can be split into storage work and Scrapy.
-The target ratio (a)/(b) >= 0.8 is judged on the image phase (first photo request to last photo
-row) of each round; end to end (process starts, ranking, product and review pages included) is
-reported too. Per round, the replica also reports how many requests each client kept in
-flight at the CDN on average while it had any (``cdn_mean_in_flight``; C is the most allowed),
-which shows where the crawler loses time at high latency, and where the machine's CPU went
-(``cpu``: busy cores on average and CPU ms per photo for the crawl processes, the replica, the
-object store, PostgreSQL and the rest), which shows when the machine itself is the limit.
-Writes results/crawl.json. Default
-catalogue: the grocery listing when ../shared is present, else the replica's generated photo set.
+The target ratio (a)/(b) >= 0.8 is judged on the image phase of each round (from a category's
+first photo request to its last photo row; where crawls overlap, the time covered by any of
+them); end to end (process starts, ranking, product and review pages included) is reported too.
+Per round, the replica also reports how many requests each client kept in flight at the CDN on
+average while it had any (``cdn_mean_in_flight``; C is the most allowed), which shows where the
+crawler loses time at high latency, and the machine's CPU is split by process (``cpu``: busy
+cores on average, CPU ms per photo for the crawl processes, the replica, the object store,
+PostgreSQL and the rest), which shows whether the machine or one process is the limit.
+Writes results/crawl.json. Default catalogue: the grocery listing when ../shared is present,
+else the replica's generated photo set.
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ sys.path.insert(0, str(REPO))
 import sqlalchemy as sa  # noqa: E402
 
 import crawler  # noqa: E402
-from shoplens.config import Settings  # noqa: E402
+from shoplens.config import HTTP_CLIENTS, Settings  # noqa: E402
 from shoplens.manifest import engine_for  # noqa: E402
 from shoplens.services import SeaweedFS, free_port_block, stop_pid, wait_for_port  # noqa: E402
 
@@ -170,16 +175,20 @@ class Bench:
         wait_for_port(port + 1, timeout=60, proc=proc)
         return proc, port
 
-    def crawl(self, settings: Settings) -> dict:
+    def crawl(self, settings: Settings, parallel: int) -> dict:
+        """Every category, ``parallel`` at a time, each with its share of the per-host budget
+        (``Settings.share_of_shop``, as the nightly DAG runs them)."""
         crawler.start_run(settings, "bench")
-        per_category = []
+        share = settings.share_of_shop(parallel)
         started = time.perf_counter()
-        for category_id in settings.categories:
-            per_category.append(crawler.crawl_category(settings, category_id, "bench"))
+        with ThreadPoolExecutor(parallel) as pool:
+            per_category = list(pool.map(lambda cid: crawler.crawl_category(share, cid, "bench"),
+                                         settings.categories))
         wall = time.perf_counter() - started
         summary = crawler.finish_run(settings, "bench")
         photos = sum(s["photos_stored"] for s in per_category)
-        image_phase = sum(s["image_phase_s"] or 0 for s in per_category)
+        image_phase = _union_length([(s["image_phase_from"], s["image_phase_to"])
+                                     for s in per_category if s["image_phase_from"]])
         return {
             "photos": photos, "image_phase_s": round(image_phase, 3),
             "image_phase_photos_per_s": round(photos / image_phase, 2) if image_phase else 0.0,
@@ -201,7 +210,7 @@ class Bench:
             c = self.args.concurrency
             meter = CpuMeter(replica.pid, self.weed.pid)
             rounds = []
-            clients = self.args.http_clients
+            clients = self.args.crawlers
             for r in range(self.args.repeats):
                 load_before = os.getloadavg()[0]
                 storage_first = r % 2 == 1  # alternate which side runs right after the replica warms
@@ -229,7 +238,7 @@ class Bench:
                                        "used_photos_per_s": plain},
                     "asyncio_with_storage": storage,
                     "ratio_image_phase": round(default["image_phase_photos_per_s"] / plain, 3),
-                    "ratio_image_phase_by_http_client": {
+                    "ratio_image_phase_by_crawler": {
                         k: round(x["image_phase_photos_per_s"] / plain, 3) for k, x in crawled.items()},
                     "round_cdn_mean_in_flight": {**{k: x["cdn_mean_in_flight"] for k, x in crawled.items()},
                                                  "plain": plain_before["cdn_mean_in_flight"]},
@@ -238,21 +247,21 @@ class Bench:
                     "ratio_end_to_end": round(default["end_to_end_photos_per_s"] / plain, 3),
                     "ratio_image_phase_vs_asyncio_with_storage": round(
                         default["image_phase_photos_per_s"] / storage["photos_per_s"], 3),
-                    "other_http_clients": {k: {kk: vv for kk, vv in x.items() if kk != "urls"}
+                    "other_crawlers": {k: {kk: vv for kk, vv in x.items() if kk != "urls"}
                                            for k, x in crawled.items() if k != clients[0]},
                 })
                 print(json.dumps({"latency_ms": latency_ms, **{k: v for k, v in rounds[-1].items()
                                                               if k.startswith(("ratio", "round"))}}),
                       file=sys.stderr, flush=True)
             return {
-                "latency_ms": latency_ms, "photos": len(urls), "http_client": clients[0],
+                "latency_ms": latency_ms, "photos": len(urls), "crawler": clients[0],
                 "rounds": rounds,
                 "median_ratio_image_phase": _median(rounds, "ratio_image_phase"),
                 "median_ratio_end_to_end": _median(rounds, "ratio_end_to_end"),
                 "median_ratio_image_phase_vs_asyncio_with_storage": _median(
                     rounds, "ratio_image_phase_vs_asyncio_with_storage"),
-                "median_ratio_image_phase_by_http_client": {
-                    k: round(statistics.median(r["ratio_image_phase_by_http_client"][k]
+                "median_ratio_image_phase_by_crawler": {
+                    k: round(statistics.median(r["ratio_image_phase_by_crawler"][k]
                                                for r in rounds), 3) for k in clients},
                 "target_met_image_phase": _median(rounds, "ratio_image_phase") >= TARGET_RATIO,
             }
@@ -260,11 +269,12 @@ class Bench:
             stop_pid(replica.pid)
 
     def measured_crawl(self, base: str, cdn: str, categories: list[str], meter: "CpuMeter",
-                       http_client: str) -> dict:
+                       variant: str) -> dict:
         """(a) into a fresh manifest and bucket, with the CDN's slot use and the machine's CPU."""
+        http_client, parallel = variant.split(":")
         settings = self.fresh_settings(base, cdn, categories).with_overrides(http_client=http_client)
         cdn_before, cpu_before = _cdn_counters(base, cdn), meter.snapshot()
-        crawled = self.crawl(settings)
+        crawled = self.crawl(settings, int(parallel))
         crawled["cdn_mean_in_flight"] = _mean_in_flight(cdn_before, _cdn_counters(base, cdn))
         crawled["cpu"] = meter.usage(cpu_before, meter.snapshot(), crawled["photos"])
         with engine_for(settings.manifest_url).connect() as conn:
@@ -397,6 +407,16 @@ def _machine_busy_s() -> float:
     return (sum(fields[:8]) - idle) / CpuMeter.TICK
 
 
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of the intervals."""
+    total, end = 0.0, float("-inf")
+    for lo, hi in sorted(intervals):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
+
+
 def _median(rounds: list[dict], key: str) -> float:
     return round(statistics.median(r[key] for r in rounds), 3)
 
@@ -408,15 +428,22 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--latency-ms", default="0,20,50,100",
                         help="comma list of replica answer delays to measure at (ms)")
-    parser.add_argument("--http-clients", default="twisted",
-                        help="comma list of the crawler's http_client settings to run each round; "
-                             "the first is the one the target is judged on")
+    parser.add_argument("--crawlers", default="twisted:1",
+                        help="comma list of HTTP_CLIENT:PARALLEL crawler set-ups run each round "
+                             "(http_client setting, category crawls at once); the target is "
+                             "judged on the first")
     parser.add_argument("--listing", type=Path, default=None)
     parser.add_argument("--synthetic", action="store_true", help="use the generated photo set")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "crawl.json")
     args = parser.parse_args()
     latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
-    args.http_clients = [x.strip() for x in args.http_clients.split(",") if x.strip()]
+    args.crawlers = [x.strip() for x in args.crawlers.split(",") if x.strip()]
+    for variant in args.crawlers:
+        client, _, parallel = variant.partition(":")
+        if client not in HTTP_CLIENTS:
+            parser.error(f"--crawlers entry {variant!r}: HTTP_CLIENT is one of {HTTP_CLIENTS}")
+        if not parallel.isdigit() or int(parallel) < 1 or args.concurrency % int(parallel):
+            parser.error(f"--crawlers entry {variant!r}: PARALLEL must divide --concurrency")
 
     work = Path(tempfile.mkdtemp(prefix="shoplens-bench-crawl-"))
     listing = args.listing

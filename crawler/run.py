@@ -179,6 +179,9 @@ def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
         "finish_reason": raw.get("finish_reason"),
         "elapsed_s": round(elapsed, 3),
         "image_phase_s": round(last - first, 3) if first and last and last > first else None,
+        # Wall-clock bounds (Unix seconds) of that phase: when crawls overlap, so do these.
+        "image_phase_from": round(first, 3) if first else None,
+        "image_phase_to": round(last, 3) if last else None,
         "error": getattr(spider, "fatal_error", None),
     }
     if stats["error"] is None and stats["finish_reason"] != "finished":
