@@ -57,6 +57,8 @@ from shoplens.config import HTTP_CLIENTS, Settings  # noqa: E402
 from shoplens.manifest import engine_for  # noqa: E402
 from shoplens.services import SeaweedFS, free_port_block, stop_pid, wait_for_port  # noqa: E402
 
+from procstat import cpu_seconds, machine_busy_seconds  # noqa: E402  (benchmarks/)
+
 PG_SERVER = os.environ.get("SHOPLENS_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 TARGET_RATIO = 0.8
 
@@ -210,7 +212,7 @@ class Bench:
             c = self.args.concurrency
             meter = CpuMeter(replica.pid, self.weed.pid)
             rounds = []
-            clients = self.args.crawlers
+            setups = self.args.crawlers
             for r in range(self.args.repeats):
                 load_before = os.getloadavg()[0]
                 storage_first = r % 2 == 1  # alternate which side runs right after the replica warms
@@ -222,18 +224,18 @@ class Bench:
                 plain_before["cdn_mean_in_flight"] = _mean_in_flight(cdn_0, _cdn_counters(base, cdn))
                 plain_before["cpu"] = meter.usage(cpu_0, meter.snapshot(), plain_before["photos"])
                 crawled = {}
-                for client in (clients if r % 2 == 0 else clients[::-1]):
-                    crawled[client] = self.measured_crawl(base, cdn, categories, meter, client)
+                for setup in (setups if r % 2 == 0 else setups[::-1]):
+                    crawled[setup] = self.measured_crawl(base, cdn, categories, meter, setup, urls)
                 plain_after = asyncio.run(plain_download(urls, c))
                 if not storage_first:
                     storage = self.storage_round(base, cdn, categories, photos)
                 plain = max(plain_before["photos_per_s"], plain_after["photos_per_s"])
-                default = crawled[clients[0]]
+                default = crawled[setups[0]]
                 rounds.append({
                     "round": r, "loadavg_before": round(load_before, 2),
                     "loadavg_after": round(os.getloadavg()[0], 2),
-                    "same_urls": all(x["urls"] == set(urls) for x in crawled.values()),
-                    "crawler": {k: v for k, v in default.items() if k != "urls"},
+                    "same_urls": all(x["same_urls"] for x in crawled.values()),
+                    "crawler": default,
                     "plain_download": {"before_crawl": plain_before, "after_crawl": plain_after,
                                        "used_photos_per_s": plain},
                     "asyncio_with_storage": storage,
@@ -247,14 +249,13 @@ class Bench:
                     "ratio_end_to_end": round(default["end_to_end_photos_per_s"] / plain, 3),
                     "ratio_image_phase_vs_asyncio_with_storage": round(
                         default["image_phase_photos_per_s"] / storage["photos_per_s"], 3),
-                    "other_crawlers": {k: {kk: vv for kk, vv in x.items() if kk != "urls"}
-                                           for k, x in crawled.items() if k != clients[0]},
+                    "other_crawlers": {k: x for k, x in crawled.items() if k != setups[0]},
                 })
                 print(json.dumps({"latency_ms": latency_ms, **{k: v for k, v in rounds[-1].items()
                                                               if k.startswith(("ratio", "round"))}}),
                       file=sys.stderr, flush=True)
             return {
-                "latency_ms": latency_ms, "photos": len(urls), "crawler": clients[0],
+                "latency_ms": latency_ms, "photos": len(urls), "crawler": setups[0],
                 "rounds": rounds,
                 "median_ratio_image_phase": _median(rounds, "ratio_image_phase"),
                 "median_ratio_end_to_end": _median(rounds, "ratio_end_to_end"),
@@ -262,23 +263,25 @@ class Bench:
                     rounds, "ratio_image_phase_vs_asyncio_with_storage"),
                 "median_ratio_image_phase_by_crawler": {
                     k: round(statistics.median(r["ratio_image_phase_by_crawler"][k]
-                                               for r in rounds), 3) for k in clients},
+                                               for r in rounds), 3) for k in setups},
                 "target_met_image_phase": _median(rounds, "ratio_image_phase") >= TARGET_RATIO,
             }
         finally:
             stop_pid(replica.pid)
 
     def measured_crawl(self, base: str, cdn: str, categories: list[str], meter: "CpuMeter",
-                       variant: str) -> dict:
-        """(a) into a fresh manifest and bucket, with the CDN's slot use and the machine's CPU."""
-        http_client, parallel = variant.split(":")
+                       setup: str, urls: list[str]) -> dict:
+        """(a) into a fresh manifest and bucket, with the CDN's slot use, the machine's CPU and
+        whether it stored exactly ``urls``."""
+        http_client, parallel = setup.split(":")
         settings = self.fresh_settings(base, cdn, categories).with_overrides(http_client=http_client)
         cdn_before, cpu_before = _cdn_counters(base, cdn), meter.snapshot()
         crawled = self.crawl(settings, int(parallel))
         crawled["cdn_mean_in_flight"] = _mean_in_flight(cdn_before, _cdn_counters(base, cdn))
         crawled["cpu"] = meter.usage(cpu_before, meter.snapshot(), crawled["photos"])
         with engine_for(settings.manifest_url).connect() as conn:
-            crawled["urls"] = {u for (u,) in conn.execute(sa.text("SELECT source_url FROM images"))}
+            stored = {u for (u,) in conn.execute(sa.text("SELECT source_url FROM images"))}
+        crawled["same_urls"] = stored == set(urls)
         return crawled
 
     def storage_round(self, base: str, cdn: str, categories: list[str], photos: list[dict]) -> dict:
@@ -344,8 +347,6 @@ class CpuMeter:
     times), and the whole machine from /proc/stat; "other" is the machine minus the groups.
     """
 
-    TICK = os.sysconf("SC_CLK_TCK")
-
     def __init__(self, replica_pid: int, store_pid: int | None):
         self.pids = {"replica": replica_pid, "object_store": store_pid}
 
@@ -354,9 +355,9 @@ class CpuMeter:
         groups = {"children": own.children_user + own.children_system,
                   "this_process": own.user + own.system}
         for name, pid in self.pids.items():
-            groups[name] = _proc_cpu(pid)[0] if pid else 0.0
+            groups[name] = (cpu_seconds(f"/proc/{pid}/stat") or (0.0, 0.0))[0] if pid else 0.0
         groups["postgres"] = _postgres_cpu()
-        return {"t": time.perf_counter(), "machine": _machine_busy_s(), **groups}
+        return {"t": time.perf_counter(), "machine": machine_busy_seconds(), **groups}
 
     @staticmethod
     def usage(before: dict, after: dict, photos: int) -> dict:
@@ -368,16 +369,6 @@ class CpuMeter:
                 "cores": os.cpu_count(),
                 "cpu_ms_per_photo": {k: round(1000 * v / max(photos, 1), 2)
                                      for k, v in spent.items()}}
-
-
-def _proc_cpu(pid: int) -> tuple[float, float]:
-    """(own CPU seconds, CPU seconds of its ended children) of a live process; 0 once gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0, 0.0
-    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + stime) / CpuMeter.TICK, (cutime + cstime) / CpuMeter.TICK
 
 
 def _postgres_cpu() -> float:
@@ -395,16 +386,9 @@ def _postgres_cpu() -> float:
                 procs[int(entry.name)] = ppid
     total = 0.0
     for pid, ppid in procs.items():
-        own, ended_children = _proc_cpu(pid)
+        own, ended_children = cpu_seconds(f"/proc/{pid}/stat") or (0.0, 0.0)
         total += own + (ended_children if ppid not in procs else 0.0)  # the postmaster
     return total
-
-
-def _machine_busy_s() -> float:
-    """Core-seconds the whole machine spent not idle since boot."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / CpuMeter.TICK
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -438,12 +422,12 @@ def main() -> int:
     args = parser.parse_args()
     latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
     args.crawlers = [x.strip() for x in args.crawlers.split(",") if x.strip()]
-    for variant in args.crawlers:
-        client, _, parallel = variant.partition(":")
+    for setup in args.crawlers:
+        client, _, parallel = setup.partition(":")
         if client not in HTTP_CLIENTS:
-            parser.error(f"--crawlers entry {variant!r}: HTTP_CLIENT is one of {HTTP_CLIENTS}")
+            parser.error(f"--crawlers entry {setup!r}: HTTP_CLIENT is one of {HTTP_CLIENTS}")
         if not parallel.isdigit() or int(parallel) < 1 or args.concurrency % int(parallel):
-            parser.error(f"--crawlers entry {variant!r}: PARALLEL must divide --concurrency")
+            parser.error(f"--crawlers entry {setup!r}: PARALLEL must divide --concurrency")
 
     work = Path(tempfile.mkdtemp(prefix="shoplens-bench-crawl-"))
     listing = args.listing

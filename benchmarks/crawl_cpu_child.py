@@ -2,20 +2,14 @@
 import os, sys, threading, json, resource, collections, re, atexit
 sys.argv = ["crawler"] + sys.argv[1:]
 from crawler.__main__ import main
-def cpu_seconds(stat_path):
-    """user + system CPU seconds of a task or process, from its /proc stat file (None if gone)."""
-    try:
-        f = open(stat_path).read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+from procstat import cpu_seconds
 def report():
     names = {t.native_id: re.sub(r"_\d+$", "", t.name) for t in threading.enumerate()}
     per = collections.Counter()
     for tid in os.listdir("/proc/self/task"):
         cpu = cpu_seconds(f"/proc/self/task/{tid}/stat")
         if cpu is not None:
-            per[names.get(int(tid), "exited")] += cpu
+            per[names.get(int(tid), "exited")] += cpu[0]
     ru = resource.getrusage(resource.RUSAGE_SELF)
     per["TOTAL"] = ru.ru_utime + ru.ru_stime
     per["main_before_photos"] = marks.get("first", 0)
@@ -45,7 +39,7 @@ def close(self):
             kids = open(f"/proc/self/task/{task}/children").read().split()
         except OSError:
             continue
-        w += sum(c for c in (cpu_seconds(f"/proc/{k}/stat") for k in kids) if c is not None)
+        w += sum(c[0] for c in (cpu_seconds(f"/proc/{k}/stat") for k in kids) if c is not None)
     marks["workers"] = w
     if "prof" in marks:
         marks["prof"].disable(); marks["prof"].dump_stats(os.environ["CPROF"])

@@ -180,7 +180,6 @@ def test_settings_survive_the_trip_to_the_crawl_subprocess():
     assert Settings.from_env(settings_env(settings)) == settings
 
 
-
 def test_the_http_client_picks_scrapys_download_handler_and_an_unknown_one_is_refused():
     assert scrapy_settings(Settings())["DOWNLOAD_HANDLERS"] == {}  # Scrapy's default (Twisted)
     handlers = scrapy_settings(Settings().with_overrides(http_client="aiohttp"))["DOWNLOAD_HANDLERS"]
