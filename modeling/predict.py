@@ -23,6 +23,9 @@ def load_ensemble(settings: Settings, model: str | None, cache_dir: Path) -> Ens
         return Ensemble.load(model)
     if model and Path(model).exists():
         raise SystemExit(f"error: {model} is not an ensemble directory (no ensemble.json)")
+    if model and ("/" in model or "\\" in model or model.startswith(".")):
+        # Model ids never hold a path separator: this was meant as a directory.
+        raise SystemExit(f"error: {model}: no such ensemble directory")
     from modeling import registry
 
     model_id = model or registry.current_model_id(settings)

@@ -166,6 +166,17 @@ def test_predict_turns_photos_upright_by_exif_and_takes_any_size(settings, tmp_p
     assert images.model_input(buf.getvalue(), 32).shape == (32, 32, 3)
 
 
+def test_predict_with_a_missing_ensemble_directory_says_so_without_asking_the_store(
+        settings, tmp_path):
+    from modeling import predict
+
+    (tmp_path / "photo.jpg").write_bytes(synthetic_photo(0, np.random.default_rng(2)))
+    unreachable = settings.with_overrides(s3_endpoint="127.0.0.1:9")
+    missing = str(tmp_path / "no-such-ensemble")
+    with pytest.raises(SystemExit, match="no such ensemble directory"):
+        predict.main(unreachable, missing, [str(tmp_path)], True, tmp_path, out=io.StringIO())
+
+
 def test_predict_without_any_model_says_so(settings, tmp_path):
     from modeling import predict, registry
 
