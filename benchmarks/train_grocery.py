@@ -14,9 +14,16 @@ Hold-out (the official test split is held back by the data set's authors):
   train-sessions: for choosing a recipe without looking at val/: only train/ photos; per
       product, its files in shooting order are cut into train (first 70 %), val (next 15 %) and
       test (last 15 %), so runs of consecutive shots mostly stay on one side.
+  val-halves: test = the later half of each product's val/ photos (shooting order); the
+      earlier half is left out, or added to train with --first-val-half train. Run both ways
+      with the same settings, it measures what separately shot photos in training are worth.
 --val-carve (official-val): "random" (default, seeded stratified 15 % of train/) or "sessions"
       (per product the last 15 % of its train/ files in shooting order).
 The test photos decide nothing: early stopping, stage-2 keep/discard and TTA use val only.
+--export-fit all: after the measured fit, train the same recipe once more on every photo except
+      the val carve (test photos included) and export that ensemble instead; the measured one
+      goes to WORK/ensemble-evaluated. Nothing is held out from the second fit, so its accuracy
+      is not measured here; the results file keeps both fits' wall times.
 
     .venv/bin/python benchmarks/train_grocery.py                      # the full run
     .venv/bin/python benchmarks/train_grocery.py --holdout random --classes 5 --per-class 12 \
@@ -77,6 +84,39 @@ def official_val_holdout(photos, seed: int, val_fraction: float = 0.15, carve: s
     return test + [(p, lab, "val" if s == "test" else s) for p, lab, s in carved]
 
 
+def val_halves_holdout(photos, seed: int, first_half: str, val_fraction: float = 0.15,
+                       carve: str = "random"):
+    """Test = the later half of each product's val/ photos in shooting order; the earlier half
+    joins train (``first_half="train"``) or is left out ("unused"), so both arms of the
+    comparison share one test set. val is carved from train/ as in official_val_holdout."""
+    if first_half not in ("unused", "train"):
+        raise ValueError(f"first_half must be unused or train, got {first_half!r}")
+    split = official_val_holdout(photos, seed, val_fraction, carve)
+    by_label = defaultdict(list)
+    for path, label, s in split:
+        if s == "test":
+            by_label[label].append(path)
+    earlier = {path for paths in by_label.values() for path in sorted(paths)[:len(paths) // 2]}
+    out = []
+    for path, label, s in split:
+        if path in earlier:
+            if first_half == "train":
+                out.append((path, label, "train"))
+        else:
+            out.append((path, label, s))
+    return out
+
+
+def refit_split(photos, split):
+    """Every photo for training except the measured fit's val carve, which keeps deciding early
+    stopping, stage 2 and TTA. The test split must not be empty, so it repeats the val carve
+    (a training-side check, not a held-out number)."""
+    val = [(p, lab) for p, lab, s in split if s == "val"]
+    carved = {p for p, _ in val}
+    return ([(p, lab, "train") for p, lab in photos if p not in carved]
+            + [(p, lab, "val") for p, lab in val] + [(p, lab, "test") for p, lab in val])
+
+
 def session_split(photos, fractions=(0.70, 0.15, 0.15)):
     """Per product, its photos in file (shooting) order: first part train, then val, last test.
     Consecutive shots of one shelf are near-identical; contiguous runs keep most of them on one
@@ -121,11 +161,14 @@ def main() -> int:
     ap.add_argument("--classes", type=int, default=0, help="use only the first N products")
     ap.add_argument("--per-class", type=int, default=0, help="at most N photos per product")
     ap.add_argument("--seed", type=int, default=20240611)
-    ap.add_argument("--holdout", choices=("official-val", "random", "train-sessions"),
+    ap.add_argument("--holdout", choices=("official-val", "random", "train-sessions", "val-halves"),
                     default="official-val",
                     help="official-val: test = the grocery val/ photos, train/ split 85/15 into "
                          "train/val; random: stratified 70/15/15 of train+val photos (leaky); "
-                         "train-sessions: train/ photos only, 70/15/15 by shooting order")
+                         "train-sessions: train/ photos only, 70/15/15 by shooting order; "
+                         "val-halves: test = the later half of each product's val/ photos")
+    ap.add_argument("--first-val-half", choices=("unused", "train"), default="unused",
+                    help="val-halves: leave the earlier half of val/ out, or train on it")
     ap.add_argument("--val-carve", choices=("random", "sessions"), default="random",
                     help="official-val: how val is carved from train/ (sessions: the last 15 %% "
                          "of each product's files)")
@@ -141,6 +184,9 @@ def main() -> int:
                         ("--label-smoothing", "model_label_smoothing"),
                         ("--batch-size", "model_batch_size"), ("--members", "model_members")):
         ap.add_argument(flag, dest=field)
+    ap.add_argument("--export-fit", choices=("evaluated", "all"), default="evaluated",
+                    help="evaluated: export the measured ensemble; all: then fit the same recipe "
+                         "on every photo but the val carve (test photos included) and export that")
     ap.add_argument("--results", type=Path, default=REPO / "results" / "train_grocery.json")
     args = ap.parse_args()
     if not GROCERY.is_dir():
@@ -149,7 +195,6 @@ def main() -> int:
 
     # Member reports (per-stage seconds, stage-2 and TTA decisions) go to the log as they finish.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from modeling.dataset_layout import LocalDataset, write_local_dataset
     from modeling.train import train_ensemble
 
     overrides = {k: v for k, v in vars(args).items() if k.startswith("model_") and v is not None}
@@ -174,41 +219,80 @@ def main() -> int:
         split = stratified_split(photos, args.seed)
     elif args.holdout == "train-sessions":
         split = session_split([(p, lab) for p, lab in photos if "/val/" not in str(p)])
+    elif args.holdout == "val-halves":
+        split = val_halves_holdout(photos, args.seed, args.first_val_half, carve=args.val_carve)
     else:
         split = official_val_holdout(photos, args.seed, carve=args.val_carve)
+    session_val = "-sessionval" if args.val_carve == "sessions" else ""
     tag = f"grocery-c{len(labels)}-p{args.per_class or 'all'}-s{args.seed}" + {
-        "official-val": "-officialval" + ("-sessionval" if args.val_carve == "sessions" else ""),
+        "official-val": "-officialval" + session_val,
+        "val-halves": f"-valhalves-{args.first_val_half}" + session_val,
         "train-sessions": "-trainsessions", "random": ""}[args.holdout]
-    data_dir = args.work / "datasets" / tag
-    if not (data_dir / "labels.json").is_file():
-        write_local_dataset(data_dir, tag, labels, [(p.read_bytes(), lab, s) for p, lab, s in split])
-    dataset = LocalDataset(data_dir)
+    dataset = local_dataset(args.work / "datasets" / tag, tag, labels, split)
+    data_dir = Path(dataset.root)
+    test_photos = [(p, lab) for p, lab, s in split if s == "test"]
+    if [lab for _, lab in test_photos] != dataset.load_split("test").labels.tolist():
+        raise RuntimeError(f"{data_dir}: its test split is not in the order of the photo list")
     export = args.export or args.work / "ensemble"
+    evaluated_export = export if args.export_fit == "evaluated" else args.work / "ensemble-evaluated"
     load_at_start = os.getloadavg()
     t0 = time.monotonic()
-    trained = train_ensemble(settings, dataset, export, model_id=f"bench-{tag}")
+    trained = train_ensemble(settings, dataset, evaluated_export, model_id=f"bench-{tag}")
     wall = time.monotonic() - t0
     metrics = trained["metrics"]
     counts = {s: sum(1 for *_, x in split if x == s) for s in ("train", "val", "test")}
     result = {
         "benchmark": "train_grocery", "dataset": tag, "holdout": args.holdout,
-        "val_carve": args.val_carve if args.holdout == "official-val" else None,
+        "val_carve": args.val_carve if args.holdout in ("official-val", "val-halves") else None,
+        "first_val_half": args.first_val_half if args.holdout == "val-halves" else None,
         "products": len(labels), "photos": counts,
         "profile": settings.model_profile, "training": trained["config"]["training"],
         "test": metrics["test"], "val": metrics["val"], "tta": metrics["tta"],
         "decisions": metrics["decisions"], "members": metrics["members"],
-        "wall_seconds": round(wall, 1), "export": str(export), "cpu_count": os.cpu_count(),
+        "wall_seconds": round(wall, 1), "export": str(evaluated_export),
+        "cpu_count": os.cpu_count(),
         "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
         "threads": {k: os.environ.get(k) for k in (
             "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")},
         "targets": {"ensemble_top1": 0.86, "ensemble_top3": 0.96, "wall_seconds": 5400},
+        # Per test photo: the ensemble's three best labels, so runs can be compared photo by photo.
+        "test_predictions": [
+            {"photo": str(p.relative_to(GROCERY)), "label": lab, "top3": [int(i) for i in top3]}
+            for (p, lab), top3 in zip(test_photos, trained["test_top3"])],
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    if args.export_fit == "all":
+        all_split = refit_split(photos, split)
+        all_tag = f"{tag}-all"
+        t1 = time.monotonic()
+        refit = train_ensemble(settings, local_dataset(args.work / "datasets" / all_tag, all_tag,
+                                                       labels, all_split),
+                               export, model_id=f"bench-{all_tag}")
+        result["export_fit_all"] = {
+            "dataset": all_tag, "export": str(export),
+            "photos": {s: sum(1 for *_, x in all_split if x == s) for s in ("train", "val")},
+            "val": refit["metrics"]["val"], "tta": refit["metrics"]["tta"],
+            "decisions": refit["metrics"]["decisions"],
+            "wall_seconds": round(time.monotonic() - t1, 1)}
+        result["wall_seconds_both_fits"] = round(time.monotonic() - t0, 1)
+        args.results.write_text(json.dumps(result, indent=1, ensure_ascii=False))
     for name, s in metrics["test"].items():
         print(f"{name:20s} top1 {100 * s['top1']:5.1f} %  top3 {100 * s['top3']:5.1f} %  n={s['n']}")
     print(f"wall {wall:.0f} s; results in {args.results}; ensemble in {export}")
+    if args.export_fit == "all":
+        print(f"fit on all photos (exported) {result['export_fit_all']['wall_seconds']:.0f} s; "
+              f"both fits {result['wall_seconds_both_fits']:.0f} s")
     return 0
+
+
+def local_dataset(data_dir: Path, tag: str, labels, split):
+    """The dataset version folder for ``split``, written once and reused by later runs."""
+    from modeling.dataset_layout import LocalDataset, write_local_dataset
+
+    if not (data_dir / "labels.json").is_file():
+        write_local_dataset(data_dir, tag, labels, [(p.read_bytes(), lab, s) for p, lab, s in split])
+    return LocalDataset(data_dir)
 
 
 if __name__ == "__main__":

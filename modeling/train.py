@@ -110,7 +110,8 @@ def train_ensemble(settings: Settings, dataset: LocalDataset, out_dir: Path,
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    return {"config": config, "metrics": metrics}
+    return {"config": config, "metrics": metrics,
+            "test_top3": np.argsort(-ens_test, axis=1)[:, :3]}
 
 
 def _check_saved_members(root: Path, results, test) -> None:
