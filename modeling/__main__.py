@@ -51,12 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         from modeling import registry
 
-        model_id = args.model or registry.current_model_id(settings)
-        if not model_id:
-            raise SystemExit("error: no current model and no --model given")
-        src = registry.download(settings, model_id, _cache_dir(settings))
         if args.out.exists() and any(args.out.iterdir()):
             raise SystemExit(f"error: {args.out} exists and is not empty")
+        model_id, src = registry.fetch(settings, args.model, _cache_dir(settings))
         shutil.copytree(src, args.out, dirs_exist_ok=True)
         print(json.dumps({"model_id": model_id, "out": str(args.out)}))
         return 0

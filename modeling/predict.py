@@ -28,11 +28,7 @@ def load_ensemble(settings: Settings, model: str | None, cache_dir: Path) -> Ens
         raise SystemExit(f"error: {model}: no such ensemble directory")
     from modeling import registry
 
-    model_id = model or registry.current_model_id(settings)
-    if not model_id:
-        raise registry.ModelNotFound("no current model: train one first (python -m modeling "
-                                     "train) or pass --model ID|DIR")
-    return Ensemble.load(registry.download(settings, model_id, cache_dir))
+    return Ensemble.load(registry.fetch(settings, model, cache_dir)[1])
 
 
 def _read(path: str):

@@ -47,6 +47,24 @@ def upload(settings: Settings, model_id: str, local_dir: Path) -> str:
     return prefix
 
 
+def fetch(settings: Settings, model_id: str | None, cache_dir: Path) -> tuple[str, Path]:
+    """The model's id and local directory: ``model_id``, or the current model when None.
+    An unreachable manifest or object store is a clear SystemExit, not a connection traceback."""
+    import urllib3.exceptions
+
+    try:
+        model_id = model_id or current_model_id(settings)
+        if not model_id:
+            raise ModelNotFound("no current model: train one first (python -m modeling train) "
+                                "or pass --model ID|DIR")
+        return model_id, download(settings, model_id, cache_dir)
+    except (sa.exc.OperationalError, urllib3.exceptions.HTTPError) as exc:
+        where = ("manifest" if isinstance(exc, sa.exc.OperationalError)
+                 else f"object store at {settings.s3_endpoint}")
+        raise SystemExit(f"error: cannot load model {model_id or '(current)'}: the {where} is "
+                         f"unreachable ({type(exc).__name__})") from exc
+
+
 def download(settings: Settings, model_id: str, cache_dir: Path) -> Path:
     """The model's directory in ``cache_dir`` (downloaded once)."""
     from shoplens.store import ObjectStore

@@ -177,6 +177,21 @@ def test_predict_with_a_missing_ensemble_directory_says_so_without_asking_the_st
         predict.main(unreachable, missing, [str(tmp_path)], True, tmp_path, out=io.StringIO())
 
 
+def test_predict_says_which_service_is_unreachable_when_a_model_id_cannot_be_fetched(
+        settings, tmp_path):
+    from modeling import predict
+
+    (tmp_path / "photo.jpg").write_bytes(synthetic_photo(0, np.random.default_rng(2)))
+    unreachable = settings.with_overrides(s3_endpoint="127.0.0.1:9")
+    with pytest.raises(SystemExit, match="object store at 127.0.0.1:9 is unreachable"):
+        predict.main(unreachable, "m20260101T000000-abcdef", [str(tmp_path)], True, tmp_path,
+                     out=io.StringIO())
+    no_manifest = settings.with_overrides(
+        manifest_url="postgresql+psycopg2://nobody@127.0.0.1:9/shoplens")
+    with pytest.raises(SystemExit, match="manifest is unreachable"):
+        predict.main(no_manifest, None, [str(tmp_path)], True, tmp_path, out=io.StringIO())
+
+
 def test_predict_without_any_model_says_so(settings, tmp_path):
     from modeling import predict, registry
 
