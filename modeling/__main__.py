@@ -36,7 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     settings = Settings.from_env()
+    from modeling.registry import ModelNotFound
 
+    try:
+        return _run(settings, args)
+    except ModelNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(settings: Settings, args) -> int:
     if args.command == "train":
         from modeling import train
 

@@ -192,6 +192,21 @@ def test_predict_says_which_service_is_unreachable_when_a_model_id_cannot_be_fet
         predict.main(no_manifest, None, [str(tmp_path)], True, tmp_path, out=io.StringIO())
 
 
+def test_the_cli_says_there_is_no_current_model_instead_of_a_traceback(
+        settings, tmp_path, monkeypatch, capsys):
+    from modeling.__main__ import main as cli
+
+    for key in ("manifest_url", "s3_endpoint", "s3_access_key", "s3_secret_key", "s3_bucket"):
+        monkeypatch.setenv(f"SHOPLENS_{key.upper()}", str(getattr(settings, key)))
+    monkeypatch.setenv("SHOPLENS_MODEL_WORK_DIR", str(tmp_path / "work"))
+    (tmp_path / "photo.jpg").write_bytes(synthetic_photo(0, np.random.default_rng(2)))
+
+    assert cli(["export", "--out", str(tmp_path / "exp")]) == 2
+    assert cli(["predict", "--json", str(tmp_path / "photo.jpg")]) == 2
+    assert capsys.readouterr().err.count("error: no current model") == 2
+    assert not (tmp_path / "exp").exists()
+
+
 def test_predict_without_any_model_says_so(settings, tmp_path):
     from modeling import predict, registry
 
