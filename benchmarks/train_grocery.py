@@ -230,10 +230,9 @@ def main() -> int:
         "val-halves": f"-valhalves-{args.first_val_half}" + session_val,
         "train-sessions": "-trainsessions", "random": ""}[args.holdout]
     dataset = local_dataset(args.work / "datasets" / tag, tag, labels, split)
-    data_dir = Path(dataset.root)
     test_photos = [(p, lab) for p, lab, s in split if s == "test"]
     if [lab for _, lab in test_photos] != dataset.load_split("test").labels.tolist():
-        raise RuntimeError(f"{data_dir}: its test split is not in the order of the photo list")
+        raise RuntimeError(f"{dataset.root}: its test split is not in the order of the photo list")
     export = args.export or args.work / "ensemble"
     evaluated_export = export if args.export_fit == "evaluated" else args.work / "ensemble-evaluated"
     load_at_start = os.getloadavg()
@@ -241,12 +240,11 @@ def main() -> int:
     trained = train_ensemble(settings, dataset, evaluated_export, model_id=f"bench-{tag}")
     wall = time.monotonic() - t0
     metrics = trained["metrics"]
-    counts = {s: sum(1 for *_, x in split if x == s) for s in ("train", "val", "test")}
     result = {
         "benchmark": "train_grocery", "dataset": tag, "holdout": args.holdout,
         "val_carve": args.val_carve if args.holdout in ("official-val", "val-halves") else None,
         "first_val_half": args.first_val_half if args.holdout == "val-halves" else None,
-        "products": len(labels), "photos": counts,
+        "products": len(labels), "photos": split_counts(split, ("train", "val", "test")),
         "profile": settings.model_profile, "training": trained["config"]["training"],
         "test": metrics["test"], "val": metrics["val"], "tta": metrics["tta"],
         "decisions": metrics["decisions"], "members": metrics["members"],
@@ -272,7 +270,7 @@ def main() -> int:
                                export, model_id=f"bench-{all_tag}")
         result["export_fit_all"] = {
             "dataset": all_tag, "export": str(export),
-            "photos": {s: sum(1 for *_, x in all_split if x == s) for s in ("train", "val")},
+            "photos": split_counts(all_split, ("train", "val")),
             "val": refit["metrics"]["val"], "tta": refit["metrics"]["tta"],
             "decisions": refit["metrics"]["decisions"],
             "wall_seconds": round(time.monotonic() - t1, 1)}
@@ -285,6 +283,10 @@ def main() -> int:
         print(f"fit on all photos (exported) {result['export_fit_all']['wall_seconds']:.0f} s; "
               f"both fits {result['wall_seconds_both_fits']:.0f} s")
     return 0
+
+
+def split_counts(split, names) -> dict[str, int]:
+    return {name: sum(1 for *_, s in split if s == name) for name in names}
 
 
 def local_dataset(data_dir: Path, tag: str, labels, split):
