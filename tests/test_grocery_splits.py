@@ -62,3 +62,14 @@ def test_the_fit_on_all_photos_trains_on_everything_but_the_val_carve():
     assert refit["val"] == carved == refit["test"]  # the test repeats val: nothing is held out
     assert refit["train"] == {p for p, _ in photos} - carved
     assert by_split(measured)["test"] <= refit["train"]  # the measured fit's test photos now train
+
+
+@pytest.mark.parametrize("argv, export_fit", [
+    ([], "all"),  # the default run exports the ensemble to deploy, trained on val/ too
+    (["--holdout", "official-val", "--export-fit", "evaluated"], "evaluated"),
+    (["--holdout", "val-halves"], "evaluated"),  # experiments export what they measured
+    (["--holdout", "random"], "evaluated"),
+    (["--holdout", "val-halves", "--export-fit", "all"], "all"),
+])
+def test_which_fit_is_exported_by_default_depends_on_the_holdout(argv, export_fit):
+    assert train_grocery.parse_args(argv).export_fit == export_fit
