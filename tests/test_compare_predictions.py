@@ -1,17 +1,13 @@
 """benchmarks/compare_predictions.py: photo-by-photo comparison of two train_grocery results."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "compare_predictions",
-    Path(__file__).resolve().parents[1] / "benchmarks" / "compare_predictions.py")
-compare_predictions = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(compare_predictions)
+from benchmark_modules import load_benchmark
+
+compare_predictions = load_benchmark("compare_predictions")
 
 
 def prediction(photo, label, top3):

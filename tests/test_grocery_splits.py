@@ -2,16 +2,14 @@
 which it is tested on. File names only; no photo is read and nothing is trained."""
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "train_grocery", Path(__file__).resolve().parents[1] / "benchmarks" / "train_grocery.py")
-train_grocery = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(train_grocery)
+from benchmark_modules import load_benchmark
+
+train_grocery = load_benchmark("train_grocery")
 
 
 def grocery_like(products: int = 3, train_per_product: int = 20, val_per_product: int = 5):
