@@ -35,13 +35,13 @@ deps:
 	fi
 
 test: venv deps
-	$(PY) -m shoplens.services ensure --state-dir $(RUN)
+	$(PY) -m shoplens.dev.services ensure --state-dir $(RUN)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The whole nightly pipeline on embedded defaults: generated replica shop, SeaweedFS, PostgreSQL,
 # a real Airflow (CeleryExecutor, Redis); prints the run summary and stops what it started.
 demo: venv deps
-	$(PY) -m shoplens.demo --state-dir $(RUN)
+	$(PY) -m shoplens.dev.demo --state-dir $(RUN)
 
 benchmarks: venv deps
 	$(PY) benchmarks/crawl.py
@@ -49,5 +49,5 @@ benchmarks: venv deps
 	$(PY) benchmarks/filter.py
 
 clean:
-	-$(PY) -m shoplens.services down --state-dir $(RUN)
+	-$(PY) -m shoplens.dev.services down --state-dir $(RUN)
 	rm -rf $(RUN)

@@ -55,7 +55,7 @@ import sqlalchemy as sa  # noqa: E402
 import crawler  # noqa: E402
 from shoplens.config import HTTP_CLIENTS, Settings  # noqa: E402
 from shoplens.manifest import engine_for  # noqa: E402
-from shoplens.services import SeaweedFS, free_port_block, stop_pid, wait_for_port  # noqa: E402
+from shoplens.dev.services import SeaweedFS, free_port_block, stop_pid, wait_for_port  # noqa: E402
 
 from procstat import cpu_seconds, machine_busy_seconds  # noqa: E402  (benchmarks/)
 

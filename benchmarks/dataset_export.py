@@ -29,10 +29,11 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import sqlalchemy as sa  # noqa: E402
 
 from build_fixtures import ManifestWriter, migrate_for_build  # noqa: E402
-from dataset import build, export  # noqa: E402
+from dataset.build import stage as build  # noqa: E402
+from dataset.build import export
 from shoplens.config import Settings  # noqa: E402
 from shoplens.manifest import engine_for  # noqa: E402
-from shoplens.services import SeaweedFS, free_port_block  # noqa: E402
+from shoplens.dev.services import SeaweedFS, free_port_block  # noqa: E402
 from shoplens.store import ObjectStore  # noqa: E402
 
 PG_SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"

@@ -48,9 +48,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dataset import hamming_index  # noqa: E402
-from dataset.dedup_clusters import DuplicateRule, find_pairs  # noqa: E402
-from dataset.hamming_index import (HammingIndex, brute_force_neighbours, expected_work,  # noqa: E402
+from dataset.dedup import hamming_index  # noqa: E402
+from dataset.dedup.clusters import DuplicateRule, find_pairs  # noqa: E402
+from dataset.dedup.hamming_index import (HammingIndex, brute_force_neighbours, expected_work,  # noqa: E402
                                    scan_neighbours)
 from shoplens.config import Settings  # noqa: E402
 
@@ -198,7 +198,7 @@ started = time.perf_counter()
 sys.path.insert(0, {repo!r})
 import numba
 imported = time.perf_counter()
-from dataset import hamming_index
+from dataset.dedup import hamming_index
 hamming_index.warm_up()
 print(json.dumps({{"import_numba_s": imported - started, "kernels_s": time.perf_counter() - imported}}))
 """

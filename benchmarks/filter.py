@@ -9,7 +9,7 @@ for both sides:
   (``open_for_model``, ``fit_for_model``, ``tensor_from_fitted``), so the shared part costs the
   same on both sides;
 - filter: everything the nightly stage does per image from its stored bytes
-  (``dataset.filter.features_for``: decode, letterbox, inference, grid decoding + NMS of every box
+  (``dataset.filter.stage.features_for``: decode, letterbox, inference, grid decoding + NMS of every box
   >= 0.05, image statistics; then every rule and the verdict).
 Manifest and object-store I/O are left out of both (they depend on the deployment, not on code).
 Each image is timed on both sides back to back, the side that goes first alternating per image and
@@ -31,10 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dataset import rules  # noqa: E402
-from dataset.detector import (Detector, fit_for_model, open_for_model,  # noqa: E402
+from dataset.filter import rules  # noqa: E402
+from dataset.filter.detector import (Detector, fit_for_model, open_for_model,  # noqa: E402
                               tensor_from_fitted)
-from dataset.filter import features_for  # noqa: E402
+from dataset.filter.stage import features_for  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

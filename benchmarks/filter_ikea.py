@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/filter_ikea.py [--shared ../shared] [--out results/filter_ikea.json]
 
 Sets (every image is assigned to the "tune" or the "report" half by a hash of its file name; the
-thresholds in dataset/rules.py were chosen on "tune" only, the numbers to quote are "report"):
+thresholds in dataset/filter/rules.py were chosen on "tune" only, the numbers to quote are "report"):
 - multi-product: room scenes must be rejected; single-product studio photos (bed, chair, couch,
   dining table, plant_pot) must pass.
 - occupancy, both sides from the same studio photos: the product trimmed to its own extent plus a
@@ -31,9 +31,9 @@ from PIL import Image, ImageFilter
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dataset.detector import Detector  # noqa: E402
-from dataset.filter import features_for  # noqa: E402
-from dataset import rules  # noqa: E402
+from dataset.filter.detector import Detector  # noqa: E402
+from dataset.filter.stage import features_for  # noqa: E402
+from dataset.filter import rules  # noqa: E402
 
 STUDIO_DIRS = ("bed", "chair", "couch", "dining table", "plant_pot")
 MARGIN = 0.05
@@ -99,7 +99,7 @@ def room_background(rooms: list[Path], rng: random.Random) -> Image.Image:
 
 
 def features_of(detector: Detector, img: Image.Image | Path) -> rules.Features:
-    """The production path (dataset.filter.features_for) on the file's bytes; made-up images are
+    """The production path (dataset.filter.stage.features_for) on the file's bytes; made-up images are
     JPEG-encoded first, as a crawled photo would be."""
     if isinstance(img, Path):
         return features_for(detector, img.read_bytes())

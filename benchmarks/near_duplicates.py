@@ -33,8 +33,8 @@ from PIL import Image, ImageEnhance, ImageOps
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dataset.dedup_clusters import DuplicateRule, component_labels, find_pairs  # noqa: E402
-from dataset.hashing import HASH_VERSION, as_uint64, hashes_of_image, to_unsigned64  # noqa: E402
+from dataset.dedup.clusters import DuplicateRule, component_labels, find_pairs  # noqa: E402
+from dataset.dedup.hashing import HASH_VERSION, as_uint64, hashes_of_image, to_unsigned64  # noqa: E402
 
 VARIANTS = ("jpeg", "resize", "crop", "brightness_contrast", "border", "combined")
 MAX_DISTANCE = 64

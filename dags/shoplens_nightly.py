@@ -87,21 +87,21 @@ def shoplens_nightly():
 
     @task
     def dedup(_crawl: dict) -> dict:
-        from dataset import dedup as stage
+        from dataset.dedup import stage
 
         return _stage("dedup", stage.run)
 
     @task
     def filter_photos(_dedup: dict) -> dict:
-        from dataset import filter as stage
+        from dataset.filter import stage
 
         return _stage("filter", stage.run)  # its log line links the run report
 
     @task(outlets=[DATASET_VERSION])
     def build_dataset(_filter: dict) -> dict:
         from airflow.exceptions import AirflowFailException
-        from dataset import build as stage
-        from dataset.checks import DataQualityError
+        from dataset.build import stage
+        from dataset.build.checks import DataQualityError
 
         try:
             stats = _stage("build", stage.run)

@@ -35,7 +35,7 @@ def shoplens_train():
             for event in reversed(list(events)):
                 if event.extra.get("version"):
                     return None if event.extra.get("unchanged") else event.extra["version"]
-        from dataset.build import latest_version_id
+        from dataset.build.stage import latest_version_id
         from shoplens.config import Settings
 
         return latest_version_id(Settings.from_env())

@@ -8,13 +8,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "dedup": ("dataset.dedup_cli", "near-duplicate clusters of image files or of the manifest"),
-    "filter": ("dataset.filter_cli", "detector-assisted rules on image files or on the manifest"),
-    "models": ("dataset.models_fetch", "fetch the detector model file (models fetch)"),
-    "override": ("dataset.overrides", "force keep/reject for an image, with a reason"),
-    "build": ("dataset.build_cli", "build a new dataset version from the manifest"),
-    "diff": ("dataset.diff", "compare two dataset versions"),
-    "lineage": ("dataset.lineage", "where an image of a version came from and where it went"),
+    "dedup": ("dataset.dedup.cli", "near-duplicate clusters of image files or of the manifest"),
+    "filter": ("dataset.filter.cli", "detector-assisted rules on image files or on the manifest"),
+    "models": ("dataset.filter.models_fetch", "fetch the detector model file (models fetch)"),
+    "override": ("dataset.filter.overrides", "force keep/reject for an image, with a reason"),
+    "build": ("dataset.build.cli", "build a new dataset version from the manifest"),
+    "diff": ("dataset.build.diff", "compare two dataset versions"),
+    "lineage": ("shoplens.lineage", "where an image of a version came from and where it went"),
 }
 
 

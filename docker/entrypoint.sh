@@ -1,6 +1,6 @@
 #!/bin/sh
 # Entrypoint of the shoplens image. The component commands are the very same `airflow ...`
-# invocations that shoplens/airflow_stack.py spawns for the local stack (checked by
+# invocations that shoplens/dev/airflow_stack.py spawns for the local stack (checked by
 # tests/test_deploy.py); only host/port values differ.
 #
 #   init                     migrate Airflow's metadata DB and the manifest, create the shop pool

@@ -97,7 +97,7 @@ def open_dataset(settings: Settings, version_or_dir: str, work_dir: Path) -> Loc
 def materialise(settings: Settings, version_id: str, local_dir: Path) -> None:
     """Download ``datasets/<version_id>/`` (the dataset stage's exporter when it is installed)."""
     try:
-        from dataset.export import materialise as dataset_materialise
+        from dataset.build.export import materialise as dataset_materialise
     except ImportError:
         dataset_materialise = None
     if dataset_materialise is not None:

@@ -104,13 +104,13 @@ class Settings:
     manifest_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/shoplens"
     # --- browser -------------------------------------------------------------------------------
     chromium_path: str = "/usr/bin/chromium"
-    # --- dedup (dataset.dedup) -----------------------------------------------------------------
+    # --- dedup (dataset.dedup.stage) -----------------------------------------------------------------
     # Near-duplicates: pHash distance + dHash distance <= this (0..128). 25 is the highest-recall
     # value at >= 0.97 precision on the tuning photos of benchmarks/near_duplicates.py.
     dedup_threshold: int = 25
     # Images hashed per manifest transaction (a crash loses at most one batch of work).
     dedup_hash_batch: int = 200
-    # --- filter (dataset.filter) ---------------------------------------------------------------
+    # --- filter (dataset.filter.stage) ---------------------------------------------------------------
     # The YOLOX-Nano ONNX file; `python -m dataset models fetch` downloads it here.
     detector_model_path: str = "~/.cache/shoplens/models/yolox_nano.onnx"
     detector_model_url: str = (
@@ -131,7 +131,7 @@ class Settings:
     # JSON object: category id (or "*") -> list of COCO classes that count as a product there.
     filter_product_classes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     filter_report_examples: int = 6
-    # --- dataset build (dataset.build) ---------------------------------------------------------
+    # --- dataset build (dataset.build.stage) ---------------------------------------------------------
     # Products with fewer kept photos than this are left out of a version (and reported).
     dataset_min_photos_per_product: int = 10
     dataset_max_photos_per_product: int = 1000

@@ -51,7 +51,7 @@ def print_summary(settings: Settings, run_key: str) -> None:
     for line in build_summary_lines(settings, run_key) + model_lines(settings):
         print(f"   {line}")
     try:
-        from dataset.version_summary import readme_summary
+        from dataset.build.version_summary import readme_summary
     except ImportError:
         return
     try:
@@ -62,7 +62,7 @@ def print_summary(settings: Settings, run_key: str) -> None:
 
 def build_summary_lines(settings: Settings, run_key: str) -> list[str]:
     try:  # the dataset stage is optional for a crawl-only installation
-        from dataset.build import summary_lines
+        from dataset.build.stage import summary_lines
     except ImportError:
         return []
     return summary_lines(settings, run_key)

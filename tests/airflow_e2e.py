@@ -7,9 +7,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from shoplens.airflow_stack import AirflowStack
+from shoplens.dev.airflow_stack import AirflowStack
 from shoplens.config import Settings
-from shoplens.services import free_port_block
+from shoplens.dev.services import free_port_block
 
 PG_SERVER = os.environ.get("SHOPLENS_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from shoplens.config import Settings
-from shoplens.services import SeaweedFS, free_port_block
+from shoplens.dev.services import SeaweedFS, free_port_block
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SHOPLENS_SHARED_DIR", REPO.parent / "shared"))

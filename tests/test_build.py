@@ -12,9 +12,10 @@ import sqlalchemy as sa
 
 from build_fixtures import ManifestWriter, migrate_for_build
 from conftest import _admin_engine, PG_SERVER
-from dataset import build, checks, export
-from dataset.diff import diff_versions
-from dataset.lineage import LineageError, lineage
+from dataset.build import stage as build
+from dataset.build import checks, export
+from dataset.build.diff import diff_versions
+from shoplens.lineage import LineageError, lineage
 from shoplens.manifest import engine_for
 from shoplens.store import ObjectStore
 

@@ -6,8 +6,11 @@ import json
 import pytest
 
 from build_fixtures import ManifestWriter, migrate_for_build
-from dataset import build, build_cli, checks, diff, lineage
-from dataset.version_summary import readme_summary
+from dataset.build import stage as build
+from dataset.build import cli as build_cli
+from dataset.build import checks, diff
+from shoplens import lineage
+from dataset.build.version_summary import readme_summary
 
 
 @pytest.fixture

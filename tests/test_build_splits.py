@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from dataset.labels import assign_labels
-from dataset.selection import select_photos
-from dataset.splits import SplitCandidate, SplitRatios, assign_splits, clusters_spanning_splits
+from dataset.build.labels import assign_labels
+from dataset.build.selection import select_photos
+from dataset.build.splits import SplitCandidate, SplitRatios, assign_splits, clusters_spanning_splits
 from shoplens.config import ConfigError
 
 RATIOS = SplitRatios.parse(0.7, 0.15, 0.15)

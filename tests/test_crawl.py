@@ -28,7 +28,7 @@ from crawler.replica import ReplicaShop
 from crawler.run import PACKAGE_ROOT, CrawlError, settings_env
 from shoplens.config import HTTP_CLIENTS
 from shoplens.manifest import engine_for
-from shoplens.services import SeaweedFS, free_port_block
+from shoplens.dev.services import SeaweedFS, free_port_block
 from shoplens.store import ObjectStore
 
 CATEGORY = "10120000"  # 침대

@@ -34,7 +34,7 @@ def test_crawl_is_mapped_over_categories_and_capped(dagbag):
     crawl = dagbag.dags["shoplens_nightly"].get_task("crawl_category")
     assert type(crawl).__name__.endswith("MappedOperator")
     assert crawl.pool == "shop"
-    from shoplens.airflow_stack import AirflowStack
+    from shoplens.dev.airflow_stack import AirflowStack
     from shoplens.config import Settings
 
     assert crawl.max_active_tis_per_dagrun == Settings.from_env().crawl_parallelism

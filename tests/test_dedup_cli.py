@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from dataset.dedup_cli import main
+from dataset.dedup.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from dataset.dedup import assign_clusters
-from dataset.dedup_clusters import DuplicateRule, component_labels, find_pairs
-from dataset import hamming_index
-from dataset.hamming_index import (HammingIndex, brute_force_neighbours, cheapest_method, choose_chunk_count,
+from dataset.dedup.stage import assign_clusters
+from dataset.dedup.clusters import DuplicateRule, component_labels, find_pairs
+from dataset.dedup import hamming_index
+from dataset.dedup.hamming_index import (HammingIndex, brute_force_neighbours, cheapest_method, choose_chunk_count,
                                    chunk_radii, radius_neighbours, scan_neighbours)
-from dataset.hashing import as_uint64, hamming, hashes_of_image, to_signed64, to_unsigned64
+from dataset.dedup.hashing import as_uint64, hamming, hashes_of_image, to_signed64, to_unsigned64
 
 
 def planted_hashes(rng: np.random.Generator, count: int, near_per_seed: int, max_flips: int) -> np.ndarray:

@@ -10,8 +10,8 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image, ImageEnhance
 
-from dataset import dedup
-from dataset.hashing import HASH_VERSION, hamming, hashes_of_bytes
+from dataset.dedup import stage as dedup
+from dataset.dedup.hashing import HASH_VERSION, hamming, hashes_of_bytes
 from shoplens.manifest import engine_for
 from shoplens.store import ObjectStore
 

@@ -3,7 +3,7 @@
 The compose file is rendered and validated against the Compose specification by the real
 `docker-compose` binary (its `config` command needs no engine); the Dockerfile is linted by
 hadolint and the shell scripts by shellcheck; the component commands and Airflow settings are
-compared with the ones the local e2e stack (shoplens/airflow_stack.py) runs.
+compared with the ones the local e2e stack (shoplens/dev/airflow_stack.py) runs.
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_gpu_overlay_gives_the_training_worker_a_gpu_and_cuda_tensorflow():
 
 def _stack_commands(monkeypatch, tmp_path) -> tuple[dict[str, list[str]], dict[str, str]]:
     """The `airflow ...` argument lists and environment the local stack starts its processes with."""
-    from shoplens import airflow_stack
+    from shoplens.dev import airflow_stack
 
     spawned: dict[str, list[str]] = {}
     stack = airflow_stack.AirflowStack(home=tmp_path, db_url="postgresql+psycopg2://u@h/db",

@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
-from dataset import filter as stage
-from dataset.detector import Detector
-from dataset.overrides import OverrideError, set_override
+from dataset.filter import stage
+from dataset.filter.detector import Detector
+from dataset.filter.overrides import OverrideError, set_override
 from shoplens.manifest import engine_for
 from shoplens.store import ObjectStore
 from tests.conftest import REPO, shared_path

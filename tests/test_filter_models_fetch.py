@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from dataset.models_fetch import PINNED_SHA256, PINNED_SIZE, FetchError, fetch
-from shoplens.services import free_port_block
+from dataset.filter.models_fetch import PINNED_SHA256, PINNED_SIZE, FetchError, fetch
+from shoplens.dev.services import free_port_block
 from tests.conftest import REPO
 
 

@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 from PIL import Image
 
-from dataset import rules
-from dataset.occupancy import image_statistics
+from dataset.filter import rules
+from dataset.filter.occupancy import image_statistics
 from shoplens.config import Settings
 
 PLAIN_STUDIO = {"border_plain": 1.0, "fg_extent": 0.8, "fg_fill": 0.4, "luma_std": 40.0}

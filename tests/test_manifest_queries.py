@@ -12,8 +12,8 @@ import sqlalchemy as sa
 
 from build_fixtures import ManifestWriter, migrate_for_build
 from conftest import PG_SERVER, _admin_engine
-from dataset import build
-from dataset.diff import diff_versions
+from dataset.build import stage as build
+from dataset.build.diff import diff_versions
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.store import ObjectStore

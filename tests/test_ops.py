@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from shoplens import ops
 from shoplens.config import ConfigError, Settings
 from shoplens.manifest.db import engine_for, upgrade
-from shoplens.services import free_port_block
+from shoplens.dev.services import free_port_block
 
 
 class _Receiver(BaseHTTPRequestHandler):

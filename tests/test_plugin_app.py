@@ -106,7 +106,7 @@ def test_a_manifest_without_the_later_stages_shows_empty_states(fresh_database):
 
 
 def test_an_unreachable_manifest_is_a_503_with_a_message():
-    from shoplens.services import free_port_block
+    from shoplens.dev.services import free_port_block
 
     dead = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port_block(1)}/nothing"
     response = client_for(Settings(manifest_url=dead)).get("/shoplens/")

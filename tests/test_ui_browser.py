@@ -22,7 +22,7 @@ from urllib.parse import quote, unquote
 import pytest
 import sqlalchemy as sa
 
-from shoplens.services import free_port_block, wait_for_port
+from shoplens.dev.services import free_port_block, wait_for_port
 from shoplens.store import ObjectStore
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 

@@ -32,7 +32,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from dataset.hashing import HASH_BITS, as_uint64
+from dataset.dedup.hashing import HASH_BITS, as_uint64
 
 MAX_CHUNK_BITS = 22  # a direct offsets table of 2**22 entries is 32 MiB; wider chunks would not pay
 # The numpy baseline: this many queries x items per step, into reused buffers (64 K pairs stay in

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from dataset.splits import SPLITS
+from dataset.build.splits import SPLITS
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 

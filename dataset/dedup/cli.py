@@ -1,7 +1,7 @@
 """``python -m dataset dedup``: near-duplicate clusters of a folder of images, or the nightly stage.
 
     python -m dataset dedup [--json] [--threshold N] DIR   # clusters among the image files in DIR
-    python -m dataset dedup --manifest --run-key KEY       # run dataset.dedup.run on the manifest
+    python -m dataset dedup --manifest --run-key KEY       # run dataset.dedup.stage.run on the manifest
 
 For a folder, each cluster of two or more images is printed; with ``--json`` as one JSON object
 per line: ``{"representative", "size", "members": [{"path", "distance", "width", "height"}]}``
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dataset.dedup_clusters import DuplicateRule, component_labels, find_pairs, representative_order
-from dataset.hashing import hamming, hashes_of_image
+from dataset.dedup.clusters import DuplicateRule, component_labels, find_pairs, representative_order
+from dataset.dedup.hashing import hamming, hashes_of_image
 from shoplens.config import ConfigError, Settings
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
 
     if args.manifest:
-        from dataset import dedup
+        from dataset.dedup import stage as dedup
 
         print(json.dumps(dedup.run(settings, args.run_key), ensure_ascii=False, default=str))
         return 0

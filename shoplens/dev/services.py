@@ -6,8 +6,8 @@
 
 Every process started here is recorded by PID in the state directory and stopped by PID.
 
-    python -m shoplens.services up   [--state-dir .run]   # prints the env to source
-    python -m shoplens.services down [--state-dir .run]
+    python -m shoplens.dev.services up   [--state-dir .run]   # prints the env to source
+    python -m shoplens.dev.services down [--state-dir .run]
 """
 from __future__ import annotations
 
@@ -270,7 +270,7 @@ def down(state_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shoplens.services", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m shoplens.dev.services", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["up", "ensure", "down"],
                         help="up: databases, broker and S3; ensure: databases and broker only")

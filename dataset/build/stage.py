@@ -3,14 +3,14 @@
 ``run(settings, run_key)`` is the stage entry. One build:
 
 1. reads the kept images (``kept_images``: not duplicates; passing the rules or force-kept),
-2. selects products and photos (:mod:`dataset.selection`), labels them with the stable label map
-   (:mod:`dataset.labels`) and splits them (:mod:`dataset.splits`),
+2. selects products and photos (:mod:`dataset.build.selection`), labels them with the stable label map
+   (:mod:`dataset.build.labels`) and splits them (:mod:`dataset.build.splits`),
 3. if the result equals the latest complete version (same content hash), stops: nothing new,
 4. otherwise stores the version row (status ``building``), the new labels and the member rows in
    one transaction,
-5. runs the data-quality checks (:mod:`dataset.checks`: Airflow SQL check operators plus the
+5. runs the data-quality checks (:mod:`dataset.build.checks`: Airflow SQL check operators plus the
    object-store check) and marks the version ``failed`` on any violation,
-6. exports the files (:mod:`dataset.export`) and only then marks the version ``complete``.
+6. exports the files (:mod:`dataset.build.export`) and only then marks the version ``complete``.
 
 Only complete versions count as parents or as the split history of later builds, so a failed or
 crashed build never changes what the next one does. Builds are serialised by an advisory lock.
@@ -32,18 +32,18 @@ from typing import Any, Iterator
 
 import sqlalchemy as sa
 
-from dataset import checks, export
-from dataset.build_tables import MEMBER_EXPORT_COLUMNS, dataset_members, dataset_versions
-from dataset.labels import assign_labels, load_label_map, store_new_labels
-from dataset.selection import select_photos
-from dataset.splits import SPLITS, SplitCandidate, SplitRatios, assign_splits
+from dataset.build import checks, export
+from dataset.build.tables import MEMBER_EXPORT_COLUMNS, dataset_members, dataset_versions
+from dataset.build.labels import assign_labels, load_label_map, store_new_labels
+from dataset.build.selection import select_photos
+from dataset.build.splits import SPLITS, SplitCandidate, SplitRatios, assign_splits
 from shoplens.config import ConfigError, Settings
 from shoplens.manifest import engine_for
 
 log = logging.getLogger(__name__)
 
 BUILD_LOCK_KEY = 0x5D_B01D  # pg advisory lock id shared by every dataset build
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class BuildError(RuntimeError):

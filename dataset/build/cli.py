@@ -47,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     if (args.rematerialise or args.materialise) and not args.out:
         parser.error("--rematerialise / --materialise need --out DIR")
 
-    from dataset import build, checks, export
+    from dataset.build import stage as build
+    from dataset.build import checks, export
 
     try:
         if args.summary is not None:
-            from dataset.version_summary import readme_summary
+            from dataset.build.version_summary import readme_summary
 
             print(readme_summary(settings, args.summary or None), end="")
         elif args.check:

@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dataset.splits import SPLITS
+from dataset.build.splits import SPLITS
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 

@@ -4,9 +4,9 @@ workers (Redis broker), metadata in PostgreSQL, everything bound to 127.0.0.1.
 Used by ``make demo`` and by the end-to-end tests; the Docker images run the very same
 ``airflow`` commands (see ``docker/``). Each process is recorded by PID and stopped by PID.
 
-    python -m shoplens.airflow_stack up   [--home .run/airflow] [--workers 1]
-    python -m shoplens.airflow_stack trigger shoplens_nightly --conf '{"best_n": 5}' --wait
-    python -m shoplens.airflow_stack down [--home .run/airflow]
+    python -m shoplens.dev.airflow_stack up   [--home .run/airflow] [--workers 1]
+    python -m shoplens.dev.airflow_stack trigger shoplens_nightly --conf '{"best_n": 5}' --wait
+    python -m shoplens.dev.airflow_stack down [--home .run/airflow]
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoplens.services import LOCALHOST, stop_pid, wait_for_port
+from shoplens.dev.services import LOCALHOST, stop_pid, wait_for_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ADMIN_USER = "admin"
 SHOP_POOL = "shop"
 
@@ -292,7 +292,7 @@ def default_stack(home: Path, api_port: int = 8780) -> AirflowStack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shoplens.airflow_stack", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m shoplens.dev.airflow_stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up")

@@ -19,10 +19,10 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, insert
 
-from dataset import report, rules
-from dataset.detector import Detector, fit_for_model, open_for_model
-from dataset.filter_tables import detections, filter_runs, rule_decisions
-from dataset.occupancy import FEATURES_VERSION, image_statistics
+from dataset.filter import report, rules
+from dataset.filter.detector import Detector, fit_for_model, open_for_model
+from dataset.filter.tables import detections, filter_runs, rule_decisions
+from dataset.filter.occupancy import FEATURES_VERSION, image_statistics
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.manifest.tables import images, products

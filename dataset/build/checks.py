@@ -6,7 +6,7 @@ restricted to one version by a ``partition_clause``. The same definitions serve 
 
 - :func:`check_operators` builds the operators for a DAG (against an Airflow connection to the
   manifest, with the version id templated in), and
-- :func:`run_sql_checks` executes those very operators from :func:`dataset.build.run`, against
+- :func:`run_sql_checks` executes those very operators from :func:`dataset.build.stage.run`, against
   ``settings.manifest_url``, so that every build is checked whether or not it runs in Airflow.
 
 Table checks are aggregates, so each yields exactly one row even for an empty version. The one

@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Collection, Sequence
 
-from dataset.splits import seeded_key
+from dataset.build.splits import seeded_key
 
 
 @dataclass

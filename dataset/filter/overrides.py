@@ -20,7 +20,7 @@ import sys
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
-from dataset.filter_tables import image_overrides
+from dataset.filter.tables import image_overrides
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.manifest.tables import images

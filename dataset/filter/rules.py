@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
-from dataset.detector import COCO_CLASSES
+from dataset.filter.detector import COCO_CLASSES
 
 RULES_VERSION = "rules-2"
 
@@ -97,7 +97,7 @@ class Features:
     width: int
     height: int
     boxes: list[dict]  # {"label", "score", "box": [x1, y1, x2, y2]} in image pixels
-    stats: dict  # dataset.occupancy.image_statistics
+    stats: dict  # dataset.filter.occupancy.image_statistics
     category_id: str | None = None
 
 

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-key", help="run key for --manifest (e.g. the Airflow run id)")
     args = ap.parse_args(argv)
 
-    from dataset import filter as stage, rules
-    from dataset.detector import Detector, DetectorError
+    from dataset.filter import stage, rules
+    from dataset.filter.detector import Detector, DetectorError
 
     try:
         settings = Settings.from_env()

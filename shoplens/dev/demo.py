@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from shoplens.services import LOCALHOST, down, stop_pid, up, wait_for_port
+from shoplens.dev.services import LOCALHOST, down, stop_pid, up, wait_for_port
 
 REPLICA_PORT, CDN_PORT, AIRFLOW_PORT = 8611, 8612, 8780
 
@@ -48,7 +48,7 @@ def detector_model() -> Path:
     from shoplens.config import Settings
 
     configured = Path(Settings.from_env().detector_model_path).expanduser()
-    shared = Path(__file__).resolve().parents[2] / "shared" / "models" / "yolox_nano.onnx"
+    shared = Path(__file__).resolve().parents[3] / "shared" / "models" / "yolox_nano.onnx"
     if "SHOPLENS_DETECTOR_MODEL_PATH" in os.environ or configured.exists():
         return configured
     if shared.exists():
@@ -62,7 +62,7 @@ def detector_model() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shoplens.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m shoplens.dev.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state-dir", type=Path, default=Path(".run"))
     parser.add_argument("--timeout", type=float, default=1800)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_for_port(REPLICA_PORT, 180, proc=replica)
         print(f"[demo] replica shop on {env['SHOPLENS_SHOP_BASE_URL']}")
 
-        from shoplens.airflow_stack import default_stack
+        from shoplens.dev.airflow_stack import default_stack
 
         stack = default_stack(state / "airflow", AIRFLOW_PORT)
         stack.extra_env.update(env)

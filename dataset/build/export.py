@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
-from dataset.build_tables import MEMBER_EXPORT_COLUMNS, dataset_members, dataset_versions
-from dataset.splits import SPLITS
+from dataset.build.tables import MEMBER_EXPORT_COLUMNS, dataset_members, dataset_versions
+from dataset.build.splits import SPLITS
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.store import ObjectStore

@@ -14,8 +14,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from dataset.hamming_index import radius_neighbours
-from dataset.hashing import HASH_BITS, as_uint64
+from dataset.dedup.hamming_index import radius_neighbours
+from dataset.dedup.hashing import HASH_BITS, as_uint64
 
 
 @dataclass(frozen=True)

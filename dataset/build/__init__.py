@@ -1,0 +1,1 @@
+"""Build stage: immutable, labelled, split dataset versions and their export (entry: ``stage.run``)."""

@@ -1,0 +1,1 @@
+"""Filter stage: detector features and versioned keep/reject rules per photo (entry: ``stage.run``)."""

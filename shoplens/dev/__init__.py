@@ -1,0 +1,1 @@
+"""Local development harness (services, a real Airflow stack, the demo); no stage imports it."""
