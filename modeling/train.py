@@ -96,7 +96,7 @@ def train_ensemble(settings: Settings, dataset: LocalDataset, out_dir: Path,
         "num_classes": dataset.num_classes,
         "training": {k: getattr(settings, k) for k in TRAINING_SETTINGS},
     }
-    labels = {"labels": dataset.build.labels, "num_classes": dataset.num_classes}
+    labels = {"labels": dataset.labels, "num_classes": dataset.num_classes}
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save_ensemble(tmp, config, labels, [(r.name, r.size, r.model) for r in results])
@@ -104,7 +104,7 @@ def train_ensemble(settings: Settings, dataset: LocalDataset, out_dir: Path,
     ens_test = np.mean(list(test_probs.values()), axis=0)
     report = evaluate.write_report(
         tmp / "report", f"Model {model_id} on {dataset.version_id}", metrics, ens_test,
-        data["test"].labels, dataset.build.labels, data["test"].encoded, data["test"].sha256)
+        data["test"].labels, dataset.labels, data["test"].encoded, data["test"].sha256)
     metrics["worst_mistakes"] = report["worst_mistakes"]
     metrics["seconds"] = round(time.monotonic() - t0, 1)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False))
@@ -196,7 +196,7 @@ def evaluate_model_on(settings: Settings, model_ref: str, dataset: LocalDataset,
     # Labels are stable per product, but a newer version may have products the model never saw:
     # its probabilities are placed by product id into the dataset's label space (unknown products
     # get 0, so their photos count as misses, which is the like-with-like comparison).
-    by_product = {e["product_id"]: e["label"] for e in dataset.build.labels}
+    by_product = {e["product_id"]: e["label"] for e in dataset.labels}
     columns = [by_product.get(e["product_id"]) for e in ens.labels]
     if all(c is None for c in columns):
         raise DatasetError(f"model {model_ref} shares no product with dataset {dataset.version_id}")
