@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 # Category id -> display name. Ids are the shop's 8-digit category ids (see docs/target-site notes).
 DEFAULT_CATEGORIES: dict[str, str] = {
@@ -270,11 +271,59 @@ class Settings:
             raise ConfigError(f"alert_webhook_url must be an http(s) URL, got {self.alert_webhook_url!r}")
 
     def public_dict(self) -> dict[str, Any]:
-        """Settings without secrets, for run provenance rows and logs."""
-        d = dataclasses.asdict(self)
-        d["s3_secret_key"] = "***"
-        if self.alert_webhook_url:  # chat webhook URLs embed their token
-            d["alert_webhook_url"] = "***"
+        """Settings without secrets, for run provenance rows and logs (see :func:`redact`)."""
+        d = {name: redact(name, value) for name, value in dataclasses.asdict(self).items()}
+        if self.alert_webhook_url:  # chat webhook URLs embed their token in the path
+            d["alert_webhook_url"] = REDACTED
         d["categories"] = list(self.categories)
         d["allowed_hosts"] = list(self.allowed_hosts)
         return d
+
+
+REDACTED = "***"
+# A setting (or URL query parameter) whose name has one of these words holds a secret.
+_SECRET_WORDS = frozenset({"password", "passwd", "pwd", "secret", "key", "apikey", "token",
+                           "credential", "credentials", "signature", "sig", "auth"})
+
+
+def _names_a_secret(name: str) -> bool:
+    words = name.lower().replace("-", "_").split("_")
+    return any(word in _SECRET_WORDS for word in words)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password and secret-named query values replaced by ``***``.
+
+    The user name stays (as SQLAlchemy's ``hide_password`` rendering keeps it): it says which
+    account ran, and is not what lets someone in.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    if not parts.scheme or not parts.netloc:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:{REDACTED}@{host}" if has_password else netloc
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, REDACTED if _names_a_secret(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact(name: str, value: Any) -> Any:
+    """``value`` as it may be stored or logged: secret-named fields become ``***``, URLs lose
+    their password and secret query values, containers are redacted item by item."""
+    if isinstance(value, str):
+        if _names_a_secret(name):
+            return REDACTED if value else value
+        return redact_url(value) if "://" in value else value
+    if isinstance(value, Mapping):
+        return {k: redact(str(k), v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(name, v) for v in value)
+    return value
