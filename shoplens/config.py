@@ -60,15 +60,49 @@ class ConfigError(ValueError):
     """A setting has a value shoplens cannot use."""
 
 
+def shop_profile(name: str) -> "ShopProfile":
+    """The named shop profile, or a ConfigError listing the known names."""
+    try:
+        return SHOP_PROFILES[name]
+    except KeyError:
+        raise ConfigError(f"SHOPLENS_SHOP must be one of {sorted(SHOP_PROFILES)}, got {name!r}") from None
+
+
 HTTP_CLIENTS = ("twisted", "aiohttp")
+
+
+@dataclass(frozen=True)
+class ShopProfile:
+    """A shop's base URL and the hosts its pages send photos from, which always go together: a
+    base URL without its CDN hosts has every photo dropped by the crawler's host allow-list."""
+
+    base_url: str
+    allowed_hosts: tuple[str, ...]
+
+
+# The one place that names the shops (``SHOPLENS_SHOP``); docs/deploy.md explains the choice.
+SHOP_PROFILES: dict[str, ShopProfile] = {
+    # The local replica (shoplens/dev): pages on one port, its photo CDN on the next.
+    "replica": ShopProfile("http://127.0.0.1:8611", ("127.0.0.1:8612",)),
+    # The real shop, current generation (store.ohou.se; ../shared/docs/target-site.md). Review
+    # photos come from these CDN hosts, all seen in the shop's answers: prs.ohouse.com today,
+    # the others in older and mirrored URLs (image.ohou.se is the legacy site's).
+    "ohouse": ShopProfile("https://store.ohou.se", (
+        "prs.ohouse.com", "prs.ohou.se", "image.ohousecdn.com", "prs.ohousecdn.com",
+        "image.ohou.se", "bucketplace-v2-development.s3.amazonaws.com")),
+}
+DEFAULT_SHOP = "replica"
 
 
 @dataclass(frozen=True)
 class Settings:
     # --- the shop (or its replica) -------------------------------------------------------------
-    shop_base_url: str = "http://127.0.0.1:8611"
+    # A name in SHOP_PROFILES: sets shop_base_url and allowed_hosts together (from_env), unless
+    # SHOPLENS_SHOP_BASE_URL / SHOPLENS_ALLOWED_HOSTS are set explicitly.
+    shop: str = DEFAULT_SHOP
+    shop_base_url: str = SHOP_PROFILES[DEFAULT_SHOP].base_url
     # Hosts (host or host:port) the crawler may fetch from; the shop's own host is always allowed.
-    allowed_hosts: tuple[str, ...] = ("127.0.0.1:8612",)
+    allowed_hosts: tuple[str, ...] = SHOP_PROFILES[DEFAULT_SHOP].allowed_hosts
     categories: tuple[str, ...] = tuple(DEFAULT_CATEGORIES)
     best_n: int = 20
     photo_cap_per_product: int = 1000
@@ -209,6 +243,9 @@ class Settings:
             if name not in env:
                 continue
             values[f.name] = _parse(name, env[name], f.type)
+        profile = shop_profile(values.get("shop", DEFAULT_SHOP))
+        values.setdefault("shop_base_url", profile.base_url)
+        values.setdefault("allowed_hosts", profile.allowed_hosts)
         settings = cls(**values)
         settings = dataclasses.replace(settings, shop_base_url=settings.shop_base_url.rstrip("/"))
         settings.validate()
@@ -227,6 +264,10 @@ class Settings:
                 if isinstance(value, str):
                     value = [v.strip() for v in value.split(",") if v.strip()]
                 clean[key] = tuple(str(v) for v in value)
+        if "shop" in clean:  # a profile brings its base URL and hosts unless those are given too
+            profile = shop_profile(clean["shop"])
+            clean.setdefault("shop_base_url", profile.base_url)
+            clean.setdefault("allowed_hosts", profile.allowed_hosts)
         if "shop_base_url" in clean:
             clean["shop_base_url"] = str(clean["shop_base_url"]).rstrip("/")
         new = dataclasses.replace(self, **clean)
@@ -249,6 +290,7 @@ class Settings:
                                    download_delay=self.download_delay * parallel_crawls)
 
     def validate(self) -> None:
+        shop_profile(self.shop)
         if not self.shop_base_url.startswith(("http://", "https://")):
             raise ConfigError(f"shop_base_url must be an http(s) URL, got {self.shop_base_url!r}")
         if not self.categories:

@@ -40,6 +40,24 @@ def test_overrides_from_params_replace_fields_and_keep_the_rest():
     assert Settings().public_dict()["s3_secret_key"] == "***"
 
 
+def test_the_shop_profile_sets_the_base_url_and_its_photo_hosts_together():
+    """SHOPLENS_SHOP picks the base URL and the CDN hosts as one: the real shop's profile allows
+    the hosts its review photos come from (none of the replica's), the default stays the replica,
+    an explicit base URL or host list still wins, and an unknown profile is refused."""
+    real = Settings.from_env({"SHOPLENS_SHOP": "ohouse"})
+    assert real.shop_base_url == "https://store.ohou.se"
+    assert {"prs.ohouse.com", "image.ohousecdn.com", "prs.ohousecdn.com"} <= set(real.allowed_hosts)
+    assert "127.0.0.1:8612" not in real.allowed_hosts
+    replica = Settings.from_env({})
+    assert (replica.shop, replica.shop_base_url, replica.allowed_hosts) == (
+        "replica", "http://127.0.0.1:8611", ("127.0.0.1:8612",))
+    assert Settings().with_overrides(shop="ohouse").allowed_hosts == real.allowed_hosts
+    mirrored = Settings.from_env({"SHOPLENS_SHOP": "ohouse", "SHOPLENS_ALLOWED_HOSTS": "cdn.example"})
+    assert mirrored.allowed_hosts == ("cdn.example",) and mirrored.shop_base_url == real.shop_base_url
+    with pytest.raises(ConfigError, match="SHOPLENS_SHOP must be one of .*'ohouse'"):
+        Settings.from_env({"SHOPLENS_SHOP": "ohou.se"})
+
+
 def test_public_settings_hold_no_secret_anywhere():
     """What crawl_runs.settings and dataset versions store (``public_dict``) keeps no password,
     secret, key or token: secret-named fields are masked, URLs lose their password (the manifest
