@@ -5,8 +5,21 @@
 #
 #   init                     migrate Airflow's metadata DB and the manifest, create the shop pool
 #   api-server|scheduler|dag-processor|triggerer|celery ...   exec `airflow <args>`
-#   anything else            exec'd as given (e.g. `python -m shoplens.ops metrics`)
+#   anything else            exec'd as given (e.g. `python -m dataset models fetch`)
+#
+# Nothing starts while a variable still holds a CHANGE-ME placeholder of docker/.env.example:
+# those values are public, and a known JWT secret lets anyone forge API tokens.
 set -eu
+
+refuse_placeholders() {
+    # Names only (never values); a placeholder inside a URL (a DB password) counts too.
+    placeholders="$(env | grep -E '^[A-Za-z_][A-Za-z0-9_]*=.*CHANGE-ME' | cut -d= -f1 | sort -u | tr '\n' ' ')"
+    if [ -n "$placeholders" ]; then
+        echo "shoplens: refusing to start: ${placeholders}still hold(s) a CHANGE-ME placeholder" \
+             "from docker/.env.example; set real secrets in docker/.env (see docs/deploy.md)" >&2
+        exit 78
+    fi
+}
 
 write_passwords_file() {
     # SimpleAuthManager reads its users' passwords from this file (as in the local stack).
@@ -16,6 +29,10 @@ write_passwords_file() {
             > "$AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"
     fi
 }
+
+if [ -n "${1:-}" ]; then
+    refuse_placeholders
+fi
 
 case "${1:-}" in
     init)

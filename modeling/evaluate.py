@@ -3,13 +3,63 @@ per-product precision/recall, a confusion-matrix plot and a grid of the worst mi
 as an HTML report next to the model."""
 from __future__ import annotations
 
+import functools
 import html
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
 ENSEMBLE = "ensemble"
+log = logging.getLogger(__name__)
+# Product names are shop data: drawn as plain text (a `$` must never start mathtext) in a font
+# that has Hangul, with DejaVu Sans (matplotlib's own) for whatever it lacks.
+_CJK_FONT_NAMES = ("Noto Sans CJK KR", "Noto Sans KR", "Noto Sans CJK JP", "Noto Sans CJK SC",
+                   "NanumGothic", "Noto Serif CJK KR")
+
+
+@functools.lru_cache(maxsize=1)
+def _name_fonts() -> tuple[str, ...]:
+    """Font families for product names: an installed CJK font (fonts-noto-cjk, `make deps`) first,
+    then DejaVu Sans. Without a CJK font Korean names render as boxes; that is logged, not fatal."""
+    from matplotlib import font_manager
+
+    def installed() -> set[str]:
+        return {f.name for f in font_manager.fontManager.ttflist}
+
+    names = installed()
+    if not any(n in names for n in _CJK_FONT_NAMES):
+        # matplotlib's font cache may predate the font package: register the system's CJK files.
+        for path in font_manager.findSystemFonts():
+            if "cjk" in Path(path).name.lower() or "nanum" in Path(path).name.lower():
+                try:
+                    font_manager.fontManager.addfont(path)
+                except (OSError, RuntimeError, ValueError):
+                    continue
+        names = installed()
+    cjk = next((n for n in _CJK_FONT_NAMES if n in names), None)
+    if cjk is None:
+        log.warning("no CJK font found (install fonts-noto-cjk): Korean product names in the "
+                    "report plots will render as boxes")
+        return ("DejaVu Sans",)
+    return (cjk, "DejaVu Sans")
+
+
+def _name_text() -> dict:
+    """Text properties for anything that shows a product name."""
+    return {"parse_math": False, "fontfamily": list(_name_fonts())}
+
+
+def _render_plot(plot, *args) -> str | None:
+    """Run one plot function; a plot that fails is logged and reported, never raised: the report
+    comes after a whole training run, whose result must be recorded regardless."""
+    try:
+        plot(*args)
+    except Exception as exc:  # noqa: BLE001 - any matplotlib/Pillow failure of one figure
+        log.exception("report plot %s failed", getattr(plot, "__name__", plot))
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -60,8 +110,8 @@ def _plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(side, side))
     rows = matrix.sum(1, keepdims=True)
     ax.imshow(matrix / np.maximum(rows, 1), cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), names, rotation=90, fontsize=6)
-    ax.set_yticks(range(n), names, fontsize=6)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=6, **_name_text())
+    ax.set_yticks(range(n), names, fontsize=6, **_name_text())
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix (row-normalised)")
@@ -93,7 +143,8 @@ def _plot_mistakes(indices: list[int], probs, labels, names, photos: list[bytes]
     for ax, i in zip(axes.flat, indices):
         ax.imshow(images.fitted_square(images.decode(photos[i]), 160))
         p = int(probs[i].argmax())
-        ax.set_title(f"true: {names[labels[i]]}\npred: {names[p]} ({probs[i, p]:.2f})", fontsize=7)
+        ax.set_title(f"true: {names[labels[i]]}\npred: {names[p]} ({probs[i, p]:.2f})", fontsize=7,
+                     **_name_text())
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -104,18 +155,29 @@ def write_report(out_dir: Path, title: str, metrics: dict, ensemble_probs: np.nd
                  shas: list[str]) -> dict:
     """index.html + confusion.png + mistakes.png + per_product.json in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = [e["name"] for e in entries]
+    names = [str(e["name"]) for e in entries]
     products = per_product(ensemble_probs, labels, entries)
-    _plot_confusion(confusion(ensemble_probs, labels, len(entries)), names, out_dir / "confusion.png")
+    plot_errors = {}
+    plot_errors["confusion.png"] = _render_plot(
+        _plot_confusion, confusion(ensemble_probs, labels, len(entries)), names, out_dir / "confusion.png")
     worst = worst_mistakes(ensemble_probs, labels)
     if worst:
-        _plot_mistakes(worst, ensemble_probs, labels, names, photos, out_dir / "mistakes.png")
-    (out_dir / "per_product.json").write_text(json.dumps(products, ensure_ascii=False, indent=1))
+        plot_errors["mistakes.png"] = _render_plot(
+            _plot_mistakes, worst, ensemble_probs, labels, names, photos, out_dir / "mistakes.png")
+    plot_errors = {name: error for name, error in plot_errors.items() if error}
+    (out_dir / "per_product.json").write_text(json.dumps(products, ensure_ascii=False, indent=1),
+                                             encoding="utf-8")
 
     def pct(x):
         return "" if x is None else f"{100 * x:.1f} %"
 
     esc = html.escape
+
+    def figure(name: str) -> str:
+        if name in plot_errors:
+            return f"<p>plot not rendered ({esc(plot_errors[name])}); see the training log</p>"
+        return f'<img src="{name}" style="max-width:100%">'
+
     score_rows = "".join(
         f"<tr><td>{esc(name)}</td><td>{pct(s['top1'])}</td><td>{pct(s['top3'])}</td>"
         f"<td>{s['n']}</td></tr>" for name, s in metrics["test"].items())
@@ -134,12 +196,13 @@ td,th{{border:1px solid #ccc;padding:2px 8px}}</style></head><body>
 <h2>Test split: Top-1 / Top-3</h2>
 <table><tr><th>model</th><th>Top-1</th><th>Top-3</th><th>photos</th></tr>{score_rows}</table>
 <h2>Decisions taken by measurement on the validation split</h2><pre>{decisions}</pre>
-<h2>Confusion matrix (ensemble)</h2><img src="confusion.png" style="max-width:100%">
+<h2>Confusion matrix (ensemble)</h2>{figure("confusion.png")}
 <h2>Worst mistakes (most confident wrong predictions)</h2>
-{'<img src="mistakes.png" style="max-width:100%">' if worst else '<p>none</p>'}
+{figure("mistakes.png") if worst else '<p>none</p>'}
 <table><tr><th>photo sha256</th><th>true</th><th>predicted</th><th>prob</th></tr>{mistake_rows}</table>
 <h2>Per product (ensemble)</h2>
 <table><tr><th>label</th><th>product</th><th>test photos</th><th>precision</th><th>recall</th></tr>
 {product_rows}</table></body></html>"""
-    (out_dir / "index.html").write_text(page)
-    return {"per_product": products, "worst_mistakes": [shas[i] for i in worst]}
+    (out_dir / "index.html").write_text(page, encoding="utf-8")
+    return {"per_product": products, "worst_mistakes": [shas[i] for i in worst],
+            "plot_errors": plot_errors}

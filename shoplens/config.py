@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 # Category id -> display name. Ids are the shop's 8-digit category ids (see docs/target-site notes).
 DEFAULT_CATEGORIES: dict[str, str] = {
@@ -59,15 +60,49 @@ class ConfigError(ValueError):
     """A setting has a value shoplens cannot use."""
 
 
+def shop_profile(name: str) -> "ShopProfile":
+    """The named shop profile, or a ConfigError listing the known names."""
+    try:
+        return SHOP_PROFILES[name]
+    except KeyError:
+        raise ConfigError(f"SHOPLENS_SHOP must be one of {sorted(SHOP_PROFILES)}, got {name!r}") from None
+
+
 HTTP_CLIENTS = ("twisted", "aiohttp")
+
+
+@dataclass(frozen=True)
+class ShopProfile:
+    """A shop's base URL and the hosts its pages send photos from, which always go together: a
+    base URL without its CDN hosts has every photo dropped by the crawler's host allow-list."""
+
+    base_url: str
+    allowed_hosts: tuple[str, ...]
+
+
+# The one place that names the shops (``SHOPLENS_SHOP``); docs/deploy.md explains the choice.
+SHOP_PROFILES: dict[str, ShopProfile] = {
+    # The local replica (shoplens/dev): pages on one port, its photo CDN on the next.
+    "replica": ShopProfile("http://127.0.0.1:8611", ("127.0.0.1:8612",)),
+    # The real shop, current generation (store.ohou.se; ../shared/docs/target-site.md). Review
+    # photos come from these CDN hosts, all seen in the shop's answers: prs.ohouse.com today,
+    # the others in older and mirrored URLs (image.ohou.se is the legacy site's).
+    "ohouse": ShopProfile("https://store.ohou.se", (
+        "prs.ohouse.com", "prs.ohou.se", "image.ohousecdn.com", "prs.ohousecdn.com",
+        "image.ohou.se", "bucketplace-v2-development.s3.amazonaws.com")),
+}
+DEFAULT_SHOP = "replica"
 
 
 @dataclass(frozen=True)
 class Settings:
     # --- the shop (or its replica) -------------------------------------------------------------
-    shop_base_url: str = "http://127.0.0.1:8611"
+    # A name in SHOP_PROFILES: sets shop_base_url and allowed_hosts together (from_env), unless
+    # SHOPLENS_SHOP_BASE_URL / SHOPLENS_ALLOWED_HOSTS are set explicitly.
+    shop: str = DEFAULT_SHOP
+    shop_base_url: str = SHOP_PROFILES[DEFAULT_SHOP].base_url
     # Hosts (host or host:port) the crawler may fetch from; the shop's own host is always allowed.
-    allowed_hosts: tuple[str, ...] = ("127.0.0.1:8612",)
+    allowed_hosts: tuple[str, ...] = SHOP_PROFILES[DEFAULT_SHOP].allowed_hosts
     categories: tuple[str, ...] = tuple(DEFAULT_CATEGORIES)
     best_n: int = 20
     photo_cap_per_product: int = 1000
@@ -208,6 +243,9 @@ class Settings:
             if name not in env:
                 continue
             values[f.name] = _parse(name, env[name], f.type)
+        profile = shop_profile(values.get("shop", DEFAULT_SHOP))
+        values.setdefault("shop_base_url", profile.base_url)
+        values.setdefault("allowed_hosts", profile.allowed_hosts)
         settings = cls(**values)
         settings = dataclasses.replace(settings, shop_base_url=settings.shop_base_url.rstrip("/"))
         settings.validate()
@@ -226,6 +264,10 @@ class Settings:
                 if isinstance(value, str):
                     value = [v.strip() for v in value.split(",") if v.strip()]
                 clean[key] = tuple(str(v) for v in value)
+        if "shop" in clean:  # a profile brings its base URL and hosts unless those are given too
+            profile = shop_profile(clean["shop"])
+            clean.setdefault("shop_base_url", profile.base_url)
+            clean.setdefault("allowed_hosts", profile.allowed_hosts)
         if "shop_base_url" in clean:
             clean["shop_base_url"] = str(clean["shop_base_url"]).rstrip("/")
         new = dataclasses.replace(self, **clean)
@@ -248,6 +290,7 @@ class Settings:
                                    download_delay=self.download_delay * parallel_crawls)
 
     def validate(self) -> None:
+        shop_profile(self.shop)
         if not self.shop_base_url.startswith(("http://", "https://")):
             raise ConfigError(f"shop_base_url must be an http(s) URL, got {self.shop_base_url!r}")
         if not self.categories:
@@ -270,11 +313,59 @@ class Settings:
             raise ConfigError(f"alert_webhook_url must be an http(s) URL, got {self.alert_webhook_url!r}")
 
     def public_dict(self) -> dict[str, Any]:
-        """Settings without secrets, for run provenance rows and logs."""
-        d = dataclasses.asdict(self)
-        d["s3_secret_key"] = "***"
-        if self.alert_webhook_url:  # chat webhook URLs embed their token
-            d["alert_webhook_url"] = "***"
+        """Settings without secrets, for run provenance rows and logs (see :func:`redact`)."""
+        d = {name: redact(name, value) for name, value in dataclasses.asdict(self).items()}
+        if self.alert_webhook_url:  # chat webhook URLs embed their token in the path
+            d["alert_webhook_url"] = REDACTED
         d["categories"] = list(self.categories)
         d["allowed_hosts"] = list(self.allowed_hosts)
         return d
+
+
+REDACTED = "***"
+# A setting (or URL query parameter) whose name has one of these words holds a secret.
+_SECRET_WORDS = frozenset({"password", "passwd", "pwd", "secret", "key", "apikey", "token",
+                           "credential", "credentials", "signature", "sig", "auth"})
+
+
+def _names_a_secret(name: str) -> bool:
+    words = name.lower().replace("-", "_").split("_")
+    return any(word in _SECRET_WORDS for word in words)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password and secret-named query values replaced by ``***``.
+
+    The user name stays (as SQLAlchemy's ``hide_password`` rendering keeps it): it says which
+    account ran, and is not what lets someone in.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    if not parts.scheme or not parts.netloc:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:{REDACTED}@{host}" if has_password else netloc
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, REDACTED if _names_a_secret(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact(name: str, value: Any) -> Any:
+    """``value`` as it may be stored or logged: secret-named fields become ``***``, URLs lose
+    their password and secret query values, containers are redacted item by item."""
+    if isinstance(value, str):
+        if _names_a_secret(name):
+            return REDACTED if value else value
+        return redact_url(value) if "://" in value else value
+    if isinstance(value, Mapping):
+        return {k: redact(str(k), v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(name, v) for v in value)
+    return value

@@ -40,6 +40,46 @@ def test_overrides_from_params_replace_fields_and_keep_the_rest():
     assert Settings().public_dict()["s3_secret_key"] == "***"
 
 
+def test_the_shop_profile_sets_the_base_url_and_its_photo_hosts_together():
+    """SHOPLENS_SHOP picks the base URL and the CDN hosts as one: the real shop's profile allows
+    the hosts its review photos come from (none of the replica's), the default stays the replica,
+    an explicit base URL or host list still wins, and an unknown profile is refused."""
+    real = Settings.from_env({"SHOPLENS_SHOP": "ohouse"})
+    assert real.shop_base_url == "https://store.ohou.se"
+    assert {"prs.ohouse.com", "image.ohousecdn.com", "prs.ohousecdn.com"} <= set(real.allowed_hosts)
+    assert "127.0.0.1:8612" not in real.allowed_hosts
+    replica = Settings.from_env({})
+    assert (replica.shop, replica.shop_base_url, replica.allowed_hosts) == (
+        "replica", "http://127.0.0.1:8611", ("127.0.0.1:8612",))
+    assert Settings().with_overrides(shop="ohouse").allowed_hosts == real.allowed_hosts
+    mirrored = Settings.from_env({"SHOPLENS_SHOP": "ohouse", "SHOPLENS_ALLOWED_HOSTS": "cdn.example"})
+    assert mirrored.allowed_hosts == ("cdn.example",) and mirrored.shop_base_url == real.shop_base_url
+    with pytest.raises(ConfigError, match="SHOPLENS_SHOP must be one of .*'ohouse'"):
+        Settings.from_env({"SHOPLENS_SHOP": "ohou.se"})
+
+
+def test_public_settings_hold_no_secret_anywhere():
+    """What crawl_runs.settings and dataset versions store (``public_dict``) keeps no password,
+    secret, key or token: secret-named fields are masked, URLs lose their password (the manifest
+    URL's included) and secret-named query values, and non-secret settings are unchanged."""
+    import json
+
+    settings = Settings().with_overrides(
+        manifest_url="postgresql+psycopg2://shoplens:manifest-pw-1@postgres:5432/shoplens",
+        s3_access_key="access-id-2", s3_secret_key="s3-secret-3",
+        detector_model_url="https://mirror:mirror-pw-4@models.example/yolox_nano.onnx?token=tok-5&v=2",
+        alert_webhook_url="https://hooks.example/services/T0/B0/hook-token-6")
+    public = settings.public_dict()
+    stored = json.dumps(public)
+    for secret in ("manifest-pw-1", "access-id-2", "s3-secret-3", "mirror-pw-4", "tok-5", "hook-token-6"):
+        assert secret not in stored
+    assert public["manifest_url"] == "postgresql+psycopg2://shoplens:***@postgres:5432/shoplens"
+    assert public["detector_model_url"] == "https://mirror:***@models.example/yolox_nano.onnx?token=***&v=2"
+    assert public["shop_base_url"] == settings.shop_base_url
+    assert public["detector_model_path"] == settings.detector_model_path
+    assert public["categories"] == list(settings.categories)
+
+
 def test_migrations_create_the_manifest_and_are_idempotent(fresh_database):
     upgrade(fresh_database)
     upgrade(fresh_database)  # a second run changes nothing

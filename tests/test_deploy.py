@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -75,8 +76,8 @@ def test_compose_refuses_to_start_without_the_secrets(tmp_path):
 
 def test_the_production_shape_has_every_service(config):
     services = config["services"]
-    assert {"postgres", "redis", "minio", "minio-init", "airflow-init", *AIRFLOW_COMPONENTS,
-            "worker-crawl", "worker-training"} <= set(services)
+    assert {"postgres", "redis", "minio", "minio-init", "airflow-init", "detector-init",
+            *AIRFLOW_COMPONENTS, "worker-crawl", "worker-training"} <= set(services)
     env = services["scheduler"]["environment"]
     assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:")
@@ -84,8 +85,9 @@ def test_the_production_shape_has_every_service(config):
     assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("@postgres:5432/airflow")
     assert env["SHOPLENS_MANIFEST_URL"].endswith("@postgres:5432/shoplens")
     assert env["SHOPLENS_S3_ENDPOINT"] == "minio:9000"
-    init = services["minio-init"]["command"][0]
-    assert "mc mb --ignore-existing" in init and "SHOPLENS_S3_BUCKET" in init
+    assert services["minio-init"]["entrypoint"] == ["/bin/sh", "/minio-init.sh"]
+    init = (DOCKER / "minio-init.sh").read_text()
+    assert 'mc mb --ignore-existing "local/$SHOPLENS_S3_BUCKET"' in init
 
 
 def test_only_the_ui_and_the_minio_console_are_published_and_only_on_loopback(config):
@@ -96,7 +98,7 @@ def test_only_the_ui_and_the_minio_console_are_published_and_only_on_loopback(co
 
 def test_every_long_running_service_has_a_health_check_and_starts_after_init(config):
     services = config["services"]
-    one_shot = {"minio-init", "airflow-init"}
+    one_shot = {"minio-init", "airflow-init", "detector-init"}
     for name, service in services.items():
         if name in one_shot:
             assert service["restart"] == "no"
@@ -261,7 +263,8 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_shell_scripts_pass_shellcheck():
-    scripts = [DOCKER / "entrypoint.sh", *sorted((DOCKER / "postgres-init").glob("*.sh"))]
+    scripts = [*sorted(DOCKER.glob("*.sh")), *sorted((DOCKER / "postgres-init").glob("*.sh"))]
+    assert DOCKER / "minio-init.sh" in scripts
     proc = subprocess.run([tool("shellcheck"), *map(str, scripts)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -296,3 +299,207 @@ def test_no_secret_is_committed():
         name, _, value = line.partition("=")
         if any(word in name for word in ("PASSWORD", "SECRET", "FERNET")):
             assert value.startswith("CHANGE-ME"), name
+
+
+# --- ready for the real shop (issue 14 §4) ---------------------------------------------------------
+
+def _env_file_with(tmp_path, **values: str) -> Path:
+    """docker/.env.example with some variables replaced."""
+    lines = []
+    for line in (DOCKER / ".env.example").read_text().splitlines():
+        name = line.partition("=")[0]
+        lines.append(f"{name}={values.pop(name)}" if name in values and not line.startswith("#") else line)
+    lines += [f"{name}={value}" for name, value in values.items()]
+    path = tmp_path / "deploy.env"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _crawler_settings(service_env: dict):
+    from shoplens.config import Settings
+
+    return Settings.from_env({k: v for k, v in service_env.items() if v is not None})
+
+
+def test_allowed_hosts_follow_the_shop_profile(config, tmp_path):
+    """The compose deployment crawls the real shop by default, with the real shop's photo CDN
+    hosts allowed (a review photo URL of the target-site notes is not dropped) and neither the
+    legacy ohou.se host nor the replica's CDN; SHOPLENS_SHOP=replica switches both together."""
+    from crawler.browser import host_allowed
+    from shoplens.config import SHOP_PROFILES
+
+    env = config["services"]["worker-crawl"]["environment"]
+    assert "SHOPLENS_SHOP_BASE_URL" not in env and "SHOPLENS_ALLOWED_HOSTS" not in env
+    settings = _crawler_settings(env)
+    assert settings.shop == "ohouse" and settings.shop_base_url == "https://store.ohou.se"
+    allowed = {urlsplit(settings.shop_base_url).netloc, *settings.allowed_hosts}
+    real_photo = "https://prs.ohouse.com/apne2/any/uploads/productions/v1-123456789012345.jpg?w=720&q=30"
+    assert host_allowed(real_photo, allowed)
+    assert host_allowed("https://image.ohousecdn.com/i/bucketplace-v2-development/uploads/x.jpg", allowed)
+    assert not host_allowed("http://127.0.0.1:8612/photos/a.jpg", allowed)
+
+    proc = compose("config", "--format", "json", env_file=_env_file_with(tmp_path, SHOPLENS_SHOP="replica"))
+    assert proc.returncode == 0, proc.stderr
+    replica = _crawler_settings(json.loads(proc.stdout)["services"]["worker-crawl"]["environment"])
+    expected = SHOP_PROFILES["replica"]
+    assert (replica.shop_base_url, replica.allowed_hosts) == (expected.base_url, expected.allowed_hosts)
+
+
+def test_the_detector_model_is_provisioned_before_a_crawl_worker_starts(config):
+    """`detector-init` runs `python -m dataset models fetch` (pinned size and sha256) into a named
+    volume that the crawl workers mount at the configured model path; the workers wait for it
+    to succeed, and the image creates that folder writable for its user."""
+    services = config["services"]
+    init, worker = services["detector-init"], services["worker-crawl"]
+    assert init["command"] == ["python", "-m", "dataset", "models", "fetch"]
+    assert init["restart"] == "no" and init["image"] == worker["image"]
+    assert worker["depends_on"]["detector-init"]["condition"] == "service_completed_successfully"
+    model_path = Path(worker["environment"]["SHOPLENS_DETECTOR_MODEL_PATH"])
+    assert init["environment"]["SHOPLENS_DETECTOR_MODEL_PATH"] == str(model_path)
+
+    def model_volume(service):
+        [mount] = [v for v in service["volumes"] if v["target"] == str(model_path.parent)]
+        assert mount["type"] == "volume" and not mount.get("read_only")
+        return mount["source"]
+
+    assert model_volume(init) == model_volume(worker) in config["volumes"]
+    assert f"install -d -o 50000 -g 0 -m 775 {model_path.parent}" in (DOCKER / "Dockerfile").read_text()
+
+
+def test_detector_provisioning_fails_loudly_when_the_model_cannot_be_fetched(tmp_path):
+    """What `detector-init` runs exits non-zero with the reason when the model cannot be
+    downloaded, and leaves nothing at the model path, so the crawl workers never start."""
+    from shoplens.dev.services import free_port_block
+
+    model = tmp_path / "models" / "yolox_nano.onnx"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+           "SHOPLENS_DETECTOR_MODEL_PATH": str(model),
+           "SHOPLENS_DETECTOR_MODEL_URL": f"http://127.0.0.1:{free_port_block(1)}/yolox_nano.onnx"}
+    proc = subprocess.run(["sh", str(DOCKER / "entrypoint.sh"), "python", "-m", "dataset", "models", "fetch"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "cannot download the detector model" in proc.stderr
+    assert not model.exists()
+
+
+@pytest.mark.parametrize("component", [["scheduler", "--skip-serve-logs"], ["init"],
+                                       ["python", "-m", "dataset", "models", "fetch"]])
+def test_entrypoint_refuses_the_change_me_placeholders(config, fake_airflow_bin, component):
+    """With docker/.env.example copied unchanged (a public JWT secret, Fernet key, passwords),
+    no component starts: the entrypoint exits 78 naming the variables, never their values."""
+    bindir, calls = fake_airflow_bin
+    deployed = {k: str(v) for k, v in config["services"]["scheduler"]["environment"].items() if v is not None}
+    env = {**os.environ, **deployed, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["sh", str(DOCKER / "entrypoint.sh"), *component], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 78, proc.stderr
+    assert "refusing to start" in proc.stderr and "CHANGE-ME" in proc.stderr
+    for name in ("AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY",
+                 "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "SHOPLENS_S3_SECRET_KEY"):
+        assert name in proc.stderr, name
+    assert "CHANGE-ME-jwt-secret" not in proc.stderr
+    assert not calls.exists(), "a component started"
+
+
+def test_entrypoint_starts_once_every_placeholder_is_replaced(tmp_path, fake_airflow_bin):
+    """The same rendered environment with real secrets starts the component unchanged."""
+    import secrets
+
+    bindir, calls = fake_airflow_bin
+    real = {}
+    for line in (DOCKER / ".env.example").read_text().splitlines():
+        name, _, value = line.partition("=")
+        if value.startswith("CHANGE-ME"):
+            real[name] = secrets.token_urlsafe(16)
+    proc = compose("config", "--format", "json", env_file=_env_file_with(tmp_path, **real))
+    assert proc.returncode == 0, proc.stderr
+    deployed = {k: str(v) for k, v in json.loads(proc.stdout)["services"]["scheduler"]["environment"].items()
+                if v is not None}
+    env = {**os.environ, **deployed, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["sh", str(DOCKER / "entrypoint.sh"), "scheduler", "--skip-serve-logs"], env=env,
+                   check=True, timeout=30)
+    assert calls.read_text().split() == ["scheduler", "--skip-serve-logs"]
+
+
+def test_every_image_is_pinned_to_a_release_tag():
+    """No `:latest` and no untagged image, in the compose file, the GPU overlay and the Dockerfile."""
+    for files in (("compose.yaml",), ("compose.yaml", "compose.gpu.yaml")):
+        proc = compose("config", "--format", "json", files=files)
+        assert proc.returncode == 0, proc.stderr
+        for name, service in json.loads(proc.stdout)["services"].items():
+            image = service["image"]
+            repo, _, tag = image.rpartition(":")
+            assert repo and "/" not in tag and tag and tag != "latest", f"{name}: {image}"
+    for line in (DOCKER / "Dockerfile").read_text().splitlines():
+        if line.startswith("FROM "):
+            image = line.split()[1]
+            assert ":" in image and not image.endswith(":latest"), line
+
+
+@pytest.fixture
+def fake_mc(tmp_path):
+    """An `mc` on PATH that records its calls, keeps the policy file it is given, and fails the
+    call whose arguments start with $MC_FAIL_ON, printing $MC_FAIL_MESSAGE."""
+    bindir = tmp_path / "mc-bin"
+    bindir.mkdir()
+    calls, policy = tmp_path / "mc-calls.log", tmp_path / "policy.json"
+    script = bindir / "mc"
+    script.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+if [ "$1 $2 $3" = "admin policy create" ]; then cp "$6" {policy}; fi
+case "$*" in "${{MC_FAIL_ON:-no failure}}"*) echo "$MC_FAIL_MESSAGE" >&2; exit 1;; esac
+""")
+    script.chmod(0o755)
+
+    def run(**env: str) -> subprocess.CompletedProcess:
+        full = {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "MINIO_ROOT_USER": "root",
+                "MINIO_ROOT_PASSWORD": "root-pw", "SHOPLENS_S3_BUCKET": "shoplens",
+                "SHOPLENS_S3_ACCESS_KEY": "pipeline", "SHOPLENS_S3_SECRET_KEY": "pipeline-pw", **env}
+        return subprocess.run(["sh", str(DOCKER / "minio-init.sh")], env=full, capture_output=True,
+                              text=True, timeout=30)
+
+    return run, calls, policy
+
+
+def test_the_pipeline_user_may_use_its_bucket_and_nothing_else(fake_mc):
+    """minio-init gives the pipeline's user a policy whose every statement names only its
+    bucket (no `readwrite` on every bucket, no admin action), attached to that user."""
+    run, calls, policy = fake_mc
+    proc = run()
+    assert proc.returncode == 0, proc.stderr
+    log = calls.read_text()
+    assert "readwrite" not in log
+    assert "admin policy attach local shoplens-pipeline --user pipeline" in log
+    document = json.loads(policy.read_text())
+    resources = {r for st in document["Statement"] for r in st["Resource"]}
+    assert resources == {"arn:aws:s3:::shoplens", "arn:aws:s3:::shoplens/*"}
+    actions = {a for st in document["Statement"] for a in st["Action"]}
+    assert all(a.startswith("s3:") and "*" not in a for a in actions), actions
+    assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket"} <= actions
+    assert {st["Effect"] for st in document["Statement"]} == {"Allow"}
+
+
+@pytest.mark.parametrize("failing,message,expected_rc", [
+    ("admin user add", "Unable to add new user", 1),
+    ("admin policy create", "Unable to create policy", 1),
+    ("admin policy attach", "Unable to attach policy: server error", 1),
+    ("admin policy attach", "The specified policy change is already in effect.", 0),
+])
+def test_minio_init_failures_are_not_hidden(fake_mc, failing, message, expected_rc):
+    """Every mc failure stops minio-init (and so the stack) with its message; the one tolerated
+    answer is MinIO saying the policy is attached already (a restart)."""
+    run, _, _ = fake_mc
+    proc = run(MC_FAIL_ON=failing, MC_FAIL_MESSAGE=message)
+    assert proc.returncode == expected_rc, proc.stdout + proc.stderr
+    if expected_rc:
+        assert message in proc.stderr
+    compose_text = (DOCKER / "compose.yaml").read_text() + (DOCKER / "minio-init.sh").read_text()
+    assert "|| true" not in compose_text
+
+
+def test_minio_init_refuses_the_placeholder_secrets(fake_mc):
+    """A CHANGE-ME root password or pipeline secret stops minio-init before any mc call."""
+    run, calls, _ = fake_mc
+    proc = run(SHOPLENS_S3_SECRET_KEY="CHANGE-ME-s3-secret")
+    assert proc.returncode == 78 and "SHOPLENS_S3_SECRET_KEY" in proc.stderr
+    assert not calls.exists()

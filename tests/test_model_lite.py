@@ -67,3 +67,36 @@ def lite_magic():
     from modeling.torch_checkpoint import LEGACY_MAGIC
 
     return LEGACY_MAGIC
+
+
+class _RunsAShellCommand:
+    """Unpickling this calls os.system: what a crafted checkpoint would do."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("poisoned", ["magic", "protocol", "sys_info", "storage_keys"])
+def test_no_pickle_of_a_legacy_checkpoint_runs_code_not_even_the_header(tmp_path, poisoned):
+    """Every pickle of a legacy .pth (the magic number, protocol, sys_info and storage keys, not only
+    the state dict) goes through a restricted unpickler: a crafted header is refused with a
+    CheckpointError and the command it carries never runs."""
+    import shlex
+
+    marker = tmp_path / "code-ran"
+    evil = _RunsAShellCommand(f"touch {shlex.quote(str(marker))}")
+    parts = {"magic": lite_magic(), "protocol": 1001, "sys_info": {"little_endian": True},
+             "state": {}, "storage_keys": []}
+    parts[poisoned] = evil
+    path = tmp_path / "crafted.pth"
+    with path.open("wb") as f:
+        for name in ("magic", "protocol", "sys_info", "state", "storage_keys"):
+            pickle.dump(parts[name], f, protocol=2)
+    with pytest.raises(CheckpointError, match="posix.system|os.system|nt.system"):
+        load_state_dict(path)
+    assert not marker.exists(), "unpickling the checkpoint ran the embedded command"
