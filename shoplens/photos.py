@@ -56,6 +56,7 @@ REASON_MESSAGES = {
     "unsupported_format": "image format not supported",
 }
 
+ORIENTATION = 0x0112  # the EXIF tag phones store rotation in
 THUMBNAIL_MAX_SIDE = 512  # no caller needs more; bounds the CPU and bytes of one thumbnail
 WHITE = (255, 255, 255)
 
@@ -166,6 +167,8 @@ def decode_photo(data: bytes, limits: PhotoLimits = DEFAULT_LIMITS, *, reduce_to
 
 def _upright(image: Image.Image) -> Image.Image:
     try:
+        if image.getexif().get(ORIENTATION, 1) not in range(2, 9):
+            return image  # already upright: spare exif_transpose's full-size copy
         return ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a broken EXIF block does not make the pixels unreadable:
         return image  # the photo is then used as stored
