@@ -297,3 +297,16 @@ def test_predict_names_the_file_and_says_why_it_is_unreadable(tmp_path):
     cut.write_bytes(encoded(upright_picture(400, 300), "JPEG")[:700])
     [answer] = predict_paths(_OneProductEnsemble(), [str(cut)])
     assert answer["error"].startswith(f"{cut}: image file is cut off")
+
+
+def test_stored_hashes_and_filter_features_name_the_decoder_so_a_new_decoder_recomputes_them():
+    """Dedup re-hashes rows of another HASH_VERSION and the filter re-inspects images without
+    detections of the current detector version: both carry the decoder's version."""
+    from dataset.dedup.hashing import HASH_VERSION
+    from dataset.filter.detector import Detector
+    from dataset.filter.occupancy import FEATURES_VERSION
+    from shoplens.photos import DECODER_VERSION
+    from tests.conftest import shared_path
+
+    assert DECODER_VERSION in HASH_VERSION and DECODER_VERSION in FEATURES_VERSION
+    assert Detector(shared_path("models", "yolox_nano.onnx")).version.endswith(f"+{DECODER_VERSION}")

@@ -282,11 +282,6 @@ class Detector:
                                  self.min_score)
 
 
-def open_image(data: bytes, limits: PhotoLimits = DEFAULT_LIMITS) -> Image.Image:
-    """The upright RGB photo, fully decoded by the core decoder (``PhotoRejected`` if not one)."""
-    return decode_photo(data, limits).image
-
-
 def open_for_model(data: bytes, size: int = INPUT_SIZE,
                    limits: PhotoLimits = DEFAULT_LIMITS) -> tuple[Image.Image, tuple[int, int]]:
     """The upright RGB photo, a JPEG decoded at a reduced scale that still covers the model input
