@@ -1,38 +1,36 @@
-"""Deciding whether downloaded bytes are a photo worth storing (Pillow full decode).
+"""Deciding whether downloaded bytes are a photo worth storing.
 
-Rejections carry a short reason code that lands in ``crawl_failures.reason``.
+What the crawler decides here: the response must be served as an image and be one of the formats
+it stores. The bytes themselves are judged by the one core decoder (:mod:`shoplens.photos`: byte
+and pixel caps before decoding, full decode, EXIF orientation), whose refusals carry the short
+reason codes that land in ``crawl_failures.reason``.
 """
 from __future__ import annotations
 
 import hashlib
-import io
-import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from shoplens.photos import PhotoLimits, PhotoRejected, check_bytes, decode_photo
 
-ACCEPTED_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
+# Formats the crawler stores (short names of ``shoplens.photos.PHOTO_FORMATS``); a phone's MPO is
+# a JPEG and is stored as one, an iPhone's HEIC as itself.
 IMAGE_CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
-                       "gif": "image/gif"}
+                       "gif": "image/gif", "heic": "image/heic"}
 
 
 # Reasons that describe the bytes themselves (as opposed to the transfer).
 CONTENT_REJECTIONS = frozenset({"empty_image", "image_too_large", "wrong_content_type", "not_image",
                                 "truncated_image", "corrupt_image", "unsupported_format"})
 
-
-class ImageRejected(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+# The core decoder's refusal, under the name the crawler has always raised.
+ImageRejected = PhotoRejected
 
 
 @dataclass(frozen=True)
 class ValidImage:
     sha256: str
-    format: str  # jpeg | png | webp | gif
-    width: int
+    format: str  # a key of IMAGE_CONTENT_TYPES
+    width: int  # upright (EXIF orientation applied), as every later stage sees the photo
     height: int
     size_bytes: int
 
@@ -40,37 +38,11 @@ class ValidImage:
 def validate_image(body: bytes, content_type: str | None, *, max_pixels: int,
                    max_bytes: int) -> ValidImage:
     """The image's facts, or :class:`ImageRejected` saying why these bytes are not stored."""
-    if not body:
-        raise ImageRejected("empty_image", "zero-byte body")
-    if len(body) > max_bytes:
-        raise ImageRejected("image_too_large", f"{len(body)} bytes > max_image_bytes {max_bytes}")
+    limits = PhotoLimits(max_bytes=max_bytes, max_pixels=max_pixels)
+    check_bytes(body, limits)  # first: an empty or oversized body is that, whatever its type says
     ctype = (content_type or "").split(";")[0].strip().lower()
     if not ctype.startswith("image/"):
         raise ImageRejected("wrong_content_type", f"Content-Type {ctype or 'missing'!r}")
-    try:
-        with Image.open(io.BytesIO(body)) as img:
-            width, height = img.size
-            if width <= 0 or height <= 0:
-                raise ImageRejected("not_image", f"declares {width}x{height}")
-            # Checked from the header, before decoding: a decompression bomb never gets inflated.
-            if width * height > max_pixels:
-                raise ImageRejected("image_too_large",
-                                    f"{width}x{height} > max_image_pixels {max_pixels}")
-            fmt = ACCEPTED_FORMATS.get(img.format or "")
-            if fmt is None:
-                raise ImageRejected("unsupported_format", f"format {img.format!r}")
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img.load()  # full decode: a cut-off file fails here, not in a later stage
-    except ImageRejected:
-        raise
-    except UnidentifiedImageError as exc:
-        raise ImageRejected("not_image", f"{exc}; starts {body[:16]!r}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected("image_too_large", str(exc)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        text = str(exc)
-        reason = "truncated_image" if "truncated" in text or isinstance(exc, EOFError) else "corrupt_image"
-        raise ImageRejected(reason, text) from None
-    return ValidImage(sha256=hashlib.sha256(body).hexdigest(), format=fmt, width=width,
-                      height=height, size_bytes=len(body))
+    photo = decode_photo(body, limits, formats=IMAGE_CONTENT_TYPES)
+    return ValidImage(sha256=hashlib.sha256(body).hexdigest(), format=photo.format,
+                      width=photo.width, height=photo.height, size_bytes=len(body))

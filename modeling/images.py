@@ -1,47 +1,43 @@
 """Turning photo bytes of any size, orientation and common format into model input.
 
-Photos are decoded with Pillow (JPEG, PNG, WebP, ...), rotated upright by their EXIF orientation,
-converted to RGB, scaled so the shorter side covers ``margin_size`` and centre-cropped: training
-takes random ``size`` crops of that square, evaluation and prediction its centre crop.
+Photos are decoded by the core decoder (:mod:`shoplens.photos`: JPEG, MPO, PNG, WebP, HEIC, ...,
+upright by EXIF orientation, RGB), scaled so the shorter side covers ``margin_size`` and
+centre-cropped: training takes random ``size`` crops of that square, evaluation and prediction its
+centre crop.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+
+from shoplens.photos import DEFAULT_LIMITS, PhotoLimits, PhotoRejected, decode_photo, read_photo_file
 
 # The square photos are first fitted to: ``size * CROP_MARGIN`` (the usual 256 -> 224 ratio).
 CROP_MARGIN = 1.143
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 class UnreadableImage(ValueError):
-    """The bytes are not a photo Pillow can decode."""
+    """A named photo (file or stored image) that cannot be read or decoded, with a message for
+    people; ``reason`` is the decoder's code (``unreadable_file`` when the file cannot be read)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def margin_size(size: int) -> int:
     return int(round(size * CROP_MARGIN))
 
 
-def decode(data: bytes, name: str = "image") -> Image.Image:
+def decode(data: bytes, name: str = "image", limits: PhotoLimits = DEFAULT_LIMITS) -> Image.Image:
+    """The upright RGB photo (raises :class:`UnreadableImage` naming ``name``)."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
-        img.load()
-    except UnidentifiedImageError as exc:
-        raise UnreadableImage(f"{name}: not a readable image (unrecognised or corrupt format)") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(f"{name}: not a readable image ({exc})") from exc
-    if img.mode != "RGB":
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            background = Image.new("RGB", img.size, (255, 255, 255))
-            background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
-            img = background
-        else:
-            img = img.convert("RGB")
-    return img
+        return decode_photo(data, limits).image
+    except PhotoRejected as exc:
+        raise UnreadableImage(f"{name}: {exc.message}", exc.reason) from exc
 
 
 def fitted_square(img: Image.Image, size: int) -> np.ndarray:
@@ -59,11 +55,13 @@ def model_input(data: bytes, size: int, name: str = "image") -> np.ndarray:
     return centre_crop(fitted_square(decode(data, name), margin_size(size)), size)
 
 
-def read_file(path: str | Path) -> bytes:
+def read_file(path: str | Path, limits: PhotoLimits = DEFAULT_LIMITS) -> bytes:
     try:
-        return Path(path).read_bytes()
+        return read_photo_file(path, limits)
+    except PhotoRejected as exc:
+        raise UnreadableImage(f"{path}: {exc.message}", exc.reason) from exc
     except OSError as exc:
-        raise UnreadableImage(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+        raise UnreadableImage(f"{path}: cannot read file ({exc.strerror or exc})", "unreadable_file") from exc
 
 
 def expand_paths(paths: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Iterator, TextIO
 from modeling import images
 from modeling.ensemble import Ensemble, is_ensemble_dir
 from shoplens.config import Settings
+from shoplens.photos import DEFAULT_LIMITS, PhotoLimits
 
 
 def load_ensemble(settings: Settings, model: str | None, cache_dir: Path) -> Ensemble:
@@ -31,20 +32,20 @@ def load_ensemble(settings: Settings, model: str | None, cache_dir: Path) -> Ens
     return Ensemble.load(registry.fetch(settings, model, cache_dir)[1])
 
 
-def _read(path: str):
+def _read(path: str, limits: PhotoLimits):
     # Decoded here, in the pool, so that a bad file never spoils its batch.
     try:
-        return path, images.decode(images.read_file(path), path), None
+        return path, images.decode(images.read_file(path, limits), path, limits), None
     except images.UnreadableImage as exc:
         return path, None, str(exc)
 
 
-def predict_paths(ens: Ensemble, paths: list[str], batch_size: int = 32,
-                  workers: int = 2) -> Iterator[dict]:
+def predict_paths(ens: Ensemble, paths: list[str], batch_size: int = 32, workers: int = 2,
+                  limits: PhotoLimits = DEFAULT_LIMITS) -> Iterator[dict]:
     """Yields {"image", "top"} per readable photo or {"image", "error"} per unreadable one, in order."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(paths), batch_size):
-            batch = list(pool.map(_read, paths[start:start + batch_size]))
+            batch = list(pool.map(lambda path: _read(path, limits), paths[start:start + batch_size]))
             good = [(p, d) for p, d, err in batch if err is None]
             probs = ens.predict_probs_decoded([img for _, img in good]) if good else []
             answers = {p: ens.top_k(pr) for (p, _), pr in zip(good, probs)}
@@ -60,7 +61,7 @@ def main(settings: Settings, model: str | None, paths: list[str], as_json: bool,
         return 2
     ens = load_ensemble(settings, model, cache_dir)
     failed = 0
-    for answer in predict_paths(ens, files):
+    for answer in predict_paths(ens, files, limits=PhotoLimits.from_settings(settings)):
         if "error" in answer:
             failed += 1
             print(f"error: {answer['error']}", file=err)

@@ -18,7 +18,8 @@ from shoplens.config import Settings
 
 IMAGE_PREFIX = "images"
 
-_CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif"}
+_CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif",
+                  "heic": "image/heic"}
 
 
 class StoreError(RuntimeError):

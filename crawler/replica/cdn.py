@@ -81,6 +81,8 @@ def _target_size(size: tuple[int, int], params: ImageParams) -> tuple[int, int]:
 
 def render(original: bytes, params: ImageParams) -> tuple[bytes, str]:
     """The bytes and Content-Type the CDN serves for ``params`` (same input -> same bytes)."""
+    # Pillow directly, not shoplens.photos: the replica plays the shop's own CDN (a third party)
+    # re-encoding originals it generated itself; it is not a consumer of crawled photos.
     with Image.open(io.BytesIO(original)) as probe:
         size, fmt = probe.size, probe.format
     format_change = params.webp and fmt != "WEBP"

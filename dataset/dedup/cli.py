@@ -16,32 +16,34 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from dataset.dedup.clusters import DuplicateRule, component_labels, find_pairs, representative_order
 from dataset.dedup.hashing import hamming, hashes_of_image
 from shoplens.config import ConfigError, Settings
+from shoplens.photos import PhotoLimits, PhotoRejected, decode_photo, read_photo_file
 
 
-def _hash_files(root: Path):
+def _hash_files(root: Path, limits: PhotoLimits):
     hashed, skipped = [], []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
-            with Image.open(path) as image:
-                image.load()
-                hashes = hashes_of_image(image)
-                size = image.size
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-            skipped.append((path, str(exc)))
+            photo = decode_photo(read_photo_file(path, limits), limits)
+        except PhotoRejected as exc:
+            skipped.append((path, exc.message))
             continue
+        except OSError as exc:
+            skipped.append((path, exc.strerror or str(exc)))
+            continue
+        hashes = hashes_of_image(photo.image)
         hashed.append({"path": str(path), "phash": hashes.phash, "dhash": hashes.dhash,
-                       "width": size[0], "height": size[1], "mtime": path.stat().st_mtime})
+                       "width": photo.width, "height": photo.height, "mtime": path.stat().st_mtime})
     return hashed, skipped
 
 
-def folder_clusters(root: Path, threshold: int) -> tuple[list[dict], list[tuple[Path, str]]]:
+def folder_clusters(root: Path, threshold: int,
+                    limits: PhotoLimits = PhotoLimits()) -> tuple[list[dict], list[tuple[Path, str]]]:
     """Clusters (two or more members) among the image files under ``root``, largest cluster first."""
-    files, skipped = _hash_files(root)
+    files, skipped = _hash_files(root, limits)
     rule = DuplicateRule(threshold)
     pairs = find_pairs(np.array([f["phash"] for f in files], dtype=np.int64),
                        np.array([f["dhash"] for f in files], dtype=np.int64), rule)
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.directory.is_dir():
         parser.error(f"{args.directory} is not a directory")
 
-    clusters, skipped = folder_clusters(args.directory, settings.dedup_threshold)
+    clusters, skipped = folder_clusters(args.directory, settings.dedup_threshold,
+                                        PhotoLimits.from_settings(settings))
     for path, why in skipped:
         print(f"skipped {path}: not a decodable image ({why})", file=sys.stderr)
     for cluster in clusters:

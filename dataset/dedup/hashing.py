@@ -4,20 +4,23 @@ PostgreSQL has no unsigned 64-bit type, so a hash is kept as the BIGINT with the
 complement); Hamming distances are identical either way. A uniform border (a frame, letterbox
 bars, the margin of a screenshot) is trimmed before hashing because it moves every pixel of the
 small thumbnail the hashes are computed from; ``benchmarks/near_duplicates.py`` measures the gain.
+Bytes are decoded by the core decoder (:mod:`shoplens.photos`), so a phone photo is hashed upright,
+as the filter and the model see it.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import imagehash
 import numpy as np
-from PIL import Image, ImageChops, UnidentifiedImageError
+from PIL import Image, ImageChops
+
+from shoplens.photos import DECODER_VERSION, DEFAULT_LIMITS, PhotoLimits, PhotoRejected, decode_photo
 
 HASH_BITS = 64
 # Bumped whenever the bits a given image hashes to could change (library, size, preprocessing);
 # rows with another version are re-hashed by the dedup stage.
-HASH_VERSION = f"phash8+dhash8;trim-border-v1;imagehash-{imagehash.__version__}"
+HASH_VERSION = f"phash8+dhash8;trim-border-v1;{DECODER_VERSION};imagehash-{imagehash.__version__}"
 
 # A border pixel may differ from the corner colour by this much (0-255, per channel) after JPEG
 # re-encoding and still count as border.
@@ -27,8 +30,8 @@ BORDER_TOLERANCE = 24
 MIN_KEPT_FRACTION = 0.5
 
 
-class ImageDecodeError(ValueError):
-    """The bytes are not an image Pillow can decode."""
+# The core decoder's refusal, under the name the dedup stage catches.
+ImageDecodeError = PhotoRejected
 
 
 @dataclass(frozen=True)
@@ -70,13 +73,10 @@ def hashes_of_image(image: Image.Image, trim_border: bool = True) -> PerceptualH
                             dhash=_hash_to_int(imagehash.dhash(prepared, hash_size=8)))
 
 
-def hashes_of_bytes(data: bytes, trim_border: bool = True) -> PerceptualHashes:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return hashes_of_image(image, trim_border=trim_border)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+def hashes_of_bytes(data: bytes, trim_border: bool = True,
+                    limits: PhotoLimits = DEFAULT_LIMITS) -> PerceptualHashes:
+    """Hashes of the upright photo in ``data``; :class:`ImageDecodeError` when it is not one."""
+    return hashes_of_image(decode_photo(data, limits).image, trim_border=trim_border)
 
 
 def hamming(a: int, b: int) -> int:

@@ -28,6 +28,7 @@ from dataset.dedup.hashing import HASH_VERSION, ImageDecodeError, hamming, hashe
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.manifest.tables import crawl_runs, images
+from shoplens.photos import PhotoLimits
 from shoplens.store import ObjectStore
 
 READ_THREADS = 4  # object-store reads overlap; hashing a decoded image releases the GIL in Pillow
@@ -57,9 +58,9 @@ def _unhashed(conn: sa.Connection) -> list[tuple[str, str, bool]]:
     return [tuple(r) for r in rows]
 
 
-def _hash_one(store: ObjectStore, sha256: str, object_key: str):
+def _hash_one(store: ObjectStore, limits: PhotoLimits, sha256: str, object_key: str):
     try:
-        return sha256, hashes_of_bytes(store.get_bytes(object_key)), None
+        return sha256, hashes_of_bytes(store.get_bytes(object_key), limits=limits), None
     except ImageDecodeError as exc:
         return sha256, None, f"undecodable: {exc}"
     except Exception as exc:  # noqa: BLE001 - a missing or unreadable object must not stop the run
@@ -72,12 +73,13 @@ def hash_new_images(settings: Settings, run_id: int | None) -> dict:
     with engine.connect() as conn:
         todo = _unhashed(conn)
     store = ObjectStore(settings)
+    limits = PhotoLimits.from_settings(settings)  # the caps the crawler stored the photos under
     hashed, rehashed, failures = 0, 0, []
     batch = max(1, settings.dedup_hash_batch)
     with ThreadPoolExecutor(READ_THREADS) as pool:
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
-            results = list(pool.map(lambda row: _hash_one(store, row[0], row[1]), chunk))
+            results = list(pool.map(lambda row: _hash_one(store, limits, row[0], row[1]), chunk))
             values = [{"sha256": sha, "phash": h.phash, "dhash": h.dhash, "hash_version": HASH_VERSION,
                        "computed_run": run_id} for sha, h, _ in results if h is not None]
             failures += [{"sha256": sha, "reason": why} for sha, h, why in results if h is None]

@@ -20,6 +20,7 @@ import json
 import sys
 
 from shoplens.config import ConfigError, Settings
+from shoplens.photos import PhotoLimits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for path in args.images:
         try:
-            result = next(iter(stage.decide_files(detector, [path], params, args.category)))
+            result = next(iter(stage.decide_files(detector, [path], params, args.category,
+                                                   PhotoLimits.from_settings(settings))))
         except OSError as exc:
             print(f"error: {path}: {exc.strerror or exc}", file=sys.stderr)
             failures += 1

@@ -7,12 +7,13 @@ the original image) is done here in numpy, so it can be tested against hand-comp
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from shoplens.photos import DECODER_VERSION, DEFAULT_LIMITS, PhotoLimits, decode_photo
 
 INPUT_SIZE = 416
 STRIDES = (8, 16, 32)
@@ -259,8 +260,9 @@ class Detector:
             raise DetectorError(f"cannot load detector model {path}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.min_score = min_score
-        # The version follows the weights, so replacing the file re-inspects every image.
-        self.version = f"yolox_nano-{file_sha256(path)[:12]}"
+        # The version follows the weights and the decoder, so replacing the file or changing what
+        # the decoder returns re-inspects every image.
+        self.version = f"yolox_nano-{file_sha256(path)[:12]}+{DECODER_VERSION}"
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: tensor})[0][0]
@@ -280,21 +282,10 @@ class Detector:
                                  self.min_score)
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Decode image bytes fully (so truncated files fail here, with a clear error)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-def open_for_model(data: bytes, size: int = INPUT_SIZE) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode bytes, letting JPEG decode at a reduced scale that still covers the model input
-    (decoding full resolution only to shrink it is most of the non-inference cost); returns the
-    image and the original size."""
-    image = Image.open(io.BytesIO(data))
-    original = image.size
-    scale = min(size / original[0], size / original[1])
-    if scale < 1:
-        image.draft("RGB", (int(original[0] * scale) + 1, int(original[1] * scale) + 1))
-    image.load()
-    return image, original
+def open_for_model(data: bytes, size: int = INPUT_SIZE,
+                   limits: PhotoLimits = DEFAULT_LIMITS) -> tuple[Image.Image, tuple[int, int]]:
+    """The upright RGB photo, a JPEG decoded at a reduced scale that still covers the model input
+    (decoding full resolution only to shrink it is most of the non-inference cost), and its
+    upright full-resolution size."""
+    photo = decode_photo(data, limits, reduce_to=size)
+    return photo.image, (photo.width, photo.height)

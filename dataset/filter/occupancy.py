@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from shoplens.photos import DECODER_VERSION
+
 THUMB_SIDE = 128
 BORDER_FRACTION = 0.04
 # Colour distance (max over RGB channels, 0-255) beyond which a pixel differs from the background.
@@ -19,7 +21,9 @@ BORDER_FRACTION = 0.04
 COLOUR_TOLERANCE = 28
 EXTENT_PERCENTILE = 1.0
 
-FEATURES_VERSION = "stats-2"
+# The statistics' own algorithm and the decoder that produced their pixels (rows are recomputed
+# when the detector version, which carries the decoder version too, changes).
+FEATURES_VERSION = f"stats-2+{DECODER_VERSION}"
 
 
 def image_statistics(image: Image.Image | np.ndarray) -> dict:

@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 
-from PIL import Image
+from shoplens.photos import DEFAULT_LIMITS, PhotoLimits, PhotoRejected, thumbnail_jpeg
 
 THUMB_SIDE = 160
 
 
-def thumbnail_data_uri(data: bytes) -> str | None:
+def thumbnail_data_uri(data: bytes, limits: PhotoLimits = DEFAULT_LIMITS) -> str | None:
+    """The upright photo as a small JPEG data URI; None for bytes that are not a usable photo
+    (shown without a thumbnail: a bad image never fails the report)."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image = image.convert("RGB")
-        image.thumbnail((THUMB_SIDE, THUMB_SIDE))
-    except Exception:  # an unreadable image is shown without a thumbnail, never fails the report
+        jpeg = thumbnail_jpeg(data, THUMB_SIDE, limits)
+    except PhotoRejected:
         return None
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
 def render(run_key: str, summary: dict, rule_counts: dict[str, dict[str, int]],

@@ -26,17 +26,19 @@ from dataset.filter.occupancy import FEATURES_VERSION, image_statistics
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.manifest.tables import images, products
+from shoplens.photos import DEFAULT_LIMITS, PhotoLimits
 from shoplens.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
 
-def features_for(detector: Detector, data: bytes, category_id: str | None = None) -> rules.Features:
+def features_for(detector: Detector, data: bytes, category_id: str | None = None,
+                 limits: PhotoLimits = DEFAULT_LIMITS) -> rules.Features:
     """Detections + statistics of one image's bytes; undecodable bytes give a decode_error."""
     try:
-        image, (width, height) = open_for_model(data)
+        image, (width, height) = open_for_model(data, limits=limits)
         fitted, scale = fit_for_model(image, (width, height))
-    except Exception as exc:  # PIL raises several types for corrupt or unknown data
+    except Exception as exc:  # the decoder's PhotoRejected, or a resize failing on odd data
         return rules.Features(0, 0, [], {"decode_error": f"{type(exc).__name__}: {exc}"[:300]},
                               category_id)
     pixels = np.asarray(fitted)  # one array for the model input and the statistics
@@ -70,9 +72,10 @@ def inspect_new_images(settings: Settings, detector: Detector, run_id: int) -> d
             .where(~sa.exists().where(detections.c.sha256 == images.c.sha256,
                                       detections.c.detector_version == detector.version))
             .order_by(images.c.sha256)).all()
+    limits = PhotoLimits.from_settings(settings)  # the caps the crawler stored the photos under
     inspected = unreadable = 0
     for sha256, object_key in todo:
-        features = features_for(detector, store.get_bytes(object_key))
+        features = features_for(detector, store.get_bytes(object_key), limits=limits)
         unreadable += "decode_error" in features.stats
         with engine.begin() as conn:
             conn.execute(insert(detections).values(
@@ -153,7 +156,8 @@ def _report(settings: Settings, run_key: str, run_id: int, summary: dict) -> tup
         shown = examples.setdefault(row.rule, [])
         if len(shown) < settings.filter_report_examples:
             shown.append({"sha256": row.sha256, "reason": row.reason, "score": row.score,
-                          "thumbnail": report.thumbnail_data_uri(store.get_bytes(row.object_key))})
+                          "thumbnail": report.thumbnail_data_uri(store.get_bytes(row.object_key),
+                                                                 PhotoLimits.from_settings(settings))})
     key = f"reports/{run_key}/filter.html"
     page = report.render(run_key, summary, rule_counts, examples)
     store.put_bytes(key, page.encode(), "text/html; charset=utf-8")
@@ -209,11 +213,12 @@ def measured_occupancy(f: rules.Features, params: rules.RuleParams) -> float:
 
 
 def decide_files(detector: Detector, paths: Iterable[str], params: rules.RuleParams,
-                 category_id: str | None = None) -> Iterable[dict]:
+                 category_id: str | None = None,
+                 limits: PhotoLimits = DEFAULT_LIMITS) -> Iterable[dict]:
     """The CLI's per-file JSON objects (no manifest involved)."""
     for path in paths:
         with open(path, "rb") as fh:
-            f = features_for(detector, fh.read(), category_id)
+            f = features_for(detector, fh.read(), category_id, limits)
         decisions = rules.decide(f, params)
         verdict, reasons = rules.verdict(decisions)
         yield {"image": path, "verdict": verdict, "reasons": reasons,
