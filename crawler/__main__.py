@@ -2,7 +2,7 @@
 
     python -m crawler crawl --category 10120000 [--run-key K]   # one category into run K
     python -m crawler run [--run-key K]                         # every configured category, then summary
-    python -m crawler summary --run-key K                       # counts of a run from the manifest
+    python -m crawler summary --run-key K [--json]              # the run summary, every stage
 
 Settings come from the SHOPLENS_* environment variables (see shoplens/config.py).
 """
@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="also write the stats JSON here (used by crawl_category)")
     run = sub.add_parser("run", help="crawl every configured category, then finish the run")
     run.add_argument("--run-key", default=None)
-    summary = sub.add_parser("summary", help="print a run's counts from the manifest")
+    summary = sub.add_parser("summary", help="print a run's summary (every stage) from the manifest")
     summary.add_argument("--run-key", required=True)
+    summary.add_argument("--json", action="store_true", help="as JSON instead of text")
     args = parser.parse_args(argv)
 
     from shoplens.config import ConfigError, Settings
@@ -77,20 +78,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import sqlalchemy as sa
 
-    from crawler import manifest_writer
+    from shoplens import summary as run_summary
 
     try:
-        run_id = manifest_writer.ensure_run_id(settings.manifest_url, args.run_key)
-    except manifest_writer.RunNotFound as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        summary = run_summary.for_run(settings, args.run_key)
     except sa.exc.DBAPIError as exc:
         print(f"error: manifest database unavailable: {str(exc.orig).strip()[:300]}",
               file=sys.stderr)
         return 3
-    print(json.dumps({"run_key": args.run_key, "run_id": run_id,
-                      **manifest_writer.run_summary(settings.manifest_url, run_id)},
-                     ensure_ascii=False, indent=2))
+    if not summary.found:
+        print(f"error: nothing recorded for run_key {args.run_key!r}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary.as_dict(), ensure_ascii=False, indent=2) if args.json
+          else summary.text())
     return 0
 
 

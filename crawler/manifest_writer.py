@@ -2,13 +2,13 @@
 
 All writes are idempotent upserts (``INSERT ... ON CONFLICT``), so a retried task, a rerun after a
 crash or two overlapping attempts converge on the same rows. Run provenance: ``first_seen_run`` is
-written once, ``last_seen_run`` moves forward.
+written once, ``last_seen_run`` moves forward. A run's counts are the crawl section of the one
+run summary (:mod:`shoplens.summary`).
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -261,36 +261,6 @@ def merge_category_stats(manifest_url: str, run_id: int, category_id: str, stats
             "coalesce(stats->'categories', '{}'::jsonb) || jsonb_build_object(:cat, "
             "CAST(:value AS jsonb))) WHERE id = :id"),
             {"cat": category_id, "value": json.dumps(stats), "id": run_id})
-
-
-def run_summary(manifest_url: str, run_id: int) -> dict:
-    """Counts for one run, straight from the manifest."""
-    with engine_for(manifest_url).connect() as conn:
-        scalar = lambda q: conn.execute(q).scalar_one()  # noqa: E731
-        failures: dict[str, int] = defaultdict(int)
-        by_stage: dict[str, int] = defaultdict(int)
-        for stage, reason, n in conn.execute(
-                sa.select(crawl_failures.c.stage, crawl_failures.c.reason, sa.func.count())
-                .where(crawl_failures.c.run_id == run_id)
-                .group_by(crawl_failures.c.stage, crawl_failures.c.reason)):
-            failures[reason] += n
-            by_stage[stage] += n
-        return {
-            "categories": scalar(sa.select(sa.func.count()).select_from(categories).where(
-                categories.c.last_seen_run == run_id)),
-            "products": scalar(sa.select(sa.func.count()).select_from(product_ranks).where(
-                product_ranks.c.run_id == run_id)),
-            "reviews_new": scalar(sa.select(sa.func.count()).select_from(reviews).where(
-                reviews.c.first_seen_run == run_id)),
-            "reviews_total": scalar(sa.select(sa.func.count()).select_from(reviews)),
-            "photos_stored": scalar(sa.select(sa.func.count()).select_from(review_photos).where(
-                review_photos.c.run_id == run_id)),
-            "images_new": scalar(sa.select(sa.func.count()).select_from(images).where(
-                images.c.first_seen_run == run_id)),
-            "images_total": scalar(sa.select(sa.func.count()).select_from(images)),
-            "failures": dict(sorted(failures.items())),
-            "failures_by_stage": dict(sorted(by_stage.items())),
-        }
 
 
 def finish_run_row(manifest_url: str, run_key: str, status: str, stats: dict) -> int:

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from crawler import manifest_writer
+from shoplens import summary as run_summary
 from shoplens.config import Settings
-from shoplens.manifest import upgrade
+from shoplens.manifest import engine_for, upgrade
 from shoplens.store import ObjectStore, StoreError
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -69,13 +70,10 @@ def crawl_category(settings: Settings, category_id: str, run_key: str) -> dict:
 
 
 def finish_run(settings: Settings, run_key: str) -> dict:
-    """Summarise the run from the manifest and mark it successful."""
-    run_id = manifest_writer.ensure_run_id(settings.manifest_url, run_key)
-    summary = {"run_key": run_key, "run_id": run_id,
-               **manifest_writer.run_summary(settings.manifest_url, run_id)}
-    manifest_writer.finish_run_row(settings.manifest_url, run_key, "success",
-                                   {"summary": summary})
-    return summary
+    """Mark the run successful; returns its counts (the run summary's crawl section)."""
+    manifest_writer.finish_run_row(settings.manifest_url, run_key, "success", {})
+    with engine_for(settings.manifest_url).connect() as conn:
+        return {"run_key": run_key, **run_summary.crawl_section(conn, run_key)}
 
 
 def fail_run(settings: Settings, run_key: str, error: str) -> None:

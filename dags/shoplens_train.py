@@ -1,7 +1,9 @@
 """shoplens training: retrain and evaluate the ensemble whenever a new dataset version lands.
 
 Data-aware: scheduled on the dataset-version Asset that the nightly build emits. Runs on the
-``training`` queue so that a GPU worker can take it.
+``training`` queue so that a GPU worker can take it. Like the nightly DAG, training records its
+duration and volume through ``ops.run_stage`` (stage ``train``, under this DAG run's id) and
+failures alert through ``FailureAlert``.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 from shoplens.assets import DATASET_VERSION
+from shoplens.ops import FailureAlert
 
 
 @dag(
@@ -19,7 +22,9 @@ from shoplens.assets import DATASET_VERSION
     start_date=pendulum.datetime(2026, 1, 1, tz="Asia/Seoul"),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=2)},
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=2),
+                  "on_failure_callback": FailureAlert()},
+    on_failure_callback=FailureAlert(),
     tags=["shoplens"],
     params={"dataset_version": Param("", type="string",
                                      description="Version to train on; empty = the triggering or latest version")},
@@ -43,9 +48,12 @@ def shoplens_train():
     @task(queue="training", execution_timeout=timedelta(hours=6))
     def train_and_evaluate(version: str) -> dict:
         from modeling import train
+        from shoplens import ops
         from shoplens.config import Settings
 
-        return train.run(Settings.from_env(), version)
+        settings = Settings.from_env()
+        return ops.run_stage(settings, get_current_context()["run_id"], "train", train.run,
+                             settings, version)
 
     train_and_evaluate(pick_version())
 

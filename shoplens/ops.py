@@ -6,7 +6,8 @@
 - :func:`run_stage` calls a stage entry function and records its duration and data volume (the
   numeric counters of the stats dict it returns) in the manifest table ``run_metrics``.
 - :func:`summarize_run` closes a night: it adds a ``run`` row with the whole run's duration and
-  volume, logs a summary with the link to the run report page, and sends it to the webhook.
+  the run summary's counts (:mod:`shoplens.summary`), logs that summary with the link to the run
+  report page, and sends it to the webhook.
 
 Recording metrics or delivering an alert never masks the stage's own outcome: their errors are
 logged, not raised.
@@ -26,20 +27,18 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
-from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from airflow.sdk.bases.notifier import BaseNotifier
 
+from shoplens import summary as run_summary
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
+from shoplens.summary import RUN_STAGE, report_url, volume_of  # noqa: F401 - part of this API
 
 log = logging.getLogger("shoplens.ops")
-
-RUN_STAGE = "run"  # the run_metrics row that covers the whole night
-REPORT_PATH = "/shoplens/runs/"  # served by plugins/shoplens_ui
 
 _metadata = sa.MetaData()
 run_metrics = sa.Table(
@@ -146,22 +145,6 @@ class FailureAlert(BaseNotifier):
 # --------------------------------------------------------------------------------------------
 # Run metrics
 # --------------------------------------------------------------------------------------------
-def volume_of(stats: Any, prefix: str = "") -> dict[str, float]:
-    """The numeric leaves of a stats dict, flattened with dotted keys (booleans are not volume)."""
-    out: dict[str, float] = {}
-    if not isinstance(stats, Mapping):
-        return out
-    for key, value in stats.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            out[name] = value
-        elif isinstance(value, Mapping):
-            out.update(volume_of(value, f"{name}."))
-    return out
-
-
 def record_stage(settings: Settings, run_key: str, stage: str, started_at: datetime,
                  finished_at: datetime, status: str, stats: Any = None,
                  detail: Mapping[str, Any] | None = None) -> None:
@@ -229,77 +212,34 @@ def recent_runs(settings: Settings, last: int = 10) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Run summary
+# Closing a night
 # --------------------------------------------------------------------------------------------
-def report_url(settings: Settings, run_key: str) -> str:
-    base = settings.ui_base_url
-    if not base:
-        try:
-            from airflow.configuration import conf
-
-            base = conf.get("api", "base_url", fallback="") or ""
-        except Exception:
-            base = ""
-    base = (base or "http://localhost:8080").rstrip("/")
-    return f"{base}{REPORT_PATH}{quote(run_key, safe='')}"
-
-
-def _manifest_volume(settings: Settings, run_key: str) -> dict[str, float]:
-    """Stored-data counts after the run, from the manifest (products, reviews, photos, failures)."""
-    from shoplens.summary import crawl_summary
-
-    volume = volume_of(crawl_summary(settings, run_key), "manifest.")
-    with engine_for(settings.manifest_url).connect() as conn:
-        row = conn.execute(sa.text(
-            "SELECT coalesce(sum(size_bytes), 0) AS photo_bytes_total, "
-            "coalesce(sum(size_bytes) FILTER (WHERE first_seen_run = "
-            "(SELECT id FROM crawl_runs WHERE run_key = :k)), 0) AS photo_bytes_this_run "
-            "FROM images"), {"k": run_key}).mappings().one()
-    volume.update({f"manifest.{k}": int(v) for k, v in row.items()})
-    return volume
-
-
 def summarize_run(settings: Settings, run_key: str, run_started_at: datetime | None = None,
                   failed_stages: list[str] | None = None) -> dict[str, Any]:
-    """Record the whole run's duration and volume, log the summary, and send it to the webhook.
+    """Record the whole run's row (status, duration, the summary's counts as volume), log the
+    run summary (:mod:`shoplens.summary`) and send it to the webhook.
 
-    Returns the summary (JSON-serialisable, for XCom). ``run_started_at`` is the DAG run's start;
-    without it the earliest recorded stage start is used.
+    Returns the summary as JSON (for XCom), read back after the row is recorded, so it is the
+    same as what ``python -m crawler summary`` and the run report page show afterwards.
+    ``run_started_at`` is the DAG run's start; without it the earliest stage start is used.
     """
-    stages = [r for r in stage_metrics(settings, run_key) if r["stage"] != RUN_STAGE]
+    with engine_for(settings.manifest_url).connect() as conn:
+        before = run_summary.load(conn, run_key)
     finished = _now()
-    starts = [r["started_at"] for r in stages]
+    starts = [s["started_at"] for s in before.stages.values()]
     started = run_started_at or (min(starts) if starts else finished)
-    failed = sorted(set(failed_stages or []) | {r["stage"] for r in stages if r["status"] == "failed"})
-    volume: dict[str, float] = {}
-    for r in stages:
-        for key, value in r["volume"].items():
-            volume[key] = volume.get(key, 0) + value
-    volume.update(_manifest_volume(settings, run_key))
-    status = "failed" if failed else "success"
+    failed = sorted(set(failed_stages or []) | {
+        name for name, s in before.stages.items() if s["status"] == "failed"})
     url = report_url(settings, run_key)
-    summary = {
-        "run_key": run_key, "status": status, "started_at": started.isoformat(),
-        "finished_at": finished.isoformat(),
-        "duration_seconds": round(max(0.0, (finished - started).total_seconds()), 3),
-        "stages": {r["stage"]: {"status": r["status"], "duration_seconds": r["duration_seconds"]}
-                   for r in stages},
-        "failed_stages": failed, "volume": volume, "report_url": url,
-    }
-    record_stage(settings, run_key, RUN_STAGE, started, finished, status, volume,
-                 {"stages": summary["stages"], "failed_stages": failed, "report_url": url})
-    lines = [f"shoplens run {run_key}: {status} in {summary['duration_seconds']:.0f}s, "
-             f"{len(stages)} stage(s)"
-             + (f", failed: {', '.join(failed)}" if failed else "")]
-    for r in stages:
-        lines.append(f"  {r['stage']}: {r['status']} {r['duration_seconds']:.1f}s "
-                     + " ".join(f"{k}={v:g}" for k, v in sorted(r["volume"].items())))
-    lines.append(f"Run report: {url}")
-    for line in lines:
+    record_stage(settings, run_key, RUN_STAGE, started, finished,
+                 "failed" if failed else "success", before.volume(),
+                 {"failed_stages": failed, "report_url": url})
+    summary = run_summary.for_run(settings, run_key)
+    for line in summary.lines():
         log.info("%s", line)
     send_alert(Alert(event="run_summary", dag_id=None, run_id=run_key, task_id=None, try_number=None,
-                     error=None, log_url=url, text="\n".join(lines)), settings)
-    return summary
+                     error=None, log_url=url, text=summary.text()), settings)
+    return summary.as_dict()
 
 
 # --------------------------------------------------------------------------------------------

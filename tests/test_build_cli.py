@@ -1,16 +1,21 @@
-"""The dataset build's command line, README summary and the DAG-side check operators."""
+"""The dataset build's command line, its version summary and the data-quality checks' names."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from build_fixtures import ManifestWriter, migrate_for_build
 from dataset.build import stage as build
 from dataset.build import cli as build_cli
 from dataset.build import checks, diff
-from shoplens import lineage
-from dataset.build.version_summary import readme_summary
+from shoplens import lineage, ops
+from shoplens import summary as run_summary
+from shoplens.manifest import engine_for
 
 
 @pytest.fixture
@@ -82,44 +87,63 @@ def test_build_cli_builds_checks_verifies_and_summarises(built, capsys, tmp_path
     assert "no dataset version 'v0042'" in capsys.readouterr().err
 
 
-def test_readme_summary_counts_per_split_and_product(built):
+def version_markdown(settings, version_id=None) -> str:
+    with engine_for(settings.manifest_url).connect() as conn:
+        return run_summary.version_markdown(run_summary.version_counts(conn, version_id))
+
+
+def test_version_markdown_counts_per_split_and_product(built):
+    """A version's dataset card: images per split with the total, then per product and split."""
     settings, _ = built
-    text = readme_summary(settings, "v0001")
+    text = version_markdown(settings, "v0001")
     lines = text.splitlines()
     assert "| **total** | **15** |" in lines
     split_rows = {l.split("|")[1].strip(): int(l.split("|")[2]) for l in lines
                   if l.startswith("| t") or l.startswith("| v")}
     assert sum(split_rows.values()) == 15 and set(split_rows) == {"train", "val", "test"}
     assert any(l.startswith("| 0 | 11 | 의자 11 | 10120000 |") and l.endswith("| 5 |") for l in lines)
-    assert "식탁 \\| 4인용" in readme_summary(settings)  # latest version; pipes escaped
+    assert "식탁 \\| 4인용" in version_markdown(settings)  # latest version; pipes escaped
+    with pytest.raises(LookupError, match="no dataset version 'v0042'"):
+        version_markdown(settings, "v0042")
 
 
-def test_check_operators_for_a_dag_template_the_version_and_cover_every_check(built):
+def test_quality_checks_are_plain_sql_that_name_what_they_found(built):
+    """Every check runs as SQL on the manifest (no Airflow), passes on a good version, and a
+    failing one reports what it found; a malformed version id is refused before any SQL."""
     settings, _ = built
-    from airflow.sdk import DAG
-
-    with DAG("dataset_checks_example", schedule=None):
-        operators = checks.check_operators(
-            settings, conn_id="shoplens_manifest",
-            partition_clause="version_id = '{{ ti.xcom_pull(task_ids='build_dataset')['version_id'] }}'")
-    assert [op.task_id for op in operators] == [
-        "dataset_check_dataset_members", "dataset_check_dataset_version_label_counts",
-        "dataset_check_dataset_members_columns"]
-    assert all("partition_clause" in op.template_fields for op in operators)
-    declared = {name for table in checks.table_checks(settings).values() for name in table}
-    in_operators = {name for op in operators[:2] for name in op.checks}
-    assert declared == in_operators
-    assert "{{ ti.xcom_pull" in operators[0].sql  # the version is filled in at run time
+    results = checks.run_sql_checks(settings, "v0002")
+    assert len({(r.table, r.name) for r in results}) == len(results) == 21  # as before
+    assert all(r.passed for r in results), [r for r in results if not r.passed]
+    with engine_for(settings.manifest_url).begin() as conn:
+        conn.execute(sa.text("DELETE FROM dataset_members WHERE version_id = 'v0002' AND "
+                             "product_id = 11 AND split <> 'train'"))  # 3 photos left of 5
+        conn.execute(sa.text("DELETE FROM dataset_members WHERE version_id = 'v0002' AND "
+                             "product_id = 12 AND split = 'train'"))  # 2 photos, none in train
+    failed = {r.name: r.actual for r in checks.run_sql_checks(settings, "v0002") if not r.passed}
+    assert failed == {"products_meet_min_photos": "1 product(s) under 3",
+                      "every_label_has_a_train_photo": "labels 4, with a train photo 3"}
     with pytest.raises(ValueError, match="not a dataset version id"):
-        checks.partition_for("v1; DROP TABLE images")
+        checks.run_sql_checks(settings, "v1; DROP TABLE images")
 
 
-def test_run_summary_lines_name_the_runs_version_or_say_there_is_none(built):
+def test_the_build_stage_and_its_checks_import_no_airflow():
+    """The stage stays testable and runnable without Airflow installed."""
+    code = ("import sys, dataset.build.stage, dataset.build.checks; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'airflow'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_run_summary_names_the_runs_version_or_says_there_is_none(built):
+    """The build section of the one run summary: the run's version with its split sizes, or
+    the latest complete version when the run built none."""
     settings, _ = built
-    lines = build.summary_lines(settings, "run-2")
+    lines = run_summary.for_run(settings, "run-2").lines()
     # 5 photos per product split 3/1/1 by the quota rule, product 14's 4 photos 3/1/0
-    assert lines[0] == ("dataset: v0002 complete (parent v0001): 19 images, 4 labels; "
-                        "train 12 / val 4 / test 3")
-    assert lines[1] == f"dataset: s3://{settings.s3_bucket}/datasets/v0002/"
-    assert build.summary_lines(settings, "run-without-build") == [
-        "dataset: no new version this run (latest v0002, 19 images)"]
+    assert ("   dataset: v0002 complete (parent v0001): 19 images, 4 labels; "
+            "train 12 / val 4 / test 3") in lines
+    assert f"   dataset: s3://{settings.s3_bucket}/datasets/v0002/" in lines
+    ops.run_stage(settings, "run-3", "build", build.run, settings, "run-3")  # nothing new
+    assert "   dataset: no new version this run (latest v0002, 19 images)" in \
+        run_summary.for_run(settings, "run-3").lines()

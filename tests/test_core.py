@@ -1,9 +1,15 @@
-"""The core: configuration, manifest migrations and the content-addressed object store."""
+"""The core: configuration, manifest migrations, the content-addressed object store and the run
+summary."""
+import ast
 import hashlib
+import json
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from shoplens import summary
 from shoplens.config import ConfigError, Settings
 from shoplens.manifest.db import current_revision, engine_for, upgrade
 from shoplens.store import ObjectStore, image_key
@@ -118,3 +124,78 @@ def test_parallel_crawls_share_the_politeness_budget_instead_of_multiplying_it()
     assert s.share_of_shop(1) == s
     with pytest.raises(ConfigError, match="cannot be shared"):
         s.share_of_shop(5)
+
+
+def test_the_core_imports_no_stage_package():
+    """shoplens/ is the core every stage builds on: it never imports a stage (not even behind
+    ``except ImportError``); it reads what the stages wrote from the manifest."""
+    stages = {"crawler", "dataset", "modeling", "plugins", "shoplens_ui"}
+    core = Path(__file__).resolve().parents[1] / "shoplens"
+    offenders = []
+    for path in core.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            offenders += [f"{path.relative_to(core)}: {n}" for n in names
+                          if n.split(".")[0] in stages]
+    assert offenders == []
+
+
+@pytest.fixture
+def seeded_manifest(manifest_url):
+    import ui_manifest
+
+    ui_manifest.seed(manifest_url)
+    with engine_for(manifest_url).connect() as conn:
+        yield conn
+
+
+def test_run_summary_has_every_stage_of_a_night_with_one_name_per_count(seeded_manifest):
+    """One night's summary, recounted from the manifest: crawl, dedup, filter, the version it
+    built and the models trained on it, the recorded stages and the night's own row."""
+    import ui_manifest as m
+
+    s = summary.load(seeded_manifest, m.NIGHT1)
+    assert (s.found, s.status, s.duration_seconds, s.failed_stages) == (True, "success", 200, [])
+    assert list(s.stages) == ["crawl:10120000", "filter"]
+    assert s.stages["crawl:10120000"]["volume"] == {"photos_stored": 18}
+    photos = len(m.PHOTO_PRODUCT)
+    assert {k: s.crawl[k] for k in ("status", "categories", "reviews_new", "images_new",
+                                    "images_total", "failures")} == {
+        "status": "success", "categories": 2, "reviews_new": photos, "images_new": photos,
+        "images_total": photos, "failures": {}}
+    assert s.crawl["image_bytes_new"] == sum(len(m.jpeg(i)) for i in range(photos))
+    rejected = {i for i in m.FAILED_RULES}
+    per_rule = Counter(rule for rules in m.FAILED_RULES.values() for rule in rules)
+    assert {k: s.filter[k] for k in ("status", "decided", "kept_images", "rejected_images",
+                                     "rejected_by_rule")} == {
+        "status": "success", "decided": photos, "kept_images": photos - len(rejected),
+        "rejected_images": len(rejected), "rejected_by_rule": dict(per_rule)}
+    assert list(s.filter["rejected_by_rule"]) == [r for r, _ in per_rule.most_common()]
+    splits = Counter(m.V1.values())
+    assert {k: s.build[k] for k in ("built", "version_id", "status", "images", "labels", "splits")} == {
+        "built": True, "version_id": "v0001", "status": "complete", "images": len(m.V1),
+        "labels": len({m.PHOTO_PRODUCT[i] for i in m.V1}),
+        "splits": {split: splits[split] for split in ("train", "val", "test")}}
+    [model] = s.training
+    assert (model["model_id"], model["top1"], model["top3"], model["promoted"]) == ("m1", 0.80, 0.95, True)
+    assert s.volume()["filter.rejected_images"] == len(rejected)
+    assert "crawl.run_id" not in s.volume()  # ids are not volume
+
+    text = s.text()
+    assert f"filter: success; 0 inspected (0 unreadable), {photos} decided: kept " \
+           f"{photos - len(rejected)}, rejected {len(rejected)}" in text
+    assert "training: model m1 complete: ensemble test Top-1 80.0%, Top-3 95.0% (n=2); " \
+           "promoted: first model" in text
+    assert json.loads(json.dumps(s.as_dict()))["build"]["version_id"] == "v0001"
+
+
+def test_a_night_whose_build_failed_is_failed_and_an_unknown_run_is_not_found(seeded_manifest):
+    import ui_manifest as m
+
+    night2 = summary.load(seeded_manifest, m.NIGHT2)  # its latest attempt, v0003, failed
+    assert night2.status == "failed" and night2.filter is None
+    assert (night2.build["version_id"], night2.build["status"]) == ("v0003", "failed")
+    assert night2.training == [] and "   filter: did not run" in night2.lines()
+    unknown = summary.load(seeded_manifest, "manual__never")
+    assert not unknown.found and unknown.text().endswith("nothing recorded for this run key")

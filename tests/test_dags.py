@@ -1,7 +1,9 @@
 """The DAG files: they import cleanly, stay thin, and wire the stages in the documented order."""
 import ast
 import os
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -78,3 +80,42 @@ def test_the_run_summary_always_runs_but_never_hides_a_failure(dagbag):
     assert summary.is_teardown and "build_dataset" in summary.upstream_task_ids
     assert dag.get_task("start_run").is_setup
     assert all(t.on_failure_callback for t in dag.tasks if t.task_id != "run_summary")
+
+
+def test_training_alerts_on_failure_like_the_nightly(dagbag):
+    from shoplens.ops import FailureAlert
+
+    for dag_id in ("shoplens_nightly", "shoplens_train"):
+        dag = dagbag.dags[dag_id]
+        callbacks = dag.on_failure_callback
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        assert any(isinstance(c, FailureAlert) for c in callbacks), dag_id
+    train = dagbag.dags["shoplens_train"]
+    assert all(t.on_failure_callback for t in train.tasks)
+
+
+def test_training_records_its_duration_and_volume_as_a_stage(dagbag, manifest_url, monkeypatch):
+    """train_and_evaluate runs modeling.train.run through ops.run_stage: a 'train' row in
+    run_metrics under the training DAG run's id, with the returned stats as volume, and the
+    stats passed on to XCom unchanged."""
+    import modeling
+    from shoplens import ops
+    from shoplens.config import Settings
+
+    trained = []
+
+    def fake_run(settings, version):  # stands in for minutes of TensorFlow
+        trained.append((settings.manifest_url, version))
+        return {"model_id": "m7", "dataset_version": version, "seconds": 12.5}
+
+    monkeypatch.setattr(modeling, "train", SimpleNamespace(run=fake_run), raising=False)
+    monkeypatch.setitem(sys.modules, "modeling.train", modeling.train)
+    monkeypatch.setenv("SHOPLENS_MANIFEST_URL", manifest_url)
+    task = dagbag.dags["shoplens_train"].get_task("train_and_evaluate")
+    monkeypatch.setitem(task.python_callable.__globals__, "get_current_context",
+                        lambda: {"run_id": "asset_triggered__2026-01-03"})
+    stats = task.python_callable("v0007")
+    assert stats == {"model_id": "m7", "dataset_version": "v0007", "seconds": 12.5}
+    assert trained == [(manifest_url, "v0007")]
+    [row] = ops.stage_metrics(Settings(manifest_url=manifest_url), "asset_triggered__2026-01-03")
+    assert (row["stage"], row["status"], row["volume"]) == ("train", "success", {"seconds": 12.5})

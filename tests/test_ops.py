@@ -174,20 +174,49 @@ def test_run_summary_records_the_whole_night_and_links_the_report(manifest_url, 
     with caplog.at_level(logging.INFO, logger="shoplens.ops"):
         summary = ops.summarize_run(settings, "scheduled__2026-01-02", run_started_at=t0)
     assert summary["status"] == "failed" and summary["failed_stages"] == ["filter"]
-    assert summary["volume"]["images_new"] == 2
-    assert summary["volume"]["manifest.photos_total"] == 2
-    assert summary["volume"]["manifest.photos_stored_this_run"] == 2
-    assert summary["volume"]["manifest.reviews_new"] == 2
-    assert summary["volume"]["manifest.photo_bytes_this_run"] == 3500
+    crawl = summary["crawl"]
+    assert (crawl["images_new"], crawl["images_total"], crawl["reviews_new"]) == (2, 2, 2)
+    assert crawl["image_bytes_new"] == 3500
     assert 300 <= summary["duration_seconds"] < 400
     assert summary["report_url"] == "http://127.0.0.1:8080/shoplens/runs/scheduled__2026-01-02"
     [run_row] = [r for r in ops.stage_metrics(settings, "scheduled__2026-01-02") if r["stage"] == "run"]
-    assert run_row["status"] == "failed" and run_row["volume"] == summary["volume"]
+    assert run_row["status"] == "failed"
+    assert run_row["volume"]["crawl.images_new"] == 2 and run_row["volume"]["crawl.image_bytes_new"] == 3500
     assert ops.recent_runs(settings)[0]["run_key"] == "scheduled__2026-01-02"
     assert "Run report: http://127.0.0.1:8080/shoplens/runs/scheduled__2026-01-02" in caplog.text
     [(_, _, payload)] = webhook.received
     assert payload["event"] == "run_summary" and "failed: filter" in payload["text"]
     json.dumps(summary)  # goes to XCom
+
+
+def test_every_consumer_gets_the_same_run_summary(manifest_url, webhook, monkeypatch, capsys):
+    """The teardown's XCom, the webhook text, the CLI's --json and text, and the recorded run
+    row all come from one summary: after the night is closed they agree number for number."""
+    from crawler.__main__ import main as crawler_cli
+    from shoplens import summary as run_summary
+
+    settings = Settings(manifest_url=manifest_url, alert_webhook_url=webhook.url,
+                        ui_base_url="http://ui.test")
+    _seed_crawl(manifest_url, "night", [700, 300, 500])
+    t0 = datetime.now(timezone.utc) - timedelta(minutes=2)
+    ops.record_stage(settings, "night", "crawl", t0, t0 + timedelta(seconds=60), "success",
+                     {"photos_stored": 3})
+    xcom = ops.summarize_run(settings, "night", run_started_at=t0)
+
+    monkeypatch.setenv("SHOPLENS_MANIFEST_URL", manifest_url)
+    monkeypatch.setenv("SHOPLENS_UI_BASE_URL", "http://ui.test")
+    assert crawler_cli(["summary", "--run-key", "night", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == xcom
+    assert crawler_cli(["summary", "--run-key", "night"]) == 0
+    text = capsys.readouterr().out.strip()
+    [(_, _, payload)] = webhook.received
+    assert text == payload["text"] == run_summary.for_run(settings, "night").text()
+    assert "new images 3 (1.5 kB; total 3, 1.5 kB)" in text and text.startswith(
+        "== shoplens run night: success in ")
+    [run_row] = [r for r in ops.stage_metrics(settings, "night") if r["stage"] == "run"]
+    assert run_row["volume"] == run_summary.for_run(settings, "night").volume()
+    assert run_row["volume"]["crawl.images_new"] == xcom["crawl"]["images_new"] == 3
+    assert crawler_cli(["summary", "--run-key", "never-ran"]) == 2
 
 
 def test_run_keys_are_quoted_in_the_report_link():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from shoplens import summary as run_summary
 from shoplens.manifest import engine_for, upgrade
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
@@ -76,11 +77,26 @@ def test_current_model_scores_come_from_its_newest_evaluation_with_history(seede
         ("m2", 0.76, False), ("m1", 0.80, True)]
 
 
-def test_run_metrics_sections(seeded):
+def test_recent_runs_list_the_recorded_nights(seeded):
     [night] = queries.recent_runs(seeded).data["runs"]
     assert night["run_key"] == ui_manifest.NIGHT1 and night["duration_seconds"] == 200
-    stages = queries.run_stages(seeded, ui_manifest.NIGHT1).data["stages"]
-    assert [s["stage"] for s in stages] == ["crawl:10120000", "filter", "run"]
+    assert night["volume"] == {"crawl.images_new": 24}
+
+
+def test_the_page_counts_are_the_run_summarys_counts(seeded):
+    """The page's rejection and version counts are the very numbers of the one run summary."""
+    summary = run_summary.load(seeded, ui_manifest.NIGHT1)
+    rejections = queries.rejections(seeded, run_key=ui_manifest.NIGHT1).data
+    assert (rejections["decided"], rejections["rejected"]) == (
+        summary.filter["decided"], summary.filter["rejected_images"]) == (24, 5)
+    assert {r["rule"]: r["images"] for r in rejections["reasons"]} == \
+        summary.filter["rejected_by_rule"] == {"too_small": 3, "second_product": 2, "no_detection": 1}
+    counts = queries.version_counts(seeded, "v0001").data
+    assert summary.build["version_id"] == "v0001"  # NIGHT1 built v0001
+    assert counts["totals"] == {"images": summary.build["images"],
+                                **{f"{s}_images": n for s, n in summary.build["splits"].items()}}
+    assert [s for s in summary.stages] == ["crawl:10120000", "filter"]
+    assert summary.status == "success" and summary.duration_seconds == 200
 
 
 def test_an_empty_manifest_gives_available_but_empty_sections(manifest_url):

@@ -113,4 +113,4 @@ def seed(url: str, store=None) -> None:
     ops.record_stage(settings, NIGHT1, "filter", start + timedelta(seconds=100),
                      start + timedelta(seconds=160), "success", {"decided": 24, "rejected": 5})
     ops.record_stage(settings, NIGHT1, "run", start, start + timedelta(seconds=200), "success",
-                     {"manifest.photos_stored_this_run": 24})
+                     {"crawl.images_new": 24})

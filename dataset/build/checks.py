@@ -1,131 +1,115 @@
-"""Data-quality checks of a dataset version, declared once and run by Airflow's SQL check operators.
+"""Data-quality checks of a dataset version: plain SQL aggregates, run by the build stage.
 
-The checks are plain ``checks`` / ``column_mapping`` dicts in the shape of
-``airflow.providers.common.sql``'s ``SQLTableCheckOperator`` and ``SQLColumnCheckOperator``,
-restricted to one version by a ``partition_clause``. The same definitions serve twice:
-
-- :func:`check_operators` builds the operators for a DAG (against an Airflow connection to the
-  manifest, with the version id templated in), and
-- :func:`run_sql_checks` executes those very operators from :func:`dataset.build.stage.run`, against
-  ``settings.manifest_url``, so that every build is checked whether or not it runs in Airflow.
-
-Table checks are aggregates, so each yields exactly one row even for an empty version. The one
-check that SQL cannot express, "every member's object exists in the object store", is
-:func:`missing_objects` (a listing per key prefix through the minio client).
+Each :class:`Check` is one boolean aggregate over one table's rows of a version (``version_id =
+:v``, bound as a parameter) and the aggregate that shows what was found, so a failing check
+says e.g. ``dataset_members.every_label_has_a_train_photo (got labels 4, with a train photo 3)``.
+Aggregates yield exactly one row even for an empty version. :func:`run_sql_checks` runs every
+check of a version (one query per table) and returns all results; the build stage
+(:func:`dataset.build.stage.run`) raises :class:`DataQualityError` listing every failure, and
+``python -m dataset build --check V`` prints them. The one check that SQL cannot express,
+"every member's object exists in the object store", is :func:`missing_objects` (a listing per
+key prefix through the minio client).
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 from shoplens.config import Settings
+from shoplens.manifest import engine_for
 
 VERSION_ID = re.compile(r"^v[0-9]{4,}$")
-# Airflow connection that build.run points at settings.manifest_url while it runs the checks.
-BUILD_CHECKS_CONN_ID = "shoplens_dataset_build_checks"
 
 
 class DataQualityError(RuntimeError):
     """A dataset version failed one or more data-quality checks."""
 
 
-def _not_in(subquery: str) -> str:
-    """Aggregate statement: no member of the partition lacks a matching row in ``subquery``."""
-    return (f"COALESCE(SUM(CASE WHEN EXISTS ({subquery}) THEN 0 ELSE 1 END), 0) = 0")
+@dataclass(frozen=True)
+class Check:
+    table: str  # a table or view with a version_id column
+    name: str
+    passes: str  # SQL boolean aggregate over the version's rows of ``table``
+    found: str  # SQL aggregate (text) showing what was found, for the failure message
+    build_time_only: bool = False  # holds while the version is built; the manifest moves on
 
 
-def table_checks(settings: Settings) -> dict[str, dict[str, dict[str, str]]]:
-    """``{table: checks}`` for SQLTableCheckOperator; partition by ``version_id`` when run."""
-    members = "dataset_members"
-    return {
-        "dataset_members": {
-            "version_has_images": {"check_statement": "COUNT(*) > 0"},
-            "train_split_not_empty": {"check_statement": "COUNT(*) FILTER (WHERE split = 'train') > 0"},
-            "val_split_not_empty": {"check_statement": "COUNT(*) FILTER (WHERE split = 'val') > 0"},
-            "test_split_not_empty": {"check_statement": "COUNT(*) FILTER (WHERE split = 'test') > 0"},
-            "every_label_has_a_train_photo": {"check_statement":
-                "COUNT(DISTINCT label) = COUNT(DISTINCT label) FILTER (WHERE split = 'train')"},
-            # Split leakage: a near-duplicate cluster in two splits has two (cluster, split) pairs.
-            "no_cluster_spans_two_splits": {"check_statement":
-                "COUNT(DISTINCT cluster_id) = COUNT(DISTINCT cluster_id || '/' || split)"},
-            "every_member_has_its_image_row": {"check_statement": _not_in(
-                f"SELECT 1 FROM images i WHERE i.sha256 = {members}.sha256"
-                f" AND i.object_key = {members}.object_key")},
-            "every_label_is_the_products_stable_label": {"check_statement": _not_in(
-                f"SELECT 1 FROM label_map l WHERE l.label = {members}.label"
-                f" AND l.product_id = {members}.product_id")},
-        },
-        "dataset_version_label_counts": {
-            "products_meet_min_photos": {"check_statement":
-                f"COUNT(*) FILTER (WHERE images < {int(settings.dataset_min_photos_per_product)}) = 0"},
-            "products_within_max_photos": {"check_statement":
-                f"COUNT(*) FILTER (WHERE images > {int(settings.dataset_max_photos_per_product)}) = 0"},
-            "one_label_per_product": {"check_statement":
-                "COUNT(*) = COUNT(DISTINCT label) AND COUNT(*) = COUNT(DISTINCT product_id)"},
-        },
-    }
+def _every_member_has(subquery: str, what: str) -> tuple[str, str]:
+    """(passes, found): no member of the version lacks a matching row in ``subquery``."""
+    lacking = f"COALESCE(SUM(CASE WHEN EXISTS ({subquery}) THEN 0 ELSE 1 END), 0)"
+    return f"{lacking} = 0", f"{lacking} || ' member(s) without {what}'"
 
 
-# Checks that only hold while the version is being built (the manifest moves on afterwards).
-BUILD_TIME_TABLE_CHECKS = {
-    "dataset_members": {
-        "members_are_kept_images": {"check_statement": _not_in(
-            "SELECT 1 FROM kept_images k WHERE k.sha256 = dataset_members.sha256")},
-    },
-}
-
-COLUMN_CHECKS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
-    "dataset_members": {
-        "sha256": {"null_check": {"equal_to": 0}, "unique_check": {"equal_to": 0}},
-        "object_key": {"null_check": {"equal_to": 0}, "unique_check": {"equal_to": 0}},
-        "label": {"null_check": {"equal_to": 0}, "min": {"geq_to": 0}},
-        "split": {"null_check": {"equal_to": 0}, "distinct_check": {"equal_to": 3}},
-        "cluster_id": {"null_check": {"equal_to": 0}},
-    },
-}
+def _null_free(column: str) -> Check:
+    return Check("dataset_members", f"{column}_not_null",
+                 f"COUNT(*) FILTER (WHERE {column} IS NULL) = 0",
+                 f"COUNT(*) FILTER (WHERE {column} IS NULL) || ' null(s)'")
 
 
-def partition_for(version_id: str) -> str:
+def _unique(column: str) -> Check:
+    return Check("dataset_members", f"{column}_unique",
+                 f"COUNT({column}) = COUNT(DISTINCT {column})",
+                 f"COUNT({column}) - COUNT(DISTINCT {column}) || ' repeated value(s)'")
+
+
+def checks_for(settings: Settings) -> list[Check]:
+    """Every check, in the order they are reported."""
+    min_photos = int(settings.dataset_min_photos_per_product)
+    max_photos = int(settings.dataset_max_photos_per_product)
+    return [
+        Check("dataset_members", "version_has_images", "COUNT(*) > 0", "COUNT(*) || ' images'"),
+        *[Check("dataset_members", f"{split}_split_not_empty",
+                f"COUNT(*) FILTER (WHERE split = '{split}') > 0",
+                f"COUNT(*) FILTER (WHERE split = '{split}') || ' {split} images'")
+          for split in ("train", "val", "test")],
+        Check("dataset_members", "every_label_has_a_train_photo",
+              "COUNT(DISTINCT label) = COUNT(DISTINCT label) FILTER (WHERE split = 'train')",
+              "'labels ' || COUNT(DISTINCT label) || ', with a train photo ' "
+              "|| COUNT(DISTINCT label) FILTER (WHERE split = 'train')"),
+        # Split leakage: a near-duplicate cluster in two splits has two (cluster, split) pairs.
+        Check("dataset_members", "no_cluster_spans_two_splits",
+              "COUNT(DISTINCT cluster_id) = COUNT(DISTINCT cluster_id || '/' || split)",
+              "COUNT(DISTINCT cluster_id || '/' || split) - COUNT(DISTINCT cluster_id) "
+              "|| ' cluster(s) in a second split'"),
+        Check("dataset_members", "every_member_has_its_image_row", *_every_member_has(
+            "SELECT 1 FROM images i WHERE i.sha256 = dataset_members.sha256"
+            " AND i.object_key = dataset_members.object_key", "its images row")),
+        Check("dataset_members", "every_label_is_the_products_stable_label", *_every_member_has(
+            "SELECT 1 FROM label_map l WHERE l.label = dataset_members.label"
+            " AND l.product_id = dataset_members.product_id", "the product label")),
+        Check("dataset_members", "members_are_kept_images", *_every_member_has(
+            "SELECT 1 FROM kept_images k WHERE k.sha256 = dataset_members.sha256",
+            "a kept image"), build_time_only=True),
+        _null_free("sha256"), _unique("sha256"),
+        _null_free("object_key"), _unique("object_key"),
+        _null_free("label"),
+        Check("dataset_members", "label_not_negative", "COALESCE(MIN(label) >= 0, TRUE)",
+              "'smallest label ' || COALESCE(MIN(label)::text, 'none')"),
+        _null_free("split"),
+        Check("dataset_members", "split_has_three_values", "COUNT(DISTINCT split) = 3",
+              "COUNT(DISTINCT split) || ' distinct split(s)'"),
+        _null_free("cluster_id"),
+        Check("dataset_version_label_counts", "products_meet_min_photos",
+              f"COUNT(*) FILTER (WHERE images < {min_photos}) = 0",
+              f"COUNT(*) FILTER (WHERE images < {min_photos}) || ' product(s) under {min_photos}'"),
+        Check("dataset_version_label_counts", "products_within_max_photos",
+              f"COUNT(*) FILTER (WHERE images > {max_photos}) = 0",
+              f"COUNT(*) FILTER (WHERE images > {max_photos}) || ' product(s) over {max_photos}'"),
+        Check("dataset_version_label_counts", "one_label_per_product",
+              "COUNT(*) = COUNT(DISTINCT label) AND COUNT(*) = COUNT(DISTINCT product_id)",
+              "COUNT(*) || ' rows, ' || COUNT(DISTINCT label) || ' labels, ' "
+              "|| COUNT(DISTINCT product_id) || ' products'"),
+    ]
+
+
+def validate_version_id(version_id: str) -> str:
     if not VERSION_ID.match(version_id):
         raise ValueError(f"not a dataset version id: {version_id!r} (expected e.g. v0001)")
-    return f"version_id = '{version_id}'"
-
-
-def check_operators(settings: Settings, conn_id: str, partition_clause: str,
-                    include_build_time: bool = False, task_id_prefix: str = "dataset_check") -> list:
-    """SQL check operators for one version; call inside a DAG context to add them as tasks.
-
-    ``partition_clause`` is a template field, so a DAG can pass
-    ``"version_id = '{{ ti.xcom_pull(task_ids='build_dataset')['version_id'] }}'"``.
-    """
-    from airflow.providers.common.sql.operators.sql import (
-        SQLColumnCheckOperator, SQLTableCheckOperator)
-
-    tables = {table: dict(checks) for table, checks in table_checks(settings).items()}
-    if include_build_time:
-        for table, checks in BUILD_TIME_TABLE_CHECKS.items():
-            tables.setdefault(table, {}).update(checks)
-    operators = []
-    for table, checks in tables.items():
-        operators.append(SQLTableCheckOperator(
-            task_id=f"{task_id_prefix}_{table}", conn_id=conn_id, table=table,
-            checks={name: dict(spec) for name, spec in checks.items()},
-            partition_clause=partition_clause, retry_on_failure=False))
-    for table, mapping in COLUMN_CHECKS.items():
-        operators.append(SQLColumnCheckOperator(
-            task_id=f"{task_id_prefix}_{table}_columns", conn_id=conn_id, table=table,
-            column_mapping={col: {chk: dict(v) for chk, v in checks.items()}
-                            for col, checks in mapping.items()},
-            partition_clause=partition_clause, retry_on_failure=False))
-    return operators
+    return version_id
 
 
 @dataclass(frozen=True)
@@ -140,48 +124,33 @@ class CheckResult:
                 "actual": self.actual}
 
 
-def run_sql_checks(settings: Settings, version_id: str) -> list[CheckResult]:
-    """Execute the check operators for ``version_id`` against ``settings.manifest_url``.
+def run_sql_checks(settings: Settings, version_id: str,
+                   include_build_time: bool = True) -> list[CheckResult]:
+    """Run every check on ``version_id`` against ``settings.manifest_url``.
 
     Returns every check's result; raising is left to the caller so that one report lists all
-    failures rather than the first one.
+    failures rather than the first one. A manifest that cannot run them raises its own error
+    (a retry may help; a failed check would fail the same way again).
     """
+    validate_version_id(version_id)
+    by_table: dict[str, list[Check]] = defaultdict(list)
+    for check in checks_for(settings):
+        if include_build_time or not check.build_time_only:
+            by_table[check.table].append(check)
     results: list[CheckResult] = []
-    # A fresh id per call: no cached connection from another manifest can be picked up.
-    conn_id = f"{BUILD_CHECKS_CONN_ID}_{uuid.uuid4().hex[:8]}"
-    with _airflow_connection(conn_id, settings.manifest_url):
-        for operator in check_operators(settings, conn_id, partition_for(version_id),
-                                        include_build_time=True):
-            try:
-                operator.execute(context={})
-            except Exception as exc:  # the operator has recorded per-check results before raising
-                if not operator.check_results:
-                    raise DataQualityError(f"{operator.task_id} could not run: {exc}") from exc
-            for r in operator.check_results:
-                results.append(CheckResult(table=r.table or operator.table, name=r.name,
-                                           passed=bool(r.success), actual=r.actual))
+    with engine_for(settings.manifest_url).connect() as conn:
+        for table, table_checks in by_table.items():
+            columns = ", ".join(f"({c.passes}) AS ok_{i}, ({c.found})::text AS found_{i}"
+                                for i, c in enumerate(table_checks))
+            row = conn.execute(sa.text(f"SELECT {columns} FROM {table} WHERE version_id = :v"),
+                               {"v": version_id}).mappings().one()
+            results += [CheckResult(table, c.name, bool(row[f"ok_{i}"]), row[f"found_{i}"])
+                        for i, c in enumerate(table_checks)]
     return results
-
-
-@contextlib.contextmanager
-def _airflow_connection(conn_id: str, sqlalchemy_url: str) -> Iterator[None]:
-    """Define an Airflow connection for the block through Airflow's AIRFLOW_CONN_* mechanism."""
-    url = make_url(sqlalchemy_url).set(drivername="postgresql")
-    name = f"AIRFLOW_CONN_{conn_id.upper()}"
-    old = os.environ.get(name)
-    os.environ[name] = url.render_as_string(hide_password=False)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def missing_objects(settings: Settings, version_id: str) -> list[str]:
     """Object keys of the version's members that the object store does not hold."""
-    from shoplens.manifest import engine_for
     from shoplens.store import ObjectStore
 
     with engine_for(settings.manifest_url).connect() as conn:

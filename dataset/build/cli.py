@@ -52,9 +52,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.summary is not None:
-            from dataset.build.version_summary import readme_summary
+            from shoplens import summary as run_summary
+            from shoplens.manifest import engine_for
 
-            print(readme_summary(settings, args.summary or None), end="")
+            with engine_for(settings.manifest_url).connect() as conn:
+                counts = run_summary.version_counts(conn, args.summary or None)
+            print(run_summary.version_markdown(counts), end="")
         elif args.check:
             results = checks.run_sql_checks(settings, args.check)
             missing = checks.missing_objects(settings, args.check)

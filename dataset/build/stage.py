@@ -8,7 +8,7 @@
 3. if the result equals the latest complete version (same content hash), stops: nothing new,
 4. otherwise stores the version row (status ``building``), the new labels and the member rows in
    one transaction,
-5. runs the data-quality checks (:mod:`dataset.build.checks`: Airflow SQL check operators plus the
+5. runs the data-quality checks (:mod:`dataset.build.checks`: plain SQL aggregates plus the
    object-store check) and marks the version ``failed`` on any violation,
 6. exports the files (:mod:`dataset.build.export`) and only then marks the version ``complete``.
 
@@ -409,39 +409,3 @@ def build_params(conn: sa.Connection, settings: Settings) -> dict[str, Any]:
 
 def _exists(conn: sa.Connection, relation: str) -> bool:
     return conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": relation}).scalar() is not None
-
-
-# --- run summary ----------------------------------------------------------------------------
-
-
-def summary_lines(settings: Settings, run_key: str) -> list[str]:
-    """Lines for the end-of-run summary (shoplens.summary): this run's version, or why none."""
-    with engine_for(settings.manifest_url).connect() as conn:
-        if not _exists(conn, "dataset_versions"):
-            return []
-        attempt = conn.execute(sa.select(dataset_versions).where(
-            dataset_versions.c.run_key == run_key).order_by(dataset_versions.c.seq.desc())
-            .limit(1)).mappings().first()
-        latest = _latest_complete(conn)
-    if attempt is None:
-        if latest is None:
-            return ["dataset: no version built yet"]
-        return [f"dataset: no new version this run (latest {latest['version_id']}, "
-                f"{latest['counts'].get('images', 0)} images)"]
-    counts = attempt["counts"]
-    splits = counts.get("splits", {})
-    line = (f"dataset: {attempt['version_id']} {attempt['status']} (parent "
-            f"{attempt['parent_version'] or 'none'}): {counts.get('images', 0)} images, "
-            f"{counts.get('labels', 0)} labels; "
-            + " / ".join(f"{s} {splits.get(s, 0)}" for s in SPLITS))
-    lines = [line]
-    if attempt["status"] == "complete":
-        lines.append(f"dataset: {attempt['uri']}")
-    elif attempt["error"]:
-        lines.append(f"dataset: error: {attempt['error'][:300]}")
-    excluded = attempt["excluded_products"] or []
-    if excluded:
-        lines.append("dataset: left out for too few photos: " + ", ".join(
-            f"{e['product_id']} ({e['photos']})" for e in excluded[:10])
-            + (f" and {len(excluded) - 10} more" if len(excluded) > 10 else ""))
-    return lines

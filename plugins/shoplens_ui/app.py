@@ -6,7 +6,9 @@ development: ``uvicorn --factory shoplens_ui.app:standalone_app`` with ``plugins
 
     /                 dataset versions, counts per split and product, latest rejections,
                       current model and its history, diff of the last two versions, recent runs
-    /runs/{run_key}   one run's report: stage durations and volumes, that run's rejections
+    /runs/{run_key}   one run's report: the run summary (shoplens.summary: stages with durations
+                      and volumes, crawl, dedup, filter, dataset version, training), that run's
+                      rejections with thumbnails
     /thumb/{sha256}   a bounded-size JPEG thumbnail of a stored photo
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fastapi.responses import HTMLResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from minio.error import S3Error
 
+from shoplens import summary as run_summary
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.store import ObjectStore
@@ -95,16 +98,14 @@ def create_app(settings_factory: Callable[[], Settings] = Settings.from_env,
         settings = settings_factory()
         try:
             with engine_for(settings.manifest_url).connect() as conn:
-                stages = queries.run_stages(conn, run_key)
+                summary = run_summary.load(conn, run_key)
                 rejected = queries.rejections(conn, run_key=run_key)
         except sa.exc.OperationalError as exc:
             log.error("manifest unreachable: %s", exc)
-            return render(request, "run.html", 503, run_key=run_key, stages=None, rejections=None,
+            return render(request, "run.html", 503, run_key=run_key, summary=None, rejections=None,
                           error="The manifest database is unreachable; see the api-server log.")
-        known = (stages.available and stages.data["stages"]) or (
-            rejected.available and rejected.data["run"] is not None)
-        return render(request, "run.html", 200 if known else 404, run_key=run_key,
-                      stages=stages, rejections=rejected)
+        return render(request, "run.html", 200 if summary.found else 404, run_key=run_key,
+                      summary=summary, rejections=rejected)
 
     @app.get("/thumb/{sha256}", name="thumbnail")
     def thumbnail(sha256: str, side: int = Query(96, ge=1, le=4096)) -> Response:

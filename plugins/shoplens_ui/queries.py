@@ -1,6 +1,8 @@
 """Read-only manifest queries behind the shoplens page.
 
-Every query returns a :class:`Section`. When a table or view it needs does not exist yet (a stage
+Every query returns a :class:`Section`. Counts that the run summary also shows come from
+:mod:`shoplens.summary`, so the page and the summary never disagree; one run's report is that
+summary itself. When a table or view it needs does not exist yet (a stage
 whose migration has not run, e.g. no model trained so far), the section is *unavailable* and
 names what is missing instead of failing the page; when the relations exist but hold no rows,
 the section is available and empty. The page renders each case with its own message.
@@ -11,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+
+from shoplens import summary as run_summary
 
 SAMPLES_PER_REASON = 8
 
@@ -50,24 +54,19 @@ def dataset_versions(conn: sa.Connection, limit: int = 20) -> Section:
 
 
 def version_counts(conn: sa.Connection, version_id: str | None = None) -> Section:
-    """Photos per product and split in one version (default: the newest complete one)."""
+    """Photos per product and split in one version (default: the newest complete one); the
+    counts are the run summary's (:func:`shoplens.summary.version_counts`)."""
     missing = missing_relations(conn, "dataset_versions", "dataset_version_label_counts")
     if missing:
         return Section(missing)
-    if version_id is None:
-        version_id = conn.execute(sa.text(
-            "SELECT version_id FROM dataset_versions WHERE status = 'complete' "
-            "ORDER BY seq DESC LIMIT 1")).scalar()
-    if version_id is None:
+    counts = run_summary.version_counts(conn, version_id)
+    if counts["version_id"] is None:
         return Section(data={"version_id": None, "products": [], "totals": {}})
-    products = _rows(conn, """
-        SELECT label, product_id, product_name, category_id, images,
-               train_images, val_images, test_images
-        FROM dataset_version_label_counts WHERE version_id = :v
-        ORDER BY category_id, images DESC, product_id""", v=version_id)
-    totals = {k: sum(p[k] for p in products)
-              for k in ("images", "train_images", "val_images", "test_images")}
-    return Section(data={"version_id": version_id, "products": products, "totals": totals})
+    products = sorted(counts["products"],
+                      key=lambda p: (p["category_id"], -p["images"], p["product_id"]))
+    totals = {"images": counts["images"],
+              **{f"{split}_images": n for split, n in counts["splits"].items()}}
+    return Section(data={"version_id": counts["version_id"], "products": products, "totals": totals})
 
 
 def version_diff(conn: sa.Connection) -> Section:
@@ -126,22 +125,17 @@ def rejections(conn: sa.Connection, run_key: str | None = None,
         {"k": run_key}).mappings().first()
     if run is None:
         return Section(data={"run": None, "reasons": [], "decided": 0, "rejected": 0})
-    totals = conn.execute(sa.text(
-        "SELECT count(DISTINCT sha256) AS decided, "
-        "count(DISTINCT sha256) FILTER (WHERE NOT passed) AS rejected "
-        "FROM rule_decisions WHERE run_id = :r"), {"r": run["id"]}).mappings().one()
-    reasons = _rows(conn, """
-        SELECT rule, count(*) AS images FROM rule_decisions
-        WHERE run_id = :r AND NOT passed GROUP BY rule ORDER BY count(*) DESC, rule""", r=run["id"])
+    counts = run_summary.filter_section(conn, run["run_key"])  # the run summary's numbers
     sample_rows = _rows(conn, """
         SELECT rule, sha256, reason, score FROM (
             SELECT rule, sha256, reason, score,
                    row_number() OVER (PARTITION BY rule ORDER BY id) AS nth
             FROM rule_decisions WHERE run_id = :r AND NOT passed) s
         WHERE nth <= :n ORDER BY rule, nth""", r=run["id"], n=samples)
-    for reason in reasons:
-        reason["samples"] = [s for s in sample_rows if s["rule"] == reason["rule"]]
-    return Section(data={"run": dict(run), "reasons": reasons, **dict(totals)})
+    reasons = [{"rule": rule, "images": n, "samples": [s for s in sample_rows if s["rule"] == rule]}
+               for rule, n in counts["rejected_by_rule"].items()]
+    return Section(data={"run": dict(run), "reasons": reasons, "decided": counts["decided"],
+                         "rejected": counts["rejected_images"]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,17 +181,6 @@ def recent_runs(conn: sa.Connection, limit: int = 10) -> Section:
         SELECT run_key, status, started_at, finished_at, duration_seconds, volume
         FROM run_metrics WHERE stage = 'run' ORDER BY finished_at DESC LIMIT :limit""",
         limit=limit)})
-
-
-def run_stages(conn: sa.Connection, run_key: str) -> Section:
-    """Every recorded stage of one run (duration, status, volume), in start order."""
-    missing = missing_relations(conn, "run_metrics")
-    if missing:
-        return Section(missing)
-    return Section(data={"run_key": run_key, "stages": _rows(conn, """
-        SELECT stage, status, started_at, finished_at, duration_seconds, volume, detail
-        FROM run_metrics WHERE run_key = :k ORDER BY stage = 'run', started_at, stage""",
-        k=run_key)})
 
 
 def image_object_key(conn: sa.Connection, sha256: str) -> tuple[str, int] | None:

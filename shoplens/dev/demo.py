@@ -108,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         if state_nightly == "success":
             train_state = _wait_for_training(stack, trainings_before, args.timeout)
             print(f"[demo] shoplens_train: {train_state}")
-        from shoplens.summary import print_summary
+        from shoplens import summary
 
-        print_summary(Settings.from_env(), run_id)
+        # The report link points at this stack's UI.
+        print(summary.for_run(Settings.from_env().with_overrides(ui_base_url=stack.api_url),
+                              run_id).text())
         print(f"[demo] finished in {time.monotonic() - started:.0f}s")
         return 0 if state_nightly == "success" and train_state in (None, "success") else 1
     finally:
