@@ -74,12 +74,14 @@ def resolve_mode(enabled: bool | None = None, stream: TextIO | None = None) -> s
         return "log"
     if mode == "bar":
         return "bar"
-    stream = stream if stream is not None else sys.stderr
+    return "bar" if _isatty(stream if stream is not None else sys.stderr) else "log"
+
+
+def _isatty(stream) -> bool:
     try:
-        tty = stream.isatty()
+        return bool(stream.isatty())
     except (AttributeError, ValueError):  # a closed or replaced stream
-        tty = False
-    return "bar" if tty else "log"
+        return False
 
 
 def _interval_from_env() -> float:
@@ -155,7 +157,9 @@ class Progress:
                                  MofNCompleteColumn(), TextColumn(self.unit),
                                  TaskProgressColumn(), TimeElapsedColumn(),
                                  TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=console, transient=False)
+                                 console=console, transient=False,
+                                 # Prints to a piped stdout stay in the pipe, not in the bar's stream.
+                                 redirect_stdout=_isatty(sys.stdout))
         self._task = self._bar.add_task(self.desc, total=self.total)
         self._bar.start()
 

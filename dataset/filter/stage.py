@@ -27,6 +27,7 @@ from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.manifest.tables import images, products
 from shoplens.photos import DEFAULT_LIMITS, PhotoLimits
+from shoplens.progress import progress
 from shoplens.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def inspect_new_images(settings: Settings, detector: Detector, run_id: int) -> d
             .order_by(images.c.sha256)).all()
     limits = PhotoLimits.from_settings(settings)  # the caps the crawler stored the photos under
     inspected = unreadable = 0
-    for sha256, object_key in todo:
+    for sha256, object_key in progress(todo, "filter detection", unit="photos"):
         features = features_for(detector, store.get_bytes(object_key), limits=limits)
         unreadable += "decode_error" in features.stats
         with engine.begin() as conn:
@@ -110,7 +111,7 @@ def decide_stored(settings: Settings, detector_version: str, params: rules.RuleP
     with engine.begin() as conn:
         rows = conn.execute(query).all()
         batch: list[dict] = []
-        for row in rows:
+        for row in progress(rows, "filter rules", unit="photos"):
             f = rules.Features(row.width, row.height, row.boxes, row.stats, row.category_id)
             for d in rules.decide(f, params):
                 batch.append({"sha256": row.sha256, "rule": d.rule, "run_id": run_id,
