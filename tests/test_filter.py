@@ -120,7 +120,8 @@ def test_run_decides_every_rule_and_writes_a_report_with_each_reason(settings, s
     assert stats["rejected_by_rule"]["multi_product"] >= 1 and stats["kept_images"] == 1
 
     store = ObjectStore(settings)
-    assert stats["report_key"] == "reports/night-1/filter.html" and "night-1" in stats["report_url"]
+    assert stats["report_key"] == "reports/night-1/filter.html"
+    assert stats["report_url"].endswith("/shoplens/runs/night-1/filter-report")  # the UI, not S3
     page = store.get_bytes(stats["report_key"]).decode()
     for reason in ("occupancy", "multi_product", "unreadable"):
         assert f'id="{reason}"' in page

@@ -7,8 +7,9 @@
 2. decides every rule for each image whose latest decisions were made with other thresholds, rule
    version or detector version (so a threshold change re-decides from stored features, without
    the detector), appending rows to the ``rule_decisions`` history;
-3. writes an HTML report to ``reports/<run_key>/filter.html`` and returns its key and a
-   presigned URL in the stats dict.
+3. writes an HTML report to ``reports/<run_key>/filter.html`` and returns its key and its link
+   on the shoplens page in the Airflow UI (``/shoplens/runs/<run_key>/filter-report``, which
+   serves it from the object store) in the stats dict.
 """
 from __future__ import annotations
 
@@ -135,6 +136,13 @@ def _insert_decisions(conn: sa.Connection, batch: list[dict]) -> None:
             batch)
 
 
+def report_link(settings: Settings, run_key: str) -> str:
+    """The filter report's address on the shoplens page (served by plugins/shoplens_ui)."""
+    from shoplens.ops import report_url  # the run page's address; ops needs Airflow, import late
+
+    return f"{report_url(settings, run_key)}/filter-report"
+
+
 def _report(settings: Settings, run_key: str, run_id: int, summary: dict) -> tuple[str, str]:
     engine = engine_for(settings.manifest_url)
     store = ObjectStore(settings)
@@ -162,7 +170,7 @@ def _report(settings: Settings, run_key: str, run_id: int, summary: dict) -> tup
     key = f"reports/{run_key}/filter.html"
     page = report.render(run_key, summary, rule_counts, examples)
     store.put_bytes(key, page.encode(), "text/html; charset=utf-8")
-    return key, store.presigned_url(key)
+    return key, report_link(settings, run_key)
 
 
 def run(settings: Settings, run_key: str, detector: Detector | None = None) -> dict:
