@@ -158,6 +158,7 @@ def _plot_curves(curves: dict[str, dict[str, dict]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = sorted(curves)
     fig, axes = plt.subplots(len(names), 2, figsize=(11, 3.2 * len(names)), squeeze=False)
@@ -178,6 +179,7 @@ def _plot_curves(curves: dict[str, dict[str, dict]], path: Path) -> None:
                 start += len(curve["loss"])
             ax.set_title(f"{name}: {metric}")
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if ax.lines:
                 ax.legend(fontsize=7)
     fig.tight_layout()
