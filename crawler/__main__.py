@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         run_key = args.run_key or _default_run_key()
         try:
             runner.start_run(settings, run_key)
-            for category_id in settings.categories:
+            from shoplens.progress import progress
+
+            for category_id in progress(settings.categories, f"crawl {run_key}",
+                                        unit="categories"):
                 runner.crawl_category(settings, category_id, run_key)
         except runner.CrawlError as exc:
             print(f"error: {exc}", file=sys.stderr)

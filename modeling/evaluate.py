@@ -1,6 +1,6 @@
 """Measuring an ensemble on a test split: Top-1/Top-3 per member and for the ensemble,
-per-product precision/recall, a confusion-matrix plot and a grid of the worst mistakes, written
-as an HTML report next to the model."""
+per-product precision/recall, a confusion-matrix plot, a grid of the worst mistakes and each
+member's learning curves, written as an HTML report next to the model."""
 from __future__ import annotations
 
 import functools
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 ENSEMBLE = "ensemble"
+CURVES_IMAGE = "learning_curves.png"
 log = logging.getLogger(__name__)
 # Product names are shop data: drawn as plain text (a `$` must never start mathtext) in a font
 # that has Hangul, with DejaVu Sans (matplotlib's own) for whatever it lacks.
@@ -150,10 +151,60 @@ def _plot_mistakes(indices: list[int], probs, labels, names, photos: list[bytes]
     plt.close(fig)
 
 
+def _plot_curves(curves: dict[str, dict[str, dict]], path: Path) -> None:
+    """One row per member: loss and accuracy per epoch (train and val), the head's epochs
+    followed by the fine-tune's, split by a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    names = sorted(curves)
+    fig, axes = plt.subplots(len(names), 2, figsize=(11, 3.2 * len(names)), squeeze=False)
+    for row, name in zip(axes, names):
+        stages = [(stage, curves[name][stage]) for stage in ("head", "fine-tune")
+                  if curves[name].get(stage, {}).get("loss")]
+        for ax, metric in zip(row, ("loss", "accuracy")):
+            start = 1
+            for k, (stage, curve) in enumerate(stages):
+                epochs = range(start, start + len(curve["loss"]))
+                for prefix, style in (("", "-"), ("val_", "--")):
+                    values = [np.nan if v is None else v for v in curve.get(prefix + metric, [])]
+                    if values:
+                        ax.plot(epochs[:len(values)], values, style, marker="o", markersize=3,
+                                color=f"C{k}", label=f"{stage} {prefix or 'train '}{metric}")
+                if k:
+                    ax.axvline(start - 0.5, color="grey", linestyle=":")
+                start += len(curve["loss"])
+            ax.set_title(f"{name}: {metric}")
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _curves_table(curves: dict) -> str:
+    """Epochs run and seconds per member and stage (empty when the curves are malformed)."""
+    try:
+        rows = "".join(
+            f"<tr><td>{html.escape(name)}</td><td>{html.escape(stage)}</td>"
+            f"<td>{len(curve.get('loss', []))}</td><td>{sum(curve.get('seconds', [])):.1f} s</td></tr>"
+            for name, stages in sorted(curves.items()) for stage, curve in stages.items())
+    except (AttributeError, TypeError):
+        return ""
+    return ("<table><tr><th>member</th><th>stage</th><th>epochs</th><th>time</th></tr>"
+            f"{rows}</table>")
+
+
 def write_report(out_dir: Path, title: str, metrics: dict, ensemble_probs: np.ndarray,
                  labels: np.ndarray, entries: list[dict], photos: list[bytes],
-                 shas: list[str]) -> dict:
-    """index.html + confusion.png + mistakes.png + per_product.json in ``out_dir``."""
+                 shas: list[str], curves: dict | None = None) -> dict:
+    """index.html + confusion.png + mistakes.png + learning_curves.png (when ``curves``,
+    {member: {stage: {metric: [per epoch]}}}, are given) + per_product.json in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [str(e["name"]) for e in entries]
     products = per_product(ensemble_probs, labels, entries)
@@ -164,6 +215,8 @@ def write_report(out_dir: Path, title: str, metrics: dict, ensemble_probs: np.nd
     if worst:
         plot_errors["mistakes.png"] = _render_plot(
             _plot_mistakes, worst, ensemble_probs, labels, names, photos, out_dir / "mistakes.png")
+    if curves:
+        plot_errors[CURVES_IMAGE] = _render_plot(_plot_curves, curves, out_dir / CURVES_IMAGE)
     plot_errors = {name: error for name, error in plot_errors.items() if error}
     (out_dir / "per_product.json").write_text(json.dumps(products, ensure_ascii=False, indent=1),
                                              encoding="utf-8")
@@ -189,6 +242,8 @@ def write_report(out_dir: Path, title: str, metrics: dict, ensemble_probs: np.nd
         f"<td>{esc(names[int(ensemble_probs[i].argmax())])}</td>"
         f"<td>{ensemble_probs[i].max():.3f}</td></tr>" for i in worst)
     decisions = esc(json.dumps(metrics.get("decisions", {}), indent=1))
+    curves_html = (figure(CURVES_IMAGE) + _curves_table(curves) if curves
+                   else "<p>No learning curves recorded.</p>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 8px}}</style></head><body>
@@ -196,6 +251,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px}}</style></head><body>
 <h2>Test split: Top-1 / Top-3</h2>
 <table><tr><th>model</th><th>Top-1</th><th>Top-3</th><th>photos</th></tr>{score_rows}</table>
 <h2>Decisions taken by measurement on the validation split</h2><pre>{decisions}</pre>
+<h2 id="learning-curves">Learning curves (per epoch, per member)</h2>{curves_html}
 <h2>Confusion matrix (ensemble)</h2>{figure("confusion.png")}
 <h2>Worst mistakes (most confident wrong predictions)</h2>
 {figure("mistakes.png") if worst else '<p>none</p>'}

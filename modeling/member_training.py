@@ -35,6 +35,9 @@ class MemberResult:
     val_probs_flipped: np.ndarray | None
     test_probs_flipped: np.ndarray | None
     report: dict = field(default_factory=dict)
+    # Per training stage ('head', 'fine-tune'): per-epoch loss, accuracy, val_loss, val_accuracy
+    # and seconds (modeling.epoch_log); saved with the model and plotted in its report.
+    curves: dict = field(default_factory=dict)
 
 
 def squares(split: Split, size: int) -> np.ndarray:
@@ -157,6 +160,8 @@ def train_member(spec: MemberSpec, data: dict[str, Split], num_classes: int,
     import keras
     from keras import layers
 
+    from modeling.epoch_log import EpochLog
+
     keras.utils.set_random_seed(settings.model_seed)
     size = settings.model_image_size or spec.native_size
     t0 = time.monotonic()
@@ -192,9 +197,10 @@ def train_member(spec: MemberSpec, data: dict[str, Split], num_classes: int,
     head.compile(keras.optimizers.Adam(settings.model_learning_rate), loss=_loss(settings),
                  metrics=["accuracy"])
     t1 = time.monotonic()
+    head_log = EpochLog(spec.name, "head", settings.model_head_epochs)
     h1 = head.fit(pooled["train"], y_train, batch_size=settings.model_batch_size,
                   epochs=settings.model_head_epochs, validation_data=(pooled["val"], y_val),
-                  callbacks=_callbacks(settings), shuffle=True, verbose=0)
+                  callbacks=_callbacks(settings) + [head_log], shuffle=True, verbose=0)
     stage1_val = _accuracy(head.predict(pooled["val"], verbose=0), data["val"].labels)
     t_stage1 = time.monotonic() - t1
     del pooled
@@ -203,6 +209,7 @@ def train_member(spec: MemberSpec, data: dict[str, Split], num_classes: int,
     ft_in = keras.Input(split_tensor.shape[1:], name="bottom_features")
     finetune = keras.Model(ft_in, classifier(dropout(top(ft_in))), name=f"{spec.name}_finetune")
     stage2 = {"epochs_run": 0, "kept": False, "val_top1": None}
+    curves = {"head": head_log.curve}
     t2 = time.monotonic()
     if settings.model_finetune_epochs > 0:
         top.trainable = True
@@ -212,12 +219,15 @@ def train_member(spec: MemberSpec, data: dict[str, Split], num_classes: int,
         before = finetune.get_weights()
         finetune.compile(keras.optimizers.Adam(_finetune_rate(settings, len(train_feats))),
                          loss=_loss(settings), metrics=["accuracy"])
+        finetune_log = EpochLog(spec.name, "fine-tune", settings.model_finetune_epochs)
         h2 = finetune.fit(train_feats, y_train, batch_size=settings.model_batch_size,
                           epochs=settings.model_finetune_epochs,
                           validation_data=(feats["val"], y_val),
                           callbacks=_callbacks(settings,
-                                               settings.model_finetune_schedule == "plateau"),
+                                               settings.model_finetune_schedule == "plateau")
+                          + [finetune_log],
                           shuffle=True, verbose=0)
+        curves["fine-tune"] = finetune_log.curve
         stage2_val = _accuracy(finetune.predict(feats["val"], verbose=0), data["val"].labels)
         stage2.update(epochs_run=len(h2.history["loss"]), val_top1=stage2_val,
                       kept=stage2_val >= stage1_val)
@@ -236,7 +246,7 @@ def train_member(spec: MemberSpec, data: dict[str, Split], num_classes: int,
         name=spec.name, size=size, model=full,
         val_probs=probs(feats["val"]), test_probs=probs(feats["test"]),
         val_probs_flipped=probs(flipped["val"]) if use_flips else None,
-        test_probs_flipped=probs(flipped["test"]) if use_flips else None)
+        test_probs_flipped=probs(flipped["test"]) if use_flips else None, curves=curves)
     result.report = {
         "image_size": size, "split_layer": split_name, "views_per_image": views,
         "augmentation": settings.model_augmentation,

@@ -16,6 +16,7 @@ from modeling import images
 from modeling.ensemble import Ensemble, is_ensemble_dir
 from shoplens.config import Settings
 from shoplens.photos import DEFAULT_LIMITS, PhotoLimits
+from shoplens.progress import progress
 
 
 def load_ensemble(settings: Settings, model: str | None, cache_dir: Path) -> Ensemble:
@@ -61,7 +62,10 @@ def main(settings: Settings, model: str | None, paths: list[str], as_json: bool,
         return 2
     ens = load_ensemble(settings, model, cache_dir)
     failed = 0
-    for answer in predict_paths(ens, files, limits=PhotoLimits.from_settings(settings)):
+    # A bar on a terminal only; --json keeps it off (stdout is for the answers).
+    answers = predict_paths(ens, files, limits=PhotoLimits.from_settings(settings))
+    for answer in progress(answers, "predict", total=len(files), unit="photos",
+                           enabled=not as_json):
         if "error" in answer:
             failed += 1
             print(f"error: {answer['error']}", file=err)

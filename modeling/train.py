@@ -24,6 +24,7 @@ from modeling.member_training import train_member
 from shoplens.config import Settings
 
 log = logging.getLogger(__name__)
+LEARNING_CURVES_FILE = "learning_curves.json"  # {member: {stage: {metric: [per epoch]}}}
 
 TRAINING_SETTINGS = (
     "model_profile", "model_members", "model_image_size", "model_batch_size", "model_views_per_image",
@@ -102,9 +103,12 @@ def train_ensemble(settings: Settings, dataset: LocalDataset, out_dir: Path,
     save_ensemble(tmp, config, labels, [(r.name, r.size, r.model) for r in results])
     _check_saved_members(tmp, results, data["test"])
     ens_test = np.mean(list(test_probs.values()), axis=0)
+    curves = {r.name: r.curves for r in results}
+    (tmp / LEARNING_CURVES_FILE).write_text(json.dumps(curves, indent=1))
     report = evaluate.write_report(
         tmp / "report", f"Model {model_id} on {dataset.version_id}", metrics, ens_test,
-        data["test"].labels, dataset.labels, data["test"].encoded, data["test"].sha256)
+        data["test"].labels, dataset.labels, data["test"].encoded, data["test"].sha256,
+        curves=curves)
     metrics["worst_mistakes"] = report["worst_mistakes"]
     metrics["seconds"] = round(time.monotonic() - t0, 1)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False))

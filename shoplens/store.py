@@ -93,8 +93,3 @@ class ObjectStore:
 
     def remove(self, key: str) -> None:
         self.client.remove_object(self.bucket, key)
-
-    def presigned_url(self, key: str, hours: int = 24 * 7) -> str:
-        from datetime import timedelta
-
-        return self.client.presigned_get_object(self.bucket, key, expires=timedelta(hours=hours))

@@ -120,7 +120,8 @@ def test_run_decides_every_rule_and_writes_a_report_with_each_reason(settings, s
     assert stats["rejected_by_rule"]["multi_product"] >= 1 and stats["kept_images"] == 1
 
     store = ObjectStore(settings)
-    assert stats["report_key"] == "reports/night-1/filter.html" and "night-1" in stats["report_url"]
+    assert stats["report_key"] == "reports/night-1/filter.html"
+    assert stats["report_url"].endswith("/shoplens/runs/night-1/filter-report")  # the UI, not S3
     page = store.get_bytes(stats["report_key"]).decode()
     for reason in ("occupancy", "multi_product", "unreadable"):
         assert f'id="{reason}"' in page
@@ -248,3 +249,53 @@ def test_cli_prints_one_json_object_per_image(tmp_path, model_path):
     assert lines[1]["verdict"] == "reject" and lines[1]["reasons"] == ["occupancy"]
     assert lines[2]["products"] == 1 and lines[2]["boxes"][0]["label"] == "banana"
     assert set(lines[2]["boxes"][0]) == {"label", "score", "box"}
+
+
+def _run_with_terminal_stderr(args: list[str], env: dict) -> tuple[int, str, str]:
+    """Run a command whose stderr is a pseudo-terminal (as in an interactive shell) and stdout a
+    pipe; returns (exit code, stdout, what the terminal showed)."""
+    import os
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    shown = b""
+    while True:  # drain the terminal while the command runs: a full pty would block it
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the command exited and closed its end
+                chunk = b""
+            if not chunk:
+                break
+            shown += chunk
+        elif proc.poll() is not None:
+            break
+    out = proc.stdout.read().decode()
+    proc.wait(timeout=120)
+    os.close(master)
+    return proc.returncode, out, shown.decode(errors="replace")
+
+
+def test_cli_shows_a_progress_bar_on_a_terminal_and_none_in_json_mode(tmp_path, model_path):
+    """On a terminal the text mode draws a bar on stderr while the verdicts go to stdout; --json
+    draws none, so stderr carries no bar characters."""
+    photos = []
+    for k, fill in enumerate((0.8, 0.1, 0.5)):
+        photos.append(tmp_path / f"p{k}.jpg")
+        photos[-1].write_bytes(studio_photo(fill))
+    env = {"SHOPLENS_DETECTOR_MODEL_PATH": str(model_path), "PATH": "/usr/bin:/bin",
+           "TERM": "xterm", "COLUMNS": "120"}
+    base = [sys.executable, "-m", "dataset", "filter"]
+    code, out, terminal = _run_with_terminal_stderr(base + [str(p) for p in photos], env)
+    assert code == 0, terminal
+    assert len(out.splitlines()) == 3 and "━" not in out  # the bar stays off stdout
+    assert "━" in terminal and "3/3" in terminal and "filter" in terminal
+
+    code, out, terminal = _run_with_terminal_stderr(base + ["--json"] + [str(p) for p in photos], env)
+    assert code == 0, terminal
+    assert [json.loads(line)["image"] for line in out.splitlines()] == [str(p) for p in photos]
+    assert "━" not in terminal and "3/3" not in terminal and terminal.strip() == ""

@@ -159,3 +159,57 @@ def test_stage2_rate_is_fixed_on_plateaus_cosine_decayed_and_unknown_choices_are
     assert float(rate(0)) == pytest.approx(1e-3) and float(rate(20)) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="model_finetune_schedule"):
         _finetune_rate(tiny_settings(model_finetune_schedule="linear"), 100)
+
+
+def test_training_logs_one_line_per_epoch_per_member_and_the_report_plots_the_curves(tmp_path, caplog):
+    """Each member's head and fine-tune epochs are logged one line each (epoch/total, loss,
+    accuracy, val_loss, val_accuracy, seconds); the curves are saved with the model and the
+    report shows them."""
+    import logging
+    import re
+
+    from modeling.train import LEARNING_CURVES_FILE, train_ensemble
+
+    caplog.set_level(logging.INFO, logger="modeling.training")
+    data = make_dataset(tmp_path, classes=2, per_split=(3, 2, 2), seed=3)
+    members = ("efficientnet_lite0", "efficientnet_lite1")
+    settings = tiny_settings(model_members=members, model_init="random", model_tta="off",
+                             model_head_epochs=3, model_finetune_epochs=2,
+                             model_early_stopping_patience=10)
+    out = tmp_path / "ens"
+    train_ensemble(settings, LocalDataset(data), out, "m-curves")
+
+    line = re.compile(r"member (\S+) (head|fine-tune) epoch (\d+)/(\d+): loss \d+\.\d{4}, "
+                      r"accuracy \d\.\d{4}, val_loss \d+\.\d{4}, val_accuracy \d\.\d{4}, \d+\.\d s$")
+    logged = [line.match(r.getMessage()).groups() for r in caplog.records
+              if r.name == "modeling.training"]
+    expected = [(m, stage, str(e), str(n)) for m in members
+                for stage, n in (("head", 3), ("fine-tune", 2)) for e in range(1, n + 1)]
+    assert logged == expected
+
+    curves = json.loads((out / LEARNING_CURVES_FILE).read_text())
+    assert set(curves) == set(members)
+    for member in members:
+        assert {s: len(c["val_accuracy"]) for s, c in curves[member].items()} == {
+            "head": 3, "fine-tune": 2}
+        assert all(len(c["seconds"]) == len(c["loss"]) for c in curves[member].values())
+    page = (out / "report" / "index.html").read_text()
+    assert 'id="learning-curves"' in page and 'src="learning_curves.png"' in page
+    plot = Image.open(out / "report" / "learning_curves.png")
+    assert plot.size[1] > plot.size[0] / 2  # one row of plots per member
+
+
+def test_a_curve_that_cannot_be_plotted_leaves_a_note_and_the_rest_of_the_report(tmp_path, caplog):
+    """Report rendering never fails training: a broken curve is logged and the page says so."""
+    from modeling import evaluate
+
+    entries = [{"label": 0, "product_id": 1, "name": "a"}, {"label": 1, "product_id": 2, "name": "b"}]
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    metrics = {"test": {"ensemble": {"top1": 1.0, "top3": 1.0, "n": 2}}}
+    broken = {"m": ["not", "stages"]}  # e.g. a curve file from an older layout
+    evaluate.write_report(tmp_path, "t", metrics, probs, np.array([0, 1]), entries, [], ["a", "b"],
+                          curves=broken)
+    page = (tmp_path / "index.html").read_text()
+    curves = page.split('id="learning-curves"')[1].split("<h2>")[0]
+    assert "plot not rendered" in curves and "Confusion matrix" in page
+    assert "report plot _plot_curves failed" in caplog.text

@@ -111,3 +111,45 @@ def test_an_unreachable_manifest_is_a_503_with_a_message():
     dead = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port_block(1)}/nothing"
     response = client_for(Settings(manifest_url=dead)).get("/shoplens/")
     assert response.status_code == 503 and "manifest database is unreachable" in response.text
+
+
+def test_each_runs_filter_report_is_served_by_the_page_and_linked_from_it(page):
+    """The report the filter stage stored is streamed from the object store by the app itself
+    (no presigned URL), and the overview and the run page link to it."""
+    link = f"/shoplens/runs/{quote(ui_manifest.NIGHT1, safe='')}/filter-report"
+    for listing in ("/shoplens/", f"/shoplens/runs/{quote(ui_manifest.NIGHT1, safe='')}"):
+        html = page.get(listing).text
+        assert f'href="{link}"' in html or f'href="/shoplens/runs/{ui_manifest.NIGHT1}/filter-report"' in html
+    report = page.get(link)
+    assert report.status_code == 200
+    assert report.headers["content-type"] == "text/html; charset=utf-8"
+    assert report.text == ui_manifest.FILTER_REPORT
+    assert "default-src 'none'" in report.headers["content-security-policy"]
+    assert "X-Amz-Signature" not in page.get("/shoplens/").text
+
+
+def test_each_models_evaluation_report_and_its_images_are_served_and_linked(page):
+    html = page.get("/shoplens/").text
+    assert 'href="/shoplens/models/m1/report/"' in html and 'href="/shoplens/models/m2/report/"' in html
+    index = page.get("/shoplens/models/m1/report/")
+    assert index.status_code == 200 and index.headers["content-type"] == "text/html; charset=utf-8"
+    assert index.text == ui_manifest.MODEL_REPORT
+    # The page's relative image link resolves next to it.
+    curves = page.get("/shoplens/models/m1/report/learning_curves.png")
+    assert curves.status_code == 200 and curves.headers["content-type"] == "image/png"
+    assert curves.content == ui_manifest.jpeg(0, (8, 8))
+
+
+@pytest.mark.parametrize("path", [
+    "/shoplens/runs/manual__nonexistent/filter-report",     # no such filter run
+    "/shoplens/models/m9/report/",                          # no such model
+    "/shoplens/models/m2/report/",                          # known model, report not in the store
+    "/shoplens/models/m1/report/ensemble.json",             # stored, but not a report file
+    "/shoplens/models/m1/report/..%2Fensemble.json",        # traversal out of the report
+    "/shoplens/models/..%2Fm1/report/index.html",           # traversal in the model id
+    f"/shoplens/models/m1/report/{quote('../../' + ui_manifest.FILTER_REPORT_KEY, safe='')}",
+])
+def test_only_report_keys_named_by_the_manifest_are_served(page, path):
+    response = page.get(path)
+    assert response.status_code == 404, response.text
+    assert response.headers["content-type"] == "application/json"  # an error, not a stored object

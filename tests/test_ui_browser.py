@@ -201,7 +201,7 @@ def test_trigger_from_the_ui_then_read_the_report_and_the_shoplens_page(browser,
                 page.screenshot(path=str(SHOTS / "filter_task_log_missing.png"), full_page=True)
                 raise
     report_url = re.search(r"https?://\S+", log_line.inner_text()).group(0)
-    report = browser.new_page()
+    report = page.context.new_page()  # the shoplens page serves it, behind the Airflow login
     response = report.goto(report_url)
     assert response.status == 200 and "filter" in report.content().lower()
 

@@ -1,9 +1,9 @@
 """A small, fully known manifest for the shoplens page's tests, written with plain SQL.
 
 Two crawl runs, three products in two categories, 24 photos (real JPEGs in the object store when
-a store is given), one filter run with rejections, dataset versions v0001 -> v0002 (complete)
-and v0003 (failed), two models (m1 promoted and re-evaluated on v0002, m2 not promoted), and
-run metrics for the first night. Every number the tests assert follows from the lists below.
+a store is given), one filter run with rejections and its stored HTML report, dataset versions
+v0001 -> v0002 (complete) and v0003 (failed), two models (m1 promoted and re-evaluated on v0002,
+with an evaluation report in the store; m2 not promoted), and run metrics for the first night. Every number the tests assert follows from the lists below.
 """
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ V1 = {3: "train", 4: "train", 5: "train", 6: "train", 7: "val", 8: "test",
       13: "train", 14: "train", 15: "val", 16: "test", 17: "train"}
 V2 = {**{k: v for k, v in V1.items() if k not in (3, 4)}, 5: "val",
       21: "train", 22: "val", 23: "test", 9: "train"}
+
+
+FILTER_REPORT_KEY = f"reports/{NIGHT1}/filter.html"
+FILTER_REPORT = "<!doctype html><title>filter report</title><h1>Filter report 필터</h1>"
+MODEL_REPORT = '<!doctype html><h1>Model m1 모델</h1><img src="learning_curves.png">'
 
 
 def photo_sha(i: int) -> str:
@@ -67,7 +72,13 @@ def seed(url: str, store=None) -> None:
               " review_id, product_id, first_seen_run) VALUES (:s, :k, :b, 640, 480, 'jpeg', 'u', :i, :p, :r)",
               s=sha, k=key, b=len(data), i=i + 1, p=pid, r=run1)
         frun = q("INSERT INTO filter_runs (run_key, status, detector_version, rule_version, params, stats)"
-                 " VALUES (:k, 'success', 'yolox_nano', 'r1', '{}', '{}') RETURNING id", k=NIGHT1).scalar_one()
+                 " VALUES (:k, 'success', 'yolox_nano', 'r1', '{}', :stats) RETURNING id", k=NIGHT1,
+                 stats=f'{{"report_key": "{FILTER_REPORT_KEY}"}}').scalar_one()
+        if store is not None:
+            store.put_bytes(FILTER_REPORT_KEY, FILTER_REPORT.encode(), "text/html; charset=utf-8")
+            store.put_bytes("models/m1/report/index.html", MODEL_REPORT.encode(), "text/html")
+            store.put_bytes("models/m1/report/learning_curves.png", jpeg(0, (8, 8)), "image/png")
+            store.put_bytes("models/m1/ensemble.json", b"{}", "application/json")
         for i in range(len(PHOTO_PRODUCT)):
             for rule in RULES:
                 failed = rule in FAILED_RULES.get(i, [])
@@ -97,8 +108,8 @@ def seed(url: str, store=None) -> None:
                 ("m1", "v0001", True, "first model", t0 + timedelta(days=1, hours=1)),
                 ("m2", "v0002", False, "Top-1 0.760 < current 0.780 - margin 0.0", t0 + timedelta(days=2, hours=1))):
             q("INSERT INTO models (id, dataset_version, profile, status, promoted, reason, artifact_prefix,"
-              " created_at) VALUES (:m, :v, 'tiny', 'complete', :p, :why, 'models/x', :at)",
-              m=model, v=trained_on, p=promoted, why=reason, at=at)
+              " created_at) VALUES (:m, :v, 'tiny', 'complete', :p, :why, :prefix, :at)",
+              m=model, v=trained_on, p=promoted, why=reason, at=at, prefix=f"models/{model}/")
         for model, on, top1, top3, n in (("m1", "v0001", 0.80, 0.95, 2), ("m1", "v0002", 0.78, 0.93, 2),
                                          ("m2", "v0002", 0.76, 0.92, 2)):
             q("INSERT INTO model_metrics (model_id, dataset_version, split, member, top1, top3, n)"

@@ -40,6 +40,7 @@ from dataset.build.tables import MEMBER_EXPORT_COLUMNS, dataset_members, dataset
 from dataset.build.splits import SPLITS
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
+from shoplens.progress import progress
 from shoplens.store import ObjectStore
 
 DATASETS_PREFIX = "datasets"
@@ -186,7 +187,9 @@ def write_version_files(snapshot: VersionSnapshot, fetch: Callable[[str], bytes]
 
     files: dict[str, dict[str, Any]] = {}
     images_per_shard = int(snapshot.version["params"]["build"]["images_per_shard"])
-    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+    with ThreadPoolExecutor(FETCH_THREADS) as pool, \
+            progress(total=len(snapshot.members), desc=f"export {snapshot.version_id}",
+                     unit="photos") as shown:
         for relpath, records in shard_plan(snapshot.members, images_per_shard).items():
             path = out_dir / relpath
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +199,7 @@ def write_version_files(snapshot: VersionSnapshot, fetch: Callable[[str], bytes]
                         raise ExportError(f"object {record['object_key']} does not hold the bytes "
                                           f"of {record['sha256']} (corrupt or replaced)")
                     writer.write(_example_bytes(tf, data, record["sha256"], record["label"]))
+                    shown.advance()
             files[relpath] = _file_digest(path)
     for relpath, data in ((MANIFEST_FILE, manifest_parquet_bytes(snapshot.members)),
                           (LABELS_FILE, json_bytes(labels_document(snapshot.members)))):
@@ -232,7 +236,8 @@ def export_version(settings: Settings, version_id: str) -> dict[str, dict[str, A
         out = Path(tmp)
         files = write_version_files(snapshot, store.get_bytes, out)
         prefix = version_prefix(version_id)
-        for relpath in [p for p in files if p != VERSION_FILE] + [VERSION_FILE]:
+        order = [p for p in files if p != VERSION_FILE] + [VERSION_FILE]
+        for relpath in progress(order, f"upload {version_id}", unit="files"):
             content_type = "application/json" if relpath.endswith(".json") else "application/octet-stream"
             store.client.fput_object(store.bucket, prefix + relpath, str(out / relpath),
                                      content_type=content_type)
@@ -274,7 +279,8 @@ def materialise(settings: Settings, version_id: str, local_dir: str | Path) -> P
                           "the version does not exist or its export did not finish")
     version_data = store.get_bytes(prefix + VERSION_FILE)
     files = json.loads(version_data)["files"]
-    for relpath, expected in sorted(files.items()):
+    for relpath, expected in progress(sorted(files.items()), f"download {version_id}",
+                                      unit="files"):
         data = store.get_bytes(prefix + relpath)
         if _digest(data) != expected:
             raise ExportError(f"{prefix}{relpath} does not match the digest in {VERSION_FILE}")

@@ -21,11 +21,13 @@ from dataset.dedup.clusters import DuplicateRule, component_labels, find_pairs, 
 from dataset.dedup.hashing import hamming, hashes_of_image
 from shoplens.config import ConfigError, Settings
 from shoplens.photos import PhotoLimits, PhotoRejected, decode_photo, read_photo_file
+from shoplens.progress import progress
 
 
-def _hash_files(root: Path, limits: PhotoLimits):
+def _hash_files(root: Path, limits: PhotoLimits, show_progress: bool | None = None):
     hashed, skipped = [], []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    for path in progress(files, "dedup hashing", unit="files", enabled=show_progress):
         try:
             photo = decode_photo(read_photo_file(path, limits), limits)
         except PhotoRejected as exc:
@@ -40,10 +42,11 @@ def _hash_files(root: Path, limits: PhotoLimits):
     return hashed, skipped
 
 
-def folder_clusters(root: Path, threshold: int,
-                    limits: PhotoLimits = PhotoLimits()) -> tuple[list[dict], list[tuple[Path, str]]]:
-    """Clusters (two or more members) among the image files under ``root``, largest cluster first."""
-    files, skipped = _hash_files(root, limits)
+def folder_clusters(root: Path, threshold: int, limits: PhotoLimits = PhotoLimits(),
+                    show_progress: bool | None = None) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """Clusters (two or more members) among the image files under ``root``, largest cluster
+    first. ``show_progress=False`` keeps the progress bar off (see :mod:`shoplens.progress`)."""
+    files, skipped = _hash_files(root, limits, show_progress)
     rule = DuplicateRule(threshold)
     pairs = find_pairs(np.array([f["phash"] for f in files], dtype=np.int64),
                        np.array([f["dhash"] for f in files], dtype=np.int64), rule)
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.directory} is not a directory")
 
     clusters, skipped = folder_clusters(args.directory, settings.dedup_threshold,
-                                        PhotoLimits.from_settings(settings))
+                                        PhotoLimits.from_settings(settings),
+                                        show_progress=False if args.json else None)
     for path, why in skipped:
         print(f"skipped {path}: not a decodable image ({why})", file=sys.stderr)
     for cluster in clusters:

@@ -29,6 +29,7 @@ from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.manifest.tables import crawl_runs, images
 from shoplens.photos import PhotoLimits
+from shoplens.progress import progress
 from shoplens.store import ObjectStore
 
 READ_THREADS = 4  # object-store reads overlap; hashing a decoded image releases the GIL in Pillow
@@ -76,7 +77,8 @@ def hash_new_images(settings: Settings, run_id: int | None) -> dict:
     limits = PhotoLimits.from_settings(settings)  # the caps the crawler stored the photos under
     hashed, rehashed, failures = 0, 0, []
     batch = max(1, settings.dedup_hash_batch)
-    with ThreadPoolExecutor(READ_THREADS) as pool:
+    with ThreadPoolExecutor(READ_THREADS) as pool, \
+            progress(total=len(todo), desc="dedup hashing", unit="photos") as shown:
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
             results = list(pool.map(lambda row: _hash_one(store, limits, row[0], row[1]), chunk))
@@ -93,6 +95,7 @@ def hash_new_images(settings: Settings, run_id: int | None) -> dict:
                     conn.execute(statement)
             hashed += len(values)
             rehashed += sum(1 for (_, _, older), (_, h, _) in zip(chunk, results) if older and h is not None)
+            shown.advance(len(chunk))
     return {"hashed": hashed, "rehashed": rehashed, "hash_failures": failures}
 
 

@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from shoplens.progress import progress
+
     failures = 0
-    for path in args.images:
+    # The bar (on a terminal only) goes to stderr; --json keeps it off so stderr holds only errors.
+    for path in progress(args.images, "filter", unit="photos", enabled=not args.json):
         try:
             result = next(iter(stage.decide_files(detector, [path], params, args.category,
                                                    PhotoLimits.from_settings(settings))))

@@ -7,8 +7,9 @@
 2. decides every rule for each image whose latest decisions were made with other thresholds, rule
    version or detector version (so a threshold change re-decides from stored features, without
    the detector), appending rows to the ``rule_decisions`` history;
-3. writes an HTML report to ``reports/<run_key>/filter.html`` and returns its key and a
-   presigned URL in the stats dict.
+3. writes an HTML report to ``reports/<run_key>/filter.html`` and returns its key and its link
+   on the shoplens page in the Airflow UI (``/shoplens/runs/<run_key>/filter-report``, which
+   serves it from the object store) in the stats dict.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.manifest.tables import images, products
 from shoplens.photos import DEFAULT_LIMITS, PhotoLimits
+from shoplens.progress import progress
 from shoplens.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def inspect_new_images(settings: Settings, detector: Detector, run_id: int) -> d
             .order_by(images.c.sha256)).all()
     limits = PhotoLimits.from_settings(settings)  # the caps the crawler stored the photos under
     inspected = unreadable = 0
-    for sha256, object_key in todo:
+    for sha256, object_key in progress(todo, "filter detection", unit="photos"):
         features = features_for(detector, store.get_bytes(object_key), limits=limits)
         unreadable += "decode_error" in features.stats
         with engine.begin() as conn:
@@ -110,7 +112,7 @@ def decide_stored(settings: Settings, detector_version: str, params: rules.RuleP
     with engine.begin() as conn:
         rows = conn.execute(query).all()
         batch: list[dict] = []
-        for row in rows:
+        for row in progress(rows, "filter rules", unit="photos"):
             f = rules.Features(row.width, row.height, row.boxes, row.stats, row.category_id)
             for d in rules.decide(f, params):
                 batch.append({"sha256": row.sha256, "rule": d.rule, "run_id": run_id,
@@ -132,6 +134,13 @@ def _insert_decisions(conn: sa.Connection, batch: list[dict]) -> None:
             set_={c: sa.text(f"excluded.{c}") for c in
                   ("passed", "score", "reason", "rule_version", "detector_version", "params")}),
             batch)
+
+
+def report_link(settings: Settings, run_key: str) -> str:
+    """The filter report's address on the shoplens page (served by plugins/shoplens_ui)."""
+    from shoplens.ops import report_url  # the run page's address; ops needs Airflow, import late
+
+    return f"{report_url(settings, run_key)}/filter-report"
 
 
 def _report(settings: Settings, run_key: str, run_id: int, summary: dict) -> tuple[str, str]:
@@ -161,7 +170,7 @@ def _report(settings: Settings, run_key: str, run_id: int, summary: dict) -> tup
     key = f"reports/{run_key}/filter.html"
     page = report.render(run_key, summary, rule_counts, examples)
     store.put_bytes(key, page.encode(), "text/html; charset=utf-8")
-    return key, store.presigned_url(key)
+    return key, report_link(settings, run_key)
 
 
 def run(settings: Settings, run_key: str, detector: Detector | None = None) -> dict:

@@ -9,7 +9,14 @@ development: ``uvicorn --factory shoplens_ui.app:standalone_app`` with ``plugins
     /runs/{run_key}   one run's report: the run summary (shoplens.summary: stages with durations
                       and volumes, crawl, dedup, filter, dataset version, training), that run's
                       rejections with thumbnails
+    /runs/{run_key}/filter-report      the HTML report the filter stage stored for that run
+    /models/{model_id}/report/[file]   a model's evaluation report (index.html and its images)
     /thumb/{sha256}   a bounded-size JPEG thumbnail of a stored photo
+
+Reports are read from the object store by the app and streamed back, so they are one click away
+wherever the Airflow UI is, with no presigned URL to a store the browser may not reach. Only keys
+the manifest names are served: the filter run's recorded report key, and a fixed list of report
+files under a completed model's artefact prefix.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from typing import Callable
 
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from minio.error import S3Error
 
@@ -34,6 +41,12 @@ from shoplens_ui.thumbnails import ThumbnailError, clamp_side, thumbnail_from_st
 log = logging.getLogger("shoplens.ui")
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# What modeling.evaluate.write_report writes under <artefact prefix>report/.
+MODEL_REPORT_FILES = {"index.html": "text/html; charset=utf-8", "confusion.png": "image/png",
+                      "mistakes.png": "image/png", "learning_curves.png": "image/png",
+                      "per_product.json": "application/json"}
+# The reports are self-contained pages: they may show their own and inline images, nothing else.
+REPORT_CSP = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'"
 ICON = Path(__file__).with_name("icon.svg")
 TEMPLATES = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")),
                         autoescape=select_autoescape(["html"]))
@@ -54,6 +67,28 @@ TEMPLATES.filters["seconds"] = _fmt_seconds
 TEMPLATES.filters["pct"] = _fmt_pct
 
 
+def _stream_object(settings: Settings, key: str, media_type: str) -> StreamingResponse:
+    """The object's bytes in chunks; a missing object is a 404 before anything is sent."""
+    store = ObjectStore(settings)
+    try:
+        obj = store.client.get_object(store.bucket, key)
+    except S3Error as exc:
+        log.error("report %s: object store refused: %s", key, exc)
+        raise HTTPException(404 if exc.code in ("NoSuchKey", "NoSuchObject") else 502,
+                            f"object store: {exc.code}") from exc
+
+    def chunks():
+        try:
+            yield from obj.stream(64 * 1024)
+        finally:
+            obj.close()
+            obj.release_conn()
+
+    return StreamingResponse(chunks(), media_type=media_type,
+                             headers={"Content-Security-Policy": REPORT_CSP,
+                                      "Cache-Control": "private, max-age=300"})
+
+
 def _airflow_login() -> list:
     from airflow.api_fastapi.core_api.security import get_user
 
@@ -71,6 +106,8 @@ def create_app(settings_factory: Callable[[], Settings] = Settings.from_env,
         html = TEMPLATES.get_template(template).render(
             thumb=lambda sha, side=96: f"{request.url_for('thumbnail', sha256=sha).path}?side={side}",
             run_link=lambda key: request.url_for("run_report", run_key=key).path,
+            filter_report_link=lambda key: request.url_for("filter_report", run_key=key).path,
+            model_report_link=lambda model: request.url_for("model_report", model_id=model).path,
             home=request.url_for("overview").path, **context)
         return HTMLResponse(html, status_code=status)
 
@@ -106,6 +143,28 @@ def create_app(settings_factory: Callable[[], Settings] = Settings.from_env,
                           error="The manifest database is unreachable; see the api-server log.")
         return render(request, "run.html", 200 if summary.found else 404, run_key=run_key,
                       summary=summary, rejections=rejected)
+
+    @app.get("/runs/{run_key}/filter-report", name="filter_report")
+    def filter_report(run_key: str) -> StreamingResponse:
+        settings = settings_factory()
+        with engine_for(settings.manifest_url).connect() as conn:
+            key = queries.filter_report_key(conn, run_key)
+        if not key:
+            raise HTTPException(404, "no filter report recorded for this run")
+        return _stream_object(settings, key, "text/html; charset=utf-8")
+
+    @app.get("/models/{model_id}/report/", name="model_report")
+    @app.get("/models/{model_id}/report/{name}", name="model_report_file")
+    def model_report(model_id: str, name: str = "index.html") -> StreamingResponse:
+        if name not in MODEL_REPORT_FILES:
+            raise HTTPException(404, "not a file of a model report")
+        settings = settings_factory()
+        with engine_for(settings.manifest_url).connect() as conn:
+            prefix = queries.model_artifact_prefix(conn, model_id)
+        if not prefix:
+            raise HTTPException(404, "no completed model with this id")
+        return _stream_object(settings, f"{prefix.rstrip('/')}/report/{name}",
+                              MODEL_REPORT_FILES[name])
 
     @app.get("/thumb/{sha256}", name="thumbnail")
     def thumbnail(sha256: str, side: int = Query(96, ge=1, le=4096)) -> Response:

@@ -120,7 +120,8 @@ def rejections(conn: sa.Connection, run_key: str | None = None,
     if missing:
         return Section(missing)
     run = conn.execute(sa.text(
-        "SELECT id, run_key, status, started_at, finished_at FROM filter_runs "
+        "SELECT id, run_key, status, started_at, finished_at, stats->>'report_key' AS report_key "
+        "FROM filter_runs "
         + ("WHERE run_key = :k " if run_key else "") + "ORDER BY id DESC LIMIT 1"),
         {"k": run_key}).mappings().first()
     if run is None:
@@ -188,3 +189,23 @@ def image_object_key(conn: sa.Connection, sha256: str) -> tuple[str, int] | None
     row = conn.execute(sa.text("SELECT object_key, size_bytes FROM images WHERE sha256 = :s"),
                        {"s": sha256}).first()
     return (row[0], row[1]) if row else None
+
+
+# --------------------------------------------------------------------------------------------
+# Reports kept in the object store (served by the page itself)
+# --------------------------------------------------------------------------------------------
+def filter_report_key(conn: sa.Connection, run_key: str) -> str | None:
+    """The object key of the HTML report the filter stage stored for ``run_key``, or None."""
+    if missing_relations(conn, "filter_runs"):
+        return None
+    return conn.execute(sa.text("SELECT stats->>'report_key' FROM filter_runs WHERE run_key = :k"),
+                        {"k": run_key}).scalar()
+
+
+def model_artifact_prefix(conn: sa.Connection, model_id: str) -> str | None:
+    """Where a completed model's artefacts are (``models/<id>/``), or None for an unknown,
+    running or failed model."""
+    if missing_relations(conn, "models"):
+        return None
+    return conn.execute(sa.text("SELECT artifact_prefix FROM models WHERE id = :m "
+                                "AND status = 'complete'"), {"m": model_id}).scalar()
