@@ -302,10 +302,12 @@ def split_counts(split, names) -> dict[str, int]:
 
 
 def local_dataset(data_dir: Path, tag: str, labels, split):
-    """The dataset version folder for ``split``, written once and reused by later runs."""
+    """The dataset version folder for ``split``, written once and reused by later runs (an
+    incomplete one is written again)."""
     from modeling.dataset_layout import LocalDataset, write_local_dataset
+    from shoplens.export_layout import is_complete
 
-    if not (data_dir / "labels.json").is_file():
+    if not is_complete(data_dir):
         write_local_dataset(data_dir, tag, labels, [(p.read_bytes(), lab, s) for p, lab, s in split])
     return LocalDataset(data_dir)
 

@@ -59,8 +59,10 @@ def test_dataset_layout_round_trips(tmp_path):
     assert all(len(sha) == 64 for sha in train.sha256)
 
 
-def test_a_folder_without_labels_is_not_a_dataset(tmp_path):
-    with pytest.raises(DatasetError, match="labels.json is missing"):
+def test_a_folder_without_version_json_is_not_a_dataset(tmp_path):
+    """version.json is written last: without it, the export or download did not finish."""
+    (tmp_path / "labels.json").write_text('{"labels": [], "num_classes": 0}')
+    with pytest.raises(DatasetError, match="version.json .* is missing"):
         LocalDataset(tmp_path)
 
 

@@ -21,8 +21,7 @@ from fractions import Fraction
 from typing import Iterable, Mapping, Sequence
 
 from shoplens.config import ConfigError, Settings
-
-SPLITS = ("train", "val", "test")
+from shoplens.export_layout import SPLITS
 
 
 @dataclass(frozen=True)
