@@ -496,3 +496,85 @@ def test_with_no_delay_a_host_never_sees_more_requests_at_once_than_the_limit(
     hosts = shop.stats()["hosts"]
     assert hosts[urlsplit(shop.cdn_url).netloc]["requests"] >= 36
     assert all(h["max_in_flight"] <= 2 for h in hosts.values()), hosts
+
+
+# --- the browser stays on allow-listed hosts ------------------------------------------------
+def _offsite_probe() -> dict[str, int]:
+    """Serve a shop page whose JS opens a popup, fetches, starts a worker and a service worker,
+    opens a web socket and loads a script that redirects, all towards another host; and a page
+    that redirects there. Returns the requests the other host received."""
+    import asyncio
+    import collections
+
+    from aiohttp import web
+
+    from crawler.browser import BrowserError, acquire_cookies
+
+    hits: collections.Counter = collections.Counter()
+
+    async def serve(app, host):
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, host, 0)
+        await site.start()
+        return runner, site._server.sockets[0].getsockname()[1]
+
+    async def scenario():
+        offsite = web.Application()
+
+        async def record(request):
+            hits[request.path] += 1
+            return web.Response(text="offsite", content_type="text/html")
+
+        offsite.router.add_get("/{tail:.*}", record)
+        off_runner, off_port = await serve(offsite, "127.0.0.2")
+        other = f"127.0.0.2:{off_port}"
+
+        def js(text):
+            return lambda request: web.Response(text=text, content_type="application/javascript")
+
+        async def page(request):
+            return web.Response(content_type="text/html", text=(
+                "<html><head><script>document.cookie='waf=1; path=/';"
+                f"window.open('http://{other}/popup'); fetch('http://{other}/fetch').catch(()=>0);"
+                "new Worker('/worker.js'); navigator.serviceWorker &&"
+                " navigator.serviceWorker.register('/sw.js').catch(()=>0);"
+                f"try {{ new WebSocket('ws://{other}/ws'); }} catch (e) {{}}</script>"
+                '<script src="/redirect.js"></script><script src="/slow.js"></script>'
+                "</head><body>shop</body></html>"))
+
+        async def redirect(request):
+            raise web.HTTPFound(f"http://{other}{request.path}")
+
+        async def slow(request):  # keeps the page loading while the popup starts
+            await asyncio.sleep(1.5)
+            return web.Response(text="1", content_type="application/javascript")
+
+        shop = web.Application()
+        shop.router.add_get("/page", page)
+        shop.router.add_get("/start", redirect)
+        shop.router.add_get("/redirect.js", redirect)
+        shop.router.add_get("/slow.js", slow)
+        shop.router.add_get("/worker.js", js(f"fetch('http://{other}/worker')"))
+        shop.router.add_get("/sw.js", js(f"fetch('http://{other}/service-worker')"))
+        shop_runner, port = await serve(shop, "127.0.0.1")
+        options = dict(chromium_path="/usr/bin/chromium", user_agent="shoplens-test",
+                       allowed_hosts={f"127.0.0.1:{port}"}, timeout_s=5.0, attempts=1)
+        try:
+            assert await acquire_cookies(f"http://127.0.0.1:{port}/page", **options) == {
+                "waf": "1"}
+            await asyncio.sleep(1.0)  # anything the popup or the workers would still send
+            with pytest.raises(BrowserError):
+                await acquire_cookies(f"http://127.0.0.1:{port}/start", **options)
+        finally:
+            await shop_runner.cleanup()
+            await off_runner.cleanup()
+
+    asyncio.run(scenario())
+    return dict(hits)
+
+
+def test_the_browser_never_reaches_another_host_by_popup_worker_socket_or_redirect():
+    """The cookie browser's allow-list covers the whole context: popups, workers, service
+    workers, web sockets, and redirects of the page and of its scripts."""
+    assert _offsite_probe() == {}
