@@ -578,3 +578,95 @@ def test_the_browser_never_reaches_another_host_by_popup_worker_socket_or_redire
     """The cookie browser's allow-list covers the whole context: popups, workers, service
     workers, web sockets, and redirects of the page and of its scripts."""
     assert _offsite_probe() == {}
+
+
+# --- hostile shop data ----------------------------------------------------------------------
+# What the crawler records for each kind of --faults hostile-data (crawler/replica/hostile.py):
+# (stage, reason) of its failure row, or None where the answer is cleaned or resolved and stored.
+HOSTILE_OUTCOME = {
+    "product_id_overflow": ("product", "out_of_range"),
+    "review_count_overflow": ("product", "out_of_range"),
+    "queries_not_objects": ("product", "missing_field"),
+    "deep_nesting": ("product", "invalid_json"),
+    "infinity_id": ("product", "invalid_json"),
+    "review_id_1e400": ("reviews", "unexpected_shape"),
+    "review_id_bool": ("reviews", "unexpected_shape"),
+    "review_id_fraction": ("reviews", "unexpected_shape"),
+    "review_id_overflow": ("reviews", "out_of_range"),
+    "duplicate_review_id": ("reviews", "duplicate_review_id"),
+    "reviews_not_a_list": ("reviews", "missing_field"),
+    "photo_relative": ("image", "http_404"),  # resolved against the shop, which has no such file
+    "photo_javascript": ("image", "bad_photo_url"),
+    "photo_bad_port": ("image", "bad_photo_url"),
+    "nul_and_surrogate": None,
+    "photo_protocol_relative": None,
+}
+
+
+def _failures_of_run(url: str, run_key: str) -> set[tuple]:
+    return set(query(url, "SELECT f.product_id, f.stage, f.reason FROM crawl_failures f JOIN "
+                          "crawl_runs c ON c.id = f.run_id WHERE c.run_key = :k", k=run_key))
+
+
+def test_hostile_shop_data_is_recorded_per_product_and_never_stops_the_crawl(
+        replica, s3_settings, manifest_url):
+    """Every kind of malformed answer costs only its own product (or review, or photo), with
+    a failure row saying why; every other product is crawled whole; the next night asks again
+    and records the same, and stored bad photo addresses are re-checked, never raised."""
+    from crawler.replica.hostile import KINDS
+
+    shop = replica([3] * 20, faults="hostile-data=0.8", photo_seed=21)
+    assert set(HOSTILE_OUTCOME) == set(KINDS)
+    settings = crawl_settings(shop, s3_settings, manifest_url, retry_times=1, best_n=20)
+
+    crawl_run(settings, "hostile-1")
+    truth = shop.ground_truth()
+    hostile = {h["product_id"]: h for h in truth["hostile"]}
+    assert {h["kind"] for h in hostile.values()} == set(KINDS)  # every kind was served
+    product_ids = expected_products(truth, 20)[CATEGORY]
+    assert query(manifest_url, "SELECT status FROM crawl_runs WHERE run_key = 'hostile-1'") == [
+        ("success",)]
+
+    # Every product whose answers were good, or cleaned/resolved, is crawled whole.
+    whole = [p for p in product_ids
+             if p not in hostile or HOSTILE_OUTCOME[hostile[p]["kind"]] is None]
+    good_photos = photo_reviews(truth, whole)
+    stored = stored_photos(manifest_url)
+    assert set(good_photos) <= set(stored)
+    reviews = dict(query(manifest_url, "SELECT id, comment FROM reviews"))
+    for review in truth["reviews"]:
+        if review["product_id"] in whole:
+            assert review["id"] in reviews
+    cleaned = next(h for h in hostile.values() if h["kind"] == "nul_and_surrogate")
+    assert reviews[cleaned["review_id"]] == "beforeafter\ufffdend"  # NUL gone, surrogate replaced
+
+    # Every hostile answer has its failure row with its reason; nothing was unexpected.
+    failures = _failures_of_run(manifest_url, "hostile-1")
+    expected = {(pid, *HOSTILE_OUTCOME[h["kind"]]) for pid, h in hostile.items()
+                if HOSTILE_OUTCOME[h["kind"]] is not None}
+    assert expected <= failures
+    assert {f for f in failures if f[0] not in hostile} == set()
+    assert not any(reason == "spider_exception" for _, _, reason in failures)
+
+    # Addresses an older parser stored unchecked: one protocol-relative, one javascript:.
+    good_product = next(p for p in product_ids if p not in hostile)
+    relative_id, script_id = sorted(photo_reviews(truth, [good_product]))[:2]
+    cdn = urlsplit(shop.cdn_url).netloc
+    with engine_for(manifest_url).begin() as conn:
+        conn.execute(sa.text("DELETE FROM review_photos WHERE review_id IN (:a, :b)"),
+                     {"a": relative_id, "b": script_id})
+        conn.execute(sa.text("UPDATE reviews SET photo_url = :u WHERE id = :i"),
+                     {"u": f"//{cdn}{urlsplit(good_photos[relative_id]['photo_url']).path}",
+                      "i": relative_id})
+        conn.execute(sa.text("UPDATE reviews SET photo_url = 'javascript:alert(1)' WHERE id = :i"),
+                     {"i": script_id})
+
+    crawl_run(settings, "hostile-2")
+    assert query(manifest_url, "SELECT status FROM crawl_runs WHERE run_key = 'hostile-2'") == [
+        ("success",)]
+    again = _failures_of_run(manifest_url, "hostile-2")
+    assert expected <= again  # asked again, recorded again
+    assert (good_product, "image", "bad_photo_url") in again
+    assert not any(reason == "spider_exception" for _, _, reason in again)
+    assert relative_id in stored_photos(manifest_url)  # healed through the resolved address
+    assert set(good_photos) - {script_id} <= set(stored_photos(manifest_url))

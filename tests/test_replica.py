@@ -460,6 +460,48 @@ def test_bad_fault_specs_are_rejected_clearly():
             FaultPlan(spec)
 
 
+def test_hostile_data_serves_every_kind_on_its_endpoint_deterministically(faulty):
+    """``hostile-data=1``: every product serves one malformed answer, the kinds dealt in turn,
+    fixed per seed, recorded in the ground truth; the raw text carries what json.dumps never
+    writes (1e400, Infinity, lone surrogates, deep nesting)."""
+    from crawler.replica.hostile import KINDS, PRODUCT_PAGE_KINDS
+
+    faulty.set_faults("hostile-data=1")
+    try:
+        truth = faulty.ground_truth()
+        assert truth["hostile"] == faulty.ground_truth()["hostile"]  # stable between calls
+        hostile = {h["product_id"]: h for h in truth["hostile"]}
+        assert set(hostile) == {p["id"] for p in truth["products"]}
+        assert {h["kind"] for h in hostile.values()} == set(KINDS)
+        client = admitted(faulty)
+        markers = {"product_id_overflow": str(2 ** 70), "review_count_overflow": "3000000000",
+                   "queries_not_objects": '{"state":"x"},null', "deep_nesting": "[" * 1000,
+                   "infinity_id": '"id":Infinity', "review_id_1e400": '"id":1e400',
+                   "review_id_bool": '"id":true', "review_id_overflow": str(2 ** 70),
+                   "nul_and_surrogate": "\\u0000after\\ud800", "reviews_not_a_list": '"reviews":{',
+                   "photo_protocol_relative": '"imageUrl":"//127.0.0.1:',
+                   "photo_relative": '"imageUrl":"/apne2/', "photo_javascript": "javascript:",
+                   "photo_bad_port": ":99999/apne2/"}
+        seen = set()
+        for product_id, h in hostile.items():
+            if h["kind"] in PRODUCT_PAGE_KINDS:
+                text = requests.get(f"{faulty.base_url}/goods/{product_id}").text
+            else:
+                text = client.get(f"{faulty.base_url}/api/goods/reviews", params={
+                    "productionId": product_id, "page": 1, "per": 5, "order": "recent"}).text
+                assert h["review_id"] is not None and str(h["review_id"]) in text or h["kind"] in (
+                    "review_id_1e400", "review_id_bool", "review_id_overflow",
+                    "review_id_fraction")
+            if h["kind"] in markers:
+                assert markers[h["kind"]] in text, h
+            seen.add(h["kind"])
+        assert seen == set(KINDS)
+        assert faulty.stats()["faults"]["hostile-data"] >= len(hostile)
+    finally:
+        faulty.set_faults("")
+    assert faulty.ground_truth()["hostile"] == []
+
+
 # --- bad photos, hold-back -------------------------------------------------------------------
 def test_bad_photos_are_permanent_and_marked(small_sources):
     with ReplicaShop(sources=small_sources, seed=3, bad_photos=0.25) as shop:
