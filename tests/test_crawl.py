@@ -670,3 +670,17 @@ def test_hostile_shop_data_is_recorded_per_product_and_never_stops_the_crawl(
     assert not any(reason == "spider_exception" for _, _, reason in again)
     assert relative_id in stored_photos(manifest_url)  # healed through the resolved address
     assert set(good_photos) - {script_id} <= set(stored_photos(manifest_url))
+
+
+def test_a_category_that_yields_no_product_fails_the_crawl_task(replica, s3_settings,
+                                                                 manifest_url):
+    """An empty or lost ranking is a lost category: crawl_category raises (the DAG task
+    fails) instead of returning stats of 0 products, and its stats still reach the run row."""
+    shop = replica([3, 3])
+    settings = crawl_settings(shop, s3_settings, manifest_url, categories=["99990000"])
+    crawler.start_run(settings, "lost")
+    with pytest.raises(CrawlError, match="no product crawled"):
+        crawler.crawl_category(settings, "99990000", "lost")
+    (stats,) = query(manifest_url, "SELECT stats->'categories'->'99990000' FROM crawl_runs "
+                                   "WHERE run_key = 'lost'")[0]
+    assert stats["products"] == 0 and "no product crawled" in stats["error"]

@@ -523,3 +523,108 @@ def test_a_failed_cookie_renewal_is_not_retried_by_every_refused_call(monkeypatc
 
     asyncio.run(scenario())
     assert len(calls) == 1
+
+
+# --- a crawl that lost something never looks finished ---------------------------------------
+def _stats(**overrides):
+    return {"category_id": "10120000", "finish_reason": "finished", "products": 20,
+            "spider_exceptions": 0, "failures": {}, **overrides}
+
+
+def test_a_clean_category_crawl_has_no_problem():
+    from crawler.run import crawl_problem
+
+    assert crawl_problem(_stats()) is None
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ({"spider_exceptions": 2}, "2 unexpected exception"),
+    ({"products": 0, "failures": {"invalid_json": 1}}, "no product crawled"),
+    ({"products": 0}, "no product crawled"),
+    ({"finish_reason": "shutdown"}, "ended early"),
+])
+def test_spider_exceptions_or_a_lost_category_fail_the_category_crawl(overrides, says):
+    from crawler.run import crawl_problem
+
+    assert says in crawl_problem(_stats(**overrides))
+
+
+def test_an_exception_in_a_callback_is_recorded_and_the_crawl_goes_on():
+    """CallbackGuardMiddleware hands the exception to the spider's recorder and returns an
+    empty output, so Scrapy carries on with the other requests; HttpError is left to the
+    errback and the spider's own abort (IgnoreRequest) passes silently."""
+    import asyncio
+
+    from scrapy import Request
+    from scrapy.exceptions import IgnoreRequest
+    from scrapy.http import HtmlResponse
+    from scrapy.spidermiddlewares.httperror import HttpError
+
+    from crawler.middlewares import CallbackGuardMiddleware
+
+    recorded = []
+
+    class Spider:
+        async def _unexpected(self, request, exc):
+            recorded.append((request.url, type(exc).__name__))
+
+    crawler_ = _FakeCrawler(SHOP)
+    crawler_.spider = Spider()
+    guard = CallbackGuardMiddleware.from_crawler(crawler_)
+    request = Request("http://shop.test/goods/1", meta={"stage": "product", "product_id": 1})
+    response = HtmlResponse(request.url, body=b"<html></html>", request=request)
+
+    async def drain(result):
+        return [item async for item in result]
+
+    assert asyncio.run(drain(guard.process_spider_exception(response, OverflowError("x")))) == []
+    assert recorded == [("http://shop.test/goods/1", "OverflowError")]
+    assert guard.process_spider_exception(response, HttpError(response)) is None
+    assert guard.process_spider_exception(response, IgnoreRequest("aborting")) is None
+
+
+# --- size caps ------------------------------------------------------------------------------
+def _spider(settings: Settings):
+    """A ReviewsSpider with just what building photo requests needs (no crawl, no database)."""
+    from crawler.manifest_writer import ProductState
+    from crawler.site import ShopSite
+    from crawler.spiders.reviews import ReviewsSpider
+
+    spider = ReviewsSpider(category_id="10120000", run_key="unit")
+    spider.shop = settings
+    spider.site = ShopSite(settings.shop_base_url, settings.image_params)
+    spider.states = {1: ProductState()}
+    spider.crawler = _FakeCrawler(settings)
+    spider.crawler.stats.get_value = lambda key, default=None: default
+    spider.crawler.stats.set_value = lambda key, value: None
+    spider.recorded = []
+
+    async def record(request, reason, detail, **where):
+        spider.recorded.append((reason, where.get("url")))
+
+    spider._record = record
+    return spider
+
+
+def test_pages_and_json_are_capped_apart_from_photos():
+    import asyncio
+
+    settings = SHOP.with_overrides(max_page_bytes=300_000, max_image_bytes=9_000_000)
+    scrapy_config = scrapy_settings(settings)
+    assert scrapy_config["DOWNLOAD_MAXSIZE"] == 300_000  # pages, JSON, robots.txt
+    request = asyncio.run(_spider(settings)._photo_request(1, 10, "http://cdn.test:81/a.jpg"))
+    assert request.meta["download_maxsize"] == 9_000_000
+    assert request.url == "http://cdn.test:81/a.jpg?w=1280&h=1280"
+    assert Settings().max_page_bytes < Settings().max_image_bytes
+
+
+def test_a_bad_photo_address_stored_by_an_older_night_is_recorded_not_raised():
+    import asyncio
+
+    spider = _spider(SHOP)
+    assert asyncio.run(spider._photo_request(1, 11, "http://cdn.test:99999/a.jpg")) is None
+    assert asyncio.run(spider._photo_request(1, 12, "javascript:alert(1)")) is None
+    healed = asyncio.run(spider._photo_request(1, 13, "//cdn.test:81/b.jpg"))
+    assert healed.url == "http://cdn.test:81/b.jpg?w=1280&h=1280"
+    assert spider.recorded == [("bad_photo_url", "http://cdn.test:99999/a.jpg"),
+                               ("bad_photo_url", "javascript:alert(1)")]
