@@ -628,3 +628,25 @@ def test_a_bad_photo_address_stored_by_an_older_night_is_recorded_not_raised():
     assert healed.url == "http://cdn.test:81/b.jpg?w=1280&h=1280"
     assert spider.recorded == [("bad_photo_url", "http://cdn.test:99999/a.jpg"),
                                ("bad_photo_url", "javascript:alert(1)")]
+
+
+def test_operations_guide_lists_every_failure_reason_the_crawl_can_record():
+    """docs/operations.md's table names each reason code found in the crawler's source."""
+    import re
+    from pathlib import Path
+
+    from crawler.images import CONTENT_REJECTIONS
+
+    root = Path(__file__).resolve().parents[1]
+    source = {name: (root / "crawler" / name).read_text() for name in (
+        "site.py", "failures.py", "spiders/reviews.py")}
+    reasons = set(re.findall(r'ParseError\(\s*"([a-z_]+)"', source["site.py"]))
+    reasons |= set(re.findall(r'return \(?"([a-z_]+)"', source["failures.py"]))
+    reasons |= set(re.findall(r'\("([a-z_]+)" if', source["failures.py"]))
+    reasons |= set(re.findall(r'else "([a-z_]+)"\)', source["failures.py"]))
+    reasons |= set(re.findall(r'_record\([^,]+, "([a-z_]+)"', source["spiders/reviews.py"]))
+    reasons |= CONTENT_REJECTIONS
+    assert len(reasons) >= 25, sorted(reasons)  # the patterns above still find the codes
+    guide = (root / "docs" / "operations.md").read_text()
+    missing = {r for r in reasons if f"`{r}`" not in guide}
+    assert not missing and "`http_<status>`" in guide
