@@ -684,3 +684,18 @@ def test_a_category_that_yields_no_product_fails_the_crawl_task(replica, s3_sett
     (stats,) = query(manifest_url, "SELECT stats->'categories'->'99990000' FROM crawl_runs "
                                    "WHERE run_key = 'lost'")[0]
     assert stats["products"] == 0 and "no product crawled" in stats["error"]
+
+
+def test_a_shop_whose_pages_set_no_waf_cookie_is_crawled_without_a_browser(
+        replica, s3_settings, manifest_url, tmp_path, monkeypatch):
+    """The cookie is fetched when the shop refuses a call, not required up front: with the WAF
+    off, the night is complete and no browser was started."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # no WAF cookie cached by an earlier test
+    shop = replica([4, 5], waf=False)
+    settings = crawl_settings(shop, s3_settings, manifest_url)
+    crawler.start_run(settings, "no-waf")
+    stats = crawler.crawl_category(settings, CATEGORY, "no-waf")
+    crawler.finish_run(settings, "no-waf")
+    assert stats["waf_cookie_acquired"] == 0 and stats["waf_cookie_reused"] == 0
+    assert stats["failures"] == {} and stats["products"] == 2
+    assert_matches_ground_truth(settings, shop.ground_truth())

@@ -276,6 +276,18 @@ def test_expired_forged_or_refererless_requests_are_denied(shop):
     assert blocked["expired"] >= 1 and blocked["invalid"] >= 1 and blocked["no_referer"] >= 2
 
 
+def test_with_the_waf_off_pages_set_no_cookie_and_calls_need_none(small_sources):
+    with ReplicaShop(sources=small_sources, seed=3, waf=False) as shop:
+        product_id = shop.ground_truth()["products"][0]["id"]
+        page = requests.get(f"{shop.base_url}/goods/{product_id}").text
+        assert "document.cookie" not in page and "Set-Cookie" not in page
+        url = f"{shop.base_url}/api/goods/reviews"
+        referer = {"Referer": f"{shop.base_url}/goods/{product_id}"}
+        assert requests.get(url, params={"productionId": product_id},
+                            headers=referer).status_code == 200
+        assert requests.get(url, params={"productionId": product_id}).status_code == 403
+
+
 def test_a_real_headless_chromium_obtains_the_cookie_and_it_expires(small_sources):
     from playwright.sync_api import sync_playwright
 
