@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 logger = logging.getLogger(__name__)
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 _SKIPPED_RESOURCES = {"image", "font", "media", "stylesheet"}
+WEB_SCHEMES = frozenset({"http", "https"})
 
 
 class BrowserError(RuntimeError):
@@ -22,14 +23,34 @@ class BrowserError(RuntimeError):
 
 def host_allowed(url: str, allowed: set[str]) -> bool:
     """``allowed`` holds ``host`` (any port) or ``host:port`` entries."""
-    parts = urlsplit(url)
-    return parts.netloc in allowed or (parts.hostname or "") in allowed
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname or ""
+    except ValueError:  # e.g. a malformed IPv6 literal
+        return False
+    return bool(hostname) and (parts.netloc in allowed or hostname in allowed)
+
+
+def url_allowed(url: str, schemes: set[str], allowed: set[str]) -> bool:
+    """An ``http(s)`` URL of one of ``schemes`` to an allowed host; ``file:``, ``data:``,
+    ``ftp:``, ``s3:``, ``blob:``, ``ws:`` ... never, even with an allowed host name."""
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        return False
+    return scheme in schemes and scheme in WEB_SCHEMES and host_allowed(url, allowed)
 
 
 async def acquire_cookies(page_url: str, *, chromium_path: str, user_agent: str,
-                          allowed_hosts: set[str], timeout_s: float = 20.0,
-                          attempts: int = 3) -> dict[str, str]:
-    """Open ``page_url``, let its scripts run, and return the cookies set for its origin."""
+                          allowed_hosts: set[str], allowed_schemes: set[str] | None = None,
+                          timeout_s: float = 20.0, attempts: int = 3) -> dict[str, str]:
+    """Open ``page_url``, let its scripts run, and return the cookies set for its origin.
+
+    Every request of the whole browser context (the page, its redirects, popups it opens,
+    workers) passes the allow-list; service workers are blocked, since their requests would
+    bypass the route.
+    """
+    schemes = set(allowed_schemes or {urlsplit(page_url).scheme})
     from playwright.async_api import Error as PlaywrightError
     from playwright.async_api import async_playwright
 
@@ -39,18 +60,35 @@ async def acquire_cookies(page_url: str, *, chromium_path: str, user_agent: str,
             browser = await pw.chromium.launch(executable_path=chromium_path, headless=True,
                                                args=CHROMIUM_ARGS)
             try:
-                context = await browser.new_context(user_agent=user_agent)
-                page = await context.new_page()
+                context = await browser.new_context(user_agent=user_agent,
+                                                    service_workers="block")
 
                 async def gatekeeper(route):
                     req = route.request
-                    if (not host_allowed(req.url, allowed_hosts)
+                    if (not url_allowed(req.url, schemes, allowed_hosts)
                             or req.resource_type in _SKIPPED_RESOURCES):
                         await route.abort()
-                    else:
-                        await route.continue_()
+                        return
+                    # Fetched here without following redirects, and a redirect is handed to the
+                    # browser only when its target passes the gate too (a continued request's
+                    # redirects would be followed unchecked).
+                    try:
+                        response = await route.fetch(max_redirects=0,
+                                                     timeout=timeout_s * 1000)
+                    except PlaywrightError:
+                        await route.abort()
+                        return
+                    location = response.headers.get("location")
+                    if 300 <= response.status < 400 and location is not None and not url_allowed(
+                            urljoin(req.url, location), schemes, allowed_hosts):
+                        await route.abort("blockedbyclient")
+                        return
+                    await route.fulfill(response=response)
 
-                await page.route("**/*", gatekeeper)
+                # On the context, not the page: popups and workers are covered too.
+                await context.route("**/*", gatekeeper)
+                await context.route_web_socket("**/*", _refuse_web_socket)
+                page = await context.new_page()
                 for attempt in range(1, attempts + 1):
                     try:
                         response = await page.goto(page_url, wait_until="load",
@@ -73,3 +111,7 @@ async def acquire_cookies(page_url: str, *, chromium_path: str, user_agent: str,
     except PlaywrightError as exc:
         raise BrowserError(f"chromium at {chromium_path}: {exc.message.splitlines()[0]}") from exc
     raise BrowserError(f"no cookie from {page_url} after {attempts} attempts ({last_problem})")
+
+
+async def _refuse_web_socket(ws) -> None:
+    await ws.close()  # never connected to the server: the cookie needs no web socket

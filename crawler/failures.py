@@ -35,4 +35,6 @@ def classify(exc: BaseException, stage: str | None) -> tuple[str, str]:
     if isinstance(exc, IgnoreRequest):
         text = str(exc)
         return ("robots_disallowed" if "robots" in text.lower() else "ignored"), detail
-    return type(exc).__name__.lower(), detail
+    # Any other download error (the exception's type is in the detail): one known reason, so
+    # that docs/operations.md can list every reason a night records.
+    return "download_error", detail

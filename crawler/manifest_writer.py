@@ -211,9 +211,19 @@ class ManifestWriter:
         with self.engine.begin() as conn:
             conn.execute(crawl_failures.insert().values(
                 run_id=self.run_id, category_id=failure.category_id,
-                product_id=failure.product_id, review_id=failure.review_id, url=failure.url,
+                product_id=_bigint_or_none(failure.product_id),
+                review_id=_bigint_or_none(failure.review_id), url=_storable(failure.url),
                 stage=failure.stage, reason=failure.reason,
-                detail=(failure.detail or "")[:2000] or None))
+                detail=_storable(failure.detail or "")[:2000] or None))
+
+
+def _storable(text: str) -> str:
+    """Text PostgreSQL accepts: a failure's URL or detail may quote the hostile value itself."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bigint_or_none(value) -> int | None:
+    return value if isinstance(value, int) and -2 ** 63 <= value < 2 ** 63 else None
 
 
 # The photo rows' statements, built once and run with a list of rows (SQLAlchemy's

@@ -1,4 +1,6 @@
-"""Downloader middlewares: the host allow-list, the WAF cookie, and Retry-After on HTTP 429."""
+"""Scrapy middlewares: the scheme and host allow-list, the WAF cookie, Retry-After on HTTP 429
+(downloader), and the guard that turns an exception in a spider callback into a recorded failure
+(spider)."""
 from __future__ import annotations
 
 import asyncio
@@ -15,9 +17,10 @@ from scrapy import Request
 from scrapy.downloadermiddlewares.retry import RetryMiddleware
 from scrapy.exceptions import IgnoreRequest
 from scrapy.http import Response
+from scrapy.spidermiddlewares.httperror import HttpError
 from scrapy.utils.httpobj import urlparse_cached
 
-from crawler.browser import BrowserError, acquire_cookies, host_allowed
+from crawler.browser import BrowserError, acquire_cookies, url_allowed
 from crawler.site import ShopSite
 
 logger = logging.getLogger(__name__)
@@ -30,11 +33,13 @@ class OffsiteRequest(IgnoreRequest):
         self.url = url
         self.redirected_from = redirected_from
         origin = f" (redirected from {redirected_from[0]})" if redirected_from else ""
-        super().__init__(f"{url}: host not in the allow-list{origin}")
+        super().__init__(f"{url[:300]}: scheme or host not in the allow-list{origin}")
 
 
 class HostAllowListMiddleware:
-    """Drops every request whose host is not the shop's or in ``allowed_hosts``.
+    """Drops every request whose scheme is not the shop's (``file:``, ``ftp:``, ``s3:``,
+    ``data:`` ... never pass, whatever their host) or whose host is not the shop's or in
+    ``allowed_hosts``.
 
     Placed before RobotsTxtMiddleware, and RedirectMiddleware sends redirect targets back through
     the whole chain, so an off-list host never sees even a robots.txt request.
@@ -42,7 +47,9 @@ class HostAllowListMiddleware:
 
     def __init__(self, crawler):
         shop = crawler.settings["SHOPLENS_SETTINGS"]
-        self.allowed = {ShopSite(shop.shop_base_url).netloc, *shop.allowed_hosts}
+        site = ShopSite(shop.shop_base_url)
+        self.schemes = {site.scheme}
+        self.allowed = {site.netloc, *shop.allowed_hosts}
         self.stats = crawler.stats
 
     @classmethod
@@ -50,7 +57,7 @@ class HostAllowListMiddleware:
         return cls(crawler)
 
     def process_request(self, request: Request):
-        if host_allowed(request.url, self.allowed):
+        if url_allowed(request.url, self.schemes, self.allowed):
             return None
         self.stats.inc_value("shoplens/offsite_dropped")
         raise OffsiteRequest(request.url, list(request.meta.get("redirect_urls", [])))
@@ -67,14 +74,18 @@ class HostSlotMiddleware:
 
 
 class WafCookieMiddleware:
-    """Adds the browser-obtained WAF cookie to guarded shop calls; renews it on a 403.
+    """Adds the browser-obtained WAF cookie to guarded shop calls, once the shop asks for one.
 
-    The cookie is fetched lazily, once, with the page the call names as its Referer (the page a
-    visitor would be on). A 403 on a request sent with the current cookie renews it; requests
-    sent with an older cookie just retry with the newer one. The cookie is kept in a private
-    temp file per shop, so the next crawl process (next category) reuses it instead of starting
-    a browser again, as a visitor's browser would.
+    A guarded call goes out with the cookie held, or with none: the cookie is fetched only when
+    the shop refuses a call (403/401, the WAF's challenge), with the page the call names as its
+    Referer (the page a visitor would be on), so a night when the WAF is off or its script
+    changed crawls without one. A refusal of a request sent with the current cookie renews it;
+    requests sent with an older cookie just retry with the newer one. The cookie is kept in a
+    private temp file per shop, so the next crawl process (next category) reuses it instead of
+    starting a browser again, as a visitor's browser would.
     """
+
+    challenge_statuses = (401, 403)
 
     max_renewals = 2
 
@@ -85,6 +96,8 @@ class WafCookieMiddleware:
         self.stats = crawler.stats
         self.cookie_header: str | None = None
         self.generation = 0
+        # A renewal that failed for a generation is not tried again by every refused request.
+        self.failed: tuple[int, BrowserError] | None = None
         self._lock = asyncio.Lock()
         key = hashlib.sha256(f"{self.site.base_url}|{self.shop.user_agent}".encode()).hexdigest()
         self.cache_file = Path(tempfile.gettempdir()) / f"shoplens-waf-{key[:20]}.json"
@@ -118,10 +131,17 @@ class WafCookieMiddleware:
         async with self._lock:
             if self.generation != seen_generation:
                 return  # someone renewed it while we waited
+            if self.failed is not None and self.failed[0] == seen_generation:
+                raise self.failed[1]
             started = time.monotonic()
-            cookies = await acquire_cookies(
-                page_url, chromium_path=self.shop.chromium_path, user_agent=self.shop.user_agent,
-                allowed_hosts=self.allowed, timeout_s=self.shop.download_timeout)
+            try:
+                cookies = await acquire_cookies(
+                    page_url, chromium_path=self.shop.chromium_path,
+                    user_agent=self.shop.user_agent, allowed_hosts=self.allowed,
+                    allowed_schemes={self.site.scheme}, timeout_s=self.shop.download_timeout)
+            except BrowserError as exc:
+                self.failed = (seen_generation, exc)
+                raise
             self.cookie_header = "; ".join(f"{k}={v}" for k, v in cookies.items())
             self.generation += 1
             self._save_cached()
@@ -136,23 +156,20 @@ class WafCookieMiddleware:
     async def process_request(self, request: Request):
         if not self.site.is_waf_guarded(request.url):
             return None
-        if self.cookie_header is None:
-            await self._renew(self._page_for(request), self.generation)
-        request.headers["Cookie"] = self.cookie_header
+        if self.cookie_header is not None:
+            request.headers["Cookie"] = self.cookie_header
         request.meta["waf_generation"] = self.generation
         return None
 
     async def process_response(self, request: Request, response: Response):
-        if response.status != 403 or not self.site.is_waf_guarded(request.url):
+        if (response.status not in self.challenge_statuses
+                or not self.site.is_waf_guarded(request.url)):
             return response
         renewals = request.meta.get("waf_renewals", 0)
         if renewals >= self.max_renewals:
             return response
-        try:
-            await self._renew(self._page_for(request), request.meta.get("waf_generation", -1))
-        except BrowserError as exc:
-            logger.warning("WAF cookie renewal failed: %s", exc)
-            return response
+        # A BrowserError propagates: the request's errback records it as ``waf_cookie``.
+        await self._renew(self._page_for(request), request.meta.get("waf_generation", -1))
         retry = request.replace(dont_filter=True)
         retry.meta["waf_renewals"] = renewals + 1
         return retry
@@ -194,3 +211,30 @@ def retry_after_seconds(value: bytes | None) -> float:
     except (TypeError, ValueError):
         return 0.0
     return max(0.0, when.timestamp() - time.time())
+
+
+class CallbackGuardMiddleware:
+    """Spider middleware: an exception escaping a callback (a bug, or an answer the site
+    adapter did not foresee) becomes a ``spider_exception`` failure row, counted in
+    ``shoplens/spider_exceptions`` (the crawl then ends in error, crawler/run.py), and the
+    crawl goes on with the requests already scheduled instead of losing the category silently.
+    """
+
+    @classmethod
+    def from_crawler(cls, crawler):
+        middleware = cls()
+        middleware.crawler = crawler
+        return middleware
+
+    def process_spider_exception(self, response: Response, exception: Exception):
+        # HttpError goes to the errback; IgnoreRequest is the spider's own abort.
+        if isinstance(exception, (HttpError, IgnoreRequest)):
+            return None
+        spider = self.crawler.spider
+
+        async def recorded():
+            await spider._unexpected(response.request, exception)
+            return
+            yield  # an async generator with no output: the exception is handled
+
+        return recorded()

@@ -10,6 +10,9 @@ _DOWNLOAD_HANDLERS = {
     "aiohttp": {scheme: "scrapy.core.downloader.handlers._aiohttp.AiohttpDownloadHandler"
                 for scheme in ("http", "https")},
 }
+# Every other scheme Scrapy can fetch is switched off (the file handler would read a whole local
+# file): the crawler talks http(s) to allow-listed hosts and nothing else.
+DISABLED_SCHEMES = ("file", "s3", "ftp", "data")
 
 
 def scrapy_settings(settings: Settings) -> dict:
@@ -27,13 +30,16 @@ def scrapy_settings(settings: Settings) -> dict:
         "CONCURRENT_REQUESTS": per_host * 2,
         # Keeps CONCURRENT_REQUESTS_PER_DOMAIN a hard limit with no download delay (Scrapy 2.19).
         "DOWNLOADER": "crawler.downloader.PerHostLimitDownloader",
-        "DOWNLOAD_HANDLERS": _DOWNLOAD_HANDLERS[settings.http_client],
+        "DOWNLOAD_HANDLERS": {**{scheme: None for scheme in DISABLED_SCHEMES},
+                              **_DOWNLOAD_HANDLERS[settings.http_client]},
         "AUTOTHROTTLE_ENABLED": settings.autothrottle,
         "AUTOTHROTTLE_START_DELAY": max(settings.download_delay, 0.1),
         "AUTOTHROTTLE_MAX_DELAY": settings.retry_after_cap,
         "AUTOTHROTTLE_TARGET_CONCURRENCY": float(per_host),
         "DOWNLOAD_TIMEOUT": settings.download_timeout,
-        "DOWNLOAD_MAXSIZE": settings.max_image_bytes,
+        # Pages, JSON and robots.txt are capped at max_page_bytes; photo requests carry their
+        # own cap (meta download_maxsize = max_image_bytes).
+        "DOWNLOAD_MAXSIZE": settings.max_page_bytes,
         "DOWNLOAD_WARNSIZE": 0,
         "RETRY_ENABLED": True,
         "RETRY_TIMES": settings.retry_times,
@@ -74,6 +80,7 @@ def scrapy_settings(settings: Settings) -> dict:
             "scrapy.spidermiddlewares.depth.DepthMiddleware": None,
             "scrapy.spidermiddlewares.urllength.UrlLengthMiddleware": None,
             "scrapy.spidermiddlewares.metacopy.MetaCopyDetectionMiddleware": None,
+            "crawler.middlewares.CallbackGuardMiddleware": 950,
         },
         "ITEM_PIPELINES": {"crawler.pipelines.ReviewPhotoPipeline": 300},
     }

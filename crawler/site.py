@@ -2,16 +2,20 @@
 
 Every address, query parameter and field name of the shop lives here, so that a redesign of the
 site is a change of this module only. Parsers turn raw bytes into plain dataclasses and raise
-:class:`ParseError` (with a machine-readable reason) for anything malformed, never a crash.
+:class:`ParseError` (with a machine-readable reason) for anything malformed, never any other
+exception: the shop's answers are untrusted input (tests/test_site_properties.py holds that for
+arbitrary JSON and HTML). One malformed entry of a list (a product of the ranking, a review of a
+page) is set aside with its reason instead of failing the whole answer.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
 # --- addresses ------------------------------------------------------------------------------
 RANKS_PAGE_PATH = "/ranks"
@@ -22,9 +26,16 @@ REVIEWS_API_PATH = "/api/goods/reviews"
 WAF_GUARDED_PREFIXES = ("/_next/data/", "/api/")
 REVIEWS_ORDER_RECENT = "recent"
 
-_NEXT_DATA_RE = re.compile(
-    r'<script[^>]*\bid=["\']__NEXT_DATA__["\'][^>]*>(?P<json>.*?)</script>', re.S | re.I)
-_BUILD_MANIFEST_RE = re.compile(r'/_next/static/(?P<build>[^/"\']+)/_buildManifest\.js')
+# A Next.js buildId is a short token; anything else (a path, a query) must never reach a URL.
+_BUILD_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_BUILD_MANIFEST_SRC_RE = re.compile(r"/_next/static/(?P<build>[^/\"']+)/_buildManifest\.js")
+_SURROGATES_RE = re.compile("[\ud800-\udfff]")
+PHOTO_SCHEMES = ("http", "https")
+MAX_URL_LENGTH = 2048
+
+# The manifest's column ranges (shoplens/manifest/migrations/versions/0001_crawl.py).
+BIGINT_MAX = 2 ** 63 - 1  # BigInteger: product and review ids, prices
+INT_MAX = 2 ** 31 - 1  # Integer: review counts
 
 
 class ParseError(ValueError):
@@ -55,9 +66,19 @@ class RankedProduct:
 
 
 @dataclass(frozen=True)
+class RejectedEntry:
+    """One entry of a list the adapter could not use, and why (a ``crawl_failures`` row)."""
+    position: int  # 1-based position in the shop's list
+    reason: str
+    detail: str
+    entry_id: int | None = None  # the entry's own id where it had a usable one
+
+
+@dataclass(frozen=True)
 class Ranking:
     category: Category | None
     products: list[RankedProduct]
+    rejected: list[RejectedEntry] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -79,13 +100,21 @@ class Review:
     stars: float | None
     comment: str | None
     writer_nickname: str | None
-    photo_url: str | None  # the photo's address without resize parameters; None: no photo
+    photo_url: str | None  # the photo's absolute address without resize parameters; None: none
+    # Why the review's photo address was not usable (the review itself is kept); None: fine.
+    photo_error: ParseError | None = None
 
 
 @dataclass(frozen=True)
 class ReviewsPage:
     total_count: int | None
     reviews: list[Review]
+    rejected: list[RejectedEntry] = field(default_factory=list)
+
+    @property
+    def entries(self) -> int:
+        """How many reviews the shop listed on this page, usable or not."""
+        return len(self.reviews) + len(self.rejected)
 
 
 # --- the adapter ----------------------------------------------------------------------------
@@ -93,6 +122,7 @@ class ShopSite:
     def __init__(self, base_url: str, image_params: str = ""):
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
+        self.scheme = parts.scheme
         self.netloc = parts.netloc
         self.image_params = image_params.lstrip("?")
 
@@ -102,20 +132,47 @@ class ShopSite:
             {"type": "best", "category_id": category_id})
 
     def ranks_data_url(self, build_id: str, category_id: str) -> str:
+        if not _BUILD_ID_RE.fullmatch(build_id):
+            raise ParseError("bad_build_id", f"buildId {build_id[:80]!r} is not a plain token")
         return f"{self.base_url}{RANKS_DATA_PATH.format(build_id=build_id)}?" + urlencode(
             {"type": "best", "category_id": category_id})
 
     def product_page_url(self, product_id: int) -> str:
-        return f"{self.base_url}{PRODUCT_PAGE_PATH.format(product_id=product_id)}"
+        return f"{self.base_url}{PRODUCT_PAGE_PATH.format(product_id=int(product_id))}"
 
     def reviews_url(self, product_id: int, page: int, per: int) -> str:
         return f"{self.base_url}{REVIEWS_API_PATH}?" + urlencode(
             {"productionId": product_id, "page": page, "per": per, "order": REVIEWS_ORDER_RECENT})
 
     def image_url(self, photo_url: str) -> str:
-        """The photo at the one fixed size: its own query replaced by ``image_params``."""
-        parts = urlsplit(photo_url)
+        """The photo at the one fixed size: its own query replaced by ``image_params``.
+
+        ``photo_url`` may come from the manifest (an older night's parser stored it): it is
+        checked again, so a stored bad address is a :class:`ParseError`, never a crash.
+        """
+        parts = urlsplit(self.photo_address(photo_url, self.base_url + "/"))
         return urlunsplit((parts.scheme, parts.netloc, parts.path, self.image_params, ""))
+
+    @staticmethod
+    def photo_address(raw: Any, page_url: str) -> str:
+        """``raw`` resolved against the page that listed it (``//host/a.jpg``, ``/img/a.jpg``),
+        without resize parameters; http(s) with a host and a valid port only."""
+        if not isinstance(raw, str):
+            raise ParseError("bad_photo_url", f"photo address is not text: {_short(raw)}")
+        text = raw.strip()
+        if not text or len(text) > MAX_URL_LENGTH or _has_control(text):
+            raise ParseError("bad_photo_url", f"photo address {text[:80]!r} is empty, too long "
+                                              "or has control characters")
+        try:
+            parts = urlsplit(urljoin(page_url, text))
+            port = parts.port  # raises ValueError when out of range or not a number
+        except ValueError as exc:
+            raise ParseError("bad_photo_url", f"{text[:80]!r}: {exc}") from None
+        if parts.scheme not in PHOTO_SCHEMES or not parts.hostname:
+            raise ParseError("bad_photo_url", f"{text[:80]!r} is not an http(s) address with a host")
+        if parts.username is not None or parts.password is not None or port == 0:
+            raise ParseError("bad_photo_url", f"{text[:80]!r} carries credentials or port 0")
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
     def is_shop_url(self, url: str) -> bool:
         return urlsplit(url).netloc == self.netloc
@@ -131,13 +188,20 @@ class ShopSite:
     # parsers
     @staticmethod
     def parse_build_id(html: str) -> str:
-        data = _next_data(html, required=False)
-        if isinstance(data, dict) and isinstance(data.get("buildId"), str) and data["buildId"]:
-            return data["buildId"]
-        match = _BUILD_MANIFEST_RE.search(html)
-        if match:
-            return match.group("build")
-        raise ParseError("no_build_id", "neither __NEXT_DATA__.buildId nor a _buildManifest.js src")
+        selector = _html(html)
+        data = _next_data(selector, required=False)
+        build = data.get("buildId") if isinstance(data, dict) else None
+        if build is None:
+            for src in selector.css("script::attr(src)").getall():
+                match = _BUILD_MANIFEST_SRC_RE.search(src)
+                if match:
+                    build = match.group("build")
+                    break
+        if build is None:
+            raise ParseError("no_build_id", "neither __NEXT_DATA__.buildId nor a _buildManifest.js src")
+        if not isinstance(build, str) or not _BUILD_ID_RE.fullmatch(build):
+            raise ParseError("bad_build_id", f"buildId {_short(build)} is not a plain token")
+        return build
 
     @staticmethod
     def parse_ranking(body: bytes | str) -> Ranking:
@@ -148,25 +212,37 @@ class ShopSite:
         for data in queries:
             if isinstance(data.get("category"), dict) and category is None:
                 cat = data["category"]
-                category = Category(id=str(_req(cat, "id")), name=_opt_str(cat.get("title")))
+                category = Category(id=_text(_req(cat, "id"), "category.id"),
+                                    name=_opt_text(cat.get("title"), "category.title"))
             if isinstance(data.get("products"), list) and products_raw is None:
                 products_raw = data["products"]
         if products_raw is None:
             raise ParseError("missing_field", "no query with data.products in ranks data")
-        products = []
+        products, rejected, seen = [], [], set()
         for position, raw in enumerate(products_raw, start=1):
-            if not isinstance(raw, dict):
-                raise ParseError("unexpected_shape", f"product #{position} is not an object")
-            products.append(RankedProduct(
-                id=_int(_req(raw, "id"), "id"), rank=position, name=str(_req(raw, "name")),
-                brand=_opt_str(raw.get("brandName")), price=_opt_int(raw.get("sellingPrice")),
-                review_count=_opt_int(raw.get("reviewCount")),
-                rating=_opt_float(raw.get("reviewAvg"))))
-        return Ranking(category=category, products=products)
+            try:
+                if not isinstance(raw, dict):
+                    raise ParseError("unexpected_shape", f"product #{position} is not an object")
+                product = RankedProduct(
+                    id=_id(_req(raw, "id"), "product id"), rank=position,
+                    name=_text(_req(raw, "name"), "name"),
+                    brand=_opt_text(raw.get("brandName"), "brandName"),
+                    price=_opt_int(raw.get("sellingPrice"), "sellingPrice", BIGINT_MAX),
+                    review_count=_opt_int(raw.get("reviewCount"), "reviewCount", INT_MAX),
+                    rating=_opt_float(raw.get("reviewAvg"), "reviewAvg"))
+                if product.id in seen:
+                    raise ParseError("duplicate_id", f"product {product.id} listed twice")
+            except ParseError as exc:
+                rejected.append(RejectedEntry(position, exc.reason, exc.detail,
+                                              _usable_id(raw)))
+                continue
+            seen.add(product.id)
+            products.append(product)
+        return Ranking(category=category, products=products, rejected=rejected)
 
     @staticmethod
     def parse_product_page(html: str) -> ProductPage:
-        doc = _next_data(html, required=True)
+        doc = _next_data(_html(html), required=True)
         queries = _queries(_dig(doc, "props", "pageProps", "dehydratedState", "queries"))
         production = categories = review = None
         for data in queries:
@@ -180,64 +256,126 @@ class ShopSite:
                 review = data["review"]
         if production is None:
             raise ParseError("missing_field", "no query with data.production on the product page")
-        cats = [Category(id=str(c.get("id", "")), name=_opt_str(c.get("title")))
+        cats = [Category(id=_text(c.get("id", ""), "categories.id"),
+                         name=_opt_text(c.get("title"), "categories.title"))
                 for c in categories or [] if isinstance(c, dict)]
         return ProductPage(
-            id=_int(_req(production, "id"), "production.id"), name=str(_req(production, "name")),
-            brand=_opt_str(production.get("brandName")),
-            price=_opt_int(production.get("sellingPrice")),
-            review_count=_opt_int(production.get("reviewCount")),
-            rating=_opt_float(production.get("reviewAvg")), categories=cats,
-            review_total=_opt_int((review or {}).get("totalCount")))
+            id=_id(_req(production, "id"), "production.id"),
+            name=_text(_req(production, "name"), "production.name"),
+            brand=_opt_text(production.get("brandName"), "production.brandName"),
+            price=_opt_int(production.get("sellingPrice"), "production.sellingPrice", BIGINT_MAX),
+            review_count=_opt_int(production.get("reviewCount"), "production.reviewCount",
+                                  INT_MAX),
+            rating=_opt_float(production.get("reviewAvg"), "production.reviewAvg"),
+            categories=cats,
+            review_total=_opt_int((review or {}).get("totalCount"), "review.totalCount", INT_MAX))
 
-    @staticmethod
-    def parse_reviews(body: bytes | str) -> ReviewsPage:
+    def parse_reviews(self, body: bytes | str, page_url: str | None = None) -> ReviewsPage:
+        """One page of the reviews API; photo addresses are resolved against ``page_url``."""
+        page_url = page_url or self.base_url + "/"
         doc = _json(body)
         if not isinstance(doc, dict):
             raise ParseError("unexpected_shape", "reviews answer is not an object")
         raw_reviews = doc.get("reviews")
         if not isinstance(raw_reviews, list):
             raise ParseError("missing_field", "reviews answer has no reviews list")
-        reviews = []
-        for n, raw in enumerate(raw_reviews):
-            if not isinstance(raw, dict):
-                raise ParseError("unexpected_shape", f"review #{n} is not an object")
-            body_ = raw.get("review") if isinstance(raw.get("review"), dict) else {}
-            card = raw.get("card") if isinstance(raw.get("card"), dict) else {}
-            photo = card.get("imageUrl") or card.get("imgUrl") or card.get("imgUrlPc")
-            if photo is not None and not isinstance(photo, str):
-                raise ParseError("unexpected_shape", f"review {raw.get('id')} card url is not text")
-            if photo:  # the same photo is offered at several sizes: keep the bare address
-                parts = urlsplit(photo)
-                photo = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-            reviews.append(Review(
-                id=_int(_req(raw, "id"), "review id"),
-                created_date=_date(raw.get("createdAt")),
-                stars=_opt_float(body_.get("starAvg")), comment=_opt_str(body_.get("comment")),
-                writer_nickname=_opt_str(raw.get("writerNickname")), photo_url=photo or None))
-        return ReviewsPage(total_count=_opt_int(doc.get("totalCount")), reviews=reviews)
+        total = _opt_int(doc.get("totalCount"), "totalCount", INT_MAX)
+        reviews, rejected, seen = [], [], set()
+        for position, raw in enumerate(raw_reviews, start=1):
+            try:
+                review = self._review(raw, position, page_url)
+                if review.id in seen:
+                    raise ParseError("duplicate_review_id",
+                                     f"review {review.id} appears twice on one page")
+            except ParseError as exc:
+                rejected.append(RejectedEntry(position, exc.reason, exc.detail, _usable_id(raw)))
+                continue
+            seen.add(review.id)
+            reviews.append(review)
+        return ReviewsPage(total_count=total, reviews=reviews, rejected=rejected)
+
+    def _review(self, raw: Any, position: int, page_url: str) -> Review:
+        if not isinstance(raw, dict):
+            raise ParseError("unexpected_shape", f"review #{position} is not an object")
+        review_id = _id(_req(raw, "id"), "review id")
+        body_ = raw.get("review") if isinstance(raw.get("review"), dict) else {}
+        card = raw.get("card") if isinstance(raw.get("card"), dict) else {}
+        photo_raw = next((card[k] for k in ("imageUrl", "imgUrl", "imgUrlPc")
+                          if card.get(k) not in (None, "")), None)
+        photo = photo_error = None
+        if photo_raw is not None:  # the same photo is offered at several sizes: keep the bare one
+            try:
+                photo = self.photo_address(photo_raw, page_url)
+            except ParseError as exc:
+                photo_error = exc
+        return Review(
+            id=review_id, created_date=_date(raw.get("createdAt")),
+            stars=_opt_float(body_.get("starAvg"), "review.starAvg"),
+            comment=_opt_text(body_.get("comment"), "review.comment"),
+            writer_nickname=_opt_text(raw.get("writerNickname"), "writerNickname"),
+            photo_url=photo, photo_error=photo_error)
 
 
 # --- helpers --------------------------------------------------------------------------------
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a repr of hostile data must not fail the parse
+        text = f"<{type(value).__name__}>"
+    return text[:80]
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text) or bool(
+        _SURROGATES_RE.search(text))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ParseError("invalid_json", f"non-standard JSON constant {name}")
+
+
 def _json(body: bytes | str) -> Any:
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # NaN/Infinity are not JSON; 1e400 overflows to inf and is refused where it is read.
+        return json.loads(body, parse_constant=_reject_constant)
+    except ParseError:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError, TypeError) as exc:
         head = body[:60] if isinstance(body, str) else body[:60].decode("utf-8", "replace")
-        raise ParseError("invalid_json", f"{exc} (starts {head!r})") from None
+        raise ParseError("invalid_json", f"{type(exc).__name__}: {str(exc)[:200]} "
+                                         f"(starts {head!r})") from None
 
 
-def _next_data(html: str, required: bool) -> Any:
-    match = _NEXT_DATA_RE.search(html)
-    if not match:
+def _html(html: str):
+    """A parsel selector over the page (lxml: linear in the page, unlike a backtracking regex)."""
+    from lxml import etree
+    from parsel import Selector
+
+    if not isinstance(html, str):
+        raise ParseError("invalid_html", "page is not text")
+    try:
+        # NUL and lone surrogates make lxml refuse the text; they are never part of the markup.
+        return Selector(text=_SURROGATES_RE.sub("\ufffd", html.replace("\x00", "")) or " ")
+    except (ValueError, TypeError, etree.LxmlError) as exc:
+        raise ParseError("invalid_html", f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _next_data(selector, required: bool) -> Any:
+    from lxml import etree
+
+    try:
+        text = selector.css('script[id="__NEXT_DATA__"]::text').get()
+    except (ValueError, TypeError, etree.LxmlError) as exc:
+        raise ParseError("invalid_html", f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    if text is None:
         if required:
             raise ParseError("invalid_html", "no script#__NEXT_DATA__ in the page")
         return None
     try:
-        return json.loads(match.group("json"))
-    except ValueError as exc:
+        return _json(text)
+    except ParseError as exc:
         if required:
-            raise ParseError("invalid_json", f"__NEXT_DATA__: {exc}") from None
+            raise ParseError("invalid_json", f"__NEXT_DATA__: {exc.detail}") from None
         return None
 
 
@@ -255,7 +393,8 @@ def _queries(queries: Any) -> list[dict]:
         raise ParseError("unexpected_shape", "dehydratedState.queries is not a list")
     out = []
     for q in queries:
-        data = q.get("state", {}).get("data") if isinstance(q, dict) else None
+        state = q.get("state") if isinstance(q, dict) else None
+        data = state.get("data") if isinstance(state, dict) else None
         if isinstance(data, dict):
             out.append(data)
     return out
@@ -267,29 +406,65 @@ def _req(obj: dict, key: str) -> Any:
     return obj[key]
 
 
-def _int(value: Any, name: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ParseError("unexpected_shape", f"{name} is not an integer: {value!r}") from None
+def _int(value: Any, name: str, maximum: int, minimum: int = 0) -> int:
+    """An integer as JSON or as digits; never a bool, a fraction or a float (1.9 is not 1)."""
+    if isinstance(value, str):
+        digits = value.strip()
+        if not (digits.isascii() and digits.isdigit()):
+            raise ParseError("unexpected_shape", f"{name} is not an integer: {_short(value)}")
+        if len(digits) > 19:  # beyond any column, and int() refuses very long strings
+            raise ParseError("out_of_range", f"{name} has {len(digits)} digits")
+        value = int(digits)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParseError("unexpected_shape", f"{name} is not an integer: {_short(value)}")
+    if not minimum <= value <= maximum:
+        raise ParseError("out_of_range", f"{name} {_short(value)} outside {minimum}..{maximum}")
+    return value
 
 
-def _opt_int(value: Any) -> int | None:
-    try:
-        return None if value is None else int(value)
-    except (TypeError, ValueError):
+def _id(value: Any, name: str) -> int:
+    return _int(value, name, BIGINT_MAX, minimum=1)
+
+
+def _opt_int(value: Any, name: str, maximum: int) -> int | None:
+    return None if value is None else _int(value, name, maximum)
+
+
+def _opt_float(value: Any, name: str) -> float | None:
+    if value is None:
         return None
-
-
-def _opt_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParseError("unexpected_shape", f"{name} is not a number: {_short(value)}")
     try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ParseError("out_of_range", f"{name} is not finite: {_short(value)}")
+    return number
+
+
+def _text(value: Any, name: str) -> str:
+    """Text for a Text column: NUL removed and lone surrogates replaced (PostgreSQL stores
+    neither); numbers become their digits, anything else is a shape error."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ParseError("unexpected_shape", f"{name} is not text: {_short(value)}")
+    text = str(value)
+    return _SURROGATES_RE.sub("\ufffd", text.replace("\x00", ""))
+
+
+def _opt_text(value: Any, name: str) -> str | None:
+    return None if value is None else _text(value, name)
+
+
+def _usable_id(raw: Any) -> int | None:
+    """The entry's id for its failure row, when it has a storable one."""
+    if not isinstance(raw, dict):
         return None
-
-
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
+    try:
+        return _id(raw.get("id"), "id")
+    except ParseError:
+        return None
 
 
 def _date(value: Any) -> dt.date | None:

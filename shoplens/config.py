@@ -120,6 +120,8 @@ class Settings:
     retry_after_cap: float = 60.0
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 20_000_000
+    # HTML pages and JSON answers are far smaller than photos: a bigger one is refused early.
+    max_page_bytes: int = 5_000_000
     # Scrapy's download handler for http(s): "twisted" (Scrapy's default HTTP/1.1 handler) or
     # "aiohttp" (Scrapy's own aiohttp-based handler, which Scrapy 2.19 marks experimental).
     # aiohttp spends less CPU per photo (docs/benchmarks.md), which matters only where the
@@ -302,6 +304,8 @@ class Settings:
             raise ConfigError(f"best_n must be >= 1, got {self.best_n}")
         if self.photo_cap_per_product < 1:
             raise ConfigError(f"photo_cap_per_product must be >= 1, got {self.photo_cap_per_product}")
+        if self.max_page_bytes < 1 or self.max_image_bytes < 1:
+            raise ConfigError("max_page_bytes and max_image_bytes must be >= 1")
         if self.concurrent_per_host < 1:
             raise ConfigError("concurrent_per_host must be >= 1")
         if self.download_delay < 0:

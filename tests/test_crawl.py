@@ -496,3 +496,206 @@ def test_with_no_delay_a_host_never_sees_more_requests_at_once_than_the_limit(
     hosts = shop.stats()["hosts"]
     assert hosts[urlsplit(shop.cdn_url).netloc]["requests"] >= 36
     assert all(h["max_in_flight"] <= 2 for h in hosts.values()), hosts
+
+
+# --- the browser stays on allow-listed hosts ------------------------------------------------
+def _offsite_probe() -> dict[str, int]:
+    """Serve a shop page whose JS opens a popup, fetches, starts a worker and a service worker,
+    opens a web socket and loads a script that redirects, all towards another host; and a page
+    that redirects there. Returns the requests the other host received."""
+    import asyncio
+    import collections
+
+    from aiohttp import web
+
+    from crawler.browser import BrowserError, acquire_cookies
+
+    hits: collections.Counter = collections.Counter()
+
+    async def serve(app, host):
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, host, 0)
+        await site.start()
+        return runner, site._server.sockets[0].getsockname()[1]
+
+    async def scenario():
+        offsite = web.Application()
+
+        async def record(request):
+            hits[request.path] += 1
+            return web.Response(text="offsite", content_type="text/html")
+
+        offsite.router.add_get("/{tail:.*}", record)
+        off_runner, off_port = await serve(offsite, "127.0.0.2")
+        other = f"127.0.0.2:{off_port}"
+
+        def js(text):
+            return lambda request: web.Response(text=text, content_type="application/javascript")
+
+        async def page(request):
+            return web.Response(content_type="text/html", text=(
+                "<html><head><script>document.cookie='waf=1; path=/';"
+                f"window.open('http://{other}/popup'); fetch('http://{other}/fetch').catch(()=>0);"
+                "new Worker('/worker.js'); navigator.serviceWorker &&"
+                " navigator.serviceWorker.register('/sw.js').catch(()=>0);"
+                f"try {{ new WebSocket('ws://{other}/ws'); }} catch (e) {{}}</script>"
+                '<script src="/redirect.js"></script><script src="/slow.js"></script>'
+                "</head><body>shop</body></html>"))
+
+        async def redirect(request):
+            raise web.HTTPFound(f"http://{other}{request.path}")
+
+        async def slow(request):  # keeps the page loading while the popup starts
+            await asyncio.sleep(1.5)
+            return web.Response(text="1", content_type="application/javascript")
+
+        shop = web.Application()
+        shop.router.add_get("/page", page)
+        shop.router.add_get("/start", redirect)
+        shop.router.add_get("/redirect.js", redirect)
+        shop.router.add_get("/slow.js", slow)
+        shop.router.add_get("/worker.js", js(f"fetch('http://{other}/worker')"))
+        shop.router.add_get("/sw.js", js(f"fetch('http://{other}/service-worker')"))
+        shop_runner, port = await serve(shop, "127.0.0.1")
+        options = dict(chromium_path="/usr/bin/chromium", user_agent="shoplens-test",
+                       allowed_hosts={f"127.0.0.1:{port}"}, timeout_s=5.0, attempts=1)
+        try:
+            assert await acquire_cookies(f"http://127.0.0.1:{port}/page", **options) == {
+                "waf": "1"}
+            await asyncio.sleep(1.0)  # anything the popup or the workers would still send
+            with pytest.raises(BrowserError):
+                await acquire_cookies(f"http://127.0.0.1:{port}/start", **options)
+        finally:
+            await shop_runner.cleanup()
+            await off_runner.cleanup()
+
+    asyncio.run(scenario())
+    return dict(hits)
+
+
+def test_the_browser_never_reaches_another_host_by_popup_worker_socket_or_redirect():
+    """The cookie browser's allow-list covers the whole context: popups, workers, service
+    workers, web sockets, and redirects of the page and of its scripts."""
+    assert _offsite_probe() == {}
+
+
+# --- hostile shop data ----------------------------------------------------------------------
+# What the crawler records for each kind of --faults hostile-data (crawler/replica/hostile.py):
+# (stage, reason) of its failure row, or None where the answer is cleaned or resolved and stored.
+HOSTILE_OUTCOME = {
+    "product_id_overflow": ("product", "out_of_range"),
+    "review_count_overflow": ("product", "out_of_range"),
+    "queries_not_objects": ("product", "missing_field"),
+    "deep_nesting": ("product", "invalid_json"),
+    "infinity_id": ("product", "invalid_json"),
+    "review_id_1e400": ("reviews", "unexpected_shape"),
+    "review_id_bool": ("reviews", "unexpected_shape"),
+    "review_id_fraction": ("reviews", "unexpected_shape"),
+    "review_id_overflow": ("reviews", "out_of_range"),
+    "duplicate_review_id": ("reviews", "duplicate_review_id"),
+    "reviews_not_a_list": ("reviews", "missing_field"),
+    "photo_relative": ("image", "http_404"),  # resolved against the shop, which has no such file
+    "photo_javascript": ("image", "bad_photo_url"),
+    "photo_bad_port": ("image", "bad_photo_url"),
+    "nul_and_surrogate": None,
+    "photo_protocol_relative": None,
+}
+
+
+def _failures_of_run(url: str, run_key: str) -> set[tuple]:
+    return set(query(url, "SELECT f.product_id, f.stage, f.reason FROM crawl_failures f JOIN "
+                          "crawl_runs c ON c.id = f.run_id WHERE c.run_key = :k", k=run_key))
+
+
+def test_hostile_shop_data_is_recorded_per_product_and_never_stops_the_crawl(
+        replica, s3_settings, manifest_url):
+    """Every kind of malformed answer costs only its own product (or review, or photo), with
+    a failure row saying why; every other product is crawled whole; the next night asks again
+    and records the same, and stored bad photo addresses are re-checked, never raised."""
+    from crawler.replica.hostile import KINDS
+
+    shop = replica([3] * 20, faults="hostile-data=0.8", photo_seed=21)
+    assert set(HOSTILE_OUTCOME) == set(KINDS)
+    settings = crawl_settings(shop, s3_settings, manifest_url, retry_times=1, best_n=20)
+
+    crawl_run(settings, "hostile-1")
+    truth = shop.ground_truth()
+    hostile = {h["product_id"]: h for h in truth["hostile"]}
+    assert {h["kind"] for h in hostile.values()} == set(KINDS)  # every kind was served
+    product_ids = expected_products(truth, 20)[CATEGORY]
+    assert query(manifest_url, "SELECT status FROM crawl_runs WHERE run_key = 'hostile-1'") == [
+        ("success",)]
+
+    # Every product whose answers were good, or cleaned/resolved, is crawled whole.
+    whole = [p for p in product_ids
+             if p not in hostile or HOSTILE_OUTCOME[hostile[p]["kind"]] is None]
+    good_photos = photo_reviews(truth, whole)
+    stored = stored_photos(manifest_url)
+    assert set(good_photos) <= set(stored)
+    reviews = dict(query(manifest_url, "SELECT id, comment FROM reviews"))
+    for review in truth["reviews"]:
+        if review["product_id"] in whole:
+            assert review["id"] in reviews
+    cleaned = next(h for h in hostile.values() if h["kind"] == "nul_and_surrogate")
+    assert reviews[cleaned["review_id"]] == "beforeafter\ufffdend"  # NUL gone, surrogate replaced
+
+    # Every hostile answer has its failure row with its reason; nothing was unexpected.
+    failures = _failures_of_run(manifest_url, "hostile-1")
+    expected = {(pid, *HOSTILE_OUTCOME[h["kind"]]) for pid, h in hostile.items()
+                if HOSTILE_OUTCOME[h["kind"]] is not None}
+    assert expected <= failures
+    assert {f for f in failures if f[0] not in hostile} == set()
+    assert not any(reason == "spider_exception" for _, _, reason in failures)
+
+    # Addresses an older parser stored unchecked: one protocol-relative, one javascript:.
+    good_product = next(p for p in product_ids if p not in hostile)
+    relative_id, script_id = sorted(photo_reviews(truth, [good_product]))[:2]
+    cdn = urlsplit(shop.cdn_url).netloc
+    with engine_for(manifest_url).begin() as conn:
+        conn.execute(sa.text("DELETE FROM review_photos WHERE review_id IN (:a, :b)"),
+                     {"a": relative_id, "b": script_id})
+        conn.execute(sa.text("UPDATE reviews SET photo_url = :u WHERE id = :i"),
+                     {"u": f"//{cdn}{urlsplit(good_photos[relative_id]['photo_url']).path}",
+                      "i": relative_id})
+        conn.execute(sa.text("UPDATE reviews SET photo_url = 'javascript:alert(1)' WHERE id = :i"),
+                     {"i": script_id})
+
+    crawl_run(settings, "hostile-2")
+    assert query(manifest_url, "SELECT status FROM crawl_runs WHERE run_key = 'hostile-2'") == [
+        ("success",)]
+    again = _failures_of_run(manifest_url, "hostile-2")
+    assert expected <= again  # asked again, recorded again
+    assert (good_product, "image", "bad_photo_url") in again
+    assert not any(reason == "spider_exception" for _, _, reason in again)
+    assert relative_id in stored_photos(manifest_url)  # healed through the resolved address
+    assert set(good_photos) - {script_id} <= set(stored_photos(manifest_url))
+
+
+def test_a_category_that_yields_no_product_fails_the_crawl_task(replica, s3_settings,
+                                                                 manifest_url):
+    """An empty or lost ranking is a lost category: crawl_category raises (the DAG task
+    fails) instead of returning stats of 0 products, and its stats still reach the run row."""
+    shop = replica([3, 3])
+    settings = crawl_settings(shop, s3_settings, manifest_url, categories=["99990000"])
+    crawler.start_run(settings, "lost")
+    with pytest.raises(CrawlError, match="no product crawled"):
+        crawler.crawl_category(settings, "99990000", "lost")
+    (stats,) = query(manifest_url, "SELECT stats->'categories'->'99990000' FROM crawl_runs "
+                                   "WHERE run_key = 'lost'")[0]
+    assert stats["products"] == 0 and "no product crawled" in stats["error"]
+
+
+def test_a_shop_whose_pages_set_no_waf_cookie_is_crawled_without_a_browser(
+        replica, s3_settings, manifest_url, tmp_path, monkeypatch):
+    """The cookie is fetched when the shop refuses a call, not required up front: with the WAF
+    off, the night is complete and no browser was started."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # no WAF cookie cached by an earlier test
+    shop = replica([4, 5], waf=False)
+    settings = crawl_settings(shop, s3_settings, manifest_url)
+    crawler.start_run(settings, "no-waf")
+    stats = crawler.crawl_category(settings, CATEGORY, "no-waf")
+    crawler.finish_run(settings, "no-waf")
+    assert stats["waf_cookie_acquired"] == 0 and stats["waf_cookie_reused"] == 0
+    assert stats["failures"] == {} and stats["products"] == 2
+    assert_matches_ground_truth(settings, shop.ground_truth())

@@ -74,6 +74,29 @@ def test_build_id_comes_from_next_data_or_the_build_manifest_script():
     assert err.value.reason == "no_build_id"
 
 
+@pytest.mark.parametrize("build_id", ["../../../api/admin?x=", "a/b", "a b", "x" * 200, 7, ""])
+def test_a_build_id_that_is_not_a_plain_token_never_reaches_a_url(build_id):
+    with pytest.raises(ParseError) as err:
+        SITE.parse_build_id(_next_page({"buildId": build_id}))
+    assert err.value.reason in ("bad_build_id", "no_build_id")
+    if isinstance(build_id, str):
+        with pytest.raises(ParseError):
+            SITE.ranks_data_url(build_id, "10120000")
+
+
+def test_repeated_unclosed_next_data_scripts_parse_in_linear_time():
+    """The old regex backtracked quadratically (8-9 s at 216 KB); parsel reads 2 MB at once.
+
+    No timing assertion: the work is bounded by a parse that either finishes or raises.
+    """
+    html = '<script id="__NEXT_DATA__">{' * 80_000
+    with pytest.raises(ParseError) as err:
+        SITE.parse_product_page(html)
+    assert err.value.reason in ("invalid_json", "invalid_html")
+    with pytest.raises(ParseError):  # the rest of the page is script text, as in a browser
+        SITE.parse_build_id(html + '<script src="/_next/static/B1/_buildManifest.js"></script>')
+
+
 def test_ranking_keeps_rank_order_and_category_meta():
     doc = {"pageProps": {"dehydratedState": {"queries": [
         {"state": {"data": {"category": {"id": "10120000", "title": "침대"}}}},
@@ -91,13 +114,67 @@ def test_ranking_keeps_rank_order_and_category_meta():
     (b"<html>Access Denied</html>", "invalid_json"),
     (b'{"pageProps": {}}', "missing_field"),
     (b'{"pageProps": {"dehydratedState": {"queries": {}}}}', "unexpected_shape"),
+    (b'{"pageProps": {"dehydratedState": {"queries": [{"state": "x"}]}}}', "missing_field"),
+    (b'{"pageProps": {"dehydratedState": {"queries": [null, {"state": null}]}}}', "missing_field"),
     (b'{"pageProps": {"dehydratedState": {"queries": [{"state": {"data": {"products": '
-     b'[{"name": "no id"}]}}}]}}}', "missing_field"),
+     b'[{"id": Infinity, "name": "x"}]}}}]}}}', "invalid_json"),
+    (b'[' * 100_000 + b']' * 100_000, "invalid_json"),  # RecursionError inside json
 ])
 def test_malformed_ranking_is_a_parse_error_with_a_reason(body, reason):
     with pytest.raises(ParseError) as err:
         SITE.parse_ranking(body)
     assert err.value.reason == reason
+
+
+def _ranking(*products) -> bytes:
+    return json.dumps({"pageProps": {"dehydratedState": {"queries": [
+        {"state": {"data": {"products": list(products)}}}]}}}).encode()
+
+
+@pytest.mark.parametrize("raw_id, reason", [
+    (None, "missing_field"), (True, "unexpected_shape"), (1.9, "unexpected_shape"),
+    ("12a", "unexpected_shape"), (2 ** 70, "out_of_range"), (0, "out_of_range"),
+    ("9" * 5000, "out_of_range"), ({"x": 1}, "unexpected_shape"),
+])
+def test_a_product_with_an_unusable_id_is_set_aside_with_its_reason(raw_id, reason):
+    """bool/float ids never become 1, ids beyond BIGINT are refused; the other products stay."""
+    ranking = SITE.parse_ranking(_ranking({"id": raw_id, "name": "bad"}, {"id": 8, "name": "ok"}))
+    assert [(p.id, p.rank) for p in ranking.products] == [(8, 2)]
+    assert [(r.position, r.reason) for r in ranking.rejected] == [(1, reason)]
+
+
+def test_a_1e400_id_and_a_3e9_review_count_are_refused_not_overflowed():
+    body = (b'{"pageProps": {"dehydratedState": {"queries": [{"state": {"data": {"products": ['
+            b'{"id": 1e400, "name": "a"}, {"id": 5, "name": "b", "reviewCount": 3000000000},'
+            b'{"id": 6, "name": "c", "reviewAvg": 1e400}, {"id": 6, "name": "dup"},'
+            b'{"id": 7, "name": "d", "reviewCount": 4}, {"id": 7, "name": "again"}]}}}]}}}')
+    ranking = SITE.parse_ranking(body)
+    assert [(p.id, p.name) for p in ranking.products] == [(6, "dup"), (7, "d")]
+    assert [r.reason for r in ranking.rejected] == [
+        "unexpected_shape", "out_of_range", "out_of_range", "duplicate_id"]
+    assert SITE.parse_ranking(_ranking({"id": 3, "name": "x", "reviewCount": 2 ** 31 - 1})
+                              ).products[0].review_count == 2 ** 31 - 1
+
+
+def test_a_non_dict_query_or_state_is_a_parse_error_not_an_attribute_error():
+    for queries in ([{"state": "x"}], [None], [{"state": {"data": None}}], ["x", 1]):
+        html = _next_page({"props": {"pageProps": {"dehydratedState": {"queries": queries}}}})
+        with pytest.raises(ParseError) as err:
+            SITE.parse_product_page(html)
+        assert err.value.reason == "missing_field"
+
+
+def test_a_huge_or_fractional_product_page_value_is_a_parse_error():
+    for production, reason in (({"id": 2 ** 70, "name": "x"}, "out_of_range"),
+                               ({"id": 5, "name": "x", "reviewCount": 3e9}, "unexpected_shape"),
+                               ({"id": 5, "name": "x", "reviewCount": 3_000_000_000},
+                                "out_of_range"),
+                               ({"id": 5, "name": {"ko": "x"}}, "unexpected_shape")):
+        html = _next_page({"props": {"pageProps": {"dehydratedState": {"queries": [
+            {"state": {"data": {"production": production}}}]}}}})
+        with pytest.raises(ParseError) as err:
+            SITE.parse_product_page(html)
+        assert err.value.reason == reason
 
 
 def test_product_page_is_read_from_next_data():
@@ -125,6 +202,70 @@ def test_reviews_page_keeps_the_bare_photo_address_and_photo_less_reviews():
     first, second = page.reviews
     assert first.photo_url == "http://cdn.test/a/1.jpg" and str(first.created_date) == "2026-08-31"
     assert second.photo_url is None and second.stars == 3.0
+
+
+PAGE_URL = "http://shop.test/api/goods/reviews?productionId=1&page=1"
+
+
+def _reviews(*reviews, total=None) -> str:
+    return json.dumps({"totalCount": total, "reviews": list(reviews)})
+
+
+@pytest.mark.parametrize("address, resolved", [
+    ("//cdn.test/a/1.jpg?w=360", "http://cdn.test/a/1.jpg"),  # protocol-relative
+    ("/img/a.jpg", "http://shop.test/img/a.jpg"),  # relative to the page
+    (" https://cdn.test:8443/b.jpg ", "https://cdn.test:8443/b.jpg"),
+])
+def test_photo_addresses_are_resolved_against_the_page(address, resolved):
+    page = SITE.parse_reviews(_reviews({"id": 1, "card": {"imageUrl": address}}), PAGE_URL)
+    assert page.reviews[0].photo_url == resolved and page.reviews[0].photo_error is None
+
+
+@pytest.mark.parametrize("address", [
+    "javascript:alert(1)", "http://cdn.test:99999/a.jpg", "http://cdn.test:x/a.jpg",
+    "file:///etc/passwd", "ftp://cdn.test/a.jpg", "data:image/png;base64,AAAA", "http://[::1/a",
+    "http://user:pw@cdn.test/a.jpg", "http://cdn.test/a\x00.jpg", 42, ["x"],
+])
+def test_a_bad_photo_address_keeps_the_review_and_says_why(address):
+    """The review is stored; its photo is a ``bad_photo_url`` failure, never an exception."""
+    page = SITE.parse_reviews(_reviews({"id": 1, "card": {"imageUrl": address}},
+                                       {"id": 2, "card": {"imageUrl": "//cdn.test/ok.jpg"}}),
+                              PAGE_URL)
+    first, second = page.reviews
+    assert first.photo_url is None and first.photo_error.reason == "bad_photo_url"
+    assert second.photo_url == "http://cdn.test/ok.jpg"
+
+
+def test_a_stored_bad_photo_address_is_a_parse_error_on_later_nights():
+    """Healing asks for photos stored by older nights: their addresses are checked again."""
+    assert SITE.image_url("//cdn.test/a.jpg") == "http://cdn.test/a.jpg?w=1280&h=1280"
+    for stored in ("javascript:alert(1)", "http://cdn.test:99999/a.jpg"):
+        with pytest.raises(ParseError) as err:
+            SITE.image_url(stored)
+        assert err.value.reason == "bad_photo_url"
+
+
+def test_review_ids_that_are_not_plain_integers_or_repeat_are_set_aside():
+    page = SITE.parse_reviews(_reviews({"id": True}, {"id": 1.9}, {"id": 2 ** 70}, {"id": 5},
+                                       {"id": 5}, {"id": 6}), PAGE_URL)
+    assert [r.id for r in page.reviews] == [5, 6]
+    assert [(r.position, r.reason) for r in page.rejected] == [
+        (1, "unexpected_shape"), (2, "unexpected_shape"), (3, "out_of_range"),
+        (5, "duplicate_review_id")]
+    assert page.entries == 6
+    with pytest.raises(ParseError) as err:
+        SITE.parse_reviews(b'{"totalCount": 1e400, "reviews": []}', PAGE_URL)
+    assert err.value.reason == "unexpected_shape"
+
+
+def test_nul_and_lone_surrogates_in_text_are_cleaned_for_the_database():
+    page = SITE.parse_reviews(
+        b'{"reviews": [{"id": 3, "writerNickname": "a\u0000b", '
+        b'"review": {"comment": "x\ud800y\ud83d\ude00", "starAvg": 5}}]}', PAGE_URL)
+    review = page.reviews[0]
+    assert review.writer_nickname == "ab"
+    assert review.comment == "x\ufffdy\U0001f600"
+    review.comment.encode("utf-8")  # storable: no lone surrogate left
 
 
 def test_an_html_error_page_instead_of_reviews_is_invalid_json():
@@ -181,10 +322,13 @@ def test_settings_survive_the_trip_to_the_crawl_subprocess():
 
 
 def test_the_http_client_picks_scrapys_download_handler_and_an_unknown_one_is_refused():
-    assert scrapy_settings(Settings())["DOWNLOAD_HANDLERS"] == {}  # Scrapy's default (Twisted)
+    off = {"file": None, "s3": None, "ftp": None, "data": None}
+    # Twisted is Scrapy's default for http(s): no entry; every non-web scheme is switched off.
+    assert scrapy_settings(Settings())["DOWNLOAD_HANDLERS"] == off
     handlers = scrapy_settings(Settings().with_overrides(http_client="aiohttp"))["DOWNLOAD_HANDLERS"]
-    assert set(handlers) == {"http", "https"}
-    assert all(h.endswith("AiohttpDownloadHandler") for h in handlers.values())
+    assert set(handlers) == {"http", "https", *off}
+    assert all(handlers[s].endswith("AiohttpDownloadHandler") for s in ("http", "https"))
+    assert all(handlers[s] is None for s in off)
     with pytest.raises(ConfigError, match="http_client"):
         Settings().with_overrides(http_client="curl")
 
@@ -260,3 +404,250 @@ def test_a_failed_transaction_fails_exactly_its_own_entries():
     assert outcomes[0] == 10
     assert all(isinstance(o, RuntimeError) for o in outcomes[1:])
     assert later == 40  # the next transaction goes ahead
+
+
+# --- only http(s) to allow-listed hosts -----------------------------------------------------
+class _FakeStats:
+    def __init__(self):
+        self.values: dict[str, int] = {}
+
+    def inc_value(self, key, n=1):
+        self.values[key] = self.values.get(key, 0) + n
+
+
+class _FakeCrawler:
+    def __init__(self, settings: Settings):
+        self.settings = {"SHOPLENS_SETTINGS": settings}
+        self.stats = _FakeStats()
+
+
+SHOP = Settings().with_overrides(shop_base_url="http://shop.test", allowed_hosts=["cdn.test:81"])
+
+
+@pytest.mark.parametrize("url", [
+    "file://shop.test/etc/passwd", "file:///etc/passwd", "ftp://shop.test/x", "s3://shop.test/b/k",
+    "data:text/plain,hello", "https://shop.test/goods/1",  # not the base URL's scheme
+    "http://cdn.test:82/a.jpg", "http://evil.test/a.jpg", "http://[::1/a",
+])
+def test_every_scheme_but_the_shops_and_every_other_host_is_dropped(url):
+    from scrapy import Request
+
+    from crawler.middlewares import HostAllowListMiddleware, OffsiteRequest
+
+    middleware = HostAllowListMiddleware(_FakeCrawler(SHOP))
+    with pytest.raises(OffsiteRequest):
+        middleware.process_request(Request(url) if not url.startswith("http://[") else
+                                   _unparsable_request(url))
+
+
+def _unparsable_request(url):
+    from scrapy import Request
+
+    request = Request("http://shop.test/")
+    request._url = url  # Scrapy refuses to build it; a redirect's Location may still carry it
+    return request
+
+
+def test_the_shop_and_allowed_hosts_pass():
+    from scrapy import Request
+
+    from crawler.middlewares import HostAllowListMiddleware
+
+    middleware = HostAllowListMiddleware(_FakeCrawler(SHOP))
+    for url in ("http://shop.test/goods/1", "http://cdn.test:81/a.jpg"):
+        assert middleware.process_request(Request(url)) is None
+
+
+def test_the_waf_cookie_is_fetched_only_when_the_shop_refuses_a_call(monkeypatch, tmp_path):
+    """No browser before the first JSON call; a 403 starts it once, and the call is retried."""
+    import asyncio
+
+    from scrapy import Request
+    from scrapy.http import HtmlResponse
+
+    from crawler import middlewares
+
+    browser_calls = []
+
+    async def fake_acquire(page_url, **kwargs):
+        browser_calls.append(page_url)
+        return {"ohs_waf": "token"}
+
+    monkeypatch.setattr(middlewares, "acquire_cookies", fake_acquire)
+    monkeypatch.setattr(middlewares.tempfile, "gettempdir", lambda: str(tmp_path))
+    middleware = middlewares.WafCookieMiddleware(_FakeCrawler(SHOP))
+    request = Request("http://shop.test/api/goods/reviews?productionId=1",
+                      headers={"Referer": "http://shop.test/goods/1"})
+
+    async def scenario():
+        assert await middleware.process_request(request) is None
+        assert "Cookie" not in request.headers and browser_calls == []
+        ok = HtmlResponse(request.url, status=200, body=b"{}", request=request)
+        assert await middleware.process_response(request, ok) is ok
+        assert browser_calls == []
+        refused = HtmlResponse(request.url, status=403, body=b"Access Denied", request=request)
+        retry = await middleware.process_response(request, refused)
+        assert browser_calls == ["http://shop.test/goods/1"]
+        assert await middleware.process_request(retry) is None
+        assert retry.headers["Cookie"] == b"ohs_waf=token"
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_cookie_renewal_is_not_retried_by_every_refused_call(monkeypatch, tmp_path):
+    import asyncio
+
+    from scrapy import Request
+    from scrapy.http import HtmlResponse
+
+    from crawler import middlewares
+    from crawler.browser import BrowserError
+
+    calls = []
+
+    async def failing_acquire(page_url, **kwargs):
+        calls.append(page_url)
+        raise BrowserError("page set no cookie")
+
+    monkeypatch.setattr(middlewares, "acquire_cookies", failing_acquire)
+    monkeypatch.setattr(middlewares.tempfile, "gettempdir", lambda: str(tmp_path))
+    middleware = middlewares.WafCookieMiddleware(_FakeCrawler(SHOP))
+
+    async def scenario():
+        for n in range(3):
+            request = Request(f"http://shop.test/api/goods/reviews?productionId={n}")
+            await middleware.process_request(request)
+            with pytest.raises(BrowserError):
+                await middleware.process_response(request, HtmlResponse(
+                    request.url, status=403, body=b"denied", request=request))
+
+    asyncio.run(scenario())
+    assert len(calls) == 1
+
+
+# --- a crawl that lost something never looks finished ---------------------------------------
+def _stats(**overrides):
+    return {"category_id": "10120000", "finish_reason": "finished", "products": 20,
+            "spider_exceptions": 0, "failures": {}, **overrides}
+
+
+def test_a_clean_category_crawl_has_no_problem():
+    from crawler.run import crawl_problem
+
+    assert crawl_problem(_stats()) is None
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ({"spider_exceptions": 2}, "2 unexpected exception"),
+    ({"products": 0, "failures": {"invalid_json": 1}}, "no product crawled"),
+    ({"products": 0}, "no product crawled"),
+    ({"finish_reason": "shutdown"}, "ended early"),
+])
+def test_spider_exceptions_or_a_lost_category_fail_the_category_crawl(overrides, says):
+    from crawler.run import crawl_problem
+
+    assert says in crawl_problem(_stats(**overrides))
+
+
+def test_an_exception_in_a_callback_is_recorded_and_the_crawl_goes_on():
+    """CallbackGuardMiddleware hands the exception to the spider's recorder and returns an
+    empty output, so Scrapy carries on with the other requests; HttpError is left to the
+    errback and the spider's own abort (IgnoreRequest) passes silently."""
+    import asyncio
+
+    from scrapy import Request
+    from scrapy.exceptions import IgnoreRequest
+    from scrapy.http import HtmlResponse
+    from scrapy.spidermiddlewares.httperror import HttpError
+
+    from crawler.middlewares import CallbackGuardMiddleware
+
+    recorded = []
+
+    class Spider:
+        async def _unexpected(self, request, exc):
+            recorded.append((request.url, type(exc).__name__))
+
+    crawler_ = _FakeCrawler(SHOP)
+    crawler_.spider = Spider()
+    guard = CallbackGuardMiddleware.from_crawler(crawler_)
+    request = Request("http://shop.test/goods/1", meta={"stage": "product", "product_id": 1})
+    response = HtmlResponse(request.url, body=b"<html></html>", request=request)
+
+    async def drain(result):
+        return [item async for item in result]
+
+    assert asyncio.run(drain(guard.process_spider_exception(response, OverflowError("x")))) == []
+    assert recorded == [("http://shop.test/goods/1", "OverflowError")]
+    assert guard.process_spider_exception(response, HttpError(response)) is None
+    assert guard.process_spider_exception(response, IgnoreRequest("aborting")) is None
+
+
+# --- size caps ------------------------------------------------------------------------------
+def _spider(settings: Settings):
+    """A ReviewsSpider with just what building photo requests needs (no crawl, no database)."""
+    from crawler.manifest_writer import ProductState
+    from crawler.site import ShopSite
+    from crawler.spiders.reviews import ReviewsSpider
+
+    spider = ReviewsSpider(category_id="10120000", run_key="unit")
+    spider.shop = settings
+    spider.site = ShopSite(settings.shop_base_url, settings.image_params)
+    spider.states = {1: ProductState()}
+    spider.crawler = _FakeCrawler(settings)
+    spider.crawler.stats.get_value = lambda key, default=None: default
+    spider.crawler.stats.set_value = lambda key, value: None
+    spider.recorded = []
+
+    async def record(request, reason, detail, **where):
+        spider.recorded.append((reason, where.get("url")))
+
+    spider._record = record
+    return spider
+
+
+def test_pages_and_json_are_capped_apart_from_photos():
+    import asyncio
+
+    settings = SHOP.with_overrides(max_page_bytes=300_000, max_image_bytes=9_000_000)
+    scrapy_config = scrapy_settings(settings)
+    assert scrapy_config["DOWNLOAD_MAXSIZE"] == 300_000  # pages, JSON, robots.txt
+    request = asyncio.run(_spider(settings)._photo_request(1, 10, "http://cdn.test:81/a.jpg"))
+    assert request.meta["download_maxsize"] == 9_000_000
+    assert request.url == "http://cdn.test:81/a.jpg?w=1280&h=1280"
+    assert Settings().max_page_bytes < Settings().max_image_bytes
+
+
+def test_a_bad_photo_address_stored_by_an_older_night_is_recorded_not_raised():
+    import asyncio
+
+    spider = _spider(SHOP)
+    assert asyncio.run(spider._photo_request(1, 11, "http://cdn.test:99999/a.jpg")) is None
+    assert asyncio.run(spider._photo_request(1, 12, "javascript:alert(1)")) is None
+    healed = asyncio.run(spider._photo_request(1, 13, "//cdn.test:81/b.jpg"))
+    assert healed.url == "http://cdn.test:81/b.jpg?w=1280&h=1280"
+    assert spider.recorded == [("bad_photo_url", "http://cdn.test:99999/a.jpg"),
+                               ("bad_photo_url", "javascript:alert(1)")]
+
+
+def test_operations_guide_lists_every_failure_reason_the_crawl_can_record():
+    """docs/operations.md's table names each reason code found in the crawler's source."""
+    import re
+    from pathlib import Path
+
+    from crawler.images import CONTENT_REJECTIONS
+
+    root = Path(__file__).resolve().parents[1]
+    source = {name: (root / "crawler" / name).read_text() for name in (
+        "site.py", "failures.py", "spiders/reviews.py")}
+    reasons = set(re.findall(r'ParseError\(\s*"([a-z_]+)"', source["site.py"]))
+    reasons |= set(re.findall(r'return \(?"([a-z_]+)"', source["failures.py"]))
+    reasons |= set(re.findall(r'\("([a-z_]+)" if', source["failures.py"]))
+    reasons |= set(re.findall(r'else "([a-z_]+)"\)', source["failures.py"]))
+    reasons |= set(re.findall(r'_record\([^,]+, "([a-z_]+)"', source["spiders/reviews.py"]))
+    reasons |= CONTENT_REJECTIONS | set(re.findall(
+        r'PhotoRejected\(\s*"([a-z_]+)"', (root / "shoplens" / "photos.py").read_text()))
+    assert len(reasons) >= 25, sorted(reasons)  # the patterns above still find the codes
+    guide = (root / "docs" / "operations.md").read_text()
+    missing = {r for r in reasons if f"`{r}`" not in guide}
+    assert not missing and "`http_<status>`" in guide

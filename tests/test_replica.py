@@ -276,6 +276,18 @@ def test_expired_forged_or_refererless_requests_are_denied(shop):
     assert blocked["expired"] >= 1 and blocked["invalid"] >= 1 and blocked["no_referer"] >= 2
 
 
+def test_with_the_waf_off_pages_set_no_cookie_and_calls_need_none(small_sources):
+    with ReplicaShop(sources=small_sources, seed=3, waf=False) as shop:
+        product_id = shop.ground_truth()["products"][0]["id"]
+        page = requests.get(f"{shop.base_url}/goods/{product_id}").text
+        assert "document.cookie" not in page and "Set-Cookie" not in page
+        url = f"{shop.base_url}/api/goods/reviews"
+        referer = {"Referer": f"{shop.base_url}/goods/{product_id}"}
+        assert requests.get(url, params={"productionId": product_id},
+                            headers=referer).status_code == 200
+        assert requests.get(url, params={"productionId": product_id}).status_code == 403
+
+
 def test_a_real_headless_chromium_obtains_the_cookie_and_it_expires(small_sources):
     from playwright.sync_api import sync_playwright
 
@@ -458,6 +470,48 @@ def test_bad_fault_specs_are_rejected_clearly():
                           ("500=abc", "not a number"), ("500=0.6,429=0.6", "add up")):
         with pytest.raises(FaultSpecError, match=message):
             FaultPlan(spec)
+
+
+def test_hostile_data_serves_every_kind_on_its_endpoint_deterministically(faulty):
+    """``hostile-data=1``: every product serves one malformed answer, the kinds dealt in turn,
+    fixed per seed, recorded in the ground truth; the raw text carries what json.dumps never
+    writes (1e400, Infinity, lone surrogates, deep nesting)."""
+    from crawler.replica.hostile import KINDS, PRODUCT_PAGE_KINDS
+
+    faulty.set_faults("hostile-data=1")
+    try:
+        truth = faulty.ground_truth()
+        assert truth["hostile"] == faulty.ground_truth()["hostile"]  # stable between calls
+        hostile = {h["product_id"]: h for h in truth["hostile"]}
+        assert set(hostile) == {p["id"] for p in truth["products"]}
+        assert {h["kind"] for h in hostile.values()} == set(KINDS)
+        client = admitted(faulty)
+        markers = {"product_id_overflow": str(2 ** 70), "review_count_overflow": "3000000000",
+                   "queries_not_objects": '{"state":"x"},null', "deep_nesting": "[" * 1000,
+                   "infinity_id": '"id":Infinity', "review_id_1e400": '"id":1e400',
+                   "review_id_bool": '"id":true', "review_id_overflow": str(2 ** 70),
+                   "nul_and_surrogate": "\\u0000after\\ud800", "reviews_not_a_list": '"reviews":{',
+                   "photo_protocol_relative": '"imageUrl":"//127.0.0.1:',
+                   "photo_relative": '"imageUrl":"/apne2/', "photo_javascript": "javascript:",
+                   "photo_bad_port": ":99999/apne2/"}
+        seen = set()
+        for product_id, h in hostile.items():
+            if h["kind"] in PRODUCT_PAGE_KINDS:
+                text = requests.get(f"{faulty.base_url}/goods/{product_id}").text
+            else:
+                text = client.get(f"{faulty.base_url}/api/goods/reviews", params={
+                    "productionId": product_id, "page": 1, "per": 5, "order": "recent"}).text
+                assert h["review_id"] is not None and str(h["review_id"]) in text or h["kind"] in (
+                    "review_id_1e400", "review_id_bool", "review_id_overflow",
+                    "review_id_fraction")
+            if h["kind"] in markers:
+                assert markers[h["kind"]] in text, h
+            seen.add(h["kind"])
+        assert seen == set(KINDS)
+        assert faulty.stats()["faults"]["hostile-data"] >= len(hostile)
+    finally:
+        faulty.set_faults("")
+    assert faulty.ground_truth()["hostile"] == []
 
 
 # --- bad photos, hold-back -------------------------------------------------------------------

@@ -38,6 +38,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--ground-truth", type=Path, default=None, metavar="PATH")
     p.add_argument("--hang-seconds", type=float, default=30.0)
     p.add_argument("--cookie-ttl", type=float, default=3600.0)
+    p.add_argument("--no-waf", action="store_true",
+                   help="no WAF: pages set no cookie and JSON calls need none (Referer still checked)")
     p.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
                    help="every answer (admin calls excepted) waits this long, like a remote server")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -62,7 +64,8 @@ async def _serve(args) -> int:
         args.photos, args.listing, seed=args.seed, host=args.host, port=args.port,
         cdn_port=args.cdn_port, faults=args.faults, bad_photos=args.bad_photos,
         hold_back=args.hold_back, ground_truth_path=args.ground_truth,
-        hang_seconds=args.hang_seconds, cookie_ttl=args.cookie_ttl, cache_dir=args.cache_dir,
+        hang_seconds=args.hang_seconds, cookie_ttl=args.cookie_ttl, waf=not args.no_waf,
+        cache_dir=args.cache_dir,
         synthetic_products=args.synthetic_products, synthetic_photos=args.synthetic_photos,
         latency=args.latency)
     await shop.serve()

@@ -7,7 +7,7 @@ import secrets
 
 from aiohttp import web
 
-from . import pages, payloads
+from . import hostile, pages, payloads
 from .catalog import Product
 from .cdn import BadImageParams, ImageParams, corrupt_body
 from .runtime import ReplicaRuntime
@@ -101,8 +101,10 @@ class Handlers:
         early = await self._early_fault(request, kind)
         if early is not None:
             return early
-        body = json.dumps(make(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        return await self._deliver(request, kind, body, JSON_TYPE)
+        payload = make()
+        text = payload if isinstance(payload, str) else json.dumps(  # str: JSON text already
+            payload, ensure_ascii=False, separators=(",", ":"))
+        return await self._deliver(request, kind, text.encode("utf-8"), JSON_TYPE)
 
     async def _page_answer(self, request: web.Request, make) -> web.StreamResponse:
         early = await self._early_fault(request, self._draw(request, "page"))
@@ -158,9 +160,17 @@ class Handlers:
         if product is None:
             return _html(pages.error_page(404, "존재하지 않는 상품입니다."), status=404)
         catalog = self.rt.catalog
-        return await self._page_answer(request, lambda: pages.product_page(
-            catalog.build_id, product.id, product.name,
-            payloads.product_page_queries(catalog, product, self.rt.cdn_url), self.rt.waf.script()))
+        bad = self.rt.hostile.get(product.id)
+
+        def make() -> str:
+            queries, splice = payloads.product_page_queries(catalog, product, self.rt.cdn_url), None
+            if bad is not None and bad.kind in hostile.PRODUCT_PAGE_KINDS:
+                queries, splice = hostile.product_queries(queries, bad)
+                self.rt.record_fault(str(request.url), hostile.FAULT_NAME)
+            return pages.product_page(catalog.build_id, product.id, product.name, queries,
+                                      self.rt.waf.script(), splice=splice)
+
+        return await self._page_answer(request, make)
 
     async def reviews(self, request: web.Request) -> web.StreamResponse:
         blocked = self._blocked(request, needs_referer=True)
@@ -178,8 +188,18 @@ class Handlers:
         product = self._product(query.get("productionId"))
         if product is None:
             return _json({"error": "production not found"}, status=404)
-        return await self._json_answer(request, lambda: payloads.reviews_page(
-            self.rt.catalog, product, order, page, per, self.rt.cdn_url))
+        bad = self.rt.hostile.get(product.id)
+
+        def make():
+            data = payloads.reviews_page(self.rt.catalog, product, order, page, per,
+                                         self.rt.cdn_url)
+            if bad is None or bad.kind in hostile.PRODUCT_PAGE_KINDS or not any(
+                    r["id"] == bad.review_id for r in data["reviews"]):
+                return data
+            self.rt.record_fault(str(request.url), hostile.FAULT_NAME)
+            return hostile.reviews_page(data, bad, self.rt.base_url)
+
+        return await self._json_answer(request, make)
 
     async def star_counts(self, request: web.Request) -> web.StreamResponse:
         blocked = self._blocked(request, needs_referer=True)

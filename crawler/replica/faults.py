@@ -11,6 +11,8 @@ import random
 from collections import defaultdict
 
 KINDS = ("500", "429", "hang", "truncate", "html", "corrupt", "offsite")
+# Not transient and not part of ``all``: a share of products with malformed data (hostile.py).
+HOSTILE = "hostile-data"
 # Which faults each kind of endpoint can show. HTML pages (they carry the WAF script) only 500.
 APPLICABLE = {
     "json": ("500", "429", "hang", "truncate", "html"),
@@ -32,9 +34,9 @@ def parse_spec(spec: str | None) -> dict[str, float]:
             continue
         kind, sep, raw = item.partition("=")
         kind = kind.strip()
-        if not sep or (kind not in KINDS and kind != "all"):
+        if not sep or (kind not in KINDS and kind not in ("all", HOSTILE)):
             raise FaultSpecError(f"--faults item {item!r}: expected kind=fraction with kind one of "
-                                 f"{', '.join(KINDS)} or all")
+                                 f"{', '.join(KINDS)}, {HOSTILE} or all")
         try:
             value = float(raw)
         except ValueError:
@@ -50,6 +52,7 @@ class FaultPlan:
         fractions = parse_spec(spec)
         self.spec = spec or ""
         self.seed = seed
+        self.hostile_fraction = fractions.get(HOSTILE, 0.0)
         self.per_surface: dict[str, list[tuple[str, float]]] = {}
         for surface, kinds in APPLICABLE.items():
             shared = fractions.get("all", 0.0) / len(kinds)
@@ -63,7 +66,7 @@ class FaultPlan:
 
     @property
     def active(self) -> bool:
-        return any(self.per_surface.values())
+        return any(self.per_surface.values()) or self.hostile_fraction > 0
 
     def draw(self, surface: str, url: str) -> str | None:
         """The fault for this request of ``url`` on a ``surface`` endpoint, or None."""

@@ -14,7 +14,8 @@ from .payloads import photo_url
 
 
 def build(catalog: Catalog, cdn_url: str, base_url: str, photo_sha256: dict[str, str],
-          served: dict[str, set[str]], faults: list[dict]) -> dict:
+          served: dict[str, set[str]], faults: list[dict],
+          hostile: dict | None = None) -> dict:
     categories, products, reviews = [], [], []
     for category_id in sorted(catalog.categories):
         category = catalog.categories[category_id]
@@ -41,7 +42,9 @@ def build(catalog: Catalog, cdn_url: str, base_url: str, photo_sha256: dict[str,
             "cdn_url": cdn_url, "categories": categories, "products": products,
             "reviews": reviews, "held_back": [r.id for r in catalog.held_back()],
             "served": {photo_id: sorted(shas) for photo_id, shas in sorted(served.items())},
-            "faults": list(faults)}
+            "faults": list(faults),
+            "hostile": [{"product_id": h.product_id, "kind": h.kind, "review_id": h.review_id}
+                        for _, h in sorted((hostile or {}).items())]}
 
 
 def write(truth: dict, path: Path) -> None:

@@ -16,20 +16,25 @@ ERROR_PAGE = ("<!DOCTYPE html><html><head><title>{status} | 오늘의집</title>
               "<h1>{status}</h1><p>{message}</p></body></html>")
 
 
-def _next_data_script(data: dict) -> str:
+def _next_data_script(data: dict, splice: str | None = None) -> str:
     # "</" must not close the script element early; JSON allows the escaped solidus.
     body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    if splice is not None:  # hostile data: raw JSON text where the sentinel string stands
+        from .hostile import SENTINEL
+
+        body = body.replace(json.dumps(SENTINEL), splice, 1)
     return f'<script id="__NEXT_DATA__" type="application/json">{body}</script>'
 
 
-def next_page(title: str, next_data: dict, build_id: str, waf_script: str, main_html: str = "") -> str:
+def next_page(title: str, next_data: dict, build_id: str, waf_script: str, main_html: str = "",
+              splice: str | None = None) -> str:
     return (
         '<!DOCTYPE html><html lang="ko"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title>"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f'<script src="/_next/static/{build_id}/_buildManifest.js" defer></script>'
         f"{waf_script}</head><body><div id=\"__next\">{main_html}</div>"
-        f"{_next_data_script(next_data)}</body></html>"
+        f"{_next_data_script(next_data, splice)}</body></html>"
     )
 
 
@@ -42,15 +47,15 @@ def ranks_page(build_id: str, category_id: str, waf_script: str) -> str:
                      '<main><h1>베스트</h1><div class="ranks-loading">불러오는 중…</div></main>')
 
 
-def product_page(build_id: str, product_id: int, name: str, queries: list[dict],
-                 waf_script: str) -> str:
+def product_page(build_id: str, product_id: int, name: str, queries: list,
+                 waf_script: str, splice: str | None = None) -> str:
     data = {"props": {"pageProps": {"dehydratedState": {"mutations": [], "queries": queries}},
                       "__N_SSP": True},
             "page": "/goods/[id]", "query": {"id": str(product_id)}, "buildId": build_id,
             "isFallback": False, "gssp": True, "locale": "ko-KR", "locales": ["ko-KR"],
             "defaultLocale": "ko-KR", "scriptLoader": []}
     return next_page(f"{name} | 오늘의집", data, build_id, waf_script,
-                     f"<main><h1>{html.escape(name)}</h1></main>")
+                     f"<main><h1>{html.escape(name)}</h1></main>", splice)
 
 
 def build_manifest_js(build_id: str) -> str:

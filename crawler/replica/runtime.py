@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import ground_truth
+from . import ground_truth, hostile
 from .catalog import Catalog, Product, Review
 from .cdn import ImageParams, RenderCache, Rendered, bad_photo_body, render, rendered
 from .faults import FaultPlan
@@ -25,12 +25,15 @@ from .waf import Waf
 
 class ReplicaRuntime:
     def __init__(self, catalog: Catalog, *, faults: str = "", cookie_ttl: float = 3600.0,
+                 waf: bool = True,
                  hang_seconds: float = 30.0, ground_truth_path: Path | None = None,
                  cache_bytes: int = 256 * 1024 * 1024, image_workers: int | None = None,
                  latency: float = 0.0):
         self.catalog = catalog
         self.waf = Waf(ttl=cookie_ttl)
+        self.waf.enabled = waf
         self.faults = FaultPlan(faults, catalog.seed)
+        self.hostile = hostile.assign(catalog, self.faults.hostile_fraction, catalog.seed)
         self.stats = Stats()
         self.hang_seconds = hang_seconds
         self.latency = latency
@@ -122,7 +125,7 @@ class ReplicaRuntime:
     async def ground_truth(self) -> dict:
         await self.ensure_original_hashes()
         return ground_truth.build(self.catalog, self.cdn_url, self.base_url, self.original_sha256,
-                                  self.served, self.fault_log)
+                                  self.served, self.fault_log, self.hostile)
 
     async def write_ground_truth(self) -> None:
         if self.ground_truth_path:
@@ -137,6 +140,8 @@ class ReplicaRuntime:
 
     def set_faults(self, spec: str) -> None:
         self.faults = FaultPlan(spec, self.catalog.seed)
+        self.hostile = hostile.assign(self.catalog, self.faults.hostile_fraction,
+                                      self.catalog.seed)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

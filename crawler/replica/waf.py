@@ -45,6 +45,9 @@ class Waf:
         self.secret = secret or os.urandom(32)
         self.clock = clock
         self._verified: dict[str, int] = {}  # token -> issue time; proofs are checked once
+        # Off (``--no-waf``): pages carry no script and every call passes, as on a day the
+        # shop's WAF is switched off.
+        self.enabled = True
 
     def _signature(self, issued_b36: str) -> str:
         return hmac.new(self.secret, issued_b36.encode(), hashlib.sha256).hexdigest()[:20]
@@ -60,6 +63,8 @@ class Waf:
 
     def check(self, token: str | None) -> str | None:
         """None when the token lets the request through, else why not: missing/invalid/expired."""
+        if not self.enabled:
+            return None
         if not token:
             return "missing"
         issued = self._verified.get(token)
@@ -82,6 +87,8 @@ class Waf:
 
     def script(self) -> str:
         """The inline ``<script>`` that sets the cookie (fresh stamp on every page view)."""
+        if not self.enabled:
+            return ""
         stamp = self.stamp()
         rng = random.Random()
         pieces, i = [], 0

@@ -83,6 +83,10 @@ class ReviewsSpider(scrapy.Spider):
             for out in await self._parse_failed(response, exc):
                 yield out
             return
+        for entry in ranking.rejected:  # one bad product entry costs that product only
+            await self._record(response.request, entry.reason,
+                               f"product #{entry.position}: {entry.detail}",
+                               product_id=entry.entry_id)
         best = ranking.products[: self.shop.best_n]
         name = ranking.category.name if ranking.category else None
         ranks_page = self.site.ranks_page_url(self.category_id)
@@ -94,7 +98,7 @@ class ReviewsSpider(scrapy.Spider):
             self.ranks[product.id] = product.rank
             # Photos an earlier run could not store: asked for again straight from the manifest.
             for review_id, photo_url in self.states[product.id].photos_missing:
-                request = self._photo_request(product.id, review_id, photo_url)
+                request = await self._photo_request(product.id, review_id, photo_url)
                 if request is not None:
                     self.crawler.stats.inc_value("shoplens/photos_healing")
                     yield request
@@ -109,6 +113,10 @@ class ReviewsSpider(scrapy.Spider):
             for out in await self._parse_failed(response, exc):
                 yield out
             return
+        if page.id != product_id:  # never let one product's page overwrite another product
+            await self._record(response.request, "product_id_mismatch",
+                               f"the page of product {product_id} describes product {page.id}")
+            return
         await self._db(self.writer.record_product_page, self.category_id,
                        self.ranks.get(product_id), page, response.url)
         yield self._reviews_request(product_id, 1, referer=response.url)
@@ -116,11 +124,15 @@ class ReviewsSpider(scrapy.Spider):
     async def parse_reviews(self, response: Response):
         product_id, page_no = response.meta["product_id"], response.meta["page"]
         try:
-            page = self.site.parse_reviews(response.body)
+            page = self.site.parse_reviews(response.body, response.url)
         except ParseError as exc:
             for out in await self._parse_failed(response, exc):
                 yield out
             return
+        for entry in page.rejected:  # the page's other reviews are still good
+            await self._record(response.request, entry.reason,
+                               f"review #{entry.position}: {entry.detail}",
+                               review_id=entry.entry_id)
         stats = self.crawler.stats
         stats.inc_value("shoplens/review_pages")
         stats.inc_value("shoplens/reviews_seen", len(page.reviews))
@@ -128,15 +140,19 @@ class ReviewsSpider(scrapy.Spider):
         stats.inc_value("shoplens/reviews_new", new)
         state = self.states[product_id]
         for review in page.reviews:
-            if (review.photo_url and review.id not in state.reviews_with_photo_stored
+            if review.photo_error is not None:
+                await self._record(response.request, review.photo_error.reason,
+                                   review.photo_error.detail, stage="image",
+                                   review_id=review.id)
+            elif (review.photo_url and review.id not in state.reviews_with_photo_stored
                     and review.id not in state.photos_rejected):
-                request = self._photo_request(product_id, review.id, review.photo_url)
+                request = await self._photo_request(product_id, review.id, review.photo_url)
                 if request is not None:
                     yield request
         unseen = self.unknown_seen[product_id]
         unseen.update(r.id for r in page.reviews if r.id not in state.known)
         per = self.shop.reviews_per_page
-        at_end = (not page.reviews
+        at_end = (not page.entries
                   or (page.total_count is not None and page_no * per >= page.total_count))
         # Known territory: a review known at the last complete walk, and (when the shop says
         # how many it has) every review accounted for. The count matters because a new review
@@ -166,9 +182,25 @@ class ReviewsSpider(scrapy.Spider):
                        headers=self.site.guarded_headers(referer), callback=self.parse_reviews,
                        errback=self.on_error, meta=self._meta("reviews", product_id, page=page))
 
-    def _photo_request(self, product_id: int, review_id: int, photo_url: str) -> Request | None:
-        """The photo at the fixed size, unless already asked for or the product's cap is met."""
+    async def _photo_request(self, product_id: int, review_id: int,
+                             photo_url: str) -> Request | None:
+        """The photo at the fixed size, unless already asked for or the product's cap is met.
+
+        The address may come from the manifest, stored by an older night: a bad one is recorded
+        as the review's failure (each night), never raised.
+        """
         if review_id in self.reviews_scheduled:
+            return None
+        meta = self._meta("image", product_id, review_id=review_id,
+                          download_maxsize=self.shop.max_image_bytes)
+        try:
+            request = Request(self.site.image_url(photo_url), callback=self.parse_photo,
+                              errback=self.on_error, dont_filter=True, meta=meta)
+        except (ParseError, ValueError) as exc:
+            reason = exc.reason if isinstance(exc, ParseError) else "bad_photo_url"
+            await self._record(None, reason, str(exc)[:300], stage="image",
+                               product_id=product_id, review_id=review_id,
+                               url=str(photo_url)[:2000])
             return None
         state = self.states[product_id]
         if (len(state.reviews_with_photo_stored) + self.photos_scheduled[product_id]
@@ -184,9 +216,7 @@ class ReviewsSpider(scrapy.Spider):
         # Each review's photo is asked for once (reviews_scheduled, and the manifest across
         # runs): Scrapy's URL fingerprinting (CPU per request) would only drop the photo of a
         # second review that shows the very same file.
-        return Request(self.site.image_url(photo_url), callback=self.parse_photo,
-                       errback=self.on_error, dont_filter=True,
-                       meta=self._meta("image", product_id, review_id=review_id))
+        return request
 
     # --- failures ---------------------------------------------------------------------------
     async def _parse_failed(self, response: Response, exc: ParseError) -> list:
@@ -198,6 +228,26 @@ class ReviewsSpider(scrapy.Spider):
         return []
 
     async def on_error(self, failure: Failure):
+        try:
+            async for out in self._on_error(failure):
+                yield out
+        except IgnoreRequest:
+            return  # the crawl is aborting
+        except Exception as exc:  # noqa: BLE001 - an errback must not stop the category
+            await self._unexpected(failure.request, exc)
+
+    async def _unexpected(self, request: Request, exc: BaseException) -> None:
+        """A bug or an unforeseen answer: recorded, counted (the crawl then ends in error),
+        and the crawl goes on with the next request."""
+        self.crawler.stats.inc_value("shoplens/spider_exceptions")
+        logger.error("unexpected %s at %s", type(exc).__name__, request.url,
+                     exc_info=(type(exc), exc, exc.__traceback__))
+        try:
+            await self._record(request, "spider_exception", f"{type(exc).__name__}: {exc}")
+        except Exception as record_exc:  # noqa: BLE001 - e.g. the very value the DB refused
+            logger.error("could not record the failure either: %s", record_exc)
+
+    async def _on_error(self, failure: Failure):
         request = failure.request
         exc = failure.value
         if isinstance(exc, OffsiteRequest) and exc.redirected_from:
@@ -212,14 +262,19 @@ class ReviewsSpider(scrapy.Spider):
         reason, detail = failure_codes.classify(exc, request.meta.get("stage"))
         await self._record(request, reason, detail)
 
-    async def _record(self, request: Request, reason: str, detail: str | None) -> None:
-        meta = request.meta
+    async def _record(self, request: Request | None, reason: str, detail: str | None, *,
+                      stage: str | None = None, product_id: int | None = None,
+                      review_id: int | None = None, url: str | None = None) -> None:
+        """One ``crawl_failures`` row; the keywords override what the request's meta says."""
+        meta = request.meta if request is not None else {}
+        stage = stage or meta.get("stage") or "unknown"
+        url = url or (request.url if request is not None else "")
         self.crawler.stats.inc_value(f"shoplens/failures/{reason}")
-        logger.warning("failure %s at %s (%s): %s", reason, request.url, meta.get("stage"), detail)
+        logger.warning("failure %s at %s (%s): %s", reason, url, stage, detail)
         await self._db(self.writer.record_failure, FailureRecord(
-            stage=meta.get("stage") or "unknown", reason=reason, url=request.url, detail=detail,
-            category_id=self.category_id, product_id=meta.get("product_id"),
-            review_id=meta.get("review_id")))
+            stage=stage, reason=reason, url=url, detail=detail,
+            category_id=self.category_id, product_id=product_id or meta.get("product_id"),
+            review_id=review_id or meta.get("review_id")))
 
     # --- infrastructure ---------------------------------------------------------------------
     async def _db(self, fn: Callable, *args: Any) -> Any:
