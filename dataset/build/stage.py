@@ -33,12 +33,14 @@ from typing import Any, Iterator
 import sqlalchemy as sa
 
 from dataset.build import checks, export
-from dataset.build.tables import MEMBER_EXPORT_COLUMNS, dataset_members, dataset_versions
 from dataset.build.labels import assign_labels, load_label_map, store_new_labels
 from dataset.build.selection import select_photos
 from dataset.build.splits import SPLITS, SplitCandidate, SplitRatios, assign_splits
 from shoplens.config import ConfigError, Settings
+# The member columns a version's content hash covers: the exported manifest.parquet's.
+from shoplens.export_layout import MANIFEST_COLUMNS as MEMBER_EXPORT_COLUMNS
 from shoplens.manifest import engine_for
+from shoplens.manifest.schema import dataset_members, dataset_versions
 
 log = logging.getLogger(__name__)
 
