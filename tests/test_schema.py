@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from shoplens.manifest import engine_for
+from shoplens.manifest import ManifestNotMigrated, engine_for, require_migrated, upgrade
+from shoplens.manifest.db import head_revision
 from shoplens.manifest.schema import metadata, views
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +86,23 @@ def test_declared_views_have_the_columns_the_migrations_give_them(manifest_url):
 
 def test_views_are_not_mistaken_for_tables():
     assert not set(views.tables) & set(metadata.tables)
+
+
+def test_a_manifest_at_the_head_migration_passes_the_one_readiness_check(manifest_url):
+    with engine_for(manifest_url).connect() as conn:
+        require_migrated(conn)  # raises when not ready
+
+
+def test_a_manifest_never_migrated_or_behind_the_code_is_named_not_ready(fresh_database):
+    """The one "does the schema exist" check: it says which migration the manifest is at and how
+    to fix it, never silently degrades."""
+    with engine_for(fresh_database).connect() as conn:
+        with pytest.raises(ManifestNotMigrated, match="none \\(never migrated\\).*apply the migrations"):
+            require_migrated(conn)
+    upgrade(fresh_database, "0003_filter")
+    with engine_for(fresh_database).connect() as conn:
+        with pytest.raises(ManifestNotMigrated, match=f"at migration 0003_filter, this code needs {head_revision()}"):
+            require_migrated(conn)
 
 
 def _declares_schema(path: Path) -> list[str]:
