@@ -99,7 +99,8 @@ def test_a_manifest_no_migration_has_run_on_is_a_503_saying_to_migrate(fresh_dat
     """Before the first migration (e.g. the page opened before any crawl) no table exists: the page
     says so once instead of failing on the first missing table."""
     client = client_for(Settings(manifest_url=fresh_database))
-    for path in ("/shoplens/", "/shoplens/runs/manual__1"):
+    for path in ("/shoplens/", "/shoplens/runs/manual__1", "/shoplens/runs/manual__1/filter-report",
+                 "/shoplens/models/m1/report/", f"/shoplens/thumb/{'0' * 64}"):
         response = client.get(path)
         assert response.status_code == 503, path
         assert "never migrated" in response.text and "apply the migrations" in response.text, path
