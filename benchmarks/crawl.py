@@ -309,7 +309,7 @@ def replica_photos(base: str, best_n: int = 20) -> tuple[list[str], list[dict]]:
 
 
 def _copy_reviews(photos: list[dict], settings: Settings) -> None:
-    from shoplens.manifest.tables import categories, crawl_runs, products, reviews
+    from shoplens.manifest.schema import categories, crawl_runs, products, reviews
 
     engine = engine_for(settings.manifest_url)
     with engine.begin() as conn:

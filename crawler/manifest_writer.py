@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from crawler import site
 from crawler.images import CONTENT_REJECTIONS
 from shoplens.manifest import engine_for
-from shoplens.manifest.tables import (categories, crawl_failures, crawl_runs, images, product_ranks,
+from shoplens.manifest.schema import (categories, crawl_failures, crawl_runs, images, product_ranks,
                                       products, review_photos, reviews)
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from modeling import tables
 from modeling.ensemble import ENSEMBLE_FILE
 from shoplens.config import Settings
 from shoplens.manifest import engine_for, session_scope
+from shoplens.manifest.schema import current_model, model_metrics, model_promotions, models
 
 MODEL_PREFIX = "models"
 
@@ -94,19 +94,19 @@ def download(settings: Settings, model_id: str, cache_dir: Path) -> Path:
 
 def current_model_id(settings: Settings) -> str | None:
     with engine_for(settings.manifest_url).connect() as conn:
-        return conn.execute(sa.select(tables.current_model.c.id)).scalar()
+        return conn.execute(sa.select(current_model.c.id)).scalar()
 
 
 def begin(settings: Settings, model_id: str, dataset_version: str, profile: str, config: dict) -> None:
     with session_scope(settings.manifest_url) as conn:
-        conn.execute(tables.models.insert().values(
+        conn.execute(models.insert().values(
             id=model_id, dataset_version=dataset_version, profile=profile, status="training",
             promoted=False, artifact_prefix=artifact_prefix(model_id), config=config))
 
 
 def fail(settings: Settings, model_id: str, error: str) -> None:
     with session_scope(settings.manifest_url) as conn:
-        conn.execute(tables.models.update().where(tables.models.c.id == model_id).values(
+        conn.execute(models.update().where(models.c.id == model_id).values(
             status="failed", error=error[:4000], completed_at=sa.func.now()))
 
 
@@ -121,7 +121,7 @@ def save_metrics(conn, rows: list[dict]) -> None:
 
     if not rows:
         return
-    stmt = insert(tables.model_metrics).values(rows)
+    stmt = insert(model_metrics).values(rows)
     conn.execute(stmt.on_conflict_do_update(
         index_elements=["model_id", "dataset_version", "split", "member"],
         set_={c: stmt.excluded[c] for c in ("top1", "top3", "n", "tta")}))
@@ -129,7 +129,7 @@ def save_metrics(conn, rows: list[dict]) -> None:
 
 def ensemble_score(settings: Settings, model_id: str, dataset_version: str) -> float | None:
     """A model's ensemble Top-1 on a version's test split, if it was measured there."""
-    m = tables.model_metrics.c
+    m = model_metrics.c
     with engine_for(settings.manifest_url).connect() as conn:
         return conn.execute(sa.select(m.top1).where(
             m.model_id == model_id, m.dataset_version == dataset_version, m.split == "test",
@@ -146,12 +146,12 @@ def complete(settings: Settings, model_id: str, rows: list[dict], config: dict,
     with session_scope(settings.manifest_url) as conn:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('shoplens.model_promotion'))"))
         save_metrics(conn, rows)
-        current = conn.execute(sa.select(tables.current_model.c.id)).scalar()
+        current = conn.execute(sa.select(current_model.c.id)).scalar()
         promote, reason = decide_promotion(conn, current)
-        conn.execute(tables.models.update().where(tables.models.c.id == model_id).values(
+        conn.execute(models.update().where(models.c.id == model_id).values(
             status="complete", promoted=promote, reason=reason, config=config,
             completed_at=sa.func.now()))
         if promote:
-            conn.execute(tables.model_promotions.insert().values(
+            conn.execute(model_promotions.insert().values(
                 model_id=model_id, previous_model_id=current, reason=reason))
     return promote, reason

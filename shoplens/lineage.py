@@ -4,8 +4,7 @@ Backward: the dataset versions that hold it (label, split), its source URL, the 
 other review that posted the same bytes), the product and category, the crawl run, its dedup
 cluster, every rule decision, a human override and the resulting verdict.
 Forward: the models trained on those versions, read from the modeling stage's ``models`` table
-(``models.dataset_version``). Sections whose tables do not exist in this manifest yet (e.g. before
-the modeling migration) come back as ``null`` with a note, instead of failing.
+(``models.dataset_version``).
 """
 from __future__ import annotations
 
@@ -25,10 +24,6 @@ SHA_PREFIX = re.compile(r"^[0-9a-f]{8,64}$")
 
 class LineageError(LookupError):
     pass
-
-
-def _exists(conn: sa.Connection, relation: str) -> bool:
-    return conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": relation}).scalar() is not None
 
 
 def _rows(conn: sa.Connection, sql: str, **params) -> list[dict[str, Any]]:
@@ -94,45 +89,19 @@ def lineage(settings: Settings, sha256: str, version: str | None = None) -> dict
             "crawl_run": _one(conn, """
                 SELECT id, run_key, started_at, finished_at, status, shop_base_url
                 FROM crawl_runs WHERE id = :r""", r=image["first_seen_run"]),
-            "notes": [],
-        }
-        optional = {
-            "dedup": ("image_dedup", "SELECT * FROM image_dedup WHERE sha256 = :s", True),
-            "rule_decisions": ("rule_decisions", """
+            "dedup": _one(conn, "SELECT * FROM image_dedup WHERE sha256 = :s", s=sha),
+            "rule_decisions": _rows(conn, """
                 SELECT d.rule, d.passed, d.score, d.reason, d.rule_version, d.detector_version,
                        d.params, d.run_id, f.run_key AS filter_run_key, d.decided_at
                 FROM rule_decisions d LEFT JOIN filter_runs f ON f.id = d.run_id
-                WHERE d.sha256 = :s ORDER BY d.run_id, d.rule""", False),
-            "override": ("image_overrides", "SELECT * FROM image_overrides WHERE sha256 = :s", True),
-            "verdict": ("image_verdicts", "SELECT * FROM image_verdicts WHERE sha256 = :s", True),
+                WHERE d.sha256 = :s ORDER BY d.run_id, d.rule""", s=sha),
+            "override": _one(conn, "SELECT * FROM image_overrides WHERE sha256 = :s", s=sha),
+            "verdict": _one(conn, "SELECT * FROM image_verdicts WHERE sha256 = :s", s=sha),
+            # Forward lineage: the models trained on any version that holds the image.
+            "models": _rows(conn, "SELECT * FROM models WHERE dataset_version = ANY(:v) ORDER BY id",
+                            v=[m["version_id"] for m in memberships]),
         }
-        for key, (relation, sql, single) in optional.items():
-            if not _exists(conn, relation):
-                story[key] = None
-                story["notes"].append(f"{key}: table {relation} not in this manifest")
-                continue
-            story[key] = _one(conn, sql, s=sha) if single else _rows(conn, sql, s=sha)
-        story["models"] = _models(conn, [m["version_id"] for m in memberships], story["notes"])
     return json.loads(json.dumps(story, default=str))
-
-
-def _models(conn: sa.Connection, versions: list[str], notes: list[str]) -> list[dict] | None:
-    """Models trained on any of ``versions`` (forward lineage), if the modeling tables exist."""
-    if not _exists(conn, "models"):
-        notes.append("models: table models not in this manifest (modeling migration 0005 not "
-                     "applied), so forward lineage is unknown")
-        return None
-    columns = set(conn.execute(sa.text(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'models'"
-        " AND table_schema = current_schema()")).scalars())
-    if "dataset_version" not in columns:
-        notes.append("models: table models has no dataset_version column")
-        return None
-    if not versions:
-        return []
-    order = "id" if "id" in columns else "dataset_version"
-    return _rows(conn, f"SELECT * FROM models WHERE dataset_version = ANY(:v) ORDER BY {order}",
-                 v=versions)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,31 +29,17 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.dialects.postgresql import insert
 
 from airflow.sdk.bases.notifier import BaseNotifier
 
 from shoplens import summary as run_summary
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
+from shoplens.manifest.schema import run_metrics
 from shoplens.summary import RUN_STAGE, report_url, volume_of  # noqa: F401 - part of this API
 
 log = logging.getLogger("shoplens.ops")
-
-_metadata = sa.MetaData()
-run_metrics = sa.Table(
-    "run_metrics",
-    _metadata,
-    sa.Column("run_key", sa.Text, primary_key=True),
-    sa.Column("stage", sa.Text, primary_key=True),
-    sa.Column("status", sa.Text, nullable=False),
-    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("duration_seconds", sa.Float, nullable=False),
-    sa.Column("volume", JSONB, nullable=False),
-    sa.Column("detail", JSONB, nullable=False),
-    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-)
 
 
 # --------------------------------------------------------------------------------------------

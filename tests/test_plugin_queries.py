@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from shoplens import summary as run_summary
-from shoplens.manifest import engine_for, upgrade
+from shoplens.manifest import engine_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
 from shoplens_ui import queries  # noqa: E402
@@ -99,7 +99,7 @@ def test_the_page_counts_are_the_run_summarys_counts(seeded):
     assert summary.status == "success" and summary.duration_seconds == 200
 
 
-def test_an_empty_manifest_gives_available_but_empty_sections(manifest_url):
+def test_an_empty_manifest_gives_empty_sections(manifest_url):
     with engine_for(manifest_url).connect() as conn:
         assert queries.dataset_versions(conn).data == {"versions": []}
         assert queries.version_counts(conn).data["version_id"] is None
@@ -107,14 +107,5 @@ def test_an_empty_manifest_gives_available_but_empty_sections(manifest_url):
         assert queries.version_diff(conn).data == {"old": None, "new": None}
         assert queries.model_history(conn).data == {"current": None, "evaluations": [], "models": []}
         assert queries.recent_runs(conn).data == {"runs": []}
-
-
-def test_sections_whose_tables_do_not_exist_yet_name_what_is_missing(fresh_database):
-    upgrade(fresh_database, "0001_crawl")  # only the crawl stage has been migrated
-    with engine_for(fresh_database).connect() as conn:
-        assert queries.dataset_versions(conn).missing == ["dataset_version_summary"]
-        assert queries.rejections(conn).missing == ["filter_runs", "rule_decisions"]
-        assert queries.model_history(conn).missing == ["model_scoreboard", "current_model"]
-        assert queries.recent_runs(conn).missing == ["run_metrics"]
-        assert not queries.version_diff(conn).available
         assert queries.image_object_key(conn, "0" * 64) is None
+

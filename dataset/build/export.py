@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import sqlalchemy as sa
 
-from dataset.build.tables import dataset_members, dataset_versions
 from shoplens import export_layout as layout
 from shoplens.config import Settings
 # The member columns the export carries are manifest.parquet's, in its order.
@@ -30,6 +29,7 @@ from shoplens.export_layout import SPLITS, version_prefix
 # The download side of the contract, named here too for the stage's CLI (--materialise).
 from shoplens.export_layout import materialise  # noqa: F401
 from shoplens.manifest import engine_for
+from shoplens.manifest.schema import dataset_members, dataset_versions
 from shoplens.progress import progress
 from shoplens.store import ObjectStore
 

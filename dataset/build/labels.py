@@ -10,7 +10,7 @@ from typing import Iterable, Mapping
 
 import sqlalchemy as sa
 
-from dataset.build.tables import label_map
+from shoplens.manifest.schema import label_map
 
 
 def assign_labels(existing: Mapping[int, int], product_ids: Iterable[int]) -> dict[int, int]:

@@ -33,12 +33,14 @@ from typing import Any, Iterator
 import sqlalchemy as sa
 
 from dataset.build import checks, export
-from dataset.build.tables import MEMBER_EXPORT_COLUMNS, dataset_members, dataset_versions
 from dataset.build.labels import assign_labels, load_label_map, store_new_labels
 from dataset.build.selection import select_photos
 from dataset.build.splits import SPLITS, SplitCandidate, SplitRatios, assign_splits
 from shoplens.config import ConfigError, Settings
-from shoplens.manifest import engine_for
+# The member columns a version's content hash covers: the exported manifest.parquet's.
+from shoplens.export_layout import MANIFEST_COLUMNS as MEMBER_EXPORT_COLUMNS
+from shoplens.manifest import ManifestNotMigrated, engine_for, require_migrated
+from shoplens.manifest.schema import dataset_members, dataset_versions
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class BuildError(RuntimeError):
-    """The manifest cannot yield a dataset version (e.g. a required table is missing)."""
+    """The manifest cannot yield a dataset version (e.g. it has not been migrated)."""
 
 
 @dataclass
@@ -108,7 +110,10 @@ def run(settings: Settings, run_key: str) -> dict[str, Any]:
     engine = engine_for(settings.manifest_url)
     with _build_lock(engine):
         with engine.connect() as conn:
-            _require_tables(conn)
+            try:
+                require_migrated(conn)
+            except ManifestNotMigrated as exc:
+                raise BuildError(f"cannot build a dataset: {exc}") from exc
             done = _complete_version_for_run(conn, run_key)
             if done is not None:
                 return _stats(settings, done, reused=True)
@@ -296,14 +301,6 @@ def _build_lock(engine: sa.Engine) -> Iterator[None]:
             conn.commit()
 
 
-def _require_tables(conn: sa.Connection) -> None:
-    missing = [name for name in ("kept_images", "image_dedup", "dataset_versions")
-               if conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar() is None]
-    if missing:
-        raise BuildError(f"the manifest lacks {', '.join(missing)}: apply the migrations "
-                         "(shoplens.manifest.upgrade) before building a dataset")
-
-
 def _version_row(conn: sa.Connection, version_id: str) -> dict:
     return dict(conn.execute(sa.select(dataset_versions).where(
         dataset_versions.c.version_id == version_id)).mappings().one())
@@ -394,18 +391,12 @@ def build_params(conn: sa.Connection, settings: Settings) -> dict[str, Any]:
             "protobuf": _package_version("protobuf"),
         },
     }
-    if _exists(conn, "image_dedup"):
-        params["dedup_thresholds"] = [
-            t for t in conn.execute(sa.text(
-                "SELECT DISTINCT d.threshold FROM image_dedup d JOIN kept_images k"
-                " ON k.sha256 = d.sha256 WHERE d.threshold IS NOT NULL ORDER BY 1")).scalars()]
-    if _exists(conn, "filter_runs"):
-        last = conn.execute(sa.text(
-            "SELECT id, run_key, detector_version, rule_version, params FROM filter_runs"
-            " WHERE status = 'success' ORDER BY id DESC LIMIT 1")).mappings().first()
-        params["filter_run"] = ({**dict(last), "id": int(last["id"])} if last else None)
+    params["dedup_thresholds"] = [
+        t for t in conn.execute(sa.text(
+            "SELECT DISTINCT d.threshold FROM image_dedup d JOIN kept_images k"
+            " ON k.sha256 = d.sha256 WHERE d.threshold IS NOT NULL ORDER BY 1")).scalars()]
+    last = conn.execute(sa.text(
+        "SELECT id, run_key, detector_version, rule_version, params FROM filter_runs"
+        " WHERE status = 'success' ORDER BY id DESC LIMIT 1")).mappings().first()
+    params["filter_run"] = ({**dict(last), "id": int(last["id"])} if last else None)
     return json.loads(json.dumps(params, default=str))
-
-
-def _exists(conn: sa.Connection, relation: str) -> bool:
-    return conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": relation}).scalar() is not None

@@ -23,11 +23,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from dataset.dedup.clusters import DuplicateRule, component_labels, find_pairs, representative_order
-from dataset.dedup.tables import image_dedup, image_hashes
 from dataset.dedup.hashing import HASH_VERSION, ImageDecodeError, hamming, hashes_of_bytes
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
-from shoplens.manifest.tables import crawl_runs, images
+from shoplens.manifest.schema import crawl_runs, image_dedup, image_hashes, images
 from shoplens.photos import PhotoLimits
 from shoplens.progress import progress
 from shoplens.store import ObjectStore

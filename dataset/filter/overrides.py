@@ -20,10 +20,9 @@ import sys
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
-from dataset.filter.tables import image_overrides
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
-from shoplens.manifest.tables import images
+from shoplens.manifest.schema import image_overrides, images
 
 
 class OverrideError(ValueError):

@@ -22,11 +22,10 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from dataset.filter import report, rules
 from dataset.filter.detector import Detector, fit_for_model, open_for_model
-from dataset.filter.tables import detections, filter_runs, rule_decisions
 from dataset.filter.occupancy import FEATURES_VERSION, image_statistics
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
-from shoplens.manifest.tables import images, products
+from shoplens.manifest.schema import detections, filter_runs, images, products, rule_decisions
 from shoplens.photos import DEFAULT_LIMITS, PhotoLimits
 from shoplens.progress import progress
 from shoplens.store import ObjectStore

@@ -20,10 +20,11 @@ files under a completed model's artefact prefix.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -33,7 +34,7 @@ from minio.error import S3Error
 
 from shoplens import summary as run_summary
 from shoplens.config import Settings
-from shoplens.manifest import engine_for
+from shoplens.manifest import ManifestNotMigrated, engine_for, require_migrated
 from shoplens.store import ObjectStore
 from shoplens_ui import queries
 from shoplens_ui.thumbnails import ThumbnailError, clamp_side, thumbnail_from_store
@@ -89,6 +90,15 @@ def _stream_object(settings: Settings, key: str, media_type: str) -> StreamingRe
                                       "Cache-Control": "private, max-age=300"})
 
 
+@contextlib.contextmanager
+def migrated_manifest(settings: Settings) -> Iterator[sa.Connection]:
+    """A manifest connection; ManifestNotMigrated before the first migration (every table the
+    page reads exists after it)."""
+    with engine_for(settings.manifest_url).connect() as conn:
+        require_migrated(conn)
+        yield conn
+
+
 def _airflow_login() -> list:
     from airflow.api_fastapi.core_api.security import get_user
 
@@ -100,6 +110,10 @@ def create_app(settings_factory: Callable[[], Settings] = Settings.from_env,
     """The page's app; ``require_login`` adds Airflow's authentication to every route."""
     app = FastAPI(title="shoplens", docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=_airflow_login() if require_login else [])
+
+    @app.exception_handler(ManifestNotMigrated)
+    def not_migrated(request: Request, exc: ManifestNotMigrated) -> Response:
+        return Response(f"Not ready: {exc}.", status_code=503, media_type="text/plain")
 
     def render(request: Request, template: str, status: int = 200, **context) -> HTMLResponse:
         context.setdefault("error", None)
@@ -115,7 +129,7 @@ def create_app(settings_factory: Callable[[], Settings] = Settings.from_env,
     def overview(request: Request, version: str | None = None) -> HTMLResponse:
         settings = settings_factory()
         try:
-            with engine_for(settings.manifest_url).connect() as conn:
+            with migrated_manifest(settings) as conn:
                 sections = {
                     "versions": queries.dataset_versions(conn),
                     "counts": queries.version_counts(conn, version),
@@ -128,26 +142,31 @@ def create_app(settings_factory: Callable[[], Settings] = Settings.from_env,
             log.error("manifest unreachable: %s", exc)
             return render(request, "overview.html", 503, sections=None,
                           error="The manifest database is unreachable; see the api-server log.")
+        except ManifestNotMigrated as exc:
+            return render(request, "overview.html", 503, sections=None, error=f"Not ready: {exc}.")
         return render(request, "overview.html", sections=sections)
 
     @app.get("/runs/{run_key}", response_class=HTMLResponse, name="run_report")
     def run_report(request: Request, run_key: str) -> HTMLResponse:
         settings = settings_factory()
         try:
-            with engine_for(settings.manifest_url).connect() as conn:
+            with migrated_manifest(settings) as conn:
                 summary = run_summary.load(conn, run_key)
                 rejected = queries.rejections(conn, run_key=run_key)
         except sa.exc.OperationalError as exc:
             log.error("manifest unreachable: %s", exc)
             return render(request, "run.html", 503, run_key=run_key, summary=None, rejections=None,
                           error="The manifest database is unreachable; see the api-server log.")
+        except ManifestNotMigrated as exc:
+            return render(request, "run.html", 503, run_key=run_key, summary=None, rejections=None,
+                          error=f"Not ready: {exc}.")
         return render(request, "run.html", 200 if summary.found else 404, run_key=run_key,
                       summary=summary, rejections=rejected)
 
     @app.get("/runs/{run_key}/filter-report", name="filter_report")
     def filter_report(run_key: str) -> StreamingResponse:
         settings = settings_factory()
-        with engine_for(settings.manifest_url).connect() as conn:
+        with migrated_manifest(settings) as conn:
             key = queries.filter_report_key(conn, run_key)
         if not key:
             raise HTTPException(404, "no filter report recorded for this run")
@@ -159,7 +178,7 @@ def create_app(settings_factory: Callable[[], Settings] = Settings.from_env,
         if name not in MODEL_REPORT_FILES:
             raise HTTPException(404, "not a file of a model report")
         settings = settings_factory()
-        with engine_for(settings.manifest_url).connect() as conn:
+        with migrated_manifest(settings) as conn:
             prefix = queries.model_artifact_prefix(conn, model_id)
         if not prefix:
             raise HTTPException(404, "no completed model with this id")
@@ -171,7 +190,7 @@ def create_app(settings_factory: Callable[[], Settings] = Settings.from_env,
         if not SHA256.match(sha256):
             raise HTTPException(404, "not a sha256")
         settings = settings_factory()
-        with engine_for(settings.manifest_url).connect() as conn:
+        with migrated_manifest(settings) as conn:
             found = queries.image_object_key(conn, sha256)
         if found is None:
             raise HTTPException(404, "no such image in the manifest")

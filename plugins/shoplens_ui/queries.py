@@ -2,10 +2,9 @@
 
 Every query returns a :class:`Section`. Counts that the run summary also shows come from
 :mod:`shoplens.summary`, so the page and the summary never disagree; one run's report is that
-summary itself. When a table or view it needs does not exist yet (a stage
-whose migration has not run, e.g. no model trained so far), the section is *unavailable* and
-names what is missing instead of failing the page; when the relations exist but hold no rows,
-the section is available and empty. The page renders each case with its own message.
+summary itself. A section whose tables hold no rows yet is empty, and the page renders that with
+its own message. The page checks once that the manifest is migrated
+(``shoplens.manifest.require_migrated``), so every table and view queried here exists.
 """
 from __future__ import annotations
 
@@ -21,18 +20,7 @@ SAMPLES_PER_REASON = 8
 
 @dataclass
 class Section:
-    missing: list[str] = field(default_factory=list)  # relations this section needs but lacks
     data: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def available(self) -> bool:
-        return not self.missing
-
-
-def missing_relations(conn: sa.Connection, *names: str) -> list[str]:
-    """Which of these tables/views do not exist in the connection's search path."""
-    return [n for n in names
-            if conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": n}).scalar() is None]
 
 
 def _rows(conn: sa.Connection, sql: str, **params: Any) -> list[dict[str, Any]]:
@@ -44,9 +32,6 @@ def _rows(conn: sa.Connection, sql: str, **params: Any) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 def dataset_versions(conn: sa.Connection, limit: int = 20) -> Section:
     """Newest versions first with their split sizes (every status, so failed builds show)."""
-    missing = missing_relations(conn, "dataset_version_summary")
-    if missing:
-        return Section(missing)
     return Section(data={"versions": _rows(conn, """
         SELECT version_id, seq, status, parent_version, created_at, images, labels,
                train_images, val_images, test_images
@@ -56,9 +41,6 @@ def dataset_versions(conn: sa.Connection, limit: int = 20) -> Section:
 def version_counts(conn: sa.Connection, version_id: str | None = None) -> Section:
     """Photos per product and split in one version (default: the newest complete one); the
     counts are the run summary's (:func:`shoplens.summary.version_counts`)."""
-    missing = missing_relations(conn, "dataset_versions", "dataset_version_label_counts")
-    if missing:
-        return Section(missing)
     counts = run_summary.version_counts(conn, version_id)
     if counts["version_id"] is None:
         return Section(data={"version_id": None, "products": [], "totals": {}})
@@ -71,9 +53,6 @@ def version_counts(conn: sa.Connection, version_id: str | None = None) -> Sectio
 
 def version_diff(conn: sa.Connection) -> Section:
     """What changed between the two newest complete versions, overall and per product."""
-    missing = missing_relations(conn, "dataset_versions", "dataset_members")
-    if missing:
-        return Section(missing)
     newest = _rows(conn, """SELECT version_id FROM dataset_versions WHERE status = 'complete'
                              ORDER BY seq DESC LIMIT 2""")
     if len(newest) < 2:
@@ -116,9 +95,6 @@ def rejections(conn: sa.Connection, run_key: str | None = None,
 
     A photo that fails two rules counts under both.
     """
-    missing = missing_relations(conn, "filter_runs", "rule_decisions")
-    if missing:
-        return Section(missing)
     run = conn.execute(sa.text(
         "SELECT id, run_key, status, started_at, finished_at, stats->>'report_key' AS report_key "
         "FROM filter_runs "
@@ -142,15 +118,9 @@ def rejections(conn: sa.Connection, run_key: str | None = None,
 # --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
-MODEL_RELATIONS = ("model_scoreboard", "current_model")
-
-
 def model_history(conn: sa.Connection, limit: int = 20) -> Section:
     """The current model's ensemble Top-1/Top-3 (on the newest version it was evaluated on) and
     its evaluations over versions, plus every trained model scored on its own test split."""
-    missing = missing_relations(conn, *MODEL_RELATIONS)
-    if missing:
-        return Section(missing)
     current = conn.execute(sa.text(
         "SELECT id AS model_id, dataset_version, profile, promoted_at, reason FROM current_model"
     )).mappings().first()
@@ -175,9 +145,6 @@ def model_history(conn: sa.Connection, limit: int = 20) -> Section:
 # --------------------------------------------------------------------------------------------
 def recent_runs(conn: sa.Connection, limit: int = 10) -> Section:
     """The whole-night rows the run summary records, newest first."""
-    missing = missing_relations(conn, "run_metrics")
-    if missing:
-        return Section(missing)
     return Section(data={"runs": _rows(conn, """
         SELECT run_key, status, started_at, finished_at, duration_seconds, volume
         FROM run_metrics WHERE stage = 'run' ORDER BY finished_at DESC LIMIT :limit""",
@@ -196,8 +163,6 @@ def image_object_key(conn: sa.Connection, sha256: str) -> tuple[str, int] | None
 # --------------------------------------------------------------------------------------------
 def filter_report_key(conn: sa.Connection, run_key: str) -> str | None:
     """The object key of the HTML report the filter stage stored for ``run_key``, or None."""
-    if missing_relations(conn, "filter_runs"):
-        return None
     return conn.execute(sa.text("SELECT stats->>'report_key' FROM filter_runs WHERE run_key = :k"),
                         {"k": run_key}).scalar()
 
@@ -205,7 +170,5 @@ def filter_report_key(conn: sa.Connection, run_key: str) -> str | None:
 def model_artifact_prefix(conn: sa.Connection, model_id: str) -> str | None:
     """Where a completed model's artefacts are (``models/<id>/``), or None for an unknown,
     running or failed model."""
-    if missing_relations(conn, "models"):
-        return None
     return conn.execute(sa.text("SELECT artifact_prefix FROM models WHERE id = :m "
                                 "AND status = 'complete'"), {"m": model_id}).scalar()

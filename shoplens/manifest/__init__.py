@@ -1,2 +1,3 @@
 """The PostgreSQL manifest: connection, schema migrations (Alembic) and table definitions."""
-from shoplens.manifest.db import engine_for, ensure_database, upgrade, session_scope  # noqa: F401
+from shoplens.manifest.db import (  # noqa: F401
+    ManifestNotMigrated, engine_for, ensure_database, require_migrated, session_scope, upgrade)

@@ -51,12 +51,43 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+class ManifestNotMigrated(RuntimeError):
+    """The manifest is not at the migration chain's head, so tables this code reads may be absent."""
+
+
+@functools.lru_cache(maxsize=1)
+def head_revision() -> str:
+    """The last revision of the migration chain shipped with this code."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("")).get_current_head()
+
+
+def require_migrated(conn: sa.Connection) -> None:
+    """Raise :class:`ManifestNotMigrated` unless every migration has been applied.
+
+    The chain is linear and ``upgrade`` always goes to its head, so a migrated manifest has every
+    table of every stage: this is the one "does the schema exist" check, made once, instead of
+    asking table by table.
+    """
+    current = revision_of(conn)
+    if current != head_revision():
+        raise ManifestNotMigrated(
+            f"the manifest is at migration {current or 'none (never migrated)'}, this code needs "
+            f"{head_revision()}: apply the migrations (shoplens.manifest.upgrade, or the image's "
+            "`init` command)")
+
+
+def revision_of(conn: sa.Connection) -> str | None:
+    """The manifest's migration revision; None when no migration has run on it."""
+    from alembic.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
 def current_revision(url: str) -> str | None:
     with engine_for(url).connect() as conn:
-        try:
-            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-        except sa.exc.ProgrammingError:
-            return None
+        return revision_of(conn)
 
 
 @contextlib.contextmanager
