@@ -406,6 +406,41 @@ def test_a_failed_transaction_fails_exactly_its_own_entries():
     assert later == 40  # the next transaction goes ahead
 
 
+def test_a_batch_refused_for_one_entry_is_committed_entry_by_entry_so_only_it_fails():
+    """With ``isolate`` saying the error is the data's (not an outage), a failed batch is
+    committed again one entry at a time: the culprit gets the error, its batch-mates their
+    results."""
+    import asyncio
+    import threading
+
+    from crawler.group_commit import GroupCommit
+
+    batches: list[list[int]] = []
+    gate = threading.Event()
+
+    def commit(entries):
+        gate.wait(5)
+        batches.append(list(entries))
+        if 3 in entries:
+            raise ValueError("row 3 out of range")
+        return [e * 10 for e in entries]
+
+    async def scenario():
+        group = GroupCommit(commit, isolate=lambda exc: isinstance(exc, ValueError))
+        first = asyncio.ensure_future(group.submit(1))
+        await asyncio.sleep(0.05)
+        batch = [asyncio.ensure_future(group.submit(n)) for n in (2, 3, 4)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        outcomes = await asyncio.gather(first, *batch, return_exceptions=True)
+        return outcomes, group.transactions
+
+    outcomes, transactions = asyncio.run(scenario())
+    assert outcomes[:2] == [10, 20] and outcomes[3] == 40
+    assert isinstance(outcomes[2], ValueError)
+    assert batches == [[1], [2, 3, 4], [2], [3], [4]] and transactions == 3
+
+
 # --- only http(s) to allow-listed hosts -----------------------------------------------------
 class _FakeStats:
     def __init__(self):
@@ -539,11 +574,12 @@ def test_a_clean_category_crawl_has_no_problem():
 
 @pytest.mark.parametrize("overrides, says", [
     ({"spider_exceptions": 2}, "2 unexpected exception"),
+    ({"pipeline_exceptions": 1}, "1 unexpected exception(s) in the item pipeline"),
     ({"products": 0, "failures": {"invalid_json": 1}}, "no product crawled"),
     ({"products": 0}, "no product crawled"),
     ({"finish_reason": "shutdown"}, "ended early"),
 ])
-def test_spider_exceptions_or_a_lost_category_fail_the_category_crawl(overrides, says):
+def test_unexpected_exceptions_or_a_lost_category_fail_the_category_crawl(overrides, says):
     from crawler.run import crawl_problem
 
     assert says in crawl_problem(_stats(**overrides))
@@ -639,12 +675,14 @@ def test_operations_guide_lists_every_failure_reason_the_crawl_can_record():
 
     root = Path(__file__).resolve().parents[1]
     source = {name: (root / "crawler" / name).read_text() for name in (
-        "site.py", "failures.py", "spiders/reviews.py")}
+        "site.py", "failures.py", "spiders/reviews.py", "pipelines.py", "middlewares.py")}
     reasons = set(re.findall(r'ParseError\(\s*"([a-z_]+)"', source["site.py"]))
     reasons |= set(re.findall(r'return \(?"([a-z_]+)"', source["failures.py"]))
     reasons |= set(re.findall(r'\("([a-z_]+)" if', source["failures.py"]))
     reasons |= set(re.findall(r'else "([a-z_]+)"\)', source["failures.py"]))
     reasons |= set(re.findall(r'_record\([^,]+, "([a-z_]+)"', source["spiders/reviews.py"]))
+    reasons |= {r for name in ("pipelines.py", "middlewares.py")
+                for r in re.findall(r'reason="([a-z_]+)"', source[name])}
     reasons |= CONTENT_REJECTIONS | set(re.findall(
         r'PhotoRejected\(\s*"([a-z_]+)"', (root / "shoplens" / "photos.py").read_text()))
     assert len(reasons) >= 25, sorted(reasons)  # the patterns above still find the codes
