@@ -749,3 +749,38 @@ def test_an_unexpected_exception_storing_one_photo_is_recorded_and_fails_the_cat
     (stats,) = query(manifest_url, "SELECT stats->'categories'->:c FROM crawl_runs WHERE "
                                    "run_key = 'refused'", c=CATEGORY)[0]
     assert stats["pipeline_exceptions"] == 1 and "pipeline_exception" in stats["error"]
+
+
+def test_a_waf_challenge_page_served_with_status_200_gets_the_cookie_and_the_crawl_completes(
+        replica, s3_settings, manifest_url, tmp_path, monkeypatch):
+    """A WAF that challenges instead of blocking answers a JSON call without its cookie with
+    the JavaScript challenge page and status 200: the crawler takes it for the refusal it is,
+    fetches the cookie and retries, and the night is complete (no call parsed as bad JSON)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # no WAF cookie cached by an earlier test
+    shop = replica([4, 5], waf_challenge_page=True)
+    settings = crawl_settings(shop, s3_settings, manifest_url)
+    crawler.start_run(settings, "challenge")
+    stats = crawler.crawl_category(settings, CATEGORY, "challenge")
+    crawler.finish_run(settings, "challenge")
+    served = shop.stats()
+    assert served["blocked"].get("missing", 0) >= 1  # the shop did challenge the first call
+    assert served["status"].get("403", 0) == 0  # ... with its 200 page, never a 403
+    assert stats["waf_cookie_acquired"] >= 1
+    assert stats["failures"] == {} and stats["products"] == 2
+    assert_matches_ground_truth(settings, shop.ground_truth())
+
+
+def test_a_waf_challenge_that_stays_after_the_cookie_is_renewed_is_a_waf_challenge_failure(
+        replica, s3_settings, manifest_url, tmp_path, monkeypatch):
+    """When even a fresh cookie only brings the challenge page back (here the shop's WAF
+    accepts no cookie the page's script computes, as after a change of its challenge), the
+    call is recorded as ``waf_challenge``, not retried as bad JSON, and the lost category fails
+    the crawl task."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    shop = replica([2], waf_challenge_page=True)
+    monkeypatch.setattr(shop.runtime.waf, "check", lambda token: "invalid")
+    settings = crawl_settings(shop, s3_settings, manifest_url)
+    crawler.start_run(settings, "challenged")
+    with pytest.raises(CrawlError, match="waf_challenge x1"):
+        crawler.crawl_category(settings, CATEGORY, "challenged")
+    assert _failures_of_run(manifest_url, "challenged") == {(None, "ranking", "waf_challenge")}

@@ -529,6 +529,82 @@ def test_the_waf_cookie_is_fetched_only_when_the_shop_refuses_a_call(monkeypatch
     asyncio.run(scenario())
 
 
+def _challenge_page() -> bytes:
+    """The replica WAF's challenge page, as it serves it in place of a refused JSON answer."""
+    from crawler.replica import pages
+    from crawler.replica.waf import Waf
+
+    return pages.challenge_page(Waf().script()).encode()
+
+
+def test_the_wafs_challenge_page_is_told_apart_from_the_shops_own_answers():
+    """A guarded JSON call answered by an HTML page that sets the cookie by script (or says
+    access is denied) is the WAF's challenge, whatever its status; JSON, a maintenance page, or
+    the same page on an unguarded address is not."""
+    from crawler.replica import pages
+    from crawler.site import ShopSite
+
+    site = ShopSite("http://shop.test")
+    api = "http://shop.test/api/goods/reviews?productionId=1"
+    html = "text/html; charset=utf-8"
+    assert site.is_waf_challenge(api, 200, html, _challenge_page())
+    assert site.is_waf_challenge(api, 200, None, b"  " + _challenge_page())  # no Content-Type
+    assert site.is_waf_challenge("http://shop.test/_next/data/b1/ko-KR/ranks.json", 200, html,
+                                 b"<html><h1>Access Denied</h1></html>")
+    assert site.is_waf_challenge(api, 403, html, b"denied")
+    assert not site.is_waf_challenge(api, 200, "application/json", b'{"reviews": []}')
+    assert not site.is_waf_challenge(  # a review quoting the words is still JSON
+        api, 200, "application/json", b'{"comment": "<b>document.cookie</b>"}')
+    assert not site.is_waf_challenge(api, 200, html, pages.error_page(200, "점검 중").encode())
+    assert not site.is_waf_challenge("http://shop.test/goods/1", 200, html, _challenge_page())
+    assert not site.is_waf_challenge("http://cdn.test:81/api/a.jpg", 403, html, b"denied")
+
+
+def test_a_challenge_page_with_status_200_gets_the_cookie_and_a_retry_then_a_clear_failure(
+        monkeypatch, tmp_path):
+    """The WAF's challenge page served with 200 is handled as a refusal: the cookie is fetched
+    and the call retried with it; still challenged after the renewals, the call fails with
+    WafChallenged, recorded as ``waf_challenge`` (never parsed as ``invalid_json``)."""
+    import asyncio
+
+    from scrapy import Request
+    from scrapy.http import HtmlResponse
+
+    from crawler import failures, middlewares
+
+    browser_calls = []
+
+    async def fake_acquire(page_url, **kwargs):
+        browser_calls.append(page_url)
+        return {"ohs_waf": f"token{len(browser_calls)}"}
+
+    monkeypatch.setattr(middlewares, "acquire_cookies", fake_acquire)
+    monkeypatch.setattr(middlewares.tempfile, "gettempdir", lambda: str(tmp_path))
+    middleware = middlewares.WafCookieMiddleware(_FakeCrawler(SHOP))
+    request = Request("http://shop.test/api/goods/reviews?productionId=1",
+                      headers={"Referer": "http://shop.test/goods/1"})
+
+    def challenge(req):
+        return HtmlResponse(req.url, status=200, body=_challenge_page(), request=req)
+
+    async def scenario():
+        await middleware.process_request(request)
+        retry = await middleware.process_response(request, challenge(request))
+        assert isinstance(retry, Request) and browser_calls == ["http://shop.test/goods/1"]
+        await middleware.process_request(retry)
+        assert retry.headers["Cookie"] == b"ohs_waf=token1"
+        for _ in range(middleware.max_renewals - 1):
+            retry = await middleware.process_response(retry, challenge(retry))
+            await middleware.process_request(retry)
+        with pytest.raises(middlewares.WafChallenged) as still:
+            await middleware.process_response(retry, challenge(retry))
+        return still.value
+
+    still = asyncio.run(scenario())
+    assert len(browser_calls) == middleware.max_renewals
+    assert failures.classify(still, "reviews")[0] == "waf_challenge"
+
+
 def test_a_failed_cookie_renewal_is_not_retried_by_every_refused_call(monkeypatch, tmp_path):
     import asyncio
 
