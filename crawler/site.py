@@ -154,10 +154,18 @@ class ShopSite:
         """The photo at the one fixed size: its own query replaced by ``image_params``.
 
         ``photo_url`` may come from the manifest (an older night's parser stored it): it is
-        checked again, so a stored bad address is a :class:`ParseError`, never a crash.
+        checked again, so a stored bad address is a :class:`ParseError`, never a crash. The
+        address is stored as the shop served it; only the request is upgraded to https.
         """
         parts = urlsplit(self.photo_address(photo_url, self.base_url + "/"))
-        return urlunsplit((parts.scheme, parts.netloc, parts.path, self.image_params, ""))
+        scheme, netloc = parts.scheme, parts.netloc
+        if self.scheme == "https" and scheme == "http":
+            # An https shop's http photo is fetched as browsers fetch mixed content (upgraded to
+            # https, port 80 becoming 443): the crawl then needs only the shop's scheme.
+            scheme = "https"
+            if parts.port == 80:
+                netloc = netloc.rsplit(":", 1)[0]
+        return urlunsplit((scheme, netloc, parts.path, self.image_params, ""))
 
     @staticmethod
     def photo_address(raw: Any, page_url: str) -> str:

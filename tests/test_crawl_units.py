@@ -493,6 +493,32 @@ def test_the_shop_and_allowed_hosts_pass():
         assert middleware.process_request(Request(url)) is None
 
 
+def test_an_https_shops_photos_on_its_cdn_are_fetched_over_https_even_when_served_as_http():
+    """The real shop (profile ``ohouse``) is https and only its scheme passes the allow-list.
+    The target-site notes give its CDN addresses without a scheme, so a photo address served
+    as ``http://`` is upgraded to https, as a browser upgrades mixed content, instead of being
+    dropped as offsite; an https address and the http replica are left as they are."""
+    from scrapy import Request
+
+    from crawler.middlewares import HostAllowListMiddleware
+    from crawler.site import ShopSite
+
+    real = Settings().with_overrides(shop="ohouse")
+    site = ShopSite(real.shop_base_url, "w=1280&h=1280")
+    allow_list = HostAllowListMiddleware(_FakeCrawler(real))
+    assert site.scheme == "https"
+    for host in real.allowed_hosts:
+        for served in (f"http://{host}/uploads/a.jpg?w=720&q=30", f"//{host}/uploads/a.jpg",
+                       f"https://{host}/uploads/a.jpg", f"http://{host}:80/uploads/a.jpg"):
+            url = site.image_url(served)
+            assert url == f"https://{host}/uploads/a.jpg?w=1280&h=1280", served
+            assert allow_list.process_request(Request(url)) is None
+    assert site.image_url("http://prs.ohouse.com:8080/a.jpg").startswith(
+        "https://prs.ohouse.com:8080/a.jpg?")  # only the default port maps to 443
+    replica_site = ShopSite(SHOP.shop_base_url, "w=1280")
+    assert replica_site.image_url("http://cdn.test:81/a.jpg") == "http://cdn.test:81/a.jpg?w=1280"
+
+
 def test_the_waf_cookie_is_fetched_only_when_the_shop_refuses_a_call(monkeypatch, tmp_path):
     """No browser before the first JSON call; a 403 starts it once, and the call is retried."""
     import asyncio
