@@ -9,7 +9,7 @@ from scrapy.spidermiddlewares.httperror import HttpError
 from twisted.internet import error as twisted_errors
 
 from crawler.browser import BrowserError
-from crawler.middlewares import OffsiteRequest
+from crawler.middlewares import OffsiteRequest, WafChallenged
 
 
 def classify(exc: BaseException, stage: str | None) -> tuple[str, str]:
@@ -28,6 +28,8 @@ def classify(exc: BaseException, stage: str | None) -> tuple[str, str]:
         return ("image_too_large" if stage == "image" else "too_large"), detail
     if isinstance(exc, BrowserError):
         return "waf_cookie", detail
+    if isinstance(exc, WafChallenged):
+        return "waf_challenge", str(exc)
     if isinstance(exc, (DownloadConnectionRefusedError, CannotResolveHostError,
                         twisted_errors.ConnectError, DownloadFailedError,
                         twisted_errors.ConnectionLost, twisted_errors.ConnectionDone)):

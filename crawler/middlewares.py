@@ -36,6 +36,15 @@ class OffsiteRequest(IgnoreRequest):
         super().__init__(f"{url[:300]}: scheme or host not in the allow-list{origin}")
 
 
+class WafChallenged(IgnoreRequest):
+    """The WAF still answers a guarded call with its challenge page after the cookie was
+    renewed for it: recorded as ``waf_challenge``, never parsed as the shop's answer."""
+
+    def __init__(self, url: str, renewals: int):
+        super().__init__(f"{url[:300]}: still the WAF's challenge page after {renewals} "
+                         "cookie renewal(s)")
+
+
 class HostAllowListMiddleware:
     """Drops every request whose scheme is not the shop's (``file:``, ``ftp:``, ``s3:``,
     ``data:`` ... never pass, whatever their host) or whose host is not the shop's or in
@@ -77,15 +86,18 @@ class WafCookieMiddleware:
     """Adds the browser-obtained WAF cookie to guarded shop calls, once the shop asks for one.
 
     A guarded call goes out with the cookie held, or with none: the cookie is fetched only when
-    the shop refuses a call (403/401, the WAF's challenge), with the page the call names as its
+    the shop refuses a call (403/401, or the WAF's challenge page in place of the JSON, even
+    with status 200: ``ShopSite.is_waf_challenge``), with the page the call names as its
     Referer (the page a visitor would be on), so a night when the WAF is off or its script
     changed crawls without one. A refusal of a request sent with the current cookie renews it;
     requests sent with an older cookie just retry with the newer one. The cookie is kept in a
     private temp file per shop, so the next crawl process (next category) reuses it instead of
-    starting a browser again, as a visitor's browser would.
-    """
+    starting a browser again, as a visitor's browser would. A challenge page still served after
+    ``max_renewals`` retries with a renewed cookie becomes :class:`WafChallenged`
+    (``waf_challenge``); a refusal status stays the response (``http_403``).
 
-    challenge_statuses = (401, 403)
+    Placed after HttpCompressionMiddleware (590) on the way back, so it reads decoded bodies.
+    """
 
     max_renewals = 2
 
@@ -162,12 +174,16 @@ class WafCookieMiddleware:
         return None
 
     async def process_response(self, request: Request, response: Response):
-        if (response.status not in self.challenge_statuses
-                or not self.site.is_waf_guarded(request.url)):
+        content_type = (response.headers.get("Content-Type") or b"").decode("latin-1")
+        if not self.site.is_waf_challenge(request.url, response.status, content_type,
+                                          response.body):
             return response
         renewals = request.meta.get("waf_renewals", 0)
         if renewals >= self.max_renewals:
-            return response
+            if response.status >= 400:
+                return response  # an HTTP error: the errback records http_<status>
+            self.stats.inc_value("shoplens/waf_challenged")
+            raise WafChallenged(request.url, renewals)
         # A BrowserError propagates: the request's errback records it as ``waf_cookie``.
         await self._renew(self._page_for(request), request.meta.get("waf_generation", -1))
         retry = request.replace(dont_filter=True)

@@ -5,6 +5,10 @@ same bytes again is a no-op and needs no existence check), then the image and re
 rows, in one transaction shared with the photos stored meanwhile (group commit). A crash in
 between leaves objects without rows, which the next run's download of the same photos adopts;
 never a row without an object.
+
+Any other exception (a bug, or a photo the code did not foresee) is recorded as that photo's
+``pipeline_exception`` failure and fails the category (crawler/run.py), like an exception in a
+spider callback: Scrapy itself would only log it.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import sqlalchemy as sa
 from scrapy.downloadermiddlewares.retry import get_retry_request
-from scrapy.exceptions import DropItem
+from scrapy.exceptions import DropItem, IgnoreRequest
 
 from crawler.group_commit import GroupCommit
 from crawler.images import IMAGE_CONTENT_TYPES, ImageRejected, ValidImage, validate_image
@@ -24,6 +28,9 @@ from crawler.manifest_writer import FailureRecord, ManifestWriter, PhotoRow
 from shoplens.store import ObjectStore, image_key
 
 logger = logging.getLogger(__name__)
+
+
+_DATABASE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError)
 
 
 class StoreUnavailable(RuntimeError):
@@ -41,7 +48,10 @@ class ReviewPhotoPipeline:
                                           thread_name_prefix="photo")
         self.photo_rows: GroupCommit[PhotoRow, bool] = GroupCommit(
             lambda rows: self.writer.record_photos(rows),
-            max_batch=crawler.settings.getint("SHOPLENS_PHOTO_BATCH", 200))
+            max_batch=crawler.settings.getint("SHOPLENS_PHOTO_BATCH", 200),
+            # A row the database refuses costs its own photo, not the photos batched with it;
+            # an outage fails the batch at once (and aborts the crawl below).
+            isolate=lambda exc: not isinstance(exc, _DATABASE_DOWN))
 
     @classmethod
     def from_crawler(cls, crawler):
@@ -60,6 +70,16 @@ class ReviewPhotoPipeline:
         spider = self.crawler.spider
         if spider.fatal_error:
             raise DropItem("crawl aborted")
+        try:
+            return await self._store_photo(item)
+        except (DropItem, IgnoreRequest):  # settled (recorded, retried or aborting)
+            raise
+        except Exception as exc:  # noqa: BLE001 - one photo must not pass unrecorded
+            await spider._unexpected(item.request, exc, reason="pipeline_exception")
+            raise DropItem(f"unexpected {type(exc).__name__}, recorded") from None
+
+    async def _store_photo(self, item: ReviewPhotoItem) -> dict:
+        spider = self.crawler.spider
         stats = self.crawler.stats
         try:
             image, key = await asyncio.get_running_loop().run_in_executor(
@@ -85,7 +105,7 @@ class ReviewPhotoPipeline:
         except StoreUnavailable as exc:
             spider.abort(str(exc))
             raise DropItem("object store unavailable") from None
-        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        except _DATABASE_DOWN as exc:
             spider.abort(f"manifest database unavailable: {str(exc.orig or exc).strip()[:300]}")
             raise DropItem("manifest unavailable") from None
         stats.inc_value("shoplens/photos_stored")

@@ -169,7 +169,7 @@ def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
             "photos_requested", "photos_healing", "photos_stored",
             "images_new", "photos_rejected", "photos_over_cap", "bytes_stored",
             "offsite_dropped", "retry_after_waits", "waf_cookie_acquired", "waf_cookie_reused",
-            "photo_transactions", "spider_exceptions")},
+            "photo_transactions", "spider_exceptions", "pipeline_exceptions")},
         "failures": dict(sorted(failures.items())),
         "requests": ours.get("requests", 0),
         "retries": raw.get("retry/count", 0),
@@ -194,14 +194,16 @@ def crawl_problem(stats: dict) -> str | None:
     """Why a category crawl that ran to its end still failed the night, or None.
 
     A category that yields no product (its ranking lost to an error or an empty answer) and a
-    crawl in which a callback raised (a bug, or an answer the site adapter did not foresee) are
-    failures: the run must not look finished.
+    crawl in which a callback or the item pipeline raised (a bug, or an answer the site adapter
+    did not foresee) are failures: the run must not look finished.
     """
     if stats.get("finish_reason") != "finished":
         return f"crawl ended early: {stats.get('finish_reason')}"
-    if stats.get("spider_exceptions"):
-        return (f"{stats['spider_exceptions']} unexpected exception(s) in the spider, recorded "
-                "in crawl_failures with reason spider_exception")
+    for where, reason in (("spider", "spider_exception"),
+                          ("item pipeline", "pipeline_exception")):
+        if stats.get(f"{reason}s"):
+            return (f"{stats[f'{reason}s']} unexpected exception(s) in the {where}, recorded "
+                    f"in crawl_failures with reason {reason}")
     if not stats.get("products"):
         failed = ", ".join(f"{k} x{v}" for k, v in stats.get("failures", {}).items()) or "none"
         return (f"category {stats.get('category_id')}: no product crawled (its ranking was lost "

@@ -65,7 +65,9 @@ def scrapy_settings(settings: Settings) -> dict:
             "crawler.middlewares.HostSlotMiddleware": 45,
             "scrapy.downloadermiddlewares.retry.RetryMiddleware": None,
             "crawler.middlewares.RetryAfterMiddleware": 550,
-            "crawler.middlewares.WafCookieMiddleware": 700,
+            # Between HttpCompressionMiddleware (590) and MetaRefreshMiddleware (580): it reads
+            # the decoded challenge page before a meta refresh in it could be followed.
+            "crawler.middlewares.WafCookieMiddleware": 585,
             # Per-request CPU for nothing here (profiled, docs/benchmarks.md): Scrapy's offsite
             # filter lets everything through without ``allowed_domains`` (HostAllowListMiddleware
             # is the allow-list, redirects included); no HTTP credentials; request/response byte

@@ -24,6 +24,12 @@ PRODUCT_PAGE_PATH = "/goods/{product_id}"
 REVIEWS_API_PATH = "/api/goods/reviews"
 # Paths the shop's WAF guards: they need the browser-obtained cookie and a same-origin Referer.
 WAF_GUARDED_PREFIXES = ("/_next/data/", "/api/")
+# How the WAF refuses a guarded call: 401/403 ("Access Denied"), or an HTML page in place of the
+# JSON, whatever its status, that sets the cookie by script (its JS challenge) or says access is
+# denied. An HTML page without these (a maintenance page) stays an ``invalid_json`` answer.
+WAF_REFUSAL_STATUSES = (401, 403)
+WAF_CHALLENGE_MARKERS = (b"document.cookie", b"access denied")
+WAF_CHALLENGE_SCAN_BYTES = 64 * 1024
 REVIEWS_ORDER_RECENT = "recent"
 
 # A Next.js buildId is a short token; anything else (a path, a query) must never reach a URL.
@@ -148,10 +154,18 @@ class ShopSite:
         """The photo at the one fixed size: its own query replaced by ``image_params``.
 
         ``photo_url`` may come from the manifest (an older night's parser stored it): it is
-        checked again, so a stored bad address is a :class:`ParseError`, never a crash.
+        checked again, so a stored bad address is a :class:`ParseError`, never a crash. The
+        address is stored as the shop served it; only the request is upgraded to https.
         """
         parts = urlsplit(self.photo_address(photo_url, self.base_url + "/"))
-        return urlunsplit((parts.scheme, parts.netloc, parts.path, self.image_params, ""))
+        scheme, netloc = parts.scheme, parts.netloc
+        if self.scheme == "https" and scheme == "http":
+            # An https shop's http photo is fetched as browsers fetch mixed content (upgraded to
+            # https, port 80 becoming 443): the crawl then needs only the shop's scheme.
+            scheme = "https"
+            if parts.port == 80:
+                netloc = netloc.rsplit(":", 1)[0]
+        return urlunsplit((scheme, netloc, parts.path, self.image_params, ""))
 
     @staticmethod
     def photo_address(raw: Any, page_url: str) -> str:
@@ -180,6 +194,18 @@ class ShopSite:
     def is_waf_guarded(self, url: str) -> bool:
         parts = urlsplit(url)
         return parts.netloc == self.netloc and parts.path.startswith(WAF_GUARDED_PREFIXES)
+
+    def is_waf_challenge(self, url: str, status: int, content_type: str | None,
+                         body: bytes) -> bool:
+        """Whether this answer to ``url`` is the WAF asking for its cookie (a refusal status
+        or a challenge page) rather than the shop's own answer."""
+        if not self.is_waf_guarded(url):
+            return False
+        if status in WAF_REFUSAL_STATUSES:
+            return True
+        head = body[:WAF_CHALLENGE_SCAN_BYTES]
+        is_html = "html" in (content_type or "").lower() or head.lstrip()[:1] == b"<"
+        return is_html and any(marker in head.lower() for marker in WAF_CHALLENGE_MARKERS)
 
     def guarded_headers(self, referer_page: str) -> dict[str, str]:
         """Headers a same-origin JSON call carries (the WAF checks the Referer)."""

@@ -699,3 +699,88 @@ def test_a_shop_whose_pages_set_no_waf_cookie_is_crawled_without_a_browser(
     assert stats["waf_cookie_acquired"] == 0 and stats["waf_cookie_reused"] == 0
     assert stats["failures"] == {} and stats["products"] == 2
     assert_matches_ground_truth(settings, shop.ground_truth())
+
+
+# Loaded by the crawl's child process (PYTHONPATH): the manifest refuses one review's photo row
+# with an exception nobody foresaw, as a bug or an unforeseen value would.
+_REFUSE_ONE_PHOTO_ROW = '''
+import os
+
+from crawler import manifest_writer
+
+_refused = int(os.environ["SHOPLENS_TEST_REFUSED_REVIEW"])
+_record_photos = manifest_writer.ManifestWriter.record_photos
+
+
+def record_photos(self, photos):
+    if any(p.review_id == _refused for p in photos):
+        raise RuntimeError("injected: this photo's row cannot be written")
+    return _record_photos(self, photos)
+
+
+manifest_writer.ManifestWriter.record_photos = record_photos
+'''
+
+
+def test_an_unexpected_exception_storing_one_photo_is_recorded_and_fails_the_category(
+        replica, s3_settings, manifest_url, tmp_path, monkeypatch):
+    """An exception the item pipeline did not foresee costs only its photo: every other photo
+    (those batched with it included) is stored, a ``pipeline_exception`` row names the photo,
+    and the category crawl fails instead of ending as if nothing happened."""
+    shop = replica([6, 5], photo_seed=13)
+    truth = shop.ground_truth()
+    good = photo_reviews(truth, expected_products(truth, 20)[CATEGORY])
+    refused = sorted(good)[len(good) // 2]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_REFUSE_ONE_PHOTO_ROW)
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("SHOPLENS_TEST_REFUSED_REVIEW", str(refused))
+    settings = crawl_settings(shop, s3_settings, manifest_url)
+    crawler.start_run(settings, "refused")
+
+    with pytest.raises(CrawlError, match="unexpected exception.*pipeline_exception"):
+        crawler.crawl_category(settings, CATEGORY, "refused")
+
+    assert set(stored_photos(manifest_url)) == set(good) - {refused}
+    assert query(manifest_url, "SELECT review_id, stage, reason, detail FROM crawl_failures") == [
+        (refused, "image", "pipeline_exception",
+         "RuntimeError: injected: this photo's row cannot be written")]
+    (stats,) = query(manifest_url, "SELECT stats->'categories'->:c FROM crawl_runs WHERE "
+                                   "run_key = 'refused'", c=CATEGORY)[0]
+    assert stats["pipeline_exceptions"] == 1 and "pipeline_exception" in stats["error"]
+
+
+def test_a_waf_challenge_page_served_with_status_200_gets_the_cookie_and_the_crawl_completes(
+        replica, s3_settings, manifest_url, tmp_path, monkeypatch):
+    """A WAF that challenges instead of blocking answers a JSON call without its cookie with
+    the JavaScript challenge page and status 200: the crawler takes it for the refusal it is,
+    fetches the cookie and retries, and the night is complete (no call parsed as bad JSON)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # no WAF cookie cached by an earlier test
+    shop = replica([4, 5], waf_challenge_page=True)
+    settings = crawl_settings(shop, s3_settings, manifest_url)
+    crawler.start_run(settings, "challenge")
+    stats = crawler.crawl_category(settings, CATEGORY, "challenge")
+    crawler.finish_run(settings, "challenge")
+    served = shop.stats()
+    assert served["blocked"].get("missing", 0) >= 1  # the shop did challenge the first call
+    assert served["status"].get("403", 0) == 0  # ... with its 200 page, never a 403
+    assert stats["waf_cookie_acquired"] >= 1
+    assert stats["failures"] == {} and stats["products"] == 2
+    assert_matches_ground_truth(settings, shop.ground_truth())
+
+
+def test_a_waf_challenge_that_stays_after_the_cookie_is_renewed_is_a_waf_challenge_failure(
+        replica, s3_settings, manifest_url, tmp_path, monkeypatch):
+    """When even a fresh cookie only brings the challenge page back (here the shop's WAF
+    accepts no cookie the page's script computes, as after a change of its challenge), the
+    call is recorded as ``waf_challenge``, not retried as bad JSON, and the lost category fails
+    the crawl task."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    shop = replica([2], waf_challenge_page=True)
+    monkeypatch.setattr(shop.runtime.waf, "check", lambda token: "invalid")
+    settings = crawl_settings(shop, s3_settings, manifest_url)
+    crawler.start_run(settings, "challenged")
+    with pytest.raises(CrawlError, match="waf_challenge x1"):
+        crawler.crawl_category(settings, CATEGORY, "challenged")
+    assert _failures_of_run(manifest_url, "challenged") == {(None, "ranking", "waf_challenge")}

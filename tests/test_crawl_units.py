@@ -406,6 +406,41 @@ def test_a_failed_transaction_fails_exactly_its_own_entries():
     assert later == 40  # the next transaction goes ahead
 
 
+def test_a_batch_refused_for_one_entry_is_committed_entry_by_entry_so_only_it_fails():
+    """With ``isolate`` saying the error is the data's (not an outage), a failed batch is
+    committed again one entry at a time: the culprit gets the error, its batch-mates their
+    results."""
+    import asyncio
+    import threading
+
+    from crawler.group_commit import GroupCommit
+
+    batches: list[list[int]] = []
+    gate = threading.Event()
+
+    def commit(entries):
+        gate.wait(5)
+        batches.append(list(entries))
+        if 3 in entries:
+            raise ValueError("row 3 out of range")
+        return [e * 10 for e in entries]
+
+    async def scenario():
+        group = GroupCommit(commit, isolate=lambda exc: isinstance(exc, ValueError))
+        first = asyncio.ensure_future(group.submit(1))
+        await asyncio.sleep(0.05)
+        batch = [asyncio.ensure_future(group.submit(n)) for n in (2, 3, 4)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        outcomes = await asyncio.gather(first, *batch, return_exceptions=True)
+        return outcomes, group.transactions
+
+    outcomes, transactions = asyncio.run(scenario())
+    assert outcomes[:2] == [10, 20] and outcomes[3] == 40
+    assert isinstance(outcomes[2], ValueError)
+    assert batches == [[1], [2, 3, 4], [2], [3], [4]] and transactions == 3
+
+
 # --- only http(s) to allow-listed hosts -----------------------------------------------------
 class _FakeStats:
     def __init__(self):
@@ -458,6 +493,32 @@ def test_the_shop_and_allowed_hosts_pass():
         assert middleware.process_request(Request(url)) is None
 
 
+def test_an_https_shops_photos_on_its_cdn_are_fetched_over_https_even_when_served_as_http():
+    """The real shop (profile ``ohouse``) is https and only its scheme passes the allow-list.
+    The target-site notes give its CDN addresses without a scheme, so a photo address served
+    as ``http://`` is upgraded to https, as a browser upgrades mixed content, instead of being
+    dropped as offsite; an https address and the http replica are left as they are."""
+    from scrapy import Request
+
+    from crawler.middlewares import HostAllowListMiddleware
+    from crawler.site import ShopSite
+
+    real = Settings().with_overrides(shop="ohouse")
+    site = ShopSite(real.shop_base_url, "w=1280&h=1280")
+    allow_list = HostAllowListMiddleware(_FakeCrawler(real))
+    assert site.scheme == "https"
+    for host in real.allowed_hosts:
+        for served in (f"http://{host}/uploads/a.jpg?w=720&q=30", f"//{host}/uploads/a.jpg",
+                       f"https://{host}/uploads/a.jpg", f"http://{host}:80/uploads/a.jpg"):
+            url = site.image_url(served)
+            assert url == f"https://{host}/uploads/a.jpg?w=1280&h=1280", served
+            assert allow_list.process_request(Request(url)) is None
+    assert site.image_url("http://prs.ohouse.com:8080/a.jpg").startswith(
+        "https://prs.ohouse.com:8080/a.jpg?")  # only the default port maps to 443
+    replica_site = ShopSite(SHOP.shop_base_url, "w=1280")
+    assert replica_site.image_url("http://cdn.test:81/a.jpg") == "http://cdn.test:81/a.jpg?w=1280"
+
+
 def test_the_waf_cookie_is_fetched_only_when_the_shop_refuses_a_call(monkeypatch, tmp_path):
     """No browser before the first JSON call; a 403 starts it once, and the call is retried."""
     import asyncio
@@ -492,6 +553,82 @@ def test_the_waf_cookie_is_fetched_only_when_the_shop_refuses_a_call(monkeypatch
         assert retry.headers["Cookie"] == b"ohs_waf=token"
 
     asyncio.run(scenario())
+
+
+def _challenge_page() -> bytes:
+    """The replica WAF's challenge page, as it serves it in place of a refused JSON answer."""
+    from crawler.replica import pages
+    from crawler.replica.waf import Waf
+
+    return pages.challenge_page(Waf().script()).encode()
+
+
+def test_the_wafs_challenge_page_is_told_apart_from_the_shops_own_answers():
+    """A guarded JSON call answered by an HTML page that sets the cookie by script (or says
+    access is denied) is the WAF's challenge, whatever its status; JSON, a maintenance page, or
+    the same page on an unguarded address is not."""
+    from crawler.replica import pages
+    from crawler.site import ShopSite
+
+    site = ShopSite("http://shop.test")
+    api = "http://shop.test/api/goods/reviews?productionId=1"
+    html = "text/html; charset=utf-8"
+    assert site.is_waf_challenge(api, 200, html, _challenge_page())
+    assert site.is_waf_challenge(api, 200, None, b"  " + _challenge_page())  # no Content-Type
+    assert site.is_waf_challenge("http://shop.test/_next/data/b1/ko-KR/ranks.json", 200, html,
+                                 b"<html><h1>Access Denied</h1></html>")
+    assert site.is_waf_challenge(api, 403, html, b"denied")
+    assert not site.is_waf_challenge(api, 200, "application/json", b'{"reviews": []}')
+    assert not site.is_waf_challenge(  # a review quoting the words is still JSON
+        api, 200, "application/json", b'{"comment": "<b>document.cookie</b>"}')
+    assert not site.is_waf_challenge(api, 200, html, pages.error_page(200, "점검 중").encode())
+    assert not site.is_waf_challenge("http://shop.test/goods/1", 200, html, _challenge_page())
+    assert not site.is_waf_challenge("http://cdn.test:81/api/a.jpg", 403, html, b"denied")
+
+
+def test_a_challenge_page_with_status_200_gets_the_cookie_and_a_retry_then_a_clear_failure(
+        monkeypatch, tmp_path):
+    """The WAF's challenge page served with 200 is handled as a refusal: the cookie is fetched
+    and the call retried with it; still challenged after the renewals, the call fails with
+    WafChallenged, recorded as ``waf_challenge`` (never parsed as ``invalid_json``)."""
+    import asyncio
+
+    from scrapy import Request
+    from scrapy.http import HtmlResponse
+
+    from crawler import failures, middlewares
+
+    browser_calls = []
+
+    async def fake_acquire(page_url, **kwargs):
+        browser_calls.append(page_url)
+        return {"ohs_waf": f"token{len(browser_calls)}"}
+
+    monkeypatch.setattr(middlewares, "acquire_cookies", fake_acquire)
+    monkeypatch.setattr(middlewares.tempfile, "gettempdir", lambda: str(tmp_path))
+    middleware = middlewares.WafCookieMiddleware(_FakeCrawler(SHOP))
+    request = Request("http://shop.test/api/goods/reviews?productionId=1",
+                      headers={"Referer": "http://shop.test/goods/1"})
+
+    def challenge(req):
+        return HtmlResponse(req.url, status=200, body=_challenge_page(), request=req)
+
+    async def scenario():
+        await middleware.process_request(request)
+        retry = await middleware.process_response(request, challenge(request))
+        assert isinstance(retry, Request) and browser_calls == ["http://shop.test/goods/1"]
+        await middleware.process_request(retry)
+        assert retry.headers["Cookie"] == b"ohs_waf=token1"
+        for _ in range(middleware.max_renewals - 1):
+            retry = await middleware.process_response(retry, challenge(retry))
+            await middleware.process_request(retry)
+        with pytest.raises(middlewares.WafChallenged) as still:
+            await middleware.process_response(retry, challenge(retry))
+        return still.value
+
+    still = asyncio.run(scenario())
+    assert len(browser_calls) == middleware.max_renewals
+    assert failures.classify(still, "reviews")[0] == "waf_challenge"
 
 
 def test_a_failed_cookie_renewal_is_not_retried_by_every_refused_call(monkeypatch, tmp_path):
@@ -539,11 +676,12 @@ def test_a_clean_category_crawl_has_no_problem():
 
 @pytest.mark.parametrize("overrides, says", [
     ({"spider_exceptions": 2}, "2 unexpected exception"),
+    ({"pipeline_exceptions": 1}, "1 unexpected exception(s) in the item pipeline"),
     ({"products": 0, "failures": {"invalid_json": 1}}, "no product crawled"),
     ({"products": 0}, "no product crawled"),
     ({"finish_reason": "shutdown"}, "ended early"),
 ])
-def test_spider_exceptions_or_a_lost_category_fail_the_category_crawl(overrides, says):
+def test_unexpected_exceptions_or_a_lost_category_fail_the_category_crawl(overrides, says):
     from crawler.run import crawl_problem
 
     assert says in crawl_problem(_stats(**overrides))
@@ -639,12 +777,14 @@ def test_operations_guide_lists_every_failure_reason_the_crawl_can_record():
 
     root = Path(__file__).resolve().parents[1]
     source = {name: (root / "crawler" / name).read_text() for name in (
-        "site.py", "failures.py", "spiders/reviews.py")}
+        "site.py", "failures.py", "spiders/reviews.py", "pipelines.py", "middlewares.py")}
     reasons = set(re.findall(r'ParseError\(\s*"([a-z_]+)"', source["site.py"]))
     reasons |= set(re.findall(r'return \(?"([a-z_]+)"', source["failures.py"]))
     reasons |= set(re.findall(r'\("([a-z_]+)" if', source["failures.py"]))
     reasons |= set(re.findall(r'else "([a-z_]+)"\)', source["failures.py"]))
     reasons |= set(re.findall(r'_record\([^,]+, "([a-z_]+)"', source["spiders/reviews.py"]))
+    reasons |= {r for name in ("pipelines.py", "middlewares.py")
+                for r in re.findall(r'reason="([a-z_]+)"', source[name])}
     reasons |= CONTENT_REJECTIONS | set(re.findall(
         r'PhotoRejected\(\s*"([a-z_]+)"', (root / "shoplens" / "photos.py").read_text()))
     assert len(reasons) >= 25, sorted(reasons)  # the patterns above still find the codes

@@ -288,6 +288,22 @@ def test_with_the_waf_off_pages_set_no_cookie_and_calls_need_none(small_sources)
         assert requests.get(url, params={"productionId": product_id}).status_code == 403
 
 
+def test_with_the_challenge_page_option_a_refused_call_gets_the_js_challenge_with_status_200(
+        small_sources):
+    """``waf_challenge_page``: the WAF answers a refused JSON call with its challenge page (the
+    cookie script), status 200 and HTML, never 403; a call with a valid cookie gets its JSON."""
+    with ReplicaShop(sources=small_sources, seed=3, waf_challenge_page=True) as shop:
+        product_id = shop.ground_truth()["products"][0]["id"]
+        url = f"{shop.base_url}/api/goods/reviews"
+        referer = {"Referer": f"{shop.base_url}/goods/{product_id}"}
+        challenged = requests.get(url, params={"productionId": product_id}, headers=referer)
+        assert challenged.status_code == 200
+        assert challenged.headers["Content-Type"].startswith("text/html")
+        assert "document.cookie" in challenged.text and "ohs_waf" in challenged.text
+        assert admitted(shop).get(url, params={"productionId": product_id}).json()["reviews"]
+        assert shop.stats()["blocked"]["missing"] == 1 and "403" not in shop.stats()["status"]
+
+
 def test_a_real_headless_chromium_obtains_the_cookie_and_it_expires(small_sources):
     from playwright.sync_api import sync_playwright
 

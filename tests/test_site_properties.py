@@ -148,3 +148,18 @@ def test_any_value_as_a_photo_address_is_an_http_url_or_a_parse_error(value):
         return
     assert url.startswith(("http://", "https://"))
     SITE.image_url(url)  # a stored address never raises on a later night
+
+
+@PROPERTY
+@given(st.integers(min_value=100, max_value=599), st.none() | st.text(max_size=40),
+       st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_any_answer_to_a_json_call_is_a_waf_challenge_or_not_never_an_exception(
+        status, content_type, body):
+    """Telling the WAF's challenge from the shop's answer reads only untrusted bytes: it
+    answers yes or no for anything, and a JSON document is never taken for a challenge."""
+    url = "http://shop.test/api/goods/reviews?productionId=1"
+    verdict = SITE.is_waf_challenge(url, status, content_type, body)
+    assert isinstance(verdict, bool)
+    if (status == 200 and body.lstrip()[:1] in (b"{", b"[")
+            and "html" not in (content_type or "").lower()):
+        assert verdict is False

@@ -40,6 +40,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--cookie-ttl", type=float, default=3600.0)
     p.add_argument("--no-waf", action="store_true",
                    help="no WAF: pages set no cookie and JSON calls need none (Referer still checked)")
+    p.add_argument("--waf-challenge-page", action="store_true",
+                   help="the WAF refuses a JSON call with its JS challenge page, status 200, "
+                        "instead of 403 Access Denied")
     p.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
                    help="every answer (admin calls excepted) waits this long, like a remote server")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -65,6 +68,7 @@ async def _serve(args) -> int:
         cdn_port=args.cdn_port, faults=args.faults, bad_photos=args.bad_photos,
         hold_back=args.hold_back, ground_truth_path=args.ground_truth,
         hang_seconds=args.hang_seconds, cookie_ttl=args.cookie_ttl, waf=not args.no_waf,
+        waf_challenge_page=args.waf_challenge_page,
         cache_dir=args.cache_dir,
         synthetic_products=args.synthetic_products, synthetic_photos=args.synthetic_photos,
         latency=args.latency)

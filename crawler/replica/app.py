@@ -121,6 +121,8 @@ class Handlers:
         if reason is None:
             return None
         self.rt.stats.blocked[reason] += 1
+        if self.rt.waf.challenge_page:
+            return _html(pages.challenge_page(self.rt.waf.script()))  # status 200
         return _html(pages.ACCESS_DENIED.format(reference=secrets.token_hex(8)), status=403)
 
     # --- shop --------------------------------------------------------------------------------

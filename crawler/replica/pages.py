@@ -1,4 +1,4 @@
-"""The HTML the shop host serves: Next.js-style pages, robots.txt, error pages."""
+"""The HTML the shop host serves: Next.js-style pages, robots.txt, WAF refusals, error pages."""
 from __future__ import annotations
 
 import html
@@ -11,6 +11,13 @@ ROBOTS_TXT = "User-agent: *\n" + "".join(f"Disallow: {p}\n" for p in ROBOTS_DISA
 ACCESS_DENIED = ("<!DOCTYPE html><html><head><title>Access Denied</title></head><body>"
                  "<h1>Access Denied</h1><p>You don't have permission to access this resource.</p>"
                  "<p>Reference #{reference}</p></body></html>")
+
+# The WAF's JavaScript challenge, served in place of a refused JSON answer when the replica runs
+# with ``--waf-challenge-page``: the cookie script, then a reload, and status 200.
+CHALLENGE_PAGE = ('<!DOCTYPE html><html lang="ko"><head><meta charset="utf-8">'
+                  "<title>잠시만 기다려 주세요</title>{waf_script}"
+                  "<script>setTimeout(function(){{location.reload();}},50);</script></head>"
+                  "<body><noscript>JavaScript를 사용하도록 설정해 주세요.</noscript></body></html>")
 
 ERROR_PAGE = ("<!DOCTYPE html><html><head><title>{status} | 오늘의집</title></head><body>"
               "<h1>{status}</h1><p>{message}</p></body></html>")
@@ -63,6 +70,10 @@ def build_manifest_js(build_id: str) -> str:
             f'"/ranks":["static/chunks/pages/ranks-{build_id[:8]}.js"],'
             f'"/goods/[id]":["static/chunks/pages/goods/[id]-{build_id[8:16]}.js"]}};'
             "self.__BUILD_MANIFEST_CB&&self.__BUILD_MANIFEST_CB()")
+
+
+def challenge_page(waf_script: str) -> str:
+    return CHALLENGE_PAGE.format(waf_script=waf_script)
 
 
 def error_page(status: int, message: str) -> str:

@@ -25,13 +25,14 @@ from .waf import Waf
 
 class ReplicaRuntime:
     def __init__(self, catalog: Catalog, *, faults: str = "", cookie_ttl: float = 3600.0,
-                 waf: bool = True,
+                 waf: bool = True, waf_challenge_page: bool = False,
                  hang_seconds: float = 30.0, ground_truth_path: Path | None = None,
                  cache_bytes: int = 256 * 1024 * 1024, image_workers: int | None = None,
                  latency: float = 0.0):
         self.catalog = catalog
         self.waf = Waf(ttl=cookie_ttl)
         self.waf.enabled = waf
+        self.waf.challenge_page = waf_challenge_page
         self.faults = FaultPlan(faults, catalog.seed)
         self.hostile = hostile.assign(catalog, self.faults.hostile_fraction, catalog.seed)
         self.stats = Stats()

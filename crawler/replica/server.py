@@ -53,6 +53,7 @@ class ReplicaShop:
                  cdn_port: int | None = None, faults: str = "", bad_photos: float = 0.0,
                  hold_back: int = 0, ground_truth_path: Path | str | None = None,
                  hang_seconds: float = 30.0, cookie_ttl: float = 3600.0, waf: bool = True,
+                 waf_challenge_page: bool = False,
                  cache_dir: Path | str | None = None, synthetic_products: int = 7,
                  synthetic_photos: tuple[int, int] = (6, 25),
                  sources: list[ProductSource] | None = None, latency: float = 0.0):
@@ -65,7 +66,8 @@ class ReplicaShop:
             synthetic_products=synthetic_products, synthetic_photos=synthetic_photos)
         self.catalog: Catalog = build_catalog(sources, seed, bad_photos, hold_back)
         self.runtime = ReplicaRuntime(
-            self.catalog, faults=faults, cookie_ttl=cookie_ttl, waf=waf, hang_seconds=hang_seconds,
+            self.catalog, faults=faults, cookie_ttl=cookie_ttl, waf=waf,
+            waf_challenge_page=waf_challenge_page, hang_seconds=hang_seconds,
             ground_truth_path=Path(ground_truth_path) if ground_truth_path else None,
             latency=latency)
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -48,6 +48,9 @@ class Waf:
         # Off (``--no-waf``): pages carry no script and every call passes, as on a day the
         # shop's WAF is switched off.
         self.enabled = True
+        # How a refused call is answered: 403 "Access Denied", or (``--waf-challenge-page``)
+        # the JS challenge page with status 200, as WAFs that challenge instead of blocking do.
+        self.challenge_page = False
 
     def _signature(self, issued_b36: str) -> str:
         return hmac.new(self.secret, issued_b36.encode(), hashlib.sha256).hexdigest()[:20]

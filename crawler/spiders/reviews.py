@@ -236,14 +236,17 @@ class ReviewsSpider(scrapy.Spider):
         except Exception as exc:  # noqa: BLE001 - an errback must not stop the category
             await self._unexpected(failure.request, exc)
 
-    async def _unexpected(self, request: Request, exc: BaseException) -> None:
-        """A bug or an unforeseen answer: recorded, counted (the crawl then ends in error),
-        and the crawl goes on with the next request."""
-        self.crawler.stats.inc_value("shoplens/spider_exceptions")
+    async def _unexpected(self, request: Request, exc: BaseException,
+                          reason: str = "spider_exception") -> None:
+        """A bug or an unforeseen answer: recorded with ``reason`` (``spider_exception`` from
+        a callback, ``pipeline_exception`` from the item pipeline), counted in
+        ``shoplens/<reason>s`` (the crawl then ends in error) and the crawl goes on with the
+        next request."""
+        self.crawler.stats.inc_value(f"shoplens/{reason}s")
         logger.error("unexpected %s at %s", type(exc).__name__, request.url,
                      exc_info=(type(exc), exc, exc.__traceback__))
         try:
-            await self._record(request, "spider_exception", f"{type(exc).__name__}: {exc}")
+            await self._record(request, reason, f"{type(exc).__name__}: {exc}")
         except Exception as record_exc:  # noqa: BLE001 - e.g. the very value the DB refused
             logger.error("could not record the failure either: %s", record_exc)
 
