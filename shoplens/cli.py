@@ -131,8 +131,9 @@ def prog_name(alias: str) -> str:
 
 class _VersionAction(argparse.Action):
     """``--version`` prints the shoplens version. On commands that used to take ``--version V``
-    for a dataset version, a value is still accepted as the deprecated spelling of
-    ``--dataset-version V`` (a bare ``--version`` must never silently skip the work asked for)."""
+    for a dataset version, a value is still read as the deprecated spelling of
+    ``--dataset-version V``: an old script's ``train --version v0007`` must still train, not
+    print the version and exit 0."""
 
     def __init__(self, option_strings, dest, legacy_dest: str | None = None, **kwargs):
         self.legacy_dest = legacy_dest
@@ -335,10 +336,12 @@ def _docstring_line(target: str) -> str:
     """First line of the target function's docstring (else its module's), read without importing
     the module: help must not load TensorFlow, Scrapy or Airflow."""
     module, _, func = target.partition(":")
+    source = _module_file(module)
     try:
-        spec = importlib.util.find_spec(module)
-        tree = ast.parse(Path(spec.origin).read_text())
-    except (ImportError, AttributeError, OSError, SyntaxError, TypeError, ValueError):
+        tree = ast.parse(source.read_text()) if source else None
+    except (OSError, SyntaxError, ValueError):
+        tree = None
+    if tree is None:
         return ""
     doc = None
     for node in tree.body:
@@ -346,6 +349,26 @@ def _docstring_line(target: str) -> str:
             doc = ast.get_docstring(node)
     doc = doc or ast.get_docstring(tree) or ""
     return doc.strip().splitlines()[0].rstrip(".") if doc.strip() else ""
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of a dotted module, found from its top-level package's location: finding
+    ``crawler.cli`` through importlib would run ``crawler/__init__.py`` (and what it imports)."""
+    top, *rest = module.split(".")
+    try:
+        spec = importlib.util.find_spec(top)  # a top-level name is located, not imported
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if not rest:
+        return Path(spec.origin) if spec.origin else None
+    for location in spec.submodule_search_locations or ():
+        base = Path(location).joinpath(*rest)
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
 
 
 def load(target: str) -> Callable[[list[str]], int]:
@@ -392,7 +415,13 @@ def main(argv: list[str] | None = None, points: dict[str, str] | None = None,
         node = child
     _invoked_as[:] = path
     try:
-        return command()(load(child.target))(argv)
+        try:
+            entry = load(child.target)
+        except ImportError as exc:  # an installation without its dependencies
+            print(f"error: {' '.join(path)} cannot be loaded: {exc}; install shoplens with its "
+                  "dependencies (pip install -c constraints.txt .)", file=sys.stderr)
+            return EXIT_FAILED
+        return command()(entry)(argv)
     finally:
         _invoked_as.clear()
 

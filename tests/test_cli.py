@@ -47,7 +47,7 @@ def test_help_lists_every_stage_command_without_importing_any_stage():
     commands' docstrings: no stage (and no TensorFlow, Scrapy or Airflow) is imported for it."""
     probe = ("import sys; from shoplens.cli import main; code = main(['--help']); "
              "heavy = [m for m in ('tensorflow', 'keras', 'scrapy', 'airflow', 'onnxruntime', "
-             "'crawler.cli', 'dataset.dedup.cli', 'modeling.cli') if m in sys.modules]; "
+             "'sqlalchemy', 'crawler', 'dataset', 'modeling') if m in sys.modules]; "
              "print('IMPORTED', heavy); sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
@@ -148,6 +148,14 @@ def test_a_bad_setting_is_bad_input_not_a_traceback():
     done = run_shoplens("models", "list", env={"SHOPLENS_BEST_N": "many"})
     assert done.returncode == 2
     assert done.stderr.strip() == "error: SHOPLENS_BEST_N must be an integer, got 'many'"
+
+
+def test_a_command_whose_module_cannot_be_imported_says_so_in_one_line(capsys):
+    """An installation without its dependencies: exit 1 and the missing module, no traceback."""
+    assert cli.main(["ghost"], points={"ghost": "shoplens_no_such_module:main"}) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shoplens ghost cannot be loaded" in err
+    assert "shoplens_no_such_module" in err
 
 
 def test_an_unexpected_exception_is_a_bug_and_keeps_its_traceback():
@@ -364,20 +372,23 @@ def test_the_wheel_holds_the_packages_the_migrations_and_the_console_script(whee
     assert 'Requires-Dist: pytest; extra == "dev"' in metadata
 
 
-def test_pip_install_into_a_fresh_venv_gives_a_working_shoplens_command(wheel, tmp_path):
-    """A fresh venv (seeing the already installed dependencies, as an Airflow image does) gets
-    the `shoplens` console script from `pip install`; it works outside the checkout."""
+def test_pip_install_into_a_fresh_venv_gives_a_working_shoplens_command(tmp_path):
+    """`pip install .` into a fresh venv (one that sees the already installed dependencies, as
+    an Airflow image does) gives the `shoplens` console script; it works outside the checkout."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-                    str(venv)], check=True, timeout=120)
-    # The dependencies: the shared virtualenv's site-packages, seen through a .pth file.
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                   check=True, timeout=120)
+    # The dependencies (setuptools and wheel for the build too): the shared virtualenv's
+    # site-packages, seen through a .pth file, since a venv's "system" is the base interpreter.
     site = next((venv / "lib").glob("python3*/site-packages"))
     deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and
                 (p / "sqlalchemy").is_dir())
     (site / "shared-deps.pth").write_text(f"{deps}\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
-                           "install", "-q", "--no-deps", str(wheel)],
+    src = tmp_path / "src"
+    src.mkdir()
+    done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
+                           "--no-build-isolation", "."], cwd=_source_copy(src),
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     outside = tmp_path / "elsewhere"
@@ -386,8 +397,10 @@ def test_pip_install_into_a_fresh_venv_gives_a_working_shoplens_command(wheel, t
     helped = subprocess.run([script, "--help"], cwd=outside, env=env, capture_output=True,
                             text=True, timeout=120)
     assert helped.returncode == 0, helped.stderr
-    listed = {line.split()[0] for line in helped.stdout.splitlines() if line.startswith("  ")}
-    assert set(STAGE_COMMANDS) <= listed
+    listed = {line.split()[0]: line.split(None, 1)[1:] for line in helped.stdout.splitlines()
+              if line.startswith("  ")}
+    assert set(STAGE_COMMANDS) <= set(listed)
+    assert all(listed[name] for name in STAGE_COMMANDS), listed  # help read from the installed files
     where = subprocess.run([str(venv / "bin" / "python"), "-c",
                             "import shoplens.cli, crawler, sys; print(shoplens.cli.__file__); "
                             "print(shoplens.cli.version())"],
