@@ -13,7 +13,8 @@ Exit codes, the same for every command (and for the ``python -m`` aliases):
 Expected failures are one ``error: ...`` line on stderr, never a traceback.
 
 ``--json`` puts results on stdout as JSON (one object per line) and switches progress bars off
-(:func:`json_mode`, and ``SHOPLENS_PROGRESS=off`` for child processes); logs go to stderr.
+(:func:`set_json_mode`: ``shoplens.progress`` logs lines instead, here and in child processes);
+logs go to stderr.
 """
 from __future__ import annotations
 
@@ -76,33 +77,32 @@ _json_mode = False
 
 
 def set_json_mode(on: bool = True) -> None:
-    """Results as JSON on stdout, no progress bars (here and in child processes)."""
+    """Results as JSON on stdout and no progress bars: for loops deep inside the stages
+    (:func:`shoplens.progress.configure`, log lines on stderr remain) and for child processes
+    (``SHOPLENS_PROGRESS=log``, unless progress is switched off altogether)."""
     global _json_mode
+    from shoplens import progress
+
     _json_mode = on
-    if on:
-        os.environ["SHOPLENS_PROGRESS"] = "off"
+    switched_off = os.environ.get(progress.ENV_MODE, "").strip().lower() == "off"
+    progress.configure(bars=False if on and not switched_off else None)
+    if on and not switched_off:
+        os.environ[progress.ENV_MODE] = "log"
 
 
 def _restore_output_mode(was_json: bool, progress_env: str | None) -> None:
-    global _json_mode
-    _json_mode = was_json
+    if _json_mode != was_json:
+        set_json_mode(was_json)
+    from shoplens.progress import ENV_MODE
+
     if progress_env is None:
-        os.environ.pop("SHOPLENS_PROGRESS", None)
+        os.environ.pop(ENV_MODE, None)
     else:
-        os.environ["SHOPLENS_PROGRESS"] = progress_env
+        os.environ[ENV_MODE] = progress_env
 
 
 def json_mode() -> bool:
     return _json_mode
-
-
-def progress_enabled(stream: TextIO | None = None) -> bool:
-    """Whether a progress bar may be drawn: a TTY, not ``--json``, not ``SHOPLENS_PROGRESS=off``."""
-    stream = stream if stream is not None else sys.stderr
-    if _json_mode or os.environ.get("SHOPLENS_PROGRESS", "").lower() in {"0", "off", "false", "no"}:
-        return False
-    isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty())
 
 
 def emit(result: Any, human: Callable[[Any], str] | None = None, out: TextIO | None = None) -> None:
@@ -263,7 +263,7 @@ def command(bad_input: tuple[type, ...] = (), failed: tuple[type, ...] = ()):
         def guarded(argv: list[str] | None = None) -> int:
             # --json lasts for this command only (callers in the same process, e.g. tests, and
             # the next command keep their own output mode).
-            saved = _json_mode, os.environ.get("SHOPLENS_PROGRESS")
+            saved = _json_mode, os.environ.get("SHOPLENS_PROGRESS")  # progress.ENV_MODE
             try:
                 return int(main(argv) or 0)
             except KeyboardInterrupt:

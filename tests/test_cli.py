@@ -202,8 +202,10 @@ def test_json_output_parses_and_logs_stay_on_stderr(photo_folder):
 
 
 def test_json_mode_switches_progress_bars_off_for_the_command_only(monkeypatch):
-    """The hook for progress bars: --json turns them off (in this process and, through
-    SHOPLENS_PROGRESS=off, in child processes) and the mode ends with the command."""
+    """--json turns progress bars into log lines on stderr (shoplens.progress), in this process
+    and, through SHOPLENS_PROGRESS=log, in its child processes; the mode ends with the command."""
+    from shoplens import progress
+
     monkeypatch.delenv("SHOPLENS_PROGRESS", raising=False)
 
     class Terminal:
@@ -216,16 +218,47 @@ def test_json_mode_switches_progress_bars_off_for_the_command_only(monkeypatch):
     @cli.command()
     def probe(argv):
         cli.parse_args(cli.argument_parser("probe"), argv)
-        seen["bars"] = cli.progress_enabled(Terminal())
+        seen["mode"] = progress.resolve_mode(stream=Terminal())
         seen["env"] = os.environ.get("SHOPLENS_PROGRESS")
         return 0
 
-    assert probe([]) == 0 and seen == {"bars": True, "env": None}
-    assert probe(["--json"]) == 0 and seen == {"bars": False, "env": "off"}
+    assert probe([]) == 0 and seen == {"mode": "bar", "env": None}
+    assert probe(["--json"]) == 0 and seen == {"mode": "log", "env": "log"}
     assert not cli.json_mode() and "SHOPLENS_PROGRESS" not in os.environ
-    assert cli.progress_enabled(Terminal())
-    monkeypatch.setenv("SHOPLENS_PROGRESS", "off")  # what a --json parent gives its children
-    assert not cli.progress_enabled(Terminal())
+    assert progress.resolve_mode(stream=Terminal()) == "bar"
+    monkeypatch.setenv("SHOPLENS_PROGRESS", "off")  # off stays off under --json too
+    assert probe(["--json"]) == 0 and seen == {"mode": "off", "env": "off"}
+
+
+def test_a_json_command_shows_no_bar_even_on_a_terminal(photo_folder):
+    """`shoplens dedup --json` under a pseudo-terminal: stdout is only JSON lines and stderr has
+    no bar, while the same command without --json draws one."""
+    import pty
+
+    def run_on_tty(*args):
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-m", "shoplens", *args], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=follower, stdin=follower)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        out = proc.stdout.read().decode()
+        proc.wait(timeout=120)
+        os.close(leader)
+        return proc.returncode, out, b"".join(chunks).decode(errors="replace")
+
+    code, out, err = run_on_tty("dedup", "--json", str(photo_folder))
+    assert code == 0 and [json.loads(line)["size"] for line in out.splitlines()] == [2]
+    assert "━" not in err  # rich's bar
+    code, out, err = run_on_tty("dedup", str(photo_folder))
+    assert code == 0 and "━" in err, err
 
 
 # --------------------------------------------------------------------------------------------
