@@ -173,12 +173,12 @@ def complete(settings: Settings, model_id: str, rows: list[dict], config: dict,
 def list_models(settings: Settings) -> list[dict]:
     """Every model, oldest first, with its ensemble test scores on the version it was trained on
     and whether it is the current one."""
-    m, mm = tables.models.c, tables.model_metrics.c
-    scored = tables.models.outerjoin(tables.model_metrics, sa.and_(
+    m, mm = models.c, model_metrics.c
+    scored = models.outerjoin(model_metrics, sa.and_(
         mm.model_id == m.id, mm.dataset_version == m.dataset_version, mm.split == "test",
         mm.member == "ensemble"))
     with engine_for(settings.manifest_url).connect() as conn:
-        current = conn.execute(sa.select(tables.current_model.c.id)).scalar()
+        current = conn.execute(sa.select(current_model.c.id)).scalar()
         rows = conn.execute(sa.select(
             m.id, m.dataset_version, m.profile, m.status, m.promoted, m.reason, m.created_at,
             m.completed_at, mm.top1, mm.top3).select_from(scored).order_by(m.created_at, m.id))
@@ -187,17 +187,17 @@ def list_models(settings: Settings) -> list[dict]:
 
 def _make_current(conn, model_id: str, reason: str) -> dict:
     """Add the promotion row that makes ``model_id`` current (under the promotion lock)."""
-    status = conn.execute(sa.select(tables.models.c.status)
-                          .where(tables.models.c.id == model_id)).scalar()
+    status = conn.execute(sa.select(models.c.status)
+                          .where(models.c.id == model_id)).scalar()
     if status is None:
         raise ModelNotFound(f"no model {model_id!r} in the manifest")
     if status != "complete":
         raise PromotionRefused(f"model {model_id} is {status}: only a complete model can be current")
-    current = conn.execute(sa.select(tables.current_model.c.id)).scalar()
+    current = conn.execute(sa.select(current_model.c.id)).scalar()
     if current == model_id:
         return {"model_id": model_id, "previous_model_id": current, "changed": False,
                 "reason": f"{model_id} is already the current model"}
-    conn.execute(tables.model_promotions.insert().values(
+    conn.execute(model_promotions.insert().values(
         model_id=model_id, previous_model_id=current, reason=reason))
     return {"model_id": model_id, "previous_model_id": current, "changed": True, "reason": reason}
 
@@ -217,7 +217,7 @@ def rollback(settings: Settings, reason: str, to: str | None = None) -> dict:
     the first."""
     with session_scope(settings.manifest_url) as conn:
         conn.execute(sa.text(PROMOTION_LOCK))
-        p = tables.model_promotions.c
+        p = model_promotions.c
         latest = conn.execute(sa.select(p.model_id, p.previous_model_id)
                               .order_by(p.id.desc()).limit(1)).first()
         if latest is None:

@@ -233,9 +233,15 @@ def classify(exc: BaseException, bad_input: tuple[type, ...] = (),
         return EXIT_USAGE, _one_line(exc)
     if isinstance(exc, failed):
         return EXIT_FAILED, _one_line(exc)
+    manifest_db = sys.modules.get("shoplens.manifest.db")
+    if manifest_db is not None and isinstance(exc, manifest_db.ManifestNotMigrated):
+        return EXIT_FAILED, _one_line(exc)
     sa_exc = sys.modules.get("sqlalchemy.exc")
-    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):  # e.g. an un-migrated manifest
-        return EXIT_FAILED, "the manifest database refused: " + _one_line(exc.orig or exc, 300)
+    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):
+        message = "the manifest database refused: " + _one_line(exc.orig or exc, 300)
+        if getattr(exc.orig, "pgcode", None) == "42P01":  # undefined table: never migrated
+            message += " (apply the migrations: shoplens.manifest.upgrade, or the image's `init`)"
+        return EXIT_FAILED, message
     minio_error = sys.modules.get("minio.error")
     if minio_error is not None and isinstance(exc, minio_error.S3Error):
         return EXIT_FAILED, "the object store refused: " + _one_line(exc, 300)

@@ -144,6 +144,14 @@ def test_an_unreachable_object_store_exits_3(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_an_unmigrated_manifest_is_a_failure_in_one_line(fresh_database, monkeypatch, capsys):
+    """The database answers but the migrations were never applied: exit 1, the fix in one line."""
+    monkeypatch.setenv("SHOPLENS_MANIFEST_URL", fresh_database)
+    assert cli.main(["lineage", "0" * 64]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "apply the migrations" in err
+
+
 def test_a_bad_setting_is_bad_input_not_a_traceback():
     done = run_shoplens("models", "list", env={"SHOPLENS_BEST_N": "many"})
     assert done.returncode == 2
