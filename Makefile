@@ -4,17 +4,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN := .run
-export PYTHONPATH := $(CURDIR)
 
 .PHONY: all venv deps test test-fast demo demo-up demo-down benchmarks clean
 
 all: test
 
-# The virtualenv, re-created only when the pinned dependencies change.
-$(VENV)/.installed: requirements.in constraints.txt
+# The virtualenv, re-created only when the pinned dependencies or the package metadata change:
+# the dependencies (with the test tools), then shoplens itself, editable, so that the `shoplens`
+# command and every `python -m` alias run this checkout without PYTHONPATH.
+$(VENV)/.installed: requirements.in requirements-dev.in constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.in -c constraints.txt
+	$(PY) -m pip install -q -r requirements.in -r requirements-dev.in -c constraints.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""``python -m modeling predict``: photos in, top-3 products out, one JSON object per line.
+"""``shoplens predict``: photos in, top-3 products out, one JSON object per line.
 
 Photos are decoded on a small thread pool (Pillow releases the GIL while decoding) and fed to
 the members in batches. An unreadable file is reported on stderr with its name; the others are
@@ -14,6 +14,7 @@ from typing import Iterator, TextIO
 
 from modeling import images
 from modeling.ensemble import Ensemble, is_ensemble_dir
+from shoplens.cli import BadInput
 from shoplens.config import Settings
 from shoplens.photos import DEFAULT_LIMITS, PhotoLimits
 from shoplens.progress import progress
@@ -24,10 +25,10 @@ def load_ensemble(settings: Settings, model: str | None, cache_dir: Path) -> Ens
     if model and is_ensemble_dir(model):
         return Ensemble.load(model)
     if model and Path(model).exists():
-        raise SystemExit(f"error: {model} is not an ensemble directory (no ensemble.json)")
+        raise BadInput(f"{model} is not an ensemble directory (no ensemble.json)")
     if model and ("/" in model or "\\" in model or model.startswith(".")):
         # Model ids never hold a path separator: this was meant as a directory.
-        raise SystemExit(f"error: {model}: no such ensemble directory")
+        raise BadInput(f"{model}: no such ensemble directory")
     from modeling import registry
 
     return Ensemble.load(registry.fetch(settings, model, cache_dir)[1])

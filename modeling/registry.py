@@ -1,5 +1,7 @@
 """Where models live: artefacts under ``models/<model_id>/`` in the object store, rows in the
-manifest (``models``, ``model_metrics``, ``model_promotions`` / ``current_model``).
+manifest (``models``, ``model_metrics``, ``model_promotions`` / ``current_model``), and which one
+is current: promotions are history, the newest ``model_promotions`` row names the current model
+(the training gate adds one; :func:`promote` and :func:`rollback` add one by hand).
 
 Artefacts are uploaded before the rows that point at them are committed, so a crash never leaves
 a row naming missing files; a downloaded model is assembled in a temporary folder and renamed
@@ -20,10 +22,16 @@ from shoplens.manifest import engine_for, session_scope
 from shoplens.manifest.schema import current_model, model_metrics, model_promotions, models
 
 MODEL_PREFIX = "models"
+# Taken by every change of the current model, so two cannot interleave.
+PROMOTION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('shoplens.model_promotion'))"
 
 
 class ModelNotFound(LookupError):
     """No such model (or no current model) in the manifest or the object store."""
+
+
+class PromotionRefused(ValueError):
+    """The model cannot become the current one (not complete, or nothing to roll back to)."""
 
 
 def artifact_prefix(model_id: str) -> str:
@@ -49,20 +57,22 @@ def upload(settings: Settings, model_id: str, local_dir: Path) -> str:
 
 def fetch(settings: Settings, model_id: str | None, cache_dir: Path) -> tuple[str, Path]:
     """The model's id and local directory: ``model_id``, or the current model when None.
-    An unreachable manifest or object store is a clear SystemExit, not a connection traceback."""
+    An unreachable manifest or object store is a clear ServiceUnreachable, not a traceback."""
     import urllib3.exceptions
+
+    from shoplens.cli import ServiceUnreachable
 
     try:
         model_id = model_id or current_model_id(settings)
         if not model_id:
-            raise ModelNotFound("no current model: train one first (python -m modeling train) "
+            raise ModelNotFound("no current model: train one first (shoplens train) "
                                 "or pass --model ID|DIR")
         return model_id, download(settings, model_id, cache_dir)
     except (sa.exc.OperationalError, urllib3.exceptions.HTTPError) as exc:
         where = ("manifest" if isinstance(exc, sa.exc.OperationalError)
                  else f"object store at {settings.s3_endpoint}")
-        raise SystemExit(f"error: cannot load model {model_id or '(current)'}: the {where} is "
-                         f"unreachable ({type(exc).__name__})") from exc
+        raise ServiceUnreachable(f"cannot load model {model_id or '(current)'}: the {where} is "
+                                 f"unreachable ({type(exc).__name__})") from exc
 
 
 def download(settings: Settings, model_id: str, cache_dir: Path) -> Path:
@@ -144,7 +154,7 @@ def complete(settings: Settings, model_id: str, rows: list[dict], config: dict,
     two runs finishing together cannot both replace the same current model.
     """
     with session_scope(settings.manifest_url) as conn:
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('shoplens.model_promotion'))"))
+        conn.execute(sa.text(PROMOTION_LOCK))
         save_metrics(conn, rows)
         current = conn.execute(sa.select(current_model.c.id)).scalar()
         promote, reason = decide_promotion(conn, current)
@@ -155,3 +165,66 @@ def complete(settings: Settings, model_id: str, rows: list[dict], config: dict,
             conn.execute(model_promotions.insert().values(
                 model_id=model_id, previous_model_id=current, reason=reason))
     return promote, reason
+
+
+# --------------------------------------------------------------------------------------------
+# Lifecycle: which model is current
+# --------------------------------------------------------------------------------------------
+def list_models(settings: Settings) -> list[dict]:
+    """Every model, oldest first, with its ensemble test scores on the version it was trained on
+    and whether it is the current one."""
+    m, mm = models.c, model_metrics.c
+    scored = models.outerjoin(model_metrics, sa.and_(
+        mm.model_id == m.id, mm.dataset_version == m.dataset_version, mm.split == "test",
+        mm.member == "ensemble"))
+    with engine_for(settings.manifest_url).connect() as conn:
+        current = conn.execute(sa.select(current_model.c.id)).scalar()
+        rows = conn.execute(sa.select(
+            m.id, m.dataset_version, m.profile, m.status, m.promoted, m.reason, m.created_at,
+            m.completed_at, mm.top1, mm.top3).select_from(scored).order_by(m.created_at, m.id))
+        return [{**row._asdict(), "current": row.id == current} for row in rows]
+
+
+def _make_current(conn, model_id: str, reason: str) -> dict:
+    """Add the promotion row that makes ``model_id`` current (under the promotion lock)."""
+    status = conn.execute(sa.select(models.c.status)
+                          .where(models.c.id == model_id)).scalar()
+    if status is None:
+        raise ModelNotFound(f"no model {model_id!r} in the manifest")
+    if status != "complete":
+        raise PromotionRefused(f"model {model_id} is {status}: only a complete model can be current")
+    current = conn.execute(sa.select(current_model.c.id)).scalar()
+    if current == model_id:
+        return {"model_id": model_id, "previous_model_id": current, "changed": False,
+                "reason": f"{model_id} is already the current model"}
+    conn.execute(model_promotions.insert().values(
+        model_id=model_id, previous_model_id=current, reason=reason))
+    return {"model_id": model_id, "previous_model_id": current, "changed": True, "reason": reason}
+
+
+def promote(settings: Settings, model_id: str, reason: str) -> dict:
+    """Make a complete model the current one, whatever its scores (a person's decision)."""
+    if not reason or not reason.strip():
+        raise PromotionRefused("a reason is required")
+    with session_scope(settings.manifest_url) as conn:
+        conn.execute(sa.text(PROMOTION_LOCK))
+        return _make_current(conn, model_id, reason.strip())
+
+
+def rollback(settings: Settings, reason: str, to: str | None = None) -> dict:
+    """Make the model that was current before the current one current again (``to``: another
+    complete model). History is kept: this adds a promotion row, so a second rollback undoes
+    the first."""
+    with session_scope(settings.manifest_url) as conn:
+        conn.execute(sa.text(PROMOTION_LOCK))
+        p = model_promotions.c
+        latest = conn.execute(sa.select(p.model_id, p.previous_model_id)
+                              .order_by(p.id.desc()).limit(1)).first()
+        if latest is None:
+            raise PromotionRefused("no model has been promoted yet: nothing to roll back")
+        target = to or latest.previous_model_id
+        if target is None:
+            raise PromotionRefused(f"model {latest.model_id} was the first current model: "
+                                   "there is no earlier one to roll back to")
+        why = f"rollback from {latest.model_id}" + (f": {reason.strip()}" if reason.strip() else "")
+        return _make_current(conn, target, why)

@@ -1,4 +1,5 @@
-"""``python -m dataset lineage SHA256 [--version V]``: an image's whole story.
+"""``shoplens lineage SHA256 [--dataset-version V]`` (alias ``python -m dataset lineage``): an
+image's whole story.
 
 Backward: the dataset versions that hold it (label, split), its source URL, the review (and any
 other review that posted the same bytes), the product and category, the crawl run, its dedup
@@ -8,14 +9,13 @@ Forward: the models trained on those versions, read from the modeling stage's ``
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from typing import Any
 
 import sqlalchemy as sa
 
+from shoplens.cli import argument_parser, command, emit, parse_args
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 
@@ -104,18 +104,14 @@ def lineage(settings: Settings, sha256: str, version: str | None = None) -> dict
     return json.loads(json.dumps(story, default=str))
 
 
+@command(bad_input=(LineageError,))
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataset lineage", description=__doc__.split("\n\n")[0])
+    """Where an image of a dataset version came from and which models it went into"""
+    parser = argument_parser("python -m dataset lineage", __doc__.split("\n\n")[0],
+                             legacy_version_dest="dataset_version")
     parser.add_argument("sha256", help="the image's sha256 (or a unique prefix of >= 8 hex digits)")
-    parser.add_argument("--version", help="only this dataset version, e.g. v0003")
-    args = parser.parse_args(argv)
-    try:
-        story = lineage(Settings.from_env(), args.sha256, args.version)
-    except LineageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except sa.exc.DBAPIError as exc:  # unreachable or un-migrated manifest
-        print(f"error: cannot read the manifest: {exc.orig}", file=sys.stderr)
-        return 1
-    print(json.dumps(story, indent=2, ensure_ascii=False))
+    parser.add_argument("--dataset-version", dest="dataset_version", metavar="V",
+                        help="only this dataset version, e.g. v0003")
+    args = parse_args(parser, argv)
+    emit(lineage(Settings.from_env(), args.sha256, args.dataset_version))
     return 0

@@ -12,13 +12,12 @@
 Recording metrics or delivering an alert never masks the stage's own outcome: their errors are
 logged, not raised.
 
-    python -m shoplens.ops metrics [--run-key KEY] [--last 10]
-    python -m shoplens.ops summary --run-key KEY
-    python -m shoplens.ops test-alert
+    shoplens ops metrics [--run-key KEY] [--last 10]   # (alias: python -m shoplens.ops ...)
+    shoplens ops summary --run-key KEY
+    shoplens ops test-alert
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -34,6 +33,7 @@ from sqlalchemy.dialects.postgresql import insert
 from airflow.sdk.bases.notifier import BaseNotifier
 
 from shoplens import summary as run_summary
+from shoplens.cli import BadInput, add_json_flag, argument_parser, command, emit, parse_args
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.manifest.schema import run_metrics
@@ -231,34 +231,38 @@ def summarize_run(settings: Settings, run_key: str, run_started_at: datetime | N
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
+@command()
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shoplens.ops", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Run metrics, a night's summary, a test alert"""
+    parser = argument_parser("python -m shoplens.ops", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     metrics = sub.add_parser("metrics", help="print recorded run metrics as JSON lines")
     metrics.add_argument("--run-key", help="one run's stages; default: the latest runs")
     metrics.add_argument("--last", type=int, default=10)
     summary = sub.add_parser("summary", help="(re)compute and record a run's summary")
     summary.add_argument("--run-key", required=True)
-    sub.add_parser("test-alert", help="send a test alert to the configured webhook")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    test_alert = sub.add_parser("test-alert", help="send a test alert to the configured webhook")
+    for subcommand in (metrics, summary, test_alert):
+        add_json_flag(subcommand)
+    args = parse_args(parser, argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
     settings = Settings.from_env()
     if args.command == "metrics":
         rows = stage_metrics(settings, args.run_key) if args.run_key else recent_runs(settings, args.last)
-        for row in rows:
-            print(json.dumps(row, default=str, ensure_ascii=False))
+        for row in rows:  # JSON lines with or without --json: the rows have no text form
+            emit(row, lambda r: json.dumps(r, default=str, ensure_ascii=False))
         return 0
     if args.command == "summary":
-        print(json.dumps(summarize_run(settings, args.run_key), ensure_ascii=False, indent=2))
+        emit(summarize_run(settings, args.run_key))
         return 0
     if not settings.alert_webhook_url:
-        print("SHOPLENS_ALERT_WEBHOOK_URL is not set", file=sys.stderr)
-        return 2
+        raise BadInput("SHOPLENS_ALERT_WEBHOOK_URL is not set")
     delivered = send_alert(Alert(event="test", dag_id=None, run_id=None, task_id=None,
                                  try_number=None, error=None, log_url=None,
                                  text="shoplens: test alert"), settings)
-    print("delivered" if delivered else "NOT delivered (see the log line above)")
+    emit({"delivered": delivered},
+         lambda r: "delivered" if r["delivered"] else "NOT delivered (see the log line above)")
     return 0 if delivered else 1
 
 

@@ -57,7 +57,7 @@ def test_diff_cli_prints_the_changes(built, capsys):
 def test_lineage_cli_prints_the_story_and_rejects_unknown_images(built, capsys):
     settings, photos = built
     sha = photos[12][1]
-    assert lineage.main([sha, "--version", "v0002"]) == 0
+    assert lineage.main([sha, "--dataset-version", "v0002"]) == 0
     story = json.loads(capsys.readouterr().out)
     assert story["product"]["name"] == "의자 12" and story["versions"][0]["version_id"] == "v0002"
     assert lineage.main(["0" * 64]) == 2
@@ -83,7 +83,7 @@ def test_build_cli_builds_checks_verifies_and_summarises(built, capsys, tmp_path
     assert build_cli.main(["--summary"]) == 0
     summary = capsys.readouterr().out
     assert summary.startswith("### Dataset version v0002 (complete, parent v0001)")
-    assert build_cli.main(["--verify", "v0042"]) == 1
+    assert build_cli.main(["--verify", "v0042"]) == 2  # an unknown version is bad input
     assert "no dataset version 'v0042'" in capsys.readouterr().err
 
 

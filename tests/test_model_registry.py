@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from shoplens.cli import BadInput, ServiceUnreachable
 from shoplens.manifest import engine_for
 from test_model_training import make_dataset, synthetic_photo, tiny_settings
 
@@ -94,7 +95,7 @@ def test_runs_store_artefacts_and_metrics_and_gate_promotion(settings, tmp_path)
     os.environ.update(env)
     try:
         assert cli(["export", "--model", first["model_id"], "--out", str(tmp_path / "exp")]) == 0
-        assert cli(["evaluate", "--model", first["model_id"], "--version", str(v1)]) == 0
+        assert cli(["evaluate", "--model", first["model_id"], "--dataset-version", str(v1)]) == 0
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -173,7 +174,7 @@ def test_predict_with_a_missing_ensemble_directory_says_so_without_asking_the_st
     (tmp_path / "photo.jpg").write_bytes(synthetic_photo(0, np.random.default_rng(2)))
     unreachable = settings.with_overrides(s3_endpoint="127.0.0.1:9")
     missing = str(tmp_path / "no-such-ensemble")
-    with pytest.raises(SystemExit, match="no such ensemble directory"):
+    with pytest.raises(BadInput, match="no such ensemble directory"):
         predict.main(unreachable, missing, [str(tmp_path)], True, tmp_path, out=io.StringIO())
 
 
@@ -183,12 +184,12 @@ def test_predict_says_which_service_is_unreachable_when_a_model_id_cannot_be_fet
 
     (tmp_path / "photo.jpg").write_bytes(synthetic_photo(0, np.random.default_rng(2)))
     unreachable = settings.with_overrides(s3_endpoint="127.0.0.1:9")
-    with pytest.raises(SystemExit, match="object store at 127.0.0.1:9 is unreachable"):
+    with pytest.raises(ServiceUnreachable, match="object store at 127.0.0.1:9 is unreachable"):
         predict.main(unreachable, "m20260101T000000-abcdef", [str(tmp_path)], True, tmp_path,
                      out=io.StringIO())
     no_manifest = settings.with_overrides(
         manifest_url="postgresql+psycopg2://nobody@127.0.0.1:9/shoplens")
-    with pytest.raises(SystemExit, match="manifest is unreachable"):
+    with pytest.raises(ServiceUnreachable, match="manifest is unreachable"):
         predict.main(no_manifest, None, [str(tmp_path)], True, tmp_path, out=io.StringIO())
 
 

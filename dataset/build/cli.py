@@ -1,30 +1,40 @@
-"""``python -m dataset build``: build a dataset version, or inspect / re-materialise one.
+"""``shoplens build``: build a dataset version, or inspect / re-materialise one.
 
-    python -m dataset build [--run-key KEY]            # build from the manifest (prints stats JSON)
-    python -m dataset build --summary [V]              # counts per split and product (Markdown)
-    python -m dataset build --check V                  # re-run the data-quality checks on V
-    python -m dataset build --verify V                 # re-materialise V from the manifest, compare
-    python -m dataset build --rematerialise V --out D  # rebuild V's files from the manifest into D
-    python -m dataset build --materialise V --out D    # download V from the object store into D
+    shoplens build [--run-key KEY]            # build from the manifest (prints stats JSON)
+    shoplens build --summary [V]              # counts per split and product (Markdown)
+    shoplens build --check V                  # re-run the data-quality checks on V
+    shoplens build --verify V                 # re-materialise V from the manifest, compare
+    shoplens build --rematerialise V --out D  # rebuild V's files from the manifest into D
+    shoplens build --materialise V --out D    # download V from the object store into D
+
+(alias: ``python -m dataset build``)
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from datetime import datetime, timezone
 
-import sqlalchemy as sa
-from minio.error import S3Error
-
-from shoplens.config import ConfigError, Settings
+from shoplens.cli import BadInput, CommandError, argument_parser, command, emit, parse_args
+from shoplens.config import Settings
 
 
+def _require_version(settings: Settings, version_id: str) -> None:
+    """An unknown version is bad input (exit 2), whichever action was asked for."""
+    import sqlalchemy as sa
+
+    from shoplens.manifest import engine_for
+
+    with engine_for(settings.manifest_url).connect() as conn:
+        known = conn.execute(sa.text("SELECT 1 FROM dataset_versions WHERE version_id = :v"),
+                             {"v": version_id}).first()
+    if known is None:
+        raise BadInput(f"no dataset version {version_id!r} in the manifest")
+
+
+@command()
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataset build",
-                                     description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    """Build a dataset version from the manifest, or check, verify, summarise or download one"""
+    parser = argument_parser("python -m dataset build", __doc__.split("\n\n")[0],
+                             epilog=__doc__.split("\n\n", 1)[1])
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--summary", nargs="?", const="", metavar="V")
     action.add_argument("--check", metavar="V")
@@ -35,21 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-key", help="idempotency key (default: manual-<UTC timestamp>)")
     parser.add_argument("--min-photos", type=int, help="override dataset_min_photos_per_product")
     parser.add_argument("--max-photos", type=int, help="override dataset_max_photos_per_product")
-    args = parser.parse_args(argv)
-
-    try:
-        settings = Settings.from_env().with_overrides(
-            dataset_min_photos_per_product=args.min_photos,
-            dataset_max_photos_per_product=args.max_photos)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    args = parse_args(parser, argv)
     if (args.rematerialise or args.materialise) and not args.out:
         parser.error("--rematerialise / --materialise need --out DIR")
+    settings = Settings.from_env().with_overrides(
+        dataset_min_photos_per_product=args.min_photos,
+        dataset_max_photos_per_product=args.max_photos)
 
     from dataset.build import stage as build
     from dataset.build import checks, export
 
+    named = args.check or args.verify or args.rematerialise or args.materialise or args.summary
+    if named:
+        _require_version(settings, named)
     try:
         if args.summary is not None:
             from shoplens import summary as run_summary
@@ -57,35 +65,34 @@ def main(argv: list[str] | None = None) -> int:
 
             with engine_for(settings.manifest_url).connect() as conn:
                 counts = run_summary.version_counts(conn, args.summary or None)
-            print(run_summary.version_markdown(counts), end="")
+            emit(counts, lambda c: run_summary.version_markdown(c).rstrip("\n"))
         elif args.check:
             results = checks.run_sql_checks(settings, args.check)
             missing = checks.missing_objects(settings, args.check)
             for r in results:
-                print(f"{'ok  ' if r.passed else 'FAIL'} {r.table}.{r.name} ({r.actual})")
-            print(f"{'ok  ' if not missing else 'FAIL'} objects present ({len(missing)} missing)")
+                emit({"check": f"{r.table}.{r.name}", "passed": r.passed, "actual": r.actual},
+                     lambda c: f"{'ok  ' if c['passed'] else 'FAIL'} {c['check']} ({c['actual']})")
+            emit({"check": "objects_present", "passed": not missing, "missing": len(missing)},
+                 lambda c: f"{'ok  ' if c['passed'] else 'FAIL'} objects present "
+                           f"({c['missing']} missing)")
             return 0 if all(r.passed for r in results) and not missing else 1
         elif args.verify:
             problems = export.verify_export(settings, args.verify)
-            print("\n".join(problems) if problems else
-                  f"{args.verify}: the stored files equal a re-materialisation from the manifest")
+            emit({"version_id": args.verify, "equal": not problems, "problems": problems},
+                 lambda r: "\n".join(r["problems"]) if r["problems"] else
+                 f"{args.verify}: the stored files equal a re-materialisation from the manifest")
             return 1 if problems else 0
         elif args.rematerialise:
-            files = export.rematerialise(settings, args.rematerialise, args.out)
-            print(json.dumps(files, indent=2))
+            emit(export.rematerialise(settings, args.rematerialise, args.out))
         elif args.materialise:
-            print(export.materialise(settings, args.materialise, args.out))
+            emit({"version_id": args.materialise,
+                  "out": str(export.materialise(settings, args.materialise, args.out))},
+                 lambda r: r["out"])
         else:
             run_key = args.run_key or f"manual-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
-            print(json.dumps(build.run(settings, run_key), indent=2, ensure_ascii=False))
-    except (checks.DataQualityError, export.ExportError, build.BuildError, LookupError,
-            ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except sa.exc.DBAPIError as exc:  # unreachable or un-migrated manifest
-        print(f"error: cannot use the manifest: {exc.orig}", file=sys.stderr)
-        return 1
-    except S3Error as exc:
-        print(f"error: the object store refused: {exc}", file=sys.stderr)
-        return 1
+            emit(build.run(settings, run_key))
+    except (LookupError, ValueError) as exc:  # no such dataset version, not a version id
+        raise BadInput(str(exc)) from exc
+    except (checks.DataQualityError, export.ExportError, build.BuildError) as exc:
+        raise CommandError(str(exc)) from exc
     return 0

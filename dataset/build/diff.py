@@ -1,4 +1,4 @@
-"""``python -m dataset diff V1 V2``: what changed from one dataset version to another.
+"""``shoplens diff V1 V2`` (alias ``python -m dataset diff``): what changed from one dataset version to another.
 
 Images added, removed, relabelled and moved between splits; products (labels) added and dropped;
 per-label and per-split count changes. Reads only the manifest's member snapshots, so any two
@@ -6,14 +6,12 @@ versions can be compared, not just a version and its parent.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Any
 
 import sqlalchemy as sa
 
 from dataset.build.splits import SPLITS
+from shoplens.cli import argument_parser, command, emit, parse_args
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 
@@ -118,20 +116,13 @@ def format_diff(d: dict[str, Any], limit: int = 20) -> str:
     return "\n".join(lines)
 
 
+@command(bad_input=(UnknownVersion,))
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataset diff", description=__doc__.split("\n\n")[0])
+    """Compare two dataset versions: images added, removed, relabelled, moved; products"""
+    parser = argument_parser("python -m dataset diff", __doc__.split("\n\n")[0])
     parser.add_argument("v1", help="older version, e.g. v0001")
     parser.add_argument("v2", help="newer version, e.g. v0002")
-    parser.add_argument("--json", action="store_true", help="print the full diff as JSON")
     parser.add_argument("--limit", type=int, default=20, help="items listed per section (text output)")
-    args = parser.parse_args(argv)
-    try:
-        d = diff_versions(Settings.from_env(), args.v1, args.v2)
-    except UnknownVersion as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except sa.exc.DBAPIError as exc:  # unreachable or un-migrated manifest
-        print(f"error: cannot read the manifest: {exc.orig}", file=sys.stderr)
-        return 1
-    print(json.dumps(d, indent=2, ensure_ascii=False) if args.json else format_diff(d, args.limit))
+    args = parse_args(parser, argv)
+    emit(diff_versions(Settings.from_env(), args.v1, args.v2), lambda d: format_diff(d, args.limit))
     return 0

@@ -1,7 +1,9 @@
-"""``python -m dataset dedup``: near-duplicate clusters of a folder of images, or the nightly stage.
+"""``shoplens dedup``: near-duplicate clusters of a folder of images, or the nightly stage.
 
-    python -m dataset dedup [--json] [--threshold N] DIR   # clusters among the image files in DIR
-    python -m dataset dedup --manifest --run-key KEY       # run dataset.dedup.stage.run on the manifest
+    shoplens dedup [--json] [--threshold N] DIR   # clusters among the image files in DIR
+    shoplens dedup --manifest --run-key KEY       # run dataset.dedup.stage.run on the manifest
+
+(alias: ``python -m dataset dedup``)
 
 For a folder, each cluster of two or more images is printed; with ``--json`` as one JSON object
 per line: ``{"representative", "size", "members": [{"path", "distance", "width", "height"}]}``
@@ -10,7 +12,6 @@ per line: ``{"representative", "size", "members": [{"path", "distance", "width",
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 
 from dataset.dedup.clusters import DuplicateRule, component_labels, find_pairs, representative_order
 from dataset.dedup.hashing import hamming, hashes_of_image
+from shoplens.cli import argument_parser, command, emit, parse_args
 from shoplens.config import ConfigError, Settings
 from shoplens.photos import PhotoLimits, PhotoRejected, decode_photo, read_photo_file
 from shoplens.progress import progress
@@ -73,15 +75,16 @@ def folder_clusters(root: Path, threshold: int, limits: PhotoLimits = PhotoLimit
     return clusters, skipped
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataset dedup", description=__doc__.splitlines()[0])
+    """Near-duplicate clusters of a folder of images, or the nightly dedup stage"""
+    parser = argument_parser("python -m dataset dedup", __doc__.split("\n\n")[0])
     parser.add_argument("directory", nargs="?", type=Path, help="folder of image files (searched recursively)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per cluster per line")
     parser.add_argument("--threshold", type=int, default=None,
                         help="max pHash + dHash distance (default: SHOPLENS_DEDUP_THRESHOLD or 25)")
     parser.add_argument("--manifest", action="store_true", help="run the dedup stage on the manifest")
     parser.add_argument("--run-key", default="manual-dedup", help="crawl run key for provenance (--manifest)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         settings = Settings.from_env()
         if args.threshold is not None:
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.manifest:
         from dataset.dedup import stage as dedup
 
-        print(json.dumps(dedup.run(settings, args.run_key), ensure_ascii=False, default=str))
+        emit(dedup.run(settings, args.run_key))
         return 0
     if args.directory is None:
         parser.error("give a DIR of images, or --manifest")

@@ -1,8 +1,10 @@
-"""``python -m dataset filter``: the filter's rules on image files, or the nightly run on the manifest.
+"""``shoplens filter``: the filter's rules on image files, or the nightly run on the manifest.
 
-    python -m dataset filter --json photo1.jpg photo2.jpg     # one JSON object per line
-    python -m dataset filter --category 10120000 photo.jpg    # product classes of that category
-    python -m dataset filter --manifest --run-key manual-1    # what the nightly DAG runs
+    shoplens filter --json photo1.jpg photo2.jpg     # one JSON object per line
+    shoplens filter --category 10120000 photo.jpg    # product classes of that category
+    shoplens filter --manifest --run-key manual-1    # what the nightly DAG runs
+
+(alias: ``python -m dataset filter``)
 
 JSON fields: ``verdict`` (keep/reject), ``reasons`` (failed rules), ``occupancy`` (float, 0..1: the
 share of the frame the main product covers; 0.0 when no product was found, i.e. the image is
@@ -15,44 +17,50 @@ Thresholds and the model path come from Settings (env ``SHOPLENS_FILTER_*``,
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from shoplens.config import ConfigError, Settings
+from shoplens.cli import BadInput, argument_parser, command, emit, parse_args
+from shoplens.config import Settings
 from shoplens.photos import PhotoLimits
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dataset filter", description=__doc__.splitlines()[0])
+    """Detector-assisted rules on image files, or the nightly filter stage on the manifest"""
+    ap = argument_parser("python -m dataset filter", __doc__.split("\n\n")[0])
     ap.add_argument("images", nargs="*", help="image files to judge")
-    ap.add_argument("--json", action="store_true", help="one JSON object per line (default: text)")
     ap.add_argument("--category", help="shop category id whose product classes apply")
     ap.add_argument("--model", help="detector ONNX file (default: settings.detector_model_path)")
     ap.add_argument("--manifest", action="store_true",
                     help="run the nightly stage on the manifest instead of files")
     ap.add_argument("--run-key", help="run key for --manifest (e.g. the Airflow run id)")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
 
     from dataset.filter import stage, rules
     from dataset.filter.detector import Detector, DetectorError
 
+    if args.manifest and not args.run_key:
+        ap.error("--manifest needs --run-key")
+    if not args.manifest and not args.images:
+        ap.error("give image files, or --manifest --run-key KEY")
     try:
         settings = Settings.from_env()
         if args.model:
             settings = settings.with_overrides(detector_model_path=args.model)
         params = rules.params_from_settings(settings)
-        if args.manifest:
-            if not args.run_key:
-                ap.error("--manifest needs --run-key")
-            print(json.dumps(stage.run(settings, args.run_key), indent=2))
-            return 0
-        if not args.images:
-            ap.error("give image files, or --manifest --run-key KEY")
-        detector = Detector(settings.detector_model_path, min_score=settings.detector_store_min_score)
-    except (ConfigError, ValueError, DetectorError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if not args.manifest:
+            detector = Detector(settings.detector_model_path,
+                                min_score=settings.detector_store_min_score)
+    except (ValueError, DetectorError) as exc:  # bad thresholds, a missing or unusable model file
+        raise BadInput(str(exc)) from exc
+    if args.manifest:
+        try:
+            stats = stage.run(settings, args.run_key)
+        except DetectorError as exc:  # the model file is missing or unusable
+            raise BadInput(str(exc)) from exc
+        emit(stats)
+        return 0
 
     from shoplens.progress import progress
 

@@ -1,4 +1,4 @@
-"""``python -m dataset models fetch``: download the detector's ONNX file, verified, atomically.
+"""``shoplens models fetch`` (alias ``python -m dataset models fetch``): download the detector's ONNX file, verified, atomically.
 
 The official asset is ``yolox_nano.onnx`` of YOLOX release 0.1.1rc0; its size and sha256 are
 pinned here, so a changed or truncated download never becomes the model. The file is written to
@@ -6,15 +6,14 @@ a temporary name beside the destination and renamed only after both checks pass.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import sys
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from shoplens.cli import argument_parser, command, emit, parse_args
 from shoplens.config import Settings
 
 PINNED_SIZE = 3_659_407
@@ -69,18 +68,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@command(failed=(FetchError,))
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dataset models", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    fetch_cmd = sub.add_parser("fetch", help="download the pinned YOLOX-Nano ONNX file")
-    fetch_cmd.add_argument("--url", help="default: settings.detector_model_url")
-    fetch_cmd.add_argument("--dest", help="default: settings.detector_model_path")
-    args = ap.parse_args(argv)
+    """Download the filter's detector model file (YOLOX-Nano ONNX), verified against its pin"""
+    ap = argument_parser("python -m dataset models fetch", __doc__.split("\n\n")[0])
+    ap.add_argument("--url", help="default: settings.detector_model_url")
+    ap.add_argument("--dest", help="default: settings.detector_model_path")
+    args = parse_args(ap, argv)
     settings = Settings.from_env()
-    try:
-        path = fetch(args.url or settings.detector_model_url, args.dest or settings.detector_model_path)
-    except FetchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"detector model ready: {path}")
+    path = fetch(args.url or settings.detector_model_url, args.dest or settings.detector_model_path)
+    emit({"path": str(path), "sha256": PINNED_SHA256}, lambda r: f"detector model ready: {r['path']}")
     return 0

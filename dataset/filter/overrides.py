@@ -1,9 +1,11 @@
-"""``python -m dataset override``: a data engineer forces keep/reject for an image, with a reason.
+"""``shoplens override``: a data engineer forces keep/reject for an image, with a reason.
 
-    python -m dataset override SHA256 --keep --reason "two chairs but one product set"
-    python -m dataset override SHA256 --reject --reason "shows the box, not the product"
-    python -m dataset override SHA256 --clear
-    python -m dataset override --list
+    shoplens override SHA256 --keep --reason "two chairs but one product set"
+    shoplens override SHA256 --reject --reason "shows the box, not the product"
+    shoplens override SHA256 --clear
+    shoplens override --list
+
+(alias: ``python -m dataset override``)
 
 The same can be done in SQL (``INSERT INTO image_overrides (sha256, verdict, reason) ...``). The
 ``image_verdicts`` view puts an override before every automatic decision, and the dataset build
@@ -11,15 +13,14 @@ reads verdicts from that view.
 """
 from __future__ import annotations
 
-import argparse
 import getpass
 import json
 import re
-import sys
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
+from shoplens.cli import argument_parser, command, emit, parse_args
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.manifest.schema import image_overrides, images
@@ -54,32 +55,35 @@ def clear_override(manifest_url: str, sha256: str) -> bool:
                             .where(image_overrides.c.sha256 == sha256.strip().lower())).rowcount > 0
 
 
+@command(bad_input=(OverrideError,))
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dataset override", description=__doc__.splitlines()[0])
+    """Force keep/reject for an image, with a reason (wins over every rule)"""
+    ap = argument_parser("python -m dataset override", __doc__.split("\n\n")[0],
+                         epilog=__doc__.split("\n\n", 1)[1].split("\n\n")[0])
     ap.add_argument("sha256", nargs="?")
     action = ap.add_mutually_exclusive_group(required=True)
     action.add_argument("--keep", action="store_const", const="keep", dest="verdict")
     action.add_argument("--reject", action="store_const", const="reject", dest="verdict")
     action.add_argument("--clear", action="store_true", help="remove the override")
-    action.add_argument("--list", action="store_true", help="print every override as JSON lines")
+    action.add_argument("--list", action="store_true", help="print every override (JSON lines)")
     ap.add_argument("--reason", help="why (required with --keep/--reject)")
     ap.add_argument("--by", help="who decided (default: the OS user)")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     url = Settings.from_env().manifest_url
-    try:
-        if args.list:
-            with engine_for(url).connect() as conn:
-                for row in conn.execute(sa.select(image_overrides).order_by(image_overrides.c.created_at)):
-                    print(json.dumps({k: str(v) for k, v in row._mapping.items()}))
-            return 0
-        if not args.sha256:
-            ap.error("give the image's SHA256")
-        if args.clear:
-            print("override removed" if clear_override(url, args.sha256) else "no override for that image")
-            return 0
-        set_override(url, args.sha256, args.verdict, args.reason or "", args.by)
-    except OverrideError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{args.sha256}: {args.verdict} ({args.reason.strip()})")
+    if args.list:
+        with engine_for(url).connect() as conn:
+            for row in conn.execute(sa.select(image_overrides).order_by(image_overrides.c.created_at)):
+                # one JSON line per override with or without --json: the listing has no text form
+                emit({k: str(v) for k, v in row._mapping.items()}, lambda r: json.dumps(r, ensure_ascii=False))
+        return 0
+    if not args.sha256:
+        ap.error("give the image's SHA256")
+    if args.clear:
+        removed = clear_override(url, args.sha256)
+        emit({"sha256": args.sha256, "removed": removed},
+             lambda r: "override removed" if r["removed"] else "no override for that image")
+        return 0
+    set_override(url, args.sha256, args.verdict, args.reason or "", args.by)
+    emit({"sha256": args.sha256, "verdict": args.verdict, "reason": args.reason.strip()},
+         lambda r: f"{r['sha256']}: {r['verdict']} ({r['reason']})")
     return 0

@@ -1,4 +1,4 @@
-"""``make demo``: the whole nightly pipeline end to end on embedded defaults.
+"""``make demo`` (``shoplens demo``): the whole nightly pipeline end to end on embedded defaults.
 
 Starts (bound to 127.0.0.1) PostgreSQL/Redis if the machine has none, SeaweedFS as the S3
 server, the replica shop with its generated photo set, and a real Airflow (api-server, scheduler,
@@ -8,13 +8,13 @@ Running it twice works: the second night is incremental.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from shoplens.cli import argument_parser, command
 from shoplens.dev.services import LOCALHOST, down, stop_pid, up, wait_for_port
 
 REPLICA_PORT, CDN_PORT, AIRFLOW_PORT = 8611, 8612, 8780
@@ -54,16 +54,17 @@ def detector_model() -> Path:
     if shared.exists():
         return shared
     print(f"[demo] detector model not found at {configured}; fetching the official release asset")
-    if subprocess.run([sys.executable, "-m", "dataset", "models", "fetch"]).returncode != 0:
+    if subprocess.run([sys.executable, "-m", "shoplens", "models", "fetch"]).returncode != 0:
         raise SystemExit("the filter stage needs the YOLOX-Nano model: run "
-                         "'python -m dataset models fetch' on a connected machine, or set "
+                         "'shoplens models fetch' on a connected machine, or set "
                          "SHOPLENS_DETECTOR_MODEL_PATH to a copy of yolox_nano.onnx")
     return configured
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shoplens.dev.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The whole nightly pipeline end to end on embedded defaults (local services, real Airflow)"""
+    parser = argument_parser("python -m shoplens.dev.demo", __doc__, json_flag=False)
     parser.add_argument("--state-dir", type=Path, default=Path(".run"))
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args(argv)

@@ -1,0 +1,171 @@
+"""The modeling stage's commands: ``shoplens train|evaluate|predict|export`` and the model
+lifecycle ``shoplens models list|promote|rollback`` (alias ``python -m modeling ...``)."""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from modeling.dataset_layout import DatasetError
+from modeling.ensemble import EnsembleError
+from modeling.registry import ModelNotFound, PromotionRefused
+from shoplens.cli import BadInput, argument_parser, command, emit, parse_args
+from shoplens.config import Settings
+
+# Unknown model or dataset version, a folder that is not one, a promotion that cannot be done.
+BAD_INPUT = (ModelNotFound, DatasetError, EnsembleError, PromotionRefused)
+
+
+def _cache_dir(settings: Settings) -> Path:
+    base = Path(settings.model_work_dir) if settings.model_work_dir else \
+        Path.home() / ".cache" / "shoplens"
+    return base / "models-cache"
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _dataset_version_flag(parser, help_text: str) -> None:
+    parser.add_argument("--dataset-version", dest="dataset_version", metavar="V",
+                        help=help_text + " (required)")
+
+
+def _require_dataset_version(parser, args) -> str:
+    if not args.dataset_version:
+        parser.error("the following arguments are required: --dataset-version")
+    return args.dataset_version
+
+
+@command(bad_input=BAD_INPUT)
+def train(argv: list[str] | None = None) -> int:
+    """Train, evaluate, store and maybe promote an ensemble on a dataset version"""
+    parser = argument_parser("python -m modeling train", train.__doc__,
+                             legacy_version_dest="dataset_version")
+    _dataset_version_flag(parser, "dataset version id, e.g. v0007 (or a local dataset folder)")
+    args = parse_args(parser, argv)
+    version = _require_dataset_version(parser, args)
+    _logging()
+    from modeling import train as training
+
+    emit(training.run(Settings.from_env(), version))
+    return 0
+
+
+@command(bad_input=BAD_INPUT)
+def evaluate(argv: list[str] | None = None) -> int:
+    """Score an ensemble on a dataset version's test split (stored for a registered model)"""
+    parser = argument_parser("python -m modeling evaluate", evaluate.__doc__,
+                             legacy_version_dest="dataset_version")
+    parser.add_argument("--model", help="model id or ensemble directory (default: current model)")
+    _dataset_version_flag(parser, "dataset version id or local dataset folder")
+    args = parse_args(parser, argv)
+    version = _require_dataset_version(parser, args)
+    _logging()
+    settings = Settings.from_env()
+    from modeling import registry
+    from modeling import train as training
+    from modeling.ensemble import is_ensemble_dir
+    from modeling.dataset_layout import open_dataset
+
+    model = args.model or registry.current_model_id(settings)
+    if not model:
+        raise ModelNotFound("no current model and no --model given")
+    base = training.work_dir(settings)
+    dataset = open_dataset(settings, version, base)
+    scores, tta = training.evaluate_model_on(settings, model, dataset, base)
+    if not is_ensemble_dir(model):  # a registered model: keep its scores in the manifest
+        with registry.session_scope(settings.manifest_url) as conn:
+            registry.save_metrics(conn, registry.metric_rows(model, dataset.version_id, "test",
+                                                             scores, tta))
+    emit({"model": model, "dataset_version": dataset.version_id, "tta": tta, "test": scores})
+    return 0
+
+
+@command(bad_input=BAD_INPUT)
+def predict(argv: list[str] | None = None) -> int:
+    """Top-3 products for photos (files or directories)"""
+    parser = argument_parser("python -m modeling predict", predict.__doc__)
+    parser.add_argument("--model", help="model id or exported ensemble directory (default: current)")
+    parser.add_argument("images", nargs="+")
+    args = parse_args(parser, argv)
+    _logging()
+    settings = Settings.from_env()
+    from modeling import predict as predicting
+
+    return predicting.main(settings, args.model, args.images, args.json, _cache_dir(settings))
+
+
+@command(bad_input=BAD_INPUT)
+def export(argv: list[str] | None = None) -> int:
+    """Copy a stored model to a local directory (one that predict --model DIR accepts)"""
+    parser = argument_parser("python -m modeling export", export.__doc__)
+    parser.add_argument("--model", help="model id (default: current model)")
+    parser.add_argument("--out", required=True, type=Path)
+    args = parse_args(parser, argv)
+    if args.out.exists() and any(args.out.iterdir()):
+        raise BadInput(f"{args.out} exists and is not empty")
+    settings = Settings.from_env()
+    from modeling import registry
+
+    model_id, src = registry.fetch(settings, args.model, _cache_dir(settings))
+    shutil.copytree(src, args.out, dirs_exist_ok=True)
+    emit({"model_id": model_id, "out": str(args.out)})
+    return 0
+
+
+def _model_line(m: dict) -> str:
+    score = (f"top1 {m['top1']:.3f} top3 {m['top3']:.3f}" if m["top1"] is not None
+             else "not scored")
+    return (f"{'*' if m['current'] else ' '} {m['id']}  {m['status']:<8} trained on "
+            f"{m['dataset_version']}  {score}  {m['reason'] or ''}").rstrip()
+
+
+@command(bad_input=BAD_INPUT)
+def models_list(argv: list[str] | None = None) -> int:
+    """Every model with its status and test scores; the current one is marked *"""
+    parser = argument_parser("python -m modeling models list", models_list.__doc__)
+    parse_args(parser, argv)
+    from modeling import registry
+
+    models = registry.list_models(Settings.from_env())
+    if not models:
+        print("no models yet", file=sys.stderr)
+    for m in models:
+        emit(m, _model_line)
+    return 0
+
+
+def _promotion_line(result: dict) -> str:
+    if not result["changed"]:
+        return result["reason"]
+    return (f"current model: {result['model_id']} (was {result['previous_model_id'] or 'none'}); "
+            f"{result['reason']}")
+
+
+@command(bad_input=BAD_INPUT)
+def models_promote(argv: list[str] | None = None) -> int:
+    """Make a complete model the current one (what predict and the UI use)"""
+    parser = argument_parser("python -m modeling models promote", models_promote.__doc__)
+    parser.add_argument("model_id")
+    parser.add_argument("--reason", required=True, help="why (kept in model_promotions)")
+    args = parse_args(parser, argv)
+    from modeling import registry
+
+    emit(registry.promote(Settings.from_env(), args.model_id, args.reason), _promotion_line)
+    return 0
+
+
+@command(bad_input=BAD_INPUT)
+def models_rollback(argv: list[str] | None = None) -> int:
+    """Make the previously current model current again (or --to MODEL)"""
+    parser = argument_parser("python -m modeling models rollback", models_rollback.__doc__)
+    parser.add_argument("--to", metavar="MODEL_ID", help="roll back to this model instead")
+    parser.add_argument("--reason", default="", help="why (kept in model_promotions)")
+    args = parse_args(parser, argv)
+    from modeling import registry
+
+    emit(registry.rollback(Settings.from_env(), args.reason, args.to), _promotion_line)
+    return 0
