@@ -6,6 +6,7 @@
     python -m dataset build --verify V                 # re-materialise V from the manifest, compare
     python -m dataset build --rematerialise V --out D  # rebuild V's files from the manifest into D
     python -m dataset build --materialise V --out D    # download V from the object store into D
+        [--parquet P] [--webdataset W]                 # ... and export it with the image bytes
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--rematerialise", metavar="V")
     action.add_argument("--materialise", metavar="V")
     parser.add_argument("--out", help="target directory for --rematerialise / --materialise")
+    parser.add_argument("--parquet", metavar="DIR",
+                        help="with --materialise: also write Parquet files with the image bytes "
+                             "(Hugging Face datasets) into DIR")
+    parser.add_argument("--webdataset", metavar="DIR",
+                        help="with --materialise: also write WebDataset tar shards into DIR")
     parser.add_argument("--run-key", help="idempotency key (default: manual-<UTC timestamp>)")
     parser.add_argument("--min-photos", type=int, help="override dataset_min_photos_per_product")
     parser.add_argument("--max-photos", type=int, help="override dataset_max_photos_per_product")
@@ -46,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if (args.rematerialise or args.materialise) and not args.out:
         parser.error("--rematerialise / --materialise need --out DIR")
+    if (args.parquet or args.webdataset) and not args.materialise:
+        parser.error("--parquet / --webdataset go with --materialise V --out D")
 
     from dataset.build import stage as build
     from dataset.build import checks, export
@@ -75,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(files, indent=2))
         elif args.materialise:
             print(export.materialise(settings, args.materialise, args.out))
+            from shoplens import datasets
+
+            for out_dir, write in ((args.parquet, datasets.export_parquet),
+                                   (args.webdataset, datasets.export_webdataset)):
+                if out_dir:
+                    write(args.out, out_dir)
+                    print(out_dir)
         else:
             run_key = args.run_key or f"manual-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
             print(json.dumps(build.run(settings, run_key), indent=2, ensure_ascii=False))
