@@ -208,7 +208,7 @@ def evaluate_model_on(settings: Settings, model_ref: str, dataset: LocalDataset,
     # The test split is streamed a batch at a time: only the labels are kept, never the photos.
     labels: list[int] = []
     probs: dict[str, list] = {}
-    for batch in load_version(dataset, "test").batch(64).as_numpy_iterator():
+    for batch in load_version(dataset, "test", batch_size=64).as_numpy_iterator():
         labels += batch["label"].tolist()
         chunk = ens.member_probs(list(batch["image"]), [s.decode() for s in batch["sha256"]])
         for name, p in chunk.items():

@@ -63,6 +63,19 @@ def test_load_version_streams_each_split_as_the_contract_wrote_it(tmp_path):
         assert len(expected) == sum(1 for *_, s in photos() if s == split)
 
 
+def test_batch_size_yields_the_same_photos_in_batches(tmp_path):
+    """batch_size gives vectors of images, labels and sha256 that concatenate to the
+    photo-by-photo stream; with decode (images of different sizes) it is refused."""
+    root = version(tmp_path)
+    batches = list(load_version(root, "train", batch_size=3).as_numpy_iterator())
+    assert [len(b["label"]) for b in batches] == [3, 3, 1]
+    flat = [(img, int(lab), sha.decode()) for b in batches
+            for img, lab, sha in zip(b["image"], b["label"], b["sha256"])]
+    assert flat == streamed(load_version(root, "train"))
+    with pytest.raises(ValueError, match="resize"):
+        load_version(root, "train", decode=True, batch_size=3)
+
+
 def exif_rotated_jpeg(width=20, height=10) -> bytes:
     """A JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees to show upright)."""
     exif = Image.Exif()
