@@ -38,7 +38,9 @@ class LocalDataset(LocalVersion):
             raise DatasetError(f"{self.root}/labels.json: labels must be 0..num_classes-1")
 
     def load_split(self, split: str) -> Split:
-        """Every photo of a split, in shard order (deterministic)."""
+        """Every photo of a split, in shard order (deterministic), in memory: for training, which
+        decodes and revisits every photo each epoch. A reader that passes over a split once
+        streams it instead (:func:`shoplens.datasets.load_version`)."""
         shas, labels, encoded = [], [], []
         for data, sha256, label in self.records(split):
             encoded.append(data)

@@ -22,6 +22,7 @@ from modeling.dataset_layout import SPLITS, DatasetError, LocalDataset, open_dat
 from modeling.ensemble import save as save_ensemble
 from modeling.member_training import train_member
 from shoplens.config import Settings
+from shoplens.datasets import load_version
 
 log = logging.getLogger(__name__)
 LEARNING_CURVES_FILE = "learning_curves.json"  # {member: {stage: {metric: [per epoch]}}}
@@ -204,15 +205,21 @@ def evaluate_model_on(settings: Settings, model_ref: str, dataset: LocalDataset,
     columns = [by_product.get(e["product_id"]) for e in ens.labels]
     if all(c is None for c in columns):
         raise DatasetError(f"model {model_ref} shares no product with dataset {dataset.version_id}")
-    test = dataset.load_split("test")
+    # The test split is streamed a batch at a time: only the labels are kept, never the photos.
+    labels: list[int] = []
     probs: dict[str, list] = {}
-    for start in range(0, len(test), 64):
-        chunk = ens.member_probs(test.encoded[start:start + 64], test.sha256[start:start + 64])
+    for batch in load_version(dataset, "test", batch_size=64).as_numpy_iterator():
+        labels += batch["label"].tolist()
+        chunk = ens.member_probs(list(batch["image"]), [s.decode() for s in batch["sha256"]])
         for name, p in chunk.items():
             placed = np.zeros((len(p), dataset.num_classes), dtype=np.float32)
             for src, dst in enumerate(columns):
                 if dst is not None:
                     placed[:, dst] = p[:, src]
             probs.setdefault(name, []).append(placed)
-    scores = evaluate.scores({k: np.concatenate(v) for k, v in probs.items()}, test.labels)
+    bad = sorted({lab for lab in labels if not 0 <= lab < dataset.num_classes})
+    if bad:
+        raise DatasetError(f"test split has labels outside 0..{dataset.num_classes - 1}: {bad[:5]}")
+    scores = evaluate.scores({k: np.concatenate(v) for k, v in probs.items()},
+                             np.asarray(labels, dtype=np.int32))
     return scores, ens.tta

@@ -142,13 +142,20 @@ def encode_example(data: bytes, sha256: str, label: int) -> bytes:
     return example.SerializeToString(deterministic=True)
 
 
+def feature_spec() -> dict[str, Any]:
+    """The records' features as ``tf.io.parse_example`` takes them (the one reader-side spec)."""
+    import tensorflow as tf
+
+    return {ENCODED_KEY: tf.io.FixedLenFeature([], tf.string),
+            SHA256_KEY: tf.io.FixedLenFeature([], tf.string),
+            LABEL_KEY: tf.io.FixedLenFeature([], tf.int64)}
+
+
 def read_shard(path: str | Path) -> Iterator[tuple[bytes, str, int]]:
     """``(encoded bytes, sha256, label)`` of every record of one shard, in file order."""
     import tensorflow as tf
 
-    spec = {ENCODED_KEY: tf.io.FixedLenFeature([], tf.string),
-            SHA256_KEY: tf.io.FixedLenFeature([], tf.string),
-            LABEL_KEY: tf.io.FixedLenFeature([], tf.int64)}
+    spec = feature_spec()
     for raw in tf.data.TFRecordDataset(str(path)):
         example = tf.io.parse_single_example(raw, spec)
         yield (example[ENCODED_KEY].numpy(), example[SHA256_KEY].numpy().decode(),

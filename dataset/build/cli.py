@@ -6,6 +6,7 @@
     shoplens build --verify V                 # re-materialise V from the manifest, compare
     shoplens build --rematerialise V --out D  # rebuild V's files from the manifest into D
     shoplens build --materialise V --out D    # download V from the object store into D
+        [--parquet P] [--webdataset W]        # ... and export it with the image bytes
 
 (alias: ``python -m dataset build``)
 """
@@ -42,12 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--rematerialise", metavar="V")
     action.add_argument("--materialise", metavar="V")
     parser.add_argument("--out", help="target directory for --rematerialise / --materialise")
+    parser.add_argument("--parquet", metavar="DIR",
+                        help="with --materialise: also write Parquet files with the image bytes "
+                             "(Hugging Face datasets) into DIR")
+    parser.add_argument("--webdataset", metavar="DIR",
+                        help="with --materialise: also write WebDataset tar shards into DIR")
     parser.add_argument("--run-key", help="idempotency key (default: manual-<UTC timestamp>)")
     parser.add_argument("--min-photos", type=int, help="override dataset_min_photos_per_product")
     parser.add_argument("--max-photos", type=int, help="override dataset_max_photos_per_product")
     args = parse_args(parser, argv)
     if (args.rematerialise or args.materialise) and not args.out:
         parser.error("--rematerialise / --materialise need --out DIR")
+    if (args.parquet or args.webdataset) and not args.materialise:
+        parser.error("--parquet / --webdataset go with --materialise V --out D")
     settings = Settings.from_env().with_overrides(
         dataset_min_photos_per_product=args.min_photos,
         dataset_max_photos_per_product=args.max_photos)
@@ -85,9 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.rematerialise:
             emit(export.rematerialise(settings, args.rematerialise, args.out))
         elif args.materialise:
-            emit({"version_id": args.materialise,
-                  "out": str(export.materialise(settings, args.materialise, args.out))},
-                 lambda r: r["out"])
+            out = export.materialise(settings, args.materialise, args.out)
+            from shoplens import datasets
+
+            exported = {}
+            for name, out_dir, write in (("parquet", args.parquet, datasets.export_parquet),
+                                         ("webdataset", args.webdataset, datasets.export_webdataset)):
+                if out_dir:
+                    write(out, out_dir)
+                    exported[name] = str(out_dir)
+            emit({"version_id": args.materialise, "out": str(out), **exported},
+                 lambda r: "\n".join([r["out"], *exported.values()]))
         else:
             run_key = args.run_key or f"manual-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
             emit(build.run(settings, run_key))
