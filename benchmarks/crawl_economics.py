@@ -21,14 +21,15 @@ its photo reviews, at least 1), then ``--repeats`` rounds of:
     (a) and (b) alternate which goes first;
 (c) the replica releases K held-back reviews (the newest: ~1 % new) and the crawler runs a
     second night into (a)'s manifest: the incremental night.
-Reported per round and as medians: CPU ms per stored photo per process group (crawl process:
-the crawl child processes plus this process; object store: SeaweedFS; database: every
-PostgreSQL process; the shop: the replica; other: the rest of the machine), for (a), (b) and
-(c); the ratio (a)/(b) in photos/s (image phase: first photo request to last photo row; end to
-end too); requests by kind as the shop counted them (pages, JSON, photos, other = robots.txt and
-static files) and the night's wall time, (c)/(a). Targets: (a)/(b) >= 0.8 at 20 ms; (c)/(a)
-requests <= 5 %, time <= 10 %. Writes the command line, the load average and every round to
-``--out``.
+Reported per round and as medians: CPU seconds and ms per stored photo per process group
+(crawl process: the crawl child processes plus this process; object store: SeaweedFS; database:
+the private PostgreSQL server; the shop: the replica; other: the rest of the machine) for (a),
+(b) and (c), and the crawler's marginal CPU per photo ((a) - (c) over their difference in
+photos: the fixed cost of a night cancels out); the ratio (a)/(b) in photos/s (image phase:
+first photo request to last photo row; end to end too); requests by kind as the shop counted
+them (pages, JSON, photos, other = robots.txt and static files) and the night's wall time,
+(c)/(a). Targets: (a)/(b) >= 0.8 at 20 ms; (c)/(a) requests <= 5 %, time <= 10 %. Writes the
+command line, the load average and every round to ``--out``.
 """
 from __future__ import annotations
 
@@ -113,6 +114,16 @@ def incremental_vs_full(full: dict, incremental: dict) -> dict:
             "time_target_met": time_ratio is not None and time_ratio <= TARGET_INCREMENTAL_TIME}
 
 
+def marginal_cpu_ms_per_photo(full: dict, incremental: dict) -> dict:
+    """CPU per process group that one more stored photo costs: the two nights do the same fixed
+    work (process starts, ranking, product pages, first review pages), so their difference over
+    the difference in photos is the per-photo part; the incremental night's CPU is then about
+    the fixed cost of a night."""
+    photos = full["photos"] - incremental["photos"]
+    return {group: round(1000 * (seconds - incremental["cpu"]["cpu_s"][group]) / photos, 2)
+            if photos > 0 else None for group, seconds in full["cpu"]["cpu_s"].items()}
+
+
 def crawler_vs_asyncio(crawled: dict, storage: dict) -> dict:
     """Photos/s of the crawler (image phase, and end to end) over asyncio's with the same storage."""
     return {"image_phase": ratio(crawled["image_phase_photos_per_s"], storage["photos_per_s"]),
@@ -146,6 +157,8 @@ def summary_paths() -> list[tuple[str, ...]]:
     for side in ("full", "asyncio_with_storage", "incremental"):
         paths += [(side, "cpu", "cpu_ms_per_stored_photo", g) for g in PROCESS_GROUPS]
         paths += [(side, "cpu", "cores_busy")]
+        paths += [(side, "cpu", "cpu_s", g) for g in PROCESS_GROUPS]
+    paths += [("crawler_marginal_cpu_ms_per_photo", g) for g in PROCESS_GROUPS]
     return paths
 
 
@@ -236,6 +249,8 @@ class Economics:
                     "full": full, "asyncio_with_storage": storage, "incremental": incremental,
                     "crawler_vs_asyncio": crawler_vs_asyncio(full, storage),
                     "incremental_vs_full": incremental_vs_full(full, incremental),
+                    "crawler_marginal_cpu_ms_per_photo": marginal_cpu_ms_per_photo(full,
+                                                                                   incremental),
                 })
                 print(json.dumps({"latency_ms": latency_ms, "round": r,
                                   "crawler_vs_asyncio": rounds[-1]["crawler_vs_asyncio"],

@@ -77,6 +77,16 @@ def test_cpu_is_grouped_by_process_and_divided_by_the_photos_stored():
     assert nothing_stored["cpu_s"] == usage["cpu_s"]
 
 
+def test_marginal_cpu_per_photo_is_the_nights_difference_over_their_difference_in_photos():
+    """Both nights pay the same fixed cost (process starts, pages), so it cancels out."""
+    full = {"photos": 1026, "cpu": {"cpu_s": {"crawl_process": 14.0, "database": 1.0}}}
+    incremental = {"photos": 26, "cpu": {"cpu_s": {"crawl_process": 10.0, "database": 0.5}}}
+    assert economics.marginal_cpu_ms_per_photo(full, incremental) == {
+        "crawl_process": 4.0, "database": 0.5}
+    assert economics.marginal_cpu_ms_per_photo(incremental, incremental) == {
+        "crawl_process": None, "database": None}
+
+
 def test_medians_are_taken_per_nested_value_over_the_rounds_that_have_it():
     rounds = [{"a": {"b": 1.0, "c": None}}, {"a": {"b": 3.0, "c": 2.0}}, {"a": {"b": 2.0}}]
     assert economics.medians(rounds, [("a", "b"), ("a", "c"), ("a", "d")]) == {
