@@ -157,7 +157,8 @@ class Bench:
         return Settings().with_overrides(
             shop_base_url=base, allowed_hosts=[cdn], categories=categories, best_n=20,
             download_delay=0.0, autothrottle=False, concurrent_per_host=self.args.concurrency,
-            reviews_per_page=50, manifest_url=f"{self.pg_server}/{name}", s3_endpoint=self.weed.endpoint,
+            reviews_per_page=50, manifest_url=f"{self.pg_server}/{name}",
+            s3_endpoint=self.weed.endpoint,
             s3_access_key=self.weed.access_key, s3_secret_key=self.weed.secret_key,
             s3_bucket=f"bench-{uuid.uuid4().hex[:10]}")
 

@@ -125,7 +125,8 @@ def marginal_cpu_ms_per_photo(full: dict, incremental: dict) -> dict:
 
 
 def crawler_vs_asyncio(crawled: dict, storage: dict) -> dict:
-    """Photos/s of the crawler (image phase, and end to end) over asyncio's with the same storage."""
+    """Photos/s of the crawler (image phase, and end to end) over asyncio's doing the same
+    storage work."""
     return {"image_phase": ratio(crawled["image_phase_photos_per_s"], storage["photos_per_s"]),
             "end_to_end": ratio(crawled["end_to_end_photos_per_s"], storage["photos_per_s"])}
 
@@ -205,7 +206,8 @@ class Economics:
 
     def one_latency(self, latency_ms: float) -> dict:
         photo_reviews, per_night = self.new_reviews_per_night(latency_ms)
-        replica, port = self.bench.start_replica(latency_ms, hold_back=per_night * self.args.repeats)
+        replica, port = self.bench.start_replica(latency_ms,
+                                                 hold_back=per_night * self.args.repeats)
         base, cdn = f"http://127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
 
         def shop_requests() -> dict:
