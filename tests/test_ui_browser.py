@@ -155,7 +155,8 @@ def _wait_for_run(stack, run_id: str, timeout: float = 900) -> str:
 def test_trigger_from_the_ui_then_read_the_report_and_the_shoplens_page(browser, airflow_ui):
     stack, settings = airflow_ui
     stack.wait_for_dag("shoplens_nightly")
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    # one context, so that a second tab (the report) shares the login cookie
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
     # the plugin's routes are behind Airflow's login
     assert page.request.get(stack.api_url + "/shoplens/").status == 401
     _log_in(page, stack)
