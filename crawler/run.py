@@ -165,7 +165,8 @@ def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
     stats = {
         "category_id": category_id, "run_key": run_key, "run_id": run_id,
         **{k: ours.get(k, 0) for k in (
-            "products", "products_synced", "review_pages", "reviews_seen", "reviews_new",
+            "products", "products_synced", "products_unchanged", "review_pages", "reviews_seen",
+            "reviews_new",
             "photos_requested", "photos_healing", "photos_stored",
             "images_new", "photos_rejected", "photos_over_cap", "bytes_stored",
             "offsite_dropped", "retry_after_waits", "waf_cookie_acquired", "waf_cookie_reused",
