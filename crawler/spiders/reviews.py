@@ -2,7 +2,7 @@
 
 Incremental: a product whose review count and rating in the ranking are those of its last
 complete walk is not walked at all (no product page, no review page) unless that walk is older
-than ``Settings.recheck_unchanged_days`` or a walk since failed half-way. A product's review
+than ``Settings.recheck_unchanged_days`` or a failure was recorded for it since. A product's review
 walk (newest first) stops at the first page that reaches reviews known at the product's last
 complete walk (``products.reviews_synced_run``) once the shop's review count is accounted for,
 and a review whose photo is already in the manifest is never downloaded again. Photos of known
