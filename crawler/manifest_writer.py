@@ -39,6 +39,21 @@ class ProductState:
     photos_rejected: set[int] = field(default_factory=set)
     # Known reviews whose photo is not stored yet (an earlier failure): (review_id, photo_url).
     photos_missing: list[tuple[int, str]] = field(default_factory=list)
+    # The ranking's (review count, rating) in the run of the last complete walk, None if unknown.
+    ranked_at_sync: tuple[int | None, float | None] | None = None
+    # Days from the start of the last complete walk's run to the start of this run.
+    days_since_sync: float | None = None
+    # A failure was recorded for the product in or after the run of its last complete walk.
+    failed_since_sync: bool = False
+
+    def unchanged_since_sync(self, review_count: int | None, rating: float | None,
+                             recheck_days: float) -> bool:
+        """True when walking the product again would find nothing new, as far as the ranking
+        shows: its review count and rating are those of the last complete walk, that walk is
+        younger than ``recheck_days`` and nothing failed for the product since."""
+        return (self.reviews_synced_run is not None and not self.failed_since_sync
+                and review_count is not None and self.ranked_at_sync == (review_count, rating)
+                and self.days_since_sync is not None and self.days_since_sync < recheck_days)
 
 
 @dataclass(frozen=True)
@@ -124,9 +139,31 @@ class ManifestWriter:
         if not ids:
             return states
         with self.engine.connect() as conn:
-            for pid, synced in conn.execute(sa.select(products.c.id, products.c.reviews_synced_run)
-                                            .where(products.c.id.in_(ids))):
-                states[pid].reviews_synced_run = synced
+            synced_run, this_run = crawl_runs.alias("synced_run"), crawl_runs.alias("this_run")
+            at_sync = product_ranks.alias("at_sync")
+            days = sa.extract("epoch", this_run.c.started_at - synced_run.c.started_at) / 86400.0
+            # Any failure of the product in or after its last complete walk (a page that failed,
+            # a review or photo address rejected on a page): the walk is asked for again, so it
+            # is recorded again or heals. Photos refused for their content are never refetched.
+            walk_failed = sa.exists().where(
+                crawl_failures.c.product_id == products.c.id,
+                crawl_failures.c.stage != "ranking",
+                crawl_failures.c.reason.not_in(sorted(CONTENT_REJECTIONS)),
+                crawl_failures.c.run_id >= products.c.reviews_synced_run)
+            last_walk = sa.select(
+                products.c.id, products.c.reviews_synced_run, at_sync.c.run_id,
+                at_sync.c.review_count, at_sync.c.rating, days, walk_failed).select_from(
+                products.outerjoin(synced_run, synced_run.c.id == products.c.reviews_synced_run)
+                .outerjoin(this_run, this_run.c.id == self.run_id)
+                .outerjoin(at_sync, sa.and_(at_sync.c.run_id == products.c.reviews_synced_run,
+                                            at_sync.c.product_id == products.c.id))
+            ).where(products.c.id.in_(ids))
+            for pid, synced, ranked_run, count, rating, age, failed in conn.execute(last_walk):
+                state = states[pid]
+                state.reviews_synced_run = synced
+                state.ranked_at_sync = (count, rating) if ranked_run is not None else None
+                state.days_since_sync = float(age) if age is not None else None
+                state.failed_since_sync = bool(failed)
             known = sa.select(reviews.c.product_id, reviews.c.id,
                               reviews.c.first_seen_run <= products.c.reviews_synced_run).join(
                 products, products.c.id == reviews.c.product_id).where(

@@ -61,11 +61,16 @@ def crawl_category(settings: Settings, category_id: str, run_key: str) -> dict:
         env = {**os.environ, **settings_env(settings)}
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        started = time.monotonic()
         returncode, tail = _run_relaying_stderr(cmd, env)
+        process_s = time.monotonic() - started
         stats = json.loads(stats_file.read_text()) if stats_file.exists() else None
     if returncode != 0 or stats is None or stats.get("error"):
         reason = (stats or {}).get("error") or f"exit status {returncode}; last log lines:\n{tail}"
         raise CrawlError(f"crawl of category {category_id} (run {run_key}) failed: {reason}")
+    # The child process's whole life; minus elapsed_s (the spider's) it is the fixed cost of a
+    # category: interpreter start, imports, the run lookup, Scrapy's engine start and stop.
+    stats["process_s"] = round(process_s, 3)
     return stats
 
 
@@ -165,7 +170,8 @@ def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
     stats = {
         "category_id": category_id, "run_key": run_key, "run_id": run_id,
         **{k: ours.get(k, 0) for k in (
-            "products", "products_synced", "review_pages", "reviews_seen", "reviews_new",
+            "products", "products_synced", "products_unchanged", "review_pages", "reviews_seen",
+            "reviews_new",
             "photos_requested", "photos_healing", "photos_stored",
             "images_new", "photos_rejected", "photos_over_cap", "bytes_stored",
             "offsite_dropped", "retry_after_waits", "waf_cookie_acquired", "waf_cookie_reused",

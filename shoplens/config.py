@@ -109,6 +109,11 @@ class Settings:
     # Query string asking the image CDN for one fixed size, so a photo is never stored at two sizes.
     image_params: str = "w=1280&h=1280"
     reviews_per_page: int = 20
+    # A product whose review count and rating in the ranking equal those at its last complete
+    # review walk is not walked again (no product page, no review page) for up to this many days;
+    # then it is walked anyway, so a change the ranking does not show is caught within that time.
+    # 0 walks every product every night.
+    recheck_unchanged_days: float = 7.0
     # --- politeness ----------------------------------------------------------------------------
     user_agent: str = "shoplens/0.1 (+https://github.com/shoplens/shoplens; dataset research crawler)"
     download_delay: float = 0.4
@@ -304,6 +309,8 @@ class Settings:
             raise ConfigError(f"best_n must be >= 1, got {self.best_n}")
         if self.photo_cap_per_product < 1:
             raise ConfigError(f"photo_cap_per_product must be >= 1, got {self.photo_cap_per_product}")
+        if self.recheck_unchanged_days < 0:
+            raise ConfigError(f"recheck_unchanged_days must be >= 0, got {self.recheck_unchanged_days}")
         if self.max_page_bytes < 1 or self.max_image_bytes < 1:
             raise ConfigError("max_page_bytes and max_image_bytes must be >= 1")
         if self.concurrent_per_host < 1:

@@ -197,6 +197,74 @@ def truth_review(truth: dict, review_id: int) -> dict:
     return next(r for r in truth["reviews"] if r["id"] == review_id)
 
 
+def crawl_night(settings, run_key: str) -> dict:
+    """One night of the single test category; returns that category's crawl stats."""
+    crawler.start_run(settings, run_key)
+    stats = crawler.crawl_category(settings, CATEGORY, run_key)
+    crawler.finish_run(settings, run_key)
+    return stats
+
+
+def walked_in(url: str) -> dict[int, str]:
+    """Each product's run key of its last complete review walk."""
+    return dict(query(url, "SELECT p.id, c.run_key FROM products p "
+                           "JOIN crawl_runs c ON c.id = p.reviews_synced_run"))
+
+
+def test_products_unchanged_in_the_ranking_are_not_walked_until_a_change_failure_or_recheck(
+        replica, s3_settings, manifest_url):
+    """A product whose ranking review count and rating equal those of its last complete walk gets
+    no product-page or review request; a product with a new review, one whose walk since then
+    failed, and one whose last walk is older than ``recheck_unchanged_days`` are walked again."""
+    shop = replica([6, 5, 7, 4], hold_back=1)
+    settings = crawl_settings(shop, s3_settings, manifest_url, recheck_unchanged_days=7)
+    crawl_night(settings, "night-1")
+    products = set(walked_in(manifest_url))
+    assert len(products) == 4
+
+    def page_requests() -> tuple[int, int]:
+        kinds = shop.stats()["requests"]
+        return kinds.get("product_page", 0), kinds.get("reviews", 0)
+
+    # Nothing changed: no product page, no review page.
+    before = page_requests()
+    quiet = crawl_night(settings, "night-2")
+    assert page_requests() == before
+    assert (quiet["products_unchanged"], quiet["review_pages"], quiet["reviews_new"]) == (4, 0, 0)
+
+    # A new review: only its product is walked, and its review is stored.
+    (released,) = shop.release(1)
+    changed = truth_review(shop.ground_truth(), released)["product_id"]
+    before = page_requests()
+    night = crawl_night(settings, "night-3")
+    assert page_requests()[0] == before[0] + 1
+    assert (night["products_unchanged"], night["reviews_new"]) == (3, 1)
+    assert walked_in(manifest_url) == {p: "night-3" if p == changed else "night-1"
+                                       for p in products}
+    assert released in stored_photos(manifest_url)
+
+    # A walk that failed half-way leaves a failure row and the older sync: walked again.
+    failed = min(products - {changed})
+    run_3 = query(manifest_url, "SELECT id FROM crawl_runs WHERE run_key = 'night-3'")[0][0]
+    with engine_for(manifest_url).begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO crawl_failures (run_id, category_id, product_id, url, stage, reason) "
+            "VALUES (:r, :c, :p, 'http://shop/reviews', 'reviews', 'http_500')"),
+            {"r": run_3, "c": CATEGORY, "p": failed})
+    night = crawl_night(settings, "night-4")
+    assert night["products_unchanged"] == 3
+    assert walked_in(manifest_url)[failed] == "night-4"
+
+    # The last walk of the other two is 8 days old: they are re-checked, the rest are not.
+    with engine_for(manifest_url).begin() as conn:
+        conn.execute(sa.text("UPDATE crawl_runs SET started_at = started_at - interval '8 days' "
+                             "WHERE run_key = 'night-1'"))
+    night = crawl_night(settings, "night-5")
+    assert night["products_unchanged"] == 2
+    assert walked_in(manifest_url) == {
+        p: {changed: "night-3", failed: "night-4"}.get(p, "night-5") for p in products}
+
+
 @pytest.mark.parametrize("http_client", HTTP_CLIENTS)
 def test_with_five_percent_faults_the_run_finishes_and_one_more_run_heals_everything(
         replica, s3_settings, manifest_url, http_client):

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from crawler.images import ImageRejected, validate_image
+from crawler.manifest_writer import ProductState
 from crawler.middlewares import retry_after_seconds
 from crawler.run import settings_env
 from crawler.site import ParseError, ShopSite
@@ -791,3 +792,33 @@ def test_operations_guide_lists_every_failure_reason_the_crawl_can_record():
     guide = (root / "docs" / "operations.md").read_text()
     missing = {r for r in reasons if f"`{r}`" not in guide}
     assert not missing and "`http_<status>`" in guide
+
+
+def _walked(**overrides) -> ProductState:
+    """A product walked completely 2 days ago when the ranking said 12 reviews, 4.5 stars."""
+    return ProductState(**{"reviews_synced_run": 3, "ranked_at_sync": (12, 4.5),
+                           "days_since_sync": 2.0, "failed_since_sync": False, **overrides})
+
+
+@pytest.mark.parametrize("state, ranking, unchanged", [
+    (_walked(), (12, 4.5), True),
+    (_walked(), (13, 4.5), False),  # a new review
+    (_walked(), (12, 4.4), False),  # same count, other reviews (one deleted, one added)
+    (_walked(), (None, 4.5), False),  # the ranking does not say: walk
+    (_walked(days_since_sync=7.0), (12, 4.5), False),  # the re-check interval has passed
+    (_walked(failed_since_sync=True), (12, 4.5), False),
+    (_walked(reviews_synced_run=None, ranked_at_sync=None, days_since_sync=None), (12, 4.5),
+     False),  # never walked completely
+    (_walked(ranked_at_sync=None), (12, 4.5), False),  # no ranking row of that run
+])
+def test_a_product_is_skipped_only_when_the_ranking_shows_no_change_since_a_clean_recent_walk(
+        state, ranking, unchanged):
+    """The skip needs the ranking's review count and rating of the last complete walk, that walk
+    younger than ``recheck_unchanged_days`` and no failure since; anything unknown walks."""
+    assert state.unchanged_since_sync(*ranking, recheck_days=7) is unchanged
+
+
+def test_recheck_unchanged_days_comes_from_the_environment_and_is_not_negative():
+    assert Settings.from_env({"SHOPLENS_RECHECK_UNCHANGED_DAYS": "2.5"}).recheck_unchanged_days == 2.5
+    with pytest.raises(ConfigError, match="recheck_unchanged_days"):
+        Settings.from_env({"SHOPLENS_RECHECK_UNCHANGED_DAYS": "-1"})

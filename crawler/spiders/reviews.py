@@ -1,10 +1,13 @@
 """One category: best-N ranking -> product pages -> every review page -> each photo once.
 
-Incremental: a product's review walk (newest first) stops at the first page that reaches reviews
-known at the product's last complete walk (``products.reviews_synced_run``) once the shop's
-review count is accounted for, and a review whose
-photo is already in the manifest is never downloaded again. Photos of known reviews that are still
-missing (an earlier failure) are requested again, so failures heal on the next run.
+Incremental: a product whose review count and rating in the ranking are those of its last
+complete walk is not walked at all (no product page, no review page) unless that walk is older
+than ``Settings.recheck_unchanged_days`` or a failure was recorded for it since. A product's review
+walk (newest first) stops at the first page that reaches reviews known at the product's last
+complete walk (``products.reviews_synced_run``) once the shop's review count is accounted for,
+and a review whose photo is already in the manifest is never downloaded again. Photos of known
+reviews that are still missing (an earlier failure) are requested again, so failures heal on the
+next run.
 """
 from __future__ import annotations
 
@@ -102,6 +105,10 @@ class ReviewsSpider(scrapy.Spider):
                 if request is not None:
                     self.crawler.stats.inc_value("shoplens/photos_healing")
                     yield request
+            if self.states[product.id].unchanged_since_sync(
+                    product.review_count, product.rating, self.shop.recheck_unchanged_days):
+                self.crawler.stats.inc_value("shoplens/products_unchanged")
+                continue
             yield Request(self.site.product_page_url(product.id), callback=self.parse_product,
                           errback=self.on_error, meta=self._meta("product", product.id))
 
