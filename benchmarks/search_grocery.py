@@ -225,6 +225,10 @@ def parse_args(argv=None):
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--margin", type=float, default=0.2)
     ap.add_argument("--scale", type=float, default=30.0)
+    ap.add_argument("--finetune-blocks", type=int, default=0,
+                    help="also fine-tune the backbone's top N blocks with the head (0: head only)")
+    ap.add_argument("--finetune-epochs", type=int, default=3)
+    ap.add_argument("--finetune-learning-rate", type=float, default=2e-4)
     ap.add_argument("--classes", type=int, default=0, help="only the first N products (smoke)")
     ap.add_argument("--per-class", type=int, default=0, help="at most N train photos per product")
     ap.add_argument("--latency-queries", type=int, default=40)
@@ -244,7 +248,8 @@ def main(argv=None) -> int:
         print("error: --queries-root and --queries-list go together", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from modeling.embedding import Embedder, HeadTraining, train_head
+    from modeling import images
+    from modeling.embedding import Embedder, HeadTraining, finetune_embedding, train_head
     from shoplens.config import Settings
 
     load_start = os.getloadavg()
@@ -279,21 +284,45 @@ def main(argv=None) -> int:
     f_query = features_cached(base, q_paths, cache)
     seen_train = [(p, lab) for p, lab in train if not is_novel(lab)]
     seen_rows = [i for i, (_, lab) in enumerate(train) if not is_novel(lab)]
-    f_aug = augmented_cached(base, [p for p, _ in seen_train], args.views, 1234, cache) \
-        if args.views else f_train[:0]
-    t_feat = time.monotonic() - t_feat
-
-    cfg = HeadTraining(dim=args.dim, epochs=args.epochs, margin=args.margin, scale=args.scale)
     seen_labels = np.array([lab for _, lab in seen_train])
-    head, head_report = train_head(np.concatenate([f_train[seen_rows], f_aug]),
-                                   np.tile(seen_labels, 1 + args.views), cfg)
-    head_report.update(photos=len(seen_train), augmented_views=args.views,
-                       seen_products=len(set(seen_labels.tolist())))
-    trained = base.with_head(head, head_report)
+    cfg = HeadTraining(dim=args.dim, epochs=args.epochs, margin=args.margin, scale=args.scale)
+    if args.finetune_blocks:
+        t_feat = time.monotonic() - t_feat
+        trained = finetune_embedding(
+            base, [images.decode(images.read_file(p), p) for p, _ in seen_train], seen_labels,
+            blocks=args.finetune_blocks, epochs=args.finetune_epochs,
+            learning_rate=args.finetune_learning_rate, views=args.views, cfg=cfg)
+        head_report = trained.report
+        t_tuned = time.monotonic()
+        # The tuned backbone computes other features: every photo goes through it once more.
+        tuned_train = trained.features(trained.centre_crops(trained.squares(
+            [images.decode(images.read_file(p), p) for p, _ in train])))
+        tuned_iconic = trained.features(trained.centre_crops(trained.squares(
+            [images.decode(images.read_file(p), p) for p, _ in iconic]))) if iconic else None
+        tuned_query = trained.features(trained.centre_crops(trained.squares(
+            [images.decode(images.read_file(p), p) for p in q_paths])))
+        head_report["tuned_features_seconds"] = round(time.monotonic() - t_tuned, 1)
+    else:
+        f_aug = augmented_cached(base, [p for p, _ in seen_train], args.views, 1234, cache) \
+            if args.views else f_train[:0]
+        t_feat = time.monotonic() - t_feat
+        head, head_report = train_head(np.concatenate([f_train[seen_rows], f_aug]),
+                                       np.tile(seen_labels, 1 + args.views), cfg)
+        head_report.update(photos=len(seen_train), augmented_views=args.views)
+        trained = base.with_head(head, head_report)
+        tuned_train, tuned_iconic, tuned_query = f_train, f_iconic, f_query
+    head_report["seen_products"] = len(set(seen_labels.tolist()))
+    # Backbone features per embedding (the fine-tuned one has its own).
+    feats = {"baseline": (f_train, f_iconic, f_query),
+             "trained": (tuned_train, tuned_iconic, tuned_query)}
 
     enrol_sources = [p for p, _ in train] + [p for p, _ in iconic]
     enrol_pids = [PRODUCT_BASE + lab for _, lab in train] + [PRODUCT_BASE + lab for _, lab in iconic]
-    enrol_feats = np.concatenate([f_train] + ([f_iconic] if f_iconic is not None else []))
+
+    def enrol_feats(name):
+        tr, ic, _ = feats[name]
+        return np.concatenate([tr] + ([ic] if ic is not None else []))
+
     result: dict = {"benchmark": "search_grocery", "products": len(classes),
                     "novel_products": sum(is_novel(c["label"]) for c in classes),
                     "enrolled_photos": len(train), "catalogue_images": len(iconic),
@@ -303,9 +332,10 @@ def main(argv=None) -> int:
                     "head": head_report, "aggregation": {}}
     indexes = {}
     for name, emb in (("baseline", base), ("trained", trained)):
-        q_vec = emb.project(f_query)
+        q_vec = emb.project(feats[name][2])
         for agg in ("max", "prototype"):
-            index = build_index(emb, classes, emb.project(enrol_feats), enrol_pids, enrol_sources, agg)
+            index = build_index(emb, classes, emb.project(enrol_feats(name)), enrol_pids,
+                                enrol_sources, agg)
             t_s = time.monotonic()
             hits = index.search_vectors(q_vec, 3)
             search_ms = (time.monotonic() - t_s) * 1000 / max(1, len(q_vec))
@@ -321,7 +351,7 @@ def main(argv=None) -> int:
 
     best_agg = result["trained"]["aggregation"]
     index = indexes[("trained", best_agg)]
-    q_vec = trained.project(f_query)
+    q_vec = trained.project(tuned_query)
     result["threshold"] = cross_calibrated_threshold(index, q_vec, q_pids)
     result["threshold_baseline"] = cross_calibrated_threshold(
         indexes[("baseline", result["baseline"]["aggregation"])], base.project(f_query), q_pids)
@@ -329,9 +359,9 @@ def main(argv=None) -> int:
     if f_iconic is not None:
         cat = {}
         for name, emb in (("baseline", base), ("trained", trained)):
-            ci = build_index(emb, classes, emb.project(f_iconic),
+            ci = build_index(emb, classes, emb.project(feats[name][1]),
                              [PRODUCT_BASE + lab for _, lab in iconic], [p for p, _ in iconic])
-            hits = ci.search_vectors(emb.project(f_query), 3)
+            hits = ci.search_vectors(emb.project(feats[name][2]), 3)
             cat[name] = {"R@1": recall(hits, q_pids, 1), "R@3": recall(hits, q_pids, 3),
                          **split_scores(hits, q_pids, q_labels)}
         result["catalogue_only"] = {**cat["trained"], "baseline": cat["baseline"]}

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDING_FILE = "embedding.json"
 HEAD_FILE = "head.npz"
+BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 DEFAULT_BACKBONE = "efficientnet_lite0"
 _BATCH = 32
 
@@ -74,6 +75,8 @@ class Embedder:
     head: dict | None = None             # {"kernel": (F, D), "bias": (D,)} or None (baseline)
     report: dict = field(default_factory=dict)
     settings: Settings | None = None
+    tuned_blocks: int = 0                # top backbone blocks fine-tuned with the head (0: frozen)
+    weights_file: str | None = None      # their weights, when loaded from a directory
     _model: object = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -102,7 +105,9 @@ class Embedder:
         return {"backbone": self.backbone, "image_size": self.image_size,
                 "weights": (self.settings or Settings()).model_init,
                 "feature_dim": self.feature_dim, "dim": self.dim, "trained": self.trained,
-                "head": HEAD_FILE if self.trained else None, "report": self.report}
+                "head": HEAD_FILE if self.trained else None, "tuned_blocks": self.tuned_blocks,
+                "backbone_weights": BACKBONE_WEIGHTS_FILE if self.tuned_blocks else None,
+                "report": self.report}
 
     @property
     def model(self):
@@ -114,6 +119,8 @@ class Embedder:
 
                 keras.utils.set_random_seed(settings.model_seed)
             self._model = self._spec.build(self.image_size, settings)
+            if self.weights_file:
+                self._model.load_weights(self.weights_file)
             self._model.trainable = False
         return self._model
 
@@ -162,6 +169,8 @@ class Embedder:
         out.mkdir(parents=True, exist_ok=True)
         if self.head is not None:
             np.savez(out / HEAD_FILE, kernel=self.head["kernel"], bias=self.head["bias"])
+        if self.tuned_blocks:
+            self.model.save_weights(out / BACKBONE_WEIGHTS_FILE)
         # Written last: a directory with embedding.json is complete.
         (out / EMBEDDING_FILE).write_text(json.dumps(self.config(), indent=1))
         return out
@@ -188,12 +197,17 @@ class Embedder:
         # random in tests), whatever the caller's settings say.
         settings = (settings or Settings()).with_overrides(
             model_init=config.get("weights", "imagenet"))
+        tuned = int(config.get("tuned_blocks") or 0)
+        weights = root / BACKBONE_WEIGHTS_FILE
+        if tuned and not weights.is_file():
+            raise EmbeddingError(f"{root}: fine-tuned backbone weights {weights.name} missing")
         return cls(config["backbone"], int(config["image_size"]), head,
-                   config.get("report") or {}, settings)
+                   config.get("report") or {}, settings, tuned, str(weights) if tuned else None)
 
     def with_head(self, head: dict | None, report: dict | None = None) -> "Embedder":
         """The same backbone (not rebuilt) with another projection head."""
-        other = Embedder(self.backbone, self.image_size, head, report or {}, self.settings)
+        other = Embedder(self.backbone, self.image_size, head, report or {}, self.settings,
+                         self.tuned_blocks, self.weights_file)
         other._model = self._model
         return other
 
@@ -216,8 +230,45 @@ def augmented_features(embedder: Embedder, squares: np.ndarray, views: int, seed
     return np.concatenate(out) if out else np.zeros((0, embedder.feature_dim), np.float32)
 
 
-def train_head(features: np.ndarray, labels: np.ndarray, cfg: HeadTraining | None = None
-               ) -> tuple[dict, dict]:
+def _cosface_loss(n_classes: int, scale: float, margin: float):
+    import keras
+
+    def loss(y_true, cos):
+        onehot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"),
+                                   n_classes)
+        return keras.losses.categorical_crossentropy(onehot, scale * (cos - margin * onehot),
+                                                     from_logits=True)
+    return loss
+
+
+def _head_layers(dim: int, n_classes: int):
+    """The projection and the cosine classifier (unit-length product weights, so each logit is
+    s * cos(embedding, product))."""
+    import keras
+    from keras import layers
+
+    return (layers.Dense(dim, name="projection"),
+            layers.Dense(n_classes, use_bias=False, name="products",
+                         kernel_constraint=keras.constraints.UnitNorm(axis=0)))
+
+
+def _fit(model, x, y, cfg: HeadTraining, learning_rate: float, epochs: int, batch_size: int,
+         what: str):
+    import keras
+
+    steps = epochs * -(-len(x) // batch_size)
+    rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, steps))
+    n_classes = int(model.output.shape[-1])
+    model.compile(keras.optimizers.Adam(rate), loss=_cosface_loss(n_classes, cfg.scale, cfg.margin))
+    return model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
+                     callbacks=[keras.callbacks.LambdaCallback(
+                         on_epoch_end=lambda epoch, logs: log.info(
+                             "embedding %s epoch %d/%d loss %.4f", what, epoch + 1, epochs,
+                             (logs or {}).get("loss", float("nan"))))])
+
+
+def train_head(features: np.ndarray, labels: np.ndarray, cfg: HeadTraining | None = None,
+               _with_classifier: bool = False):
     """Learn the projection on backbone features by a cosine-margin softmax over ``labels``.
 
     Returns ({"kernel", "bias"}, report). Labels may be any integers (remapped to 0..C-1).
@@ -237,38 +288,91 @@ def train_head(features: np.ndarray, labels: np.ndarray, cfg: HeadTraining | Non
     if len(classes) < 2:
         raise ValueError("metric learning needs photos of at least 2 products")
     keras.utils.set_random_seed(cfg.seed)
+    projection, products = _head_layers(cfg.dim, len(classes))
     inputs = keras.Input((features.shape[1],), name="features")
     x = layers.Dropout(cfg.dropout, seed=cfg.seed)(inputs)
-    projection = layers.Dense(cfg.dim, name="projection")
-    x = layers.UnitNormalization(name="embedding")(projection(x))
-    # Cosine classifier: unit-length product weights, so the logit is s * cos(embedding, product).
-    cosine = layers.Dense(len(classes), use_bias=False, name="products",
-                          kernel_constraint=keras.constraints.UnitNorm(axis=0))(x)
-    model = keras.Model(inputs, cosine)
-    scale, margin, n_classes = cfg.scale, cfg.margin, len(classes)
-
-    def cosface_loss(y_true, cos):
-        onehot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"),
-                                   n_classes)
-        logits = scale * (cos - margin * onehot)
-        return keras.losses.categorical_crossentropy(onehot, logits, from_logits=True)
-
-    steps = cfg.epochs * -(-len(features) // cfg.batch_size)
-    rate = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=max(1, steps))
-    model.compile(keras.optimizers.Adam(rate), loss=cosface_loss)
+    model = keras.Model(inputs, products(layers.UnitNormalization()(projection(x))))
     t0 = time.monotonic()
-    history = model.fit(features, y, batch_size=cfg.batch_size, epochs=cfg.epochs, shuffle=True,
-                        verbose=0, callbacks=[keras.callbacks.LambdaCallback(
-                            on_epoch_end=lambda epoch, logs: log.info(
-                                "embedding head epoch %d/%d loss %.4f", epoch + 1, cfg.epochs,
-                                (logs or {}).get("loss", float("nan"))))])
+    history = _fit(model, features, y, cfg, cfg.learning_rate, cfg.epochs, cfg.batch_size, "head")
     kernel, bias = projection.get_weights()
     kernel, bias = kernel / std[:, None], bias - (mean / std) @ kernel
-    report = {"method": "cosface" if margin else "normalised_softmax", **cfg.as_dict(),
-              "classes": int(n_classes), "samples": int(len(features)),
+    report = {"method": "cosface" if cfg.margin else "normalised_softmax", **cfg.as_dict(),
+              "classes": int(len(classes)), "samples": int(len(features)),
               "final_loss": round(float(history.history["loss"][-1]), 4),
               "seconds": round(time.monotonic() - t0, 1)}
-    return {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}, report
+    head = {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}
+    if _with_classifier:
+        return head, report, products.get_weights()[0]
+    return head, report
+
+
+def finetune_embedding(base: Embedder, decoded: list, labels, blocks: int = 5, epochs: int = 4,
+                       learning_rate: float = 2e-4, views: int = 2, batch_size: int = 64,
+                       cfg: HeadTraining | None = None) -> Embedder:
+    """Metric learning that also adapts the backbone's top ``blocks`` (batch norms frozen), as
+    the ensemble's stage 2 does: the bottom's output is cached once per view, the head is first
+    trained on the frozen top (:func:`train_head`), then head and top blocks together at a low
+    rate. Returns a new embedder with its own backbone (``base`` is left untouched)."""
+    import keras
+    from keras import layers
+
+    from modeling.member_training import resized_crop_views
+
+    cfg = cfg or HeadTraining()
+    labels = np.asarray(labels)
+    t0 = time.monotonic()
+    tuned = Embedder(base.backbone, base.image_size, None, {}, base.settings, blocks)
+    model = tuned.model
+    split_tensor = model.get_layer(tuned._spec.split_layer(blocks)).output
+    bottom = keras.Model(model.inputs[0], split_tensor)
+    top = keras.Model(split_tensor, model.outputs[0])
+    sq = tuned.squares(decoded)
+    rng = np.random.default_rng(cfg.seed)
+
+    def bottom_of(crops):
+        return np.concatenate([np.asarray(bottom.predict_on_batch(crops[i:i + _BATCH]
+                                                                  .astype(np.float32)))
+                               .astype(np.float16) for i in range(0, len(crops), _BATCH)])
+
+    cached = [bottom_of(tuned.centre_crops(sq))]
+    for _ in range(views):
+        cached.append(np.concatenate([
+            bottom_of(resized_crop_views(sq[i:i + _BATCH], tuned.image_size, rng, 0.25))
+            for i in range(0, len(sq), _BATCH)]))
+    del sq
+    x = np.concatenate(cached)
+    del cached
+    y_labels = np.tile(labels, 1 + views)
+    t_cache = time.monotonic() - t0
+
+    pooled = top.predict(x, batch_size=128, verbose=0)
+    head, report, class_weights = train_head(pooled, y_labels, cfg, _with_classifier=True)
+    del pooled
+    classes, y = np.unique(y_labels, return_inverse=True)
+    t1 = time.monotonic()
+    # Layer by layer: the backbone was frozen layer by layer, which top.trainable does not undo.
+    for layer in top.layers:
+        layer.trainable = not isinstance(layer, layers.BatchNormalization)
+    projection, products = _head_layers(cfg.dim, len(classes))
+    inputs = keras.Input(split_tensor.shape[1:], name="bottom_features")
+    joint = keras.Model(inputs, products(layers.UnitNormalization()(projection(
+        layers.Dropout(cfg.dropout, seed=cfg.seed)(top(inputs))))))
+    projection.set_weights([head["kernel"], head["bias"]])
+    products.set_weights([class_weights])
+    trainable_top = sum(int(np.prod(w.shape)) for w in top.trainable_weights)
+    history = _fit(joint, x, y, cfg, learning_rate, epochs, batch_size, "fine-tune")
+    for layer in top.layers:
+        layer.trainable = False
+    kernel, bias = projection.get_weights()
+    report.update(photos=int(len(labels)), augmented_views=int(views),
+                  finetune={"blocks": blocks, "epochs": epochs, "learning_rate": learning_rate,
+                            "trainable_backbone_params": trainable_top,
+                            "final_loss": round(float(history.history["loss"][-1]), 4),
+                            "seconds": round(time.monotonic() - t1, 1)},
+                  feature_seconds=round(t_cache, 1))
+    log.info("embedding fine-tuned: %s", report)
+    return tuned.with_head({"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)},
+                           report)
 
 
 def train_embedding(base: Embedder, decoded: list, labels, views: int = 2,

@@ -219,12 +219,15 @@ class SearchIndex:
 
     # --- search -------------------------------------------------------------------------------
     def _product_prototypes(self):
+        """(product ids, unit mean vectors, faiss index over them), rebuilt after additions
+        (from the stored vectors: nothing is embedded again)."""
         if self._prototypes is None:
             ids = np.array(sorted(set(self._product_ids.tolist())), dtype=np.int64)
             pos = np.searchsorted(ids, self._product_ids)
             sums = np.zeros((len(ids), self.dim), np.float64)
             np.add.at(sums, pos, self._vectors.astype(np.float32))
-            self._prototypes = (ids, l2_normalise(sums))
+            protos = l2_normalise(sums)
+            self._prototypes = (ids, protos, build_ann(protos, ann_factory(len(ids)), self.nprobe))
         return self._prototypes
 
     def search_vectors(self, queries: np.ndarray, k: int = 3) -> list[list[Hit]]:
@@ -233,12 +236,14 @@ class SearchIndex:
         if len(self) == 0:
             return [[] for _ in queries]
         if self.aggregation == "prototype":
-            ids, protos = self._product_prototypes()
-            sims = queries @ protos.T
+            ids, protos, ann = self._product_prototypes()
+            _, rows = ann.search(queries.astype(np.float32), min(k, len(ids)))
             out = []
-            for row in sims:
-                top = np.argsort(-row)[:k]
-                out.append([self._hit(int(ids[j]), float(row[j])) for j in top])
+            for q, found in zip(queries, rows):
+                found = found[found >= 0]
+                scores = protos[found] @ q  # exact, whatever the ANN's storage
+                order = np.argsort(-scores, kind="stable")
+                out.append([self._hit(int(ids[found[j]]), float(scores[j])) for j in order])
             return out
         return [self._max_per_product(q, k) for q in queries]
 

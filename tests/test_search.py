@@ -14,7 +14,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from modeling import search_index
-from modeling.embedding import Embedder, HeadTraining, l2_normalise, train_embedding, train_head
+from modeling.embedding import (Embedder, HeadTraining, finetune_embedding, l2_normalise,
+                                train_embedding, train_head)
 from modeling.search_index import (SearchIndex, SearchIndexError, calibrate_threshold,
                                    threshold_outcome)
 from shoplens.config import Settings
@@ -255,6 +256,24 @@ def test_trained_embedder_saves_and_reloads_to_the_same_vectors(photo_index, tmp
     a, b = trained.embed_decoded(imgs), loaded.embed_decoded(imgs)
     np.testing.assert_allclose(a, b, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+
+
+def test_fine_tuned_embedder_changes_its_backbone_and_keeps_it_through_save_and_load(tmp_path):
+    """Fine-tuning the top block moves the backbone away from its starting weights (the base
+    embedder is left as it was), and a reloaded embedder computes the same vectors."""
+    # ImageNet weights: a random-initialised backbone's features are too small to train.
+    base = Embedder("efficientnet_lite0", 32, settings=Settings())
+    imgs = [_photo(p, v) for p in SHAPES for v in range(2)]
+    before = base.model.get_layer("head_conv").get_weights()[0].copy()
+    tuned = finetune_embedding(base, imgs, [p for p in SHAPES for _ in range(2)], blocks=1,
+                               epochs=2, views=0, cfg=HeadTraining(dim=8, epochs=1))
+    assert tuned.tuned_blocks == 1 and tuned.model is not base.model
+    assert tuned.report["finetune"]["trainable_backbone_params"] > 0
+    np.testing.assert_array_equal(base.model.get_layer("head_conv").get_weights()[0], before)
+    assert not np.array_equal(tuned.model.get_layer("head_conv").get_weights()[0], before)
+    tuned.save(tmp_path / "emb")
+    loaded = Embedder.load(tmp_path / "emb")
+    np.testing.assert_allclose(loaded.embed_decoded(imgs), tuned.embed_decoded(imgs), atol=1e-5)
 
 
 def _run_cli(argv) -> tuple[int, list[dict], str]:
