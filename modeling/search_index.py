@@ -1,10 +1,15 @@
 """The product search index: one embedding per enrolled photo, tagged with its product, searched
 with faiss; answers are products ranked by similarity, with a calibrated "confident" threshold.
 
-Why faiss (``benchmarks/search_index.py``, results/search_index.json): at 1 M vectors an IVF
-index builds in about a minute on two busy cores, where HNSW graphs (faiss's and usearch's)
-took 10-30x longer to build; search stays in milliseconds. Small indexes (under
-``EXACT_BELOW`` vectors) are searched exactly (``IndexFlatIP``): as fast, and no recall lost.
+Why faiss (``benchmarks/search_index.py`` -> results/search_index.json, 1 M synthetic 256-d
+vectors, 2 busy cores): IVF1024 with 8-bit scalar-quantised lists builds in 28 s, adds 1 % new
+vectors in 0.16 s (0.6 % of the build), answers one query in 1.7 ms p95 on one thread at
+nprobe 32 with 97 % of the exact top-10 found, and keeps 265 bytes per vector. usearch's HNSW
+(i8) searches faster (0.35 ms) but its build extrapolates to >= 200 s at 1 M (HNSW inserts slow
+down as the graph grows) at 568 bytes per vector and 93 % top-10 recall; faiss's own HNSW is
+slower to build still. Small indexes (under ``EXACT_BELOW`` vectors) are searched exactly
+(``IndexFlatIP``): as fast, and no recall lost. Candidates are re-scored exactly from the stored
+vectors, so quantisation never changes a reported score.
 
 Scores are cosine similarities (embeddings are unit length, the index uses inner product).
 A product's score is its best photo's score ("max", the default) or its prototype's — the mean
