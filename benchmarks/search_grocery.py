@@ -120,7 +120,7 @@ def augmented_cached(embedder, paths: list[str], views: int, seed: int, cache: P
     return feats
 
 
-def build_index(embedder, classes, vectors, pids, sources, aggregation="max"):
+def build_index(embedder, classes, vectors, pids, sources, aggregation="prototype"):
     from modeling.search_index import SearchIndex
 
     index = SearchIndex(embedder, aggregation)
