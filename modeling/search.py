@@ -1,4 +1,5 @@
-"""``python -m modeling search --index DIR PHOTO...``: the shop's products most like each photo.
+"""``shoplens search --index DIR PHOTO...`` (alias ``python -m modeling search``): the shop's
+products most like each photo.
 
 One JSON object per photo on stdout, in the order given (directories expand to their image
 files)::
@@ -27,8 +28,10 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m modeling search",
-                                description=__doc__.split("\n")[0])
+    from shoplens.cli import argument_parser
+
+    # Output is always JSON lines; --json is accepted like every other command's.
+    p = argument_parser("python -m modeling search", main.__doc__)
     p.add_argument("--index", required=True, help="search index directory")
     p.add_argument("--top", type=int, default=3, help="products per photo (default 3)")
     p.add_argument("--batch", type=int, default=16, help="photos embedded at once")
@@ -38,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
          ) -> int:
+    """Products most like each photo, from a search index (JSON lines with scores)"""
     out, err = out or sys.stdout, err or sys.stderr
     try:
         args = parser().parse_args(argv)
