@@ -11,14 +11,18 @@ vector, so the dot product of two embeddings is their cosine similarity:
   learning"). Only the projection is kept: the classifier's product weights are thrown away,
   so products never seen in training are embedded as well as the others are.
 
-Because the backbone stays frozen, its features are computed once per photo and view
-(clean + augmented) and the head trains on them in seconds, as ``member_training`` does for the
-ensemble's heads.
+With the backbone frozen (:func:`train_embedding`), its features are computed once per photo
+and view (clean + augmented) and the head trains on them in seconds, as ``member_training`` does
+for the ensemble's heads. :func:`finetune_embedding` also adapts the backbone's top blocks, as the
+ensemble's stage 2 does (measured on grocery in docs/benchmarks.md: it lifts seen products far
+more than novel ones).
 
 Directory layout (``save`` / ``load``)::
 
-    embedding.json   backbone, image_size, weights, feature_dim, dim, trained, training report
-    head.npz         the projection (kernel, bias), when trained
+    embedding.json        backbone, image_size, weights, feature_dim, dim, trained, tuned_blocks,
+                          training report
+    head.npz              the projection (kernel, bias), when trained
+    backbone.weights.h5   the whole backbone's weights, when its top blocks were fine-tuned
 """
 from __future__ import annotations
 
@@ -54,7 +58,8 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class HeadTraining:
-    """How the projection head is trained (defaults measured on the grocery benchmark)."""
+    """How the projection head is trained (CosFace margin and scale as in its paper; rate and
+    epochs chosen on cached grocery features of seen products)."""
     dim: int = 256
     epochs: int = 40
     batch_size: int = 128
