@@ -1,0 +1,401 @@
+"""Benchmark: open-set product search on the grocery photos (81 products).
+
+Protocol (issue 16, "Measure"): products with an odd Class ID are *novel*, even ones *seen*.
+The embedding head trains on the seen products' ``train/`` photos only. The index enrols all 81
+products from their ``train/`` photos and their iconic catalogue image. Queries are the ``val/``
+photos (or ``--queries-root DIR --queries-list FILE``, lines ``path, fine_label, coarse_label``).
+
+Reported (``--out``, default results/search_grocery.json):
+- ``baseline`` / ``trained``: R@1 and R@3 for novel and seen queries (untrained ImageNet
+  embedding vs the metric-learning head), with the index's default aggregation;
+- ``aggregation``: the same for "max" (best photo per product) and "prototype" (mean per product);
+- ``ensemble`` (with ``--ensemble DIR``): that closed-set ensemble's Top-1/Top-3 on the seen queries;
+- ``catalogue_only``: R@1 when each product is enrolled by its catalogue image alone;
+- ``threshold``: the "no confident match" threshold, chosen on one half of the queries and
+  applied to the other (both ways, pooled): precision and coverage of the answered queries;
+- ``latency_ms``: one query (decode + embed + search) on one core, p50/p95, in a child process;
+- ``wall_s`` and the machine's load average.
+
+    nice -n 10 env TF_NUM_INTRAOP_THREADS=2 .venv/bin/python benchmarks/search_grocery.py
+    .venv/bin/python benchmarks/search_grocery.py --classes 6 --per-class 8 --views 1 --epochs 5  # smoke
+
+The backbone's features are cached under --work (keyed by backbone, size and photo list), so a
+rerun with other head settings skips the expensive part.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GROCERY = Path(os.environ.get("SHOPLENS_SHARED_DIR", REPO.parent / "shared")) / "datasets" / "grocery"
+PRODUCT_BASE = 1_000_000  # product_id = base + Class ID, as benchmarks/train_grocery.py does
+TARGETS = {"novel_R@1": 0.80, "novel_R@3": 0.93, "threshold_precision": 0.95,
+           "seen_R@1_vs_ensemble_points": 2, "latency_p95_ms": 150, "wall_s": 3600}
+
+
+def read_classes(root: Path) -> list[dict]:
+    out = []
+    with (root / "classes.csv").open() as f:
+        for row in csv.DictReader(f):
+            label = int(row["Class ID (int)"])
+            iconic = row.get("Iconic Image Path (str)", "").strip().lstrip("/")
+            out.append({"label": label, "product_id": PRODUCT_BASE + label,
+                        "name": row["Class Name (str)"],
+                        "iconic": str(root / iconic) if iconic and (root / iconic).is_file() else None})
+    return sorted(out, key=lambda c: c["label"])
+
+
+def read_listing(root: Path, listing: Path) -> list[tuple[str, int]]:
+    """(absolute path, fine label) per line ``path, fine_label, coarse_label``."""
+    out = []
+    for n, line in enumerate(listing.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 2:
+            raise SystemExit(f"error: {listing}:{n}: expected 'path, fine_label, coarse_label'")
+        out.append((str(root / parts[0]), int(parts[1])))
+    return out
+
+
+def is_novel(label: int) -> bool:
+    return label % 2 == 1
+
+
+def recall(hits: list[list], truth: list[int], k: int) -> float | None:
+    if not truth:
+        return None
+    return round(float(np.mean([t in [h.product_id for h in hs[:k]] for hs, t in zip(hits, truth)])), 4)
+
+
+def split_scores(hits, truth_pids, labels) -> dict:
+    out = {}
+    for name, pick in (("novel", is_novel), ("seen", lambda lab: not is_novel(lab))):
+        idx = [i for i, lab in enumerate(labels) if pick(lab)]
+        h, t = [hits[i] for i in idx], [truth_pids[i] for i in idx]
+        out[name] = {"R@1": recall(h, t, 1), "R@3": recall(h, t, 3), "n": len(idx)}
+    return out
+
+
+def features_cached(embedder, paths: list[str], cache: Path) -> np.ndarray:
+    """Clean (centre-crop) backbone features of the photos, cached on disk by photo list."""
+    from modeling import images
+
+    key = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+    f = cache / f"{embedder.backbone}-{embedder.image_size}-clean-{key}.npy"
+    if f.is_file():
+        return np.load(f)
+    decoded = [images.decode(images.read_file(p), p) for p in paths]
+    feats = embedder.features(embedder.centre_crops(embedder.squares(decoded)))
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(f, feats)
+    return feats
+
+
+def augmented_cached(embedder, paths: list[str], views: int, seed: int, cache: Path) -> np.ndarray:
+    from modeling import images
+    from modeling.embedding import augmented_features
+
+    key = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+    f = cache / f"{embedder.backbone}-{embedder.image_size}-aug{views}-s{seed}-{key}.npy"
+    if f.is_file():
+        return np.load(f)
+    sq = embedder.squares([images.decode(images.read_file(p), p) for p in paths])
+    feats = augmented_features(embedder, sq, views, seed)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(f, feats)
+    return feats
+
+
+def build_index(embedder, classes, vectors, pids, sources, aggregation="prototype"):
+    from modeling.search_index import SearchIndex
+
+    index = SearchIndex(embedder, aggregation)
+    index.add_products([{"product_id": c["product_id"], "name": c["name"]} for c in classes])
+    index.add_vectors(vectors, pids, sources)
+    return index
+
+
+def cross_calibrated_threshold(index, q_vectors, truth, target=0.95) -> dict:
+    """Threshold chosen on one half of the queries (alternate photos per product), measured on
+    the other half, both ways; pooled precision and coverage of the answered held-out queries."""
+    from modeling.search_index import calibrate_threshold, threshold_outcome
+
+    hits = index.search_vectors(q_vectors, 1)
+    scores = np.array([h[0].score for h in hits])
+    correct = np.array([h[0].product_id == t for h, t in zip(hits, truth)])
+    seen_count: dict[int, int] = {}
+    half = np.zeros(len(truth), dtype=int)
+    for i, t in enumerate(truth):
+        half[i] = seen_count.get(t, 0) % 2
+        seen_count[t] = seen_count.get(t, 0) + 1
+    answered = right = 0
+    folds = []
+    for fold in (0, 1):
+        cal, held = half == fold, half != fold
+        chosen = calibrate_threshold(scores[cal], correct[cal], target)
+        outcome = threshold_outcome(scores[held], correct[held], chosen["threshold"])
+        folds.append({"calibrated_on": int(cal.sum()), **outcome})
+        answered += outcome["answered"]
+        right += int(correct[held][scores[held] >= chosen["threshold"]].sum())
+    full = calibrate_threshold(scores, correct, target)
+    return {"target_precision": target,
+            "precision": round(right / answered, 4) if answered else None,
+            "coverage": round(answered / len(truth), 4), "folds": folds,
+            "threshold_on_all_queries": full}
+
+
+def latency_child(index_dir: str, paths: list[str], warmup: int = 3) -> None:
+    """Runs in a child pinned to one core: per photo, decode + embed + search, timed."""
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    from modeling import images
+    from modeling.search_index import SearchIndex
+
+    index = SearchIndex.load(index_dir)
+    times = []
+    for i, p in enumerate(paths):
+        t0 = time.perf_counter()
+        img = images.decode(images.read_file(p), p)
+        index.answer(index.embedder.embed_decoded([img])[0], 3)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000)
+    print(json.dumps({"n": len(times), "p50": round(float(np.percentile(times, 50)), 1),
+                      "p95": round(float(np.percentile(times, 95)), 1)}))
+
+
+def measure_latency(index_dir: Path, paths: list[str]) -> dict:
+    env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, __file__, "--latency-child", str(index_dir), *paths],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "cores": 1,
+            "load_average": os.getloadavg()}
+
+
+def ensemble_scores(ensemble_dir: str, paths: list[str], labels: list[int]) -> dict:
+    """The closed-set ensemble's Top-1/Top-3 on the seen-product queries."""
+    from modeling import images
+    from modeling.ensemble import Ensemble
+
+    ens = Ensemble.load(ensemble_dir)
+    pick = [i for i, lab in enumerate(labels) if not is_novel(lab)]
+    top1 = top3 = 0
+    for start in range(0, len(pick), 32):
+        part = pick[start:start + 32]
+        probs = ens.predict_probs_decoded([images.decode(images.read_file(paths[i]), paths[i])
+                                           for i in part])
+        for i, p in zip(part, probs):
+            top = [e["product_id"] for e in ens.top_k(p, 3)]
+            want = PRODUCT_BASE + labels[i]
+            top1 += top[0] == want
+            top3 += want in top
+    n = len(pick)
+    return {"seen": {"Top-1": round(top1 / n, 4) if n else None,
+                     "Top-3": round(top3 / n, 4) if n else None, "n": n},
+            "model": ens.model_id}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--grocery", type=Path, default=GROCERY)
+    ap.add_argument("--queries-root", type=Path, help="root of the query photos' paths")
+    ap.add_argument("--queries-list", type=Path, help="listing 'path, fine_label, coarse_label'")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "search_grocery.json")
+    ap.add_argument("--work", type=Path, default=REPO / ".run" / "search_grocery")
+    ap.add_argument("--ensemble", help="an exported closed-set ensemble directory")
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--image-size", type=int, default=0)
+    ap.add_argument("--views", type=int, default=2, help="augmented views per training photo")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--margin", type=float, default=0.2)
+    ap.add_argument("--scale", type=float, default=30.0)
+    ap.add_argument("--finetune-blocks", type=int, default=0,
+                    help="also fine-tune the backbone's top N blocks with the head (0: head only)")
+    ap.add_argument("--finetune-epochs", type=int, default=3)
+    ap.add_argument("--finetune-learning-rate", type=float, default=2e-4)
+    ap.add_argument("--classes", type=int, default=0, help="only the first N products (smoke)")
+    ap.add_argument("--per-class", type=int, default=0, help="at most N train photos per product")
+    ap.add_argument("--latency-queries", type=int, default=40)
+    ap.add_argument("--latency-child", nargs="+", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.latency_child:
+        latency_child(args.latency_child[0], args.latency_child[1:])
+        return 0
+    if not (args.grocery / "classes.csv").is_file():
+        print(f"skipped: needs {args.grocery} (absent on this machine)")
+        return 0
+    if bool(args.queries_root) != bool(args.queries_list):
+        print("error: --queries-root and --queries-list go together", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from modeling import images
+    from modeling.embedding import Embedder, HeadTraining, finetune_embedding, train_head
+    from shoplens.config import Settings
+
+    load_start = os.getloadavg()
+    t0 = time.monotonic()
+    classes = read_classes(args.grocery)
+    if args.classes:
+        classes = classes[:args.classes]
+    wanted = {c["label"] for c in classes}
+    train = [(p, lab) for p, lab in read_listing(args.grocery, args.grocery / "train.txt")
+             if lab in wanted]
+    if args.per_class:
+        kept, count = [], {}
+        for p, lab in train:
+            if count.get(lab, 0) < args.per_class:
+                kept.append((p, lab))
+                count[lab] = count.get(lab, 0) + 1
+        train = kept
+    if args.queries_list:
+        queries = read_listing(args.queries_root, args.queries_list)
+    else:
+        queries = read_listing(args.grocery, args.grocery / "val.txt")
+    queries = [(p, lab) for p, lab in queries if lab in wanted]
+    q_paths, q_labels = [p for p, _ in queries], [lab for _, lab in queries]
+    q_pids = [PRODUCT_BASE + lab for lab in q_labels]
+    iconic = [(c["iconic"], c["label"]) for c in classes if c["iconic"]]
+
+    base = Embedder(args.backbone, args.image_size, settings=Settings.from_env())
+    cache = args.work / "features"
+    t_feat = time.monotonic()
+    f_train = features_cached(base, [p for p, _ in train], cache)
+    f_iconic = features_cached(base, [p for p, _ in iconic], cache) if iconic else None
+    f_query = features_cached(base, q_paths, cache)
+    seen_train = [(p, lab) for p, lab in train if not is_novel(lab)]
+    seen_rows = [i for i, (_, lab) in enumerate(train) if not is_novel(lab)]
+    seen_labels = np.array([lab for _, lab in seen_train])
+    cfg = HeadTraining(dim=args.dim, epochs=args.epochs, margin=args.margin, scale=args.scale)
+    if args.finetune_blocks:
+        t_feat = time.monotonic() - t_feat
+        trained = finetune_embedding(
+            base, [images.decode(images.read_file(p), p) for p, _ in seen_train], seen_labels,
+            blocks=args.finetune_blocks, epochs=args.finetune_epochs,
+            learning_rate=args.finetune_learning_rate, views=args.views, cfg=cfg)
+        head_report = trained.report
+        t_tuned = time.monotonic()
+        # The tuned backbone computes other features: every photo goes through it once more.
+        tuned_train = trained.features(trained.centre_crops(trained.squares(
+            [images.decode(images.read_file(p), p) for p, _ in train])))
+        tuned_iconic = trained.features(trained.centre_crops(trained.squares(
+            [images.decode(images.read_file(p), p) for p, _ in iconic]))) if iconic else None
+        tuned_query = trained.features(trained.centre_crops(trained.squares(
+            [images.decode(images.read_file(p), p) for p in q_paths])))
+        head_report["tuned_features_seconds"] = round(time.monotonic() - t_tuned, 1)
+    else:
+        f_aug = augmented_cached(base, [p for p, _ in seen_train], args.views, 1234, cache) \
+            if args.views else f_train[:0]
+        t_feat = time.monotonic() - t_feat
+        head, head_report = train_head(np.concatenate([f_train[seen_rows], f_aug]),
+                                       np.tile(seen_labels, 1 + args.views), cfg)
+        head_report.update(photos=len(seen_train), augmented_views=args.views)
+        trained = base.with_head(head, head_report)
+        tuned_train, tuned_iconic, tuned_query = f_train, f_iconic, f_query
+    head_report["seen_products"] = len(set(seen_labels.tolist()))
+    # Backbone features per embedding (the fine-tuned one has its own).
+    feats = {"baseline": (f_train, f_iconic, f_query),
+             "trained": (tuned_train, tuned_iconic, tuned_query)}
+
+    enrol_sources = [p for p, _ in train] + [p for p, _ in iconic]
+    enrol_pids = [PRODUCT_BASE + lab for _, lab in train] + [PRODUCT_BASE + lab for _, lab in iconic]
+
+    def enrol_feats(name):
+        tr, ic, _ = feats[name]
+        return np.concatenate([tr] + ([ic] if ic is not None else []))
+
+    result: dict = {"benchmark": "search_grocery", "products": len(classes),
+                    "novel_products": sum(is_novel(c["label"]) for c in classes),
+                    "enrolled_photos": len(train), "catalogue_images": len(iconic),
+                    "queries": {"n": len(queries), "novel": sum(map(is_novel, q_labels)),
+                                "listing": str(args.queries_list or "val.txt")},
+                    "backbone": base.backbone, "image_size": base.image_size,
+                    "head": head_report, "aggregation": {}}
+    indexes = {}
+    for name, emb in (("baseline", base), ("trained", trained)):
+        q_vec = emb.project(feats[name][2])
+        for agg in ("max", "prototype"):
+            index = build_index(emb, classes, emb.project(enrol_feats(name)), enrol_pids,
+                                enrol_sources, agg)
+            t_s = time.monotonic()
+            hits = index.search_vectors(q_vec, 3)
+            search_ms = (time.monotonic() - t_s) * 1000 / max(1, len(q_vec))
+            scores = split_scores(hits, q_pids, q_labels)
+            result["aggregation"].setdefault(name, {})[agg] = {**scores,
+                                                              "search_ms_per_query": round(search_ms, 3)}
+            indexes[(name, agg)] = index
+    # The headline uses each embedding's better aggregation on novel R@1 (both are reported).
+    for name in ("baseline", "trained"):
+        per = result["aggregation"][name]
+        best = max(per, key=lambda agg: (per[agg]["novel"]["R@1"] or 0, per[agg]["novel"]["R@3"] or 0))
+        result[name] = {"novel": per[best]["novel"], "seen": per[best]["seen"], "aggregation": best}
+
+    best_agg = result["trained"]["aggregation"]
+    index = indexes[("trained", best_agg)]
+    q_vec = trained.project(tuned_query)
+    result["threshold"] = cross_calibrated_threshold(index, q_vec, q_pids)
+    result["threshold_baseline"] = cross_calibrated_threshold(
+        indexes[("baseline", result["baseline"]["aggregation"])], base.project(f_query), q_pids)
+
+    if f_iconic is not None:
+        cat = {}
+        for name, emb in (("baseline", base), ("trained", trained)):
+            ci = build_index(emb, classes, emb.project(feats[name][1]),
+                             [PRODUCT_BASE + lab for _, lab in iconic], [p for p, _ in iconic])
+            hits = ci.search_vectors(emb.project(feats[name][2]), 3)
+            cat[name] = {"R@1": recall(hits, q_pids, 1), "R@3": recall(hits, q_pids, 3),
+                         **split_scores(hits, q_pids, q_labels)}
+        result["catalogue_only"] = {**cat["trained"], "baseline": cat["baseline"]}
+
+    # The index a user would query (calibrated on all queries), saved for the CLI and latency.
+    index.calibrate(q_vec, q_pids)
+    index_dir = args.work / "index"
+    if index_dir.exists():
+        import shutil
+
+        shutil.rmtree(index_dir)
+    index.save(index_dir)
+    result["index_dir"] = str(index_dir)
+    result["seconds"] = {"backbone_features": round(t_feat, 1), "head": head_report["seconds"]}
+    if args.ensemble:
+        result["ensemble"] = ensemble_scores(args.ensemble, q_paths, q_labels)
+    result["train_and_evaluate_s"] = round(time.monotonic() - t0, 1)
+    if args.latency_queries:
+        result["latency_ms"] = measure_latency(index_dir, q_paths[:args.latency_queries])
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    result.update(load_average_at_start=load_start, load_average_at_end=os.getloadavg(),
+                  cpu_count=os.cpu_count(), targets=TARGETS,
+                  threads={k: os.environ.get(k) for k in ("TF_NUM_INTRAOP_THREADS",
+                                                          "TF_NUM_INTEROP_THREADS")})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    for name in ("baseline", "trained"):
+        r = result[name]
+        print(f"{name:9s} ({r['aggregation']:9s}) novel R@1 {r['novel']['R@1']}  R@3 {r['novel']['R@3']}"
+              f"   seen R@1 {r['seen']['R@1']}  R@3 {r['seen']['R@3']}")
+    print(f"threshold precision {result['threshold']['precision']} coverage "
+          f"{result['threshold']['coverage']}; wall {result['wall_s']} s; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Product search (issue 16): the metric-learning embedding, the faiss index over every enrolled
+photo, the calibrated "no confident match" threshold and the ``search`` command line.
+
+Everything runs on generated data: feature vectors for the embedding head and the index, and
+small drawn photos (random-initialised backbone at 32 px) for the end-to-end paths."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from modeling import search_index
+from modeling.embedding import (Embedder, HeadTraining, finetune_embedding, l2_normalise,
+                                train_embedding, train_head)
+from modeling.search_index import (SearchIndex, SearchIndexError, calibrate_threshold,
+                                   threshold_outcome)
+from shoplens.config import Settings
+
+
+# --- the embedding ------------------------------------------------------------------------------
+def _toy_features(classes, per_class, rng):
+    """Features whose product identity lives in 8 weak dimensions, drowned by 56 loud ones that
+    vary per photo (lighting, background): cosine on the raw features mostly sees the noise."""
+    centres = {c: rng.normal(0, 1.0, 8) for c in classes}
+    rows, labels = [], []
+    for c in classes:
+        for _ in range(per_class):
+            identity = centres[c] + rng.normal(0, 0.15, 8)
+            nuisance = rng.normal(0, 3.0, 56)
+            rows.append(np.concatenate([identity, nuisance]) + 4.0)  # non-negative, like ReLU6
+            labels.append(c)
+    return np.array(rows, np.float32), np.array(labels)
+
+
+def _nearest_neighbour_recall(vectors, labels) -> float:
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    return float(np.mean(labels[sims.argmax(1)] == labels))
+
+
+def test_metric_learning_head_finds_unseen_products_that_the_untrained_embedding_confuses():
+    """Trained on some products, the projection learns which feature directions tell products
+    apart, so photos of products it never saw are matched far better than by raw cosine."""
+    rng = np.random.default_rng(0)
+    seen_x, seen_y = _toy_features(range(12), 40, rng)
+    novel_x, novel_y = _toy_features(range(100, 112), 10, rng)
+    head, report = train_head(seen_x, seen_y, HeadTraining(dim=16, epochs=40, seed=1))
+    assert head["kernel"].shape == (64, 16) and report["classes"] == 12
+
+    untrained = _nearest_neighbour_recall(l2_normalise(novel_x), novel_y)
+    trained = _nearest_neighbour_recall(l2_normalise(novel_x @ head["kernel"] + head["bias"]),
+                                        novel_y)
+    assert trained >= untrained + 0.3, (untrained, trained)
+
+
+def test_metric_learning_needs_at_least_two_products():
+    with pytest.raises(ValueError, match="at least 2 products"):
+        train_head(np.ones((4, 8), np.float32), np.zeros(4))
+
+
+# --- the threshold ------------------------------------------------------------------------------
+def test_threshold_is_the_lowest_score_keeping_the_target_precision():
+    """Precision of answering everything at or above each score: 1, 1, 2/3, 3/4, 3/5 -> the
+    lowest cut still at 0.75 is 0.6, answering 4 of the 5 queries."""
+    chosen = calibrate_threshold([0.9, 0.5, 0.7, 0.6, 0.8], [True, False, False, True, True], 0.75)
+    assert chosen["threshold"] == pytest.approx(0.6)
+    assert chosen["precision"] == pytest.approx(0.75)
+    assert chosen["coverage"] == pytest.approx(0.8)
+
+
+def test_threshold_never_splits_equal_scores():
+    """A threshold answers every query at its score, so a tie group is kept or dropped whole."""
+    chosen = calibrate_threshold([0.9, 0.6, 0.6, 0.6], [True, True, False, False], 0.9)
+    assert chosen["threshold"] == pytest.approx(0.9) and chosen["answered"] == 1
+
+
+def test_threshold_answers_nothing_when_no_cut_reaches_the_target():
+    chosen = calibrate_threshold([0.9, 0.8], [False, True], 0.95)
+    assert chosen["answered"] == 0 and chosen["precision"] is None
+    assert threshold_outcome([0.9, 0.8], [False, True], chosen["threshold"])["answered"] == 0
+
+
+# --- the index over vectors ---------------------------------------------------------------------
+def _vector_embedder(dim=8) -> Embedder:
+    """An embedder whose head is the identity: vectors given to the index are used as they are
+    (the backbone is never built)."""
+    return Embedder("efficientnet_lite0", 32, {"kernel": np.eye(dim, dtype=np.float32),
+                                               "bias": np.zeros(dim, np.float32)})
+
+
+def _catalogue(index: SearchIndex, n_products=5, photos=4, seed=0, first_id=100):
+    """n products, each with photos scattered around its own direction; returns the directions."""
+    rng = np.random.default_rng(seed)
+    dirs = l2_normalise(rng.normal(size=(n_products, index.dim)))
+    index.add_products([{"product_id": first_id + p, "name": f"product {p}"}
+                        for p in range(n_products)])
+    vecs, pids, srcs = [], [], []
+    for p in range(n_products):
+        for j in range(photos):
+            vecs.append(dirs[p] + rng.normal(0, 0.1, index.dim))
+            pids.append(first_id + p)
+            srcs.append(f"photo-{first_id + p}-{j}")
+    index.add_vectors(np.array(vecs), pids, srcs)
+    return dirs
+
+
+@pytest.mark.parametrize("aggregation", ["max", "prototype"])
+def test_index_ranks_products_not_photos(aggregation):
+    """A query near a product's photos gets that product first, each product listed once, with
+    cosine scores in decreasing order."""
+    index = SearchIndex(_vector_embedder(), aggregation)
+    dirs = _catalogue(index)
+    hits = index.search_vectors(dirs[[2, 4]], k=3)
+    assert [h[0].product_id for h in hits] == [102, 104]
+    for top in hits:
+        assert len({h.product_id for h in top}) == 3
+        assert [h.score for h in top] == sorted((h.score for h in top), reverse=True)
+        assert -1.0 <= top[-1].score <= top[0].score <= 1.0 + 1e-6
+    assert hits[0][0].name == "product 2"
+
+
+def test_index_refuses_vectors_of_unregistered_products_and_wrong_width():
+    index = SearchIndex(_vector_embedder())
+    with pytest.raises(SearchIndexError, match="not registered"):
+        index.add_vectors(np.ones((1, 8)), [5], ["a"])
+    index.add_products([{"product_id": 5, "name": "five"}])
+    with pytest.raises(SearchIndexError, match=r"\(n, 8\)"):
+        index.add_vectors(np.ones((1, 4)), [5], ["a"])
+    assert len(index) == 0
+
+
+def test_answers_below_the_calibrated_threshold_are_not_confident():
+    index = SearchIndex(_vector_embedder())
+    dirs = _catalogue(index)
+    assert index.answer(dirs[0])["confident"] is False  # never calibrated: nothing is confident
+    rng = np.random.default_rng(3)
+    queries = np.concatenate([dirs + rng.normal(0, 0.05, dirs.shape),   # clear photos
+                              rng.normal(size=(5, index.dim))])          # unrelated photos
+    truth = [100 + p for p in range(5)] + [100 + p for p in range(5)]
+    chosen = index.calibrate(queries, truth, 0.95)
+    assert chosen["precision"] >= 0.95
+    assert index.answer(dirs[1])["confident"] is True
+    below = index.answer(-dirs[1])  # far from every product: still ranked, but not confident
+    assert below["top"] and below["confident"] is False
+
+
+def test_saved_index_loads_and_answers_the_same(tmp_path):
+    index = SearchIndex(_vector_embedder(), "max")
+    dirs = _catalogue(index)
+    index.calibrate(dirs, [100 + p for p in range(5)])
+    index.save(tmp_path / "idx")
+    loaded = SearchIndex.load(tmp_path / "idx")
+    assert len(loaded) == len(index) == 20
+    assert loaded.threshold == index.threshold and loaded.aggregation == "max"
+    for q in dirs:
+        assert loaded.answer(q) == index.answer(q)
+
+
+def test_extending_a_saved_index_embeds_and_writes_only_the_new_photos(tmp_path):
+    """A product added tonight becomes searchable: its photos go into one new chunk; the old
+    chunk is not rewritten and photos already enrolled are skipped."""
+    root = tmp_path / "idx"
+    index = SearchIndex(_vector_embedder())
+    _catalogue(index)
+    index.save(root)
+    old_chunk = root / "chunks" / "000000.npz"
+    before = old_chunk.stat().st_mtime_ns, old_chunk.read_bytes()
+
+    tonight = SearchIndex.load(root)
+    new_dir = _catalogue(tonight, n_products=1, photos=3, seed=9, first_id=900)[0]
+    again = tonight.add_vectors(np.ones((1, 8)), [100], ["photo-100-0"])  # already enrolled
+    assert again == 0
+    tonight.save(root)
+
+    assert sorted(p.name for p in (root / "chunks").glob("*.npz")) == ["000000.npz", "000001.npz"]
+    assert (old_chunk.stat().st_mtime_ns, old_chunk.read_bytes()) == before
+    reloaded = SearchIndex.load(root)
+    assert len(reloaded) == 23
+    assert reloaded.search_vectors(new_dir, 1)[0][0].product_id == 900
+    assert len(list(root.glob("ann-*.faiss"))) == 1
+
+
+def test_index_moves_to_an_ivf_structure_when_it_outgrows_exact_search(monkeypatch, tmp_path):
+    """Crossing the size limit rebuilds the ANN from the stored vectors (nothing re-embedded);
+    results stay right and the IVF structure is what is saved and reloaded."""
+    monkeypatch.setattr(search_index, "EXACT_BELOW", 100)
+    index = SearchIndex(_vector_embedder(), nprobe=64)
+    dirs = _catalogue(index, n_products=10, photos=5)
+    assert index.config()["ann"] == "Flat"
+    _catalogue(index, n_products=10, photos=30, seed=1, first_id=500)
+    assert index.config()["ann"].startswith("IVF")
+    index.save(tmp_path / "idx")
+    loaded = SearchIndex.load(tmp_path / "idx")
+    assert loaded.config()["ann"].startswith("IVF")
+    assert [h[0].product_id for h in loaded.search_vectors(dirs[:3], 1)] == [100, 101, 102]
+
+
+def test_loading_something_that_is_not_an_index_says_what_is_missing(tmp_path):
+    with pytest.raises(SearchIndexError, match="index.json missing"):
+        SearchIndex.load(tmp_path)
+
+
+# --- photos end to end: embedder, index, command line -------------------------------------------
+SHAPES = {1: ("red", "ellipse"), 2: ("blue", "rectangle"), 3: ("green", "triangle"),
+          4: ("orange", "ellipse")}
+
+
+def _photo(product: int, variant: int) -> Image.Image:
+    colour, shape = SHAPES[product]
+    rng = np.random.default_rng(product * 100 + variant)
+    img = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(180, 255, 3)))
+    draw = ImageDraw.Draw(img)
+    x0, y0 = rng.integers(4, 16, 2)
+    box = (int(x0), int(y0), int(x0) + 40, int(y0) + 40)
+    if shape == "ellipse":
+        draw.ellipse(box, fill=colour)
+    elif shape == "rectangle":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])],
+                     fill=colour)
+    return img
+
+
+@pytest.fixture(scope="module")
+def photo_index(tmp_path_factory):
+    """A calibrated index over drawn photos of 4 products, saved, and the photo files."""
+    root = tmp_path_factory.mktemp("search")
+    settings = Settings().with_overrides(model_init="random")
+    base = Embedder("efficientnet_lite0", 32, settings=settings)
+    photos = {(p, v): _photo(p, v) for p in SHAPES for v in range(3)}
+    trained = train_embedding(base, list(photos.values()), [p for p, _ in photos], views=1,
+                              cfg=HeadTraining(dim=16, epochs=2))
+    index = SearchIndex(trained)
+    index.add_products([{"product_id": p, "name": f"{c} {s}"} for p, (c, s) in SHAPES.items()])
+    index.add_photos([(img, p, f"p{p}-{v}") for (p, v), img in photos.items()])
+    files = []
+    for (p, v), img in photos.items():
+        files.append(root / f"p{p}-{v}.png")
+        img.save(files[-1])
+    index.calibrate(index.embedder.embed_decoded(list(photos.values())), [p for p, _ in photos])
+    index.save(root / "index")
+    return root / "index", files, trained
+
+
+def test_trained_embedder_saves_and_reloads_to_the_same_vectors(photo_index, tmp_path):
+    _, files, trained = photo_index
+    assert trained.trained and trained.dim == 16
+    trained.save(tmp_path / "emb")
+    loaded = Embedder.load(tmp_path / "emb", trained.settings)
+    imgs = [Image.open(f).convert("RGB") for f in files[:3]]
+    a, b = trained.embed_decoded(imgs), loaded.embed_decoded(imgs)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+
+
+def test_fine_tuned_embedder_changes_its_backbone_and_keeps_it_through_save_and_load(tmp_path):
+    """Fine-tuning the top block moves the backbone away from its starting weights (the base
+    embedder is left as it was), and a reloaded embedder computes the same vectors."""
+    # ImageNet weights: a random-initialised backbone's features are too small to train.
+    base = Embedder("efficientnet_lite0", 32, settings=Settings())
+    imgs = [_photo(p, v) for p in SHAPES for v in range(2)]
+    before = base.model.get_layer("head_conv").get_weights()[0].copy()
+    tuned = finetune_embedding(base, imgs, [p for p in SHAPES for _ in range(2)], blocks=1,
+                               epochs=2, views=0, cfg=HeadTraining(dim=8, epochs=1))
+    assert tuned.tuned_blocks == 1 and tuned.model is not base.model
+    assert tuned.report["finetune"]["trainable_backbone_params"] > 0
+    np.testing.assert_array_equal(base.model.get_layer("head_conv").get_weights()[0], before)
+    assert not np.array_equal(tuned.model.get_layer("head_conv").get_weights()[0], before)
+    tuned.save(tmp_path / "emb")
+    loaded = Embedder.load(tmp_path / "emb")
+    np.testing.assert_allclose(loaded.embed_decoded(imgs), tuned.embed_decoded(imgs), atol=1e-5)
+
+
+def _run_cli(argv) -> tuple[int, list[dict], str]:
+    from modeling import search
+
+    out, err = io.StringIO(), io.StringIO()
+    code = search.main(argv, out=out, err=err)
+    return code, [json.loads(line) for line in out.getvalue().splitlines()], err.getvalue()
+
+
+def test_search_cli_prints_one_json_line_per_photo_with_scored_products(photo_index):
+    index_dir, files, _ = photo_index
+    code, lines, _ = _run_cli(["--index", str(index_dir), str(files[0]), str(files[4])])
+    assert code == 0
+    assert [line["image"] for line in lines] == [str(files[0]), str(files[4])]
+    for line in lines:
+        assert set(line) == {"image", "top", "confident"}
+        assert len(line["top"]) == 3 and isinstance(line["confident"], bool)
+        assert set(line["top"][0]) == {"product_id", "name", "score"}
+    # An enrolled photo is closest to its own product's prototype.
+    assert lines[0]["top"][0]["product_id"] == 1 and 0 < lines[0]["top"][0]["score"] <= 1
+    assert lines[1]["top"][0]["product_id"] == 2
+
+
+def test_search_cli_reports_an_unreadable_photo_on_its_line_and_exits_2(photo_index, tmp_path):
+    index_dir, files, _ = photo_index
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a photo")
+    code, lines, err = _run_cli(["--index", str(index_dir), str(bad), str(files[0])])
+    assert code == 2
+    assert lines[0]["image"] == str(bad) and "not a readable image" in lines[0]["error"]
+    assert lines[1]["top"][0]["product_id"] == 1  # the good photo is still answered
+    assert "1 of 2 photo(s) could not be read" in err
+
+
+def test_search_cli_refuses_a_directory_that_is_not_an_index(tmp_path):
+    photo = tmp_path / "a.png"
+    _photo(1, 0).save(photo)
+    code, lines, err = _run_cli(["--index", str(tmp_path), str(photo)])
+    assert code == 2 and lines == [] and "not a search index" in err
+
+
+def test_search_is_a_modeling_command(photo_index, capsys):
+    from modeling.__main__ import main
+
+    index_dir, files, _ = photo_index
+    assert main(["search", "--index", str(index_dir), str(files[8])]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert line["top"][0]["product_id"] == 3
+    assert main(["search", "--index", str(index_dir)]) == 2  # no photo given: usage error
