@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN := .run
 
-.PHONY: all venv deps test test-fast demo demo-up demo-down benchmarks clean
+.PHONY: all venv deps test test-fast demo demo-up demo-down serve benchmarks clean
 
 all: test
 
@@ -44,6 +44,14 @@ test: venv deps
 # a real Airflow (CeleryExecutor, Redis); prints the run summary and stops what it started.
 demo: venv deps
 	$(PY) -m shoplens.dev.demo --state-dir $(RUN)
+
+# The product search page and POST /search on http://127.0.0.1:$(SEARCH_PORT)/ over the index in
+# $(SEARCH_INDEX); a newer index saved there is picked up without restart.
+SEARCH_INDEX ?= $(RUN)/search-index
+SEARCH_PORT ?= 8090
+serve: venv
+	@test -f $(SEARCH_INDEX)/index.json || { echo "no search index in $(SEARCH_INDEX): run \`make demo\` first (or set SEARCH_INDEX=DIR)"; exit 2; }
+	$(PY) -m modeling serve --index $(SEARCH_INDEX) --port $(SEARCH_PORT)
 
 benchmarks: venv deps
 	$(PY) benchmarks/crawl.py

@@ -77,7 +77,7 @@ def test_compose_refuses_to_start_without_the_secrets(tmp_path):
 def test_the_production_shape_has_every_service(config):
     services = config["services"]
     assert {"postgres", "redis", "minio", "minio-init", "airflow-init", "detector-init",
-            *AIRFLOW_COMPONENTS, "worker-crawl", "worker-training"} <= set(services)
+            *AIRFLOW_COMPONENTS, "worker-crawl", "worker-training", "search"} <= set(services)
     env = services["scheduler"]["environment"]
     assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:")
@@ -90,10 +90,11 @@ def test_the_production_shape_has_every_service(config):
     assert 'mc mb --ignore-existing "local/$SHOPLENS_S3_BUCKET"' in init
 
 
-def test_only_the_ui_and_the_minio_console_are_published_and_only_on_loopback(config):
+def test_only_the_ui_the_search_page_and_the_minio_console_are_published_on_loopback(config):
     published = {(name, p["target"], p.get("host_ip")) for name, s in config["services"].items()
                  for p in s.get("ports", [])}
-    assert published == {("api-server", 8080, "127.0.0.1"), ("minio", 9001, "127.0.0.1")}
+    assert published == {("api-server", 8080, "127.0.0.1"), ("minio", 9001, "127.0.0.1"),
+                         ("search", 8090, "127.0.0.1")}
 
 
 def test_every_long_running_service_has_a_health_check_and_starts_after_init(config):

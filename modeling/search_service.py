@@ -1,0 +1,302 @@
+"""``shoplens serve --index DIR [--port N]``: the product search over HTTP, and a page for people.
+
+- ``GET /``: a self-contained page (no external assets: shop machines may be offline) where a
+  person uploads or takes a photo and sees the top-3 products with score, and the catalogue
+  thumbnail, price and shop link when the index's product table carries them (``thumbnail_url``,
+  ``price``, ``url``), or "no confident match".
+- ``POST /search``: multipart upload (field ``photo``) -> ``{"top": [{product_id, name, score,
+  ...details}], "confident", "index"}``. The photo goes through the one decoder
+  (``shoplens.photos``) with the configured byte and pixel caps; a refused photo is a 4xx whose
+  JSON says ``{"error": <reason code>, "message": <for people>}``: no file 400, empty 400, too
+  many bytes or pixels (decompression bomb) 413, not an image or an unsupported format 415, a
+  cut-off or corrupt image 422. The request body itself is cut off at the byte cap (plus room
+  for the multipart envelope) before it is all read.
+- ``GET /healthz``: the loaded index (built_at, vectors, products).
+
+The index directory is watched: on each request ``index.json``'s identity (inode, mtime, size)
+is compared with the loaded one; a changed file (``SearchIndex.save`` replaces it atomically,
+last) is loaded and swapped in whole, so requests never see half of two indexes. A new index
+that fails to load is logged and the previous one keeps serving.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+from shoplens.config import Settings
+from shoplens.photos import PhotoLimits, PhotoRejected, decode_photo
+
+log = logging.getLogger(__name__)
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+DEFAULT_PORT = 8090
+TOP_K = 3
+# Room for the multipart envelope (boundaries, headers, the file name) around the photo bytes.
+MULTIPART_OVERHEAD = 64 * 1024
+# Product table fields shown on the page when present (extra keys of ``add_products``).
+PRODUCT_DETAILS = ("price", "url", "thumbnail_url")
+# Decoder reason -> HTTP status for a refused photo.
+REASON_STATUS = {"empty_image": 400, "image_too_large": 413, "not_image": 415,
+                 "unsupported_format": 415, "wrong_content_type": 415,
+                 "truncated_image": 422, "corrupt_image": 422}
+
+
+class IndexHolder:
+    """The search index currently served, replaced whole when the directory holds a newer one."""
+
+    def __init__(self, root: str | Path, settings: Settings | None = None):
+        from modeling.search_index import INDEX_FILE, SearchIndex
+
+        self.root = Path(root)
+        self.settings = settings
+        self._index_file = self.root / INDEX_FILE
+        self._load = SearchIndex.load
+        self._lock = threading.Lock()
+        self._stamp = self._identity()
+        self.index = self._load(self.root, settings)  # SearchIndexError: not an index, fail now
+        self.embed_lock = threading.Lock()  # one embedding at a time: Keras models are not re-entrant
+
+    def _identity(self):
+        try:
+            st = os.stat(self._index_file)
+        except OSError:
+            return None
+        # A replaced file (os.replace) has a new inode even within one mtime tick.
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def current(self):
+        """The index to answer with: reloaded first when index.json changed."""
+        stamp = self._identity()
+        if stamp is None or stamp == self._stamp:
+            return self.index
+        with self._lock:
+            if stamp != self._stamp:  # another request may have loaded it meanwhile
+                try:
+                    fresh = self._load(self.root, self.settings)
+                except Exception as exc:  # noqa: BLE001 - keep serving the previous index
+                    log.warning("new search index in %s not loaded, previous kept: %s",
+                                self.root, exc)
+                else:
+                    self.index = fresh  # one assignment: requests see the old or the new whole
+                    log.info("search index reloaded: %s vectors, built %s", len(fresh),
+                             fresh.built_at)
+                self._stamp = stamp  # a broken one is not retried until it changes again
+        return self.index
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 without being read whole
+    (refused from Content-Length when declared, else counted while it streams in)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send, int(declared))
+        seen = 0
+        started = False
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(send, seen)
+
+    async def _refuse(self, send, size: int):
+        response = _error(413, "image_too_large",
+                          f"request body {size} bytes > limit {self.max_bytes} bytes")
+        await response({"type": "http"}, None, send)
+
+
+def _error(status: int, reason: str, message: str):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": reason, "message": message}, status_code=status)
+
+
+def create_app(index: str | Path | IndexHolder, settings: Settings | None = None):
+    """The FastAPI app over an index directory (or an ``IndexHolder``)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+
+    settings = settings or Settings()
+    limits = PhotoLimits.from_settings(settings)
+    holder = index if isinstance(index, IndexHolder) else IndexHolder(index, settings)
+    app = FastAPI(title="shoplens search", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.holder = holder
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):  # one error shape for every 4xx
+        return _error(exc.status_code, "bad_request", str(exc.detail))
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return PAGE
+
+    @app.get("/healthz")
+    def health():
+        idx = holder.current()
+        return {"status": "ok", "index": _index_summary(idx)}
+
+    @app.post("/search")
+    async def search(request: Request):
+        form = await request.form(max_files=1, max_fields=8)
+        photo = form.get("photo")
+        if not isinstance(photo, UploadFile):
+            return _error(400, "no_file", "no photo uploaded: send multipart/form-data with the "
+                          "image in a field named 'photo'")
+        data = await photo.read()
+        try:
+            image = decode_photo(data, limits).image
+        except PhotoRejected as exc:
+            return _error(REASON_STATUS.get(exc.reason, 422), exc.reason,
+                          f"{photo.filename or 'photo'}: {exc.message}")
+        idx = holder.current()
+
+        def embed():
+            with holder.embed_lock:
+                return idx.embedder.embed_decoded([image])[0]
+
+        answer = idx.answer(await run_in_threadpool(embed), TOP_K)
+        for hit in answer["top"]:
+            product = idx.products.get(hit["product_id"], {})
+            hit.update({k: product[k] for k in PRODUCT_DETAILS if product.get(k) is not None})
+        return {**answer, "index": _index_summary(idx)}
+
+    app.add_middleware(BodyLimit, max_bytes=limits.max_bytes + MULTIPART_OVERHEAD)
+    return app
+
+
+def _index_summary(idx) -> dict:
+    return {"built_at": idx.built_at, "vectors": len(idx), "products": len(idx.products)}
+
+
+def parser() -> argparse.ArgumentParser:
+    from shoplens.cli import argument_parser
+
+    p = argument_parser("python -m modeling serve", main.__doc__, json_flag=False)
+    p.add_argument("--index", required=True, help="search index directory (shoplens search's)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the product search page and POST /search over a search index (reloads a new index)"""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    from modeling.search_index import INDEX_FILE, SearchIndexError
+
+    if not (Path(args.index) / INDEX_FILE).is_file():
+        print(f"error: no search index in {args.index} ({INDEX_FILE} missing): build one first "
+              "(`make demo`, once the demo builds an index, or SearchIndex.save)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    settings = Settings.from_env()
+    try:
+        app = create_app(args.index, settings)
+    except SearchIndexError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    import uvicorn
+
+    print(f"shoplens search on http://{args.host}:{args.port}/ (index {args.index})",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return EXIT_OK
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>shoplens: find a product by photo</title>
+<style>
+ body{font-family:system-ui,sans-serif;max-width:40rem;margin:1rem auto;padding:0 1rem;color:#222}
+ h1{font-size:1.3rem} label.pick{display:inline-block;padding:.7rem 1.2rem;background:#1f6feb;
+ color:#fff;border-radius:.4rem;cursor:pointer} input[type=file]{display:none}
+ #preview{max-width:10rem;max-height:10rem;display:block;margin:1rem 0}
+ ol{padding:0;list-style:none} li{display:flex;gap:.8rem;align-items:center;border:1px solid #ddd;
+ border-radius:.4rem;padding:.5rem;margin:.4rem 0} li img{width:4rem;height:4rem;object-fit:cover}
+ .score{color:#666;font-size:.9rem} .none{color:#a40} .error{color:#b00}
+</style></head><body>
+<h1>Find a product by photo</h1>
+<label class="pick">Upload or take a photo
+ <input id="photo" type="file" name="photo" accept="image/*" capture="environment"></label>
+<img id="preview" alt="" hidden>
+<p id="status" role="status"></p>
+<ol id="results"></ol>
+<script>
+const input = document.getElementById("photo"), status = document.getElementById("status"),
+      results = document.getElementById("results"), preview = document.getElementById("preview");
+function el(tag, attrs, text) {
+  const e = document.createElement(tag);
+  Object.entries(attrs || {}).forEach(([k, v]) => e.setAttribute(k, v));
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+input.addEventListener("change", async () => {
+  const file = input.files[0];
+  if (!file) return;
+  preview.src = URL.createObjectURL(file); preview.hidden = false;
+  results.replaceChildren(); status.className = ""; status.textContent = "Searching\u2026";
+  const body = new FormData(); body.append("photo", file);
+  let answer;
+  try {
+    const response = await fetch("search", {method: "POST", body});
+    answer = await response.json();
+    if (!response.ok) throw new Error(answer.message || response.statusText);
+  } catch (err) {
+    status.className = "error"; status.textContent = "Could not search: " + err.message; return;
+  }
+  if (!answer.confident) {
+    status.className = "none";
+    status.textContent = "No confident match. Closest products:";
+  } else status.textContent = "Best matches:";
+  for (const hit of answer.top) {
+    const li = el("li", {"data-product-id": hit.product_id});
+    if (hit.thumbnail_url) li.append(el("img", {src: hit.thumbnail_url, alt: ""}));
+    const text = el("div");
+    const name = hit.url ? el("a", {href: hit.url, rel: "noopener"}, hit.name)
+                         : el("strong", {}, hit.name);
+    name.className = "name"; text.append(name);
+    if (hit.price !== undefined) text.append(el("div", {class: "price"}, String(hit.price)));
+    text.append(el("div", {class: "score"}, "score " + hit.score.toFixed(3)));
+    li.append(text); results.append(li);
+  }
+});
+</script></body></html>
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
