@@ -23,7 +23,9 @@ through the detector one at a time; ``benchmarks/stage_scaling.py`` measures wha
 """
 from __future__ import annotations
 
+import functools
 import logging
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -64,8 +66,16 @@ def features_for(detector: Detector, data: bytes, category_id: str | None = None
 
 
 def load_detector(settings: Settings) -> Detector:
-    return Detector(settings.detector_model_path, min_score=settings.detector_store_min_score,
-                    threads=settings.detector_threads)
+    """The configured detector, loaded once per worker process (every batch it runs reuses it)."""
+    return _detector(str(Path(settings.detector_model_path).expanduser()),
+                     settings.detector_store_min_score, settings.detector_threads,
+                     model_version(settings.detector_model_path))
+
+
+@functools.lru_cache(maxsize=2)
+def _detector(path: str, min_score: float, threads: int, version: str) -> Detector:
+    # ``version`` is in the key so a replaced model file is loaded afresh.
+    return Detector(path, min_score=min_score, threads=threads)
 
 
 def _start_run(conn: sa.Connection, run_key: str, detector_version: str, params: dict) -> int:
