@@ -50,6 +50,8 @@ sys.path.insert(0, str(REPO))
 
 import sqlalchemy as sa  # noqa: E402
 
+from benchmarks.procstat import machine_busy_seconds  # noqa: E402  (namespace package)
+
 PG_SERVER = os.environ.get("SHOPLENS_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 VARIANTS = 5  # photos per rendered photo
 
@@ -167,12 +169,17 @@ def snapshot(settings) -> dict:
 # --------------------------------------------------------------------------------------------
 def worker(settings, stage: str, queue, results, ready, go) -> None:
     """One worker process: take batches until the queue is empty (as a Celery worker would)."""
+    # Its own session, hence its own scheduler autogroup, as a separately started Celery worker
+    # has: with autogroups on (this machine), every process of one session shares one CPU share,
+    # so two workers of one session could never get more CPU than one.
+    os.setsid()
     from dataset.dedup import stage as dedup
     from dataset.filter import stage as filter_stage
 
     detector = filter_stage.load_detector(settings) if stage == "filter" else None
     ready.wait()
     go.wait()
+    cpu_started = time.process_time()
     while True:
         batch = queue.get()
         if batch is None:
@@ -181,7 +188,7 @@ def worker(settings, stage: str, queue, results, ready, go) -> None:
             out = dedup.hash_batch(settings, batch)
         else:
             out = filter_stage.detect_batch(settings, batch, detector)
-        results.put((os.getpid(), out, time.perf_counter()))
+        results.put((os.getpid(), out, time.perf_counter(), time.process_time() - cpu_started))
 
 
 def run_workers(settings, stage: str, n: int) -> dict:
@@ -205,22 +212,30 @@ def run_workers(settings, stage: str, n: int) -> dict:
         p.start()
     ready.wait()  # every worker has imported and loaded its detector
     load_before = load()
+    busy_before = machine_busy_seconds()
     started = time.perf_counter()
     go.wait()
-    outs, by_worker, last = [], {}, started
+    outs, by_worker, cpu, last = [], {}, {}, started
     for _ in plan:
-        pid, out, finished = results.get(timeout=3600)
+        pid, out, finished, cpu_seconds = results.get(timeout=3600)
         outs.append(out)
         by_worker[pid] = by_worker.get(pid, 0) + 1
+        cpu[pid] = max(cpu.get(pid, 0.0), cpu_seconds)
         last = max(last, finished)
+    busy = machine_busy_seconds() - busy_before
     for p in procs:
         p.join()
     seconds = last - started
+    photos = sum(o.get("hashed", o.get("inspected", 0)) for o in outs)
     decide_started = time.perf_counter()
     module.decide(settings, "night", outs)
-    return {"workers": n, "stage": stage, "batches": len(plan),
-            "photos": sum(o.get("hashed", o.get("inspected", 0)) for o in outs),
+    return {"workers": n, "stage": stage, "batches": len(plan), "photos": photos,
             "seconds": round(seconds, 2), "batches_per_worker": sorted(by_worker.values()),
+            # CPU of the worker processes (their prefetch and onnxruntime threads included) per
+            # photo, and the share of the machine's busy core-seconds they got in the window.
+            "worker_cpu_ms_per_photo": round(1000 * sum(cpu.values()) / max(photos, 1), 2),
+            "worker_cpu_s": sorted(round(c, 2) for c in cpu.values()),
+            "machine_busy_core_s": round(busy, 2),
             "decide_seconds": round(time.perf_counter() - decide_started, 2),
             "load_before": load_before, "load_after": load()}
 
@@ -359,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         engine_for(ratio_url).dispose()
 
         # (b) 1 vs 2 workers, alternating.
-        order = [1, 2, 2, 1] * ((args.rounds + 1) // 2)
+        order = [1, 2, 2, 1] * (args.rounds // 2 + 1)
         order = order[:2 * args.rounds]
         runs, first_snapshot, identical = [], None, True
         for n in order:
@@ -374,7 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         for stage in ("dedup", "filter"):
             one = statistics.median(r["seconds"] for r in runs if r["stage"] == stage and r["workers"] == 1)
             two = statistics.median(r["seconds"] for r in runs if r["stage"] == stage and r["workers"] == 2)
+            cpu = {n: statistics.median(r["worker_cpu_ms_per_photo"] for r in runs
+                                        if r["stage"] == stage and r["workers"] == n) for n in (1, 2)}
             scaling[stage] = {"seconds_1_worker": one, "seconds_2_workers": two,
+                              "worker_cpu_ms_per_photo_1_worker": cpu[1],
+                              "worker_cpu_ms_per_photo_2_workers": cpu[2],
                               "photos_per_s_1_worker": round(len(photos) / one, 1),
                               "photos_per_s_2_workers": round(len(photos) / two, 1),
                               "speedup_2_over_1": round(one / two, 3), "target": 1.7}
