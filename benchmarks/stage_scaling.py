@@ -50,7 +50,9 @@ sys.path.insert(0, str(REPO))
 
 import sqlalchemy as sa  # noqa: E402
 
-from benchmarks.procstat import machine_busy_seconds  # noqa: E402  (namespace package)
+from benchmarks.procstat import cpu_seconds, machine_busy_seconds  # noqa: E402
+
+STORE_PID: list[int] = []  # the SeaweedFS process, for its CPU seconds
 
 PG_SERVER = os.environ.get("SHOPLENS_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 VARIANTS = 5  # photos per rendered photo
@@ -209,20 +211,23 @@ def run_workers(settings, stage: str, n: int) -> dict:
     procs = [ctx.Process(target=worker, args=(settings, stage, queue, results, ready, go))
              for _ in range(n)]
     for p in procs:
+        p.daemon = True  # a failing benchmark takes its workers with it
         p.start()
     ready.wait()  # every worker has imported and loaded its detector
     load_before = load()
     busy_before = machine_busy_seconds()
+    store_before = cpu_seconds(f"/proc/{STORE_PID[0]}/stat")[0] if STORE_PID else 0.0
     started = time.perf_counter()
     go.wait()
     outs, by_worker, cpu, last = [], {}, {}, started
     for _ in plan:
-        pid, out, finished, cpu_seconds = results.get(timeout=3600)
+        pid, out, finished, worker_cpu = results.get(timeout=3600)
         outs.append(out)
         by_worker[pid] = by_worker.get(pid, 0) + 1
-        cpu[pid] = max(cpu.get(pid, 0.0), cpu_seconds)
+        cpu[pid] = max(cpu.get(pid, 0.0), worker_cpu)
         last = max(last, finished)
     busy = machine_busy_seconds() - busy_before
+    store_cpu = (cpu_seconds(f"/proc/{STORE_PID[0]}/stat")[0] - store_before) if STORE_PID else 0.0
     for p in procs:
         p.join()
     seconds = last - started
@@ -236,6 +241,8 @@ def run_workers(settings, stage: str, n: int) -> dict:
             "worker_cpu_ms_per_photo": round(1000 * sum(cpu.values()) / max(photos, 1), 2),
             "worker_cpu_s": sorted(round(c, 2) for c in cpu.values()),
             "machine_busy_core_s": round(busy, 2),
+            # SeaweedFS serving the GETs (one process here), per photo.
+            "object_store_cpu_ms_per_photo": round(1000 * store_cpu / max(photos, 1), 2),
             "decide_seconds": round(time.perf_counter() - decide_started, 2),
             "load_before": load_before, "load_after": load()}
 
@@ -324,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--photos", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=2, help="rounds of (1 worker, 2 workers)")
     ap.add_argument("--ratio-photos", type=int, default=300)
-    ap.add_argument("--ratio-rounds", type=int, default=3)
+    ap.add_argument("--ratio-rounds", type=int, default=3, help="0: skip (a) and (c)")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--shared", default=os.environ.get("SHOPLENS_SHARED_DIR", str(REPO.parent / "shared")))
     ap.add_argument("--out", default=str(REPO / "results" / "stage_scaling.json"))
@@ -345,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     weed = SeaweedFS(Path(tempfile.mkdtemp(prefix="stage-scaling-")), free_port_block(12),
                      "bench", "bench-secret-key")
     weed.start()
+    STORE_PID.append(weed.pid)
     admin = sa.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
     try:
         url = f"{PG_SERVER}/{name}"
@@ -360,18 +368,19 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(), "photos": len(photos), "batch": args.batch,
             "load_at_start": load(),
         }
-        # (a) on a second manifest and bucket holding the first --ratio-photos photos.
-        subset = photos[:args.ratio_photos]
-        result["intra_op_threads"] = intra_op_threads(str(model))
-        print(json.dumps(result["intra_op_threads"]), file=sys.stderr)
-        ratio_url = f"{PG_SERVER}/{name}_ratio"
-        upgrade(ratio_url)
-        ratio_settings = base.with_overrides(manifest_url=ratio_url, s3_bucket="bench-ratio")
-        seed_manifest(ratio_settings, subset)
-        result["stage_over_bare"] = stage_over_bare(ratio_settings, subset, args.ratio_rounds)
-        print(json.dumps({k: v["ratio_stage_over_bare"] for k, v in result["stage_over_bare"].items()}),
-              file=sys.stderr)
-        engine_for(ratio_url).dispose()
+        if args.ratio_rounds:  # (a) and (c); 0 measures (b) only
+            result["intra_op_threads"] = intra_op_threads(str(model))
+            print(json.dumps(result["intra_op_threads"]), file=sys.stderr)
+            # (a) on a second manifest and bucket holding the first --ratio-photos photos.
+            ratio_url = f"{PG_SERVER}/{name}_ratio"
+            upgrade(ratio_url)
+            ratio_settings = base.with_overrides(manifest_url=ratio_url, s3_bucket="bench-ratio")
+            subset = photos[:args.ratio_photos]
+            seed_manifest(ratio_settings, subset)
+            result["stage_over_bare"] = stage_over_bare(ratio_settings, subset, args.ratio_rounds)
+            print(json.dumps({k: v["ratio_stage_over_bare"]
+                              for k, v in result["stage_over_bare"].items()}), file=sys.stderr)
+            engine_for(ratio_url).dispose()
 
         # (b) 1 vs 2 workers, alternating.
         order = [1, 2, 2, 1] * (args.rounds // 2 + 1)
@@ -387,16 +396,25 @@ def main(argv: list[str] | None = None) -> int:
             identical = identical and shot == first_snapshot
         scaling = {}
         for stage in ("dedup", "filter"):
-            one = statistics.median(r["seconds"] for r in runs if r["stage"] == stage and r["workers"] == 1)
-            two = statistics.median(r["seconds"] for r in runs if r["stage"] == stage and r["workers"] == 2)
-            cpu = {n: statistics.median(r["worker_cpu_ms_per_photo"] for r in runs
-                                        if r["stage"] == stage and r["workers"] == n) for n in (1, 2)}
-            scaling[stage] = {"seconds_1_worker": one, "seconds_2_workers": two,
-                              "worker_cpu_ms_per_photo_1_worker": cpu[1],
-                              "worker_cpu_ms_per_photo_2_workers": cpu[2],
-                              "photos_per_s_1_worker": round(len(photos) / one, 1),
-                              "photos_per_s_2_workers": round(len(photos) / two, 1),
-                              "speedup_2_over_1": round(one / two, 3), "target": 1.7}
+            mine = [r for r in runs if r["stage"] == stage]
+            # Rounds run in pairs (1, 2), (2, 1), ...: each pair's ratio compares runs minutes
+            # apart, under about the same load from others; the median is over pairs.
+            paired = [a["seconds"] / b["seconds"] if a["workers"] == 1 else b["seconds"] / a["seconds"]
+                      for a, b in zip(mine[0::2], mine[1::2])]
+            one = [r for r in mine if r["workers"] == 1]
+            two = [r for r in mine if r["workers"] == 2]
+            scaling[stage] = {
+                "speedup_2_over_1_paired_median": round(statistics.median(paired), 3),
+                "speedup_per_pair": [round(x, 3) for x in paired],
+                "seconds_1_worker": [r["seconds"] for r in one],
+                "seconds_2_workers": [r["seconds"] for r in two],
+                "worker_cpu_ms_per_photo_1_worker": statistics.median(
+                    r["worker_cpu_ms_per_photo"] for r in one),
+                "worker_cpu_ms_per_photo_2_workers": statistics.median(
+                    r["worker_cpu_ms_per_photo"] for r in two),
+                "object_store_cpu_ms_per_photo": statistics.median(
+                    r["object_store_cpu_ms_per_photo"] for r in mine),
+                "target": 1.7}
         result["workers"] = {"order": order, "scaling": scaling, "identical_rows": identical,
                              "rows_compared": {k: len(v) for k, v in (first_snapshot or {}).items()},
                              "runs": runs}
