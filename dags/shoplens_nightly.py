@@ -1,7 +1,8 @@
 """shoplens nightly: crawl review photos -> dedup -> filter -> build a dataset version.
 
 Thin by design: each task calls one stage entry in the packages (logic testable there without
-Airflow) through ``ops.run_stage``, which records its duration and data volume. Params let a manual
+Airflow) through ``ops.run_stage``, which records its duration and data volume. Dedup hashing and
+filter detection are mapped over their plan's batches: every worker takes some; a retry redoes one. Params let a manual
 run from the UI override the configured defaults; failures alert through ``FailureAlert``.
 """
 from __future__ import annotations
@@ -36,12 +37,12 @@ def _settings():
     return Settings.from_env().with_overrides(**{k: params.get(k) for k in keys if params.get(k)})
 
 
-def _stage(name: str, entry, *args, settings=None):
+def _stage(name: str, entry, *args, settings=None, **kwargs):
     """Run one stage entry for this DAG run, recording its metrics."""
     from shoplens import ops
 
     settings, run_key = settings or _settings(), get_current_context()["run_id"]
-    return ops.run_stage(settings, run_key, name, entry, settings, *args, run_key)
+    return ops.run_stage(settings, run_key, name, entry, settings, *args, run_key, **kwargs)
 
 
 @dag(
@@ -86,16 +87,34 @@ def shoplens_nightly():
         return _stage("crawl", finish_run)
 
     @task
-    def dedup(_crawl: dict) -> dict:
+    def dedup_plan(_crawl: dict) -> list[dict]:
         from dataset.dedup import stage
-
-        return _stage("dedup", stage.run)
+        return [b.as_dict() for b in stage.plan_batches(_settings(), get_current_context()["run_id"])]
 
     @task
-    def filter_photos(_dedup: dict) -> dict:
-        from dataset.filter import stage
+    def dedup_hash(batch: dict) -> dict:
+        from dataset.dedup import stage
+        return stage.hash_batch(_settings(), batch)
 
-        return _stage("filter", stage.run)  # its log line links the run report
+    @task(trigger_rule="none_failed")  # runs after zero batches (a night without new photos) too
+    def dedup(hashed: list[dict]) -> dict:
+        from dataset.dedup import stage
+        return _stage("dedup", stage.decide, hashing=list(hashed))
+
+    @task
+    def filter_plan(_dedup: dict) -> list[dict]:
+        from dataset.filter import stage
+        return [b.as_dict() for b in stage.plan_batches(_settings(), get_current_context()["run_id"])]
+
+    @task
+    def filter_detect(batch: dict) -> dict:
+        from dataset.filter import stage
+        return stage.detect_batch(_settings(), batch)
+
+    @task(trigger_rule="none_failed")
+    def filter_photos(detected: list[dict]) -> dict:
+        from dataset.filter import stage
+        return _stage("filter", stage.decide, detection=list(detected))
 
     @task(outlets=[DATASET_VERSION])
     def build_dataset(_filter: dict) -> dict:
@@ -121,7 +140,9 @@ def shoplens_nightly():
     categories = start_run()
     crawled = finish_crawl(crawl_category.expand(category_id=categories))
     # A teardown runs even after a failure and does not decide the run's state: the stages do.
-    build_dataset(filter_photos(dedup(crawled))) >> run_summary().as_teardown(setups=categories)
+    deduped = dedup(dedup_hash.expand(batch=dedup_plan(crawled)))
+    filtered = filter_photos(filter_detect.expand(batch=filter_plan(deduped)))
+    build_dataset(filtered) >> run_summary().as_teardown(setups=categories)
 
 
 shoplens_nightly()

@@ -150,7 +150,7 @@ class Settings:
     # Near-duplicates: pHash distance + dHash distance <= this (0..128). 25 is the highest-recall
     # value at >= 0.97 precision on the tuning photos of benchmarks/near_duplicates.py.
     dedup_threshold: int = 25
-    # Images hashed per manifest transaction (a crash loses at most one batch of work).
+    # Images per batch (one mapped task, one manifest transaction; a crash loses at most it).
     dedup_hash_batch: int = 200
     # --- filter (dataset.filter.stage) ---------------------------------------------------------------
     # The YOLOX-Nano ONNX file; `python -m dataset models fetch` downloads it here.
@@ -159,6 +159,11 @@ class Settings:
         "https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0/yolox_nano.onnx")
     # Detections at or above this score are stored, so rule thresholds can move without re-running.
     detector_store_min_score: float = 0.05
+    # onnxruntime intra-op threads per worker process; 0 = one per core. Set 1 when several
+    # workers share a machine (each then computes on its own core).
+    detector_threads: int = 0
+    # Images per detection batch (one mapped task, one manifest transaction).
+    filter_detect_batch: int = 200
     filter_min_score: float = 0.25
     filter_min_box_area: float = 0.005
     filter_same_object_iou: float = 0.5

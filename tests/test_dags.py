@@ -25,7 +25,8 @@ def test_every_dag_file_imports_without_errors(dagbag):
 
 def test_nightly_runs_crawl_then_dedup_filter_build(dagbag):
     dag = dagbag.dags["shoplens_nightly"]
-    order = ["start_run", "crawl_category", "finish_crawl", "dedup", "filter_photos", "build_dataset"]
+    order = ["start_run", "crawl_category", "finish_crawl", "dedup_plan", "dedup_hash", "dedup",
+             "filter_plan", "filter_detect", "filter_photos", "build_dataset"]
     for upstream, downstream in zip(order, order[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids, (upstream, downstream)
     assert dag.catchup is False
@@ -42,6 +43,25 @@ def test_crawl_is_mapped_over_categories_and_capped(dagbag):
     assert crawl.max_active_tis_per_dagrun == Settings.from_env().crawl_parallelism
     assert AirflowStack(home=REPO, db_url="", api_port=0).shop_pool_slots == crawl.max_active_tis_per_dagrun
     assert crawl.retries >= 1
+
+
+@pytest.mark.parametrize("plan, batches, decide", [("dedup_plan", "dedup_hash", "dedup"),
+                                                   ("filter_plan", "filter_detect", "filter_photos")])
+def test_per_photo_work_is_mapped_over_the_planned_batches_and_decided_once(dagbag, plan, batches,
+                                                                            decide):
+    """Hashing and detection run as one mapped task instance per planned batch (any worker takes
+    any batch, a retry redoes one batch); the decision over every stored feature is one task that
+    also runs when the plan had no batches (a zero-length map is skipped, not failed)."""
+    dag = dagbag.dags["shoplens_nightly"]
+    mapped = dag.get_task(batches)
+    assert type(mapped).__name__.endswith("MappedOperator")
+    assert set(mapped.upstream_task_ids) == {plan}
+    assert set(mapped.op_kwargs_expand_input.value) == {"batch"}
+    assert mapped.retries >= 1
+    decision = dag.get_task(decide)
+    assert not type(decision).__name__.endswith("MappedOperator")
+    assert set(decision.upstream_task_ids) == {batches}
+    assert decision.trigger_rule == "none_failed"
 
 
 def test_manual_runs_can_override_categories_best_n_caps_and_shop(dagbag):

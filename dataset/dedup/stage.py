@@ -1,13 +1,19 @@
-"""The nightly dedup stage: hash new images, then fold them into the near-duplicate clusters.
+"""The nightly dedup stage: hash new images in batches, then fold them into the near-duplicate clusters.
 
-``run(settings, run_key)``:
-1. hashes (pHash, dHash) every stored image that has no hash of the current ``HASH_VERSION`` yet,
-   reading its bytes from the object store; committed in batches, so a crash keeps what was done;
-2. loads every hash from the manifest and finds the near-duplicates of the images that have no
-   cluster yet (multi-index search over all hashes);
-3. merges them into the existing clusters (clusters are connected components, so new images can
-   only merge clusters), picks each touched cluster's representative (largest resolution, then
-   earliest) and writes only rows that changed, in one transaction.
+Three steps, each callable on its own (the nightly DAG maps :func:`hash_batch` over the plan, so
+several Celery workers share a night), and ``run(settings, run_key)`` doing all three in one
+process (CLI, tests):
+
+1. :func:`plan_batches` cuts the images that have no hash of the current ``HASH_VERSION`` into
+   sha256 ranges (:mod:`shoplens.batches`);
+2. :func:`hash_batch` hashes (pHash, dHash) what in one range is still unhashed, reading the bytes
+   from the object store with reads in flight ahead of the hashing, and upserts the hashes in one
+   transaction: a killed batch writes nothing, a re-run batch writes the same rows;
+3. :func:`decide` loads every hash from the manifest and finds the near-duplicates of the images
+   that have no cluster yet (multi-index search over all hashes), merges them into the existing
+   clusters (clusters are connected components, so new images can only merge clusters), picks
+   each touched cluster's representative (largest resolution, then earliest) and writes only rows
+   that changed, in one transaction.
 
 A changed threshold or hash version re-clusters everything. Rerunning with nothing new writes
 nothing.
@@ -15,7 +21,6 @@ nothing.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +29,8 @@ from sqlalchemy.dialects.postgresql import insert
 
 from dataset.dedup.clusters import DuplicateRule, component_labels, find_pairs, representative_order
 from dataset.dedup.hashing import HASH_VERSION, ImageDecodeError, hamming, hashes_of_bytes
+from shoplens import batches
+from shoplens.batches import Batch
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.manifest.schema import crawl_runs, image_dedup, image_hashes, images
@@ -31,7 +38,7 @@ from shoplens.photos import PhotoLimits
 from shoplens.progress import progress
 from shoplens.store import ObjectStore
 
-READ_THREADS = 4  # object-store reads overlap; hashing a decoded image releases the GIL in Pillow
+STAGE = "dedup"
 
 
 @dataclass(frozen=True)
@@ -48,54 +55,66 @@ def run_id_for(conn: sa.Connection, run_key: str) -> int | None:
     return conn.execute(sa.select(crawl_runs.c.id).where(crawl_runs.c.run_key == run_key)).scalar()
 
 
-def _unhashed(conn: sa.Connection) -> list[tuple[str, str, bool]]:
-    """(sha256, object_key, had_older_hash) of images without a current-version hash."""
-    rows = conn.execute(
-        sa.select(images.c.sha256, images.c.object_key, image_hashes.c.sha256.is_not(None))
-        .select_from(images.outerjoin(image_hashes, image_hashes.c.sha256 == images.c.sha256))
-        .where(sa.or_(image_hashes.c.sha256.is_(None), image_hashes.c.hash_version != HASH_VERSION))
-        .order_by(images.c.sha256))
-    return [tuple(r) for r in rows]
+def _unhashed(conn: sa.Connection, batch: Batch | None = None) -> list[tuple[str, str, bool]]:
+    """(sha256, object_key, had_older_hash) of images without a current-version hash (in a batch's
+    range when given), in sha256 order."""
+    query = (sa.select(images.c.sha256, images.c.object_key, image_hashes.c.sha256.is_not(None))
+             .select_from(images.outerjoin(image_hashes, image_hashes.c.sha256 == images.c.sha256))
+             .where(sa.or_(image_hashes.c.sha256.is_(None), image_hashes.c.hash_version != HASH_VERSION))
+             .order_by(images.c.sha256))
+    if batch is not None:
+        query = query.where(batch.where(images.c.sha256))
+    return [tuple(r) for r in conn.execute(query)]
 
 
-def _hash_one(store: ObjectStore, limits: PhotoLimits, sha256: str, object_key: str):
-    try:
-        return sha256, hashes_of_bytes(store.get_bytes(object_key), limits=limits), None
-    except ImageDecodeError as exc:
-        return sha256, None, f"undecodable: {exc}"
-    except Exception as exc:  # noqa: BLE001 - a missing or unreadable object must not stop the run
-        return sha256, None, f"unreadable object {object_key}: {type(exc).__name__}: {exc}"
+def plan_batches(settings: Settings, run_key: str) -> list[Batch]:
+    """The night's hashing work as sha256-range batches of ``dedup_hash_batch`` images."""
+    with engine_for(settings.manifest_url).connect() as conn:
+        todo = [sha for sha, _, _ in _unhashed(conn)]
+    return batches.plan(todo, stage=STAGE, run_key=run_key, size=settings.dedup_hash_batch,
+                        version=HASH_VERSION)
 
 
-def hash_new_images(settings: Settings, run_id: int | None) -> dict:
-    """Hash every image lacking a current hash; failures are reported, not fatal, and retried next run."""
+def hash_batch(settings: Settings, batch: Batch | dict) -> dict:
+    """Hash what in the batch's range has no current hash; one transaction for the batch's rows.
+    Undecodable or missing objects are reported, not fatal, and retried next night."""
+    batch = Batch.of(batch)
+    if batch.version != HASH_VERSION:
+        raise RuntimeError(f"{batch.label} was planned for hash version {batch.version!r}, "
+                           f"this worker hashes {HASH_VERSION!r}: plan again")
     engine = engine_for(settings.manifest_url)
     with engine.connect() as conn:
-        todo = _unhashed(conn)
+        todo = _unhashed(conn, batch)
+        run_id = run_id_for(conn, batch.run_key)
     store = ObjectStore(settings)
     limits = PhotoLimits.from_settings(settings)  # the caps the crawler stored the photos under
-    hashed, rehashed, failures = 0, 0, []
-    batch = max(1, settings.dedup_hash_batch)
-    with ThreadPoolExecutor(READ_THREADS) as pool, \
-            progress(total=len(todo), desc="dedup hashing", unit="photos") as shown:
-        for start in range(0, len(todo), batch):
-            chunk = todo[start:start + batch]
-            results = list(pool.map(lambda row: _hash_one(store, limits, row[0], row[1]), chunk))
-            values = [{"sha256": sha, "phash": h.phash, "dhash": h.dhash, "hash_version": HASH_VERSION,
-                       "computed_run": run_id} for sha, h, _ in results if h is not None]
-            failures += [{"sha256": sha, "reason": why} for sha, h, why in results if h is None]
-            if values:
-                statement = insert(image_hashes).values(values)
-                statement = statement.on_conflict_do_update(
-                    index_elements=[image_hashes.c.sha256],
-                    set_={c: statement.excluded[c] for c in ("phash", "dhash", "hash_version", "computed_run")}
-                    | {"computed_at": sa.func.now()})
-                with engine.begin() as conn:
-                    conn.execute(statement)
-            hashed += len(values)
-            rehashed += sum(1 for (_, _, older), (_, h, _) in zip(chunk, results) if older and h is not None)
-            shown.advance(len(chunk))
-    return {"hashed": hashed, "rehashed": rehashed, "hash_failures": failures}
+    values, failures, rehashed = [], [], 0
+    with progress(total=len(todo), desc=f"dedup hashing, {batch.label}", unit="photos") as shown:
+        for (sha256, object_key, older), data, error in batches.prefetch(
+                todo, lambda row: store.get_bytes(row[1])):
+            shown.advance()
+            if error is not None:  # a missing or unreadable object must not stop the night
+                failures.append({"sha256": sha256, "reason": f"unreadable object {object_key}: "
+                                                          f"{type(error).__name__}: {error}"})
+                continue
+            try:
+                h = hashes_of_bytes(data, limits=limits)
+            except ImageDecodeError as exc:
+                failures.append({"sha256": sha256, "reason": f"undecodable: {exc}"})
+                continue
+            values.append({"sha256": sha256, "phash": h.phash, "dhash": h.dhash,
+                           "hash_version": HASH_VERSION, "computed_run": run_id})
+            rehashed += older
+    if values:
+        statement = insert(image_hashes).values(values)
+        statement = statement.on_conflict_do_update(
+            index_elements=[image_hashes.c.sha256],
+            set_={c: statement.excluded[c] for c in ("phash", "dhash", "hash_version", "computed_run")}
+            | {"computed_at": sa.func.now()})
+        with engine.begin() as conn:
+            conn.execute(statement)
+    return {"batch": batch.index, "hashed": len(values), "rehashed": rehashed,
+            "hash_failures": failures}
 
 
 def _load_hashed_images(conn: sa.Connection):
@@ -179,20 +198,21 @@ def _write_changes(conn: sa.Connection, decided: list[ClusterRow], stored: dict[
     return len(changed)
 
 
-def run(settings: Settings, run_key: str) -> dict:
-    """Hash new images and update near-duplicate clusters; returns JSON-serialisable stats."""
+def decide(settings: Settings, run_key: str, hashing: list[dict] | None = None) -> dict:
+    """Cluster over every stored hash (see the module docstring); ``hashing`` is the night's
+    :func:`hash_batch` results (a rehashed image re-clusters everything)."""
     started = time.perf_counter()
+    hashing = list(hashing or [])
     rule = DuplicateRule(settings.dedup_threshold)
     engine = engine_for(settings.manifest_url)
-    with engine.connect() as conn:
-        run_id = run_id_for(conn, run_key)
-    hashing = hash_new_images(settings, run_id)
+    rehashed = sum(h["rehashed"] for h in hashing)
     with engine.begin() as conn:
         # One clustering at a time: two concurrent runs would each miss the other's new images.
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('shoplens.dedup'))"))
+        run_id = run_id_for(conn, run_key)
         rows = _load_hashed_images(conn)
         stored = _load_clusters(conn)
-        full = hashing["rehashed"] > 0 or any(v[3] != rule.threshold for v in stored.values())
+        full = rehashed > 0 or any(v[3] != rule.threshold for v in stored.values())
         decided, queried = assign_clusters(rows, stored, rule, full)
         changed = _write_changes(conn, decided, stored, rule.threshold, run_id)
         totals = conn.execute(sa.text(
@@ -202,10 +222,20 @@ def run(settings: Settings, run_key: str) -> dict:
             " FROM image_dedup")).one()
     return {
         "run_key": run_key, "run_id": run_id, "hash_version": HASH_VERSION, "threshold": rule.threshold,
-        "mode": "full" if full else "incremental",
-        "hashed": hashing["hashed"], "rehashed": hashing["rehashed"],
-        "hash_failures": hashing["hash_failures"], "queried": queried, "rows_changed": changed,
+        "mode": "full" if full else "incremental", "batches": len(hashing),
+        "hashed": sum(h["hashed"] for h in hashing), "rehashed": rehashed,
+        "hash_failures": [f for h in hashing for f in h["hash_failures"]],
+        "queried": queried, "rows_changed": changed,
         "images_clustered": totals.images, "clusters": totals.clusters, "duplicates": totals.duplicates,
         "clusters_spanning_products": totals.spanning,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def run(settings: Settings, run_key: str) -> dict:
+    """Plan, hash every batch, decide: the whole stage in one process. JSON-serialisable stats."""
+    started = time.perf_counter()
+    hashing = [hash_batch(settings, batch) for batch in plan_batches(settings, run_key)]
+    stats = decide(settings, run_key, hashing)
+    stats["seconds"] = round(time.perf_counter() - started, 2)
+    return stats

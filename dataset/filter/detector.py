@@ -240,6 +240,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def model_version(model_path: str | Path) -> str:
+    """The version naming the exact weights and decoder (:attr:`Detector.version`), without
+    loading the model; :class:`DetectorError` when the file is missing."""
+    path = Path(model_path).expanduser()
+    if not path.is_file():
+        raise DetectorError(
+            f"detector model not found at {path}; run `python -m dataset models fetch` "
+            "or set SHOPLENS_DETECTOR_MODEL_PATH")
+    # Replacing the file or changing what the decoder returns re-inspects every image.
+    return f"yolox_nano-{file_sha256(path)[:12]}+{DECODER_VERSION}"
+
+
 class Detector:
     """An onnxruntime session over a YOLOX-Nano file; ``version`` names the exact weights."""
 
@@ -247,10 +259,7 @@ class Detector:
         import onnxruntime as ort
 
         path = Path(model_path).expanduser()
-        if not path.is_file():
-            raise DetectorError(
-                f"detector model not found at {path}; run `python -m dataset models fetch` "
-                "or set SHOPLENS_DETECTOR_MODEL_PATH")
+        version = model_version(path)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -260,9 +269,7 @@ class Detector:
             raise DetectorError(f"cannot load detector model {path}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.min_score = min_score
-        # The version follows the weights and the decoder, so replacing the file or changing what
-        # the decoder returns re-inspects every image.
-        self.version = f"yolox_nano-{file_sha256(path)[:12]}+{DECODER_VERSION}"
+        self.version = version
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: tensor})[0][0]

@@ -1,19 +1,31 @@
-"""The nightly filter stage: detect, store features, decide rules, report.
+"""The nightly filter stage: detect in batches, store features, decide rules, report.
 
-``run(settings, run_key)``:
-1. inspects only images that have no detections for the current detector version (bytes from the
-   object store by ``images.object_key``), storing every box >= ``detector_store_min_score`` and
-   the image statistics, one committed row per image (a crash loses at most the image in hand);
-2. decides every rule for each image whose latest decisions were made with other thresholds, rule
-   version or detector version (so a threshold change re-decides from stored features, without
-   the detector), appending rows to the ``rule_decisions`` history;
-3. writes an HTML report to ``reports/<run_key>/filter.html`` and returns its key and its link
-   on the shoplens page in the Airflow UI (``/shoplens/runs/<run_key>/filter-report``, which
-   serves it from the object store) in the stats dict.
+Three steps, each callable on its own (the nightly DAG maps :func:`detect_batch` over the plan,
+so several Celery workers share a night), and ``run(settings, run_key)`` doing all three in one
+process (CLI, tests):
+
+1. :func:`plan_batches` opens (or, on a retry, reuses) the night's ``filter_runs`` row and cuts
+   the images that have no detections for the current detector version into sha256 ranges
+   (:mod:`shoplens.batches`);
+2. :func:`detect_batch` inspects what in one range still has no detections (bytes from the
+   object store by ``images.object_key``, reads in flight ahead of the detector), storing every
+   box >= ``detector_store_min_score`` and the image statistics, in one transaction per batch: a
+   killed batch writes nothing, a re-run batch writes the same rows;
+3. :func:`decide` decides every rule for each image whose latest decisions were made with other
+   thresholds, rule version or detector version (so a threshold change re-decides from stored
+   features, without the detector), appending rows to the ``rule_decisions`` history; writes an
+   HTML report to ``reports/<run_key>/filter.html`` and returns its key and its link on the
+   shoplens page in the Airflow UI (``/shoplens/runs/<run_key>/filter-report``, which serves it
+   from the object store) in the stats dict.
+
+YOLOX-Nano's ONNX graph has a fixed batch of 1 (input ``[1, 3, 416, 416]``), so images go
+through the detector one at a time; ``benchmarks/stage_scaling.py`` measures what that costs.
 """
 from __future__ import annotations
 
+import functools
 import logging
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -21,8 +33,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from dataset.filter import report, rules
-from dataset.filter.detector import Detector, fit_for_model, open_for_model
+from dataset.filter.detector import Detector, fit_for_model, model_version, open_for_model
 from dataset.filter.occupancy import FEATURES_VERSION, image_statistics
+from shoplens import batches
+from shoplens.batches import Batch
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
 from shoplens.manifest.schema import detections, filter_runs, images, products, rule_decisions
@@ -31,6 +45,8 @@ from shoplens.progress import progress
 from shoplens.store import ObjectStore
 
 log = logging.getLogger(__name__)
+
+STAGE = "filter"
 
 
 def features_for(detector: Detector, data: bytes, category_id: str | None = None,
@@ -50,7 +66,16 @@ def features_for(detector: Detector, data: bytes, category_id: str | None = None
 
 
 def load_detector(settings: Settings) -> Detector:
-    return Detector(settings.detector_model_path, min_score=settings.detector_store_min_score)
+    """The configured detector, loaded once per worker process (every batch it runs reuses it)."""
+    return _detector(str(Path(settings.detector_model_path).expanduser()),
+                     settings.detector_store_min_score, settings.detector_threads,
+                     model_version(settings.detector_model_path))
+
+
+@functools.lru_cache(maxsize=2)
+def _detector(path: str, min_score: float, threads: int, version: str) -> Detector:
+    # ``version`` is in the key so a replaced model file is loaded afresh.
+    return Detector(path, min_score=min_score, threads=threads)
 
 
 def _start_run(conn: sa.Connection, run_key: str, detector_version: str, params: dict) -> int:
@@ -63,29 +88,75 @@ def _start_run(conn: sa.Connection, run_key: str, detector_version: str, params:
     return conn.execute(stmt.returning(filter_runs.c.id)).scalar_one()
 
 
-def inspect_new_images(settings: Settings, detector: Detector, run_id: int) -> dict:
-    """Detect on every image without detections for this detector version."""
+def _undetected(conn: sa.Connection, detector_version: str, batch: Batch | None = None):
+    """(sha256, object_key) of images without detections of this version, in sha256 order."""
+    query = (sa.select(images.c.sha256, images.c.object_key)
+             .where(~sa.exists().where(detections.c.sha256 == images.c.sha256,
+                                       detections.c.detector_version == detector_version))
+             .order_by(images.c.sha256))
+    if batch is not None:
+        query = query.where(batch.where(images.c.sha256))
+    return conn.execute(query).all()
+
+
+def _run_row(conn: sa.Connection, run_key: str):
+    row = conn.execute(sa.select(filter_runs.c.id, filter_runs.c.detector_version)
+                       .where(filter_runs.c.run_key == run_key)).one_or_none()
+    if row is None:
+        raise RuntimeError(f"no filter run {run_key!r}: plan_batches opens it")
+    return row
+
+
+def plan_batches(settings: Settings, run_key: str, detector_version: str | None = None) -> list[Batch]:
+    """Open the night's filter run; its detection work as sha256-range batches of
+    ``filter_detect_batch`` images, for ``detector_version`` (default: the configured model's)."""
+    # A missing model fails here, before any batch starts.
+    version = detector_version or model_version(settings.detector_model_path)
+    params = rules.params_from_settings(settings)
     engine = engine_for(settings.manifest_url)
-    store = ObjectStore(settings)
+    with engine.begin() as conn:
+        _start_run(conn, run_key, version, params.as_json())
+        todo = [row.sha256 for row in _undetected(conn, version)]
+    return batches.plan(todo, stage=STAGE, run_key=run_key, size=settings.filter_detect_batch,
+                        version=version)
+
+
+def detect_batch(settings: Settings, batch: Batch | dict, detector: Detector | None = None) -> dict:
+    """Detections + statistics of what in the batch's range has none for this detector version;
+    one transaction for the batch's rows."""
+    batch = Batch.of(batch)
+    detector = detector or load_detector(settings)
+    if detector.version != batch.version:
+        raise RuntimeError(f"{batch.label} was planned for detector {batch.version!r}, this worker "
+                           f"has {detector.version!r}: plan again")
+    engine = engine_for(settings.manifest_url)
     with engine.connect() as conn:
-        todo = conn.execute(
-            sa.select(images.c.sha256, images.c.object_key)
-            .where(~sa.exists().where(detections.c.sha256 == images.c.sha256,
-                                      detections.c.detector_version == detector.version))
-            .order_by(images.c.sha256)).all()
+        run_id = _run_row(conn, batch.run_key).id
+        todo = _undetected(conn, detector.version, batch)
+    store = ObjectStore(settings)
     limits = PhotoLimits.from_settings(settings)  # the caps the crawler stored the photos under
-    inspected = unreadable = 0
-    for sha256, object_key in progress(todo, "filter detection", unit="photos"):
-        features = features_for(detector, store.get_bytes(object_key), limits=limits)
-        unreadable += "decode_error" in features.stats
+    values = []
+    with progress(total=len(todo), desc=f"filter detection, {batch.label}", unit="photos") as shown:
+        for (sha256, object_key), data, error in batches.prefetch(
+                todo, lambda row: store.get_bytes(row.object_key)):
+            if error is not None:  # the photo was stored by the crawler: its absence is an outage
+                raise RuntimeError(f"cannot read {object_key}: {type(error).__name__}: {error}") from error
+            features = features_for(detector, data, limits=limits)
+            values.append({"sha256": sha256, "detector_version": detector.version,
+                           "features_version": FEATURES_VERSION, "width": features.width,
+                           "height": features.height, "boxes": features.boxes,
+                           "stats": features.stats, "min_score": detector.min_score,
+                           "run_id": run_id})
+            shown.advance()
+    if values:
+        statement = insert(detections).values(values)
         with engine.begin() as conn:
-            conn.execute(insert(detections).values(
-                sha256=sha256, detector_version=detector.version, features_version=FEATURES_VERSION,
-                width=features.width, height=features.height, boxes=features.boxes,
-                stats=features.stats, min_score=detector.min_score, run_id=run_id,
-            ).on_conflict_do_nothing())
-        inspected += 1
-    return {"inspected": inspected, "unreadable": unreadable}
+            conn.execute(statement.on_conflict_do_update(
+                index_elements=[detections.c.sha256, detections.c.detector_version],
+                set_={c: statement.excluded[c] for c in
+                      ("features_version", "width", "height", "boxes", "stats", "min_score", "run_id")}))
+    return {"batch": batch.index, "inspected": len(values),
+            "unreadable": sum("decode_error" in v["stats"] for v in values)}
 
 
 def decide_stored(settings: Settings, detector_version: str, params: rules.RuleParams,
@@ -172,18 +243,20 @@ def _report(settings: Settings, run_key: str, run_id: int, summary: dict) -> tup
     return key, report_link(settings, run_key)
 
 
-def run(settings: Settings, run_key: str, detector: Detector | None = None) -> dict:
-    """The nightly entry: see the module docstring. Returns a JSON-serialisable stats dict."""
+def decide(settings: Settings, run_key: str, detection: list[dict] | None = None) -> dict:
+    """Rules from stored features, the report, the run closed (see the module docstring);
+    ``detection`` is the night's :func:`detect_batch` results, for the counts."""
+    detection = list(detection or [])
     params = rules.params_from_settings(settings)
-    detector = detector or load_detector(settings)
     engine = engine_for(settings.manifest_url)
-    with engine.begin() as conn:
-        run_id = _start_run(conn, run_key, detector.version, params.as_json())
+    with engine.connect() as conn:
+        run_id, detector_version = _run_row(conn, run_key)
     try:
-        stats: dict = {"run_key": run_key, "detector_version": detector.version,
-                       "rule_version": rules.RULES_VERSION}
-        stats.update(inspect_new_images(settings, detector, run_id))
-        stats.update(decide_stored(settings, detector.version, params, run_id))
+        stats: dict = {"run_key": run_key, "detector_version": detector_version,
+                       "rule_version": rules.RULES_VERSION, "batches": len(detection),
+                       "inspected": sum(d["inspected"] for d in detection),
+                       "unreadable": sum(d["unreadable"] for d in detection)}
+        stats.update(decide_stored(settings, detector_version, params, run_id))
         with engine.connect() as conn:
             per_rule = conn.execute(
                 sa.select(rule_decisions.c.rule, sa.func.count())
@@ -199,15 +272,34 @@ def run(settings: Settings, run_key: str, detector: Detector | None = None) -> d
             settings, run_key, run_id, {k: v for k, v in stats.items() if k != "rejected_by_rule"})
         log.info("filter report for %s: %s", run_key, stats["report_url"])
     except BaseException:
-        with engine.begin() as conn:
-            conn.execute(sa.update(filter_runs).where(filter_runs.c.id == run_id)
-                         .values(status="failed", finished_at=sa.func.now()))
+        _mark_failed(engine, run_id)
         raise
     with engine.begin() as conn:
         conn.execute(sa.update(filter_runs).where(filter_runs.c.id == run_id).values(
             status="success", finished_at=sa.func.now(),
             stats={k: v for k, v in stats.items() if k != "report_url"}))
     return stats
+
+
+def _mark_failed(engine: sa.Engine, run_id: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.update(filter_runs).where(filter_runs.c.id == run_id)
+                     .values(status="failed", finished_at=sa.func.now()))
+
+
+def run(settings: Settings, run_key: str, detector: Detector | None = None) -> dict:
+    """Plan, detect every batch, decide: the whole stage in one process (see the module
+    docstring). Returns a JSON-serialisable stats dict."""
+    detector = detector or load_detector(settings)
+    plan = plan_batches(settings, run_key, detector.version)
+    try:
+        detection = [detect_batch(settings, batch, detector) for batch in plan]
+    except BaseException:
+        with engine_for(settings.manifest_url).connect() as conn:
+            run_id = _run_row(conn, run_key).id
+        _mark_failed(engine_for(settings.manifest_url), run_id)
+        raise
+    return decide(settings, run_key, detection)
 
 
 def measured_occupancy(f: rules.Features, params: rules.RuleParams) -> float:

@@ -1,0 +1,116 @@
+"""Batches of a night's photos for the per-photo stages, and the bounded prefetch inside one.
+
+A per-photo stage (dedup hashing, filter detection) is planned as ranges of sha256: the photos
+still to do, in sha256 order, cut every ``size`` photos. Batch ``k`` covers every sha256 in
+``[lo, hi)``, the first batch has no lower bound and the last no upper one, so the batches
+partition the whole sha256 space: every photo falls in exactly one batch, also one stored after
+planning. A batch is a small JSON-able dict (an Airflow XCom value per mapped task), not a list
+of photos, so a million-photo night plans in a few kilobytes; a retried batch re-reads what in
+its range is still to do, so it redoes only its own photos.
+
+    batches = plan(shas_sorted, stage="filter", run_key=key, size=200, version=v)
+    for item, data, error in prefetch(rows, lambda row: store.get_bytes(row.object_key)):
+        ...
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import sqlalchemy as sa
+
+# Airflow's [core] max_map_length is 1024 by default: plan at most this many batches a night;
+# beyond it batches grow instead.
+MAX_BATCHES = 1000
+# Object-store reads in flight ahead of the compute of one batch.
+FETCH_IN_FLIGHT = 8
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Photos of one stage and night with ``lo <= sha256 < hi`` (None: unbounded)."""
+
+    stage: str
+    run_key: str
+    index: int
+    count: int  # batches in the plan
+    lo: str | None
+    hi: str | None
+    planned: int  # photos to do in the range when planned
+    version: str  # the hash / detector version the plan was made for
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage} batch {self.index + 1}/{self.count}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, value: "Batch | dict") -> "Batch":
+        """A batch from itself or from its :meth:`as_dict` form (what XCom hands a mapped task)."""
+        return value if isinstance(value, Batch) else cls(**value)
+
+    def where(self, column: sa.ColumnElement) -> sa.ColumnElement:
+        """The SQL condition selecting this batch's range of ``column`` (a sha256 column)."""
+        bounds = [sa.true()]
+        if self.lo is not None:
+            bounds.append(column >= self.lo)
+        if self.hi is not None:
+            bounds.append(column < self.hi)
+        return sa.and_(*bounds)
+
+    def covers(self, sha256: str) -> bool:
+        return (self.lo is None or sha256 >= self.lo) and (self.hi is None or sha256 < self.hi)
+
+
+def plan(shas: Sequence[str], *, stage: str, run_key: str, size: int, version: str,
+         max_batches: int = MAX_BATCHES) -> list[Batch]:
+    """Cut the sorted sha256s still to do into batches of ``size`` (more when that would exceed
+    ``max_batches``); none when nothing is to do. The same input always gives the same plan."""
+    if list(shas) != sorted(shas):
+        raise ValueError("plan needs the sha256s in sorted order")
+    if not shas:
+        return []
+    size = max(1, size, math.ceil(len(shas) / max_batches))
+    starts = list(range(0, len(shas), size))
+    bounds = [None] + [shas[s] for s in starts[1:]] + [None]
+    return [Batch(stage, run_key, k, len(starts), bounds[k], bounds[k + 1],
+                  min(size, len(shas) - start), version)
+            for k, start in enumerate(starts)]
+
+
+def prefetch(items: Iterable, fetch: Callable[[Any], Any],
+             in_flight: int = FETCH_IN_FLIGHT) -> Iterator[tuple[Any, Any, BaseException | None]]:
+    """``(item, fetch(item), None)`` or ``(item, None, error)`` in input order, with up to
+    ``in_flight`` fetches running ahead in threads while the caller computes on the previous one
+    (object-store reads wait on the network, not the CPU)."""
+    pending: deque = deque()
+    iterator = iter(items)
+    with ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="prefetch") as pool:
+        def top_up() -> None:
+            while len(pending) < in_flight:
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+                pending.append((item, pool.submit(fetch, item)))
+
+        try:
+            top_up()
+            while pending:
+                item, future = pending.popleft()
+                top_up()
+                try:
+                    result, error = future.result(), None
+                except Exception as exc:  # noqa: BLE001 - the caller decides what a failed fetch means
+                    result, error = None, exc
+                yield item, result, error
+        finally:
+            # Left early (the caller failed or stopped): drop the queued reads; shutdown then
+            # waits only for the few already running.
+            for _, future in pending:
+                future.cancel()
