@@ -122,6 +122,10 @@ class SeaweedFS:
             f"-s3.port={b + 6}", f"-s3.port.grpc={b + 7}", f"-admin.port={b + 8}",
             f"-admin.port.grpc={b + 9}", f"-s3.port.iceberg={b + 10}", f"-s3.port.lance={b + 11}",
             f"-s3.config={self.data_dir / 's3.json'}",
+            # Each bucket is a SeaweedFS collection that takes several volumes of its own; the
+            # default count (free disk / 1 GiB volumes) runs out after a few dozen buckets, and a
+            # test session makes hundreds. Small volumes, many of them (none is preallocated).
+            "-master.volumeSizeLimitMB=64", "-volume.max=4000",
         ]
 
     def start(self, timeout: float = 90.0) -> "SeaweedFS":
