@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from modeling import search_index
+from drawn_products import SHAPES, drawn_photo
 from modeling.embedding import (Embedder, HeadTraining, finetune_embedding, l2_normalise,
                                 train_embedding, train_head)
 from modeling.search_index import (SearchIndex, SearchIndexError, calibrate_threshold,
@@ -205,25 +205,9 @@ def test_loading_something_that_is_not_an_index_says_what_is_missing(tmp_path):
 
 
 # --- photos end to end: embedder, index, command line -------------------------------------------
-SHAPES = {1: ("red", "ellipse"), 2: ("blue", "rectangle"), 3: ("green", "triangle"),
-          4: ("orange", "ellipse")}
 
 
-def _photo(product: int, variant: int) -> Image.Image:
-    colour, shape = SHAPES[product]
-    rng = np.random.default_rng(product * 100 + variant)
-    img = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(180, 255, 3)))
-    draw = ImageDraw.Draw(img)
-    x0, y0 = rng.integers(4, 16, 2)
-    box = (int(x0), int(y0), int(x0) + 40, int(y0) + 40)
-    if shape == "ellipse":
-        draw.ellipse(box, fill=colour)
-    elif shape == "rectangle":
-        draw.rectangle(box, fill=colour)
-    else:
-        draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])],
-                     fill=colour)
-    return img
+_photo = drawn_photo
 
 
 @pytest.fixture(scope="module")

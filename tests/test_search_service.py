@@ -11,36 +11,22 @@ import io
 import shutil
 import threading
 
-import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from drawn_products import SHAPES as DRAWN, drawn_photo
 from modeling.embedding import Embedder, HeadTraining, train_embedding
 from modeling.search_index import SearchIndex
 from shoplens.config import Settings
 
-SHAPES = {1: ("red", "ellipse"), 2: ("blue", "rectangle"), 3: ("green", "triangle")}
+SHAPES = {p: DRAWN[p] for p in (1, 2, 3)}
 MAX_BYTES, MAX_PIXELS = 200_000, 500_000
 # As tests/test_ui_browser.py launches Debian's Chromium.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-def _photo(product: int, variant: int) -> Image.Image:
-    colour, shape = SHAPES[product]
-    rng = np.random.default_rng(product * 100 + variant)
-    img = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(180, 255, 3)))
-    draw = ImageDraw.Draw(img)
-    x0, y0 = (int(v) for v in rng.integers(4, 16, 2))
-    box = (x0, y0, x0 + 40, y0 + 40)
-    if shape == "ellipse":
-        draw.ellipse(box, fill=colour)
-    elif shape == "rectangle":
-        draw.rectangle(box, fill=colour)
-    else:
-        draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])],
-                     fill=colour)
-    return img
+_photo = drawn_photo
 
 
 def _png(img: Image.Image) -> bytes:
