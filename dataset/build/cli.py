@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.rematerialise:
             emit(export.rematerialise(settings, args.rematerialise, args.out))
         elif args.materialise:
-            out = export.materialise(settings, args.materialise, args.out)
-            from shoplens import datasets
+            from shoplens import datasets, export_layout
 
+            out = export_layout.materialise(settings, args.materialise, args.out)
             exported = {}
             for name, out_dir, write in (("parquet", args.parquet, datasets.export_parquet),
                                          ("webdataset", args.webdataset, datasets.export_webdataset)):

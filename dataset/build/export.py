@@ -26,11 +26,8 @@ from shoplens.config import Settings
 # The member columns the export carries are manifest.parquet's, in its order.
 from shoplens.export_layout import MANIFEST_COLUMNS as MEMBER_EXPORT_COLUMNS
 from shoplens.export_layout import SPLITS, version_prefix
-# The download side of the contract, named here too for the stage's CLI (--materialise).
-from shoplens.export_layout import materialise  # noqa: F401
 from shoplens.manifest import engine_for
 from shoplens.manifest.schema import dataset_members, dataset_versions
-from shoplens.progress import progress
 from shoplens.store import ObjectStore
 
 
