@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dataset.filter import rules  # noqa: E402
-from dataset.filter.detector import (Detector, fit_for_model, open_for_model,  # noqa: E402
+from shoplens.vision.detector import (Detector, fit_for_model, open_for_model,  # noqa: E402
                               tensor_from_fitted)
 from dataset.filter.stage import features_for  # noqa: E402
 

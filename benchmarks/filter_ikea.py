@@ -31,7 +31,7 @@ from PIL import Image, ImageFilter
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dataset.filter.detector import Detector  # noqa: E402
+from shoplens.vision.detector import Detector  # noqa: E402
 from dataset.filter.stage import features_for  # noqa: E402
 from dataset.filter import rules  # noqa: E402
 

@@ -66,7 +66,7 @@ def main() -> int:
         return 2
 
     from modeling.ensemble import Ensemble
-    from modeling import images
+    from shoplens.vision import images
 
     with tempfile.TemporaryDirectory(prefix="shoplens-predict-") as tmp:
         photos = make_photo_dir(Path(tmp), args.count)

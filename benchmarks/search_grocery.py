@@ -92,7 +92,7 @@ def split_scores(hits, truth_pids, labels) -> dict:
 
 def features_cached(embedder, paths: list[str], cache: Path) -> np.ndarray:
     """Clean (centre-crop) backbone features of the photos, cached on disk by photo list."""
-    from modeling import images
+    from shoplens.vision import images
 
     key = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
     f = cache / f"{embedder.backbone}-{embedder.image_size}-clean-{key}.npy"
@@ -106,7 +106,7 @@ def features_cached(embedder, paths: list[str], cache: Path) -> np.ndarray:
 
 
 def augmented_cached(embedder, paths: list[str], views: int, seed: int, cache: Path) -> np.ndarray:
-    from modeling import images
+    from shoplens.vision import images
     from modeling.embedding import augmented_features
 
     key = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
@@ -161,7 +161,7 @@ def cross_calibrated_threshold(index, q_vectors, truth, target=0.95) -> dict:
 def latency_child(index_dir: str, paths: list[str], warmup: int = 3) -> None:
     """Runs in a child pinned to one core: per photo, decode + embed + search, timed."""
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    from modeling import images
+    from shoplens.vision import images
     from modeling.search_index import SearchIndex
 
     index = SearchIndex.load(index_dir)
@@ -189,7 +189,7 @@ def measure_latency(index_dir: Path, paths: list[str]) -> dict:
 
 def ensemble_scores(ensemble_dir: str, paths: list[str], labels: list[int]) -> dict:
     """The closed-set ensemble's Top-1/Top-3 on the seen-product queries."""
-    from modeling import images
+    from shoplens.vision import images
     from modeling.ensemble import Ensemble
 
     ens = Ensemble.load(ensemble_dir)
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
         print("error: --queries-root and --queries-list go together", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from modeling import images
+    from shoplens.vision import images
     from modeling.embedding import Embedder, HeadTraining, finetune_embedding, train_head
     from shoplens.config import Settings
 

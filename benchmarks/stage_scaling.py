@@ -308,7 +308,7 @@ def stage_over_bare(settings, photos: list[bytes], rounds: int) -> dict:
 def intra_op_threads(model: str, repeats: int = 3, runs: int = 40) -> dict:
     import numpy as np
 
-    from dataset.filter.detector import Detector
+    from shoplens.vision.detector import Detector
 
     tensor = np.random.default_rng(0).uniform(0, 255, (1, 3, 416, 416)).astype(np.float32)
     detectors = {t: Detector(model, threads=t) for t in (1, 2)}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modeling import images
+from shoplens.vision import images
 
 ENSEMBLE_FILE = "ensemble.json"
 
@@ -58,7 +58,7 @@ class Ensemble:
     def load(cls, root: str | Path) -> "Ensemble":
         import keras
 
-        import modeling.layers  # noqa: F401  (registers custom layers for deserialisation)
+        import shoplens.vision.layers  # noqa: F401  (registers custom layers for deserialisation)
 
         root = Path(root)
         if not is_ensemble_dir(root):

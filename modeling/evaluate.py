@@ -134,7 +134,7 @@ def _plot_mistakes(indices: list[int], probs, labels, names, photos: list[bytes]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from modeling import images
+    from shoplens.vision import images
 
     cols = 6
     rows = max(1, -(-len(indices) // cols))

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modeling import images
-from modeling.backbones import MemberSpec
+from shoplens.vision import images
+from shoplens.vision.backbones import MemberSpec
 from modeling.dataset_layout import Split
 from shoplens.config import Settings
 

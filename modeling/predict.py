@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from modeling import images
+from shoplens.vision import images
 from modeling.ensemble import Ensemble, is_ensemble_dir
 from shoplens.cli import BadInput
 from shoplens.config import Settings

@@ -21,7 +21,7 @@ import logging
 import sys
 from typing import TextIO
 
-from modeling import images
+from shoplens.vision import images
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2

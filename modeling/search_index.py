@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modeling.embedding import Embedder, l2_normalise
+from shoplens.vision.embedding import Embedder, l2_normalise
 from shoplens.config import Settings
 
 INDEX_FILE = "index.json"
@@ -350,7 +350,7 @@ class SearchIndex:
     def load(cls, root: str | Path, settings: Settings | None = None) -> "SearchIndex":
         import faiss
 
-        from modeling.embedding import EmbeddingError
+        from shoplens.vision.embedding import EmbeddingError
 
         root = Path(root)
         try:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from modeling import backbones, evaluate
+from modeling import evaluate
+from shoplens.vision import backbones
 from modeling.dataset_layout import SPLITS, DatasetError, LocalDataset, open_dataset
 from modeling.ensemble import save as save_ensemble
 from modeling.member_training import train_member

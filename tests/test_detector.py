@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset.filter.detector import (COCO_CLASSES, PAD_VALUE, Detector, DetectorError, letterbox, nms,
+from shoplens.vision.detector import (COCO_CLASSES, PAD_VALUE, Detector, DetectorError, letterbox, nms,
                               postprocess, postprocess_dicts)
 from tests.conftest import shared_path
 

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from dataset.filter import stage
-from dataset.filter.detector import Detector
+from shoplens.vision.detector import Detector
 from dataset.filter.overrides import OverrideError, set_override
 from shoplens.manifest import engine_for
 from shoplens.store import ObjectStore

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from dataset.filter.models_fetch import PINNED_SHA256, PINNED_SIZE, FetchError, fetch
+from shoplens.vision.models_fetch import PINNED_SHA256, PINNED_SIZE, FetchError, fetch
 from shoplens.dev.services import free_port_block
 from tests.conftest import REPO
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modeling import efficientnet_lite as lite
-from modeling.torch_checkpoint import CheckpointError, load_state_dict
+from shoplens.vision import efficientnet_lite as lite
+from shoplens.vision.torch_checkpoint import CheckpointError, load_state_dict
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))
@@ -64,7 +64,7 @@ def test_checkpoint_reader_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
 
 
 def lite_magic():
-    from modeling.torch_checkpoint import LEGACY_MAGIC
+    from shoplens.vision.torch_checkpoint import LEGACY_MAGIC
 
     return LEGACY_MAGIC
 

@@ -151,7 +151,7 @@ def test_predict_reports_unreadable_files_and_answers_the_others(settings, tmp_p
 def test_predict_turns_photos_upright_by_exif_and_takes_any_size(settings, tmp_path):
     from PIL import Image
 
-    from modeling import images
+    from shoplens.vision import images
 
     # A tall photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view).
     sideways = Image.new("RGB", (120, 40), (200, 0, 0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from modeling import backbones, weights
+from shoplens.vision import backbones, weights
 from shoplens.config import Settings
 
 

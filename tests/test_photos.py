@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dataset.dedup.hashing import hamming, hashes_of_bytes, hashes_of_image
-from dataset.filter.detector import fit_for_model, open_for_model, tensor_from_fitted
+from shoplens.vision.detector import fit_for_model, open_for_model, tensor_from_fitted
 from dataset.filter.report import thumbnail_data_uri
 from shoplens.photos import (THUMBNAIL_MAX_SIDE, PhotoLimits, PhotoRejected, decode_photo,
                              read_photo_file, thumbnail_jpeg)
@@ -276,7 +276,7 @@ class _OneProductEnsemble:
 
 
 def test_predict_accepts_an_iphone_heic_photo(tmp_path):
-    from modeling import images
+    from shoplens.vision import images
     from modeling.predict import predict_paths
 
     (tmp_path / "IMG_0001.HEIC").write_bytes(encoded(sideways(PICTURE), "HEIF", orientation=6, quality=95))
@@ -303,7 +303,7 @@ def test_stored_hashes_and_filter_features_name_the_decoder_so_a_new_decoder_rec
     """Dedup re-hashes rows of another HASH_VERSION and the filter re-inspects images without
     detections of the current detector version: both carry the decoder's version."""
     from dataset.dedup.hashing import HASH_VERSION
-    from dataset.filter.detector import Detector
+    from shoplens.vision.detector import Detector
     from dataset.filter.occupancy import FEATURES_VERSION
     from shoplens.photos import DECODER_VERSION
     from tests.conftest import shared_path

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from dataset.dedup import stage as dedup
 from dataset.filter import stage as filter_stage
-from dataset.filter.detector import Detector
+from shoplens.vision.detector import Detector
 from shoplens import batches
 from shoplens.batches import Batch
 from shoplens.manifest import engine_for

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(ap, argv)
 
     from dataset.filter import stage, rules
-    from dataset.filter.detector import Detector, DetectorError
+    from shoplens.vision.detector import Detector, DetectorError
 
     if args.manifest and not args.run_key:
         ap.error("--manifest needs --run-key")

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
-from dataset.filter.detector import COCO_CLASSES
+from shoplens.vision.detector import COCO_CLASSES
 
 RULES_VERSION = "rules-2"
 

@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from dataset.filter import report, rules
-from dataset.filter.detector import Detector, fit_for_model, model_version, open_for_model
+from shoplens.vision.detector import Detector, fit_for_model, model_version, open_for_model
 from dataset.filter.occupancy import FEATURES_VERSION, image_statistics
 from shoplens import batches
 from shoplens.batches import Batch

@@ -317,7 +317,11 @@ models = sa.Table(
     sa.Column("completed_at", sa.DateTime(timezone=True)),
     sa.Column("config", JSONB, nullable=False, server_default="{}"),
     sa.Column("error", sa.Text),
+    # 'ensemble' (the closed-set classifier) or 'embedding' (the search embedding, migration
+    # 0007_search); each kind has its own current model.
+    sa.Column("kind", sa.Text, nullable=False, server_default="ensemble"),
     sa.CheckConstraint("status IN ('training', 'complete', 'failed')", name="models_status"),
+    sa.CheckConstraint("kind IN ('ensemble', 'embedding')", name="models_kind"),
     sa.Index("models_dataset_version", "dataset_version"),
 )
 
@@ -349,6 +353,57 @@ model_promotions = sa.Table(
 )
 
 # --------------------------------------------------------------------------------------------
+# Search (migration 0007_search; view current_search_index)
+# --------------------------------------------------------------------------------------------
+# The shop's own image of each product (originalImageUrl): makes a product searchable before any
+# review photo of it is kept. Bytes live content-addressed in the object store like review photos
+# (images/<sha256>); this row is their provenance.
+catalogue_images = sa.Table(
+    "catalogue_images", metadata,
+    sa.Column("product_id", sa.BigInteger, sa.ForeignKey("products.id"), primary_key=True),
+    sa.Column("sha256", sa.CHAR(64), nullable=False),
+    sa.Column("object_key", sa.Text, nullable=False),
+    sa.Column("source_url", sa.Text, nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("width", sa.Integer, nullable=False),
+    sa.Column("height", sa.Integer, nullable=False),
+    sa.Column("format", sa.Text, nullable=False),
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("crawl_runs.id"), nullable=False),
+    _inserted_at("stored_at"),
+    sa.CheckConstraint("sha256 ~ '^[0-9a-f]{64}$'", name="catalogue_images_sha256_hex"),
+    sa.CheckConstraint("width > 0 AND height > 0 AND size_bytes > 0",
+                       name="catalogue_images_positive"),
+    sa.Index("catalogue_images_sha256", "sha256"),
+)
+
+# One row per built search index (a full build, or an incremental refresh of its parent); the row
+# exists from the start so that a crash leaves 'building' or 'failed', never a half index marked
+# complete. The artifact (vectors, ANN, products) is under artifact_prefix in the object store.
+search_indexes = sa.Table(
+    "search_indexes", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("parent_id", sa.Text, sa.ForeignKey("search_indexes.id")),
+    # The embedding model it was built with (NULL: the untrained ImageNet baseline).
+    sa.Column("model_id", sa.Text, sa.ForeignKey("models.id")),
+    sa.Column("embedding", JSONB, nullable=False, server_default="{}"),
+    # The dataset version whose kept photos it covers, when built from one.
+    sa.Column("dataset_version", sa.Text),
+    sa.Column("status", sa.Text, nullable=False, server_default="building"),
+    sa.Column("products", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("vectors", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("added_vectors", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("threshold", sa.Float),
+    sa.Column("artifact_prefix", sa.Text, nullable=False),
+    sa.Column("run_key", sa.Text),
+    _inserted_at("built_at"),
+    sa.Column("completed_at", sa.DateTime(timezone=True)),
+    sa.Column("error", sa.Text),
+    sa.CheckConstraint("status IN ('building', 'complete', 'failed')",
+                       name="search_indexes_status"),
+    sa.Index("search_indexes_completed_at", "completed_at"),
+)
+
+# --------------------------------------------------------------------------------------------
 # Operations (migration 0006_ops)
 # --------------------------------------------------------------------------------------------
 run_metrics = sa.Table(
@@ -374,9 +429,20 @@ run_metrics = sa.Table(
 # --------------------------------------------------------------------------------------------
 # Views the code selects from as table objects (SQL in the migrations named above)
 # --------------------------------------------------------------------------------------------
-# The latest promotion's model: every column of ``models`` plus when it was promoted.
+# The latest promotion's ensemble: every column of ``models`` plus when it was promoted.
 current_model = sa.Table(
     "current_model", views,
     *(sa.Column(c.name, c.type) for c in models.columns),
     sa.Column("promoted_at", sa.DateTime(timezone=True)),
+)
+# The latest promotion's search embedding (migration 0007_search), same columns.
+current_embedding = sa.Table(
+    "current_embedding", views,
+    *(sa.Column(c.name, c.type) for c in models.columns),
+    sa.Column("promoted_at", sa.DateTime(timezone=True)),
+)
+# The newest complete search index (migration 0007_search): what search answers from.
+current_search_index = sa.Table(
+    "current_search_index", views,
+    *(sa.Column(c.name, c.type) for c in search_indexes.columns),
 )

