@@ -48,8 +48,7 @@ def _kind_flag(parser, help_text: str, default: str | None = "ensemble") -> None
 
 @command(bad_input=BAD_INPUT)
 def train(argv: list[str] | None = None) -> int:
-    """Train, evaluate, store and maybe promote an ensemble (or the search embedding) on a
-    dataset version"""
+    """Train, evaluate, store and maybe promote an ensemble (--kind embedding: search embedding)"""
     parser = argument_parser("python -m modeling train", train.__doc__,
                              legacy_version_dest="dataset_version")
     _dataset_version_flag(parser, "dataset version id, e.g. v0007 (or a local dataset folder)")
@@ -139,8 +138,7 @@ def _model_line(m: dict) -> str:
 
 @command(bad_input=BAD_INPUT)
 def models_list(argv: list[str] | None = None) -> int:
-    """Every model with its kind, status and test scores (an embedding's R@1/R@3); the current
-    one of each kind is marked *"""
+    """Every model with its kind, status and test scores; each kind's current one is marked *"""
     parser = argument_parser("python -m modeling models list", models_list.__doc__)
     _kind_flag(parser, "only models of this kind (default: every kind)", default=None)
     args = parse_args(parser, argv)
@@ -164,8 +162,7 @@ def _promotion_line(result: dict) -> str:
 
 @command(bad_input=BAD_INPUT)
 def models_promote(argv: list[str] | None = None) -> int:
-    """Make a complete model the current one of its kind (an ensemble: what predict and the UI
-    use; an embedding: what the search index is built with)"""
+    """Make a complete model the current one of its kind (what predict, the UI or search use)"""
     parser = argument_parser("python -m modeling models promote", models_promote.__doc__)
     parser.add_argument("model_id")
     parser.add_argument("--reason", required=True, help="why (kept in model_promotions)")
