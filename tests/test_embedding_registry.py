@@ -196,6 +196,15 @@ def test_the_cli_lists_and_rolls_back_by_kind(settings, monkeypatch, capsys):
         ["*", "emb-2", "complete", "embedding"]]
     assert "R@1 0.700 R@3 0.900" in lines[2] and "top1 0.800 top3 0.900" in lines[0]
 
+    # `shoplens train --kind embedding` is the embedding's training run (the ensemble's without).
+    import modeling.train_embedding
+
+    called = []
+    monkeypatch.setattr(modeling.train_embedding, "run", lambda settings, version: called.append(
+        version) or {"model_id": "emb-3", "kind": "embedding", "promoted": False})
+    assert cli.main(["train", "--kind", "embedding", "--dataset-version", "v0009", "--json"]) == 0
+    assert called == ["v0009"] and json.loads(capsys.readouterr().out)["model_id"] == "emb-3"
+
     assert cli.main(["models", "rollback", "--kind", "embedding", "--reason", "drifted"]) == 0
     assert capsys.readouterr().out.startswith("current embedding: emb-1 (was emb-2)")
     assert cli.main(["models", "rollback"]) == 2  # the ensemble has no earlier model
