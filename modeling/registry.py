@@ -27,7 +27,7 @@ from shoplens.config import Settings
 from shoplens.manifest import engine_for, session_scope
 from shoplens.manifest.schema import (current_embedding, current_model, model_metrics,
                                       model_promotions, models)
-from shoplens.vision.embedding import EMBEDDING_FILE
+from shoplens.vision.embedding import EMBEDDING_FILE, Embedder
 
 MODEL_PREFIX = "models"
 KINDS = ("ensemble", "embedding")
@@ -137,7 +137,8 @@ def current_model_id(settings: Settings, kind: str = "ensemble") -> str | None:
         return conn.execute(sa.select(view.c.id)).scalar()
 
 
-def load_current_embedding(settings: Settings, cache: Path | None = None):
+def load_current_embedding(settings: Settings, cache: Path | None = None
+                           ) -> tuple[str, Embedder] | None:
     """``(model_id, Embedder)`` of the current (promoted) search embedding, its artefact fetched
     from the object store into ``cache`` (default :func:`cache_dir`) once; None when no embedding
     has been promoted yet (callers then use the untrained baseline, ``Embedder(backbone)``).
@@ -145,7 +146,6 @@ def load_current_embedding(settings: Settings, cache: Path | None = None):
     import urllib3.exceptions
 
     from shoplens.cli import ServiceUnreachable
-    from shoplens.vision.embedding import Embedder
 
     model_id = None
     try:

@@ -228,3 +228,19 @@ def test_retrieval_scores_rank_products_by_their_prototype():
     assert scores == {"top1": 0.5, "top3": 0.5, "n": 4}
     scores = retrieval_scores(enrolled, labels, queries[1:2], [2])
     assert scores == {"top1": 1.0, "top3": 1.0, "n": 1}
+
+
+def test_loading_the_current_embedding_says_which_service_is_unreachable(settings, tmp_path):
+    from modeling import registry
+    from shoplens.cli import ServiceUnreachable
+
+    registered(settings, "emb-1", "embedding")
+    with pytest.raises(ServiceUnreachable, match="embedding emb-1: the object store at "
+                                                 "127.0.0.1:9 is unreachable"):
+        registry.load_current_embedding(settings.with_overrides(s3_endpoint="127.0.0.1:9"),
+                                        tmp_path / "cache")
+    with pytest.raises(ServiceUnreachable, match="the manifest is unreachable"):
+        registry.load_current_embedding(settings.with_overrides(
+            manifest_url="postgresql+psycopg2://nobody@127.0.0.1:9/shoplens"), tmp_path / "cache")
+    with pytest.raises(registry.ModelNotFound, match="no complete artefacts"):
+        registry.load_current_embedding(settings, tmp_path / "cache")  # a row without files
