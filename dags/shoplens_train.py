@@ -1,8 +1,10 @@
-"""shoplens training: retrain and evaluate the ensemble whenever a new dataset version lands.
+"""shoplens training: retrain and evaluate the ensemble and the search embedding whenever a new
+dataset version lands.
 
-Data-aware: scheduled on the dataset-version Asset that the nightly build emits. Runs on the
-``training`` queue so that a GPU worker can take it. Like the nightly DAG, training records its
-duration and volume through ``ops.run_stage`` (stage ``train``, under this DAG run's id) and
+Data-aware: scheduled on the dataset-version Asset that the nightly build emits. Both tasks run
+on the ``training`` queue so that a GPU worker can take them, side by side (neither needs the
+other). Like the nightly DAG, training records its duration and volume through
+``ops.run_stage`` (stages ``train`` and ``train_embedding``, under this DAG run's id) and
 failures alert through ``FailureAlert``.
 """
 from __future__ import annotations
@@ -55,7 +57,19 @@ def shoplens_train():
         return ops.run_stage(settings, get_current_context()["run_id"], "train", train.run,
                              settings, version)
 
-    train_and_evaluate(pick_version())
+    @task(queue="training", execution_timeout=timedelta(hours=2))
+    def train_embedding(version: str) -> dict:
+        from modeling import train_embedding as training
+        from shoplens import ops
+        from shoplens.config import Settings
+
+        settings = Settings.from_env()
+        return ops.run_stage(settings, get_current_context()["run_id"], "train_embedding",
+                             training.run, settings, version)
+
+    version = pick_version()
+    train_and_evaluate(version)
+    train_embedding(version)
 
 
 shoplens_train()

@@ -1,5 +1,8 @@
 """The modeling stage's commands: ``shoplens train|evaluate|predict|export`` and the model
-lifecycle ``shoplens models list|promote|rollback`` (alias ``python -m modeling ...``)."""
+lifecycle ``shoplens models list|promote|rollback`` (alias ``python -m modeling ...``).
+
+Models are of two kinds (``--kind``): the closed-set ``ensemble`` (the default) and the search
+``embedding``; each kind has its own current model."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +12,7 @@ from pathlib import Path
 
 from modeling.dataset_layout import DatasetError
 from modeling.ensemble import EnsembleError
-from modeling.registry import ModelNotFound, PromotionRefused
+from modeling.registry import KINDS, ModelNotFound, PromotionRefused
 from shoplens.cli import BadInput, argument_parser, command, emit, parse_args
 from shoplens.config import Settings
 
@@ -18,9 +21,9 @@ BAD_INPUT = (ModelNotFound, DatasetError, EnsembleError, PromotionRefused)
 
 
 def _cache_dir(settings: Settings) -> Path:
-    base = Path(settings.model_work_dir) if settings.model_work_dir else \
-        Path.home() / ".cache" / "shoplens"
-    return base / "models-cache"
+    from modeling.registry import cache_dir
+
+    return cache_dir(settings)
 
 
 def _logging() -> None:
@@ -39,16 +42,25 @@ def _require_dataset_version(parser, args) -> str:
     return args.dataset_version
 
 
+def _kind_flag(parser, help_text: str, default: str | None = "ensemble") -> None:
+    parser.add_argument("--kind", choices=KINDS, default=default, help=help_text)
+
+
 @command(bad_input=BAD_INPUT)
 def train(argv: list[str] | None = None) -> int:
-    """Train, evaluate, store and maybe promote an ensemble on a dataset version"""
+    """Train, evaluate, store and maybe promote an ensemble (--kind embedding: search embedding)"""
     parser = argument_parser("python -m modeling train", train.__doc__,
                              legacy_version_dest="dataset_version")
     _dataset_version_flag(parser, "dataset version id, e.g. v0007 (or a local dataset folder)")
+    _kind_flag(parser, "ensemble (closed-set classifier, default) or embedding (search "
+               "embedding, gated against the untrained baseline and the current embedding)")
     args = parse_args(parser, argv)
     version = _require_dataset_version(parser, args)
     _logging()
-    from modeling import train as training
+    if args.kind == "embedding":
+        from modeling import train_embedding as training
+    else:
+        from modeling import train as training
 
     emit(training.run(Settings.from_env(), version))
     return 0
@@ -117,20 +129,22 @@ def export(argv: list[str] | None = None) -> int:
 
 
 def _model_line(m: dict) -> str:
-    score = (f"top1 {m['top1']:.3f} top3 {m['top3']:.3f}" if m["top1"] is not None
+    names = ("R@1", "R@3") if m["kind"] == "embedding" else ("top1", "top3")
+    score = (f"{names[0]} {m['top1']:.3f} {names[1]} {m['top3']:.3f}" if m["top1"] is not None
              else "not scored")
-    return (f"{'*' if m['current'] else ' '} {m['id']}  {m['status']:<8} trained on "
-            f"{m['dataset_version']}  {score}  {m['reason'] or ''}").rstrip()
+    return (f"{'*' if m['current'] else ' '} {m['id']}  {m['status']:<8} {m['kind']:<9} "
+            f"trained on {m['dataset_version']}  {score}  {m['reason'] or ''}").rstrip()
 
 
 @command(bad_input=BAD_INPUT)
 def models_list(argv: list[str] | None = None) -> int:
-    """Every model with its status and test scores; the current one is marked *"""
+    """Every model with its kind, status and test scores; each kind's current one is marked *"""
     parser = argument_parser("python -m modeling models list", models_list.__doc__)
-    parse_args(parser, argv)
+    _kind_flag(parser, "only models of this kind (default: every kind)", default=None)
+    args = parse_args(parser, argv)
     from modeling import registry
 
-    models = registry.list_models(Settings.from_env())
+    models = registry.list_models(Settings.from_env(), args.kind)
     if not models:
         print("no models yet", file=sys.stderr)
     for m in models:
@@ -141,13 +155,14 @@ def models_list(argv: list[str] | None = None) -> int:
 def _promotion_line(result: dict) -> str:
     if not result["changed"]:
         return result["reason"]
-    return (f"current model: {result['model_id']} (was {result['previous_model_id'] or 'none'}); "
-            f"{result['reason']}")
+    what = "model" if result["kind"] == "ensemble" else result["kind"]
+    return (f"current {what}: {result['model_id']} "
+            f"(was {result['previous_model_id'] or 'none'}); {result['reason']}")
 
 
 @command(bad_input=BAD_INPUT)
 def models_promote(argv: list[str] | None = None) -> int:
-    """Make a complete model the current one (what predict and the UI use)"""
+    """Make a complete model the current one of its kind (what predict, the UI or search use)"""
     parser = argument_parser("python -m modeling models promote", models_promote.__doc__)
     parser.add_argument("model_id")
     parser.add_argument("--reason", required=True, help="why (kept in model_promotions)")
@@ -160,12 +175,14 @@ def models_promote(argv: list[str] | None = None) -> int:
 
 @command(bad_input=BAD_INPUT)
 def models_rollback(argv: list[str] | None = None) -> int:
-    """Make the previously current model current again (or --to MODEL)"""
+    """Make the previously current model of a kind current again (or --to MODEL)"""
     parser = argument_parser("python -m modeling models rollback", models_rollback.__doc__)
     parser.add_argument("--to", metavar="MODEL_ID", help="roll back to this model instead")
     parser.add_argument("--reason", default="", help="why (kept in model_promotions)")
+    _kind_flag(parser, "which kind's current model to roll back (default: ensemble)")
     args = parse_args(parser, argv)
     from modeling import registry
 
-    emit(registry.rollback(Settings.from_env(), args.reason, args.to), _promotion_line)
+    emit(registry.rollback(Settings.from_env(), args.reason, args.to, args.kind),
+         _promotion_line)
     return 0

@@ -1,7 +1,13 @@
 """Where models live: artefacts under ``models/<model_id>/`` in the object store, rows in the
-manifest (``models``, ``model_metrics``, ``model_promotions`` / ``current_model``), and which one
-is current: promotions are history, the newest ``model_promotions`` row names the current model
-(the training gate adds one; :func:`promote` and :func:`rollback` add one by hand).
+manifest (``models``, ``model_metrics``, ``model_promotions`` / ``current_model`` and
+``current_embedding``), and which one is current: promotions are history, the newest
+``model_promotions`` row of a kind names that kind's current model (the training gate adds one;
+:func:`promote` and :func:`rollback` add one by hand).
+
+Two kinds of model share this registry (``models.kind``): the closed-set ``ensemble``
+(``ensemble.json`` marks a complete artefact) and the search ``embedding`` (``embedding.json``,
+:mod:`shoplens.vision.embedding`). Each kind has its own current model: promoting or rolling back
+one kind never changes the other's.
 
 Artefacts are uploaded before the rows that point at them are committed, so a crash never leaves
 a row naming missing files; a downloaded model is assembled in a temporary folder and renamed
@@ -19,9 +25,17 @@ import sqlalchemy as sa
 from modeling.ensemble import ENSEMBLE_FILE
 from shoplens.config import Settings
 from shoplens.manifest import engine_for, session_scope
-from shoplens.manifest.schema import current_model, model_metrics, model_promotions, models
+from shoplens.manifest.schema import (current_embedding, current_model, model_metrics,
+                                      model_promotions, models)
+from shoplens.vision.embedding import EMBEDDING_FILE, Embedder
 
 MODEL_PREFIX = "models"
+KINDS = ("ensemble", "embedding")
+# The file whose presence marks a complete artefact of each kind (uploaded last).
+COMPLETE_FILE = {"ensemble": ENSEMBLE_FILE, "embedding": EMBEDDING_FILE}
+# Each kind's current model (a view over model_promotions) and its headline metrics row.
+CURRENT_VIEW = {"ensemble": current_model, "embedding": current_embedding}
+HEADLINE_MEMBER = {"ensemble": "ensemble", "embedding": "embedding"}
 # Taken by every change of the current model, so two cannot interleave.
 PROMOTION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('shoplens.model_promotion'))"
 
@@ -38,6 +52,19 @@ def artifact_prefix(model_id: str) -> str:
     return f"{MODEL_PREFIX}/{model_id}/"
 
 
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"model kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return kind
+
+
+def cache_dir(settings: Settings) -> Path:
+    """Where downloaded models are kept (``model_work_dir`` or ~/.cache/shoplens)."""
+    base = Path(settings.model_work_dir) if settings.model_work_dir else \
+        Path.home() / ".cache" / "shoplens"
+    return base / "models-cache"
+
+
 def upload(settings: Settings, model_id: str, local_dir: Path) -> str:
     from shoplens.store import ObjectStore
 
@@ -45,8 +72,9 @@ def upload(settings: Settings, model_id: str, local_dir: Path) -> str:
     store.ensure_bucket()
     prefix = artifact_prefix(model_id)
     files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-    # ensemble.json last: its presence marks a complete upload.
-    files.sort(key=lambda p: p.name == ENSEMBLE_FILE)
+    # ensemble.json / embedding.json last: its presence marks a complete upload.
+    markers = {local_dir / name for name in COMPLETE_FILE.values()}
+    files.sort(key=lambda p: p in markers)
     for path in files:
         rel = path.relative_to(local_dir).as_posix()
         ctype = {".json": "application/json", ".html": "text/html", ".png": "image/png"}.get(
@@ -80,12 +108,12 @@ def download(settings: Settings, model_id: str, cache_dir: Path) -> Path:
     from shoplens.store import ObjectStore
 
     target = cache_dir / model_id
-    if (target / ENSEMBLE_FILE).is_file():
+    if any((target / name).is_file() for name in COMPLETE_FILE.values()):
         return target
     store = ObjectStore(settings)
     prefix = artifact_prefix(model_id)
     keys = list(store.list_keys(prefix))
-    if prefix + ENSEMBLE_FILE not in keys:
+    if not any(prefix + name in keys for name in COMPLETE_FILE.values()):
         raise ModelNotFound(f"model {model_id!r} has no complete artefacts under {prefix} in "
                             f"bucket {settings.s3_bucket!r}")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -102,16 +130,44 @@ def download(settings: Settings, model_id: str, cache_dir: Path) -> Path:
     return target
 
 
-def current_model_id(settings: Settings) -> str | None:
+def current_model_id(settings: Settings, kind: str = "ensemble") -> str | None:
+    """The current model of a kind (the closed-set ensemble unless ``kind`` says otherwise)."""
+    view = CURRENT_VIEW[check_kind(kind)]
     with engine_for(settings.manifest_url).connect() as conn:
-        return conn.execute(sa.select(current_model.c.id)).scalar()
+        return conn.execute(sa.select(view.c.id)).scalar()
 
 
-def begin(settings: Settings, model_id: str, dataset_version: str, profile: str, config: dict) -> None:
+def load_current_embedding(settings: Settings, cache: Path | None = None
+                           ) -> tuple[str, Embedder] | None:
+    """``(model_id, Embedder)`` of the current (promoted) search embedding, its artefact fetched
+    from the object store into ``cache`` (default :func:`cache_dir`) once; None when no embedding
+    has been promoted yet (callers then use the untrained baseline, ``Embedder(backbone)``).
+    An unreachable manifest or object store is a ServiceUnreachable naming which."""
+    import urllib3.exceptions
+
+    from shoplens.cli import ServiceUnreachable
+
+    model_id = None
+    try:
+        model_id = current_model_id(settings, "embedding")
+        if model_id is None:
+            return None
+        root = download(settings, model_id, cache or cache_dir(settings))
+    except (sa.exc.OperationalError, urllib3.exceptions.HTTPError) as exc:
+        where = ("manifest" if isinstance(exc, sa.exc.OperationalError)
+                 else f"object store at {settings.s3_endpoint}")
+        raise ServiceUnreachable(f"cannot load embedding {model_id or '(current)'}: the {where} "
+                                 f"is unreachable ({type(exc).__name__})") from exc
+    return model_id, Embedder.load(root, settings)
+
+
+def begin(settings: Settings, model_id: str, dataset_version: str, profile: str, config: dict,
+          kind: str = "ensemble") -> None:
     with session_scope(settings.manifest_url) as conn:
         conn.execute(models.insert().values(
             id=model_id, dataset_version=dataset_version, profile=profile, status="training",
-            promoted=False, artifact_prefix=artifact_prefix(model_id), config=config))
+            promoted=False, artifact_prefix=artifact_prefix(model_id), config=config,
+            kind=check_kind(kind)))
 
 
 def fail(settings: Settings, model_id: str, error: str) -> None:
@@ -137,26 +193,29 @@ def save_metrics(conn, rows: list[dict]) -> None:
         set_={c: stmt.excluded[c] for c in ("top1", "top3", "n", "tta")}))
 
 
-def ensemble_score(settings: Settings, model_id: str, dataset_version: str) -> float | None:
-    """A model's ensemble Top-1 on a version's test split, if it was measured there."""
+def ensemble_score(settings: Settings, model_id: str, dataset_version: str,
+                   member: str = "ensemble") -> float | None:
+    """A model's Top-1 (an embedding's R@1: ``member='embedding'``) on a version's test split,
+    if it was measured there."""
     m = model_metrics.c
     with engine_for(settings.manifest_url).connect() as conn:
         return conn.execute(sa.select(m.top1).where(
             m.model_id == model_id, m.dataset_version == dataset_version, m.split == "test",
-            m.member == "ensemble")).scalar()
+            m.member == member)).scalar()
 
 
 def complete(settings: Settings, model_id: str, rows: list[dict], config: dict,
-             decide_promotion) -> tuple[bool, str]:
+             decide_promotion, kind: str = "ensemble") -> tuple[bool, str]:
     """Store metrics and take the promotion decision in one transaction.
 
     ``decide_promotion(conn, current_id) -> (promote, reason)`` runs under an advisory lock, so
-    two runs finishing together cannot both replace the same current model.
+    two runs finishing together cannot both replace the same current model; ``current_id`` is
+    the current model of the same kind.
     """
     with session_scope(settings.manifest_url) as conn:
         conn.execute(sa.text(PROMOTION_LOCK))
         save_metrics(conn, rows)
-        current = conn.execute(sa.select(current_model.c.id)).scalar()
+        current = conn.execute(sa.select(CURRENT_VIEW[check_kind(kind)].c.id)).scalar()
         promote, reason = decide_promotion(conn, current)
         conn.execute(models.update().where(models.c.id == model_id).values(
             status="complete", promoted=promote, reason=reason, config=config,
@@ -170,40 +229,51 @@ def complete(settings: Settings, model_id: str, rows: list[dict], config: dict,
 # --------------------------------------------------------------------------------------------
 # Lifecycle: which model is current
 # --------------------------------------------------------------------------------------------
-def list_models(settings: Settings) -> list[dict]:
-    """Every model, oldest first, with its ensemble test scores on the version it was trained on
-    and whether it is the current one."""
+def list_models(settings: Settings, kind: str | None = None) -> list[dict]:
+    """Every model (of ``kind``, or of every kind), oldest first, with its headline test scores
+    on the version it was trained on (an ensemble's Top-1/Top-3, an embedding's R@1/R@3) and
+    whether it is the current one of its kind."""
     m, mm = models.c, model_metrics.c
+    headline = sa.or_(*(sa.and_(m.kind == k, mm.member == member)
+                        for k, member in HEADLINE_MEMBER.items()))
     scored = models.outerjoin(model_metrics, sa.and_(
         mm.model_id == m.id, mm.dataset_version == m.dataset_version, mm.split == "test",
-        mm.member == "ensemble"))
+        headline))
+    query = sa.select(m.id, m.kind, m.dataset_version, m.profile, m.status, m.promoted, m.reason,
+                      m.created_at, m.completed_at, mm.top1, mm.top3).select_from(scored)
+    if kind is not None:
+        query = query.where(m.kind == check_kind(kind))
     with engine_for(settings.manifest_url).connect() as conn:
-        current = conn.execute(sa.select(current_model.c.id)).scalar()
-        rows = conn.execute(sa.select(
-            m.id, m.dataset_version, m.profile, m.status, m.promoted, m.reason, m.created_at,
-            m.completed_at, mm.top1, mm.top3).select_from(scored).order_by(m.created_at, m.id))
-        return [{**row._asdict(), "current": row.id == current} for row in rows]
+        current = {conn.execute(sa.select(view.c.id)).scalar() for view in CURRENT_VIEW.values()}
+        rows = conn.execute(query.order_by(m.created_at, m.id))
+        return [{**row._asdict(), "current": row.id in current} for row in rows]
 
 
-def _make_current(conn, model_id: str, reason: str) -> dict:
-    """Add the promotion row that makes ``model_id`` current (under the promotion lock)."""
-    status = conn.execute(sa.select(models.c.status)
-                          .where(models.c.id == model_id)).scalar()
-    if status is None:
+def _make_current(conn, model_id: str, reason: str, kind: str | None = None) -> dict:
+    """Add the promotion row that makes ``model_id`` the current model of its kind (under the
+    promotion lock); ``kind``, when given, must be the model's."""
+    row = conn.execute(sa.select(models.c.status, models.c.kind)
+                       .where(models.c.id == model_id)).first()
+    if row is None:
         raise ModelNotFound(f"no model {model_id!r} in the manifest")
-    if status != "complete":
-        raise PromotionRefused(f"model {model_id} is {status}: only a complete model can be current")
-    current = conn.execute(sa.select(current_model.c.id)).scalar()
+    if kind is not None and row.kind != kind:
+        raise PromotionRefused(f"model {model_id} is an {row.kind} model, not an {kind}")
+    if row.status != "complete":
+        raise PromotionRefused(f"model {model_id} is {row.status}: only a complete model can be "
+                               "current")
+    current = conn.execute(sa.select(CURRENT_VIEW[row.kind].c.id)).scalar()
     if current == model_id:
-        return {"model_id": model_id, "previous_model_id": current, "changed": False,
-                "reason": f"{model_id} is already the current model"}
+        return {"model_id": model_id, "kind": row.kind, "previous_model_id": current,
+                "changed": False, "reason": f"{model_id} is already the current {row.kind} model"}
     conn.execute(model_promotions.insert().values(
         model_id=model_id, previous_model_id=current, reason=reason))
-    return {"model_id": model_id, "previous_model_id": current, "changed": True, "reason": reason}
+    return {"model_id": model_id, "kind": row.kind, "previous_model_id": current,
+            "changed": True, "reason": reason}
 
 
 def promote(settings: Settings, model_id: str, reason: str) -> dict:
-    """Make a complete model the current one, whatever its scores (a person's decision)."""
+    """Make a complete model the current one of its kind, whatever its scores (a person's
+    decision). The other kind's current model is left as it is."""
     if not reason or not reason.strip():
         raise PromotionRefused("a reason is required")
     with session_scope(settings.manifest_url) as conn:
@@ -211,20 +281,24 @@ def promote(settings: Settings, model_id: str, reason: str) -> dict:
         return _make_current(conn, model_id, reason.strip())
 
 
-def rollback(settings: Settings, reason: str, to: str | None = None) -> dict:
-    """Make the model that was current before the current one current again (``to``: another
-    complete model). History is kept: this adds a promotion row, so a second rollback undoes
-    the first."""
+def rollback(settings: Settings, reason: str, to: str | None = None,
+             kind: str = "ensemble") -> dict:
+    """Make the model of ``kind`` that was current before the current one current again
+    (``to``: another complete model of that kind). History is kept: this adds a promotion row,
+    so a second rollback undoes the first. The other kind's current model is left as it is."""
+    check_kind(kind)
     with session_scope(settings.manifest_url) as conn:
         conn.execute(sa.text(PROMOTION_LOCK))
         p = model_promotions.c
-        latest = conn.execute(sa.select(p.model_id, p.previous_model_id)
-                              .order_by(p.id.desc()).limit(1)).first()
+        latest = conn.execute(
+            sa.select(p.model_id, p.previous_model_id)
+            .select_from(model_promotions.join(models, models.c.id == p.model_id))
+            .where(models.c.kind == kind).order_by(p.id.desc()).limit(1)).first()
         if latest is None:
-            raise PromotionRefused("no model has been promoted yet: nothing to roll back")
+            raise PromotionRefused(f"no {kind} model has been promoted yet: nothing to roll back")
         target = to or latest.previous_model_id
         if target is None:
-            raise PromotionRefused(f"model {latest.model_id} was the first current model: "
-                                   "there is no earlier one to roll back to")
+            raise PromotionRefused(f"model {latest.model_id} was the first current model "
+                                   f"({kind}): there is no earlier one to roll back to")
         why = f"rollback from {latest.model_id}" + (f": {reason.strip()}" if reason.strip() else "")
-        return _make_current(conn, target, why)
+        return _make_current(conn, target, why, kind)

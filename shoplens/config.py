@@ -238,6 +238,21 @@ class Settings:
     model_promotion_margin: float = 0.0
     # Local working folder for datasets and models (empty: a temporary folder per run).
     model_work_dir: str = ""
+    # --- the search embedding (modeling, models of kind 'embedding') ----------------------------
+    # Backbone (frozen) under the trained projection; empty = the profile's first member
+    # (EfficientNet-Lite0 in the offline profile). Input size: model_image_size (0 = native).
+    embedding_backbone: str = ""
+    # The CosFace head (modeling/embedding.py HeadTraining): output size, epochs, augmented views
+    # per training photo, additive cosine margin (0: plain normalised softmax) and logit scale.
+    embedding_dim: int = 256
+    embedding_epochs: int = 40
+    embedding_views: int = 2
+    embedding_margin: float = 0.2
+    embedding_scale: float = 30.0
+    # A trained embedding is promoted only if its test R@1 >= the untrained ImageNet baseline's
+    # (measured in the same run) plus this margin, and >= the current embedding's minus
+    # model_promotion_margin (the ensemble's gate).
+    embedding_baseline_margin: float = 0.01
     # --- operations (alerts, reports) ----------------------------------------------------------
     # Failure alerts and run summaries are POSTed as JSON to this URL when set (a chat webhook).
     alert_webhook_url: str = ""

@@ -326,8 +326,8 @@ def test_promote_and_rollback_change_the_current_model_through_promotion_rows(mo
 
     assert cli.main(["models", "rollback", "--reason", "misbehaves on phones", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result == {"model_id": "m1", "previous_model_id": "m2", "changed": True,
-                      "reason": "rollback from m2: misbehaves on phones"}
+    assert result == {"model_id": "m1", "kind": "ensemble", "previous_model_id": "m2",
+                      "changed": True, "reason": "rollback from m2: misbehaves on phones"}
     assert current_model(models) == "m1"
 
     assert cli.main(["models", "rollback", "--to", "m3"]) == 0

@@ -76,6 +76,10 @@ def test_dataset_build_emits_the_asset_that_schedules_training(dagbag):
     assert DATASET_VERSION in build.outlets
     train_dag = dagbag.dags["shoplens_train"]
     assert train_dag.get_task("train_and_evaluate").queue == "training"
+    # The search embedding trains next to the ensemble, on the same version, neither waiting.
+    embedding = train_dag.get_task("train_embedding")
+    assert embedding.queue == "training" and embedding.upstream_task_ids == {"pick_version"}
+    assert "train_embedding" not in train_dag.get_task("train_and_evaluate").downstream_task_ids
     assert type(train_dag.timetable).__name__ == "AssetTriggeredTimetable"
     assert "shoplens_dataset_version" in repr(train_dag.timetable.asset_condition)
 
@@ -139,3 +143,31 @@ def test_training_records_its_duration_and_volume_as_a_stage(dagbag, manifest_ur
     assert trained == [(manifest_url, "v0007")]
     [row] = ops.stage_metrics(Settings(manifest_url=manifest_url), "asset_triggered__2026-01-03")
     assert (row["stage"], row["status"], row["volume"]) == ("train", "success", {"seconds": 12.5})
+
+
+def test_embedding_training_records_its_own_stage(dagbag, manifest_url, monkeypatch):
+    """train_embedding runs modeling.train_embedding.run through ops.run_stage: a
+    'train_embedding' row in run_metrics under the training DAG run's id, stats passed on."""
+    import modeling
+    from shoplens import ops
+    from shoplens.config import Settings
+
+    trained = []
+
+    def fake_run(settings, version):  # stands in for the backbone and the head's training
+        trained.append(version)
+        return {"model_id": "m8", "kind": "embedding", "seconds": 3.5}
+
+    fake = SimpleNamespace(run=fake_run)
+    monkeypatch.setattr(modeling, "train_embedding", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "modeling.train_embedding", fake)
+    monkeypatch.setenv("SHOPLENS_MANIFEST_URL", manifest_url)
+    task = dagbag.dags["shoplens_train"].get_task("train_embedding")
+    assert task.on_failure_callback
+    monkeypatch.setitem(task.python_callable.__globals__, "get_current_context",
+                        lambda: {"run_id": "asset_triggered__2026-01-04"})
+    assert task.python_callable("v0008") == {"model_id": "m8", "kind": "embedding", "seconds": 3.5}
+    assert trained == ["v0008"]
+    [row] = ops.stage_metrics(Settings(manifest_url=manifest_url), "asset_triggered__2026-01-04")
+    assert (row["stage"], row["status"], row["volume"]) == ("train_embedding", "success",
+                                                            {"seconds": 3.5})
