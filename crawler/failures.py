@@ -28,8 +28,7 @@ def classify(exc: BaseException, stage: str | None) -> tuple[str, str]:
         return "truncated", detail
     if isinstance(exc, DownloadCancelledError):
         # Scrapy cancels a body above DOWNLOAD_MAXSIZE (= max_image_bytes).
-        too_large = "image_too_large" if stage in IMAGE_STAGES else "too_large"
-        return too_large, detail
+        return ("image_too_large" if stage in IMAGE_STAGES else "too_large"), detail
     if isinstance(exc, BrowserError):
         return "waf_cookie", detail
     if isinstance(exc, WafChallenged):

@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 import sqlalchemy as sa
+from scrapy import Request
 
 import crawler
 from crawler.site import BAD_CATALOGUE_IMAGE_URL, ShopSite
@@ -57,7 +58,8 @@ def test_the_catalogue_image_address_is_resolved_against_the_page_without_parame
 @pytest.mark.parametrize("raw", [
     "javascript:alert(document.cookie)", "data:image/png;base64,iVBORw0KGgo=",
     "ftp://cdn.test/a.jpg", "https://cdn.test:99999/a.jpg", "https://user:pw@cdn.test/a.jpg",
-    "https://cdn.test:0/a.jpg", "https://cdn.test/a\x00.jpg", "   ", "https://cdn.test/" + "a" * 3000,
+    "https://cdn.test:0/a.jpg", "https://cdn.test/a\x00.jpg", "   ",
+    "https://cdn.test/" + "a" * 3000,
     12345, True, ["https://cdn.test/a.jpg"], {"url": "https://cdn.test/a.jpg"},
 ])
 def test_a_malformed_catalogue_image_address_is_rejected_and_the_product_kept(raw):
@@ -75,6 +77,44 @@ def test_a_product_without_a_catalogue_image_has_neither_address_nor_error(extra
     assert (product.image_url, product.image_error) == (None, None)
     page = SITE.parse_product_page(_product_page(**extra), PRODUCT_URL)
     assert (page.image_url, page.image_error) == (None, None)
+
+
+# --- the spider's decision ------------------------------------------------------------------
+def test_each_products_catalogue_image_is_asked_for_once_a_night_unless_known():
+    """From the first answer that gives it; not when the manifest holds that address or an
+    earlier night refused its bytes; an unusable address is recorded, never raised."""
+    import asyncio
+
+    from crawler.manifest_writer import ProductState
+    from test_crawl_units import SHOP, _spider
+
+    spider = _spider(SHOP)
+    fresh, known, refused, moved, bad = 1, 2, 3, 4, 5
+    spider.states = {
+        fresh: ProductState(), bad: ProductState(),
+        known: ProductState(catalogue_url="http://cdn.test:81/k.jpg"),
+        refused: ProductState(catalogue_refused={"http://cdn.test:81/r.jpg?w=1280&h=1280"}),
+        moved: ProductState(catalogue_url="http://cdn.test:81/old.jpg")}
+    ranking = Request("http://shop.test/ranks.json")
+
+    def ask(product_id, address, error=None):
+        return asyncio.run(spider._catalogue_image_request(ranking, product_id, address, error))
+
+    first = ask(fresh, "http://cdn.test:81/f.jpg")
+    assert first.url == "http://cdn.test:81/f.jpg?w=1280&h=1280"  # at the one fixed size
+    assert (first.meta["stage"], first.meta["product_id"], first.meta["catalogue_url"]) == (
+        "catalogue_image", fresh, "http://cdn.test:81/f.jpg")
+    assert first.meta["download_maxsize"] == SHOP.max_image_bytes
+    assert ask(fresh, "http://cdn.test:81/f.jpg") is None  # once a night (the product page too)
+    assert ask(known, "http://cdn.test:81/k.jpg") is None  # unchanged: not downloaded again
+    assert ask(refused, "http://cdn.test:81/r.jpg") is None  # its bytes were refused before
+    assert ask(moved, "http://cdn.test:81/new.jpg").meta["catalogue_url"] == (
+        "http://cdn.test:81/new.jpg")  # a new address replaces the stored image
+    _, error = ShopSite.catalogue_image("javascript:alert(1)", "http://shop.test/")
+    assert ask(bad, None, error) is None
+    assert spider.recorded == [(BAD_CATALOGUE_IMAGE_URL, None)]
+    assert spider.crawler.stats.values["shoplens/catalogue_images_requested"] == 2
+    assert spider.crawler.stats.values["shoplens/catalogue_images_unchanged"] == 2
 
 
 # --- the manifest row -----------------------------------------------------------------------
