@@ -63,6 +63,7 @@ REQUEST_KINDS = {
     "pages": ("ranks_page", "product_page"),
     "json": ("ranks_data", "reviews", "star_counts"),
     "photos": ("image",),
+    "catalogue_images": ("catalogue_image",),
 }
 # CpuMeter's groups by process group: the crawl runs in child processes (the crawler) or in
 # this process (asyncio), so both count as the crawl process.

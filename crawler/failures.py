@@ -11,6 +11,9 @@ from twisted.internet import error as twisted_errors
 from crawler.browser import BrowserError
 from crawler.middlewares import OffsiteRequest, WafChallenged
 
+# The stages whose requests download an image (a review photo, a product's catalogue image).
+IMAGE_STAGES = ("image", "catalogue_image")
+
 
 def classify(exc: BaseException, stage: str | None) -> tuple[str, str]:
     """(reason code, human detail) for an exception an errback received."""
@@ -25,7 +28,7 @@ def classify(exc: BaseException, stage: str | None) -> tuple[str, str]:
         return "truncated", detail
     if isinstance(exc, DownloadCancelledError):
         # Scrapy cancels a body above DOWNLOAD_MAXSIZE (= max_image_bytes).
-        return ("image_too_large" if stage == "image" else "too_large"), detail
+        return ("image_too_large" if stage in IMAGE_STAGES else "too_large"), detail
     if isinstance(exc, BrowserError):
         return "waf_cookie", detail
     if isinstance(exc, WafChallenged):

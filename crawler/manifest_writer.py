@@ -18,8 +18,8 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from crawler import site
 from crawler.images import CONTENT_REJECTIONS
 from shoplens.manifest import engine_for
-from shoplens.manifest.schema import (categories, crawl_failures, crawl_runs, images, product_ranks,
-                                      products, review_photos, reviews)
+from shoplens.manifest.schema import (catalogue_images, categories, crawl_failures, crawl_runs,
+                                      images, product_ranks, products, review_photos, reviews)
 
 
 class RunNotFound(LookupError):
@@ -45,6 +45,10 @@ class ProductState:
     days_since_sync: float | None = None
     # A failure was recorded for the product in or after the run of its last complete walk.
     failed_since_sync: bool = False
+    # The address of the product's stored catalogue image (None: none stored yet).
+    catalogue_url: str | None = None
+    # Catalogue image URLs (as requested) whose bytes an earlier run refused: not asked again.
+    catalogue_refused: set[str] = field(default_factory=set)
 
     def unchanged_since_sync(self, review_count: int | None, rating: float | None,
                              recheck_days: float) -> bool:
@@ -68,6 +72,19 @@ class PhotoRow:
     source_url: str
     review_id: int
     product_id: int
+
+
+@dataclass(frozen=True)
+class CatalogueImageRow:
+    """A stored catalogue image's facts, as its ``catalogue_images`` row needs them."""
+    product_id: int
+    sha256: str
+    object_key: str
+    source_url: str  # the shop's address of the image (originalImageUrl, resolved, no params)
+    size_bytes: int
+    width: int
+    height: int
+    format: str
 
 
 @dataclass(frozen=True)
@@ -188,6 +205,17 @@ class ManifestWriter:
                     states[pid].photos_missing.append((rid, url))
                 else:
                     states[pid].reviews_with_photo_stored.add(rid)
+            for pid, url in conn.execute(sa.select(
+                    catalogue_images.c.product_id, catalogue_images.c.source_url).where(
+                    catalogue_images.c.product_id.in_(ids))):
+                states[pid].catalogue_url = url
+            for pid, url in conn.execute(sa.select(
+                    crawl_failures.c.product_id, crawl_failures.c.url).where(
+                    crawl_failures.c.product_id.in_(ids),
+                    crawl_failures.c.stage == "catalogue_image",
+                    crawl_failures.c.reason.in_(sorted(CONTENT_REJECTIONS)),
+                    crawl_failures.c.run_id < self.run_id).distinct()):
+                states[pid].catalogue_refused.add(url)
         return states
 
     # --- reviews ----------------------------------------------------------------------------
@@ -243,6 +271,16 @@ class ManifestWriter:
             new.discard(p.sha256)
         return firsts
 
+    # --- catalogue images -------------------------------------------------------------------
+    def record_catalogue_image(self, image: CatalogueImageRow) -> None:
+        """The product's catalogue image row: the latest one stored wins (upsert on the
+        product). Call only after its object is in the store."""
+        with self.engine.begin() as conn:
+            conn.execute(_UPSERT_CATALOGUE_IMAGE, dict(
+                product_id=image.product_id, sha256=image.sha256, object_key=image.object_key,
+                source_url=image.source_url, size_bytes=image.size_bytes, width=image.width,
+                height=image.height, format=image.format, run_id=self.run_id))
+
     # --- failures ---------------------------------------------------------------------------
     def record_failure(self, failure: FailureRecord) -> None:
         with self.engine.begin() as conn:
@@ -269,6 +307,12 @@ def _bigint_or_none(value) -> int | None:
 # transaction: ~4 ms of CPU each, measured, when the batches are a few photos.
 _INSERT_NEW_IMAGES = (insert(images).on_conflict_do_nothing(index_elements=[images.c.sha256])
                       .returning(images.c.sha256))
+_catalogue_upsert = insert(catalogue_images)
+_UPSERT_CATALOGUE_IMAGE = _catalogue_upsert.on_conflict_do_update(
+    index_elements=[catalogue_images.c.product_id],
+    set_={**{c: _catalogue_upsert.excluded[c] for c in (
+        "sha256", "object_key", "source_url", "size_bytes", "width", "height", "format",
+        "run_id")}, "stored_at": sa.func.now()})
 _review_photo_upsert = insert(review_photos)
 _UPSERT_REVIEW_PHOTOS = _review_photo_upsert.on_conflict_do_update(
     index_elements=[review_photos.c.review_id],

@@ -1,4 +1,12 @@
-"""Item pipeline: validate a downloaded review photo, store it, then record it in the manifest.
+"""Item pipeline: validate a downloaded review photo or catalogue image, store it, then record it
+in the manifest.
+
+Both kinds take the same path: the one decoder's checks (:mod:`crawler.images`), a broken body
+downloaded again via Scrapy's retry, the object under its content address (images/<sha256>),
+and a refusal recorded as a ``crawl_failures`` row of the item's stage (``image`` for a review
+photo, ``catalogue_image`` for a product's catalogue image). Only the rows differ: a review
+photo's ``images`` + ``review_photos`` rows (group-committed), a catalogue image's
+``catalogue_images`` row (one upsert per product: the latest image wins).
 
 Order matters for crash safety: the object is written first (content-addressed, so writing the
 same bytes again is a no-op and needs no existence check), then the image and review_photos
@@ -23,8 +31,8 @@ from scrapy.exceptions import DropItem, IgnoreRequest
 
 from crawler.group_commit import GroupCommit
 from crawler.images import IMAGE_CONTENT_TYPES, ImageRejected, ValidImage, validate_image
-from crawler.items import ReviewPhotoItem
-from crawler.manifest_writer import FailureRecord, ManifestWriter, PhotoRow
+from crawler.items import CatalogueImageItem, ReviewPhotoItem
+from crawler.manifest_writer import CatalogueImageRow, FailureRecord, ManifestWriter, PhotoRow
 from shoplens.store import ObjectStore, image_key
 
 logger = logging.getLogger(__name__)
@@ -65,29 +73,31 @@ class ReviewPhotoPipeline:
         self.crawler.stats.set_value("shoplens/photo_transactions", self.photo_rows.transactions)
 
     async def process_item(self, item):
-        if not isinstance(item, ReviewPhotoItem):
+        if isinstance(item, ReviewPhotoItem):
+            store = self._store_photo
+        elif isinstance(item, CatalogueImageItem):
+            store = self._store_catalogue_image
+        else:
             return item
         spider = self.crawler.spider
         if spider.fatal_error:
             raise DropItem("crawl aborted")
         try:
-            return await self._store_photo(item)
+            return await store(item)
         except (DropItem, IgnoreRequest):  # settled (recorded, retried or aborting)
             raise
         except Exception as exc:  # noqa: BLE001 - one photo must not pass unrecorded
             await spider._unexpected(item.request, exc, reason="pipeline_exception")
             raise DropItem(f"unexpected {type(exc).__name__}, recorded") from None
 
-    async def _store_photo(self, item: ReviewPhotoItem) -> dict:
+    async def _stored(self, item: ReviewPhotoItem | CatalogueImageItem, stage: str,
+                      rejected_stat: str) -> tuple[ValidImage, str]:
+        """The item's image facts and object key once its bytes are in the store; a refused
+        body is downloaded again (Scrapy's retry), then recorded as a ``stage`` failure."""
         spider = self.crawler.spider
-        stats = self.crawler.stats
         try:
-            image, key = await asyncio.get_running_loop().run_in_executor(
+            return await asyncio.get_running_loop().run_in_executor(
                 self.workers, self._validate_and_store, item)
-            new_image = await self.photo_rows.submit(PhotoRow(
-                sha256=image.sha256, object_key=key, size_bytes=image.size_bytes,
-                width=image.width, height=image.height, format=image.format, source_url=item.url,
-                review_id=item.review_id, product_id=item.product_id))
         except ImageRejected as rejected:
             # A broken body may be a transient fault of the CDN: download it again first.
             retry = get_retry_request(item.request, spider=spider,
@@ -95,16 +105,27 @@ class ReviewPhotoPipeline:
             if retry is not None:
                 self.crawler.engine.crawl(retry)
                 raise DropItem(f"{rejected}; downloading again") from None
+            stats = self.crawler.stats
             stats.inc_value(f"shoplens/failures/{rejected.reason}")
-            stats.inc_value("shoplens/photos_rejected")
+            stats.inc_value(rejected_stat)
             await spider._db(self.writer.record_failure, FailureRecord(
-                stage="image", reason=rejected.reason, url=item.url, detail=rejected.detail,
+                stage=stage, reason=rejected.reason, url=item.url, detail=rejected.detail,
                 category_id=item.category_id, product_id=item.product_id,
-                review_id=item.review_id))
+                review_id=getattr(item, "review_id", None)))
             raise DropItem(str(rejected)) from None
         except StoreUnavailable as exc:
             spider.abort(str(exc))
             raise DropItem("object store unavailable") from None
+
+    async def _store_photo(self, item: ReviewPhotoItem) -> dict:
+        spider = self.crawler.spider
+        stats = self.crawler.stats
+        image, key = await self._stored(item, "image", "shoplens/photos_rejected")
+        try:
+            new_image = await self.photo_rows.submit(PhotoRow(
+                sha256=image.sha256, object_key=key, size_bytes=image.size_bytes,
+                width=image.width, height=image.height, format=image.format, source_url=item.url,
+                review_id=item.review_id, product_id=item.product_id))
         except _DATABASE_DOWN as exc:
             spider.abort(f"manifest database unavailable: {str(exc.orig or exc).strip()[:300]}")
             raise DropItem("manifest unavailable") from None
@@ -115,7 +136,19 @@ class ReviewPhotoPipeline:
             stats.inc_value("shoplens/images_new")
         return {"review_id": item.review_id, "sha256": image.sha256}
 
-    def _validate_and_store(self, item: ReviewPhotoItem) -> tuple[ValidImage, str]:
+    async def _store_catalogue_image(self, item: CatalogueImageItem) -> dict:
+        image, key = await self._stored(item, "catalogue_image",
+                                        "shoplens/catalogue_images_rejected")
+        # An unreachable database aborts the crawl there (and drops the item).
+        await self.crawler.spider._db(self.writer.record_catalogue_image, CatalogueImageRow(
+            product_id=item.product_id, sha256=image.sha256, object_key=key,
+            source_url=item.source_url, size_bytes=image.size_bytes, width=image.width,
+            height=image.height, format=image.format))
+        self.crawler.stats.inc_value("shoplens/catalogue_images_stored")
+        return {"product_id": item.product_id, "sha256": image.sha256}
+
+    def _validate_and_store(self, item: ReviewPhotoItem | CatalogueImageItem
+                            ) -> tuple[ValidImage, str]:
         """Decode-checked image facts and the key its bytes are stored under."""
         image = validate_image(item.body, item.content_type,
                                max_pixels=self.shop.max_image_pixels,

@@ -38,6 +38,8 @@ _BUILD_MANIFEST_SRC_RE = re.compile(r"/_next/static/(?P<build>[^/\"']+)/_buildMa
 _SURROGATES_RE = re.compile("[\ud800-\udfff]")
 PHOTO_SCHEMES = ("http", "https")
 MAX_URL_LENGTH = 2048
+# The reason a product's unusable ``originalImageUrl`` is recorded under (the product is kept).
+BAD_CATALOGUE_IMAGE_URL = "bad_catalogue_image_url"
 
 # The manifest's column ranges (shoplens/manifest/migrations/versions/0001_crawl.py).
 BIGINT_MAX = 2 ** 63 - 1  # BigInteger: product and review ids, prices
@@ -69,6 +71,11 @@ class RankedProduct:
     price: int | None
     review_count: int | None
     rating: float | None
+    # The shop's own image of the product (``originalImageUrl``), absolute and without resize
+    # parameters; None: none given. ``image_error``: why the given one is not usable (the
+    # product itself is kept).
+    image_url: str | None = None
+    image_error: ParseError | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,8 @@ class ProductPage:
     rating: float | None
     categories: list[Category] = field(default_factory=list)
     review_total: int | None = None
+    image_url: str | None = None  # as RankedProduct.image_url
+    image_error: ParseError | None = None
 
 
 @dataclass(frozen=True)
@@ -168,25 +177,37 @@ class ShopSite:
         return urlunsplit((scheme, netloc, parts.path, self.image_params, ""))
 
     @staticmethod
-    def photo_address(raw: Any, page_url: str) -> str:
+    def photo_address(raw: Any, page_url: str, reason: str = "bad_photo_url") -> str:
         """``raw`` resolved against the page that listed it (``//host/a.jpg``, ``/img/a.jpg``),
-        without resize parameters; http(s) with a host and a valid port only."""
+        without resize parameters; http(s) with a host and a valid port only, else a
+        :class:`ParseError` with ``reason``."""
         if not isinstance(raw, str):
-            raise ParseError("bad_photo_url", f"photo address is not text: {_short(raw)}")
+            raise ParseError(reason, f"image address is not text: {_short(raw)}")
         text = raw.strip()
         if not text or len(text) > MAX_URL_LENGTH or _has_control(text):
-            raise ParseError("bad_photo_url", f"photo address {text[:80]!r} is empty, too long "
-                                              "or has control characters")
+            raise ParseError(reason, f"image address {text[:80]!r} is empty, too long "
+                                     "or has control characters")
         try:
             parts = urlsplit(urljoin(page_url, text))
             port = parts.port  # raises ValueError when out of range or not a number
         except ValueError as exc:
-            raise ParseError("bad_photo_url", f"{text[:80]!r}: {exc}") from None
+            raise ParseError(reason, f"{text[:80]!r}: {exc}") from None
         if parts.scheme not in PHOTO_SCHEMES or not parts.hostname:
-            raise ParseError("bad_photo_url", f"{text[:80]!r} is not an http(s) address with a host")
+            raise ParseError(reason, f"{text[:80]!r} is not an http(s) address with a host")
         if parts.username is not None or parts.password is not None or port == 0:
-            raise ParseError("bad_photo_url", f"{text[:80]!r} carries credentials or port 0")
+            raise ParseError(reason, f"{text[:80]!r} carries credentials or port 0")
         return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+    @classmethod
+    def catalogue_image(cls, raw: Any, page_url: str) -> tuple[str | None, ParseError | None]:
+        """A product's ``originalImageUrl`` as (address, None), (None, why it is unusable), or
+        (None, None) when the shop gave none (absent, null or empty)."""
+        if raw is None or raw == "":
+            return None, None
+        try:
+            return cls.photo_address(raw, page_url, reason=BAD_CATALOGUE_IMAGE_URL), None
+        except ParseError as exc:
+            return None, exc
 
     def is_shop_url(self, url: str) -> bool:
         return urlsplit(url).netloc == self.netloc
@@ -229,8 +250,9 @@ class ShopSite:
             raise ParseError("bad_build_id", f"buildId {_short(build)} is not a plain token")
         return build
 
-    @staticmethod
-    def parse_ranking(body: bytes | str) -> Ranking:
+    def parse_ranking(self, body: bytes | str, page_url: str | None = None) -> Ranking:
+        """The ranks data; image addresses are resolved against ``page_url``."""
+        page_url = page_url or self.base_url + "/"
         doc = _json(body)
         queries = _queries(_dig(doc, "pageProps", "dehydratedState", "queries"))
         category: Category | None = None
@@ -249,13 +271,16 @@ class ShopSite:
             try:
                 if not isinstance(raw, dict):
                     raise ParseError("unexpected_shape", f"product #{position} is not an object")
+                image_url, image_error = self.catalogue_image(raw.get("originalImageUrl"),
+                                                              page_url)
                 product = RankedProduct(
                     id=_id(_req(raw, "id"), "product id"), rank=position,
                     name=_text(_req(raw, "name"), "name"),
                     brand=_opt_text(raw.get("brandName"), "brandName"),
                     price=_opt_int(raw.get("sellingPrice"), "sellingPrice", BIGINT_MAX),
                     review_count=_opt_int(raw.get("reviewCount"), "reviewCount", INT_MAX),
-                    rating=_opt_float(raw.get("reviewAvg"), "reviewAvg"))
+                    rating=_opt_float(raw.get("reviewAvg"), "reviewAvg"),
+                    image_url=image_url, image_error=image_error)
                 if product.id in seen:
                     raise ParseError("duplicate_id", f"product {product.id} listed twice")
             except ParseError as exc:
@@ -266,8 +291,9 @@ class ShopSite:
             products.append(product)
         return Ranking(category=category, products=products, rejected=rejected)
 
-    @staticmethod
-    def parse_product_page(html: str) -> ProductPage:
+    def parse_product_page(self, html: str, page_url: str | None = None) -> ProductPage:
+        """The product page; its image address is resolved against ``page_url``."""
+        page_url = page_url or self.base_url + "/"
         doc = _next_data(_html(html), required=True)
         queries = _queries(_dig(doc, "props", "pageProps", "dehydratedState", "queries"))
         production = categories = review = None
@@ -282,6 +308,8 @@ class ShopSite:
                 review = data["review"]
         if production is None:
             raise ParseError("missing_field", "no query with data.production on the product page")
+        image_url, image_error = self.catalogue_image(production.get("originalImageUrl"),
+                                                      page_url)
         cats = [Category(id=_text(c.get("id", ""), "categories.id"),
                          name=_opt_text(c.get("title"), "categories.title"))
                 for c in categories or [] if isinstance(c, dict)]
@@ -294,7 +322,8 @@ class ShopSite:
                                   INT_MAX),
             rating=_opt_float(production.get("reviewAvg"), "production.reviewAvg"),
             categories=cats,
-            review_total=_opt_int((review or {}).get("totalCount"), "review.totalCount", INT_MAX))
+            review_total=_opt_int((review or {}).get("totalCount"), "review.totalCount", INT_MAX),
+            image_url=image_url, image_error=image_error)
 
     def parse_reviews(self, body: bytes | str, page_url: str | None = None) -> ReviewsPage:
         """One page of the reviews API; photo addresses are resolved against ``page_url``."""

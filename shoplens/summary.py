@@ -4,7 +4,8 @@
 no stage package is imported) and returns a :class:`RunSummary`:
 
 - ``crawl``: run status, categories, products ranked, reviews new/total, review photos stored,
-  images new/total (and their bytes), failures by reason and by stage;
+  images new/total (and their bytes), catalogue images stored/failed in the run and in all,
+  failures by reason and by stage;
 - ``dedup``: images hashed and duplicates marked in this run, clusters and duplicates in all;
 - ``filter``: run status, images inspected/decided/kept/rejected, rejections per rule, report key;
 - ``build``: the version this run built (status, parent, images, labels, images per split, URI,
@@ -173,7 +174,11 @@ def crawl_section(conn: sa.Connection, run_key: str) -> dict[str, Any] | None:
           (SELECT count(*) FROM images) AS images_total,
           (SELECT coalesce(sum(size_bytes), 0) FROM images WHERE first_seen_run = :r)
             AS image_bytes_new,
-          (SELECT coalesce(sum(size_bytes), 0) FROM images) AS image_bytes_total
+          (SELECT coalesce(sum(size_bytes), 0) FROM images) AS image_bytes_total,
+          (SELECT count(*) FROM catalogue_images WHERE run_id = :r) AS catalogue_images_stored,
+          (SELECT count(*) FROM crawl_failures WHERE run_id = :r AND stage = 'catalogue_image')
+            AS catalogue_images_failed,
+          (SELECT count(*) FROM catalogue_images) AS catalogue_images_total
         """), {"r": run["id"]}).mappings().one()
     failures: dict[str, int] = {}
     by_stage: dict[str, int] = {}
@@ -371,6 +376,8 @@ def _crawl_lines(c: dict | None) -> list[str]:
             f"(total {c['reviews_total']}), photos stored {c['photos_stored']}, new images "
             f"{c['images_new']} ({_size(c['image_bytes_new'])}; total {c['images_total']}, "
             f"{_size(c['image_bytes_total'])})",
+            f"catalogue images: stored {c['catalogue_images_stored']}, failed "
+            f"{c['catalogue_images_failed']} (products with one: {c['catalogue_images_total']})",
             "crawl failures: " + (_pairs(c["failures"]) or "none")]
 
 

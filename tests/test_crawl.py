@@ -87,9 +87,11 @@ def stored_photos(url: str) -> dict[int, str]:
 
 
 def assert_store_and_manifest_agree(settings, sample: int | None = None) -> None:
-    """Every image row has its object with those very bytes, and no object lacks a row."""
+    """Every image row (review photo or catalogue image) has its object with those very bytes,
+    and no object lacks a row."""
     store = ObjectStore(settings)
-    rows = dict(query(settings.manifest_url, "SELECT object_key, sha256 FROM images"))
+    rows = dict(query(settings.manifest_url, "SELECT object_key, sha256 FROM images UNION "
+                                             "SELECT object_key, sha256 FROM catalogue_images"))
     assert set(store.list_keys("images/")) == set(rows)
     keys = sorted(rows)
     if sample is not None:
@@ -125,6 +127,10 @@ def assert_matches_ground_truth(settings, truth: dict, sample: int | None = None
     assert set(stored) == set(good)
     for review_id, sha in stored.items():
         assert sha in truth["served"][good[review_id]["photo_id"]]
+    # Each product's catalogue image, from the address the shop gives for it.
+    assert dict(query(url, "SELECT product_id, source_url FROM catalogue_images")) == {
+        p: truth_products[p]["image_url"] for p in product_ids
+        if truth_products[p]["image_bad"] is None}
     assert_store_and_manifest_agree(settings, sample)
 
 
@@ -328,12 +334,14 @@ def test_offsite_redirects_are_never_followed_and_are_recorded(replica, s3_setti
     shop = replica([6, 5], faults="offsite=1.0")
     settings = crawl_settings(shop, s3_settings, manifest_url, retry_times=1, best_n=1)
     crawl_run(settings, "offsite")
-    reasons = query(manifest_url, "SELECT DISTINCT stage, reason FROM crawl_failures")
-    assert reasons == [("image", "offsite_redirect")]
+    reasons = query(manifest_url, "SELECT DISTINCT stage, reason FROM crawl_failures ORDER BY 1")
+    assert reasons == [("catalogue_image", "offsite_redirect"), ("image", "offsite_redirect")]
     truth = shop.ground_truth()
     photo_count = len(photo_reviews(truth, expected_products(truth, 1)[CATEGORY]))
-    assert query(manifest_url, "SELECT count(*) FROM crawl_failures")[0][0] == photo_count > 0
+    # Each photo and the one product's catalogue image.
+    assert query(manifest_url, "SELECT count(*) FROM crawl_failures")[0][0] == photo_count + 1 > 1
     assert stored_photos(manifest_url) == {}
+    assert query(manifest_url, "SELECT count(*) FROM catalogue_images") == [(0,)]
     assert set(shop.stats()["hosts"]) <= {urlsplit(shop.base_url).netloc,
                                           urlsplit(shop.cdn_url).netloc}
 
@@ -351,6 +359,8 @@ def _table_contents(url: str) -> dict[str, set]:
         "images": "SELECT sha256, object_key, size_bytes, width, height, format, source_url, "
                   "review_id, product_id FROM images",
         "review_photos": "SELECT review_id, sha256 FROM review_photos",
+        "catalogue_images": "SELECT product_id, sha256, object_key, source_url, size_bytes, width, "
+                            "height, format FROM catalogue_images",
     }
     return {table: set(query(url, sql)) for table, sql in q.items()}
 

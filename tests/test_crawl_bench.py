@@ -15,12 +15,14 @@ economics = load_benchmark("crawl_economics")
 
 def test_requests_are_counted_by_kind_from_two_snapshots_of_the_shops_counter():
     """pages = ranking and product pages; JSON = ranking data, review pages, star counts;
-    photos = images; other = the rest (robots.txt, static files); total = all of it."""
+    photos = review photos; catalogue images = the products' own images; other = the rest
+    (robots.txt, static files); total = all of it."""
     before = {"robots": 1, "ranks_page": 2, "image": 10}
     after = {"robots": 2, "ranks_page": 3, "ranks_data": 1, "product_page": 4, "reviews": 5,
-             "star_counts": 2, "image": 40, "static": 3}
+             "star_counts": 2, "image": 40, "catalogue_image": 2, "static": 3}
     assert economics.requests_by_kind(before, after) == {
-        "pages": 1 + 4, "json": 1 + 5 + 2, "photos": 30, "other": 1 + 3, "total": 47}
+        "pages": 1 + 4, "json": 1 + 5 + 2, "photos": 30, "catalogue_images": 2, "other": 1 + 3,
+        "total": 49}
 
 
 def test_every_request_kind_counted_is_a_route_the_replica_names():

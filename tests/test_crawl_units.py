@@ -780,6 +780,7 @@ def test_operations_guide_lists_every_failure_reason_the_crawl_can_record():
     source = {name: (root / "crawler" / name).read_text() for name in (
         "site.py", "failures.py", "spiders/reviews.py", "pipelines.py", "middlewares.py")}
     reasons = set(re.findall(r'ParseError\(\s*"([a-z_]+)"', source["site.py"]))
+    reasons |= set(re.findall(r'^BAD_[A-Z_]+ = "([a-z_]+)"', source["site.py"], re.M))
     reasons |= set(re.findall(r'return \(?"([a-z_]+)"', source["failures.py"]))
     reasons |= set(re.findall(r'\("([a-z_]+)" if', source["failures.py"]))
     reasons |= set(re.findall(r'else "([a-z_]+)"\)', source["failures.py"]))

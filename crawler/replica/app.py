@@ -304,5 +304,5 @@ def build_cdn_app(runtime: ReplicaRuntime, host_key: str) -> web.Application:
     app.router.add_get(r"/apne2/any/uploads/cards/snapshots/{photo_id:\d{18}}.jpg", h.photo,
                        name="image:photo")
     app.router.add_get(r"/apne2/any/uploads/productions/v1-{image_id:\d{15}}.jpg",
-                       h.product_image, name="image:product")
+                       h.product_image, name="catalogue_image:product")
     return app

@@ -51,6 +51,9 @@ class Product:
     image_id: str  # 15 digits, the catalogue image on the CDN
     key: str
     reviews: list[Review] = field(default_factory=list)  # every review, published or held back
+    # None, or a bad-photo kind (cdn.bad_photo_body) its catalogue image is served as; set by a
+    # test on the running shop (``shop.catalog.products[id].image_bad = "truncated_file"``).
+    image_bad: str | None = None
 
 
 @dataclass

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from .catalog import Catalog
-from .payloads import photo_url
+from .payloads import photo_url, product_image_url
 
 
 def build(catalog: Catalog, cdn_url: str, base_url: str, photo_sha256: dict[str, str],
@@ -27,7 +27,8 @@ def build(catalog: Catalog, cdn_url: str, base_url: str, photo_sha256: dict[str,
                 "id": product.id, "category_id": product.category_id, "name": product.name,
                 "brand": product.brand, "price": product.price,
                 "review_count": catalog.review_count(product), "rating": catalog.rating(product),
-                "rank": rank, "photo_review_count": catalog.photo_review_count(product)})
+                "rank": rank, "photo_review_count": catalog.photo_review_count(product),
+                "image_url": product_image_url(cdn_url, product), "image_bad": product.image_bad})
             for review in sorted(catalog.published(product), key=lambda r: r.id):
                 has_photo = review.photo_id is not None
                 reviews.append({

@@ -67,6 +67,10 @@ class ReplicaRuntime:
         return rendered(*render(original, params or ImageParams()))
 
     def _render_product_image(self, product: Product, params: ImageParams) -> Rendered:
+        if product.image_bad:
+            placeholder = io.BytesIO()
+            Image.new("RGB", (400, 400), (236, 236, 236)).save(placeholder, "JPEG", quality=85)
+            return rendered(*bad_photo_body(product.image_bad, placeholder.getvalue()))
         photo = next((r for r in product.reviews if r.photo_id and not r.bad), None)
         if photo is None:  # a product without photos still has a catalogue image
             out = io.BytesIO()
@@ -97,7 +101,7 @@ class ReplicaRuntime:
                                     lambda: self._render_photo(review, params))
 
     async def product_image(self, product: Product, params: ImageParams) -> Rendered:
-        return await self._rendered(("product", product.id, params),
+        return await self._rendered(("product", product.id, product.image_bad, params),
                                     lambda: self._render_product_image(product, params))
 
     def record_served(self, photo_id: str, sha256: str) -> None:

@@ -1,4 +1,5 @@
-"""One category: best-N ranking -> product pages -> every review page -> each photo once.
+"""One category: best-N ranking -> product pages -> every review page -> each photo once, and
+each product's catalogue image (``originalImageUrl``).
 
 Incremental: a product whose review count and rating in the ranking are those of its last
 complete walk is not walked at all (no product page, no review page) unless that walk is older
@@ -8,6 +9,11 @@ complete walk (``products.reviews_synced_run``) once the shop's review count is 
 and a review whose photo is already in the manifest is never downloaded again. Photos of known
 reviews that are still missing (an earlier failure) are requested again, so failures heal on the
 next run.
+
+The catalogue image of every ranked product is asked for once a night from the first answer that
+gives it (the ranking, else the product page), unless the manifest already holds that very
+address for the product (``catalogue_images.source_url``) or an earlier night refused its bytes:
+an unchanged image is not downloaded again, a new address replaces the stored image.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from scrapy.http import Response
 from twisted.python.failure import Failure
 
 from crawler import failures as failure_codes
-from crawler.items import ReviewPhotoItem
+from crawler.items import CatalogueImageItem, ReviewPhotoItem
 from crawler.middlewares import OffsiteRequest
 from crawler.manifest_writer import FailureRecord, ManifestWriter, ProductState
 from crawler.site import ParseError, ShopSite
@@ -47,6 +53,7 @@ class ReviewsSpider(scrapy.Spider):
         self.photos_scheduled: dict[int, int] = defaultdict(int)
         self.reviews_scheduled: set[int] = set()
         self.unknown_seen: dict[int, set[int]] = defaultdict(set)  # per product, this walk
+        self.catalogue_handled: set[int] = set()  # products whose catalogue image was dealt with
         self._closing: asyncio.Task | None = None
 
     @classmethod
@@ -81,7 +88,7 @@ class ReviewsSpider(scrapy.Spider):
 
     async def parse_ranking(self, response: Response):
         try:
-            ranking = self.site.parse_ranking(response.body)
+            ranking = self.site.parse_ranking(response.body, response.url)
         except ParseError as exc:
             for out in await self._parse_failed(response, exc):
                 yield out
@@ -99,6 +106,10 @@ class ReviewsSpider(scrapy.Spider):
         self.crawler.stats.set_value("shoplens/products", len(best))
         for product in best:
             self.ranks[product.id] = product.rank
+            request = await self._catalogue_image_request(
+                response.request, product.id, product.image_url, product.image_error)
+            if request is not None:
+                yield request
             # Photos an earlier run could not store: asked for again straight from the manifest.
             for review_id, photo_url in self.states[product.id].photos_missing:
                 request = await self._photo_request(product.id, review_id, photo_url)
@@ -115,7 +126,7 @@ class ReviewsSpider(scrapy.Spider):
     async def parse_product(self, response: Response):
         product_id = response.meta["product_id"]
         try:
-            page = self.site.parse_product_page(response.text)
+            page = self.site.parse_product_page(response.text, response.url)
         except ParseError as exc:
             for out in await self._parse_failed(response, exc):
                 yield out
@@ -126,6 +137,10 @@ class ReviewsSpider(scrapy.Spider):
             return
         await self._db(self.writer.record_product_page, self.category_id,
                        self.ranks.get(product_id), page, response.url)
+        request = await self._catalogue_image_request(response.request, product_id,
+                                                      page.image_url, page.image_error)
+        if request is not None:
+            yield request
         yield self._reviews_request(product_id, 1, referer=response.url)
 
     async def parse_reviews(self, response: Response):
@@ -180,6 +195,13 @@ class ReviewsSpider(scrapy.Spider):
                 "latin-1") or None, url=response.url, review_id=meta["review_id"],
             product_id=meta["product_id"], category_id=self.category_id, request=response.request)
 
+    async def parse_catalogue_image(self, response: Response):
+        meta = response.meta
+        yield CatalogueImageItem(
+            body=response.body, content_type=(response.headers.get("Content-Type") or b"").decode(
+                "latin-1") or None, url=response.url, source_url=meta["catalogue_url"],
+            product_id=meta["product_id"], category_id=self.category_id, request=response.request)
+
     # --- requests ---------------------------------------------------------------------------
     def _meta(self, stage: str, product_id: int | None = None, **extra: Any) -> dict:
         return {"stage": stage, "product_id": product_id, **extra}
@@ -188,6 +210,39 @@ class ReviewsSpider(scrapy.Spider):
         return Request(self.site.reviews_url(product_id, page, self.shop.reviews_per_page),
                        headers=self.site.guarded_headers(referer), callback=self.parse_reviews,
                        errback=self.on_error, meta=self._meta("reviews", product_id, page=page))
+
+    async def _catalogue_image_request(self, listed_by: Request, product_id: int,
+                                       address: str | None,
+                                       error: ParseError | None) -> Request | None:
+        """The product's catalogue image at the fixed size, from the first answer of the night
+        that gives one (address or error); None when it is already stored under this address,
+        its bytes were refused before, or its address is unusable (recorded)."""
+        if product_id in self.catalogue_handled or (address is None and error is None):
+            return None
+        self.catalogue_handled.add(product_id)
+        stats = self.crawler.stats
+        if error is not None:
+            await self._record(listed_by, error.reason, error.detail, stage="catalogue_image",
+                               product_id=product_id)
+            return None
+        state = self.states[product_id]
+        if state.catalogue_url == address:
+            stats.inc_value("shoplens/catalogue_images_unchanged")
+            return None
+        try:
+            url = self.site.image_url(address)
+        except ParseError as exc:  # the address was checked when parsed: never expected
+            await self._record(listed_by, exc.reason, exc.detail, stage="catalogue_image",
+                               product_id=product_id, url=address[:2000])
+            return None
+        if url in state.catalogue_refused:
+            stats.inc_value("shoplens/catalogue_images_unchanged")
+            return None
+        stats.inc_value("shoplens/catalogue_images_requested")
+        return Request(url, callback=self.parse_catalogue_image, errback=self.on_error,
+                       dont_filter=True, meta=self._meta(
+                           "catalogue_image", product_id, catalogue_url=address,
+                           download_maxsize=self.shop.max_image_bytes))
 
     async def _photo_request(self, product_id: int, review_id: int,
                              photo_url: str) -> Request | None:
