@@ -290,8 +290,20 @@ def bin_cosine(k: int) -> float:
     return round(COSINE_LOW + (k - 1) * COSINE_STEP, 4)
 
 
-def joint_histograms(phash, dhash, vectors, photo) -> tuple[np.ndarray, np.ndarray]:
-    """Counts of all unordered pairs by (pHash + dHash distance, cosine bin), same photo vs not."""
+def burst_groups(phash, dhash, photo, variant, threshold: int) -> np.ndarray:
+    """Per image, a label shared by the photos whose *originals* the hash rule at ``threshold``
+    already links (near-identical shots taken seconds apart: the data set's own near-duplicates)."""
+    originals = np.flatnonzero(variant == 0)
+    pairs = find_pairs(phash[originals], dhash[originals], DuplicateRule(threshold))
+    labels = component_labels(len(originals), pairs.first, pairs.second)
+    by_photo = np.zeros(photo.max() + 1, dtype=np.int64)
+    by_photo[photo[originals]] = labels
+    return by_photo[photo]
+
+
+def joint_histograms(phash, dhash, vectors, photo, group=None) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of all unordered pairs by (pHash + dHash distance, cosine bin), same photo vs not;
+    with ``group``, pairs of different photos in one group are left out (neither kind)."""
     phash, dhash = as_uint64(phash), as_uint64(dhash)
     size = (2 * MAX_DISTANCE + 1) * (COSINE_BINS + 1)
     same = np.zeros(size, dtype=np.int64)
@@ -305,8 +317,11 @@ def joint_histograms(phash, dhash, vectors, photo) -> tuple[np.ndarray, np.ndarr
         upper = np.arange(n)[None, :] > rows[:, None]
         bucket = (distance * (COSINE_BINS + 1) + cosine_bin(cosine))[upper]
         same_photo = (photo[rows, None] == photo[None, :])[upper]
+        negative = ~same_photo
+        if group is not None:
+            negative &= (group[rows, None] != group[None, :])[upper]
         same += np.bincount(bucket[same_photo], minlength=size)
-        different += np.bincount(bucket[~same_photo], minlength=size)
+        different += np.bincount(bucket[negative], minlength=size)
     shape = (2 * MAX_DISTANCE + 1, COSINE_BINS + 1)
     return same.reshape(shape), different.reshape(shape)
 
@@ -354,20 +369,28 @@ def _rule_pairs(phash, dhash, vectors, hash_rule: DuplicateRule, embedding_rule:
     return np.concatenate(first), np.concatenate(second), counts
 
 
-def signal_metrics(phash, dhash, vectors, photo, variant, hash_rule: DuplicateRule,
+def signal_metrics(phash, dhash, vectors, photo, variant, group, hash_rule: DuplicateRule,
                    embedding_rule: EmbeddingRule | None) -> dict:
     """Pairs, clusters and per-edit metrics of hashes (+ embedding) on one subset, via the stage's
     own pair search (:func:`find_pairs`, :func:`find_embedding_pairs`)."""
-    first, second, counts = _rule_pairs(phash, dhash, vectors, hash_rule, embedding_rule)
+    all_first, all_second, counts = _rule_pairs(phash, dhash, vectors, hash_rule, embedding_rule)
+    first, second = all_first, all_second
+    if group is not None:  # pairs of different photos of one burst are neither right nor wrong
+        keep = (photo[first] == photo[second]) | (group[first] != group[second])
+        first, second = first[keep], second[keep]
     same = photo[first] == photo[second]
     _, photo_sizes = np.unique(photo, return_counts=True)
     positives = int((photo_sizes * (photo_sizes - 1) // 2).sum())
     result = {"pairs": _metrics(int(same.sum()), len(first), positives), "pairs_by_signal": counts}
-    labels = component_labels(len(phash), first, second)
+    labels = component_labels(len(phash), all_first, all_second)  # the stage links every pair
     _, cluster_sizes = np.unique(labels, return_counts=True)
     _, joint_sizes = np.unique(labels * (photo.max() + 1) + photo, return_counts=True)
     true_pos = int((joint_sizes * (joint_sizes - 1) // 2).sum())
-    result["clusters"] = {**_metrics(true_pos, int((cluster_sizes * (cluster_sizes - 1) // 2).sum()), positives),
+    predicted = int((cluster_sizes * (cluster_sizes - 1) // 2).sum())
+    if group is not None:  # minus the burst pairs inside clusters (pairs of one group, other photo)
+        _, in_group = np.unique(labels * (group.max() + 1) + group, return_counts=True)
+        predicted -= int((in_group * (in_group - 1) // 2).sum()) - true_pos
+    result["clusters"] = {**_metrics(true_pos, predicted, positives),
                           "clusters": int(len(cluster_sizes)), "largest_cluster": int(cluster_sizes.max())}
     # Per edit kind: the edited copies against every original (one true original each).
     n = max(len(phash), 1)
@@ -380,6 +403,9 @@ def signal_metrics(phash, dhash, vectors, photo, variant, hash_rule: DuplicateRu
         low, high = np.minimum(a, b).ravel(), np.maximum(a, b).ravel()
         hit = np.isin(low * n + high, np.fromiter(found, np.int64, len(found)))
         truth = (photo[low] == photo[high])
+        if group is not None:
+            counted = truth | (group[low] != group[high])
+            hit, truth = hit[counted], truth[counted]
         per_edit[name] = {"precision": round(float((hit & truth).sum() / hit.sum()), 4) if hit.sum() else 1.0,
                           "recall": round(float((hit & truth).sum() / truth.sum()), 4),
                           "false_matches": int((hit & ~truth).sum())}
@@ -470,48 +496,60 @@ def main(argv: list[str] | None = None) -> int:
     vectors = embed_all(photos, settings, args.embedding_cache)
     phash, dhash = as_uint64(per_image[:, 2]), as_uint64(per_image[:, 3])
     tuning, held = subsets["tuning"], subsets["held_out"]
-    same, different = joint_histograms(phash[tuning], dhash[tuning], vectors[tuning], photo_of[tuning])
-    table = combined_rule_table(same, different)
-    chosen = best_combined(table, MIN_COMBINED_TUNING_PRECISION)
-    if chosen is None:
-        raise SystemExit(f"no combined rule reaches precision {MIN_COMBINED_TUNING_PRECISION} on the tuning half")
-    h_same, h_diff = joint_histograms(phash[held], dhash[held], vectors[held], photo_of[held])
-    held_table = combined_rule_table(h_same, h_diff)
-    sum_only = {t: _metrics(c_same, c_same + c_diff, same.sum()) for t, c_same, c_diff
-                in zip(range(2 * MAX_DISTANCE + 1), same.sum(1).cumsum(), different.sum(1).cumsum())}
-    held_sum_only = {t: _metrics(c_same, c_same + c_diff, h_same.sum()) for t, c_same, c_diff
-                     in zip(range(2 * MAX_DISTANCE + 1), h_same.sum(1).cumsum(), h_diff.sum(1).cumsum())}
-    hash_only = best_by_recall(sum_only, MIN_COMBINED_TUNING_PRECISION)
-    embedding_only = best_by_recall({k: v for k, v in table.items() if k[0] == -1 and k[1] == 2 * MAX_DISTANCE},
-                                    MIN_COMBINED_TUNING_PRECISION)
-    t, band, k = chosen
-    hash_rule = DuplicateRule(max(t, 0))
-    embedding_rule = EmbeddingRule(bin_cosine(k), band)
-    default_rule = DuplicateRule(Settings().dedup_threshold)
-    args_held = (phash[held], dhash[held], vectors[held], photo_of[held], variant_of[held])
+    stage_t = Settings().dedup_threshold
+    groups = burst_groups(phash, dhash, photo_of, variant_of, stage_t)
     report["hashes_plus_embedding"] = {
         "embedding_version": embedding_version(settings), "dim": int(vectors.shape[1]),
         "rule_family": "phash + dhash <= T OR (cosine >= c AND phash + dhash <= B)",
         "min_tuning_precision": MIN_COMBINED_TUNING_PRECISION,
-        "chosen_on_tuning": {"T": t, "c": bin_cosine(k), "B": band, **table[chosen]},
-        "held_out_pairs": held_table[chosen],
-        "held_out_neighbours": {f"T={t + dt} c={bin_cosine(k + dk)} B={band + db}":
-                                [held_table[(t + dt, band + db, k + dk)]["precision"],
-                                 held_table[(t + dt, band + db, k + dk)]["recall"]]
-                                for dt in (-2, 0, 2) for dk in (-4, 0, 4) for db in (-4, 0, 4)
-                                if (t + dt, band + db, k + dk) in held_table},
-        "hashes_alone_best_at_same_precision": hash_only is not None and {
-            "T": hash_only, "tuning": sum_only[hash_only], "held_out": held_sum_only[hash_only]},
-        "embedding_alone_best_at_same_precision": embedding_only and {
-            "c": bin_cosine(embedding_only[2]), "tuning": table[embedding_only],
-            "held_out": held_table[embedding_only]},
-        "held_out_stage_search": {
-            "hashes_default": {"rule": default_rule.describe(),
-                               **signal_metrics(*args_held, default_rule, None)},
-            "hashes_plus_embedding": {"rule": f"{hash_rule.describe()} OR ({embedding_rule.describe()})",
-                                      **signal_metrics(*args_held, hash_rule, embedding_rule)},
-        },
+        "burst_photo_pairs": int(sum(len(np.unique(photo_of[groups == g])) - 1
+                                     for g in np.unique(groups))),
     }
+    for protocol, group in (("strict", None), ("burst_shots_excluded", groups)):
+        same, different = joint_histograms(phash[tuning], dhash[tuning], vectors[tuning], photo_of[tuning],
+                                           None if group is None else group[tuning])
+        h_same, h_diff = joint_histograms(phash[held], dhash[held], vectors[held], photo_of[held],
+                                          None if group is None else group[held])
+        table, held_table = combined_rule_table(same, different), combined_rule_table(h_same, h_diff)
+        sum_only = {t: _metrics(c_same, c_same + c_diff, same.sum()) for t, c_same, c_diff
+                    in zip(range(2 * MAX_DISTANCE + 1), same.sum(1).cumsum(), different.sum(1).cumsum())}
+        held_sum_only = {t: _metrics(c_same, c_same + c_diff, h_same.sum()) for t, c_same, c_diff
+                         in zip(range(2 * MAX_DISTANCE + 1), h_same.sum(1).cumsum(), h_diff.sum(1).cumsum())}
+        hash_only = best_by_recall(sum_only, MIN_COMBINED_TUNING_PRECISION)
+        embedding_only = best_by_recall({k: v for k, v in table.items()
+                                         if k[0] == -1 and k[1] == 2 * MAX_DISTANCE},
+                                        MIN_COMBINED_TUNING_PRECISION)
+        section = {
+            "hashes_default": {"T": stage_t, "held_out": held_sum_only[stage_t]},
+            "hashes_alone_best_at_same_precision": hash_only is not None and {
+                "T": hash_only, "tuning": sum_only[hash_only], "held_out": held_sum_only[hash_only]},
+            "embedding_alone_best_at_same_precision": embedding_only and {
+                "c": bin_cosine(embedding_only[2]), "tuning": table[embedding_only],
+                "held_out": held_table[embedding_only]},
+        }
+        for label, candidates in (("free_T", table),
+                                  ("stage_T", {k: v for k, v in table.items() if k[0] == stage_t})):
+            chosen = best_combined(candidates, MIN_COMBINED_TUNING_PRECISION)
+            if chosen is None:
+                section[f"chosen_{label}"] = None
+                continue
+            t, band, k = chosen
+            hash_rule, embedding_rule = DuplicateRule(max(t, 0)), EmbeddingRule(bin_cosine(k), band)
+            subset = (phash[held], dhash[held], vectors[held], photo_of[held], variant_of[held],
+                      None if group is None else group[held])
+            section[f"chosen_{label}"] = {
+                "T": t, "c": bin_cosine(k), "B": band, "tuning": table[chosen], "held_out": held_table[chosen],
+                "held_out_neighbours": {f"T={t + dt} c={bin_cosine(k + dk)} B={band + db}":
+                                        [held_table[(t + dt, band + db, k + dk)]["precision"],
+                                         held_table[(t + dt, band + db, k + dk)]["recall"]]
+                                        for dt in (-2, 0, 2) for dk in (-4, 0, 4) for db in (-4, 0, 4)
+                                        if (t + dt, band + db, k + dk) in held_table},
+                "held_out_stage_search": {
+                    "rule": f"{hash_rule.describe()} OR ({embedding_rule.describe()})",
+                    **signal_metrics(*subset, hash_rule, embedding_rule),
+                    "hashes_alone": signal_metrics(*subset, DuplicateRule(stage_t), None)},
+            }
+        report["hashes_plus_embedding"][protocol] = section
     print("hashes_plus_embedding", json.dumps(report["hashes_plus_embedding"], indent=1))
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

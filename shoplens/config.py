@@ -158,8 +158,8 @@ class Settings:
     dedup_embedding: bool = True
     dedup_embedding_backbone: str = "efficientnet_lite0"
     dedup_embedding_image_size: int = 0  # 0: the backbone's native resolution
-    dedup_embedding_min_cosine: float = 0.9
-    dedup_embedding_max_hash_distance: int = 48
+    dedup_embedding_min_cosine: float = 0.90
+    dedup_embedding_max_hash_distance: int = 45
     # --- filter (dataset.filter.stage) ---------------------------------------------------------------
     # The YOLOX-Nano ONNX file; `python -m dataset models fetch` downloads it here.
     detector_model_path: str = "~/.cache/shoplens/models/yolox_nano.onnx"

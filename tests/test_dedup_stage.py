@@ -192,6 +192,7 @@ def test_missing_object_is_reported_not_fatal_and_is_retried_next_run(crawl, set
 
 
 def test_changing_the_threshold_reclusters_every_image(crawl, settings):
+    settings = settings.with_overrides(dedup_embedding=False)  # the hash rule alone decides here
     original = crawl.add(jpeg(photo(10)))
     copy = crawl.add(jpeg(photo(10).resize((160, 120)), quality=55))
     dedup.run(settings, "crawl-1")
