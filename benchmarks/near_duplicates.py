@@ -1,8 +1,10 @@
 """Near-duplicate detection quality on real photos: which rule and thresholds, and how good.
 
-Every GroceryStoreDataset photo (train + val lists of ../shared/datasets/grocery) gets six
+Every GroceryStoreDataset photo (train + val lists of ../shared/datasets/grocery) gets eight
 deterministic variants: JPEG quality 50-70, resize to 30-70 %, crop of up to 8 % per side,
-brightness and contrast each within +-15 %, an added uniform border, and all of them combined.
+brightness and contrast each within +-15 %, an added uniform border, all of them combined, a crop
+of 6-10 % of the width and height ("crop_6_10") and a re-framing (6-10 % cut from one side and the
+top or bottom, scaled back to the original size).
 A pair of images is a true near-duplicate when both come from the same photo; different photos,
 including different photos of the same product, are non-duplicates.
 
@@ -13,7 +15,14 @@ grid, with and without the trim-border step. The default threshold is chosen on 
 (highest recall at precision >= 0.97) and then reported on the held-out half, both as a pair rule
 and as clusters (connected components, as the stage builds them).
 
-    .venv/bin/python benchmarks/near_duplicates.py [--grocery DIR] [--out results/near_duplicates.json]
+Then the stage's second signal (:mod:`dataset.dedup.similarity`): every image's embedding, and
+``pHash + dHash <= T OR (cosine >= c AND pHash + dHash <= B)`` searched on the tuning half
+(highest recall at precision >= 0.985), under two protocols: strict, and with the data set's own
+burst shots (different photos whose originals the hash rule links) left out of the negatives.
+Held-out pairs, clusters and per-edit precision/recall come from the stage's own pair search.
+
+    nice -n 10 .venv/bin/python benchmarks/near_duplicates.py [--grocery DIR] [--sample 2]
+        [--hash-cache F.npz] [--embedding-cache F.npz] [--out results/near_duplicates.json]
 """
 from __future__ import annotations
 
