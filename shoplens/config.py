@@ -152,6 +152,14 @@ class Settings:
     dedup_threshold: int = 25
     # Images per batch (one mapped task, one manifest transaction; a crash loses at most it).
     dedup_hash_batch: int = 200
+    # Second signal for what hashes miss (crops, re-framing): photo-embedding cosine similarity
+    # (dataset/dedup/similarity.py). A pair is also a near-duplicate when cosine >= min_cosine and
+    # pHash + dHash <= max_hash_distance; values measured in benchmarks/near_duplicates.py.
+    dedup_embedding: bool = True
+    dedup_embedding_backbone: str = "efficientnet_lite0"
+    dedup_embedding_image_size: int = 0  # 0: the backbone's native resolution
+    dedup_embedding_min_cosine: float = 0.90
+    dedup_embedding_max_hash_distance: int = 45
     # --- filter (dataset.filter.stage) ---------------------------------------------------------------
     # The YOLOX-Nano ONNX file; `python -m dataset models fetch` downloads it here.
     detector_model_path: str = "~/.cache/shoplens/models/yolox_nano.onnx"

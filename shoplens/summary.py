@@ -197,10 +197,13 @@ def dedup_section(conn: sa.Connection, crawl_run_id: int) -> dict[str, Any]:
     row = conn.execute(sa.text("""
         SELECT
           (SELECT count(*) FROM image_hashes WHERE computed_run = :r) AS hashed,
+          (SELECT count(*) FROM image_embeddings WHERE computed_run = :r) AS embedded,
           (SELECT count(*) FROM image_dedup WHERE run_id = :r AND duplicate_of IS NOT NULL)
             AS duplicates_new,
           count(*) AS images_clustered, count(DISTINCT cluster_id) AS clusters,
-          count(*) FILTER (WHERE duplicate_of IS NOT NULL) AS duplicates
+          count(*) FILTER (WHERE duplicate_of IS NOT NULL) AS duplicates,
+          count(*) FILTER (WHERE duplicate_of IS NOT NULL AND distance > threshold)
+            AS duplicates_beyond_hash_threshold
         FROM image_dedup"""), {"r": crawl_run_id}).mappings().one()
     return {k: int(v) for k, v in row.items()}
 
@@ -384,8 +387,10 @@ def _crawl_lines(c: dict | None) -> list[str]:
 def _dedup_lines(d: dict | None) -> list[str]:
     if d is None:
         return []
-    return [f"dedup: {d['hashed']} images hashed, {d['duplicates_new']} new near-duplicates "
-            f"(in all {d['duplicates']} of {d['images_clustered']} images, {d['clusters']} clusters)"]
+    return [f"dedup: {d['hashed']} images hashed, {d.get('embedded', 0)} embedded, {d['duplicates_new']} new "
+            f"near-duplicates (in all {d['duplicates']} of {d['images_clustered']} images, {d['clusters']} "
+            f"clusters; {d.get('duplicates_beyond_hash_threshold', 0)} further from their representative than "
+            f"the hash threshold: joined by the embedding signal or through a chain)"]
 
 
 def _filter_lines(f: dict | None) -> list[str]:

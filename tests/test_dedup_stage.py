@@ -4,13 +4,14 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import random
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 from PIL import Image, ImageEnhance
 
-from dataset.dedup import stage as dedup
+from dataset.dedup import similarity, stage as dedup
 from dataset.dedup.hashing import HASH_VERSION, hamming, hashes_of_bytes
 from shoplens.manifest import engine_for
 from shoplens.store import ObjectStore
@@ -191,6 +192,7 @@ def test_missing_object_is_reported_not_fatal_and_is_retried_next_run(crawl, set
 
 
 def test_changing_the_threshold_reclusters_every_image(crawl, settings):
+    settings = settings.with_overrides(dedup_embedding=False)  # the hash rule alone decides here
     original = crawl.add(jpeg(photo(10)))
     copy = crawl.add(jpeg(photo(10).resize((160, 120)), quality=55))
     dedup.run(settings, "crawl-1")
@@ -202,3 +204,99 @@ def test_changing_the_threshold_reclusters_every_image(crawl, settings):
     assert stats["mode"] == "full" and stats["rows_changed"] == 2
     assert rows[copy]["duplicate_of"] is None and rows[copy]["cluster_id"] == copy
     assert {r["threshold"] for r in rows.values()} == {0}
+
+
+# --- the embedding signal: near-duplicates the hashes miss ----------------------------------------
+def product_photos(product: int, count: int) -> list[Image.Image]:
+    """Different customer photos of one product (the replica shop's renderer: own framing, pose,
+    background and light each time)."""
+    from crawler.replica.synthetic import product_looks, render_photo
+
+    rng = random.Random(product)
+    look = product_looks(seed=product, count=1)[0]
+    return [render_photo(look, rng) for _ in range(count)]
+
+
+def cropped(image: Image.Image, fraction: float = 0.08) -> Image.Image:
+    """The photo with ``fraction`` of its width and height cut from the left and the top (a re-upload
+    re-framed by the customer)."""
+    w, h = image.size
+    return image.crop((round(w * fraction), round(h * fraction), w, h))
+
+
+@pytest.fixture
+def reupload(crawl, settings):
+    """An original photo, its 8 % crop re-uploaded, and another photo of the same product."""
+    original, other = product_photos(3, 2)
+    data = {"original": jpeg(original), "cropped": jpeg(cropped(original), quality=85), "other": jpeg(other)}
+    return data, {name: crawl.add(blob) for name, blob in data.items()}
+
+
+def test_a_cropped_reupload_is_clustered_with_its_original_though_hashes_miss_it(crawl, settings, reupload):
+    data, sha = reupload
+    assert combined_distance(data["original"], data["cropped"]) > settings.dedup_threshold  # hashes miss it
+
+    stats = dedup.run(settings, "crawl-1")
+
+    rows = crawl.dedup_rows()
+    assert rows[sha["cropped"]]["duplicate_of"] == sha["original"]  # the larger one represents
+    assert rows[sha["other"]]["cluster_id"] == sha["other"]  # another photo of the product stays apart
+    assert stats["pairs_by_signal"] == {"hash": 0, "embedding": 1}
+    assert stats["embedded"] == 3 and stats["embedding_rule"].startswith(
+        f"cosine >= {settings.dedup_embedding_min_cosine:g}")
+    with crawl.engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT sha256, embedding_version, dim FROM image_embeddings")).all()
+    assert {r.sha256 for r in stored} == set(sha.values())
+    assert {r.embedding_version for r in stored} == {similarity.embedding_version(settings)}
+
+
+def test_turning_the_embedding_signal_off_reverts_to_hashes_only(crawl, settings, reupload):
+    _, sha = reupload
+    dedup.run(settings, "crawl-1")
+    assert crawl.dedup_rows()[sha["cropped"]]["duplicate_of"] == sha["original"]
+
+    stats = dedup.run(settings.with_overrides(dedup_embedding=False), "crawl-2")
+
+    rows = crawl.dedup_rows()
+    assert stats["mode"] == "full" and stats["embedded"] == 0 and stats["embedding_rule"] is None
+    assert stats["pairs_by_signal"] == {"hash": 0, "embedding": 0}
+    assert all(row["cluster_id"] == s and row["embedding_rule"] is None for s, row in rows.items())
+
+
+def test_a_new_embedding_version_recomputes_every_vector_and_reclusters(crawl, settings, reupload, monkeypatch):
+    _, sha = reupload
+    dedup.run(settings, "crawl-1")
+    monkeypatch.setattr(similarity, "EMBEDDING_SCHEME", similarity.EMBEDDING_SCHEME + "-next")
+
+    stats = dedup.run(settings, "crawl-2")
+
+    assert stats["embedded"] == 3 and stats["reembedded"] == 3 and stats["hashed"] == 0
+    assert stats["mode"] == "full" and crawl.dedup_rows()[sha["cropped"]]["duplicate_of"] == sha["original"]
+    with crawl.engine.connect() as conn:
+        versions = conn.execute(sa.text("SELECT DISTINCT embedding_version FROM image_embeddings")).scalars().all()
+    assert versions == [similarity.embedding_version(settings)]
+
+
+def test_a_batch_that_fails_writes_nothing_and_a_retry_writes_the_same_rows(crawl, settings, reupload, monkeypatch):
+    [batch] = dedup.plan_batches(settings, "crawl-1")
+
+    def broken(*args):
+        raise RuntimeError("worker killed")
+    real = similarity.embed_squares
+    monkeypatch.setattr(similarity, "embed_squares", broken)
+    with pytest.raises(RuntimeError, match="worker killed"):
+        dedup.hash_batch(settings, batch.as_dict())
+    assert crawl.hash_rows() == {}  # neither hashes nor vectors of a failed batch are stored
+    with crawl.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM image_embeddings")).scalar() == 0
+
+    monkeypatch.setattr(similarity, "embed_squares", real)
+    first = dedup.hash_batch(settings, batch.as_dict())
+    with crawl.engine.connect() as conn:
+        vectors = dict(conn.execute(sa.text("SELECT sha256, vector FROM image_embeddings")).all())
+    again = dedup.hash_batch(settings, batch.as_dict())  # a retried task after success
+
+    assert (first["hashed"], first["embedded"]) == (3, 3) and (again["hashed"], again["embedded"]) == (0, 0)
+    with crawl.engine.connect() as conn:
+        assert dict(conn.execute(sa.text("SELECT sha256, vector FROM image_embeddings")).all()) == vectors
+    assert dedup.plan_batches(settings, "crawl-1") == []

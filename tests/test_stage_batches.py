@@ -133,7 +133,7 @@ def cluster_rows(settings):
 def test_the_dedup_plan_covers_every_unhashed_photo_once(settings, night):
     plan = dedup.plan_batches(settings, "crawl-1")
     assert [b.planned for b in plan] == [3, 3, 3, 1]
-    assert {b.version for b in plan} == {dedup.HASH_VERSION}
+    assert {b.version for b in plan} == {dedup.work_version(settings)}
     assert sorted(night) == sorted(sha for sha in night for b in plan if b.covers(sha))
     assert plan == dedup.plan_batches(settings, "crawl-1")
 
@@ -153,19 +153,19 @@ def test_a_hash_batch_failing_midway_leaves_no_row_of_it(settings, night, monkey
     """The batch's rows are written in one transaction at its end: a crash (here a worker error
     on the batch's second photo) writes nothing, and the retry does the whole batch."""
     batch = dedup.plan_batches(settings, "crawl-1")[0]
-    real, calls = dedup.hashes_of_bytes, []
+    real, calls = dedup.hashes_of_image, []
 
-    def crash_on_second(data, **kwargs):
+    def crash_on_second(image, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise MemoryError("worker killed")
-        return real(data, **kwargs)
+        return real(image, **kwargs)
 
-    monkeypatch.setattr(dedup, "hashes_of_bytes", crash_on_second)
+    monkeypatch.setattr(dedup, "hashes_of_image", crash_on_second)
     with pytest.raises(MemoryError):
         dedup.hash_batch(settings, batch)
-    assert hash_rows(settings) == {}
-    monkeypatch.setattr(dedup, "hashes_of_bytes", real)
+    assert hash_rows(settings) == {} and rows(settings, "image_embeddings", ()) == {}
+    monkeypatch.setattr(dedup, "hashes_of_image", real)
     assert dedup.hash_batch(settings, batch)["hashed"] == 3
 
 
@@ -184,6 +184,7 @@ def test_batches_in_any_order_then_decide_give_the_rows_of_one_run(settings, nig
     with crawl.engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM image_dedup"))
         conn.execute(sa.text("DELETE FROM image_hashes"))
+        conn.execute(sa.text("DELETE FROM image_embeddings"))
     whole = dedup.run(settings, "crawl-1")
     assert (hash_rows(settings), cluster_rows(settings)) == sharded
     assert {k: whole[k] for k in ("hashed", "clusters", "duplicates", "batches")} == \

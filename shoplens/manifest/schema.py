@@ -154,6 +154,19 @@ image_hashes = sa.Table(
     _inserted_at("computed_at"),
 )
 
+# One photo embedding per image for dedup's second signal (migration 0008_dedup_embeddings):
+# dim float16 values, unit length; another embedding_version is recomputed.
+image_embeddings = sa.Table(
+    "image_embeddings", metadata,
+    sa.Column("sha256", sa.CHAR(64), sa.ForeignKey("images.sha256"), primary_key=True),
+    sa.Column("embedding_version", sa.Text, nullable=False),
+    sa.Column("dim", sa.Integer, nullable=False),
+    sa.Column("vector", sa.LargeBinary, nullable=False),
+    sa.Column("computed_run", sa.BigInteger, sa.ForeignKey("crawl_runs.id")),
+    _inserted_at("computed_at"),
+    sa.CheckConstraint("octet_length(vector) = 2 * dim", name="image_embeddings_vector_size"),
+)
+
 image_dedup = sa.Table(
     "image_dedup", metadata,
     sa.Column("sha256", sa.CHAR(64), sa.ForeignKey("images.sha256"), primary_key=True),
@@ -166,6 +179,8 @@ image_dedup = sa.Table(
     sa.Column("spans_products", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("run_id", sa.BigInteger, sa.ForeignKey("crawl_runs.id")),
     _inserted_at("decided_at"),
+    # Embedding rule + version the row was decided under (migration 0008); NULL: hashes only.
+    sa.Column("embedding_rule", sa.Text),
     sa.CheckConstraint("(duplicate_of IS NULL) = (distance IS NULL)",
                        name="image_dedup_distance_iff_duplicate"),
     sa.CheckConstraint("duplicate_of IS NULL OR duplicate_of = cluster_id",

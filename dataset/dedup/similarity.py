@@ -1,0 +1,162 @@
+"""The second near-duplicate signal: cosine similarity of photo embeddings, for the crops hashes miss.
+
+Perceptual hashes are computed from the whole frame, so cutting 6-10 % off the sides of a photo
+moves most of their bits; the core's photo embedding (:class:`shoplens.vision.embedding.Embedder`,
+an ImageNet backbone's pooled features on the photo's centre crop, L2-normalised) barely moves.
+An :class:`EmbeddingRule` adds a pair the hash rule missed when the two embeddings' cosine is at
+least ``min_cosine`` *and* the hashes are still within a looser band (``max_hash_distance`` on
+pHash + dHash): different photos of one product (what the shop mostly has: many customers
+photograph the same product) often embed as close as a crop does, and the band is what keeps
+them apart. Rule and defaults are measured in ``benchmarks/near_duplicates.py``.
+
+Pure functions plus the embedder cache; the stage stores vectors in ``image_embeddings``
+(float16, one row per image, versioned by :func:`embedding_version`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from dataset.dedup.hashing import as_uint64, trim_uniform_border
+from shoplens.config import Settings
+from shoplens.photos import DECODER_VERSION
+
+# Bumped whenever what an image embeds to could change for a given backbone and weights
+# (preprocessing here or in the Embedder); rows with another version are recomputed.
+EMBEDDING_SCHEME = "dedup-embedding-v1;trim-border-v1;embedder-centre-crop"
+EMBED_CHUNK = 32  # photos embedded together (one backbone call)
+VECTOR_DTYPE = np.float16  # stored: half the bytes, cosine error ~1e-3 (far below the rule's steps)
+
+
+def embedding_version(settings: Settings) -> str:
+    """What the stored vectors were computed with; another value recomputes them."""
+    size = settings.dedup_embedding_image_size or "native"
+    return (f"{EMBEDDING_SCHEME};{settings.dedup_embedding_backbone}@{size};"
+            f"weights-{settings.model_init};{DECODER_VERSION}")
+
+
+@dataclass(frozen=True)
+class EmbeddingRule:
+    """Near-duplicates by embedding: cosine >= ``min_cosine`` and pHash + dHash <= ``max_hash_distance``."""
+    min_cosine: float
+    max_hash_distance: int
+
+    def __post_init__(self):
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ValueError(f"dedup embedding cosine must be within -1..1, got {self.min_cosine}")
+        if not 0 <= self.max_hash_distance <= 128:
+            raise ValueError(f"dedup embedding hash band must be within 0..128, got {self.max_hash_distance}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "EmbeddingRule | None":
+        if not settings.dedup_embedding:
+            return None
+        return cls(settings.dedup_embedding_min_cosine, settings.dedup_embedding_max_hash_distance)
+
+    def matches(self, cosine, hash_distance):
+        return (np.asarray(cosine) >= self.min_cosine) & (np.asarray(hash_distance) <= self.max_hash_distance)
+
+    def describe(self) -> str:
+        return f"cosine >= {self.min_cosine:g} and phash + dhash <= {self.max_hash_distance}"
+
+
+_EMBEDDERS: dict[tuple, object] = {}
+
+
+def embedder_for(settings: Settings):
+    """The untrained (ImageNet-feature) embedder the settings name; built once per process."""
+    from shoplens.vision.embedding import Embedder  # TensorFlow: imported only when embedding
+
+    key = (settings.dedup_embedding_backbone, settings.dedup_embedding_image_size, settings.model_init,
+           settings.model_seed, settings.model_weights_dir)
+    if key not in _EMBEDDERS:
+        _EMBEDDERS[key] = Embedder(settings.dedup_embedding_backbone, settings.dedup_embedding_image_size,
+                                   settings=settings)
+    return _EMBEDDERS[key]
+
+
+def square_of(settings: Settings, trimmed: Image.Image) -> np.ndarray:
+    """uint8 (m, m, 3): the border-trimmed photo fitted to the embedder's margin square (what is
+    kept of a photo until its chunk is embedded: a few hundred KB, whatever the photo's size)."""
+    from shoplens.vision import images
+
+    return images.fitted_square(trimmed, images.margin_size(embedder_for(settings).image_size))
+
+
+def embed_squares(settings: Settings, squares: list[np.ndarray]) -> np.ndarray:
+    """float32 (N, D) unit vectors of :func:`square_of` squares (the embedder's centre crop)."""
+    embedder = embedder_for(settings)
+    if not squares:
+        return np.zeros((0, embedder.dim), np.float32)
+    return embedder.project(embedder.features(embedder.centre_crops(np.stack(squares))))
+
+
+def embed_images(settings: Settings, decoded: list[Image.Image]) -> np.ndarray:
+    """float32 (N, D) unit vectors of upright RGB photos, border trimmed as for the hashes."""
+    return embed_squares(settings, [square_of(settings, trim_uniform_border(img)) for img in decoded])
+
+
+def to_bytes(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype=VECTOR_DTYPE).tobytes()
+
+
+def from_bytes(rows: list[bytes], dim: int) -> np.ndarray:
+    """float32 (N, dim) unit vectors from stored rows (re-normalised after the float16 round trip)."""
+    if not rows:
+        return np.zeros((0, dim), np.float32)
+    vectors = np.frombuffer(b"".join(rows), dtype=VECTOR_DTYPE).reshape(len(rows), dim).astype(np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass(frozen=True)
+class EmbeddingPairs:
+    first: np.ndarray   # positions, first < second
+    second: np.ndarray
+    cosine: np.ndarray
+    hash_distance: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
+def find_embedding_pairs(vectors: np.ndarray, phashes, dhashes, rule: EmbeddingRule,
+                         query_positions=None, has_vector=None) -> EmbeddingPairs:
+    """Pairs (among all items, or between ``query_positions`` and all) that ``rule`` accepts.
+
+    Candidates come from an exact faiss inner-product range search (cosine >= ``min_cosine``);
+    the hash band then decides. Items with ``has_vector`` false take no part.
+    """
+    import faiss
+
+    n = len(vectors)
+    has_vector = np.ones(n, bool) if has_vector is None else np.asarray(has_vector, bool)
+    queries = (np.arange(n, dtype=np.int64) if query_positions is None
+               else np.unique(np.asarray(query_positions, dtype=np.int64)))
+    queries = queries[has_vector[queries]]
+    indexed = np.flatnonzero(has_vector)
+    empty = EmbeddingPairs(*(np.zeros(0, np.int64),) * 2, np.zeros(0, np.float32), np.zeros(0, np.int64))
+    if len(queries) == 0 or len(indexed) < 2:
+        return empty
+    data = np.ascontiguousarray(vectors[indexed], dtype=np.float32)
+    index = faiss.IndexFlatIP(data.shape[1])
+    index.add(data)
+    # faiss keeps results strictly above the radius; a hair below keeps "cosine >= min" inclusive.
+    limits, _, found = index.range_search(np.ascontiguousarray(vectors[queries], dtype=np.float32),
+                                          float(rule.min_cosine) - 1e-6)
+    query = np.repeat(queries, np.diff(limits).astype(np.int64))
+    found = found.astype(np.int64)
+    item = indexed[found]
+    low, high = np.minimum(query, item), np.maximum(query, item)
+    keep = low != high
+    key = np.unique(low[keep] * np.int64(n) + high[keep])
+    low, high = np.divmod(key, np.int64(n))
+    if len(low) == 0:
+        return empty
+    phashes, dhashes = as_uint64(phashes), as_uint64(dhashes)
+    distance = (np.bitwise_count(phashes[low] ^ phashes[high]).astype(np.int64)
+                + np.bitwise_count(dhashes[low] ^ dhashes[high]).astype(np.int64))
+    cosine = np.einsum("ij,ij->i", vectors[low], vectors[high])
+    ok = rule.matches(cosine, distance)
+    return EmbeddingPairs(low[ok], high[ok], cosine[ok].astype(np.float32), distance[ok])
