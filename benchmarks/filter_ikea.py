@@ -1,6 +1,7 @@
 """Acceptance 1: the filter's rules measured on ../shared/datasets/ikea (+ a grocery keep rate).
 
     .venv/bin/python benchmarks/filter_ikea.py [--shared ../shared] [--out results/filter_ikea.json]
+        [--work results/filter_ikea_work]
 
 Sets (every image is assigned to the "tune" or the "report" half by a hash of its file name; the
 thresholds in dataset/filter/rules.py were chosen on "tune" only, the numbers to quote are "report"):
@@ -13,6 +14,9 @@ thresholds in dataset/filter/rules.py were chosen on "tune" only, the numbers to
   filter's own estimator.
 - grocery: share of real phone photos (val split) the whole filter keeps.
 Features (detections + image statistics) are computed once per image; the rules then run on them.
+With ``--work DIR`` they are also cached on disk, keyed by the sha256 of the bytes the filter sees
+(made-up images are deterministic for a seed) and the detector and statistics versions, so a
+second run with changed rules costs no detector pass.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ sys.path.insert(0, str(REPO))
 from shoplens.vision.detector import Detector  # noqa: E402
 from dataset.filter.stage import features_for  # noqa: E402
 from dataset.filter import rules  # noqa: E402
+from dataset.filter.occupancy import FEATURES_VERSION  # noqa: E402
 
 STUDIO_DIRS = ("bed", "chair", "couch", "dining table", "plant_pot")
 MARGIN = 0.05
@@ -98,14 +103,50 @@ def room_background(rooms: list[Path], rng: random.Random) -> Image.Image:
     return room.crop((x, y, x + size[0], y + size[1]))
 
 
-def features_of(detector: Detector, img: Image.Image | Path) -> rules.Features:
-    """The production path (dataset.filter.stage.features_for) on the file's bytes; made-up images are
-    JPEG-encoded first, as a crawled photo would be."""
+def image_bytes(img: Image.Image | Path) -> bytes:
+    """The bytes the filter sees: the file's, or a made-up image JPEG-encoded as a crawled photo
+    would be."""
     if isinstance(img, Path):
-        return features_for(detector, img.read_bytes())
+        return img.read_bytes()
     out = io.BytesIO()
     img.convert("RGB").save(out, "JPEG", quality=92)
-    return features_for(detector, out.getvalue())
+    return out.getvalue()
+
+
+class FeatureCache:
+    """Features by the sha256 of the image bytes, in one JSON-lines file per detector and statistics
+    version under ``work`` (appended as computed: an interrupted run keeps what it did). Without
+    ``work`` it only computes."""
+
+    def __init__(self, detector: Detector, work: Path | None):
+        self.detector, self.known, self.file = detector, {}, None
+        self.hits = self.misses = 0
+        if work is not None:
+            tag = hashlib.sha256(f"{detector.version}|{FEATURES_VERSION}|{detector.min_score}"
+                                 .encode()).hexdigest()[:16]
+            work.mkdir(parents=True, exist_ok=True)
+            self.file = work / f"features-{tag}.jsonl"
+            if self.file.is_file():
+                for line in self.file.read_text().splitlines():
+                    try:
+                        row = json.loads(line)
+                    except ValueError:  # a line cut short by an interrupted run
+                        continue
+                    self.known[row["sha256"]] = row["features"]
+
+    def features(self, img: Image.Image | Path) -> rules.Features:
+        data = image_bytes(img)
+        key = hashlib.sha256(data).hexdigest()
+        if key in self.known:
+            self.hits += 1
+            return rules.Features(**self.known[key])
+        self.misses += 1
+        f = features_for(self.detector, data)
+        self.known[key] = f.__dict__
+        if self.file is not None:
+            with open(self.file, "a") as fh:
+                fh.write(json.dumps({"sha256": key, "features": f.__dict__}) + "\n")
+        return f
 
 
 def confusion(should_reject: list[bool], rejected: list[bool]) -> dict:
@@ -125,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "results" / "filter_ikea.json"))
     ap.add_argument("--grocery", type=int, default=296, help="grocery val photos to sample")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--work", default=None,
+                    help="cache features here (per image bytes and detector version) across runs")
     args = ap.parse_args(argv)
     shared = Path(args.shared)
     ikea = shared / "datasets" / "ikea" / "images"
@@ -133,13 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"needs {ikea} and {model} (absent on this machine)", file=sys.stderr)
         return 2
     detector = Detector(model)
+    cache = FeatureCache(detector, Path(args.work) if args.work else None)
     rng = random.Random(args.seed)
     rooms = sorted((ikea / "room_scenes").glob("*.jpg"))
     samples: list[dict] = []  # {"set", "split", "name", "features"}
 
     def add(set_name: str, name: str, img: Image.Image | Path) -> None:
         samples.append({"set": set_name, "split": split_of(name), "name": name,
-                        "features": features_of(detector, img)})
+                        "features": cache.features(img)})
 
     started = time.perf_counter()
     for room in rooms:
@@ -166,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     params = rules.RuleParams()
     result: dict = {"command": "benchmarks/filter_ikea.py", "rules_version": rules.RULES_VERSION,
                     "detector_version": detector.version, "params": params.as_json(),
-                    "images": len(samples), "feature_seconds": round(feature_seconds, 1), "splits": {}}
+                    "images": len(samples), "feature_seconds": round(feature_seconds, 1),
+                    "features_cached": cache.hits, "features_computed": cache.misses, "splits": {}}
     for split in ("tune", "report", "all"):
         chosen = [s for s in samples if split == "all" or s["split"] == split]
         by_set: dict[str, list[list[rules.Decision]]] = {}
