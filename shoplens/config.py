@@ -183,6 +183,12 @@ class Settings:
     filter_min_side: int = 224
     filter_max_aspect: float = 3.0
     filter_min_luma_std: float = 6.0
+    # On a cluttered background (rules-3, see dataset/filter/rules.py): furniture boxes count as
+    # products from this score; this many separate boxes of one furniture class are a room; a main
+    # product covering less than this share makes the photo a room scene (0 disables each).
+    filter_scene_min_score: float = 0.15
+    filter_scene_repeats: int = 3
+    filter_scene_max_share: float = 0.2
     # JSON object: category id (or "*") -> list of COCO classes that count as a product there.
     filter_product_classes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     filter_report_examples: int = 6

@@ -158,6 +158,24 @@ def test_threshold_change_redecides_from_stored_detections_without_the_detector(
                      detector=idle)["decided"] == 0
 
 
+def test_a_new_rules_version_redecides_every_image_without_the_detector(settings, seeded, model_path,
+                                                                       monkeypatch):
+    stage.run(settings, "night-1", detector=CountingDetector(model_path))
+    idle = CountingDetector(model_path)
+    idle.forbidden = True
+    assert stage.run(settings, "night-2", detector=idle)["decided"] == 0  # nothing changed
+
+    monkeypatch.setattr(stage.rules, "RULES_VERSION", "rules-next")
+    stats = stage.run(settings, "night-3", detector=idle)
+
+    assert stats["inspected"] == 0 and stats["decided"] == 4 and idle.calls == 0
+    with engine_for(settings.manifest_url).connect() as conn:
+        versions = conn.execute(sa.text(
+            "SELECT DISTINCT d.rule_version FROM rule_decisions d JOIN filter_runs r "
+            "ON r.id = d.run_id WHERE r.run_key = 'night-3'")).scalars().all()
+    assert versions == ["rules-next"]
+
+
 def test_incremental_run_inspects_only_new_images(settings, model_path):
     seed(settings, {"a": studio_photo(0.8)})
     detector = CountingDetector(model_path)

@@ -70,6 +70,55 @@ def test_category_mapping_decides_which_classes_are_products():
     assert rules.count_products(f, bowls_only) == 1
 
 
+def test_in_a_cluttered_room_a_weak_second_piece_of_furniture_counts():
+    # A bed the detector is sure of and a couch it is not (0.15 <= score < 0.25): a room.
+    room = [box("bed", 0.8, 0, 300, 600, 1000), box("couch", 0.18, 650, 500, 1000, 900)]
+    d = decision(features(room), "multi_product")
+    assert not d.passed and d.score == 2.0
+    # The same boxes on a studio backdrop: the weak couch is noise there, as in rules-2.
+    assert decision(features(room, stats=PLAIN_STUDIO), "multi_product").passed
+    # Below scene_min_score, or not furniture (a weak bottle beside produce), it still does not count.
+    fainter = [room[0], box("couch", 0.1, 650, 500, 1000, 900)]
+    assert rules.count_products(features(fainter), P) == 1
+    apples = [box("apple", 0.8, 0, 0, 900, 900), box("bottle", 0.2, 900, 0, 1000, 300)]
+    assert rules.count_products(features(apples), P) == 1
+
+
+def test_several_separate_chairs_in_a_cluttered_photo_are_a_room_but_a_set_on_a_backdrop_is_one():
+    chairs = [box("chair", 0.7, 20 + 240 * i, 400, 220 + 240 * i, 800) for i in range(4)]
+    d = decision(features(chairs), "multi_product")
+    assert not d.passed and d.score == 4.0
+    assert rules.count_products(features(chairs, stats=PLAIN_STUDIO), P) == 1
+    # Two chairs are still a pair (below scene_repeats), and one chair boxed three times over
+    # itself is one chair.
+    assert rules.count_products(features(chairs[:2]), P) == 1
+    one = [box("chair", 0.7, 100, 100, 800, 900), box("chair", 0.6, 120, 90, 820, 880),
+           box("chair", 0.5, 90, 120, 790, 910)]
+    assert rules.count_products(features(one), P) == 1
+
+
+def test_a_cluttered_photo_whose_main_product_is_small_is_a_room_scene():
+    # One bed over 15 % of a cluttered frame: a bedroom, rejected as multi-product.
+    bedroom = [box("bed", 0.8, 0, 500, 500, 800)]
+    d = decision(features(bedroom), "multi_product")
+    assert not d.passed and d.score == 1.0 and "room scene" in d.reason and "15%" in d.reason
+    # The same bed filling the frame is one product; on a backdrop the share is not a room signal.
+    assert decision(features([box("bed", 0.8, 0, 200, 1000, 900)]), "multi_product").passed
+    assert decision(features(bedroom, stats=PLAIN_STUDIO), "multi_product").passed
+    # Nothing detected: no main product, no room scene (the occupancy rule decides that case).
+    assert decision(features([]), "multi_product").passed
+
+
+def test_scene_steps_switched_off_give_the_rules_2_count():
+    rules_2 = dataclasses.replace(P, scene_min_score=P.min_score, scene_repeats=0, scene_max_share=0.0)
+    weak_couch = [box("bed", 0.8, 0, 300, 600, 1000), box("couch", 0.18, 650, 500, 1000, 900)]
+    chairs = [box("chair", 0.7, 20 + 240 * i, 400, 220 + 240 * i, 800) for i in range(4)]
+    bedroom = [box("bed", 0.8, 0, 500, 500, 800)]
+    for boxes in (weak_couch, chairs, bedroom):
+        assert decision(features(boxes), "multi_product", rules_2).passed
+        assert not decision(features(boxes), "multi_product").passed
+
+
 def test_occupancy_on_a_plain_background_is_the_foreground_extent():
     d = decision(features([], stats=PLAIN_STUDIO), "occupancy")
     assert d.passed and d.score == 0.8
@@ -180,6 +229,9 @@ def test_settings_map_to_params_and_unknown_classes_are_refused():
                                                  filter_product_classes={"*": ["bowl"]}))
     assert params.min_occupancy == 0.6 and params.classes_for("x") == {"bowl"}
     assert params.holder_inside == 0.7
+    scene = rules.params_from_settings(Settings(filter_scene_min_score=0.2, filter_scene_repeats=0,
+                                                filter_scene_max_share=0.1))
+    assert (scene.scene_min_score, scene.scene_repeats, scene.scene_max_share) == (0.2, 0, 0.1)
     with pytest.raises(ValueError, match="unknown classes"):
         rules.params_from_settings(Settings(filter_product_classes={"*": ["sofa"]}))
     with pytest.raises(ValueError, match="occupancy_when_unknown"):

@@ -17,6 +17,23 @@ How products are counted (multi-product rule):
    detector could not name for sure (an armchair seen as both chair and couch).
 Two or more products left -> rejected.
 
+A furnished room is a scene of several products even when the detector names only one of them
+confidently (rules-3). On a cluttered background (border ring plain < ``plain_border``; a studio
+or table-top photo's border is plain and none of this applies there):
+4. Boxes of furniture classes (``SCENE_CLASSES``) count from ``scene_min_score`` (lower than
+   ``min_score``): the detector is unsure of the second piece of furniture in a room far more
+   often than of a second grocery item (which is why only furniture). Grouped as in 2-3.
+5. ``scene_repeats`` or more separate boxes (pairwise IoU < ``SEPARATE_IOU``) of one furniture
+   class, each >= ``min_score``, are that many products: five chairs spread over a cluttered
+   photo are a dining room, not one product (on a plain background a set of chairs stays one).
+6. Room-ness: when the main product (see occupancy) covers < ``scene_max_share`` of a cluttered
+   photo, the photo is about a scene, not that product, and is rejected as multi-product whatever
+   the count. ``scene_max_share`` < ``min_occupancy``, so this alone changes no verdict (the
+   occupancy rule rejects those photos too); it names them for what they are (and a rejected
+   multi-product photo is what salvage crops from).
+Set ``scene_min_score`` to ``min_score``, ``scene_repeats`` to 0 and ``scene_max_share`` to 0 to get
+rules-2's count back.
+
 Before step 2, a *holder* is set aside: a box of a class that holds products (dining table,
 bench, bowl, sink, refrigerator, oven, microwave) that encloses >= ``holder_inside`` of every other
 product box, without being the same object as one of them (step 3), is where the product lies
@@ -39,7 +56,7 @@ from typing import Mapping
 
 from shoplens.vision.detector import COCO_CLASSES
 
-RULES_VERSION = "rules-2"
+RULES_VERSION = "rules-3"
 
 FURNITURE = ("chair", "couch", "bed", "dining table", "bench", "potted plant", "toilet", "sink")
 KITCHENWARE = ("bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "vase",
@@ -51,6 +68,10 @@ DECOR_AND_DEVICES = ("clock", "book", "teddy bear", "tv", "laptop", "mouse", "re
                      "backpack", "suitcase")
 DEFAULT_PRODUCT_CLASSES = FURNITURE + KITCHENWARE + FOOD + DECOR_AND_DEVICES
 NEVER_PRODUCTS = frozenset({"person"})
+# Furniture: what a room scene is made of (steps 4-5 of the count, on a cluttered background only).
+SCENE_CLASSES = FURNITURE
+# Boxes of one class overlapping less than this are separate pieces (step 5).
+SEPARATE_IOU = 0.1
 # Classes that hold or carry other products: see "holder" in the module doc.
 HOLDERS = frozenset({"dining table", "bench", "bowl", "sink", "refrigerator", "oven", "microwave"})
 
@@ -69,6 +90,9 @@ class RuleParams:
     min_side: int = 224
     max_aspect: float = 3.0
     min_luma_std: float = 6.0
+    scene_min_score: float = 0.15
+    scene_repeats: int = 3
+    scene_max_share: float = 0.2
     # category id -> detector classes that count as a product there; "*" is the default.
     product_classes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -180,8 +204,51 @@ def group_products(boxes: list[dict], same_object_iou: float) -> list[list[dict]
     return groups
 
 
+def cluttered(f: Features, p: RuleParams) -> bool:
+    """The border ring is not plain: a scene around the product, not a studio backdrop."""
+    return f.stats.get("border_plain", 0.0) < p.plain_border
+
+
+def scene_boxes(f: Features, p: RuleParams) -> list[dict]:
+    """Furniture boxes below ``min_score`` but >= ``scene_min_score`` (step 4), on a cluttered
+    background only; product classes and the size floor still apply."""
+    if not cluttered(f, p) or p.scene_min_score >= p.min_score:
+        return []
+    classes = p.classes_for(f.category_id) & frozenset(SCENE_CLASSES)
+    frame = float(f.width * f.height)
+    return [b for b in f.boxes
+            if b["label"] in classes and p.scene_min_score <= b["score"] < p.min_score
+            and _area(b["box"]) / frame >= p.min_box_area]
+
+
+def repeated_furniture(f: Features, p: RuleParams) -> int:
+    """The most separate boxes (pairwise IoU < SEPARATE_IOU) of any one furniture class among the
+    product boxes (step 5); 0 on a plain background."""
+    if not cluttered(f, p):
+        return 0
+    best = 0
+    boxes = product_boxes(f, p)
+    for label in SCENE_CLASSES:
+        separate: list[dict] = []
+        for b in sorted((b for b in boxes if b["label"] == label), key=lambda b: -b["score"]):
+            if all(_iou(b["box"], s["box"]) < SEPARATE_IOU for s in separate):
+                separate.append(b)
+        best = max(best, len(separate))
+    return best
+
+
 def count_products(f: Features, p: RuleParams) -> int:
-    return len(group_products(product_boxes(f, p), p.same_object_iou))
+    boxes = product_boxes(f, p)
+    n = len(group_products(boxes, p.same_object_iou))
+    extra = scene_boxes(f, p)
+    if extra:
+        # A weak box overlapping two products can join their groups: the larger count stands.
+        n = max(n, len(group_products(boxes + extra, p.same_object_iou)))
+    if p.scene_repeats:
+        repeats = repeated_furniture(f, p)
+        if repeats >= p.scene_repeats:
+            n = max(n, repeats)
+    return n
 
 
 def estimate_occupancy(f: Features, p: RuleParams) -> float | None:
@@ -223,9 +290,16 @@ def blank(f: Features, p: RuleParams) -> Decision:
 
 
 def multi_product(f: Features, p: RuleParams) -> Decision:
+    """Score: the number of products counted. A room scene (step 6) is rejected with its count."""
     n = count_products(f, p)
-    ok = n < 2
-    return Decision("multi_product", ok, float(n), None if ok else f"{n} products in view")
+    if n >= 2:
+        return Decision("multi_product", False, float(n), f"{n} products in view")
+    if p.scene_max_share > 0 and cluttered(f, p):
+        share = estimate_occupancy(f, p)
+        if share is not None and share < p.scene_max_share:
+            return Decision("multi_product", False, float(n),
+                            f"a room scene (its main product covers {share:.0%})")
+    return Decision("multi_product", True, float(n), None)
 
 
 def occupancy(f: Features, p: RuleParams) -> Decision:
@@ -274,4 +348,6 @@ def params_from_settings(settings) -> RuleParams:
         min_occupancy=settings.filter_min_occupancy, plain_border=settings.filter_plain_border,
         occupancy_when_unknown=settings.filter_occupancy_when_unknown,
         min_side=settings.filter_min_side, max_aspect=settings.filter_max_aspect,
-        min_luma_std=settings.filter_min_luma_std, product_classes=mapping)
+        min_luma_std=settings.filter_min_luma_std, scene_min_score=settings.filter_scene_min_score,
+        scene_repeats=settings.filter_scene_repeats, scene_max_share=settings.filter_scene_max_share,
+        product_classes=mapping)
