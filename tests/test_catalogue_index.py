@@ -121,6 +121,13 @@ def test_a_product_added_after_a_refresh_is_found_by_the_next_one_without_retrai
     assert rows[second["index_id"]]["added_vectors"] == 3
     assert rows[second["index_id"]]["parent_id"] == first["index_id"]
 
+    from shoplens import summary  # the night's run summary names the index it built
+
+    with engine_for(settings.manifest_url).connect() as conn:
+        night = summary.load(conn, "night-2")
+    assert night.search["index_id"] == second["index_id"] and night.search["status"] == "complete"
+    assert night.volume()["search.added_vectors"] == 3
+
     photo = tmp_path / "new-product.jpg"
     photo.write_bytes(_jpeg(drawn_photo(3, 1)))
     code, [line], _ = _search_cli([str(photo)], monkeypatch, settings)  # no --index: the current
