@@ -445,3 +445,4 @@ def list_indexes(settings: Settings) -> list[dict]:
             s.threshold, s.run_key, s.built_at, s.completed_at, s.error)
             .order_by(s.built_at, s.id)).mappings().all()
     return [{**row, "current": row["id"] == current} for row in rows]
+

@@ -235,6 +235,9 @@ def create_app(index, settings: Settings | None = None):
             data = await run_in_threadpool(read)
         except PhotoRejected as exc:
             return _error(404, exc.reason, f"product {product_id}: {exc.message}")
+        except Exception as exc:  # noqa: BLE001 - the store down: no thumbnail, the page still works
+            log.warning("thumbnail of product %s not read: %s", product_id, exc)
+            return _error(503, "store_unavailable", "the object store is unreachable")
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "public, max-age=86400"})
 

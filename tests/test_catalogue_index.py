@@ -276,3 +276,20 @@ def test_serve_answers_from_the_current_index_and_picks_up_a_newer_one(settings,
         second = catalogue_index.refresh(settings)
         body = search(3, 0)
         assert body["index"]["id"] == second["index_id"] and body["top"][0]["product_id"] == 3
+
+
+def test_the_demo_ends_with_one_example_search_and_a_copy_of_the_index(
+        settings, shop, monkeypatch, tmp_path, capsys):
+    from shoplens.dev.demo import _example_search
+
+    built = catalogue_index.refresh(settings)
+    _env(monkeypatch, settings)
+    monkeypatch.setenv("SHOPLENS_PROGRESS", "off")
+    _example_search(tmp_path)
+    out = capsys.readouterr().out
+    assert f"[demo] search index {built['index_id']}: a kept photo of product" in out
+    ranked = [line.split()[:2] for line in out.splitlines() if line.startswith("   ")]
+    assert [rank for rank, _ in ranked] == ["1.", "2."]  # two products enrolled: top-3 has two
+    # The query is a kept photo of the product ranked first.
+    assert out.split("a kept photo of product ")[1].split()[0] == ranked[0][1]
+    assert (tmp_path / "search-index" / "index.json").is_file()
