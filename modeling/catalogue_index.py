@@ -63,8 +63,6 @@ INDEX_PREFIX = "search-indexes"
 CHUNK_PREFIX = f"{INDEX_PREFIX}/chunks/"
 CATALOGUE_SOURCE = "catalogue"
 MIN_CALIBRATION_QUERIES = 10
-# Settings that make two embedders give the same vectors (with the model id).
-EMBEDDING_IDENTITY = ("backbone", "image_size", "weights", "trained", "dim")
 
 
 class IndexNotFound(LookupError):
@@ -90,8 +88,7 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
                              ).first()
     cache = cache_dir(settings)
     embedder, model_id = _embedder(settings, model, cache)
-    identity = {"model_id": model_id, **{k: embedder.config()[k] for k in EMBEDDING_IDENTITY
-                                          if k != "dim"}}
+    identity = embedding_identity(embedder, model_id)
     incremental = parent is not None and not full and _same_embedding(parent, identity)
     index_id = new_index_id()
     prefix = f"{INDEX_PREFIX}/{index_id}/"
@@ -107,8 +104,8 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
         if incremental:
             parent_dir = download(settings, parent["id"], cache)
             shutil.copytree(parent_dir, work / "index", copy_function=_link_or_copy)
-            index = SearchIndex.load(work / "index", settings)
-            index.embedder = embedder  # the same vectors (checked above); keeps one loaded backbone
+            index = SearchIndex.load(work / "index", settings)  # its own embedder: the same
+            index.aggregation = settings.search_aggregation  # a setting, not a rebuild
         else:
             index = SearchIndex(embedder, settings.search_aggregation)
         stale = [s for s in index.sources() if s not in wanted]
@@ -166,6 +163,14 @@ def _fail(settings: Settings, index_id: str, error: str) -> None:
                 status="failed", error=error[:4000], completed_at=sa.func.now()))
     except Exception as exc:  # noqa: BLE001 - the original failure is what the caller must see
         log.error("could not mark search index %s failed: %s", index_id, exc)
+
+
+def embedding_identity(embedder, model_id: str | None) -> dict:
+    """What makes two embedders give the same vectors (read without building the backbone)."""
+    weights = (embedder.settings or Settings()).model_init
+    return {"model_id": model_id, "backbone": embedder.backbone,
+            "image_size": int(embedder.image_size), "weights": weights,
+            "trained": embedder.trained, "tuned_blocks": int(embedder.tuned_blocks)}
 
 
 def _same_embedding(parent, identity: dict) -> bool:

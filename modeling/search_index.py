@@ -141,16 +141,22 @@ def threshold_outcome(scores, correct, threshold: float) -> dict:
 
 
 class SearchIndex:
-    def __init__(self, embedder: Embedder, aggregation: str = "prototype", nprobe: int = 32):
+    def __init__(self, embedder: Embedder, aggregation: str = "prototype", nprobe: int = 32,
+                 dim: int | None = None, embedding_config: dict | None = None):
+        """``dim`` / ``embedding_config``: the embedder's, when known without building its
+        backbone (a loaded index knows them from index.json: searching stored vectors, adding
+        vectors and saving then never build the network)."""
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.embedder = embedder
         self.aggregation = aggregation
         self.nprobe = nprobe
         self.threshold: dict | None = None
+        self._dim = int(dim) if dim else embedder.dim
+        self._embedding_config = embedding_config
         self.products: dict[int, dict] = {}
         self._chunks: list[dict] = []       # {"vectors" f16, "product_ids", "sources", "file"}
-        self._vectors = np.zeros((0, embedder.dim), np.float16)
+        self._vectors = np.zeros((0, self._dim), np.float16)
         self._product_ids = np.zeros(0, np.int64)
         self._sources: set[str] = set()
         self._ann = None
@@ -162,7 +168,7 @@ class SearchIndex:
     # --- contents -----------------------------------------------------------------------------
     @property
     def dim(self) -> int:
-        return self.embedder.dim
+        return self._dim
 
     def __len__(self) -> int:
         return len(self._product_ids)
@@ -187,7 +193,8 @@ class SearchIndex:
     def without_sources(self, drop: set[str]) -> "SearchIndex":
         """A new index with the same embedder, products, threshold and every vector but those of
         ``drop`` (copied from the stored vectors: nothing is embedded again)."""
-        other = SearchIndex(self.embedder, self.aggregation, self.nprobe)
+        other = SearchIndex(self.embedder, self.aggregation, self.nprobe, self.dim,
+                            self._embedding_config)
         other.threshold = self.threshold
         other.add_products(list(self.products.values()))
         sources = self.sources()
@@ -373,7 +380,8 @@ class SearchIndex:
 
     # --- persistence --------------------------------------------------------------------------
     def config(self) -> dict:
-        return {"format": FORMAT, "embedding": self.embedder.config(), "dim": self.dim,
+        return {"format": FORMAT, "embedding": self._embedding_config or self.embedder.config(),
+                "dim": self.dim,
                 "metric": "cosine", "aggregation": self.aggregation, "nprobe": self.nprobe,
                 "threshold": self.threshold, "vectors": len(self),
                 "products": len(set(self._product_ids.tolist())),
@@ -442,7 +450,8 @@ class SearchIndex:
             embedder = Embedder.load(root / EMBEDDING_DIR, settings)
         except EmbeddingError as exc:
             raise SearchIndexError(str(exc)) from None
-        index = cls(embedder, config["aggregation"], int(config.get("nprobe", 32)))
+        index = cls(embedder, config["aggregation"], int(config.get("nprobe", 32)),
+                    dim=config.get("dim"), embedding_config=config.get("embedding"))
         index.add_products(products)
         index.threshold = config.get("threshold")
         index.built_at = config.get("built_at")
