@@ -373,8 +373,10 @@ input.addEventListener("change", async () => {
     const name = hit.url ? el("a", {href: hit.url, rel: "noopener"}, hit.name)
                          : el("strong", {}, hit.name);
     name.className = "name"; text.append(name);
-    if (hit.price !== undefined) text.append(el("div", {class: "price"}, String(hit.price)));
+    if (hit.price !== undefined) text.append(el("div", {class: "price"},
+      typeof hit.price === "number" ? hit.price.toLocaleString() : String(hit.price)));
     text.append(el("div", {class: "score"}, "score " + hit.score.toFixed(3)));
+    if (hit.url) text.append(el("a", {class: "shop", href: hit.url, rel: "noopener"}, "View in shop"));
     li.append(text); results.append(li);
   }
 });
