@@ -293,3 +293,15 @@ def test_the_demo_ends_with_one_example_search_and_a_copy_of_the_index(
     # The query is a kept photo of the product ranked first.
     assert out.split("a kept photo of product ")[1].split()[0] == ranked[0][1]
     assert (tmp_path / "search-index" / "index.json").is_file()
+
+
+def test_serve_without_an_index_says_there_is_none_yet_or_that_the_manifest_is_down(
+        settings, monkeypatch, capsys):
+    from modeling.search_service import main
+
+    _env(monkeypatch, settings)
+    assert main(["--port", "1"]) == 2
+    assert "no search index yet" in capsys.readouterr().err
+    monkeypatch.setenv("SHOPLENS_MANIFEST_URL", "postgresql+psycopg2://nobody@127.0.0.1:9/x")
+    assert main(["--port", "1"]) == 3
+    assert "manifest is unreachable" in capsys.readouterr().err
