@@ -54,8 +54,8 @@ import sqlalchemy as sa
 
 from shoplens.config import Settings
 from shoplens.manifest import engine_for, require_migrated, session_scope
-from shoplens.manifest.schema import (catalogue_images, current_embedding, current_search_index,
-                                      products, search_indexes)
+from shoplens.manifest.schema import (catalogue_images, current_search_index, products,
+                                      search_indexes)
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,8 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
     with engine.connect() as conn:
         require_migrated(conn)
         parent = conn.execute(sa.select(current_search_index)).mappings().first()
-        model = conn.execute(sa.select(current_embedding.c.id, current_embedding.c.artifact_prefix)
-                             ).first()
     cache = cache_dir(settings)
-    embedder, model_id = _embedder(settings, model, cache)
+    embedder, model_id = _embedder(settings, cache)
     identity = embedding_identity(embedder, model_id)
     incremental = parent is not None and not full and _same_embedding(parent, identity)
     index_id = new_index_id()
@@ -179,22 +177,22 @@ def _same_embedding(parent, identity: dict) -> bool:
         recorded.get(k) == identity[k] for k in identity if k != "model_id")
 
 
-def _embedder(settings: Settings, model, cache: Path):
-    """(Embedder, model id): the promoted embedding model, or the untrained baseline (None)."""
-    from shoplens.vision.embedding import DEFAULT_BACKBONE, EMBEDDING_FILE, Embedder
+def _embedder(settings: Settings, cache: Path):
+    """(Embedder, model id): the promoted embedding model (the registry's), or the untrained
+    baseline (model id None) on the embedding's backbone (``embedding_backbone``, else the
+    profile's first member) at ``search_image_size`` (0: ``model_image_size``, 0: native)."""
+    from modeling import registry
+    from shoplens.vision import backbones
+    from shoplens.vision.embedding import Embedder
 
-    if model is None:
-        return Embedder(settings.search_backbone or DEFAULT_BACKBONE, settings.search_image_size,
-                        settings=settings), None
-    root = _download_prefix(settings, model.artifact_prefix, cache / "embeddings" / model.id,
-                            marker=EMBEDDING_FILE)
-    # The registry stores the embedding directory itself or a model folder holding it.
-    found = next((p.parent for p in sorted(root.rglob(EMBEDDING_FILE), key=lambda p: len(p.parts))),
-                 None)
-    if found is None:
-        raise IndexNotFound(f"embedding model {model.id}: no {EMBEDDING_FILE} under "
-                            f"{model.artifact_prefix}")
-    return Embedder.load(found, settings), model.id
+    current = registry.load_current_embedding(settings, cache / "embeddings")
+    if current is not None:
+        model_id, embedder = current
+        return embedder, model_id
+    name = (backbones.member(settings.embedding_backbone).name if settings.embedding_backbone
+            else backbones.members(settings)[0].name)
+    return Embedder(name, settings.search_image_size or settings.model_image_size,
+                    settings=settings), None
 
 
 # --------------------------------------------------------------------------------------------

@@ -274,9 +274,8 @@ class Settings:
     # Base URL of the Airflow UI that run-report links point to; "" means Airflow's [api] base_url.
     ui_base_url: str = ""
     # --- the product search index (modeling/catalogue_index.py) --------------------------------
-    # Backbone and input size of the untrained ImageNet baseline embedding, used while no
-    # embedding model is promoted (empty / 0: EfficientNet-Lite0 at its native 224 px).
-    search_backbone: str = ""
+    # Input size of the untrained ImageNet baseline embedding, used while no embedding model is
+    # promoted (on embedding_backbone); 0: model_image_size (0: the backbone's native size).
     search_image_size: int = 0
     # Product score: "prototype" (normalised mean of its photos) or "max" (its best photo).
     search_aggregation: str = "prototype"

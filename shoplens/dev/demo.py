@@ -31,8 +31,6 @@ def demo_env(s3_endpoint: str) -> dict[str, str]:
         # The replica is ours and local: be quick, but keep every politeness mechanism switched on.
         "SHOPLENS_DOWNLOAD_DELAY": os.environ.get("SHOPLENS_DOWNLOAD_DELAY", "0.02"),
         "SHOPLENS_CONCURRENT_PER_HOST": os.environ.get("SHOPLENS_CONCURRENT_PER_HOST", "8"),
-        # The search index's baseline embedding at 128 px (native 224 costs ~3x the CPU).
-        "SHOPLENS_SEARCH_IMAGE_SIZE": os.environ.get("SHOPLENS_SEARCH_IMAGE_SIZE", "128"),
     }
     # Low-resolution training of the offline ensemble so that the demo stays within ~15 minutes;
     # any of these can be overridden from the caller's environment.
