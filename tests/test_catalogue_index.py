@@ -18,7 +18,9 @@ from build_fixtures import ManifestWriter
 from drawn_products import SHAPES, drawn_photo
 from modeling import catalogue_index
 from shoplens.manifest import engine_for
+from shoplens.store import ObjectStore
 from shoplens.vision.embedding import Embedder
+from test_crawl import crawl_run, crawl_settings, replica  # noqa: F401 - the replica fixture
 
 
 def _jpeg(img) -> bytes:
@@ -219,6 +221,35 @@ def test_a_newly_promoted_embedding_model_gets_a_full_build(settings, shop, embe
     again = catalogue_index.refresh(settings)
     assert again["mode"] == "incremental" and again["parent_id"] == stats["index_id"]
     assert first["index_id"] != stats["index_id"]
+
+
+def test_a_product_newly_ranked_in_the_replica_is_searchable_after_the_next_crawl_and_refresh(
+        replica, s3_settings, manifest_url, tmp_path, monkeypatch, embedded):
+    """The real crawl of the replica shop stores each ranked product's catalogue image; a product
+    that enters the best-N the next night is enrolled by it (before any review photo of it is
+    kept) and found by it, with only the new catalogue images embedded."""
+    shop = replica([3, 3, 3, 3])
+    settings = crawl_settings(shop, s3_settings, manifest_url, best_n=2).with_overrides(
+        model_init="random", search_image_size=32, search_aggregation="max",
+        search_cache_dir=str(tmp_path / "cache"))
+    crawl_run(settings, "night-1")
+    first = catalogue_index.refresh(settings, "night-1")
+    with engine_for(manifest_url).connect() as conn:
+        before = dict(conn.execute(sa.text("SELECT product_id, object_key FROM catalogue_images")).all())
+    assert first["products"] == len(before) == 2 and first["embedded"] == 2
+
+    tonight = settings.with_overrides(best_n=3)
+    crawl_run(tonight, "night-2")
+    with engine_for(manifest_url).connect() as conn:
+        after = dict(conn.execute(sa.text("SELECT product_id, object_key FROM catalogue_images")).all())
+    [new_product] = set(after) - set(before)
+    embedded.clear()
+    second = catalogue_index.refresh(tonight, "night-2")
+    assert second["mode"] == "incremental" and second["embedded"] == 1 and sum(embedded) == 1
+    photo = tmp_path / "catalogue.jpg"
+    photo.write_bytes(ObjectStore(settings).get_bytes(after[new_product]))
+    code, [line], _ = _search_cli([str(photo)], monkeypatch, tonight)
+    assert code == 0 and line["top"][0]["product_id"] == new_product
 
 
 # --- the commands ---------------------------------------------------------------------------------
