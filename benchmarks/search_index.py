@@ -5,7 +5,8 @@ whose centres span a 32-d subspace (real embeddings have a low intrinsic dimensi
 new noisy photos of enrolled products. For each candidate it reports build time,
 single-query search latency on one thread (p50/p95), recall against exact search (R@1: the
 exact nearest photo found first; R@10: share of the exact top-10 found), memory per vector, and
-the time to add 1 % new vectors to the built index compared with building it.
+the time to add 1 % new vectors to the built index compared with building it (the index part of
+a nightly refresh only; ``benchmarks/index_refresh.py`` times the whole refresh stage entry).
 
 Candidates: faiss IVF with flat or 8-bit scalar-quantised lists (what modeling.search_index uses
 above EXACT_BELOW vectors), and HNSW graphs (faiss IndexHNSWFlat, usearch with i8 storage), whose

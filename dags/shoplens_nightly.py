@@ -1,8 +1,10 @@
-"""shoplens nightly: crawl review photos -> dedup -> filter -> build a dataset version.
+"""shoplens nightly: crawl review photos -> dedup -> filter -> build a dataset version, and refresh
+the product search index (after the filter, beside the build: a failed data-quality check of the
+dataset does not keep tonight's new products out of search).
 
 Thin by design: each task calls one stage entry in the packages (logic testable there without
 Airflow) through ``ops.run_stage``, which records its duration and data volume. Dedup hashing and
-filter detection are mapped over their plan's batches: every worker takes some; a retry redoes one. Params let a manual
+filter detection are mapped over their plan's batches (a retry redoes one). Params let a manual
 run from the UI override the configured defaults; failures alert through ``FailureAlert``.
 """
 from __future__ import annotations
@@ -19,13 +21,8 @@ from shoplens.ops import FailureAlert
 # Crawls at once: the DAG's cap per run; the `shop` pool (same size) caps them across runs.
 CRAWL_PARALLELISM = int(os.environ.get("SHOPLENS_CRAWL_PARALLELISM", "2"))
 
-default_args = {
-    "retries": 2,
-    "retry_delay": timedelta(seconds=20),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": timedelta(minutes=10),
-    "on_failure_callback": FailureAlert(),
-}
+default_args = {"retries": 2, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True,
+                "max_retry_delay": timedelta(minutes=10), "on_failure_callback": FailureAlert()}
 
 
 def _settings():
@@ -50,11 +47,8 @@ def _stage(name: str, entry, *args, settings=None, **kwargs):
     # Nightly at 02:00 KST; SHOPLENS_NIGHTLY_SCHEDULE overrides it ("" = manual/API runs only).
     schedule=os.environ.get("SHOPLENS_NIGHTLY_SCHEDULE", "0 2 * * *") or None,
     start_date=pendulum.datetime(2026, 1, 1, tz="Asia/Seoul"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=default_args,
-    on_failure_callback=FailureAlert(),
-    tags=["shoplens"],
+    catchup=False, max_active_runs=1, default_args=default_args,
+    on_failure_callback=FailureAlert(), tags=["shoplens"],
     params={
         "categories": Param(None, type=["null", "array"], items={"type": "string", "pattern": "^[0-9]+$"},
                             description="Category ids to crawl; empty = configured defaults"),
@@ -131,6 +125,11 @@ def shoplens_nightly():
         return stats
 
     @task
+    def refresh_search_index(_filter: dict) -> dict:
+        from modeling import catalogue_index
+        return _stage("search_index", catalogue_index.refresh)
+
+    @task
     def run_summary() -> dict:
         from shoplens import ops
 
@@ -142,7 +141,8 @@ def shoplens_nightly():
     # A teardown runs even after a failure and does not decide the run's state: the stages do.
     deduped = dedup(dedup_hash.expand(batch=dedup_plan(crawled)))
     filtered = filter_photos(filter_detect.expand(batch=filter_plan(deduped)))
-    build_dataset(filtered) >> run_summary().as_teardown(setups=categories)
+    [build_dataset(filtered), refresh_search_index(filtered)] >> \
+        run_summary().as_teardown(setups=categories)
 
 
 shoplens_nightly()

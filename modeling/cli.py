@@ -1,5 +1,6 @@
 """The modeling stage's commands: ``shoplens train|evaluate|predict|export`` and the model
-lifecycle ``shoplens models list|promote|rollback`` (alias ``python -m modeling ...``).
+lifecycle ``shoplens models list|promote|rollback`` and the search index ``shoplens index
+refresh|list`` (alias ``python -m modeling ...``).
 
 Models are of two kinds (``--kind``): the closed-set ``ensemble`` (the default) and the search
 ``embedding``; each kind has its own current model."""
@@ -12,12 +13,13 @@ from pathlib import Path
 
 from modeling.dataset_layout import DatasetError
 from modeling.ensemble import EnsembleError
+from modeling.catalogue_index import IndexNotFound
 from modeling.registry import KINDS, ModelNotFound, PromotionRefused
 from shoplens.cli import BadInput, argument_parser, command, emit, parse_args
 from shoplens.config import Settings
 
 # Unknown model or dataset version, a folder that is not one, a promotion that cannot be done.
-BAD_INPUT = (ModelNotFound, DatasetError, EnsembleError, PromotionRefused)
+BAD_INPUT = (ModelNotFound, DatasetError, EnsembleError, PromotionRefused, IndexNotFound)
 
 
 def _cache_dir(settings: Settings) -> Path:
@@ -185,4 +187,56 @@ def models_rollback(argv: list[str] | None = None) -> int:
 
     emit(registry.rollback(Settings.from_env(), args.reason, args.to, args.kind),
          _promotion_line)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The product search index (modeling/catalogue_index.py)
+# --------------------------------------------------------------------------------------------
+def _index_line(row: dict) -> str:
+    threshold = f"threshold {row['threshold']:.3f}" if row["threshold"] is not None else \
+        "no threshold"
+    when = row["completed_at"] or row["built_at"]
+    return (f"{'*' if row['current'] else ' '} {row['id']}  {row['status']:<8} "
+            f"{row['products']} products, {row['vectors']} vectors (+{row['added_vectors']}), "
+            f"{threshold}, embedding {row['model_id'] or 'baseline'}, "
+            f"{'on ' + row['parent_id'] if row['parent_id'] else 'full build'}, "
+            f"{when:%Y-%m-%d %H:%M}" + (f"  {row['error']}" if row["error"] else "")).rstrip()
+
+
+def _refresh_line(stats: dict) -> str:
+    return (f"search index {stats['index_id']} ({stats['mode']}): {stats['products']} products, "
+            f"{stats['vectors']} vectors, {stats['added_vectors']} added "
+            f"({stats['embedded']} photos embedded, {stats['removed_vectors']} removed), "
+            f"threshold {stats['threshold']}, {stats['seconds']:.1f}s")
+
+
+@command(bad_input=BAD_INPUT)
+def index_refresh(argv: list[str] | None = None) -> int:
+    """Build the next product search index: embeds only new photos, unless --full or the embedding changed"""
+    parser = argument_parser("python -m modeling index refresh", index_refresh.__doc__)
+    parser.add_argument("--full", action="store_true",
+                        help="embed every photo again instead of extending the current index")
+    parser.add_argument("--run-key", dest="run_key", help="recorded on the index row")
+    args = parse_args(parser, argv)
+    _logging()
+    from modeling import catalogue_index
+
+    emit(catalogue_index.refresh(Settings.from_env(), args.run_key, full=args.full),
+         _refresh_line)
+    return 0
+
+
+@command(bad_input=BAD_INPUT)
+def index_list(argv: list[str] | None = None) -> int:
+    """Every product search index version; the current one (what search answers from) is marked *"""
+    parser = argument_parser("python -m modeling index list", index_list.__doc__)
+    parse_args(parser, argv)
+    from modeling import catalogue_index
+
+    rows = catalogue_index.list_indexes(Settings.from_env())
+    if not rows:
+        print("no search index yet (shoplens index refresh builds one)", file=sys.stderr)
+    for row in rows:
+        emit(row, _index_line)
     return 0

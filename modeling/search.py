@@ -1,5 +1,7 @@
-"""``shoplens search --index DIR PHOTO...`` (alias ``python -m modeling search``): the shop's
-products most like each photo.
+"""``shoplens search [--index DIR] PHOTO...`` (alias ``python -m modeling search``): the shop's
+products most like each photo, from the index in DIR or, without ``--index``, from the current
+index of the manifest (``current_search_index``), downloaded once into a local cache folder keyed
+by its id (``modeling/catalogue_index.py``).
 
 One JSON object per photo on stdout, in the order given (directories expand to their image
 files)::
@@ -11,7 +13,8 @@ files)::
 confident match": the answer is more likely wrong than the target precision allows) or when the
 index was never calibrated. An unreadable photo gets ``{"image", "error"}`` on its line and the
 others are still answered. Exit status: 0 every photo answered, 2 bad input (an unreadable photo,
-no photo, an index directory that is not one), 1 failed (anything else).
+no photo, an index directory that is not one, no current index), 1 failed (anything else),
+3 the manifest or object store is unreachable.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
 
     # Output is always JSON lines; --json is accepted like every other command's.
     p = argument_parser("python -m modeling search", main.__doc__)
-    p.add_argument("--index", required=True, help="search index directory")
+    p.add_argument("--index", help="search index directory (default: the manifest's current "
+                   "index, downloaded to the local cache)")
     p.add_argument("--top", type=int, default=3, help="products per photo (default 3)")
     p.add_argument("--batch", type=int, default=16, help="photos embedded at once")
     p.add_argument("photos", nargs="+", help="photo files or directories of photos")
@@ -55,12 +59,16 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
         print("error: no photo files given", file=err)
         return EXIT_BAD_INPUT
     from modeling.search_index import SearchIndex, SearchIndexError
+    from shoplens.cli import EXIT_UNREACHABLE, ServiceUnreachable
 
     try:
-        index = SearchIndex.load(args.index)
-    except SearchIndexError as exc:
-        print(f"error: {exc}", file=err)
+        index = SearchIndex.load(args.index or _current_index_dir())
+    except (SearchIndexError, LookupError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=err)
         return EXIT_BAD_INPUT
+    except ServiceUnreachable as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_UNREACHABLE
     if index.threshold is None:
         print("warning: the index has no calibrated threshold; no answer is marked confident",
               file=err)
@@ -93,6 +101,13 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
         print(f"error: {unreadable} of {len(files)} photo(s) could not be read", file=err)
         return EXIT_BAD_INPUT
     return EXIT_OK
+
+
+def _current_index_dir():
+    from modeling import catalogue_index
+    from shoplens.config import Settings
+
+    return catalogue_index.fetch_current(Settings.from_env())[1]
 
 
 if __name__ == "__main__":

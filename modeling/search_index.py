@@ -141,16 +141,22 @@ def threshold_outcome(scores, correct, threshold: float) -> dict:
 
 
 class SearchIndex:
-    def __init__(self, embedder: Embedder, aggregation: str = "prototype", nprobe: int = 32):
+    def __init__(self, embedder: Embedder, aggregation: str = "prototype", nprobe: int = 32,
+                 dim: int | None = None, embedding_config: dict | None = None):
+        """``dim`` / ``embedding_config``: the embedder's, when known without building its
+        backbone (a loaded index knows them from index.json: searching stored vectors, adding
+        vectors and saving then never build the network)."""
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.embedder = embedder
         self.aggregation = aggregation
         self.nprobe = nprobe
         self.threshold: dict | None = None
+        self._dim = int(dim) if dim else embedder.dim
+        self._embedding_config = embedding_config
         self.products: dict[int, dict] = {}
         self._chunks: list[dict] = []       # {"vectors" f16, "product_ids", "sources", "file"}
-        self._vectors = np.zeros((0, embedder.dim), np.float16)
+        self._vectors = np.zeros((0, self._dim), np.float16)
         self._product_ids = np.zeros(0, np.int64)
         self._sources: set[str] = set()
         self._ann = None
@@ -162,13 +168,41 @@ class SearchIndex:
     # --- contents -----------------------------------------------------------------------------
     @property
     def dim(self) -> int:
-        return self.embedder.dim
+        return self._dim
 
     def __len__(self) -> int:
         return len(self._product_ids)
 
     def has_source(self, source: str) -> bool:
         return source in self._sources
+
+    def sources(self) -> list[str]:
+        """Every enrolled source, in vector order."""
+        return [str(s) for c in self._chunks for s in c["sources"].tolist()]
+
+    def product_count(self) -> int:
+        """Products with at least one vector (the searchable ones)."""
+        return len(set(self._product_ids.tolist()))
+
+    def vectors_by_sha(self, sha_of) -> dict[str, np.ndarray]:
+        """{sha_of(source): its stored vector}: photos already embedded, whatever source names
+        them."""
+        return {sha_of(s): self._vectors[i].astype(np.float32)
+                for i, s in enumerate(self.sources())}
+
+    def without_sources(self, drop: set[str]) -> "SearchIndex":
+        """A new index with the same embedder, products, threshold and every vector but those of
+        ``drop`` (copied from the stored vectors: nothing is embedded again)."""
+        other = SearchIndex(self.embedder, self.aggregation, self.nprobe, self.dim,
+                            self._embedding_config)
+        other.threshold = self.threshold
+        other.add_products(list(self.products.values()))
+        sources = self.sources()
+        keep = [i for i, s in enumerate(sources) if s not in drop]
+        if keep:
+            other.add_vectors(self._vectors[keep].astype(np.float32), self._product_ids[keep],
+                              [sources[i] for i in keep])
+        return other
 
     def add_products(self, products: list[dict]) -> None:
         """Register (or update the name and details of) products: {"product_id", "name", ...}."""
@@ -296,9 +330,58 @@ class SearchIndex:
         self.threshold = calibrate_threshold(scores, correct, target_precision)
         return self.threshold
 
+    def calibrate_leave_one_out(self, target_precision: float = 0.95, max_queries: int = 2000,
+                                seed: int = 0, exclude_prefix: str = "catalogue/") -> dict:
+        """Choose and store nothing; return the threshold that keeps ``target_precision`` when
+        each of a sample of enrolled photos (sources not starting with ``exclude_prefix``, of
+        products with another vector) queries the index with itself left out: its product's
+        prototype (or, with "max", its product's best photo) is recomputed without it. Uses the
+        stored vectors only. ``queries`` 0 when no photo qualifies."""
+        sources = self.sources()
+        ids, inverse = np.unique(self._product_ids, return_inverse=True)
+        per_row = np.bincount(inverse, minlength=len(ids))[inverse]
+        eligible = [i for i, s in enumerate(sources)
+                    if not s.startswith(exclude_prefix) and per_row[i] >= 2]
+        if not eligible:
+            return {"threshold": None, "queries": 0, "method": "leave-one-out",
+                    "target_precision": target_precision}
+        rng = np.random.default_rng(seed)
+        if len(eligible) > max_queries:
+            eligible = sorted(rng.choice(eligible, max_queries, replace=False).tolist())
+        vecs = self._vectors.astype(np.float32)
+        scores, correct = [], []
+        k = min(len(ids), 8)
+        if self.aggregation == "prototype":
+            pids, protos, ann = self._product_prototypes()
+            pos = np.searchsorted(pids, self._product_ids)
+            sums = np.zeros((len(pids), self.dim), np.float64)
+            np.add.at(sums, pos, vecs)
+            queries = vecs[eligible]
+            _, found = ann.search(queries, k)
+            for q, row, cand in zip(queries, eligible, found):
+                own = pos[row]
+                own_score = float(l2_normalise(sums[own] - vecs[row]) @ q)
+                cand = cand[(cand >= 0) & (cand != own)]
+                other = float((protos[cand] @ q).max()) if len(cand) else -1.0
+                scores.append(max(own_score, other))
+                correct.append(own_score >= other)
+        else:
+            want = min(len(self), max(64, 16 * k))
+            _, found = self._ann.search(vecs[eligible], want)
+            for row, cand in zip(eligible, found):
+                cand = cand[(cand >= 0) & (cand != row)]
+                s = vecs[cand] @ vecs[row]
+                best = int(np.argmax(s))
+                scores.append(float(s[best]))
+                correct.append(int(self._product_ids[cand[best]]) == int(self._product_ids[row]))
+        out = calibrate_threshold(scores, correct, target_precision)
+        out["method"] = "leave-one-out"
+        return out
+
     # --- persistence --------------------------------------------------------------------------
     def config(self) -> dict:
-        return {"format": FORMAT, "embedding": self.embedder.config(), "dim": self.dim,
+        return {"format": FORMAT, "embedding": self._embedding_config or self.embedder.config(),
+                "dim": self.dim,
                 "metric": "cosine", "aggregation": self.aggregation, "nprobe": self.nprobe,
                 "threshold": self.threshold, "vectors": len(self),
                 "products": len(set(self._product_ids.tolist())),
@@ -367,7 +450,8 @@ class SearchIndex:
             embedder = Embedder.load(root / EMBEDDING_DIR, settings)
         except EmbeddingError as exc:
             raise SearchIndexError(str(exc)) from None
-        index = cls(embedder, config["aggregation"], int(config.get("nprobe", 32)))
+        index = cls(embedder, config["aggregation"], int(config.get("nprobe", 32)),
+                    dim=config.get("dim"), embedding_config=config.get("embedding"))
         index.add_products(products)
         index.threshold = config.get("threshold")
         index.built_at = config.get("built_at")

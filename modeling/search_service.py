@@ -1,9 +1,9 @@
-"""``shoplens serve --index DIR [--port N]``: the product search over HTTP, and a page for people.
+"""``shoplens serve [--index DIR] [--port N]``: the product search over HTTP, and a page for people.
 
 - ``GET /``: a self-contained page (no external assets: shop machines may be offline) where a
   person uploads or takes a photo and sees the top-3 products with score, and the catalogue
-  thumbnail, price and shop link when the index's product table carries them (``thumbnail_url``,
-  ``price``, ``url``), or "no confident match".
+  thumbnail, price and shop link when the index's product table carries them (``thumbnail_key``
+  or ``thumbnail_url``, ``price``, ``url``), or "no confident match".
 - ``POST /search``: multipart upload (field ``photo``) -> ``{"top": [{product_id, name, score,
   ...details}], "confident", "index"}``. The photo goes through the one decoder
   (``shoplens.photos``) with the configured byte and pixel caps; a refused photo is a 4xx whose
@@ -11,9 +11,18 @@
   many bytes or pixels (decompression bomb) 413, not an image or an unsupported format 415, a
   cut-off or corrupt image 422. The request body itself is cut off at the byte cap (plus room
   for the multipart envelope) before it is all read.
-- ``GET /healthz``: the loaded index (built_at, vectors, products).
+- ``GET /thumbnails/<product_id>``: the product's catalogue image (its ``thumbnail_key`` in the
+  index's product table: only those keys are served) read from the object store, as a JPEG of at
+  most ``THUMBNAIL_SIDE`` px through the one photo decoder; 404 when the product has none.
+- ``GET /healthz``: the loaded index (id, built_at, vectors, products).
 
-The index directory is watched: on each request ``index.json``'s identity (inode, mtime, size)
+Without ``--index`` the service answers from the manifest's current index
+(``current_search_index``), downloaded into the local cache by ``modeling.catalogue_index``; at
+most every ``search_reload_seconds`` a request asks the manifest whether a newer index is
+complete, and if so it is downloaded, loaded and swapped in whole (the requests meanwhile keep the
+previous one; a newer index that fails to load is logged and the previous one keeps serving).
+
+With ``--index DIR`` the directory is watched: on each request ``index.json``'s identity (inode, mtime, size)
 is compared with the loaded one; a changed file (``SearchIndex.save`` replaces it atomically,
 last) is loaded and swapped in whole, so requests never see half of two indexes. A new index
 that fails to load is logged and the previous one keeps serving.
@@ -24,6 +33,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 from shoplens.config import Settings
@@ -37,6 +47,7 @@ TOP_K = 3
 MULTIPART_OVERHEAD = 64 * 1024
 # Product table fields shown on the page when present (extra keys of ``add_products``).
 PRODUCT_DETAILS = ("price", "url", "thumbnail_url")
+THUMBNAIL_SIDE = 160
 # Decoder reason -> HTTP status for a refused photo.
 REASON_STATUS = {"empty_image": 400, "image_too_large": 413, "not_image": 415,
                  "unsupported_format": 415, "wrong_content_type": 415,
@@ -83,6 +94,47 @@ class IndexHolder:
                     log.info("search index reloaded: %s vectors, built %s", len(fresh),
                              fresh.built_at)
                 self._stamp = stamp  # a broken one is not retried until it changes again
+        return self.index
+
+
+class CurrentIndexHolder:
+    """The manifest's current search index, replaced whole when a newer one is complete."""
+
+    def __init__(self, settings: Settings, reload_seconds: float | None = None):
+        from modeling import catalogue_index
+        from modeling.search_index import SearchIndex
+
+        self.settings = settings
+        self.reload_seconds = (settings.search_reload_seconds if reload_seconds is None
+                               else reload_seconds)
+        self._catalogue, self._load = catalogue_index, SearchIndex.load
+        self._lock = threading.Lock()
+        self.embed_lock = threading.Lock()
+        # No current index, an unreachable manifest or store: fail now, with the reason.
+        self.index_id, path = catalogue_index.fetch_current(settings)
+        self.index = self._load(path, settings)
+        self._checked = time.monotonic()
+
+    def current(self):
+        """The index to answer with; the manifest is asked for a newer one at most every
+        ``reload_seconds`` (by one request at a time: the others answer meanwhile)."""
+        if time.monotonic() - self._checked < self.reload_seconds:
+            return self.index
+        if not self._lock.acquire(blocking=False):
+            return self.index
+        try:
+            self._checked = time.monotonic()
+            newest = self._catalogue.current_index_id(self.settings)
+            if newest and newest != self.index_id:
+                path = self._catalogue.download(self.settings, newest,
+                                                self._catalogue.cache_dir(self.settings))
+                fresh = self._load(path, self.settings)
+                self.index, self.index_id = fresh, newest  # requests see the old or the new whole
+                log.info("search index %s loaded: %s vectors", newest, len(fresh))
+        except Exception as exc:  # noqa: BLE001 - keep serving the previous index
+            log.warning("newer search index not loaded, %s kept: %s", self.index_id, exc)
+        finally:
+            self._lock.release()
         return self.index
 
 
@@ -139,17 +191,18 @@ def _error(status: int, reason: str, message: str):
     return JSONResponse({"error": reason, "message": message}, status_code=status)
 
 
-def create_app(index: str | Path | IndexHolder, settings: Settings | None = None):
-    """The FastAPI app over an index directory (or an ``IndexHolder``)."""
+def create_app(index, settings: Settings | None = None):
+    """The FastAPI app over an index directory, an ``IndexHolder`` or a ``CurrentIndexHolder``."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse
+    from fastapi.responses import HTMLResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
 
     settings = settings or Settings()
     limits = PhotoLimits.from_settings(settings)
-    holder = index if isinstance(index, IndexHolder) else IndexHolder(index, settings)
+    holder = index if isinstance(index, (IndexHolder, CurrentIndexHolder)) else \
+        IndexHolder(index, settings)
     app = FastAPI(title="shoplens search", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.holder = holder
 
@@ -164,7 +217,29 @@ def create_app(index: str | Path | IndexHolder, settings: Settings | None = None
     @app.get("/healthz")
     def health():
         idx = holder.current()
-        return {"status": "ok", "index": _index_summary(idx)}
+        return {"status": "ok", "index": _index_summary(idx, holder)}
+
+    @app.get("/thumbnails/{product_id}")
+    async def thumbnail(product_id: int):
+        from shoplens.photos import thumbnail_jpeg
+        from shoplens.store import ObjectStore
+
+        key = holder.current().products.get(product_id, {}).get("thumbnail_key")
+        if not key:
+            return _error(404, "no_thumbnail", f"product {product_id} has no catalogue image")
+
+        def read():
+            return thumbnail_jpeg(ObjectStore(settings).get_bytes(key), THUMBNAIL_SIDE, limits)
+
+        try:
+            data = await run_in_threadpool(read)
+        except PhotoRejected as exc:
+            return _error(404, exc.reason, f"product {product_id}: {exc.message}")
+        except Exception as exc:  # noqa: BLE001 - the store down: no thumbnail, the page still works
+            log.warning("thumbnail of product %s not read: %s", product_id, exc)
+            return _error(503, "store_unavailable", "the object store is unreachable")
+        return Response(data, media_type="image/jpeg",
+                        headers={"Cache-Control": "public, max-age=86400"})
 
     @app.post("/search")
     async def search(request: Request):
@@ -189,21 +264,25 @@ def create_app(index: str | Path | IndexHolder, settings: Settings | None = None
         for hit in answer["top"]:
             product = idx.products.get(hit["product_id"], {})
             hit.update({k: product[k] for k in PRODUCT_DETAILS if product.get(k) is not None})
-        return {**answer, "index": _index_summary(idx)}
+            if product.get("thumbnail_key") and "thumbnail_url" not in hit:
+                hit["thumbnail_url"] = f"thumbnails/{hit['product_id']}"
+        return {**answer, "index": _index_summary(idx, holder)}
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_bytes + MULTIPART_OVERHEAD)
     return app
 
 
-def _index_summary(idx) -> dict:
-    return {"built_at": idx.built_at, "vectors": len(idx), "products": len(idx.products)}
+def _index_summary(idx, holder=None) -> dict:
+    return {"id": getattr(holder, "index_id", None), "built_at": idx.built_at,
+            "vectors": len(idx), "products": len(idx.products)}
 
 
 def parser() -> argparse.ArgumentParser:
     from shoplens.cli import argument_parser
 
     p = argument_parser("python -m modeling serve", main.__doc__, json_flag=False)
-    p.add_argument("--index", required=True, help="search index directory (shoplens search's)")
+    p.add_argument("--index", help="search index directory (default: the manifest's current "
+                   "index, and a newer one once it is complete)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
@@ -211,26 +290,31 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve the product search page and POST /search over a search index (reloads a new index)"""
+    """Serve the product search page and POST /search over the current search index (or --index DIR; reloads a newer one)"""
     try:
         args = parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
     from modeling.search_index import INDEX_FILE, SearchIndexError
+    from shoplens.cli import EXIT_UNREACHABLE, ServiceUnreachable
 
-    if not (Path(args.index) / INDEX_FILE).is_file():
+    if args.index and not (Path(args.index) / INDEX_FILE).is_file():
         print(f"error: no search index in {args.index} ({INDEX_FILE} missing): build one first "
-              "(`make demo`, once the demo builds an index, or SearchIndex.save)", file=sys.stderr)
+              "(`make demo` or `shoplens index refresh`)", file=sys.stderr)
         return EXIT_BAD_INPUT
     settings = Settings.from_env()
     try:
-        app = create_app(args.index, settings)
-    except SearchIndexError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        app = create_app(args.index or CurrentIndexHolder(settings), settings)
+    except (SearchIndexError, LookupError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ServiceUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     import uvicorn
 
-    print(f"shoplens search on http://{args.host}:{args.port}/ (index {args.index})",
+    print(f"shoplens search on http://{args.host}:{args.port}/ "
+          f"(index {args.index or 'current: ' + app.state.holder.index_id})",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return EXIT_OK
@@ -289,8 +373,10 @@ input.addEventListener("change", async () => {
     const name = hit.url ? el("a", {href: hit.url, rel: "noopener"}, hit.name)
                          : el("strong", {}, hit.name);
     name.className = "name"; text.append(name);
-    if (hit.price !== undefined) text.append(el("div", {class: "price"}, String(hit.price)));
+    if (hit.price !== undefined) text.append(el("div", {class: "price"},
+      typeof hit.price === "number" ? hit.price.toLocaleString() : String(hit.price)));
     text.append(el("div", {class: "score"}, "score " + hit.score.toFixed(3)));
+    if (hit.url) text.append(el("a", {class: "shop", href: hit.url, rel: "noopener"}, "View in shop"));
     li.append(text); results.append(li);
   }
 });

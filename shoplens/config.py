@@ -273,6 +273,21 @@ class Settings:
     alert_timeout: float = 10.0
     # Base URL of the Airflow UI that run-report links point to; "" means Airflow's [api] base_url.
     ui_base_url: str = ""
+    # --- the product search index (modeling/catalogue_index.py) --------------------------------
+    # Input size of the untrained ImageNet baseline embedding, used while no embedding model is
+    # promoted (on embedding_backbone); 0: model_image_size (0: the backbone's native size).
+    search_image_size: int = 0
+    # Product score: "prototype" (normalised mean of its photos) or "max" (its best photo).
+    search_aggregation: str = "prototype"
+    # Each refresh recalibrates the "no confident match" threshold by leave-one-out on up to
+    # this many enrolled review photos, for this precision on the queries it answers.
+    search_target_precision: float = 0.95
+    search_calibration_queries: int = 2000
+    search_embed_batch: int = 64
+    # Local cache of downloaded index versions (empty: ~/.cache/shoplens/search-indexes).
+    search_cache_dir: str = ""
+    # `shoplens serve` without --index asks the manifest for a newer index at most this often.
+    search_reload_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -354,6 +369,13 @@ class Settings:
         if self.http_client not in HTTP_CLIENTS:
             raise ConfigError(f"http_client must be one of {sorted(HTTP_CLIENTS)}, "
                               f"got {self.http_client!r}")
+        if self.search_aggregation not in ("prototype", "max"):
+            raise ConfigError(f"search_aggregation must be 'prototype' or 'max', "
+                              f"got {self.search_aggregation!r}")
+        if not 0 < self.search_target_precision <= 1:
+            raise ConfigError("search_target_precision must be in (0, 1]")
+        if self.search_embed_batch < 1 or self.search_calibration_queries < 0:
+            raise ConfigError("search_embed_batch must be >= 1, search_calibration_queries >= 0")
         if self.alert_webhook_url and not self.alert_webhook_url.startswith(("http://", "https://")):
             raise ConfigError(f"alert_webhook_url must be an http(s) URL, got {self.alert_webhook_url!r}")
 

@@ -11,6 +11,8 @@ no stage package is imported) and returns a :class:`RunSummary`:
 - ``build``: the version this run built (status, parent, images, labels, images per split, URI,
   error, products left out) or the latest complete one when the run built none;
 - ``training``: every model trained on that version (status, ensemble test Top-1/Top-3, promotion);
+- ``search``: the product search index this run built (status, parent, products, vectors, added,
+  threshold, error), else the current one;
 - ``stages``: each stage's recorded status, duration, volume and error (``run_metrics``), and
   the whole run's status and duration once the night's teardown recorded it.
 
@@ -51,6 +53,7 @@ class RunSummary:
     filter: dict[str, Any] | None = None
     build: dict[str, Any] | None = None
     training: list[dict[str, Any]] = field(default_factory=list)
+    search: dict[str, Any] | None = None
     report_url: str | None = None
 
     @property
@@ -65,12 +68,13 @@ class RunSummary:
             "duration_seconds": self.duration_seconds, "failed_stages": self.failed_stages,
             "stages": self.stages, "crawl": self.crawl, "dedup": self.dedup,
             "filter": self.filter, "build": self.build, "training": self.training,
-            "report_url": self.report_url})
+            "search": self.search, "report_url": self.report_url})
 
     def volume(self) -> dict[str, float]:
         """The sections' counts, flattened with dotted keys (``crawl.images_new``), as metrics."""
         counts = volume_of({"crawl": self.crawl, "dedup": self.dedup, "filter": self.filter,
-                            "build": self.build})
+                            "build": self.build,
+                            "search": self.search if self.search and self.search["built"] else None})
         return {k: v for k, v in counts.items() if not k.endswith("_id")}  # ids are not volume
 
     def lines(self) -> list[str]:
@@ -89,7 +93,8 @@ class RunSummary:
                 for name, s in self.stages.items()))
         lines += [f"   {line}" for line in
                   _crawl_lines(self.crawl) + _dedup_lines(self.dedup) + _filter_lines(self.filter)
-                  + _build_lines(self.build) + _training_lines(self.training)]
+                  + _build_lines(self.build) + _training_lines(self.training)
+                  + _search_lines(self.search)]
         if self.report_url:
             lines.append(f"Run report: {self.report_url}")
         return lines
@@ -115,7 +120,8 @@ def load(conn: sa.Connection, run_key: str) -> RunSummary:
     crawl = crawl_section(conn, run_key)
     summary = RunSummary(run_key=run_key, status="not found", stages=stages, crawl=crawl,
                          dedup=dedup_section(conn, crawl["run_id"]) if crawl else None,
-                         filter=filter_section(conn, run_key), build=build_section(conn, run_key))
+                         filter=filter_section(conn, run_key), build=build_section(conn, run_key),
+                         search=search_section(conn, run_key))
     if summary.build and summary.build.get("built"):
         summary.training = training_section(conn, summary.build["version_id"])
     failed = {name for name, s in stages.items() if s["status"] == "failed"}
@@ -252,6 +258,18 @@ def build_section(conn: sa.Connection, run_key: str) -> dict[str, Any] | None:
     images = conn.execute(sa.text("SELECT images FROM dataset_version_summary "
                                   "WHERE version_id = :v"), {"v": latest}).scalar()
     return {"built": False, "latest_version": latest, "latest_images": int(images)}
+
+
+def search_section(conn: sa.Connection, run_key: str) -> dict[str, Any] | None:
+    """The search index ``run_key`` built (its latest attempt), else the current one."""
+    columns = ("SELECT id AS index_id, status, parent_id, model_id, products, vectors, "
+               "added_vectors, threshold, error FROM ")
+    row = conn.execute(sa.text(columns + "search_indexes WHERE run_key = :k "
+                               "ORDER BY built_at DESC, id DESC LIMIT 1"), {"k": run_key}).mappings().first()
+    if row is not None:
+        return {"built": True, **row}
+    row = conn.execute(sa.text(columns + "current_search_index")).mappings().first()
+    return None if row is None else {"built": False, **row}
 
 
 def training_section(conn: sa.Connection, version_id: str) -> list[dict[str, Any]]:
@@ -421,6 +439,20 @@ def _build_lines(b: dict | None) -> list[str]:
             f"{e['product_id']} ({e['photos']})" for e in excluded[:10])
             + (f" and {len(excluded) - 10} more" if len(excluded) > 10 else ""))
     return lines
+
+
+def _search_lines(s: dict | None) -> list[str]:
+    if s is None:
+        return []
+    if not s["built"]:
+        return [f"search index: none built this run (current {s['index_id']}, "
+                f"{s['products']} products)"]
+    threshold = f"{s['threshold']:.3f}" if s["threshold"] is not None else "none"
+    line = (f"search index: {s['index_id']} {s['status']} "
+            f"({'on ' + s['parent_id'] if s['parent_id'] else 'full build'}): "
+            f"{s['products']} products, {s['vectors']} vectors (+{s['added_vectors']}), "
+            f"threshold {threshold}")
+    return [line] + ([f"search index: error: {s['error'][:300]}"] if s["error"] else [])
 
 
 def _training_lines(models: list[dict]) -> list[str]:

@@ -71,14 +71,16 @@ class ManifestWriter:
 
     def photo(self, product_id: int, *, cluster_of: str | None = None, passed: bool = True,
               failed_rule: str = "product_occupancy", override: str | None = None,
-              seed: int | None = None) -> str:
+              seed: int | None = None, data: bytes | None = None) -> str:
         """Store a new review photo of ``product_id``; returns its sha256.
 
         ``cluster_of``: make it a near-duplicate of that (representative) image.
         ``passed``: the filter's verdict; a rejected photo fails ``failed_rule``.
         ``override``: 'keep' or 'reject' by a human, with a reason.
+        ``data``: these JPEG bytes (``image_size`` square) instead of seeded noise.
         """
-        data = jpeg_bytes(next(self._seeds) if seed is None else seed, self.image_size)
+        if data is None:
+            data = jpeg_bytes(next(self._seeds) if seed is None else seed, self.image_size)
         sha = hashlib.sha256(data).hexdigest()
         key, _ = self.store.put_image(data, "jpeg", sha)
         review_id = next(self._review_ids)

@@ -33,6 +33,16 @@ def test_nightly_runs_crawl_then_dedup_filter_build(dagbag):
     assert dag.timetable.expression == "0 2 * * *"
 
 
+def test_the_search_index_is_refreshed_after_the_filter_and_before_the_run_summary(dagbag):
+    """New kept photos reach search the same night; a dataset build failing its data-quality
+    checks does not hold the refresh back (it is not downstream of the build)."""
+    dag = dagbag.dags["shoplens_nightly"]
+    refresh = dag.get_task("refresh_search_index")
+    assert set(refresh.upstream_task_ids) == {"filter_photos"}
+    assert "run_summary" in refresh.downstream_task_ids
+    assert refresh.retries >= 1 and refresh.on_failure_callback
+
+
 def test_crawl_is_mapped_over_categories_and_capped(dagbag):
     crawl = dagbag.dags["shoplens_nightly"].get_task("crawl_category")
     assert type(crawl).__name__.endswith("MappedOperator")
@@ -101,7 +111,7 @@ def test_dag_files_import_nothing_heavy_at_top_level(path):
 def test_the_run_summary_always_runs_but_never_hides_a_failure(dagbag):
     dag = dagbag.dags["shoplens_nightly"]
     summary = dag.get_task("run_summary")
-    assert summary.is_teardown and "build_dataset" in summary.upstream_task_ids
+    assert summary.is_teardown and {"build_dataset", "refresh_search_index"} <= summary.upstream_task_ids
     assert dag.get_task("start_run").is_setup
     assert all(t.on_failure_callback for t in dag.tasks if t.task_id != "run_summary")
 
@@ -171,3 +181,28 @@ def test_embedding_training_records_its_own_stage(dagbag, manifest_url, monkeypa
     [row] = ops.stage_metrics(Settings(manifest_url=manifest_url), "asset_triggered__2026-01-04")
     assert (row["stage"], row["status"], row["volume"]) == ("train_embedding", "success",
                                                             {"seconds": 3.5})
+
+
+def test_the_search_index_refresh_records_its_stage_metrics(dagbag, manifest_url, monkeypatch):
+    """refresh_search_index runs modeling.catalogue_index.refresh(settings, run_key) through
+    ops.run_stage: a 'search_index' row in run_metrics with the returned counts as volume."""
+    from modeling import catalogue_index
+    from shoplens import ops
+    from shoplens.config import Settings
+
+    calls = []
+
+    def fake_refresh(settings, run_key):  # stands in for embedding the night's photos
+        calls.append(run_key)
+        return {"index_id": "si-1", "products": 3, "vectors": 10, "embedded": 3}
+
+    monkeypatch.setattr(catalogue_index, "refresh", fake_refresh)
+    monkeypatch.setenv("SHOPLENS_MANIFEST_URL", manifest_url)
+    task = dagbag.dags["shoplens_nightly"].get_task("refresh_search_index")
+    monkeypatch.setitem(task.python_callable.__globals__, "get_current_context",
+                        lambda: {"run_id": "scheduled__2026-01-03", "params": {}})
+    assert task.python_callable({"kept": 3})["vectors"] == 10
+    assert calls == ["scheduled__2026-01-03"]
+    [row] = ops.stage_metrics(Settings(manifest_url=manifest_url), "scheduled__2026-01-03")
+    assert (row["stage"], row["status"]) == ("search_index", "success")
+    assert row["volume"] == {"products": 3, "vectors": 10, "embedded": 3}

@@ -3,7 +3,8 @@
 Starts (bound to 127.0.0.1) PostgreSQL/Redis if the machine has none, SeaweedFS as the S3
 server, the replica shop with its generated photo set, and a real Airflow (api-server, scheduler,
 dag-processor, triggerer, one Celery worker); triggers the nightly DAG over the REST API, waits for
-it and for the retraining it triggers, prints the summary, and stops everything it started.
+it and for the retraining it triggers, prints the summary and one example search (a kept photo's
+top-3 from the search index the night built), and stops everything it started.
 Running it twice works: the second night is incremental.
 """
 from __future__ import annotations
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env_s3 = up(state, 8327)
         env = demo_env(env_s3["SHOPLENS_S3_ENDPOINT"])
+        env["SHOPLENS_SEARCH_CACHE_DIR"] = os.environ.get("SHOPLENS_SEARCH_CACHE_DIR",
+                                                          str(state / "search-cache"))
         os.environ.update(env)
         from shoplens.config import Settings
         from shoplens.store import ObjectStore
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         # The report link points at this stack's UI.
         print(summary.for_run(Settings.from_env().with_overrides(ui_base_url=stack.api_url),
                               run_id).text())
+        if state_nightly == "success":
+            _example_search(state)
         print(f"[demo] finished in {time.monotonic() - started:.0f}s")
         return 0 if state_nightly == "success" and train_state in (None, "success") else 1
     finally:
@@ -123,6 +128,47 @@ def main(argv: list[str] | None = None) -> int:
             stop_pid(replica.pid)
             (state / "replica.pid").unlink(missing_ok=True)
         down(state)
+
+
+def _example_search(state: Path) -> None:
+    """Search one kept review photo (the first by sha256) with ``shoplens search`` in the index
+    the night built and print its top-3; keep a copy of that index in ``state``/search-index for
+    ``make serve`` (which runs without these services)."""
+    import json
+    import shutil
+
+    import sqlalchemy as sa
+
+    from shoplens.config import Settings
+    from shoplens.manifest import engine_for
+    from shoplens.store import ObjectStore
+
+    settings = Settings.from_env()
+    with engine_for(settings.manifest_url).connect() as conn:
+        photo = conn.execute(sa.text("SELECT product_id, object_key FROM kept_images "
+                                     "ORDER BY sha256 LIMIT 1")).first()
+        current = conn.execute(sa.text("SELECT id FROM current_search_index")).scalar()
+    if photo is None or current is None:
+        print("[demo] no example search: no kept photo or no search index")
+        return
+    path = state / ("example-query" + Path(photo.object_key).suffix)
+    path.write_bytes(ObjectStore(settings).get_bytes(photo.object_key))
+    done = subprocess.run([sys.executable, "-m", "shoplens", "search", "--top", "3", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"[demo] example search failed: {done.stderr.strip()[-500:]}")
+        return
+    answer = json.loads(done.stdout.splitlines()[0])
+    print(f"[demo] search index {current}: a kept photo of product {photo.product_id} "
+          f"({photo.object_key}) -> top-3"
+          + ("" if answer["confident"] else " (no confident match)"))
+    for rank, hit in enumerate(answer["top"], 1):
+        print(f"   {rank}. {hit['product_id']} {hit['name']}  score {hit['score']:.3f}")
+    cached = Path(os.environ["SHOPLENS_SEARCH_CACHE_DIR"]) / current
+    if cached.is_dir():
+        shutil.rmtree(state / "search-index", ignore_errors=True)
+        shutil.copytree(cached, state / "search-index")
+        print(f"[demo] index copied to {state / 'search-index'} for `make serve`")
 
 
 def _train_run_ids(stack) -> set[str]:

@@ -1,0 +1,451 @@
+"""The catalogue's search index, versioned in the object store and refreshed incrementally: the
+stage entry :func:`refresh` (the nightly DAG's ``refresh_search_index``, ``shoplens index
+refresh``), plus finding and downloading the current index for ``search`` and ``serve``.
+
+What is enrolled: every product with at least one kept review photo (``kept_images``: the
+filter's keep verdict, near-duplicates removed) or a catalogue image (``catalogue_images``);
+each photo is one vector, tagged with its product. Sources: a kept photo is its sha256, a
+catalogue image ``catalogue/<product_id>/<sha256>``.
+
+Incremental: the parent (``current_search_index``) is reused when it was built with the same
+embedding (model id, backbone, input size, weights); only sources not in it are read from the
+object store, decoded by the one decoder and embedded (a source whose bytes are already in the
+index under another name reuses that vector). Sources that left (a photo rejected later, a
+changed catalogue image) are dropped by copying the parent's other vectors into a new index:
+still nothing is embedded again. A new embedding model, or ``full=True``, builds from scratch.
+
+Threshold ("no confident match"): recalibrated on every refresh, by leave-one-out over a
+deterministic sample of the enrolled review photos of products that have another photo: each
+is a query against the index with itself removed (its product's prototype recomputed without
+it), the answer is right when its own product ranks first, and the lowest score that keeps the
+target precision on those queries is the threshold (``modeling.search_index.calibrate_threshold``).
+Why: the threshold depends on the gallery (more products, closer impostors) as much as on the
+embedding, so a threshold chosen once drifts as the catalogue grows; leave-one-out review photos
+are the closest labelled stand-in for a customer's photo the manifest holds, and it reuses stored
+vectors (no photo embedded for it). With fewer than ``MIN_CALIBRATION_QUERIES`` such queries the
+parent's threshold is kept (none on a first build: answers are then never marked confident).
+
+Storage, under ``search-indexes/`` in the bucket::
+
+    search-indexes/<index_id>/index.json, products.json, ann-<n>.faiss, embedding/...
+    search-indexes/chunks/<sha256>.npz    vector chunks, content-addressed and shared by versions
+
+(so a refresh uploads only its new chunk, the product table and the ANN). The ``search_indexes``
+row is inserted as 'building' first and set 'complete' only after every object is uploaded
+(index.json last); any exception sets it 'failed' with the error, and the current index (the
+newest complete row) is never modified. Readers download a version into a local cache folder
+keyed by its id, assembled in a temporary folder and renamed into place (chunks already cached
+for another version are hard-linked, not downloaded again).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+
+from shoplens.config import Settings
+from shoplens.manifest import engine_for, require_migrated, session_scope
+from shoplens.manifest.schema import (catalogue_images, current_search_index, products,
+                                      search_indexes)
+
+log = logging.getLogger(__name__)
+
+INDEX_PREFIX = "search-indexes"
+CHUNK_PREFIX = f"{INDEX_PREFIX}/chunks/"
+CATALOGUE_SOURCE = "catalogue"
+MIN_CALIBRATION_QUERIES = 10
+
+
+class IndexNotFound(LookupError):
+    """No such search index (or no current one) in the manifest or the object store."""
+
+
+# --------------------------------------------------------------------------------------------
+# The stage entry
+# --------------------------------------------------------------------------------------------
+def refresh(settings: Settings, run_key: str | None = None, full: bool = False) -> dict:
+    """Build the next search index version (incrementally from the current one when it was
+    made with the current embedding) and make it current. Returns its summary:
+    ``{index_id, parent_id, model_id, mode, products, vectors, added_vectors, embedded,
+    removed_vectors, unreadable, threshold, calibration_queries, seconds}``."""
+    from modeling.search_index import SearchIndex
+
+    started = time.monotonic()
+    engine = engine_for(settings.manifest_url)
+    with engine.connect() as conn:
+        require_migrated(conn)
+        parent = conn.execute(sa.select(current_search_index)).mappings().first()
+    cache = cache_dir(settings)
+    embedder, model_id = _embedder(settings, cache)
+    identity = embedding_identity(embedder, model_id)
+    incremental = parent is not None and not full and _same_embedding(parent, identity)
+    index_id = new_index_id()
+    prefix = f"{INDEX_PREFIX}/{index_id}/"
+    with session_scope(settings.manifest_url) as conn:
+        conn.execute(search_indexes.insert().values(
+            id=index_id, parent_id=parent["id"] if incremental else None, model_id=model_id,
+            embedding=identity, status="building", artifact_prefix=prefix, run_key=run_key))
+    log.info("search index %s: %s build%s", index_id, "incremental" if incremental else "full",
+             f" on {parent['id']}" if incremental else "")
+    work = Path(tempfile.mkdtemp(prefix=f"shoplens-index-{index_id}-"))
+    try:
+        wanted, details = _enrolment(settings)
+        if incremental:
+            parent_dir = download(settings, parent["id"], cache)
+            shutil.copytree(parent_dir, work / "index", copy_function=_link_or_copy)
+            index = SearchIndex.load(work / "index", settings)  # its own embedder: the same
+            index.aggregation = settings.search_aggregation  # a setting, not a rebuild
+        else:
+            index = SearchIndex(embedder, settings.search_aggregation)
+        stale = [s for s in index.sources() if s not in wanted]
+        if stale:
+            index = index.without_sources(set(stale))
+        previous_threshold = index.threshold
+        index.products = {}
+        index.add_products([details[pid] for pid in sorted({pid for pid, _, _ in wanted.values()})])
+        base = len(index)
+        embedded, reused, unreadable = _add_new_sources(settings, index, wanted)
+        calibration = index.calibrate_leave_one_out(settings.search_target_precision,
+                                                    settings.search_calibration_queries,
+                                                    seed=settings.model_seed)
+        if calibration["queries"] >= MIN_CALIBRATION_QUERIES:
+            index.threshold = calibration
+        else:
+            log.warning("search index %s: %d calibration queries (< %d): threshold %s kept",
+                        index_id, calibration["queries"], MIN_CALIBRATION_QUERIES,
+                        previous_threshold and round(previous_threshold["threshold"], 4))
+            index.threshold = previous_threshold
+        index.save(work / "index")
+        upload(settings, work / "index", prefix)
+        stats = {"index_id": index_id, "parent_id": parent["id"] if incremental else None,
+                 "model_id": model_id, "mode": "incremental" if incremental else "full",
+                 "products": index.product_count(), "vectors": len(index),
+                 "added_vectors": len(index) - base,
+                 "embedded": embedded, "reused_vectors": reused, "removed_vectors": len(stale),
+                 "unreadable": unreadable,
+                 "threshold": index.threshold and index.threshold["threshold"],
+                 "calibration_queries": calibration["queries"]}
+        with session_scope(settings.manifest_url) as conn:
+            conn.execute(search_indexes.update().where(search_indexes.c.id == index_id).values(
+                status="complete", products=stats["products"], vectors=stats["vectors"],
+                added_vectors=stats["added_vectors"], threshold=stats["threshold"],
+                completed_at=sa.func.now()))
+        stats["seconds"] = round(time.monotonic() - started, 3)
+        log.info("search index %s complete: %s", index_id, stats)
+        return stats
+    except BaseException as exc:
+        _fail(settings, index_id, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def new_index_id() -> str:
+    """Sortable by creation time, unique: si-20261204T101500Z-1a2b3c."""
+    return f"si-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def _fail(settings: Settings, index_id: str, error: str) -> None:
+    try:
+        with session_scope(settings.manifest_url) as conn:
+            conn.execute(search_indexes.update().where(search_indexes.c.id == index_id).values(
+                status="failed", error=error[:4000], completed_at=sa.func.now()))
+    except Exception as exc:  # noqa: BLE001 - the original failure is what the caller must see
+        log.error("could not mark search index %s failed: %s", index_id, exc)
+
+
+def embedding_identity(embedder, model_id: str | None) -> dict:
+    """What makes two embedders give the same vectors (read without building the backbone)."""
+    weights = (embedder.settings or Settings()).model_init
+    return {"model_id": model_id, "backbone": embedder.backbone,
+            "image_size": int(embedder.image_size), "weights": weights,
+            "trained": embedder.trained, "tuned_blocks": int(embedder.tuned_blocks)}
+
+
+def _same_embedding(parent, identity: dict) -> bool:
+    recorded = dict(parent["embedding"] or {})
+    return parent["model_id"] == identity["model_id"] and all(
+        recorded.get(k) == identity[k] for k in identity if k != "model_id")
+
+
+def _embedder(settings: Settings, cache: Path):
+    """(Embedder, model id): the promoted embedding model (the registry's), or the untrained
+    baseline (model id None) on the embedding's backbone (``embedding_backbone``, else the
+    profile's first member) at ``search_image_size`` (0: ``model_image_size``, 0: native)."""
+    from modeling import registry
+    from shoplens.vision import backbones
+    from shoplens.vision.embedding import Embedder
+
+    current = registry.load_current_embedding(settings, cache / "embeddings")
+    if current is not None:
+        model_id, embedder = current
+        return embedder, model_id
+    name = (backbones.member(settings.embedding_backbone).name if settings.embedding_backbone
+            else backbones.members(settings)[0].name)
+    return Embedder(name, settings.search_image_size or settings.model_image_size,
+                    settings=settings), None
+
+
+# --------------------------------------------------------------------------------------------
+# What is enrolled
+# --------------------------------------------------------------------------------------------
+def catalogue_source(product_id: int, sha256: str) -> str:
+    return f"{CATALOGUE_SOURCE}/{int(product_id)}/{sha256}"
+
+
+def source_sha(source: str) -> str:
+    return source.rsplit("/", 1)[-1]
+
+
+def _enrolment(settings: Settings) -> tuple[dict, dict]:
+    """({source: (product_id, sha256, object_key)}, {product_id: product details}) for every
+    kept photo and catalogue image in the manifest."""
+    with engine_for(settings.manifest_url).connect() as conn:
+        kept_rows = conn.execute(sa.text(
+            "SELECT sha256, product_id, object_key FROM kept_images ORDER BY sha256")).all()
+        cat_rows = conn.execute(sa.select(catalogue_images.c.product_id, catalogue_images.c.sha256,
+                                          catalogue_images.c.object_key)
+                                .order_by(catalogue_images.c.product_id)).all()
+        wanted: dict[str, tuple[int, str, str]] = {}
+        for r in kept_rows:
+            wanted[r.sha256] = (int(r.product_id), r.sha256, r.object_key)
+        thumbs = {}
+        for r in cat_rows:
+            wanted[catalogue_source(r.product_id, r.sha256)] = (int(r.product_id), r.sha256,
+                                                                r.object_key)
+            thumbs[int(r.product_id)] = r.object_key
+        ids = sorted({pid for pid, _, _ in wanted.values()})
+        p = products.c
+        rows = conn.execute(sa.select(p.id, p.name, p.brand, p.price, p.source_url)
+                            .where(p.id.in_(ids))).all() if ids else []
+    details = {}
+    for r in rows:
+        entry = {"product_id": int(r.id), "name": r.name, "url": r.source_url}
+        if r.price is not None:
+            entry["price"] = int(r.price)
+        if r.brand:
+            entry["brand"] = r.brand
+        if int(r.id) in thumbs:
+            entry["thumbnail_key"] = thumbs[int(r.id)]
+        details[int(r.id)] = entry
+    return wanted, details
+
+
+def _add_new_sources(settings: Settings, index, wanted: dict) -> tuple[int, int, int]:
+    """Embed the sources not in ``index`` (each distinct photo once; bytes already in the index
+    under another source reuse its vector). Returns (embedded, reused, unreadable)."""
+    from shoplens.batches import prefetch
+    from shoplens.photos import PhotoLimits
+    from shoplens.progress import progress
+    from shoplens.store import ObjectStore
+    from shoplens.vision import images
+
+    todo = [s for s in sorted(wanted) if not index.has_source(s)]
+    if not todo:
+        return 0, 0, 0
+    known = index.vectors_by_sha(source_sha)
+    by_sha: dict[str, list[str]] = {}
+    for s in todo:
+        by_sha.setdefault(wanted[s][1], []).append(s)
+    reused = 0
+    reuse = [sha for sha in by_sha if sha in known]
+    if reuse:
+        sources = [s for sha in reuse for s in by_sha[sha]]
+        vecs = np.stack([known[wanted[s][1]] for s in sources])
+        reused = index.add_vectors(vecs, [wanted[s][0] for s in sources], sources)
+    fresh = [sha for sha in by_sha if sha not in known]
+    store, limits = ObjectStore(settings), PhotoLimits.from_settings(settings)
+    key_of = {sha: wanted[by_sha[sha][0]][2] for sha in fresh}
+    embedded = unreadable = 0
+    batch_size = max(1, settings.search_embed_batch)
+
+    def flush(part):
+        nonlocal embedded
+        if not part:
+            return
+        vecs = index.embedder.embed_decoded([img for _, img in part])
+        rows = [(i, s) for i, (sha, _) in enumerate(part) for s in by_sha[sha]]
+        embedded += len(part)
+        index.add_vectors(vecs[[i for i, _ in rows]], [wanted[s][0] for _, s in rows],
+                          [s for _, s in rows])
+
+    with progress(total=len(fresh), desc="search index: embedding", unit="photos") as bar:
+        part: list = []
+        for sha, data, error in prefetch(fresh, lambda sha: store.get_bytes(key_of[sha])):
+            if error is not None:
+                raise error  # the store failing is the night failing, not one bad photo
+            try:
+                part.append((sha, images.decode(data, key_of[sha], limits)))
+            except images.UnreadableImage as exc:
+                unreadable += 1
+                log.warning("search index: %s skipped: %s", sha, exc)
+            if len(part) >= batch_size:
+                flush(part)
+                bar.advance(len(part))
+                part = []
+        flush(part)
+        bar.advance(len(part))
+    return embedded, reused, unreadable
+
+
+# --------------------------------------------------------------------------------------------
+# The object store
+# --------------------------------------------------------------------------------------------
+def upload(settings: Settings, local_dir: Path, prefix: str) -> None:
+    """Chunks to their content address (skipped when already stored), then the version's own
+    files, index.json last (with the chunk names it lists)."""
+    from modeling.search_index import CHUNK_DIR, INDEX_FILE
+    from shoplens.store import ObjectStore
+
+    store = ObjectStore(settings)
+    store.ensure_bucket()
+    config = json.loads((local_dir / INDEX_FILE).read_text())
+    names = []
+    for name in config["chunks"]:
+        path = local_dir / CHUNK_DIR / name
+        digest = _file_sha256(path)
+        stored = f"{digest}.npz"
+        if not store.exists(CHUNK_PREFIX + stored):
+            store.put_bytes(CHUNK_PREFIX + stored, path.read_bytes())
+        names.append(stored)
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(local_dir).as_posix()
+        if rel.startswith(f"{CHUNK_DIR}/") or rel == INDEX_FILE or path.name.startswith("."):
+            continue
+        ctype = "application/json" if path.suffix == ".json" else "application/octet-stream"
+        store.put_bytes(prefix + rel, path.read_bytes(), ctype)
+    config["chunks"] = names
+    store.put_bytes(prefix + INDEX_FILE, json.dumps(config, indent=1, ensure_ascii=False).encode(),
+                    "application/json")
+
+
+def download(settings: Settings, index_id: str, cache: Path) -> Path:
+    """The index's local directory under ``cache`` (downloaded once, assembled atomically)."""
+    from modeling.search_index import CHUNK_DIR, INDEX_FILE
+
+    target = cache / index_id
+    if (target / INDEX_FILE).is_file():
+        return target
+    from shoplens.store import ObjectStore
+
+    store = ObjectStore(settings)
+    prefix = f"{INDEX_PREFIX}/{index_id}/"
+    keys = list(store.list_keys(prefix))
+    if prefix + INDEX_FILE not in keys:
+        raise IndexNotFound(f"search index {index_id!r} has no complete artefacts under {prefix}")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{index_id}-"))
+    try:
+        for key in keys:
+            dest = tmp / key[len(prefix):]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(store.get_bytes(key))
+        (tmp / CHUNK_DIR).mkdir(exist_ok=True)
+        for name in json.loads((tmp / INDEX_FILE).read_text())["chunks"]:
+            dest = tmp / CHUNK_DIR / name
+            cached = next((p for p in cache.glob(f"*/{CHUNK_DIR}/{name}")
+                           if not p.parts[-3].startswith(".")), None)
+            if cached is not None:
+                _link_or_copy(cached, dest)
+            else:
+                dest.write_bytes(store.get_bytes(CHUNK_PREFIX + name))
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _download_prefix(settings: Settings, prefix: str, target: Path, marker: str) -> Path:
+    if any(target.rglob(marker)):
+        return target
+    from shoplens.store import ObjectStore
+
+    store = ObjectStore(settings)
+    keys = list(store.list_keys(prefix))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        for key in keys:
+            dest = tmp / key[len(prefix):].lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(store.get_bytes(key))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# --------------------------------------------------------------------------------------------
+# Readers: the current index, the list
+# --------------------------------------------------------------------------------------------
+def cache_dir(settings: Settings) -> Path:
+    if settings.search_cache_dir:
+        return Path(settings.search_cache_dir).expanduser()
+    base = Path(settings.model_work_dir) if settings.model_work_dir else \
+        Path.home() / ".cache" / "shoplens"
+    return base / "search-indexes"
+
+
+def current_index_id(settings: Settings) -> str | None:
+    with engine_for(settings.manifest_url).connect() as conn:
+        return conn.execute(sa.select(current_search_index.c.id)).scalar()
+
+
+def fetch_current(settings: Settings) -> tuple[str, Path]:
+    """(id, local directory) of the current index. IndexNotFound when there is none; an
+    unreachable manifest or store is ServiceUnreachable."""
+    import urllib3.exceptions
+
+    from shoplens.cli import ServiceUnreachable
+
+    try:
+        index_id = current_index_id(settings)
+        if index_id is None:
+            raise IndexNotFound("no search index yet: build one with `shoplens index refresh` "
+                                "(or pass --index DIR)")
+        return index_id, download(settings, index_id, cache_dir(settings))
+    except (sa.exc.OperationalError, urllib3.exceptions.HTTPError) as exc:
+        where = ("manifest" if isinstance(exc, sa.exc.OperationalError)
+                 else f"object store at {settings.s3_endpoint}")
+        raise ServiceUnreachable(f"cannot load the current search index: the {where} is "
+                                 f"unreachable ({type(exc).__name__})") from exc
+
+
+def list_indexes(settings: Settings) -> list[dict]:
+    """Every index version, oldest first, the current one marked."""
+    s = search_indexes.c
+    with engine_for(settings.manifest_url).connect() as conn:
+        current = conn.execute(sa.select(current_search_index.c.id)).scalar()
+        rows = conn.execute(sa.select(
+            s.id, s.parent_id, s.model_id, s.status, s.products, s.vectors, s.added_vectors,
+            s.threshold, s.run_key, s.built_at, s.completed_at, s.error)
+            .order_by(s.built_at, s.id)).mappings().all()
+    return [{**row, "current": row["id"] == current} for row in rows]
+

@@ -1,0 +1,338 @@
+"""The catalogue search index (issue 16 item 2): versioned in the object store with a
+``search_indexes`` row per version, refreshed incrementally, and what ``search`` and ``serve``
+answer from when no ``--index`` is given.
+
+A real manifest and bucket hold drawn product photos (kept by the filter, as the stages would
+write them) and a catalogue image; the embedding is the untrained baseline on a random-initialised
+backbone at 32 px (fast and deterministic), products ranked by their best photo ("max")."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pytest
+import sqlalchemy as sa
+
+from build_fixtures import ManifestWriter
+from drawn_products import SHAPES, drawn_photo
+from modeling import catalogue_index
+from shoplens.manifest import engine_for
+from shoplens.store import ObjectStore
+from shoplens.vision.embedding import Embedder
+from test_crawl import crawl_run, crawl_settings, replica  # noqa: F401 - the replica fixture
+
+
+def _jpeg(img) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=92)
+    return out.getvalue()
+
+
+@pytest.fixture
+def settings(manifest_url, s3_settings, tmp_path):
+    return s3_settings.with_overrides(
+        manifest_url=manifest_url, model_init="random", search_image_size=32,
+        search_aggregation="max", search_embed_batch=4, search_cache_dir=str(tmp_path / "cache"),
+        search_reload_seconds=0.0)
+
+
+@pytest.fixture
+def shop(settings):
+    """Products 1 and 2 with 3 kept photos each; product 1 also has its catalogue image."""
+    writer = ManifestWriter(settings.manifest_url, settings, image_size=64)
+    for pid in (1, 2):
+        _add_product(writer, pid)
+    _catalogue_image(writer, 1, drawn_photo(1, 9))
+    return writer
+
+
+def _add_product(writer, pid: int, photos=range(3)) -> list[str]:
+    colour, shape = SHAPES[pid]
+    writer.product(pid, name=f"{colour} {shape}")
+    with writer.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE products SET price = :p WHERE id = :id"),
+                     {"p": 1000 * pid, "id": pid})
+    return [writer.photo(pid, data=_jpeg(drawn_photo(pid, v))) for v in photos]
+
+
+def _catalogue_image(writer, pid: int, img) -> str:
+    data = _jpeg(img)
+    sha = hashlib.sha256(data).hexdigest()
+    key, _ = writer.store.put_image(data, "jpeg", sha)
+    with writer.engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO catalogue_images (product_id, sha256, object_key, source_url, size_bytes,"
+            " width, height, format, run_id) VALUES (:p, :s, :k, :u, :n, 64, 64, 'jpeg', :r)"),
+            {"p": pid, "s": sha, "k": key, "u": f"http://127.0.0.1:8612/catalogue/{pid}.jpg",
+             "n": len(data), "r": writer.run_id})
+    return sha
+
+
+@pytest.fixture
+def embedded(monkeypatch):
+    """How many photos went through the embedder (every refresh's embedding passes here)."""
+    seen = []
+    real = Embedder.embed_decoded
+
+    def counting(self, decoded):
+        seen.append(len(decoded))
+        return real(self, decoded)
+
+    monkeypatch.setattr(Embedder, "embed_decoded", counting)
+    return seen
+
+
+def _rows(settings) -> dict:
+    return {r["id"]: r for r in catalogue_index.list_indexes(settings)}
+
+
+def _env(monkeypatch, settings):
+    for key in ("manifest_url", "s3_endpoint", "s3_access_key", "s3_secret_key", "s3_bucket",
+                "model_init", "search_image_size", "search_aggregation", "search_cache_dir",
+                "search_embed_batch"):
+        monkeypatch.setenv(f"SHOPLENS_{key.upper()}", str(getattr(settings, key)))
+
+
+def _search_cli(argv, monkeypatch, settings) -> tuple[int, list[dict], str]:
+    from modeling.search import main
+
+    _env(monkeypatch, settings)
+    out, err = io.StringIO(), io.StringIO()
+    code = main(argv, out=out, err=err)
+    return code, [json.loads(line) for line in out.getvalue().splitlines()], err.getvalue()
+
+
+# --- refresh ------------------------------------------------------------------------------------
+def test_a_product_added_after_a_refresh_is_found_by_the_next_one_without_retraining(
+        settings, shop, embedded, tmp_path, monkeypatch):
+    first = catalogue_index.refresh(settings, run_key="night-1")
+    assert first["mode"] == "full" and first["parent_id"] is None and first["model_id"] is None
+    assert (first["products"], first["vectors"], first["embedded"]) == (2, 7, 7)
+    assert sum(embedded) == 7
+
+    _add_product(shop, 3)  # tonight's crawl, dedup and filter kept 3 photos of a new product
+    embedded.clear()
+    second = catalogue_index.refresh(settings, run_key="night-2")
+    assert second["mode"] == "incremental" and second["parent_id"] == first["index_id"]
+    assert (second["products"], second["vectors"]) == (3, 10)
+    assert second["added_vectors"] == second["embedded"] == 3 and sum(embedded) == 3
+
+    rows = _rows(settings)
+    assert rows[second["index_id"]]["current"] and rows[second["index_id"]]["status"] == "complete"
+    assert rows[second["index_id"]]["added_vectors"] == 3
+    assert rows[second["index_id"]]["parent_id"] == first["index_id"]
+
+    from shoplens import summary  # the night's run summary names the index it built
+
+    with engine_for(settings.manifest_url).connect() as conn:
+        night = summary.load(conn, "night-2")
+    assert night.search["index_id"] == second["index_id"] and night.search["status"] == "complete"
+    assert night.volume()["search.added_vectors"] == 3
+
+    photo = tmp_path / "new-product.jpg"
+    photo.write_bytes(_jpeg(drawn_photo(3, 1)))
+    code, [line], _ = _search_cli([str(photo)], monkeypatch, settings)  # no --index: the current
+    assert code == 0 and line["top"][0]["product_id"] == 3
+    assert line["top"][0]["name"] == "green triangle"
+
+
+def test_nothing_new_embeds_nothing_and_a_rejected_photo_leaves_without_reembedding(
+        settings, shop, embedded):
+    first = catalogue_index.refresh(settings)
+    embedded.clear()
+    again = catalogue_index.refresh(settings)
+    assert (again["mode"], again["embedded"], again["added_vectors"], again["vectors"]) == \
+        ("incremental", 0, 0, first["vectors"])
+    kept = shop.engine.connect().execute(sa.text(
+        "SELECT sha256 FROM kept_images WHERE product_id = 2 ORDER BY sha256")).scalars().all()
+    shop.reject(kept[0])
+    after = catalogue_index.refresh(settings)
+    assert (after["removed_vectors"], after["embedded"], after["vectors"]) == \
+        (1, 0, first["vectors"] - 1)
+    assert sum(embedded) == 0
+
+
+def test_full_refresh_embeds_everything_again(settings, shop, embedded):
+    catalogue_index.refresh(settings)
+    embedded.clear()
+    full = catalogue_index.refresh(settings, full=True)
+    assert full["mode"] == "full" and full["parent_id"] is None
+    assert full["embedded"] == full["vectors"] == 7 and sum(embedded) == 7
+
+
+def test_a_failed_refresh_is_marked_failed_and_the_current_index_is_unchanged(
+        settings, shop, monkeypatch, tmp_path):
+    from shoplens.store import ObjectStore
+
+    first = catalogue_index.refresh(settings)
+    _add_product(shop, 3)
+    real_put = ObjectStore.put_bytes
+
+    def put_failing_at_the_end(self, key, *args, **kwargs):
+        if key.endswith("/index.json"):
+            raise OSError("disk full")
+        return real_put(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(ObjectStore, "put_bytes", put_failing_at_the_end)
+    with pytest.raises(OSError, match="disk full"):
+        catalogue_index.refresh(settings)
+    monkeypatch.setattr(ObjectStore, "put_bytes", real_put)
+
+    rows = _rows(settings)
+    [failed] = [r for r in rows.values() if r["status"] == "failed"]
+    assert "disk full" in failed["error"] and not failed["current"]
+    assert catalogue_index.current_index_id(settings) == first["index_id"]
+    photo = tmp_path / "p1.jpg"
+    photo.write_bytes(_jpeg(drawn_photo(1, 0)))
+    code, [line], _ = _search_cli([str(photo)], monkeypatch, settings)
+    assert code == 0 and {h["product_id"] for h in line["top"]} == {1, 2}  # the first index
+
+    retry = catalogue_index.refresh(settings)  # the next night extends the last complete one
+    assert retry["parent_id"] == first["index_id"] and retry["embedded"] == 3
+
+
+def test_the_threshold_is_recalibrated_by_leave_one_out_on_the_enrolled_photos(settings, shop):
+    for pid in (3, 4):
+        _add_product(shop, pid)
+    stats = catalogue_index.refresh(settings)
+    # 12 review photos of products that have another photo; the catalogue image is not a query.
+    assert stats["calibration_queries"] == 12
+    assert stats["threshold"] is not None
+    row = _rows(settings)[stats["index_id"]]
+    assert row["threshold"] == pytest.approx(stats["threshold"])
+
+
+def test_a_newly_promoted_embedding_model_gets_a_full_build(settings, shop, embedded, tmp_path):
+    from modeling.registry import upload
+
+    first = catalogue_index.refresh(settings)
+    model_dir = Embedder("efficientnet_lite0", 32, settings=settings).save(tmp_path / "emb")
+    with engine_for(settings.manifest_url).begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO models (id, dataset_version, profile, status, artifact_prefix, kind)"
+            " VALUES ('e1', 'v0001', 'offline', 'complete', 'models/e1/', 'embedding')"))
+        conn.execute(sa.text("INSERT INTO model_promotions (model_id, reason) VALUES ('e1', 'test')"))
+    upload(settings, "e1", model_dir)
+    embedded.clear()
+    stats = catalogue_index.refresh(settings)
+    assert stats["mode"] == "full" and stats["model_id"] == "e1" and stats["parent_id"] is None
+    assert stats["embedded"] == 7 and sum(embedded) == 7
+    again = catalogue_index.refresh(settings)
+    assert again["mode"] == "incremental" and again["parent_id"] == stats["index_id"]
+    assert first["index_id"] != stats["index_id"]
+
+
+def test_a_product_newly_ranked_in_the_replica_is_searchable_after_the_next_crawl_and_refresh(
+        replica, s3_settings, manifest_url, tmp_path, monkeypatch, embedded):
+    """The real crawl of the replica shop stores each ranked product's catalogue image; a product
+    that enters the best-N the next night is enrolled by it (before any review photo of it is
+    kept) and found by it, with only the new catalogue images embedded."""
+    shop = replica([3, 3, 3, 3])
+    settings = crawl_settings(shop, s3_settings, manifest_url, best_n=2).with_overrides(
+        model_init="random", search_image_size=32, search_aggregation="max",
+        search_cache_dir=str(tmp_path / "cache"))
+    crawl_run(settings, "night-1")
+    first = catalogue_index.refresh(settings, "night-1")
+    with engine_for(manifest_url).connect() as conn:
+        before = dict(conn.execute(sa.text("SELECT product_id, object_key FROM catalogue_images")).all())
+    assert first["products"] == len(before) == 2 and first["embedded"] == 2
+
+    tonight = settings.with_overrides(best_n=3)
+    crawl_run(tonight, "night-2")
+    with engine_for(manifest_url).connect() as conn:
+        after = dict(conn.execute(sa.text("SELECT product_id, object_key FROM catalogue_images")).all())
+    [new_product] = set(after) - set(before)
+    embedded.clear()
+    second = catalogue_index.refresh(tonight, "night-2")
+    assert second["mode"] == "incremental" and second["embedded"] == 1 and sum(embedded) == 1
+    photo = tmp_path / "catalogue.jpg"
+    photo.write_bytes(ObjectStore(settings).get_bytes(after[new_product]))
+    code, [line], _ = _search_cli([str(photo)], monkeypatch, tonight)
+    assert code == 0 and line["top"][0]["product_id"] == new_product
+
+
+# --- the commands ---------------------------------------------------------------------------------
+def test_index_refresh_and_list_commands(settings, shop, monkeypatch, capsys):
+    from shoplens import cli
+
+    _env(monkeypatch, settings)
+    monkeypatch.setenv("SHOPLENS_PROGRESS", "off")
+    assert cli.main(["index", "list"]) == 0
+    assert "no search index yet" in capsys.readouterr().err
+    assert cli.main(["index", "refresh", "--json"]) == 0
+    built = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert built["vectors"] == 7
+    assert cli.main(["index", "list", "--json"]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["id"] == built["index_id"] and row["current"] and row["status"] == "complete"
+    assert cli.main(["index", "list"]) == 0
+    assert capsys.readouterr().out.startswith(f"* {built['index_id']}  complete 2 products, 7 vectors")
+
+
+def test_search_without_an_index_says_there_is_none_yet(settings, tmp_path, monkeypatch):
+    photo = tmp_path / "p.jpg"
+    photo.write_bytes(_jpeg(drawn_photo(1, 0)))
+    code, lines, err = _search_cli([str(photo)], monkeypatch, settings)
+    assert code == 2 and lines == [] and "no search index yet" in err
+
+
+# --- the service ----------------------------------------------------------------------------------
+def test_serve_answers_from_the_current_index_and_picks_up_a_newer_one(settings, shop):
+    from fastapi.testclient import TestClient
+
+    from modeling.search_service import CurrentIndexHolder, create_app
+
+    first = catalogue_index.refresh(settings)
+    holder = CurrentIndexHolder(settings, reload_seconds=0)
+    with TestClient(create_app(holder, settings)) as client:
+        def search(pid, variant):
+            response = client.post("/search", files={"photo": ("p.jpg", _jpeg(drawn_photo(pid, variant)),
+                                                                "image/jpeg")})
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        body = search(1, 2)
+        assert body["index"]["id"] == first["index_id"]
+        best = body["top"][0]
+        assert best["product_id"] == 1 and best["name"] == "red ellipse" and best["price"] == 1000
+        assert best["url"].endswith("/productions/1/selling")
+        assert best["thumbnail_url"] == "thumbnails/1"
+        thumb = client.get("/" + best["thumbnail_url"])
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        assert thumb.content[:2] == b"\xff\xd8"
+        assert client.get("/thumbnails/2").status_code == 404  # no catalogue image
+
+        _add_product(shop, 3)
+        second = catalogue_index.refresh(settings)
+        body = search(3, 0)
+        assert body["index"]["id"] == second["index_id"] and body["top"][0]["product_id"] == 3
+
+
+def test_the_demo_ends_with_one_example_search_and_a_copy_of_the_index(
+        settings, shop, monkeypatch, tmp_path, capsys):
+    from shoplens.dev.demo import _example_search
+
+    built = catalogue_index.refresh(settings)
+    _env(monkeypatch, settings)
+    monkeypatch.setenv("SHOPLENS_PROGRESS", "off")
+    _example_search(tmp_path)
+    out = capsys.readouterr().out
+    assert f"[demo] search index {built['index_id']}: a kept photo of product" in out
+    ranked = [line.split()[:2] for line in out.splitlines() if line.startswith("   ")]
+    assert [rank for rank, _ in ranked] == ["1.", "2."]  # two products enrolled: top-3 has two
+    # The query is a kept photo of the product ranked first.
+    assert out.split("a kept photo of product ")[1].split()[0] == ranked[0][1]
+    assert (tmp_path / "search-index" / "index.json").is_file()
+
+
+def test_serve_without_an_index_says_there_is_none_yet_or_that_the_manifest_is_down(
+        settings, monkeypatch, capsys):
+    from modeling.search_service import main
+
+    _env(monkeypatch, settings)
+    assert main(["--port", "1"]) == 2
+    assert "no search index yet" in capsys.readouterr().err
+    monkeypatch.setenv("SHOPLENS_MANIFEST_URL", "postgresql+psycopg2://nobody@127.0.0.1:9/x")
+    assert main(["--port", "1"]) == 3
+    assert "manifest is unreachable" in capsys.readouterr().err
