@@ -165,7 +165,21 @@ def embedder_for(backbone: str, _cache={}):
 
 
 def _embed(backbone: str, photos: list) -> np.ndarray:
-    return embedder_for(backbone).embed_decoded(photos)
+    """``name:gem``: generalised-mean pooling (p = 3) of the last feature map instead of the mean."""
+    name, _, pooling = backbone.partition(":")
+    embedder = embedder_for(name)
+    if not pooling:
+        return embedder.embed_decoded(photos)
+    import keras
+
+    if not hasattr(embedder, "_gem_model"):
+        m = embedder.model
+        embedder._gem_model = keras.Model(m.input, m.get_layer("avg_pool").input)
+    crops = embedder.centre_crops(embedder.squares(photos)).astype(np.float32)
+    maps = np.concatenate([np.asarray(embedder._gem_model.predict_on_batch(crops[i:i + 32]))
+                           for i in range(0, len(crops), 32)])
+    pooled = np.mean(np.clip(maps, 1e-6, None) ** 3, axis=(1, 2)) ** (1 / 3)
+    return unit(pooled.astype(np.float32))
 
 
 def gallery_vectors(cache: Cache, gallery: list[dict], backbone: str, trim: bool, mirror: bool):
@@ -240,8 +254,8 @@ def unit(x):
 
 
 def recall_table(rooms, gallery, gvec, query_sets) -> dict:
-    """query_sets(room, cls) -> (n, d) query vectors (may be empty: a miss). R@k per class and
-    split, and the per-class pair counts."""
+    """query_sets(room, cls) -> ((n, d) query vectors (may be empty: a miss), (n,) score offsets).
+    R@k per class and split, and the per-class pair counts."""
     classes = sorted({c for r in rooms for c in r["truth"]})
     ids = np.array([g["product_id"] for g in gallery])
     cls_arr = np.array([g["class"] for g in gallery])
@@ -256,10 +270,10 @@ def recall_table(rooms, gallery, gvec, query_sets) -> dict:
                 if c not in r["truth"] or (split != "all" and r["split"] != split):
                     continue
                 n += 1
-                q = query_sets(r, c)
+                q, offsets = query_sets(r, c)
                 if len(q) == 0:
                     continue
-                best = (gvec[members] @ q.T).max(axis=1)
+                best = (gvec[members] @ q.T + offsets[None, :]).max(axis=1)
                 ranked = ids[members][np.argsort(-best, kind="stable")]
                 for k in KS:
                     hits[k] += bool(set(ranked[:k]) & r["truth"][c])
@@ -274,10 +288,29 @@ def chosen_key(table: dict) -> tuple:
     return (np.mean([t[c]["R@10"] or 0 for c in main]), np.mean([t[c]["R@1"] or 0 for c in main]))
 
 
-def objects_of(boxes, min_score: float, max_objects: int, classes: set):
-    """Indices of the boxes identify keeps (configured classes, score, cap), best first."""
+def parse_cap(cap) -> tuple[int, int]:
+    """(overall cap, per-class cap or 0): "8" -> (8, 0), "8p2" -> (8, 2), "p2" -> (all, 2)."""
+    cap = str(cap)
+    if "p" in cap:
+        overall, per = cap.split("p")
+        return int(overall) if overall else CACHE_OBJECTS, int(per)
+    return int(cap), 0
+
+
+def objects_of(boxes, min_score: float, max_objects, classes: set):
+    """Indices of the boxes identify keeps (configured classes, score, per-class and overall
+    caps as :func:`parse_cap` reads ``max_objects``), best first."""
+    overall, per = parse_cap(max_objects)
     kept = [i for i, b in enumerate(boxes) if b[4] in classes and b[5] >= min_score]
-    return kept[:max_objects]
+    if per:
+        seen: dict[str, int] = {}
+        out = []
+        for i in kept:
+            seen[boxes[i][4]] = seen.get(boxes[i][4], 0) + 1
+            if seen[boxes[i][4]] <= per:
+                out.append(i)
+        kept = out
+    return kept[:overall]
 
 
 # --- the production path and the cost -----------------------------------------------------------
@@ -379,9 +412,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "results" / "identify_ikea.json")
     ap.add_argument("--work", type=Path, default=REPO / "results" / "identify_ikea_work")
     ap.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite2")
-    ap.add_argument("--margins", default="0.0,0.1,0.25")
-    ap.add_argument("--min-scores", default="0.1,0.25")
-    ap.add_argument("--max-objects", default="4,8")
+    ap.add_argument("--margins", default="0.1,0.25,0.1+0.25",
+                    help='crop margins; "a+b" averages the embeddings of both crops')
+    ap.add_argument("--min-scores", default="0.05,0.1,0.25")
+    ap.add_argument("--max-objects", default="8,8p2,12p2,12p4",
+                    help='object caps: "N" the N best, "NpM" the M best of each class and of '
+                         'those the N best')
+    ap.add_argument("--det-weights", default="0,0.2",
+                    help="weights of the detector score added to an object's similarities")
     ap.add_argument("--trims", default="0,1", help="gallery trimming off/on (0,1)")
     ap.add_argument("--flips", default="0,1", help="mirror TTA off/on (0,1)")
     ap.add_argument("--no-production-check", action="store_true")
@@ -404,14 +442,15 @@ def main(argv=None) -> int:
     print(f"gallery {len(gallery)} photos, {len(rooms)} rooms with ground truth", flush=True)
     cache = Cache(args.work)
     backbones = args.backbones.split(",")
-    margins = [float(m) for m in args.margins.split(",")]
+    margins = args.margins.split(",")
     min_scores = [float(s) for s in args.min_scores.split(",")]
-    caps = [int(c) for c in args.max_objects.split(",")]
+    caps = args.max_objects.split(",")
+    lams = [float(x) for x in args.det_weights.split(",")]
     trims = [bool(int(t)) for t in args.trims.split(",")]
     flips = [bool(int(f)) for f in args.flips.split(",")]
     boxes = detections(cache, rooms, model, settings)
     classes = set(settings.identify_classes)
-    NEEDED.update(min_score=min(min_scores), max_objects=max(caps), classes=classes)
+    NEEDED.update(min_score=min(min_scores), classes=classes)
 
     variants = []
     for backbone in backbones:
@@ -423,36 +462,49 @@ def main(argv=None) -> int:
 
             def whole_q(r, c, flip=flip):
                 v = whole[False][f"{r['name']}|-1"]
-                return unit(v + whole[True][f"{r['name']}|-1"])[None] if flip else v[None]
+                v = unit(v + whole[True][f"{r['name']}|-1"])[None] if flip else v[None]
+                return v, np.zeros(1)
 
             variants.append({"mode": "whole_image", "backbone": backbone, "trim": trim,
                              "flip": flip,
                              "table": recall_table(rooms, gallery, gvec, whole_q)})
             for margin in margins:
-                crops = {m: room_vectors(cache, rooms, boxes, backbone, margin, m)
-                         for m in ((False, True) if flip else (False,))}
-                for min_score, cap in itertools.product(min_scores, caps):
-                    for fallback in (False, True):
-                        def detect_q(r, c, margin=margin, min_score=min_score, cap=cap,
-                                     fallback=fallback, flip=flip):
-                            bx = boxes[r["name"]]
-                            kept = [i for i in objects_of(bx, min_score, cap, classes)
-                                    if bx[i][4] == c]
-                            if not kept:
-                                return whole_q(r, c) if fallback else np.zeros((0, 1))
-                            v = np.stack([crops[False][f"{r['name']}|{i}"] for i in kept])
-                            if flip:
-                                v = unit(v + np.stack([crops[True][f"{r['name']}|{i}"]
-                                                       for i in kept]))
-                            return v
+                parts = [float(m) for m in margin.split("+")]  # "0.1+0.25": mean of both crops
+                crops = {(p, m): room_vectors(cache, rooms, boxes, backbone, p, m)
+                         for p in parts for m in ((False, True) if flip else (False,))}
+                for min_score, cap, lam, fallback in itertools.product(
+                        min_scores, caps, lams, (False, True)):
+                    def detect_q(r, c, parts=parts, min_score=min_score, cap=cap, lam=lam,
+                                 fallback=fallback, flip=flip, crops=crops):
+                        bx = boxes[r["name"]]
+                        kept = [i for i in objects_of(bx, min_score, cap, classes)
+                                if bx[i][4] == c]
+                        if not kept:
+                            return whole_q(r, c) if fallback else (np.zeros((0, 1)), None)
+                        v = unit(np.stack([sum(crops[(p, m)][f"{r['name']}|{i}"]
+                                               for p in parts
+                                               for m in ((False, True) if flip else (False,)))
+                                           for i in kept]))
+                        return v, lam * np.array([bx[i][5] for i in kept])
 
-                        variants.append({
-                            "mode": "detect_or_whole" if fallback else "detect",
-                            "backbone": backbone, "trim": trim, "flip": flip, "margin": margin,
-                            "min_score": min_score, "max_objects": cap,
-                            "table": recall_table(rooms, gallery, gvec, detect_q)})
-    best = {mode: max((v for v in variants if v["mode"] == mode), key=lambda v: chosen_key(v["table"]))
+                    variants.append({
+                        "mode": "detect_or_whole" if fallback else "detect",
+                        "backbone": backbone, "trim": trim, "flip": flip, "margin": margin,
+                        "min_score": min_score, "max_objects": cap, "det_weight": lam,
+                        "objects_per_photo": round(float(np.mean(
+                            [len(objects_of(boxes[r["name"]], min_score, cap, classes))
+                             for r in rooms])), 2),
+                        "table": recall_table(rooms, gallery, gvec, detect_q)})
+    # Chosen among what modeling.identify does (one crop margin, ranking by similarity alone);
+    # the best of every variant tried is reported beside it ("best_tried").
+    def runnable(v):
+        return "+" not in str(v.get("margin", "")) and not v.get("det_weight")
+
+    best = {mode: max((v for v in variants if v["mode"] == mode and runnable(v)),
+                      key=lambda v: chosen_key(v["table"]))
             for mode in ("whole_image", "detect", "detect_or_whole")}
+    best_tried = max((v for v in variants if v["mode"] == "detect"),
+                     key=lambda v: chosen_key(v["table"]))
     # The same embedding as the chosen detect variant, without detection: the fair baseline.
     d = best["detect"]
     same = next(v for v in variants if v["mode"] == "whole_image" and v["backbone"] == d["backbone"]
@@ -462,11 +514,13 @@ def main(argv=None) -> int:
               "rooms_dir": str(args.rooms or "images/room_scenes"),
               "paper": PAPER, "targets": TARGETS,
               "chosen": {m: {k: v for k, v in best[m].items()} for m in best},
-              "whole_image_same_embedding": same,
+              "whole_image_same_embedding": same, "best_tried": best_tried,
               "variants": [{k: v for k, v in x.items()} for x in variants]}
-    overrides = {"identify_backbone": d["backbone"], "identify_margin": d["margin"],
-                 "identify_min_score": d["min_score"], "identify_max_objects": d["max_objects"],
-                 "identify_trim_gallery": d["trim"], "identify_flip": d["flip"]}
+    overall, per = parse_cap(d["max_objects"])
+    overrides = {"identify_backbone": d["backbone"], "identify_margin": float(d["margin"]),
+                 "identify_min_score": d["min_score"], "identify_max_objects": overall,
+                 "identify_max_per_class": per, "identify_trim_gallery": d["trim"],
+                 "identify_flip": d["flip"]}
     result["chosen_settings"] = overrides
     listing = write_listing(gallery, args.work / "gallery.csv")
     if not args.no_production_check:

@@ -4,7 +4,8 @@
 
 1. **Detect**: YOLOX-Nano boxes (:mod:`shoplens.vision.detector`, COCO classes, image pixels) of
    the home-goods classes in ``Settings.identify_classes`` scoring at least
-   ``identify_min_score``; the ``identify_max_objects`` best are kept.
+   ``identify_min_score``; the ``identify_max_per_class`` best of each class (0: no such cap),
+   and of those the ``identify_max_objects`` best, are kept.
 2. **Crop**: each box grown by ``identify_margin`` of its width/height on every side, then to a
    square around its centre with the photo's own pixels (white where the square leaves the
    photo: catalogue photos are shot on white), so the embedder's square input sees the whole
@@ -98,6 +99,14 @@ def detect_objects(image: Image.Image, detector: Detector, settings: Settings) -
                 and b.x2 - b.x1 >= MIN_BOX_SIDE and b.y2 - b.y1 >= MIN_BOX_SIDE):
             out.append(DetectedBox(b.x1, b.y1, b.x2, b.y2, b.label, float(b.score)))
     out.sort(key=lambda d: -d.score)
+    if settings.identify_max_per_class:
+        per: dict[str, int] = {}
+        capped = []
+        for d in out:
+            per[d.label] = per.get(d.label, 0) + 1
+            if per[d.label] <= settings.identify_max_per_class:
+                capped.append(d)
+        out = capped
     return out[:settings.identify_max_objects]
 
 

@@ -201,6 +201,9 @@ class Settings:
     identify_min_score: float = 0.25
     # The best-scoring boxes kept per photo (each is embedded: the cost grows with it).
     identify_max_objects: int = 8
+    # ... and at most this many of one class (0: no per-class cap), so six chairs leave room
+    # for the table they stand around.
+    identify_max_per_class: int = 0
     # Context kept around a box, as a share of its width/height on each side.
     identify_margin: float = 0.1
     identify_top: int = 10
@@ -379,6 +382,8 @@ class Settings:
                 raise ConfigError(f"category ids are digits (e.g. 10120000), got {cat!r}")
         if not 0.0 <= self.identify_min_score <= 1.0:
             raise ConfigError(f"identify_min_score must be in [0, 1], got {self.identify_min_score}")
+        if self.identify_max_per_class < 0:
+            raise ConfigError("identify_max_per_class must be >= 0 (0: no per-class cap)")
         if self.identify_max_objects < 1 or self.identify_top < 1:
             raise ConfigError("identify_max_objects and identify_top must be >= 1")
         if self.identify_margin < 0:

@@ -149,6 +149,23 @@ def test_several_objects_are_answered_best_detection_first_each_within_its_class
                                                        "500.000.00"}
 
 
+def test_boxes_kept_are_the_best_of_each_class_within_the_caps():
+    """Six chairs around a table: the per-class cap leaves room for the table."""
+    from modeling.identify import detect_objects
+
+    chairs = [Box("chair", 0.9 - i / 100, 10 * i, 0, 10 * i + 9, 20) for i in range(6)]
+    boxes = [*chairs, Box("dining table", 0.5, 0, 30, 60, 60), Box("person", 0.99, 0, 0, 60, 60),
+             Box("vase", 0.2, 0, 0, 10, 10), Box("couch", 0.6, 0, 0, 4, 40)]
+    settings = Settings().with_overrides(identify_min_score=0.25, identify_max_objects=4)
+    kept = detect_objects(Image.new("RGB", (60, 60)), StubDetector(boxes), settings)
+    # No person (not home goods), no vase (under the score), no 4 px couch (too thin to embed).
+    assert [(d.label, d.score) for d in kept] == [("chair", 0.9), ("chair", 0.89),
+                                                  ("chair", 0.88), ("chair", 0.87)]
+    capped = detect_objects(Image.new("RGB", (60, 60)), StubDetector(boxes),
+                            settings.with_overrides(identify_max_per_class=2))
+    assert [d.label for d in capped] == ["chair", "chair", "dining table"]
+
+
 def test_object_crop_keeps_context_and_squares_with_white_outside_the_photo():
     img = Image.new("RGB", (100, 50), (10, 20, 30))
     crop = object_crop(img, (0.0, 10.0, 40.0, 30.0), margin=0.25)
