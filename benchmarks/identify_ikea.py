@@ -248,6 +248,41 @@ def room_vectors(cache: Cache, rooms: list[dict], boxes: dict, backbone: str, ma
     return cache.vectors(f"rooms-{backbone}-{tag}{'-mirror' if mirror else ''}", keys, compute)
 
 
+def colour_histogram(img, backdrop: bool) -> np.ndarray:
+    """sqrt of the normalised 8x8x8 RGB histogram (unit length: dot products are Bhattacharyya
+    coefficients); ``backdrop``: only the pixels that are not white studio backdrop."""
+    px = np.asarray(img.convert("RGB").resize((96, 96))).reshape(-1, 3)
+    if backdrop:
+        product = px.min(axis=1) < 240
+        if product.sum() >= 50:
+            px = px[product]
+    bins = (px // 32).astype(np.int64)
+    hist = np.bincount(bins[:, 0] * 64 + bins[:, 1] * 8 + bins[:, 2], minlength=512)
+    return np.sqrt(hist / max(1, hist.sum())).astype(np.float32)
+
+
+def colours(cache: Cache, gallery, rooms, boxes):
+    from PIL import Image
+
+    g = cache.vectors("colour-gallery", [x["path"] for x in gallery],
+                      lambda keys: np.stack([colour_histogram(Image.open(k), True) for k in keys]))
+    keys = [f"{r['name']}|{i}" for r in rooms for i in [-1, *needed(boxes[r["name"]], r)]]
+    paths = {r["name"]: r["path"] for r in rooms}
+
+    def compute(missing):
+        out, opened = [], {}
+        for k in missing:
+            name, i = k.rsplit("|", 1)
+            if name not in opened:
+                opened = {name: Image.open(paths[name]).convert("RGB")}
+            img = opened[name]
+            out.append(colour_histogram(img if int(i) < 0 else img.crop(
+                tuple(int(v) for v in boxes[name][int(i)][:4])), False))
+        return np.stack(out)
+
+    return np.stack([g[x["path"]] for x in gallery]), cache.vectors("colour-rooms", keys, compute)
+
+
 # --- scoring ----------------------------------------------------------------------------------
 def unit(x):
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -420,6 +455,8 @@ def main(argv=None) -> int:
                          'those the N best')
     ap.add_argument("--det-weights", default="0,0.2",
                     help="weights of the detector score added to an object's similarities")
+    ap.add_argument("--colour-weights", default="0",
+                    help="weights of the colour histograms' similarity added to the embedding's")
     ap.add_argument("--trims", default="0,1", help="gallery trimming off/on (0,1)")
     ap.add_argument("--flips", default="0,1", help="mirror TTA off/on (0,1)")
     ap.add_argument("--no-production-check", action="store_true")
@@ -446,27 +483,32 @@ def main(argv=None) -> int:
     min_scores = [float(s) for s in args.min_scores.split(",")]
     caps = args.max_objects.split(",")
     lams = [float(x) for x in args.det_weights.split(",")]
+    colour_weights = [float(x) for x in args.colour_weights.split(",")]
     trims = [bool(int(t)) for t in args.trims.split(",")]
     flips = [bool(int(f)) for f in args.flips.split(",")]
     boxes = detections(cache, rooms, model, settings)
     classes = set(settings.identify_classes)
     NEEDED.update(min_score=min(min_scores), classes=classes)
+    gcol, rcol = colours(cache, gallery, rooms, boxes)
 
     variants = []
     for backbone in backbones:
         g = {(t, m): gallery_vectors(cache, gallery, backbone, t, m)
              for t in trims for m in {False, *flips}}
         whole = {m: room_vectors(cache, rooms, boxes, backbone, None, m) for m in {False, *flips}}
-        for trim, flip in itertools.product(trims, flips):
+        for trim, flip, cw in itertools.product(trims, flips, colour_weights):
+            # Colour: the histograms' similarity, weighted cw, added to the embedding's.
             gvec = unit(g[(trim, False)] + g[(trim, True)]) if flip else g[(trim, False)]
+            gvec = np.concatenate([gvec, np.sqrt(cw) * gcol], axis=1)
 
-            def whole_q(r, c, flip=flip):
+            def whole_q(r, c, flip=flip, cw=cw):
                 v = whole[False][f"{r['name']}|-1"]
                 v = unit(v + whole[True][f"{r['name']}|-1"])[None] if flip else v[None]
+                v = np.concatenate([v, np.sqrt(cw) * rcol[f"{r['name']}|-1"][None]], axis=1)
                 return v, np.zeros(1)
 
             variants.append({"mode": "whole_image", "backbone": backbone, "trim": trim,
-                             "flip": flip,
+                             "flip": flip, "colour_weight": cw,
                              "table": recall_table(rooms, gallery, gvec, whole_q)})
             for margin in margins:
                 parts = [float(m) for m in margin.split("+")]  # "0.1+0.25": mean of both crops
@@ -475,7 +517,7 @@ def main(argv=None) -> int:
                 for min_score, cap, lam, fallback in itertools.product(
                         min_scores, caps, lams, (False, True)):
                     def detect_q(r, c, parts=parts, min_score=min_score, cap=cap, lam=lam,
-                                 fallback=fallback, flip=flip, crops=crops):
+                                 fallback=fallback, flip=flip, crops=crops, cw=cw):
                         bx = boxes[r["name"]]
                         kept = [i for i in objects_of(bx, min_score, cap, classes)
                                 if bx[i][4] == c]
@@ -485,12 +527,15 @@ def main(argv=None) -> int:
                                                for p in parts
                                                for m in ((False, True) if flip else (False,)))
                                            for i in kept]))
+                        v = np.concatenate([v, np.sqrt(cw) * np.stack(
+                            [rcol[f"{r['name']}|{i}"] for i in kept])], axis=1)
                         return v, lam * np.array([bx[i][5] for i in kept])
 
                     variants.append({
                         "mode": "detect_or_whole" if fallback else "detect",
                         "backbone": backbone, "trim": trim, "flip": flip, "margin": margin,
                         "min_score": min_score, "max_objects": cap, "det_weight": lam,
+                        "colour_weight": cw,
                         "objects_per_photo": round(float(np.mean(
                             [len(objects_of(boxes[r["name"]], min_score, cap, classes))
                              for r in rooms])), 2),
@@ -498,7 +543,8 @@ def main(argv=None) -> int:
     # Chosen among what modeling.identify does (one crop margin, ranking by similarity alone);
     # the best of every variant tried is reported beside it ("best_tried").
     def runnable(v):
-        return "+" not in str(v.get("margin", "")) and not v.get("det_weight")
+        return ("+" not in str(v.get("margin", "")) and not v.get("det_weight")
+                and not v.get("colour_weight"))
 
     best = {mode: max((v for v in variants if v["mode"] == mode and runnable(v)),
                       key=lambda v: chosen_key(v["table"]))
@@ -508,7 +554,8 @@ def main(argv=None) -> int:
     # The same embedding as the chosen detect variant, without detection: the fair baseline.
     d = best["detect"]
     same = next(v for v in variants if v["mode"] == "whole_image" and v["backbone"] == d["backbone"]
-                and v["trim"] == d["trim"] and v["flip"] == d["flip"])
+                and v["trim"] == d["trim"] and v["flip"] == d["flip"]
+                and v["colour_weight"] == d["colour_weight"])
     result = {"gallery_photos": len(gallery), "rooms": len(rooms),
               "rooms_by_split": {s: sum(r["split"] == s for r in rooms) for s in ("tune", "report")},
               "rooms_dir": str(args.rooms or "images/room_scenes"),
