@@ -368,7 +368,9 @@ def production_check(rooms, gallery, listing: Path, work: Path, settings: Settin
     g = Gallery.from_listing(listing, settings, cache_dir=work / "galleries")
     det = Detector(model, min_score=settings.identify_min_score)
     ids = [x["product_id"] for x in gallery]
-    cls_of = {x["product_id"]: x["class"] for x in gallery}
+    cls_of: dict[str, set] = {}
+    for x in gallery:  # a sofa bed is in the bed and the couch folders
+        cls_of.setdefault(x["product_id"], set()).add(x["class"])
     outputs = {}
     for r in rooms:
         img = Image.open(r["path"]).convert("RGB")
@@ -387,7 +389,7 @@ def production_check(rooms, gallery, listing: Path, work: Path, settings: Settin
                     if o["class"] != c:
                         continue
                     for t in o["top"]:
-                        if cls_of[t["product_id"]] == c:
+                        if c in cls_of[t["product_id"]]:
                             best[t["product_id"]] = max(best.get(t["product_id"], -9), t["score"])
                 ranked = [p for p, _ in sorted(best.items(), key=lambda kv: -kv[1])]
                 for k in KS:
@@ -569,6 +571,8 @@ def main(argv=None) -> int:
                  "identify_max_per_class": per, "identify_trim_gallery": d["trim"],
                  "identify_flip": d["flip"]}
     result["chosen_settings"] = overrides
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=sorted))  # the variants, kept early
     listing = write_listing(gallery, args.work / "gallery.csv")
     if not args.no_production_check:
         t0 = time.time()

@@ -19,7 +19,8 @@ image ``[0, 0, width, height]``, ``class`` = None and ``score`` = None (no detec
 unrestricted.
 
 A :class:`Gallery` is a :class:`~modeling.search_index.SearchIndex` whose products carry a
-``class`` (COCO name or "") and the product id to report (``ref``):
+``class`` (COCO names, comma-separated when a product is several, e.g. a sofa bed; "" = any) and
+the product id to report (``ref``):
 
 - :meth:`Gallery.from_listing`: a CSV ``path,product_id,class``; indexed once and kept under
   ``identify_cache_dir`` keyed by the listing's content, each photo's size and mtime, and the
@@ -50,7 +51,7 @@ from shoplens.vision import images
 from shoplens.vision.detector import COCO_CLASSES, Detector
 from shoplens.vision.embedding import Embedder, l2_normalise
 
-GALLERY_CACHE_FORMAT = 1
+GALLERY_CACHE_FORMAT = 2
 WHITE = (255, 255, 255)
 # Studio photos: a pixel is backdrop when its darkest channel is at least this bright, and a
 # photo is on a backdrop when this share of its border pixels is.
@@ -171,7 +172,9 @@ class Gallery:
             cls = p.get("class")
             if cls is None and p.get("category") is not None:
                 cls = classes.get(str(p["category"]))
-            self.classes[pid] = cls or ""
+            # "sofa bed,couch": a product may be several classes; "" (or none) matches any.
+            names = {c.strip() for c in (cls or "").split(",")}
+            self.classes[pid] = frozenset() if "" in names else frozenset(names)
             self.refs[pid] = p.get("ref", pid)
 
     @property
@@ -182,7 +185,7 @@ class Gallery:
         """Products an object of ``label`` may be: that class and the classless; None = all."""
         if label is None:
             return None
-        return {pid for pid, c in self.classes.items() if c in ("", label)}
+        return {pid for pid, c in self.classes.items() if not c or label in c}
 
     def search(self, vector: np.ndarray, label: str | None, k: int) -> list[tuple[object, float]]:
         """Top-k (reported product id, score) for one embedding, restricted to ``label``."""
@@ -251,7 +254,8 @@ def _add_batch(index, embedder: Embedder, part: list[dict], ids: dict, listing, 
             raise IdentifyError(f"{listing}:{r['line']}: {exc}") from None
         photos.append(trimmed_to_product(img) if settings.identify_trim_gallery else img)
     vectors = embed_images(embedder, photos, settings.identify_flip)
-    index.add_vectors(vectors, [ids[r["product_id"]] for r in part], [r["file"] for r in part])
+    index.add_vectors(vectors, [ids[r["product_id"]] for r in part],
+                      [f'{r["product_id"]}|{r["file"]}' for r in part])
     return len(part)
 
 
@@ -270,7 +274,7 @@ def read_listing(listing: str | Path) -> list[dict]:
         raise IdentifyError(f"{listing}: the header must name the columns path,product_id,class "
                             f"(missing: {', '.join(missing)})")
     reader.fieldnames = header
-    rows, classes_of = [], {}
+    rows, classes_of, seen = [], {}, set()
     for n, raw in enumerate(reader, 2):
         path = (raw.get("path") or "").strip()
         pid = (raw.get("product_id") or "").strip()
@@ -282,16 +286,22 @@ def read_listing(listing: str | Path) -> list[dict]:
         if cls and cls not in COCO_CLASSES:
             raise IdentifyError(f"{listing}:{n}: class {cls!r} is not a COCO class the detector "
                                 "knows (empty = any)")
-        if classes_of.setdefault(pid, cls) != cls:
-            raise IdentifyError(f"{listing}:{n}: product {pid} was given class "
-                                f"{classes_of[pid]!r} on an earlier line, {cls!r} here")
+        classes_of.setdefault(pid, set()).add(cls)
         file = Path(path) if Path(path).is_absolute() else listing.parent / path
         if not file.is_file():
             raise IdentifyError(f"{listing}:{n}: photo {path} not found")
+        if (pid, str(file.resolve())) in seen:  # the same photo of the same product again
+            continue
+        seen.add((pid, str(file.resolve())))
         rows.append({"path": path, "file": str(file.resolve()), "product_id": pid, "class": cls,
                      "line": n})
     if not rows:
         raise IdentifyError(f"{listing}: no gallery photos listed")
+    # A product listed under several classes (a sofa bed: "bed" and "couch") is each of them;
+    # listed once without a class, it matches any object.
+    for r in rows:
+        names = classes_of[r["product_id"]]
+        r["class"] = "" if "" in names else ",".join(sorted(names))
     return rows
 
 
