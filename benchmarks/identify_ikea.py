@@ -2,6 +2,9 @@
 
     nice -n 10 .venv/bin/python benchmarks/identify_ikea.py [--shared ../shared] [--rooms DIR]
         [--out results/identify_ikea.json] [--work results/identify_ikea_work]
+    # the recorded run (docs/benchmarks.md) spelled out; these are also the defaults:
+    ... --backbones efficientnet_lite0 --margins 0.0,0.05,0.1,0.25 --min-scores 0.05,0.25 \
+        --max-objects 8,8p2,12p4 --cost-photos 20
 
 Protocol (the IKEA paper's): the gallery is the product photos of the category folders (bed,
 chair, clock, couch, dining table, plant_pot -> COCO "potted plant"), one photo per product; the
@@ -448,11 +451,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rooms", type=Path, help="folder of room photos (default: the IKEA room_scenes)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "identify_ikea.json")
     ap.add_argument("--work", type=Path, default=REPO / "results" / "identify_ikea_work")
-    ap.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite2")
-    ap.add_argument("--margins", default="0.1,0.25,0.1+0.25",
+    ap.add_argument("--backbones", default="efficientnet_lite0",
+                    help='comma-separated; "NAME:gem" pools the last feature map by GeM (p = 3)')
+    ap.add_argument("--margins", default="0.0,0.05,0.1,0.25",
                     help='crop margins; "a+b" averages the embeddings of both crops')
-    ap.add_argument("--min-scores", default="0.05,0.1,0.25")
-    ap.add_argument("--max-objects", default="8,8p2,12p2,12p4",
+    ap.add_argument("--min-scores", default="0.05,0.25")
+    ap.add_argument("--max-objects", default="8,8p2,12p4",
                     help='object caps: "N" the N best, "NpM" the M best of each class and of '
                          'those the N best')
     ap.add_argument("--det-weights", default="0,0.2",

@@ -198,14 +198,18 @@ class Settings:
         "chair", "couch", "bed", "dining table", "potted plant", "clock", "vase", "bench", "tv",
         "toilet", "sink", "refrigerator", "oven", "microwave", "toaster", "book", "bowl", "cup",
         "wine glass", "bottle", "teddy bear", "laptop")
-    identify_min_score: float = 0.25
+    # The defaults below are the variant chosen on the tuning half of the IKEA rooms
+    # (benchmarks/identify_ikea.py, docs/benchmarks.md): low-score boxes cost little recall and
+    # find more tables; raise the score for display.
+    identify_min_score: float = 0.05
     # The best-scoring boxes kept per photo (each is embedded: the cost grows with it).
     identify_max_objects: int = 8
     # ... and at most this many of one class (0: no per-class cap), so six chairs leave room
     # for the table they stand around.
-    identify_max_per_class: int = 0
+    identify_max_per_class: int = 2
     # Context kept around a box, as a share of its width/height on each side.
-    identify_margin: float = 0.1
+    # (0: the box itself, squared with the photo around it, measured best.)
+    identify_margin: float = 0.0
     identify_top: int = 10
     # The embedding a --gallery listing is indexed with (the shop's index brings its own).
     identify_backbone: str = "efficientnet_lite0"

@@ -156,7 +156,8 @@ def test_boxes_kept_are_the_best_of_each_class_within_the_caps():
     chairs = [Box("chair", 0.9 - i / 100, 10 * i, 0, 10 * i + 9, 20) for i in range(6)]
     boxes = [*chairs, Box("dining table", 0.5, 0, 30, 60, 60), Box("person", 0.99, 0, 0, 60, 60),
              Box("vase", 0.2, 0, 0, 10, 10), Box("couch", 0.6, 0, 0, 4, 40)]
-    settings = Settings().with_overrides(identify_min_score=0.25, identify_max_objects=4)
+    settings = Settings().with_overrides(identify_min_score=0.25, identify_max_objects=4,
+                                         identify_max_per_class=0)
     kept = detect_objects(Image.new("RGB", (60, 60)), StubDetector(boxes), settings)
     # No person (not home goods), no vase (under the score), no 4 px couch (too thin to embed).
     assert [(d.label, d.score) for d in kept] == [("chair", 0.9), ("chair", 0.89),
@@ -286,3 +287,34 @@ def test_the_real_detector_finds_chairs_in_an_ikea_room_and_they_get_only_chairs
 
 
 ROOM_WITH_CHAIRS = "ikea-dine-wherever-you-want__1364308412079-s4.jpg"
+
+
+# --- the benchmark's protocol -------------------------------------------------------------------
+def test_benchmark_ranks_a_class_by_the_best_object_and_counts_a_hit_if_any_true_product_is_in_the_top_k():
+    """The IKEA paper's protocol (benchmarks/identify_ikea.py): per (room, class), that class's
+    products ranked by their best score over the room's objects of the class; no object = miss."""
+    import numpy as np
+
+    from benchmark_modules import load_benchmark
+
+    bench = load_benchmark("identify_ikea")
+    gallery = [{"product_id": p, "class": c} for p, c in
+               [("a", "chair"), ("b", "chair"), ("c", "chair"), ("t", "dining table")]]
+    gvec = np.eye(4, dtype=np.float32)
+    rooms = [{"name": "r1", "split": "tune", "truth": {"chair": {"b"}, "dining table": {"t"}}},
+             {"name": "r2", "split": "report", "truth": {"chair": {"c"}}}]
+    # r1: two chair objects, one like "a", one mostly like "b" -> "b" is ranked first by its
+    # best object; r2: its chair looks like "a", then "c"; r1's table was not detected.
+    objects = {("r1", "chair"): np.array([[0.9, 0.1, 0, 0], [0.1, 0.95, 0, 0]]),
+               ("r2", "chair"): np.array([[0.9, 0.1, 0.5, 0]]),
+               ("r1", "dining table"): np.zeros((0, 4))}
+
+    def queries(room, cls):
+        q = objects[(room["name"], cls)]
+        return q, np.zeros(len(q))
+
+    table = bench.recall_table(rooms, gallery, gvec, queries)
+    assert table["all"]["chair"] == {"pairs": 2, "R@1": 0.5, "R@3": 1.0, "R@10": 1.0}
+    assert table["tune"]["chair"]["R@1"] == 1.0 and table["report"]["chair"]["R@1"] == 0.0
+    assert table["all"]["dining table"] == {"pairs": 1, "R@1": 0.0, "R@3": 0.0, "R@10": 0.0}
+    assert bench.parse_cap("8p2") == (8, 2) and bench.parse_cap("8") == (8, 0)
