@@ -1,11 +1,14 @@
-"""``shoplens identify (--gallery LISTING.csv | --index DIR) [--json] PHOTO...``: every product in
+"""``shoplens identify [--gallery LISTING.csv | --index DIR] [--json] PHOTO...``: every product in
 each photo (alias ``python -m modeling identify``; the work is :func:`modeling.identify.identify`).
 
 ``--gallery`` indexes a CSV with the columns ``path,product_id,class`` (paths relative to the
 CSV's folder; class a COCO class name, empty = any product), cached under
 ``SHOPLENS_IDENTIFY_CACHE_DIR`` so the next call embeds nothing. ``--index`` searches a saved
-search index (the shop's: ``shoplens search``'s), classes from each product's ``class`` or its
-``category`` mapped by ``SHOPLENS_IDENTIFY_CATEGORY_CLASSES``.
+search index directory; with neither, the shop's current search index (the manifest's
+``current_search_index``, downloaded once into the local cache, as ``shoplens search`` does).
+A shop index's products have a class when they carry ``class``, or a ``category`` mapped by
+``SHOPLENS_IDENTIFY_CATEGORY_CLASSES``; the nightly index records neither yet, so there every
+product matches every object.
 
 One JSON object per photo on stdout, in the order given (directories expand to their images)::
 
@@ -16,8 +19,9 @@ One JSON object per photo on stdout, in the order given (directories expand to t
 products of that class (a listing's product ids as written there). When nothing is detected the
 photo is one object: box = the whole image, ``class`` and ``score`` null, searched over every
 product. An unreadable photo gets ``{"image", "error"}`` on its line and the others are still
-answered. Exit status: 0 every photo answered; 2 bad input (a bad listing or index, a missing
-detector model, an unreadable photo, no photo); 1 failed (anything else).
+answered. Exit status: 0 every photo answered; 2 bad input (a bad listing or index, no current
+index, a missing detector model, an unreadable photo, no photo); 1 failed (anything else);
+3 the manifest or object store is unreachable.
 """
 from __future__ import annotations
 
@@ -40,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p = argument_parser("python -m modeling identify", main.__doc__)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--gallery", help="CSV listing path,product_id,class of the gallery photos")
-    source.add_argument("--index", help="a saved search index directory")
+    source.add_argument("--index", help="a saved search index directory (default: the shop's "
+                        "current index)")
     p.add_argument("--top", type=int, default=None, help="products per object (default 10)")
     p.add_argument("photos", nargs="+", help="photo files or directories of photos")
     return p
@@ -69,13 +74,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
     if not files:
         print("error: no photo files given", file=err)
         return EXIT_BAD_INPUT
-    if not args.gallery and not args.index:
-        # The shop's current index (manifest + store) is not loadable from here yet.
-        print("error: give --gallery LISTING.csv or --index DIR (searching the shop's current "
-              "index without either is not available yet)", file=err)
-        return EXIT_BAD_INPUT
     from modeling.identify import Gallery, IdentifyError, check_classes, identify
     from modeling.search_index import SearchIndex, SearchIndexError
+    from shoplens.cli import EXIT_UNREACHABLE, ServiceUnreachable
     from shoplens.vision.detector import Detector, DetectorError
 
     try:
@@ -86,10 +87,14 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
         if args.gallery:
             gallery = Gallery.from_listing(args.gallery, settings)
         else:
-            gallery = Gallery.from_index(SearchIndex.load(args.index, settings), settings)
-    except (IdentifyError, SearchIndexError, DetectorError) as exc:
-        print(f"error: {exc}", file=err)
+            index_dir = args.index or _current_index_dir(settings)
+            gallery = Gallery.from_index(SearchIndex.load(index_dir, settings), settings)
+    except (IdentifyError, SearchIndexError, DetectorError, LookupError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=err)
         return EXIT_BAD_INPUT
+    except ServiceUnreachable as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_UNREACHABLE
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback, and a distinct status
         log.debug("identify setup failed", exc_info=True)
         print(f"error: identify failed: {type(exc).__name__}: {exc}", file=err)
@@ -115,6 +120,13 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
         print(f"error: {unreadable} of {len(files)} photo(s) could not be read", file=err)
         return EXIT_BAD_INPUT
     return EXIT_OK
+
+
+def _current_index_dir(settings: Settings):
+    """The shop's current search index, downloaded into the local cache (as ``shoplens search``)."""
+    from modeling import catalogue_index
+
+    return catalogue_index.fetch_current(settings)[1]
 
 
 if __name__ == "__main__":

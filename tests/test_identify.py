@@ -245,9 +245,33 @@ def test_unknown_detector_classes_in_the_settings_are_refused(gallery_dir, tmp_p
     assert code == 2 and "armchair" in err
 
 
-def test_without_a_gallery_or_an_index_it_says_what_to_give(tmp_path):
-    code, _, err = _run([str(tmp_path / "x.jpg")], _settings(tmp_path), StubDetector([]))
-    assert code == 2 and "--gallery" in err
+def test_without_a_gallery_it_asks_the_manifest_for_the_current_index_and_says_when_it_is_down(
+        gallery_dir, tmp_path):
+    listing, room = gallery_dir
+    down = _settings(tmp_path, manifest_url="postgresql+psycopg2://nobody@127.0.0.1:9/x")
+    code, lines, err = _run([str(room)], down, StubDetector([]))
+    assert code == 3 and lines == [] and "manifest is unreachable" in err
+
+
+def test_a_shop_index_restricts_by_the_class_its_categories_map_to(tmp_path):
+    """``--index DIR``: products carry the shop's category; the configured map says which
+    detector class each category is, an unmapped category matches any object."""
+    from modeling.search_index import SearchIndex
+    from shoplens.vision.embedding import Embedder
+
+    settings = _settings(tmp_path, identify_category_classes={"10": "chair", "20": "couch"})
+    index = SearchIndex(Embedder("efficientnet_lite0", 32, settings=settings))
+    categories = {1: "10", 2: "10", 3: "20", 4: "30"}
+    index.add_products([{"product_id": p, "name": f"p{p}", "category": c}
+                        for p, c in categories.items()])
+    index.add_photos([(drawn_photo(p, 0), p, f"p{p}") for p in categories])
+    index.save(tmp_path / "index")
+    room = tmp_path / "room.png"
+    _room_photo().save(room)
+    code, [line], _ = _run(["--index", str(tmp_path / "index"), str(room)], settings,
+                           StubDetector([Box("chair", 0.9, *CHAIR_BOX)]))
+    assert code == 0
+    assert {t["product_id"] for t in line["objects"][0]["top"]} == {1, 2, 4}
 
 
 # --- the real detector --------------------------------------------------------------------------
