@@ -192,6 +192,36 @@ class Settings:
     # JSON object: category id (or "*") -> list of COCO classes that count as a product there.
     filter_product_classes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     filter_report_examples: int = 6
+    # --- identify (modeling.identify): every product in a photo ------------------------------
+    # COCO classes the detector looks for (home goods); other detections are ignored.
+    identify_classes: tuple[str, ...] = (
+        "chair", "couch", "bed", "dining table", "potted plant", "clock", "vase", "bench", "tv",
+        "toilet", "sink", "refrigerator", "oven", "microwave", "toaster", "book", "bowl", "cup",
+        "wine glass", "bottle", "teddy bear", "laptop")
+    # The defaults below are the variant chosen on the tuning half of the IKEA rooms
+    # (benchmarks/identify_ikea.py, docs/benchmarks.md): low-score boxes cost little recall and
+    # find more tables; raise the score for display.
+    identify_min_score: float = 0.05
+    # The best-scoring boxes kept per photo (each is embedded: the cost grows with it).
+    identify_max_objects: int = 8
+    # ... and at most this many of one class (0: no per-class cap), so six chairs leave room
+    # for the table they stand around.
+    identify_max_per_class: int = 2
+    # Context kept around a box, as a share of its width/height on each side.
+    # (0: the box itself, squared with the photo around it, measured best.)
+    identify_margin: float = 0.0
+    identify_top: int = 10
+    # The embedding a --gallery listing is indexed with (the shop's index brings its own).
+    identify_backbone: str = "efficientnet_lite0"
+    identify_image_size: int = 0
+    # Gallery photos on a plain white backdrop trimmed to the product's extent before embedding.
+    identify_trim_gallery: bool = True
+    # Mirror test-time augmentation of each crop (and gallery photo): mean of both embeddings.
+    identify_flip: bool = False
+    # JSON object: shop category (id or name) -> the COCO class its products are detected as.
+    identify_category_classes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Indexed --gallery listings are kept here (keyed by the listing and the embedding config).
+    identify_cache_dir: str = "~/.cache/shoplens/identify"
     # --- dataset build (dataset.build.stage) ---------------------------------------------------------
     # Products with fewer kept photos than this are left out of a version (and reported).
     dataset_min_photos_per_product: int = 10
@@ -354,6 +384,14 @@ class Settings:
         for cat in self.categories:
             if not cat.isdigit():
                 raise ConfigError(f"category ids are digits (e.g. 10120000), got {cat!r}")
+        if not 0.0 <= self.identify_min_score <= 1.0:
+            raise ConfigError(f"identify_min_score must be in [0, 1], got {self.identify_min_score}")
+        if self.identify_max_per_class < 0:
+            raise ConfigError("identify_max_per_class must be >= 0 (0: no per-class cap)")
+        if self.identify_max_objects < 1 or self.identify_top < 1:
+            raise ConfigError("identify_max_objects and identify_top must be >= 1")
+        if self.identify_margin < 0:
+            raise ConfigError(f"identify_margin must be >= 0, got {self.identify_margin}")
         if self.best_n < 1:
             raise ConfigError(f"best_n must be >= 1, got {self.best_n}")
         if self.photo_cap_per_product < 1:

@@ -1,0 +1,345 @@
+"""Every product in a photo (issue 17): detect the objects, then identify each one.
+
+:func:`identify` is the entry point; ``shoplens identify`` (``modeling/identify_cli.py``) wraps it.
+
+1. **Detect**: YOLOX-Nano boxes (:mod:`shoplens.vision.detector`, COCO classes, image pixels) of
+   the home-goods classes in ``Settings.identify_classes`` scoring at least
+   ``identify_min_score``; the ``identify_max_per_class`` best of each class (0: no such cap),
+   and of those the ``identify_max_objects`` best, are kept.
+2. **Crop**: each box grown by ``identify_margin`` of its width/height on every side, then to a
+   square around its centre with the photo's own pixels (white where the square leaves the
+   photo: catalogue photos are shot on white), so the embedder's square input sees the whole
+   object instead of its middle.
+3. **Embed** with the gallery's embedder (``identify_flip``: mean with the mirrored crop).
+4. **Search** the gallery restricted to products whose class is the detected class; products
+   with no class (empty) match any object. Per object the top ``k`` products with scores.
+
+**Whole-image fallback**: when no box is kept, the photo is one object with ``box`` = the whole
+image ``[0, 0, width, height]``, ``class`` = None and ``score`` = None (no detection), searched
+unrestricted.
+
+A :class:`Gallery` is a :class:`~modeling.search_index.SearchIndex` whose products carry a
+``class`` (COCO names, comma-separated when a product is several, e.g. a sofa bed; "" = any) and
+the product id to report (``ref``):
+
+- :meth:`Gallery.from_listing`: a CSV ``path,product_id,class``; indexed once and kept under
+  ``identify_cache_dir`` keyed by the listing's content, each photo's size and mtime, and the
+  embedding config (backbone, size, weights, trimming, flip), so a rerun embeds nothing.
+  Catalogue photos on a white backdrop are trimmed to the product's extent first
+  (``identify_trim_gallery``).
+- :meth:`Gallery.from_index`: the shop's search index; a product's class is its ``class``
+  entry, or its ``category`` mapped by ``identify_category_classes``; ids are the shop's.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from shoplens.config import Settings
+from shoplens.progress import progress
+from shoplens.vision import images
+from shoplens.vision.detector import COCO_CLASSES, Detector
+from shoplens.vision.embedding import Embedder, l2_normalise
+
+GALLERY_CACHE_FORMAT = 2
+WHITE = (255, 255, 255)
+# Studio photos: a pixel is backdrop when its darkest channel is at least this bright, and a
+# photo is on a backdrop when this share of its border pixels is.
+BACKDROP_LEVEL = 240
+BACKDROP_BORDER = 0.9
+TRIM_MARGIN = 0.05
+MIN_BOX_SIDE = 8.0
+
+
+class IdentifyError(ValueError):
+    """Bad input to identify (a listing, a setting): the message says what and where."""
+
+
+@dataclass(frozen=True)
+class DetectedBox:
+    """One object to identify: image pixels; ``label``/``score`` None for the whole image."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    label: str | None
+    score: float | None
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        return (self.x0, self.y0, self.x1, self.y1)
+
+
+# --- detection and crops ----------------------------------------------------------------------
+def check_classes(classes: Iterable[str]) -> tuple[str, ...]:
+    classes = tuple(classes)
+    unknown = sorted(set(classes) - set(COCO_CLASSES))
+    if unknown:
+        raise IdentifyError(f"not COCO classes the detector knows: {', '.join(unknown)}")
+    return classes
+
+
+def detect_objects(image: Image.Image, detector: Detector, settings: Settings) -> list[DetectedBox]:
+    """The configured classes' boxes on an upright RGB photo, best first (at most
+    ``identify_max_objects``); empty when none is found."""
+    wanted = set(check_classes(settings.identify_classes))
+    out = []
+    for b in detector.detect(image):
+        if (b.label in wanted and b.score >= settings.identify_min_score
+                and b.x2 - b.x1 >= MIN_BOX_SIDE and b.y2 - b.y1 >= MIN_BOX_SIDE):
+            out.append(DetectedBox(b.x1, b.y1, b.x2, b.y2, b.label, float(b.score)))
+    out.sort(key=lambda d: -d.score)
+    if settings.identify_max_per_class:
+        per: dict[str, int] = {}
+        capped = []
+        for d in out:
+            per[d.label] = per.get(d.label, 0) + 1
+            if per[d.label] <= settings.identify_max_per_class:
+                capped.append(d)
+        out = capped
+    return out[:settings.identify_max_objects]
+
+
+def whole_image(image: Image.Image) -> DetectedBox:
+    return DetectedBox(0.0, 0.0, float(image.width), float(image.height), None, None)
+
+
+def object_crop(image: Image.Image, box: tuple[float, float, float, float],
+                margin: float) -> Image.Image:
+    """The box grown by ``margin`` of its size on each side, squared around its centre with the
+    photo's pixels (white outside the photo)."""
+    x0, y0, x1, y1 = box
+    w, h = max(1.0, x1 - x0), max(1.0, y1 - y0)
+    side = max(w, h) * (1.0 + 2.0 * margin)
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    left, top = int(round(cx - side / 2.0)), int(round(cy - side / 2.0))
+    size = max(1, int(round(side)))
+    canvas = Image.new("RGB", (size, size), WHITE)
+    src = (max(0, left), max(0, top), min(image.width, left + size), min(image.height, top + size))
+    if src[2] > src[0] and src[3] > src[1]:
+        canvas.paste(image.convert("RGB").crop(src), (src[0] - left, src[1] - top))
+    return canvas
+
+
+def trimmed_to_product(image: Image.Image) -> Image.Image:
+    """A catalogue photo on a white backdrop cut to the product's extent (plus 5 %) and squared
+    with white; any other photo unchanged."""
+    rgb = np.asarray(image.convert("RGB"))
+    dark = rgb.min(axis=2) < BACKDROP_LEVEL
+    border = np.concatenate([dark[0], dark[-1], dark[:, 0], dark[:, -1]])
+    if border.mean() > 1.0 - BACKDROP_BORDER:
+        return image
+    ys, xs = np.nonzero(dark)
+    if len(xs) < 50:
+        return image
+    box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+    return object_crop(image, box, TRIM_MARGIN)
+
+
+def embed_images(embedder: Embedder, photos: list[Image.Image], flip: bool = False) -> np.ndarray:
+    """Unit embeddings of upright RGB photos; with ``flip`` the mean with their mirror images."""
+    vectors = embedder.embed_decoded(photos)
+    if flip and photos:
+        mirrored = embedder.embed_decoded([ImageOps.mirror(p) for p in photos])
+        vectors = l2_normalise(vectors + mirrored)
+    return vectors
+
+
+# --- the gallery ------------------------------------------------------------------------------
+class Gallery:
+    """A search index whose products carry a detector class ("" = any) and the id to report."""
+
+    def __init__(self, index, settings: Settings, flip: bool = False):
+        self.index = index
+        self.settings = settings
+        self.flip = flip
+        self.ids = np.array(sorted(index.products), dtype=np.int64)
+        classes = settings.identify_category_classes or {}
+        self.classes = {}
+        self.refs = {}
+        for pid, p in index.products.items():
+            cls = p.get("class")
+            if cls is None and p.get("category") is not None:
+                cls = classes.get(str(p["category"]))
+            # "sofa bed,couch": a product may be several classes; "" (or none) matches any.
+            names = {c.strip() for c in (cls or "").split(",")}
+            self.classes[pid] = frozenset() if "" in names else frozenset(names)
+            self.refs[pid] = p.get("ref", pid)
+
+    @property
+    def embedder(self) -> Embedder:
+        return self.index.embedder
+
+    def allowed(self, label: str | None) -> set[int] | None:
+        """Products an object of ``label`` may be: that class and the classless; None = all."""
+        if label is None:
+            return None
+        return {pid for pid, c in self.classes.items() if not c or label in c}
+
+    def search(self, vector: np.ndarray, label: str | None, k: int) -> list[tuple[object, float]]:
+        """Top-k (reported product id, score) for one embedding, restricted to ``label``."""
+        allowed = self.allowed(label)
+        total = len(self.ids)
+        want = min(total, k if allowed is None else max(4 * k, 32))
+        while True:
+            hits = self.index.search_vectors(vector, want)[0]
+            kept = [h for h in hits if allowed is None or h.product_id in allowed]
+            if len(kept) >= k or want >= total:
+                break
+            want = min(total, want * 4)
+        return [(self.refs[h.product_id], h.score) for h in kept[:k]]
+
+    # --- from a listing -----------------------------------------------------------------------
+    @classmethod
+    def from_index(cls, index, settings: Settings | None = None) -> "Gallery":
+        return cls(index, settings or Settings())
+
+    @classmethod
+    def from_listing(cls, listing: str | Path, settings: Settings | None = None,
+                     cache_dir: str | Path | None = None) -> "Gallery":
+        """The gallery of a ``path,product_id,class`` CSV (paths relative to the CSV's folder),
+        from the cache when this listing was indexed with this embedding before."""
+        from modeling.search_index import SearchIndex
+
+        settings = settings or Settings()
+        rows = read_listing(listing)
+        embedder = Embedder(settings.identify_backbone, settings.identify_image_size,
+                            settings=settings)
+        key = gallery_key(rows, embedder, settings)
+        root = Path(cache_dir or settings.identify_cache_dir).expanduser() / f"gallery-{key[:24]}"
+        if (root / "index.json").is_file():
+            return cls(SearchIndex.load(root, settings), settings, settings.identify_flip)
+        index = SearchIndex(embedder, aggregation="prototype")
+        ids: dict[str, int] = {}
+        products = []
+        for r in rows:
+            if r["product_id"] not in ids:
+                ids[r["product_id"]] = len(ids) + 1
+                products.append({"product_id": ids[r["product_id"]], "name": r["product_id"],
+                                 "ref": r["product_id"], "class": r["class"]})
+        index.add_products(products)
+        batch = 32
+        with progress(total=len(rows), desc="identify: indexing the gallery", unit="photos") as bar:
+            for start in range(0, len(rows), batch):
+                bar.advance(_add_batch(index, embedder, rows[start:start + batch], ids, listing,
+                                       settings))
+        # Built beside the cache entry and renamed into place: a crash leaves no half entry.
+        tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        index.save(tmp)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process cached the same gallery first: use it
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls(SearchIndex.load(root, settings), settings, settings.identify_flip)
+
+
+def _add_batch(index, embedder: Embedder, part: list[dict], ids: dict, listing, settings) -> int:
+    photos = []
+    for r in part:
+        try:
+            img = images.decode(images.read_file(r["file"]), r["path"])
+        except images.UnreadableImage as exc:
+            raise IdentifyError(f"{listing}:{r['line']}: {exc}") from None
+        photos.append(trimmed_to_product(img) if settings.identify_trim_gallery else img)
+    vectors = embed_images(embedder, photos, settings.identify_flip)
+    index.add_vectors(vectors, [ids[r["product_id"]] for r in part],
+                      [f'{r["product_id"]}|{r["file"]}' for r in part])
+    return len(part)
+
+
+def read_listing(listing: str | Path) -> list[dict]:
+    """Rows {path, file, product_id, class, line} of a ``path,product_id,class`` CSV; raises
+    :class:`IdentifyError` naming the line for anything unusable."""
+    listing = Path(listing)
+    try:
+        text = listing.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IdentifyError(f"cannot read gallery listing {listing}: {exc}") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in ("path", "product_id") if c not in header]
+    if missing:
+        raise IdentifyError(f"{listing}: the header must name the columns path,product_id,class "
+                            f"(missing: {', '.join(missing)})")
+    reader.fieldnames = header
+    rows, classes_of, seen = [], {}, set()
+    for n, raw in enumerate(reader, 2):
+        path = (raw.get("path") or "").strip()
+        pid = (raw.get("product_id") or "").strip()
+        cls = (raw.get("class") or "").strip()
+        if not path and not pid:
+            continue
+        if not path or not pid:
+            raise IdentifyError(f"{listing}:{n}: path and product_id are both required")
+        if cls and cls not in COCO_CLASSES:
+            raise IdentifyError(f"{listing}:{n}: class {cls!r} is not a COCO class the detector "
+                                "knows (empty = any)")
+        classes_of.setdefault(pid, set()).add(cls)
+        file = Path(path) if Path(path).is_absolute() else listing.parent / path
+        if not file.is_file():
+            raise IdentifyError(f"{listing}:{n}: photo {path} not found")
+        if (pid, str(file.resolve())) in seen:  # the same photo of the same product again
+            continue
+        seen.add((pid, str(file.resolve())))
+        rows.append({"path": path, "file": str(file.resolve()), "product_id": pid, "class": cls,
+                     "line": n})
+    if not rows:
+        raise IdentifyError(f"{listing}: no gallery photos listed")
+    # A product listed under several classes (a sofa bed: "bed" and "couch") is each of them;
+    # listed once without a class, it matches any object.
+    for r in rows:
+        names = classes_of[r["product_id"]]
+        r["class"] = "" if "" in names else ",".join(sorted(names))
+    return rows
+
+
+def gallery_key(rows: list[dict], embedder: Embedder, settings: Settings) -> str:
+    """What a cached gallery depends on: the rows, each photo's size and mtime, the embedding."""
+    entries = []
+    for r in rows:
+        st = os.stat(r["file"])
+        entries.append([r["file"], r["product_id"], r["class"], st.st_size, st.st_mtime_ns])
+    config = {"format": GALLERY_CACHE_FORMAT, "backbone": embedder.backbone,
+              "image_size": embedder.image_size, "weights": settings.model_init,
+              "trim": settings.identify_trim_gallery, "flip": settings.identify_flip,
+              "rows": entries}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+# --- the entry point --------------------------------------------------------------------------
+def identify(image: Image.Image, gallery: Gallery, detector: Detector | None,
+             settings: Settings | None = None, k: int | None = None) -> list[dict]:
+    """Every object of an upright RGB photo with its top-k gallery products::
+
+        [{"box": [x0, y0, x1, y1], "class": "chair", "score": 0.83,
+          "top": [{"product_id": ..., "score": 0.71}, ...]}, ...]
+
+    Boxes in image pixels (1 decimal), scores rounded to 4 decimals. ``detector`` None skips
+    detection (the whole-image object only)."""
+    settings = settings or gallery.settings
+    k = k or settings.identify_top
+    objects = detect_objects(image, detector, settings) if detector is not None else []
+    if not objects:
+        objects = [whole_image(image)]
+    crops = [object_crop(image, o.box, settings.identify_margin) if o.label is not None
+             else image for o in objects]
+    vectors = embed_images(gallery.embedder, crops, gallery.flip)
+    out = []
+    for o, v in zip(objects, vectors):
+        top = gallery.search(v, o.label, k)
+        out.append({"box": [round(c, 1) for c in o.box], "class": o.label,
+                    "score": None if o.score is None else round(o.score, 4),
+                    "top": [{"product_id": pid, "score": round(float(s), 4)} for pid, s in top]})
+    return out
