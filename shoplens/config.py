@@ -222,6 +222,30 @@ class Settings:
     identify_category_classes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # Indexed --gallery listings are kept here (keyed by the listing and the embedding config).
     identify_cache_dir: str = "~/.cache/shoplens/identify"
+    # --- salvage (dataset.filter.salvage): crops of multi-product review photos -------------------
+    # A photo rejected only as multi-product yields the crop of its box that matches the reviewed
+    # product (its kept photos and catalogue image, by the current search embedding) best, at or
+    # above the current search index's threshold (this default when there is no index built with
+    # the same embedding), and better than every other product in view by salvage_min_gap.
+    salvage_enabled: bool = True
+    # Detector classes whose boxes may be salvaged (the COCO classes that are home goods).
+    salvage_classes: tuple[str, ...] = (
+        "chair", "couch", "bed", "dining table", "potted plant", "clock", "vase", "bench",
+        "toilet", "sink", "bowl", "cup", "wine glass", "bottle", "book", "teddy bear", "tv",
+        "laptop", "microwave", "oven", "toaster", "refrigerator", "umbrella", "suitcase",
+        "handbag", "backpack", "hair drier", "scissors", "remote", "keyboard", "mouse")
+    # Context around the box, as a share of its width/height on each side (clipped to the photo).
+    salvage_margin: float = 0.1
+    salvage_threshold: float = 0.6
+    salvage_min_gap: float = 0.02
+    # Crops with a shorter side below this many pixels are not salvaged (too little to learn from).
+    salvage_min_side: int = 96
+    # Reference photos per product (its kept photos, deterministic choice) besides the catalogue image.
+    salvage_max_references: int = 20
+    # Salvaged crops shown in the filter report (each with its parent photo and box).
+    filter_report_salvaged: int = 60
+    # Where the current embedding model's artifact is downloaded (empty: ~/.cache/shoplens/embeddings).
+    embedding_cache_dir: str = ""
     # --- dataset build (dataset.build.stage) ---------------------------------------------------------
     # Products with fewer kept photos than this are left out of a version (and reported).
     dataset_min_photos_per_product: int = 10
