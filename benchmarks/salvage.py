@@ -12,8 +12,8 @@ Its references are what the nightly salvage would have for an IKEA product: its 
 (the studio photo, unmirrored, on white).
 
 Every photo goes through the production path: the detector and the rules
-(``dataset.filter.stage.features_for``, ``rules.decide``); a photo rejected only as multi-product
-goes through the salvage's own steps (``salvage.salvage_boxes``, ``shoplens.vision.crops.crop``,
+(``dataset.filter.stage.features_for``, ``rules.decide``); a photo rejected as multi-product (and at most occupancy, the salvage's
+default ``salvage_despite_rules``) goes through the salvage's own steps (``salvage.salvage_boxes``, ``shoplens.vision.crops.crop``,
 ``salvage.choose``; every crop's score is kept so thresholds can be swept) with the untrained Lite0
 embedding (the baseline the nightly uses before an embedding is promoted). A salvaged crop's label is right when
 its box overlaps the reviewed product's pasted rectangle more than the other one's (IoU > 0.1).
@@ -131,7 +131,7 @@ def data_uri(img: Image.Image, side: int = 200) -> str:
 
 def demo_shop(args, settings, params, classes, detector, embedder, out: Path) -> dict:
     """The demo shop's photos (the replica's synthetic set, seed 0, as ``make demo`` serves it):
-    every photo through the detector and the rules; each rejected only as multi-product through
+    every photo through the detector and the rules; each salvage candidate (rejected as multi-product, at most also occupancy) through
     the nightly's own ``salvage.salvage_photo`` with references = the product's kept photos."""
     from crawler.replica.synthetic import synthetic_sources
 
@@ -147,7 +147,7 @@ def demo_shop(args, settings, params, classes, detector, embedder, out: Path) ->
     for d in decided:
         if not d["failed"]:
             kept.setdefault(d["product"], []).append(d["path"])
-    multi = [d for d in decided if d["failed"] == ["multi_product"]]
+    multi = [d for d in decided if salvage.salvageable(set(d["failed"]), settings)]
     salvaged, sheet = [], []
     for d in multi:
         refs_paths = kept.get(d["product"], [])[:settings.salvage_max_references]
@@ -169,7 +169,8 @@ def demo_shop(args, settings, params, classes, detector, embedder, out: Path) ->
     write_sheet(sheet, out / "demo_sample.png")
     return {"products": len(sources), "photos": len(decided),
             "rejected": sum(1 for d in decided if d["failed"]),
-            "rejected_multi_product_only": len(multi), "salvaged": len(salvaged),
+            "rejected_multi_product": sum(1 for d in decided if "multi_product" in d["failed"]),
+            "salvage_candidates": len(multi), "salvaged": len(salvaged),
             "salvaged_crops": salvaged}
 
 
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = {d.rule for d in decisions if not d.passed}
         record = {"name": name, "split": split_of(name), "classes": [c1, c2], "present": present,
                   "reviewed": str(reviewed.relative_to(ikea)), "verdict": sorted(failed)}
-        if failed != {"multi_product"}:
+        if not salvage.salvageable(failed, settings):
             records.append(record)
             continue
         image = decode_photo(data).image
@@ -274,12 +275,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate(split, threshold, gap):
         chosen = [r for r in records if split == "all" or r["split"] == split]
-        multi = [r for r in chosen if r["verdict"] == ["multi_product"]]
+        multi = [r for r in chosen if salvage.salvageable(set(r["verdict"]), settings)]
         salvaged = [(r, c) for r in multi for _, c in [outcome(r, threshold, gap)] if c is not None]
         right = sum(c["right"] for _, c in salvaged)
         present = [r for r in multi if r["present"]]
-        return {"photos": len(chosen), "rejected_multi_product_only": len(multi),
-                "rejected_other": sum(1 for r in chosen if r["verdict"] and r["verdict"] != ["multi_product"]),
+        return {"photos": len(chosen),
+                "rejected_multi_product": sum(1 for r in chosen if "multi_product" in r["verdict"]),
+                "salvage_candidates": len(multi),
+                "rejected_other": sum(1 for r in chosen if r["verdict"] and "multi_product" not in r["verdict"]),
                 "kept": sum(1 for r in chosen if not r["verdict"]),
                 "salvaged": len(salvaged), "right": right,
                 "precision": round(right / len(salvaged), 4) if salvaged else None,

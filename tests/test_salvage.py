@@ -1,4 +1,4 @@
-"""Salvage in the nightly filter: a review photo rejected only as multi-product yields the crop that
+"""Salvage in the nightly filter: a review photo rejected as multi-product yields the crop that
 matches the reviewed product, which then enters the dataset like a kept photo (issue 17, item 4).
 
 Real manifest (PostgreSQL), object store (SeaweedFS), rules, embedding (random-init
@@ -242,3 +242,15 @@ def test_without_a_promoted_embedding_the_baseline_and_the_configured_threshold_
     model_id, embedder = current_embedder(settings)
     assert model_id is None and not embedder.trained
     assert current_threshold(settings, None, 0.77) == 0.77
+
+
+def test_a_photo_failing_another_rule_than_occupancy_is_not_a_candidate():
+    from shoplens.config import Settings
+
+    settings = Settings()
+    assert salvage.salvageable({"multi_product"}, settings)
+    assert salvage.salvageable({"multi_product", "occupancy"}, settings)  # a crop fixes occupancy
+    assert not salvage.salvageable({"multi_product", "too_small"}, settings)
+    assert not salvage.salvageable({"occupancy"}, settings)
+    with pytest.raises(ValueError):
+        salvage.allowed_failures(settings.with_overrides(salvage_despite_rules=("unreadable",)))

@@ -1,7 +1,8 @@
-"""Salvage: a review photo rejected only as multi-product still shows the reviewed product.
+"""Salvage: a review photo rejected as multi-product still shows the reviewed product.
 
-For each such photo (latest decisions: ``multi_product`` failed, every other rule passed; no
-override; not looked at before), the salvage
+For each such photo (latest decisions: ``multi_product`` failed, every other rule passed except
+those in ``salvage_despite_rules``, by default occupancy: the main product's share of the whole
+frame, which a crop fixes; no override; not looked at before), the salvage
 
 1. takes its stored detector boxes that count as products (the multi-product rule's own
    :func:`rules.product_boxes`) and are of a salvage class (``salvage_classes``), grouped into the
@@ -46,11 +47,12 @@ from shoplens.photos import PhotoLimits, PhotoRejected, decode_photo, encode_jpe
 from shoplens.progress import progress
 from shoplens.store import ObjectStore
 from shoplens.vision import crops as crop_geometry
+from shoplens.vision.current import current_embedder, current_threshold
 
 log = logging.getLogger(__name__)
 
-# Photos whose latest decisions fail multi_product and pass every other rule, not overridden, not
-# looked at yet, with their stored boxes for the detector version.
+# Photos whose latest decisions fail multi_product and pass every other rule but those in :allowed,
+# not overridden, not looked at yet, with their stored boxes for the detector version.
 CANDIDATES_SQL = sa.text("""
     WITH latest AS (
         SELECT DISTINCT ON (sha256, rule) sha256, rule, passed
@@ -58,7 +60,7 @@ CANDIDATES_SQL = sa.text("""
         ORDER BY sha256, rule, run_id DESC, id DESC
     ), only_multi AS (
         SELECT sha256 FROM latest GROUP BY sha256
-        HAVING bool_and(passed OR rule = 'multi_product')
+        HAVING bool_and(passed OR rule = ANY(:allowed))
            AND bool_or(rule = 'multi_product' AND NOT passed)
     )
     SELECT i.sha256, i.object_key, i.product_id, i.review_id, i.source_url,
@@ -160,6 +162,21 @@ def _settings_classes(settings: Settings) -> frozenset[str]:
     return classes
 
 
+def allowed_failures(settings: Settings) -> list[str]:
+    """The rules a salvaged photo may fail: multi_product and ``salvage_despite_rules``."""
+    extra = set(settings.salvage_despite_rules)
+    wrong = sorted(extra - set(rules.RULE_NAMES) | extra & {"unreadable"})
+    if wrong:
+        raise ValueError(f"salvage_despite_rules: {wrong} cannot be salvaged despite "
+                         f"(rules: {', '.join(rules.RULE_NAMES[1:])})")
+    return ["multi_product", *sorted(extra)]
+
+
+def salvageable(failed: set[str], settings: Settings) -> bool:
+    """Whether a photo failing ``failed`` rules is one the salvage looks at."""
+    return "multi_product" in failed and failed <= set(allowed_failures(settings))
+
+
 def crop_source_url(parent_url: str, rect: tuple[int, int, int, int]) -> str:
     """The crop's source: its parent's address with the crop rectangle as a fragment."""
     return f"{parent_url.split('#')[0]}#crop={','.join(str(v) for v in rect)}"
@@ -197,19 +214,15 @@ def run(settings: Settings, run_id: int, detector_version: str, params: rules.Ru
     classes = _settings_classes(settings)
     engine = engine_for(settings.manifest_url)
     with engine.connect() as conn:
-        candidates = conn.execute(CANDIDATES_SQL, {"detector_version": detector_version}).all()
+        candidates = conn.execute(CANDIDATES_SQL, {"detector_version": detector_version,
+                                                   "allowed": allowed_failures(settings)}).all()
     counts = {"salvage_considered": 0, "salvaged_crops": 0, "salvage_no_reference": 0}
     if not candidates:
         return counts
-    model_id = None
     if embedder is None:
-        from shoplens.vision.current import current_embedder
-
         model_id, embedder = current_embedder(settings)
-    else:
+    else:  # given by the caller (tests, benchmarks): its id if it says, else the baseline's None
         model_id = getattr(embedder, "model_id", None)
-    from shoplens.vision.current import current_threshold
-
     threshold = current_threshold(settings, model_id, settings.salvage_threshold)
     store = ObjectStore(settings)
     limits = PhotoLimits.from_settings(settings)

@@ -253,7 +253,7 @@ image_overrides = sa.Table(
 )
 
 # Salvage (migration 0008_salvage; crops listed by the kept_images view): one row per photo the
-# filter's salvage looked at (rejected only as multi-product); sha256 is set when a crop of it was
+# filter's salvage looked at (rejected as multi-product); sha256 is set when a crop of it was
 # salvaged, with its lineage (parent, detector box, crop rectangle, class, scores, product, review,
 # filter run). See dataset/filter/salvage.py.
 salvaged_crops = sa.Table(

@@ -3,7 +3,7 @@
 Revision ID: 0008_salvage
 Revises: 0007_search
 
-- ``salvaged_crops``: one row per photo the filter's salvage looked at (rejected only as
+- ``salvaged_crops``: one row per photo the filter's salvage looked at (rejected as
   multi-product); ``sha256`` is set when one of its boxes was salvaged, naming the crop's JPEG
   stored content-addressed (``object_key``) with its lineage: parent photo, detector box, crop
   rectangle, class, scores, product, review, filter run.
