@@ -252,8 +252,6 @@ class Settings:
     salvage_max_references: int = 20
     # Salvaged crops shown in the filter report (each with its parent photo and box).
     filter_report_salvaged: int = 60
-    # Where the current embedding model's artifact is downloaded (empty: ~/.cache/shoplens/embeddings).
-    embedding_cache_dir: str = ""
     # --- dataset build (dataset.build.stage) ---------------------------------------------------------
     # Products with fewer kept photos than this are left out of a version (and reported).
     dataset_min_photos_per_product: int = 10

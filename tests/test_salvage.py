@@ -90,7 +90,7 @@ def settings(s3_settings, manifest_url, tmp_path):
     return s3_settings.with_overrides(
         manifest_url=manifest_url, model_init="random", filter_min_occupancy=0.1,
         salvage_threshold=0.99, salvage_min_gap=0.005, salvage_margin=0.1,
-        dataset_min_photos_per_product=3, embedding_cache_dir=str(tmp_path / "embeddings"))
+        dataset_min_photos_per_product=3, model_work_dir=str(tmp_path / "models"))
 
 
 def seed(settings, photos: list[tuple[int, bytes]]) -> list[str]:
@@ -254,3 +254,24 @@ def test_a_photo_failing_another_rule_than_occupancy_is_not_a_candidate():
     assert not salvage.salvageable({"occupancy"}, settings)
     with pytest.raises(ValueError):
         salvage.allowed_failures(settings.with_overrides(salvage_despite_rules=("unreadable",)))
+
+
+def test_a_promoted_embedding_and_its_index_threshold_are_what_the_salvage_uses(settings, base_embedder,
+                                                                                tmp_path):
+    local = base_embedder.save(tmp_path / "emb")
+    store = ObjectStore(settings)
+    store.ensure_bucket()
+    for path in local.iterdir():
+        store.put_bytes(f"models/emb-1/{path.name}", path.read_bytes())
+    with engine_for(settings.manifest_url).begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO models (id, dataset_version, profile, status, artifact_prefix, kind) "
+            "VALUES ('emb-1', 'v0001', 'offline', 'complete', 'models/emb-1/', 'embedding')"))
+        conn.execute(sa.text("INSERT INTO model_promotions (model_id, reason) VALUES ('emb-1', 'test')"))
+        conn.execute(sa.text(
+            "INSERT INTO search_indexes (id, model_id, status, threshold, artifact_prefix, "
+            "completed_at) VALUES ('idx-1', 'emb-1', 'complete', 0.81, 'indexes/idx-1/', now())"))
+    model_id, embedder = current_embedder(settings)
+    assert model_id == "emb-1" and embedder.backbone == base_embedder.backbone
+    assert current_threshold(settings, "emb-1", 0.55) == 0.81
+    assert current_threshold(settings, None, 0.55) == 0.55  # another embedding's scale

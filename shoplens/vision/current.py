@@ -6,6 +6,10 @@ the object store into a local cache and loaded with :meth:`Embedder.load`; with 
 embedding, ``(None, the untrained baseline)`` built from ``settings``. ``current_threshold`` is the
 current search index's "confident match" threshold when that index was built with the same
 embedding (its scores are on the same scale), else ``default``.
+
+``modeling/registry.py``'s ``load_current_embedding`` does the same for the modeling stage; the
+dataset stages may not import modeling, hence this core copy over the same artifact layout
+(``models/<id>/embedding.json`` ...) and cache folder.
 """
 from __future__ import annotations
 
@@ -23,7 +27,10 @@ from shoplens.vision.embedding import EMBEDDING_FILE, Embedder, EmbeddingError
 
 
 def cache_dir(settings: Settings) -> Path:
-    return Path(settings.embedding_cache_dir or "~/.cache/shoplens/embeddings").expanduser()
+    """Where downloaded models are kept: the same folder as the model registry's
+    (``model_work_dir`` or ~/.cache/shoplens, then ``models-cache``), so one download serves both."""
+    base = Path(settings.model_work_dir) if settings.model_work_dir else Path.home() / ".cache" / "shoplens"
+    return base / "models-cache"
 
 
 def download(settings: Settings, model_id: str, prefix: str) -> Path:
