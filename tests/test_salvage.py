@@ -170,6 +170,13 @@ def test_a_multi_product_photo_yields_the_crop_of_the_reviewed_product_with_its_
     assert Image.open(io.BytesIO(data)).size == (x1 - x0, y1 - y0) == (row["width"], row["height"])
     assert night["stats"]["salvaged_crops"] == 1 and night["stats"]["salvage_considered"] == 2
 
+    from shoplens.lineage import lineage
+
+    story = lineage(settings, row["sha256"][:12])
+    assert story["salvaged_from"]["parent_sha256"].strip() == night["multi"]
+    assert story["image"]["sha256"].strip() == night["multi"] and story["product"]["id"] == 1
+    assert lineage(settings, night["multi"])["salvaged_crop"]["sha256"].strip() == row["sha256"].strip()
+
 
 def test_a_photo_whose_products_match_nobody_above_the_threshold_yields_nothing(settings, night):
     row = crop_rows(settings)[night["nobody"]]
