@@ -75,7 +75,7 @@ def checks_for(settings: Settings) -> list[Check]:
               "COUNT(DISTINCT cluster_id) = COUNT(DISTINCT cluster_id || '/' || split)",
               "COUNT(DISTINCT cluster_id || '/' || split) - COUNT(DISTINCT cluster_id) "
               "|| ' cluster(s) in a second split'"),
-        # A member is a crawled photo or a crop salvaged from one (migration 0008_salvage).
+        # A member is a crawled photo or a crop salvaged from one (migration 0009_salvage).
         Check("dataset_members", "every_member_has_its_image_row", *_every_member_has(
             "SELECT 1 FROM images i WHERE i.sha256 = dataset_members.sha256"
             " AND i.object_key = dataset_members.object_key UNION ALL"

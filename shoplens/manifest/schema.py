@@ -239,7 +239,7 @@ rule_decisions = sa.Table(
     sa.Index("rule_decisions_latest", "sha256", "rule", "run_id"),
 )
 
-# sha256 names an image or a salvaged crop (no foreign key since 0008_salvage: it may be either;
+# sha256 names an image or a salvaged crop (no foreign key since 0009_salvage: it may be either;
 # ``shoplens override`` checks it is one of them).
 image_overrides = sa.Table(
     "image_overrides", metadata,
@@ -252,7 +252,7 @@ image_overrides = sa.Table(
     sa.CheckConstraint("length(btrim(reason)) > 0", name="image_overrides_reason"),
 )
 
-# Salvage (migration 0008_salvage; crops listed by the kept_images view): one row per photo the
+# Salvage (migration 0009_salvage; crops listed by the kept_images view): one row per photo the
 # filter's salvage looked at (rejected as multi-product); sha256 is set when a crop of it was
 # salvaged, with its lineage (parent, detector box, crop rectangle, class, scores, product, review,
 # filter run). See dataset/filter/salvage.py.
@@ -334,7 +334,7 @@ dataset_members = sa.Table(
     "dataset_members", metadata,
     sa.Column("version_id", sa.Text,
               sa.ForeignKey("dataset_versions.version_id", ondelete="CASCADE"), primary_key=True),
-    # An image or a salvaged crop (no foreign key since 0008_salvage; the build's check
+    # An image or a salvaged crop (no foreign key since 0009_salvage; the build's check
     # every_member_has_its_image_row covers both).
     sa.Column("sha256", sa.CHAR(64), primary_key=True),
     sa.Column("label", sa.Integer, sa.ForeignKey("label_map.label"), nullable=False),

@@ -1,7 +1,7 @@
 """Salvage: crops of multi-product review photos that enter the dataset like kept photos.
 
-Revision ID: 0008_salvage
-Revises: 0007_search
+Revision ID: 0009_salvage
+Revises: 0008_dedup_embeddings
 
 - ``salvaged_crops``: one row per photo the filter's salvage looked at (rejected as
   multi-product); ``sha256`` is set when one of its boxes was salvaged, naming the crop's JPEG
@@ -18,8 +18,8 @@ from alembic import op
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
-revision = "0008_salvage"
-down_revision = "0007_search"
+revision = "0009_salvage"
+down_revision = "0008_dedup_embeddings"
 branch_labels = None
 depends_on = None
 
