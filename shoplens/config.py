@@ -223,7 +223,7 @@ class Settings:
     # Indexed --gallery listings are kept here (keyed by the listing and the embedding config).
     identify_cache_dir: str = "~/.cache/shoplens/identify"
     # --- salvage (dataset.filter.salvage): crops of multi-product review photos -------------------
-    # A photo rejected only as multi-product yields the crop of its box that matches the reviewed
+    # A photo rejected as multi-product yields the crop of its box that matches the reviewed
     # product (its kept photos and catalogue image, by the current search embedding) best, at or
     # above the current search index's threshold (this default when there is no index built with
     # the same embedding), and better than every other product in view by salvage_min_gap.
