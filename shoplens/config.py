@@ -222,6 +222,36 @@ class Settings:
     identify_category_classes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # Indexed --gallery listings are kept here (keyed by the listing and the embedding config).
     identify_cache_dir: str = "~/.cache/shoplens/identify"
+    # --- salvage (dataset.filter.salvage): crops of multi-product review photos -------------------
+    # A photo rejected as multi-product yields the crop of its box that matches the reviewed
+    # product (its kept photos and catalogue image, by the current search embedding) best, at or
+    # above the current search index's threshold (this default when there is no index built with
+    # the same embedding), and better than every other product in view by salvage_min_gap.
+    salvage_enabled: bool = True
+    # Detector classes whose boxes may be salvaged (the COCO classes that are home goods).
+    salvage_classes: tuple[str, ...] = (
+        "chair", "couch", "bed", "dining table", "potted plant", "clock", "vase", "bench",
+        "toilet", "sink", "bowl", "cup", "wine glass", "bottle", "book", "teddy bear", "tv",
+        "laptop", "microwave", "oven", "toaster", "refrigerator", "umbrella", "suitcase",
+        "handbag", "backpack", "hair drier", "scissors", "remote", "keyboard", "mouse")
+    # Other rules a photo may also fail and still be salvaged: occupancy judges the main product's
+    # share of the whole frame, which a crop around the product fixes by construction (two products
+    # side by side each cover under half the frame, so most multi-product photos fail it too).
+    salvage_despite_rules: tuple[str, ...] = ("occupancy",)
+    # Context around the box, as a share of its width/height on each side (clipped to the photo).
+    salvage_margin: float = 0.1
+    # 0.55: the lowest cosine similarity at which the untrained Lite0 baseline's salvaged labels
+    # reach >= 0.95 precision on the tune half of benchmarks/salvage.py's IKEA photos (report
+    # half: docs/benchmarks.md). A trained embedding's index brings its own threshold.
+    salvage_threshold: float = 0.55
+    # The chosen crop must beat every other product in view by this much (a guard against ties).
+    salvage_min_gap: float = 0.02
+    # Crops with a shorter side below this many pixels are not salvaged (too little to learn from).
+    salvage_min_side: int = 96
+    # Reference photos per product (its kept photos, deterministic choice) besides the catalogue image.
+    salvage_max_references: int = 20
+    # Salvaged crops shown in the filter report (each with its parent photo and box).
+    filter_report_salvaged: int = 60
     # --- dataset build (dataset.build.stage) ---------------------------------------------------------
     # Products with fewer kept photos than this are left out of a version (and reported).
     dataset_min_photos_per_product: int = 10

@@ -3,7 +3,10 @@ image's whole story.
 
 Backward: the dataset versions that hold it (label, split), its source URL, the review (and any
 other review that posted the same bytes), the product and category, the crawl run, its dedup
-cluster, every rule decision, a human override and the resulting verdict.
+cluster, every rule decision, a human override and the resulting verdict. For a crop salvaged from
+a multi-product photo (``salvaged_crops``): its parent photo's story, and how it was cut out
+(``salvaged_from``: box, crop rectangle, similarity, threshold, filter run); for a photo the
+salvage looked at, what it decided (``salvaged_crop``).
 Forward: the models trained on those versions, read from the modeling stage's ``models`` table
 (``models.dataset_version``).
 """
@@ -40,10 +43,11 @@ def resolve_sha256(conn: sa.Connection, given: str) -> str:
     if not SHA_PREFIX.match(given):
         raise LineageError(f"{given!r} is not a sha256 (or a prefix of at least 8 hex digits)")
     matches = conn.execute(sa.text(
-        "SELECT sha256 FROM images WHERE sha256 LIKE :p ORDER BY sha256 LIMIT 2"),
+        "SELECT sha256 FROM images WHERE sha256 LIKE :p UNION "
+        "SELECT sha256 FROM salvaged_crops WHERE sha256 LIKE :p ORDER BY sha256 LIMIT 2"),
         {"p": given + "%"}).scalars().all()
     if not matches:
-        raise LineageError(f"no image {given} in the manifest")
+        raise LineageError(f"no image or salvaged crop {given} in the manifest")
     if len(matches) > 1:
         raise LineageError(f"{given} is ambiguous: give more digits")
     return matches[0].strip()
@@ -64,10 +68,16 @@ def lineage(settings: Settings, sha256: str, version: str | None = None) -> dict
                                    " ORDER BY version_id", s=sha)
                 raise LineageError(f"image {sha} is not in version {version} (it is in: "
                                    f"{', '.join(h['version_id'] for h in held) or 'no version'})")
+        # A crop salvaged from a multi-product photo: its story is its parent photo's, plus how
+        # it was cut out (box, crop rectangle, similarity, filter run).
+        crop = _one(conn, """
+            SELECT c.*, f.run_key AS filter_run_key FROM salvaged_crops c
+            LEFT JOIN filter_runs f ON f.id = c.run_id WHERE c.sha256 = :s""", s=sha)
+        source = crop["parent_sha256"].strip() if crop else sha
         image = _one(conn, """
             SELECT sha256, object_key, size_bytes, width, height, format, source_url,
                    review_id, product_id, first_seen_run, created_at
-            FROM images WHERE sha256 = :s""", s=sha)
+            FROM images WHERE sha256 = :s""", s=source)
         story: dict[str, Any] = {
             "sha256": sha,
             "versions": memberships,
@@ -89,12 +99,16 @@ def lineage(settings: Settings, sha256: str, version: str | None = None) -> dict
             "crawl_run": _one(conn, """
                 SELECT id, run_key, started_at, finished_at, status, shop_base_url
                 FROM crawl_runs WHERE id = :r""", r=image["first_seen_run"]),
-            "dedup": _one(conn, "SELECT * FROM image_dedup WHERE sha256 = :s", s=sha),
+            "dedup": _one(conn, "SELECT * FROM image_dedup WHERE sha256 = :s", s=source),
             "rule_decisions": _rows(conn, """
                 SELECT d.rule, d.passed, d.score, d.reason, d.rule_version, d.detector_version,
                        d.params, d.run_id, f.run_key AS filter_run_key, d.decided_at
                 FROM rule_decisions d LEFT JOIN filter_runs f ON f.id = d.run_id
-                WHERE d.sha256 = :s ORDER BY d.run_id, d.rule""", s=sha),
+                WHERE d.sha256 = :s ORDER BY d.run_id, d.rule""", s=source),
+            "salvaged_from": crop,
+            "salvaged_crop": None if crop else _one(conn, """
+                SELECT sha256, outcome, label, box, crop_box, best_score, threshold, run_id
+                FROM salvaged_crops WHERE parent_sha256 = :s""", s=sha),
             "override": _one(conn, "SELECT * FROM image_overrides WHERE sha256 = :s", s=sha),
             "verdict": _one(conn, "SELECT * FROM image_verdicts WHERE sha256 = :s", s=sha),
             # Forward lineage: the models trained on any version that holds the image.

@@ -204,3 +204,11 @@ def thumbnail_jpeg(data: bytes, side: int, limits: PhotoLimits = DEFAULT_LIMITS,
     out = io.BytesIO()
     image.save(out, "JPEG", quality=quality)
     return out.getvalue()
+
+
+def encode_jpeg(image: Image.Image, quality: int = 92) -> bytes:
+    """JPEG bytes of an RGB image made from a photo (a crop), baseline, no metadata: the same
+    pixels and quality always give the same bytes, so their content address is stable."""
+    out = io.BytesIO()
+    to_rgb(image).save(out, "JPEG", quality=quality, optimize=False, progressive=False)
+    return out.getvalue()

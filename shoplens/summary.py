@@ -7,7 +7,8 @@ no stage package is imported) and returns a :class:`RunSummary`:
   images new/total (and their bytes), catalogue images stored/failed in the run and in all,
   failures by reason and by stage;
 - ``dedup``: images hashed and duplicates marked in this run, clusters and duplicates in all;
-- ``filter``: run status, images inspected/decided/kept/rejected, rejections per rule, report key;
+- ``filter``: run status, images inspected/decided/kept/rejected, rejections per rule, crops
+  salvaged, report key;
 - ``build``: the version this run built (status, parent, images, labels, images per split, URI,
   error, products left out) or the latest complete one when the run built none;
 - ``training``: every model trained on that version (status, ensemble test Top-1/Top-3, promotion);
@@ -215,7 +216,8 @@ def dedup_section(conn: sa.Connection, crawl_run_id: int) -> dict[str, Any]:
 
 
 def filter_section(conn: sa.Connection, run_key: str) -> dict[str, Any] | None:
-    """The filter run of ``run_key``: images inspected and decided, kept and rejected per rule.
+    """The filter run of ``run_key``: images inspected and decided, kept and rejected per rule,
+    crops salvaged from multi-product photos.
 
     An image failing two rules counts once in ``rejected_images`` and under both rules.
     """
@@ -230,7 +232,9 @@ def filter_section(conn: sa.Connection, run_key: str) -> dict[str, Any] | None:
           (SELECT count(*) FROM detections WHERE run_id = :r AND stats ? 'decode_error')
             AS unreadable,
           count(DISTINCT sha256) AS decided,
-          count(DISTINCT sha256) FILTER (WHERE NOT passed) AS rejected_images
+          count(DISTINCT sha256) FILTER (WHERE NOT passed) AS rejected_images,
+          (SELECT count(*) FROM salvaged_crops WHERE run_id = :r AND sha256 IS NOT NULL)
+            AS salvaged_crops
         FROM rule_decisions WHERE run_id = :r"""), {"r": run["id"]}).mappings().one()
     by_rule = conn.execute(sa.text(
         "SELECT rule, count(*) FROM rule_decisions WHERE run_id = :r AND NOT passed "
@@ -416,7 +420,9 @@ def _filter_lines(f: dict | None) -> list[str]:
         return ["filter: did not run"]
     line = (f"filter: {f['status']}; {f['inspected']} inspected ({f['unreadable']} unreadable), "
             f"{f['decided']} decided: kept {f['kept_images']}, rejected {f['rejected_images']} "
-            f"({_pairs(f['rejected_by_rule']) or 'no rejections'})")
+            f"({_pairs(f['rejected_by_rule']) or 'no rejections'})"
+            + (f"; {f['salvaged_crops']} crops salvaged from multi-product photos"
+               if f.get("salvaged_crops") else ""))
     return [line] + ([f"filter report: {f['report_key']}"] if f["report_key"] else [])
 
 

@@ -75,9 +75,12 @@ def checks_for(settings: Settings) -> list[Check]:
               "COUNT(DISTINCT cluster_id) = COUNT(DISTINCT cluster_id || '/' || split)",
               "COUNT(DISTINCT cluster_id || '/' || split) - COUNT(DISTINCT cluster_id) "
               "|| ' cluster(s) in a second split'"),
+        # A member is a crawled photo or a crop salvaged from one (migration 0009_salvage).
         Check("dataset_members", "every_member_has_its_image_row", *_every_member_has(
             "SELECT 1 FROM images i WHERE i.sha256 = dataset_members.sha256"
-            " AND i.object_key = dataset_members.object_key", "its images row")),
+            " AND i.object_key = dataset_members.object_key UNION ALL"
+            " SELECT 1 FROM salvaged_crops c WHERE c.sha256 = dataset_members.sha256"
+            " AND c.object_key = dataset_members.object_key", "its images (or salvaged crop) row")),
         Check("dataset_members", "every_label_is_the_products_stable_label", *_every_member_has(
             "SELECT 1 FROM label_map l WHERE l.label = dataset_members.label"
             " AND l.product_id = dataset_members.product_id", "the product label")),

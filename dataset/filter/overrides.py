@@ -1,5 +1,8 @@
 """``shoplens override``: a data engineer forces keep/reject for an image, with a reason.
 
+The sha256 may also name a crop salvaged from a multi-product photo (``salvaged_crops``): rejecting
+it keeps it out of ``kept_images`` and so out of the next dataset build.
+
     shoplens override SHA256 --keep --reason "two chairs but one product set"
     shoplens override SHA256 --reject --reason "shows the box, not the product"
     shoplens override SHA256 --clear
@@ -23,7 +26,7 @@ from sqlalchemy.dialects.postgresql import insert
 from shoplens.cli import argument_parser, command, emit, parse_args
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
-from shoplens.manifest.schema import image_overrides, images
+from shoplens.manifest.schema import image_overrides, images, salvaged_crops
 
 
 class OverrideError(ValueError):
@@ -40,8 +43,10 @@ def set_override(manifest_url: str, sha256: str, verdict: str, reason: str,
     if not reason or not reason.strip():
         raise OverrideError("a reason is required")
     with engine_for(manifest_url).begin() as conn:
-        if conn.execute(sa.select(images.c.sha256).where(images.c.sha256 == sha256)).first() is None:
-            raise OverrideError(f"no image {sha256} in the manifest")
+        if (conn.execute(sa.select(images.c.sha256).where(images.c.sha256 == sha256)).first() is None
+                and conn.execute(sa.select(salvaged_crops.c.sha256)
+                                 .where(salvaged_crops.c.sha256 == sha256)).first() is None):
+            raise OverrideError(f"no image or salvaged crop {sha256} in the manifest")
         values = {"sha256": sha256, "verdict": verdict, "reason": reason.strip(),
                   "created_by": created_by or getpass.getuser()}
         conn.execute(insert(image_overrides).values(**values).on_conflict_do_update(

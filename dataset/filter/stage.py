@@ -32,14 +32,15 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, insert
 
-from dataset.filter import report, rules
+from dataset.filter import report, rules, salvage
 from shoplens.vision.detector import Detector, fit_for_model, model_version, open_for_model
 from dataset.filter.occupancy import FEATURES_VERSION, image_statistics
 from shoplens import batches
 from shoplens.batches import Batch
 from shoplens.config import Settings
 from shoplens.manifest import engine_for
-from shoplens.manifest.schema import detections, filter_runs, images, products, rule_decisions
+from shoplens.manifest.schema import (detections, filter_runs, images, products, rule_decisions,
+                                      salvaged_crops)
 from shoplens.photos import DEFAULT_LIMITS, PhotoLimits
 from shoplens.progress import progress
 from shoplens.store import ObjectStore
@@ -227,6 +228,13 @@ def _report(settings: Settings, run_key: str, run_id: int, summary: dict) -> tup
             .join(images, images.c.sha256 == rule_decisions.c.sha256)
             .where(rule_decisions.c.run_id == run_id, ~rule_decisions.c.passed)
             .order_by(rule_decisions.c.rule, rule_decisions.c.sha256)).all()
+        parent = images.alias("parent")
+        salvaged_rows = conn.execute(
+            sa.select(salvaged_crops, parent.c.object_key.label("parent_key"), products.c.name)
+            .join(parent, parent.c.sha256 == salvaged_crops.c.parent_sha256)
+            .join(products, products.c.id == salvaged_crops.c.product_id)
+            .where(salvaged_crops.c.run_id == run_id, salvaged_crops.c.sha256.isnot(None))
+            .order_by(salvaged_crops.c.sha256).limit(settings.filter_report_salvaged)).all()
     rule_counts: dict[str, dict[str, int]] = {}
     for rule, passed, n in counts:
         rule_counts.setdefault(rule, {})["passed" if passed else "rejected"] = n
@@ -237,15 +245,28 @@ def _report(settings: Settings, run_key: str, run_id: int, summary: dict) -> tup
             shown.append({"sha256": row.sha256, "reason": row.reason, "score": row.score,
                           "thumbnail": report.thumbnail_data_uri(store.get_bytes(row.object_key),
                                                                  PhotoLimits.from_settings(settings))})
+    salvaged = []
+    limits = PhotoLimits.from_settings(settings)
+    for row in salvaged_rows:
+        salvaged.append({
+            "sha256": row.sha256, "parent_sha256": row.parent_sha256, "label": row.label,
+            "score": row.best_score, "runner_up": row.runner_up_score, "product_id": row.product_id,
+            "product_name": row.name, "box": row.box,
+            "crop": report.thumbnail_data_uri(store.get_bytes(row.object_key), limits),
+            "parent": report.boxed_thumbnail_data_uri(store.get_bytes(row.parent_key),
+                                                      row.crop_box, limits)})
     key = f"reports/{run_key}/filter.html"
-    page = report.render(run_key, summary, rule_counts, examples)
+    page = report.render(run_key, summary, rule_counts, examples, salvaged)
     store.put_bytes(key, page.encode(), "text/html; charset=utf-8")
     return key, report_link(settings, run_key)
 
 
-def decide(settings: Settings, run_key: str, detection: list[dict] | None = None) -> dict:
-    """Rules from stored features, the report, the run closed (see the module docstring);
-    ``detection`` is the night's :func:`detect_batch` results, for the counts."""
+def decide(settings: Settings, run_key: str, detection: list[dict] | None = None,
+           embedder=None) -> dict:
+    """Rules from stored features, the salvage of multi-product photos
+    (:mod:`dataset.filter.salvage`), the report, the run closed (see the module docstring);
+    ``detection`` is the night's :func:`detect_batch` results, for the counts; ``embedder``
+    (default: the current search embedding) is what the salvage compares crops with."""
     detection = list(detection or [])
     params = rules.params_from_settings(settings)
     engine = engine_for(settings.manifest_url)
@@ -257,6 +278,7 @@ def decide(settings: Settings, run_key: str, detection: list[dict] | None = None
                        "inspected": sum(d["inspected"] for d in detection),
                        "unreadable": sum(d["unreadable"] for d in detection)}
         stats.update(decide_stored(settings, detector_version, params, run_id))
+        stats.update(salvage.run(settings, run_id, detector_version, params, embedder))
         with engine.connect() as conn:
             per_rule = conn.execute(
                 sa.select(rule_decisions.c.rule, sa.func.count())
@@ -265,6 +287,11 @@ def decide(settings: Settings, run_key: str, detection: list[dict] | None = None
             rejected_images = conn.execute(
                 sa.select(sa.func.count(sa.distinct(rule_decisions.c.sha256)))
                 .where(rule_decisions.c.run_id == run_id, ~rule_decisions.c.passed)).scalar_one()
+            if "salvaged_crops" in stats:  # recounted: a retried run salvages nothing twice
+                stats["salvaged_crops"] = conn.execute(
+                    sa.select(sa.func.count()).select_from(salvaged_crops)
+                    .where(salvaged_crops.c.run_id == run_id,
+                           salvaged_crops.c.sha256.isnot(None))).scalar_one()
         stats["rejected_by_rule"] = {rule: n for rule, n in per_rule}
         stats["rejected_images"] = rejected_images
         stats["kept_images"] = stats["decided"] - rejected_images
@@ -287,7 +314,7 @@ def _mark_failed(engine: sa.Engine, run_id: int) -> None:
                      .values(status="failed", finished_at=sa.func.now()))
 
 
-def run(settings: Settings, run_key: str, detector: Detector | None = None) -> dict:
+def run(settings: Settings, run_key: str, detector: Detector | None = None, embedder=None) -> dict:
     """Plan, detect every batch, decide: the whole stage in one process (see the module
     docstring). Returns a JSON-serialisable stats dict."""
     detector = detector or load_detector(settings)
@@ -299,7 +326,7 @@ def run(settings: Settings, run_key: str, detector: Detector | None = None) -> d
             run_id = _run_row(conn, run_key).id
         _mark_failed(engine_for(settings.manifest_url), run_id)
         raise
-    return decide(settings, run_key, detection)
+    return decide(settings, run_key, detection, embedder)
 
 
 def measured_occupancy(f: rules.Features, params: rules.RuleParams) -> float:

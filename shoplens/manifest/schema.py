@@ -239,15 +239,55 @@ rule_decisions = sa.Table(
     sa.Index("rule_decisions_latest", "sha256", "rule", "run_id"),
 )
 
+# sha256 names an image or a salvaged crop (no foreign key since 0009_salvage: it may be either;
+# ``shoplens override`` checks it is one of them).
 image_overrides = sa.Table(
     "image_overrides", metadata,
-    sa.Column("sha256", sa.CHAR(64), sa.ForeignKey("images.sha256"), primary_key=True),
+    sa.Column("sha256", sa.CHAR(64), primary_key=True),
     sa.Column("verdict", sa.Text, nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("created_by", sa.Text, nullable=False, server_default=sa.text("current_user")),
     _inserted_at(),
     sa.CheckConstraint("verdict IN ('keep', 'reject')", name="image_overrides_verdict"),
     sa.CheckConstraint("length(btrim(reason)) > 0", name="image_overrides_reason"),
+)
+
+# Salvage (migration 0009_salvage; crops listed by the kept_images view): one row per photo the
+# filter's salvage looked at (rejected as multi-product); sha256 is set when a crop of it was
+# salvaged, with its lineage (parent, detector box, crop rectangle, class, scores, product, review,
+# filter run). See dataset/filter/salvage.py.
+salvaged_crops = sa.Table(
+    "salvaged_crops", metadata,
+    sa.Column("parent_sha256", sa.CHAR(64), sa.ForeignKey("images.sha256"), primary_key=True),
+    sa.Column("run_id", sa.BigInteger, sa.ForeignKey("filter_runs.id"), nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("product_id", sa.BigInteger, sa.ForeignKey("products.id"), nullable=False),
+    sa.Column("review_id", sa.BigInteger, sa.ForeignKey("reviews.id"), nullable=False),
+    sa.Column("detector_version", sa.Text, nullable=False),
+    sa.Column("embedding_model", sa.Text),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("best_score", sa.Float),
+    sa.Column("runner_up_score", sa.Float),
+    sa.Column("reference_photos", sa.Integer, nullable=False),
+    sa.Column("label", sa.Text),
+    sa.Column("detector_score", sa.Float),
+    sa.Column("box", JSONB(none_as_null=True)),
+    sa.Column("crop_box", JSONB(none_as_null=True)),
+    sa.Column("sha256", sa.CHAR(64), unique=True),
+    sa.Column("object_key", sa.Text, unique=True),
+    sa.Column("size_bytes", sa.BigInteger),
+    sa.Column("width", sa.Integer),
+    sa.Column("height", sa.Integer),
+    sa.Column("source_url", sa.Text),
+    _inserted_at(),
+    sa.CheckConstraint("outcome IN ('salvaged', 'no_match', 'ambiguous', 'no_box')",
+                       name="salvaged_crops_outcome"),
+    sa.CheckConstraint("(outcome = 'salvaged') = (sha256 IS NOT NULL)",
+                       name="salvaged_crops_sha256_iff_salvaged"),
+    sa.CheckConstraint("sha256 IS NULL OR (object_key IS NOT NULL AND box IS NOT NULL AND "
+                       "crop_box IS NOT NULL AND width > 0 AND height > 0 AND size_bytes > 0 "
+                       "AND source_url IS NOT NULL)", name="salvaged_crops_complete"),
+    sa.Index("salvaged_crops_run", "run_id"),
 )
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +334,9 @@ dataset_members = sa.Table(
     "dataset_members", metadata,
     sa.Column("version_id", sa.Text,
               sa.ForeignKey("dataset_versions.version_id", ondelete="CASCADE"), primary_key=True),
-    sa.Column("sha256", sa.CHAR(64), sa.ForeignKey("images.sha256"), primary_key=True),
+    # An image or a salvaged crop (no foreign key since 0009_salvage; the build's check
+    # every_member_has_its_image_row covers both).
+    sa.Column("sha256", sa.CHAR(64), primary_key=True),
     sa.Column("label", sa.Integer, sa.ForeignKey("label_map.label"), nullable=False),
     sa.Column("product_id", sa.BigInteger, nullable=False),
     sa.Column("split", sa.Text, nullable=False),
