@@ -178,21 +178,15 @@ def _same_embedding(parent, identity: dict) -> bool:
 
 
 def _embedder(settings: Settings, cache: Path):
-    """(Embedder, model id): the promoted embedding model (the registry's), or the untrained
-    baseline (model id None) on the embedding's backbone (``embedding_backbone``, else the
-    profile's first member) at ``search_image_size`` (0: ``model_image_size``, 0: native)."""
-    from modeling import registry
-    from shoplens.vision import backbones
-    from shoplens.vision.embedding import Embedder
+    """(Embedder, model id): the promoted embedding model, or the untrained baseline (model id
+    None) on the embedding's backbone at ``search_image_size`` (0: ``model_image_size``)."""
+    from shoplens.vision.current import baseline_embedder, load_current_embedding
 
-    current = registry.load_current_embedding(settings, cache / "embeddings")
+    current = load_current_embedding(settings, cache / "embeddings")
     if current is not None:
         model_id, embedder = current
         return embedder, model_id
-    name = (backbones.member(settings.embedding_backbone).name if settings.embedding_backbone
-            else backbones.members(settings)[0].name)
-    return Embedder(name, settings.search_image_size or settings.model_image_size,
-                    settings=settings), None
+    return baseline_embedder(settings), None
 
 
 # --------------------------------------------------------------------------------------------

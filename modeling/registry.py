@@ -15,9 +15,6 @@ into place, so a crash never leaves a half model that looks complete.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -27,7 +24,10 @@ from shoplens.config import Settings
 from shoplens.manifest import engine_for, session_scope
 from shoplens.manifest.schema import (current_embedding, current_model, model_metrics,
                                       model_promotions, models)
-from shoplens.vision.embedding import EMBEDDING_FILE, Embedder
+from shoplens.vision import current as vision_current
+from shoplens.vision.current import (ModelNotFound, cache_dir,  # noqa: F401 - the registry's API
+                                    load_current_embedding)
+from shoplens.vision.embedding import EMBEDDING_FILE
 
 MODEL_PREFIX = "models"
 KINDS = ("ensemble", "embedding")
@@ -38,10 +38,6 @@ CURRENT_VIEW = {"ensemble": current_model, "embedding": current_embedding}
 HEADLINE_MEMBER = {"ensemble": "ensemble", "embedding": "embedding"}
 # Taken by every change of the current model, so two cannot interleave.
 PROMOTION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('shoplens.model_promotion'))"
-
-
-class ModelNotFound(LookupError):
-    """No such model (or no current model) in the manifest or the object store."""
 
 
 class PromotionRefused(ValueError):
@@ -56,13 +52,6 @@ def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"model kind must be one of {', '.join(KINDS)}, got {kind!r}")
     return kind
-
-
-def cache_dir(settings: Settings) -> Path:
-    """Where downloaded models are kept (``model_work_dir`` or ~/.cache/shoplens)."""
-    base = Path(settings.model_work_dir) if settings.model_work_dir else \
-        Path.home() / ".cache" / "shoplens"
-    return base / "models-cache"
 
 
 def upload(settings: Settings, model_id: str, local_dir: Path) -> str:
@@ -105,29 +94,8 @@ def fetch(settings: Settings, model_id: str | None, cache_dir: Path) -> tuple[st
 
 def download(settings: Settings, model_id: str, cache_dir: Path) -> Path:
     """The model's directory in ``cache_dir`` (downloaded once)."""
-    from shoplens.store import ObjectStore
-
-    target = cache_dir / model_id
-    if any((target / name).is_file() for name in COMPLETE_FILE.values()):
-        return target
-    store = ObjectStore(settings)
-    prefix = artifact_prefix(model_id)
-    keys = list(store.list_keys(prefix))
-    if not any(prefix + name in keys for name in COMPLETE_FILE.values()):
-        raise ModelNotFound(f"model {model_id!r} has no complete artefacts under {prefix} in "
-                            f"bucket {settings.s3_bucket!r}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{model_id}-"))
-    try:
-        for key in keys:
-            dest = tmp / key[len(prefix):]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(store.get_bytes(key))
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return vision_current.download(settings, model_id, artifact_prefix(model_id), cache_dir,
+                                   tuple(COMPLETE_FILE.values()))
 
 
 def current_model_id(settings: Settings, kind: str = "ensemble") -> str | None:
@@ -135,30 +103,6 @@ def current_model_id(settings: Settings, kind: str = "ensemble") -> str | None:
     view = CURRENT_VIEW[check_kind(kind)]
     with engine_for(settings.manifest_url).connect() as conn:
         return conn.execute(sa.select(view.c.id)).scalar()
-
-
-def load_current_embedding(settings: Settings, cache: Path | None = None
-                           ) -> tuple[str, Embedder] | None:
-    """``(model_id, Embedder)`` of the current (promoted) search embedding, its artefact fetched
-    from the object store into ``cache`` (default :func:`cache_dir`) once; None when no embedding
-    has been promoted yet (callers then use the untrained baseline, ``Embedder(backbone)``).
-    An unreachable manifest or object store is a ServiceUnreachable naming which."""
-    import urllib3.exceptions
-
-    from shoplens.cli import ServiceUnreachable
-
-    model_id = None
-    try:
-        model_id = current_model_id(settings, "embedding")
-        if model_id is None:
-            return None
-        root = download(settings, model_id, cache or cache_dir(settings))
-    except (sa.exc.OperationalError, urllib3.exceptions.HTTPError) as exc:
-        where = ("manifest" if isinstance(exc, sa.exc.OperationalError)
-                 else f"object store at {settings.s3_endpoint}")
-        raise ServiceUnreachable(f"cannot load embedding {model_id or '(current)'}: the {where} "
-                                 f"is unreachable ({type(exc).__name__})") from exc
-    return model_id, Embedder.load(root, settings)
 
 
 def begin(settings: Settings, model_id: str, dataset_version: str, profile: str, config: dict,

@@ -36,7 +36,8 @@ import numpy as np
 from modeling.dataset_layout import DatasetError, LocalDataset, Split, open_dataset
 from shoplens.config import Settings
 from shoplens.progress import progress
-from shoplens.vision import backbones, images
+from shoplens.vision import images
+from shoplens.vision.current import baseline_embedder
 from shoplens.vision.embedding import Embedder, l2_normalise
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,6 @@ EMBEDDING_SETTINGS = (
 )
 EVAL_SPLITS = ("val", "test")
 _CHUNK = 64  # photos decoded at a time
-
-
-def backbone_name(settings: Settings) -> str:
-    """The embedding's backbone: ``embedding_backbone``, else the profile's first member."""
-    if settings.embedding_backbone:
-        return backbones.member(settings.embedding_backbone).name
-    return backbones.members(settings)[0].name
 
 
 def head_config(settings: Settings):
@@ -155,7 +149,7 @@ def train_on_dataset(settings: Settings, dataset: LocalDataset, out_dir: Path,
     t0 = time.monotonic()
     data = load_splits(dataset)
     eval_splits = [s for s in EVAL_SPLITS if len(data[s])]
-    base = Embedder(backbone_name(settings), settings.model_image_size, settings=settings)
+    base = baseline_embedder(settings, settings.model_image_size)
     cfg = head_config(settings)
     views = settings.embedding_views
     train_labels = data["train"].labels

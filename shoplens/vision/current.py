@@ -1,15 +1,15 @@
-"""The search embedding in force: the promoted embedding model from the manifest and the store.
+"""The search embedding in force, and where every stage gets a stored model from.
 
-``current_embedder(settings)`` returns ``(model_id, Embedder)``: the model that
-``current_embedding`` (migration 0007_search) names, downloaded once from its artifact prefix in
-the object store into a local cache and loaded with :meth:`Embedder.load`; with no promoted
-embedding, ``(None, the untrained baseline)`` built from ``settings``. ``current_threshold`` is the
-current search index's "confident match" threshold when that index was built with the same
-embedding (its scores are on the same scale), else ``default``.
-
-``modeling/registry.py``'s ``load_current_embedding`` does the same for the modeling stage; the
-dataset stages may not import modeling, hence this core copy over the same artifact layout
-(``models/<id>/embedding.json`` ...) and cache folder.
+- ``download(settings, model_id, prefix, cache, markers)``: a model's artifact directory from the
+  object store into a local cache, once and atomically (a directory holding one of ``markers``
+  is complete: uploads write that file last). The model registry (``modeling/registry.py``) and
+  the dataset stages (the filter's salvage) both fetch through it.
+- ``load_current_embedding(settings)``: ``(model_id, Embedder)`` of the promoted search embedding
+  (view ``current_embedding``, migration 0007_search), or None when none is promoted.
+- ``current_embedder(settings)``: the same, falling back to ``(None, baseline_embedder(settings))``,
+  the untrained ImageNet embedding on the embedding's backbone.
+- ``current_threshold``: the current search index's "confident match" threshold when that index was
+  built with the same embedding (its scores are on the same scale), else ``default``.
 """
 from __future__ import annotations
 
@@ -26,28 +26,33 @@ from shoplens.manifest.schema import current_embedding, current_search_index
 from shoplens.vision.embedding import EMBEDDING_FILE, Embedder, EmbeddingError
 
 
+class ModelNotFound(LookupError):
+    """No such model (or no current model) in the manifest or the object store."""
+
+
 def cache_dir(settings: Settings) -> Path:
-    """Where downloaded models are kept: the same folder as the model registry's
-    (``model_work_dir`` or ~/.cache/shoplens, then ``models-cache``), so one download serves both."""
-    base = Path(settings.model_work_dir) if settings.model_work_dir else Path.home() / ".cache" / "shoplens"
+    """Where downloaded models are kept (``model_work_dir`` or ~/.cache/shoplens)."""
+    base = Path(settings.model_work_dir) if settings.model_work_dir else \
+        Path.home() / ".cache" / "shoplens"
     return base / "models-cache"
 
 
-def download(settings: Settings, model_id: str, prefix: str) -> Path:
-    """The artifact under ``prefix`` as a local directory (downloaded once, atomically)."""
+def download(settings: Settings, model_id: str, prefix: str, cache: Path,
+             markers: tuple[str, ...] = (EMBEDDING_FILE,)) -> Path:
+    """The artifact under ``prefix`` as the local directory ``cache/model_id`` (downloaded once)."""
     from shoplens.store import ObjectStore
 
-    root = cache_dir(settings)
-    target = root / model_id
-    if (target / EMBEDDING_FILE).is_file():
+    target = cache / model_id
+    if any((target / name).is_file() for name in markers):
         return target
     store = ObjectStore(settings)
     prefix = prefix if prefix.endswith("/") else prefix + "/"
     keys = list(store.list_keys(prefix))
-    if prefix + EMBEDDING_FILE not in keys:
-        raise EmbeddingError(f"embedding model {model_id!r} has no {EMBEDDING_FILE} under {prefix}")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{model_id}-"))
+    if not any(prefix + name in keys for name in markers):
+        raise ModelNotFound(f"model {model_id!r} has no complete artefacts under {prefix} in "
+                            f"bucket {settings.s3_bucket!r}")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{model_id}-"))
     try:
         for key in keys:
             dest = tmp / key[len(prefix):]
@@ -62,14 +67,56 @@ def download(settings: Settings, model_id: str, prefix: str) -> Path:
     return target
 
 
+def embedding_backbone(settings: Settings) -> str:
+    """The embedding's backbone: ``embedding_backbone``, else the profile's first member."""
+    from shoplens.vision import backbones
+
+    if settings.embedding_backbone:
+        return backbones.member(settings.embedding_backbone).name
+    return backbones.members(settings)[0].name
+
+
+def baseline_embedder(settings: Settings, image_size: int | None = None) -> Embedder:
+    """The untrained ImageNet embedding on the embedding's backbone (``image_size`` None:
+    ``search_image_size``, else ``model_image_size``, 0: the backbone's native size)."""
+    size = image_size if image_size is not None else (settings.search_image_size
+                                                      or settings.model_image_size)
+    return Embedder(embedding_backbone(settings), size, settings=settings)
+
+
+def load_current_embedding(settings: Settings, cache: Path | None = None
+                           ) -> tuple[str, Embedder] | None:
+    """``(model_id, Embedder)`` of the current (promoted) search embedding, its artefact fetched
+    from the object store into ``cache`` (default :func:`cache_dir`) once; None when no embedding
+    has been promoted yet. An unreachable manifest or object store is a ServiceUnreachable
+    naming which."""
+    import urllib3.exceptions
+
+    from shoplens.cli import ServiceUnreachable
+
+    model_id = None
+    try:
+        with engine_for(settings.manifest_url).connect() as conn:
+            row = conn.execute(sa.select(current_embedding.c.id,
+                                         current_embedding.c.artifact_prefix)).first()
+        if row is None:
+            return None
+        model_id = row.id
+        root = download(settings, row.id, row.artifact_prefix, cache or cache_dir(settings))
+    except (sa.exc.OperationalError, urllib3.exceptions.HTTPError) as exc:
+        where = ("manifest" if isinstance(exc, sa.exc.OperationalError)
+                 else f"object store at {settings.s3_endpoint}")
+        raise ServiceUnreachable(f"cannot load embedding {model_id or '(current)'}: the {where} "
+                                 f"is unreachable ({type(exc).__name__})") from exc
+    return model_id, Embedder.load(root, settings)
+
+
 def current_embedder(settings: Settings) -> tuple[str | None, Embedder]:
     """(model id, Embedder) of the promoted embedding; (None, untrained baseline) without one."""
-    with engine_for(settings.manifest_url).connect() as conn:
-        row = conn.execute(sa.select(current_embedding.c.id, current_embedding.c.artifact_prefix)
-                           ).first()
-    if row is None:
-        return None, Embedder(settings=settings)
-    return row.id, Embedder.load(download(settings, row.id, row.artifact_prefix), settings)
+    current = load_current_embedding(settings)
+    if current is None:
+        return None, baseline_embedder(settings)
+    return current
 
 
 def current_threshold(settings: Settings, model_id: str | None, default: float) -> float:
