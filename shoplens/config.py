@@ -160,6 +160,9 @@ class Settings:
     dedup_embedding_image_size: int = 0  # 0: the backbone's native resolution
     dedup_embedding_min_cosine: float = 0.90
     dedup_embedding_max_hash_distance: int = 45
+    # An embedding pair joins two clusters only when the smaller has at most this many images (and
+    # the two representatives pass the rule): it attaches re-uploads, it never chains clusters.
+    dedup_embedding_max_attach: int = 3
     # --- filter (dataset.filter.stage) ---------------------------------------------------------------
     # The YOLOX-Nano ONNX file; `python -m dataset models fetch` downloads it here.
     detector_model_path: str = "~/.cache/shoplens/models/yolox_nano.onnx"
