@@ -336,16 +336,19 @@ def signals_for(rows, angles: dict[str, float], settings) -> dedup.Signals:
     return dedup.Signals(rule, vectors, np.ones(len(rows), bool))
 
 
-def chain_of_three():
-    """a ~ b and b ~ c by the embedding rule (cosine 0.95, hashes 30 apart: beyond the hash rule,
-    within the band), but a and c are two different photos (cosine 0.80): a chain, not a cluster."""
+def chain_of_three(settings):
+    """a ~ b and b ~ c by the embedding rule (cosine halfway between the rule's minimum and 1,
+    hashes 30 apart: beyond the hash rule, within the band), but a and c are two different photos
+    (twice the angle: below the minimum cosine): a chain, not a cluster."""
+    assert settings.dedup_threshold < 30 <= settings.dedup_embedding_max_hash_distance
     hashes = {"a": (0, 0), "b": (bits((0, 30)), 0), "c": (bits((15, 45)), 0)}
-    angles = {"a": 0.0, "b": float(np.degrees(np.arccos(0.95))), "c": 2 * float(np.degrees(np.arccos(0.95)))}
+    step = float(np.degrees(np.arccos((1 + settings.dedup_embedding_min_cosine) / 2)))
+    angles = {"a": 0.0, "b": step, "c": 2 * step}
     return hashes, angles
 
 
 def test_an_embedding_chain_does_not_put_two_different_photos_in_one_cluster(settings):
-    hashes, angles = chain_of_three()
+    hashes, angles = chain_of_three(settings)
     rows = rows_of(hashes, {"a": 300, "b": 200, "c": 100})
     signals = signals_for(rows, angles, settings)
     assert signals.vectors[0] @ signals.vectors[2] < settings.dedup_embedding_min_cosine
@@ -359,7 +362,7 @@ def test_an_embedding_chain_does_not_put_two_different_photos_in_one_cluster(set
 
 
 def test_an_image_arriving_later_is_checked_against_the_clusters_representative_too(settings):
-    hashes, angles = chain_of_three()
+    hashes, angles = chain_of_three(settings)
     rows = rows_of(hashes, {"a": 300, "b": 200, "c": 100})
     signals = signals_for(rows, angles, settings)
     rule = dedup.DuplicateRule(settings.dedup_threshold)
