@@ -225,14 +225,21 @@ def cropped(image: Image.Image, fraction: float = 0.08) -> Image.Image:
 
 
 @pytest.fixture
+def on(settings):
+    """The settings with the embedding signal on (off by default, see docs/benchmarks.md)."""
+    return settings.with_overrides(dedup_embedding=True)
+
+
+@pytest.fixture
 def reupload(crawl, settings):
-    """An original photo, its 8 % crop re-uploaded, and another photo of the same product."""
+    """An original photo, its 7 % crop re-uploaded, and another photo of the same product."""
     original, other = product_photos(3, 2)
-    data = {"original": jpeg(original), "cropped": jpeg(cropped(original), quality=85), "other": jpeg(other)}
+    data = {"original": jpeg(original), "cropped": jpeg(cropped(original, 0.07), quality=85), "other": jpeg(other)}
     return data, {name: crawl.add(blob) for name, blob in data.items()}
 
 
-def test_a_cropped_reupload_is_clustered_with_its_original_though_hashes_miss_it(crawl, settings, reupload):
+def test_a_cropped_reupload_is_clustered_with_its_original_though_hashes_miss_it(crawl, on, reupload):
+    settings = on
     data, sha = reupload
     assert combined_distance(data["original"], data["cropped"]) > settings.dedup_threshold  # hashes miss it
 
@@ -250,7 +257,8 @@ def test_a_cropped_reupload_is_clustered_with_its_original_though_hashes_miss_it
     assert {r.embedding_version for r in stored} == {similarity.embedding_version(settings)}
 
 
-def test_turning_the_embedding_signal_off_reverts_to_hashes_only(crawl, settings, reupload):
+def test_turning_the_embedding_signal_off_reverts_to_hashes_only(crawl, on, reupload):
+    settings = on
     _, sha = reupload
     dedup.run(settings, "crawl-1")
     assert crawl.dedup_rows()[sha["cropped"]]["duplicate_of"] == sha["original"]
@@ -263,7 +271,8 @@ def test_turning_the_embedding_signal_off_reverts_to_hashes_only(crawl, settings
     assert all(row["cluster_id"] == s and row["embedding_rule"] is None for s, row in rows.items())
 
 
-def test_a_new_embedding_version_recomputes_every_vector_and_reclusters(crawl, settings, reupload, monkeypatch):
+def test_a_new_embedding_version_recomputes_every_vector_and_reclusters(crawl, on, reupload, monkeypatch):
+    settings = on
     _, sha = reupload
     dedup.run(settings, "crawl-1")
     monkeypatch.setattr(similarity, "EMBEDDING_SCHEME", similarity.EMBEDDING_SCHEME + "-next")
@@ -277,7 +286,8 @@ def test_a_new_embedding_version_recomputes_every_vector_and_reclusters(crawl, s
     assert versions == [similarity.embedding_version(settings)]
 
 
-def test_a_batch_that_fails_writes_nothing_and_a_retry_writes_the_same_rows(crawl, settings, reupload, monkeypatch):
+def test_a_batch_that_fails_writes_nothing_and_a_retry_writes_the_same_rows(crawl, on, reupload, monkeypatch):
+    settings = on
     [batch] = dedup.plan_batches(settings, "crawl-1")
 
     def broken(*args):
@@ -331,7 +341,8 @@ def clusters_of(decided) -> set[frozenset]:
 
 
 def signals_for(rows, angles: dict[str, float], settings) -> dedup.Signals:
-    rule = similarity.EmbeddingRule.from_settings(settings)
+    rule = similarity.EmbeddingRule(settings.dedup_embedding_min_cosine, settings.dedup_embedding_max_hash_distance,
+                                    settings.dedup_embedding_max_attach)
     vectors = np.stack([unit(angles[r.sha256]) for r in rows])
     return dedup.Signals(rule, vectors, np.ones(len(rows), bool))
 
