@@ -21,6 +21,12 @@ Then the stage's second signal (:mod:`dataset.dedup.similarity`): every image's 
 burst shots (different photos whose originals the hash rule links) left out of the negatives.
 Held-out pairs, clusters and per-edit precision/recall come from the stage's own pair search.
 
+Last, the clusters the stage stores (:func:`dataset.dedup.similarity.guarded_clusters`: hash pairs
+as connected components, an embedding-only pair attaching at most ``max_attach`` images and only
+when it also holds against the cluster's representative): ``c``, ``B`` and ``max_attach`` searched
+on the tuning half by cluster precision and recall, on all copies and on sparse copies (half the
+photos alone, half with one copy), then reported held-out (``stage_clusters`` in the results).
+
     nice -n 10 .venv/bin/python benchmarks/near_duplicates.py [--grocery DIR] [--sample 2]
         [--hash-cache F.npz] [--embedding-cache F.npz] [--out results/near_duplicates.json]
 """
@@ -44,8 +50,8 @@ sys.path.insert(0, str(REPO))
 
 from dataset.dedup.clusters import DuplicateRule, component_labels, find_pairs  # noqa: E402
 from dataset.dedup.hashing import HASH_VERSION, as_uint64, hashes_of_image, to_unsigned64  # noqa: E402
-from dataset.dedup.similarity import (EmbeddingRule, embed_images, embedding_version,  # noqa: E402
-                                      find_embedding_pairs)
+from dataset.dedup.similarity import (EmbeddingPairs, EmbeddingRule, embed_images,  # noqa: E402
+                                      embedding_version, find_embedding_pairs, guarded_clusters)
 from shoplens.config import Settings  # noqa: E402
 
 VARIANTS = ("jpeg", "resize", "crop", "brightness_contrast", "border", "combined",
@@ -56,6 +62,9 @@ MIN_TUNING_PRECISION = 0.97  # margin above the 0.95 acceptance level for the he
 MIN_COMBINED_TUNING_PRECISION = 0.985
 COSINE_LOW, COSINE_STEP, COSINE_BINS = 0.5, 0.0025, 200  # bin 0: below 0.5; bin k: >= 0.5 + (k-1) step
 MAX_HASH_ONLY_THRESHOLD = 40
+# The stage's clustering (embedding pairs attach under a guard): grid searched on the tuning half.
+CLUSTER_GRID = {"c": (0.88, 0.90, 0.92, 0.93, 0.94, 0.95, 0.96), "B": (40, 45, 50, 55), "max_attach": (1, 3)}
+MIN_CLUSTER_PRECISION = 0.98  # the issue's target, on the tuning half's sparse-copies clusters
 
 
 def _encode_jpeg(image: Image.Image, quality: int) -> Image.Image:
@@ -137,6 +146,14 @@ def _hash_photo(path: str) -> list[tuple[int, int, int, int]]:
         raw, trimmed = hashes_of_image(image, trim_border=False), hashes_of_image(image, trim_border=True)
         rows.append((raw.phash, raw.dhash, trimmed.phash, trimmed.dhash))
     return rows
+
+
+def _pixels_of_photo(path: str) -> list[int]:
+    """Width x height of the photo and of each variant (the stage's representative: the largest)."""
+    with Image.open(path) as photo:
+        original = photo.convert("RGB")
+    return [image.size[0] * image.size[1]
+            for image in (original, *make_variants(original, seed=Path(path).name).values())]
 
 
 def list_photos(grocery: Path) -> list[str]:
@@ -368,21 +385,50 @@ def _rule_pairs(phash, dhash, vectors, hash_rule: DuplicateRule, embedding_rule:
     pairs = find_pairs(phash, dhash, hash_rule)
     first, second = [pairs.first], [pairs.second]
     counts = {"hash": len(pairs), "embedding_only": 0}
+    extra = None
     if embedding_rule is not None:
         extra = find_embedding_pairs(vectors, phash, dhash, embedding_rule)
         n = max(len(phash), 1)
         new = ~np.isin(extra.first * n + extra.second, pairs.first * n + pairs.second)
-        first.append(extra.first[new])
-        second.append(extra.second[new])
-        counts["embedding_only"] = int(new.sum())
-    return np.concatenate(first), np.concatenate(second), counts
+        extra = EmbeddingPairs(extra.first[new], extra.second[new], extra.cosine[new], extra.hash_distance[new])
+        first.append(extra.first)
+        second.append(extra.second)
+        counts["embedding_only"] = len(extra)
+    return np.concatenate(first), np.concatenate(second), counts, pairs, extra
 
 
-def signal_metrics(phash, dhash, vectors, photo, variant, group, hash_rule: DuplicateRule,
+def stage_labels(phash, dhash, vectors, priority, hash_rule: DuplicateRule, embedding_rule: EmbeddingRule | None,
+                 found=None) -> np.ndarray:
+    """The clusters the stage stores (:func:`guarded_clusters`, the stage's own function)."""
+    _, _, _, pairs, extra = found or _rule_pairs(phash, dhash, vectors, hash_rule, embedding_rule)
+    if extra is None:
+        return component_labels(len(phash), pairs.first, pairs.second)
+    return guarded_clusters(len(phash), pairs, extra, embedding_rule, hash_rule.threshold, vectors,
+                            phash, dhash, priority)
+
+
+def cluster_scores(labels, photo, group) -> dict:
+    """Pairs put in one cluster, scored per pair (burst pairs inside clusters left out with ``group``)."""
+    _, cluster_sizes = np.unique(labels, return_counts=True)
+    _, joint_sizes = np.unique(labels * (photo.max() + 1) + photo, return_counts=True)
+    true_pos = int((joint_sizes * (joint_sizes - 1) // 2).sum())
+    predicted = int((cluster_sizes * (cluster_sizes - 1) // 2).sum())
+    if group is not None:  # minus the burst pairs inside clusters (pairs of one group, other photo)
+        _, in_group = np.unique(labels * (group.max() + 1) + group, return_counts=True)
+        predicted -= int((in_group * (in_group - 1) // 2).sum()) - true_pos
+    _, photo_sizes = np.unique(photo, return_counts=True)
+    positives = int((photo_sizes * (photo_sizes - 1) // 2).sum())
+    return {**_metrics(true_pos, predicted, positives),
+            "clusters": int(len(cluster_sizes)), "largest_cluster": int(cluster_sizes.max())}
+
+
+def signal_metrics(phash, dhash, vectors, photo, variant, group, priority, hash_rule: DuplicateRule,
                    embedding_rule: EmbeddingRule | None) -> dict:
     """Pairs, clusters and per-edit metrics of hashes (+ embedding) on one subset, via the stage's
-    own pair search (:func:`find_pairs`, :func:`find_embedding_pairs`)."""
-    all_first, all_second, counts = _rule_pairs(phash, dhash, vectors, hash_rule, embedding_rule)
+    own pair search (:func:`find_pairs`, :func:`find_embedding_pairs`) and clustering
+    (:func:`guarded_clusters`). Pairs: every pair either rule accepts; clusters: what is stored."""
+    found = _rule_pairs(phash, dhash, vectors, hash_rule, embedding_rule)
+    all_first, all_second, counts = found[:3]
     first, second = all_first, all_second
     if group is not None:  # pairs of different photos of one burst are neither right nor wrong
         keep = (photo[first] == photo[second]) | (group[first] != group[second])
@@ -391,16 +437,22 @@ def signal_metrics(phash, dhash, vectors, photo, variant, group, hash_rule: Dupl
     _, photo_sizes = np.unique(photo, return_counts=True)
     positives = int((photo_sizes * (photo_sizes - 1) // 2).sum())
     result = {"pairs": _metrics(int(same.sum()), len(first), positives), "pairs_by_signal": counts}
-    labels = component_labels(len(phash), all_first, all_second)  # the stage links every pair
-    _, cluster_sizes = np.unique(labels, return_counts=True)
-    _, joint_sizes = np.unique(labels * (photo.max() + 1) + photo, return_counts=True)
-    true_pos = int((joint_sizes * (joint_sizes - 1) // 2).sum())
-    predicted = int((cluster_sizes * (cluster_sizes - 1) // 2).sum())
-    if group is not None:  # minus the burst pairs inside clusters (pairs of one group, other photo)
-        _, in_group = np.unique(labels * (group.max() + 1) + group, return_counts=True)
-        predicted -= int((in_group * (in_group - 1) // 2).sum()) - true_pos
-    result["clusters"] = {**_metrics(true_pos, predicted, positives),
-                          "clusters": int(len(cluster_sizes)), "largest_cluster": int(cluster_sizes.max())}
+    labels = stage_labels(phash, dhash, vectors, priority, hash_rule, embedding_rule, found)
+    result["clusters"] = cluster_scores(labels, photo, group)
+    if embedding_rule is not None:  # what plain connected components of every pair would store
+        result["clusters_connected_components"] = cluster_scores(
+            component_labels(len(phash), all_first, all_second), photo, group)
+    # Per edit kind as stored: the edited copy in its original's cluster (one true original each).
+    originals, per_edit_cluster = np.flatnonzero(variant == 0), {}
+    for k, name in enumerate(VARIANTS, start=1):
+        members = np.flatnonzero(variant == k)
+        same_cluster = labels[members][:, None] == labels[originals][None, :]
+        truth = photo[members][:, None] == photo[originals][None, :]
+        counted = np.ones_like(truth) if group is None else truth | (group[members][:, None] != group[originals][None, :])
+        hit, truth = same_cluster[counted], truth[counted]
+        per_edit_cluster[name] = {"precision": round(float((hit & truth).sum() / hit.sum()), 4) if hit.sum() else 1.0,
+                                  "recall": round(float((hit & truth).sum() / truth.sum()), 4)}
+    result["per_edit_clusters_vs_originals"] = per_edit_cluster
     # Per edit kind: the edited copies against every original (one true original each).
     n = max(len(phash), 1)
     found = set((first * n + second).tolist())
@@ -419,6 +471,92 @@ def signal_metrics(phash, dhash, vectors, photo, variant, group, hash_rule: Dupl
                           "recall": round(float((hit & truth).sum() / truth.sum()), 4),
                           "false_matches": int((hit & ~truth).sum())}
     result["per_edit_vs_originals"] = per_edit
+    return result
+
+
+def pixels_of(photos: list[str], cache: Path | None, workers: int) -> np.ndarray:
+    """Pixels of every image (photo, then its variants), kept in the hash cache once computed."""
+    stored = {}
+    if cache is not None and cache.exists():
+        with np.load(cache) as npz:
+            stored = {key: npz[key] for key in npz.files}
+        if "pixels" in stored and len(stored["pixels"]) == len(photos) * (1 + len(VARIANTS)):
+            return stored["pixels"].astype(np.int64)
+    with multiprocessing.Pool(workers) as pool:
+        pixels = np.array([v for row in pool.map(_pixels_of_photo, photos, chunksize=16) for v in row], np.int64)
+    if stored and stored["photos"].tolist() == photos:
+        np.savez(cache, **stored, pixels=pixels)
+    return pixels
+
+
+def stage_cluster_search(phash, dhash, vectors, photo, variant, groups, priority, tuning, held,
+                         stage_t: int) -> dict:
+    """The stage's clusters (hash pairs as connected components, embedding pairs attached under the
+    guard) over :data:`CLUSTER_GRID`, burst shots excluded, on two sets of copies:
+
+    - **all copies**: every photo with its eight edited copies (clusters of nine);
+    - **sparse copies**: every other photo alone, the others with one edited copy (the edits taken
+      in turn), closer to a shop where most photos have no copy at all: a distinct photo is then a
+      cluster of one or two, which the guard's size limit does not protect, so only the rule
+      (checked against the representative) keeps it apart.
+
+    Chosen on the tuning half: the highest all-copies cluster recall among the rules whose
+    sparse-copies cluster precision is at least :data:`MIN_CLUSTER_PRECISION` and whose all-copies
+    cluster precision is at least that of hashes alone; then reported held-out.
+    """
+    hash_rule = DuplicateRule(stage_t)
+    sparse = (variant == 0) | ((photo % 2 == 0) & (variant == 1 + (photo // 2) % len(VARIANTS)))
+    sets = {"all_copies": np.ones(len(photo), bool), "sparse_copies": sparse}
+
+    def grid(subset) -> tuple[dict, dict]:
+        P, D, vec, pri = phash[subset], dhash[subset], vectors[subset], priority[subset]
+        pho, grp = photo[subset], groups[subset]
+        pairs = find_pairs(P, D, hash_rule)
+        widest = find_embedding_pairs(vec, P, D, EmbeddingRule(min(CLUSTER_GRID["c"]), max(CLUSTER_GRID["B"])))
+        n = max(len(P), 1)
+        widest_new = ~np.isin(widest.first * n + widest.second, pairs.first * n + pairs.second)
+        table = {}
+        for c in CLUSTER_GRID["c"]:
+            for band in CLUSTER_GRID["B"]:
+                keep = widest_new & (widest.cosine >= c - 1e-6) & (widest.hash_distance <= band)
+                extra = EmbeddingPairs(widest.first[keep], widest.second[keep], widest.cosine[keep],
+                                       widest.hash_distance[keep])
+                for attach in CLUSTER_GRID["max_attach"]:
+                    labels = guarded_clusters(len(P), pairs, extra, EmbeddingRule(c, band, attach), stage_t,
+                                              vec, P, D, pri)
+                    table[(c, band, attach)] = cluster_scores(labels, pho, grp)
+        return cluster_scores(component_labels(len(P), pairs.first, pairs.second), pho, grp), table
+
+    tuned = {name: grid(tuning & chosen) for name, chosen in sets.items()}
+    (base_all, all_table), (_, one_table) = tuned["all_copies"], tuned["sparse_copies"]
+    eligible = [k for k in all_table if one_table[k]["precision"] >= MIN_CLUSTER_PRECISION
+                and all_table[k]["precision"] >= base_all["precision"]]
+    result = {"protocol": f"burst shots excluded; chosen on tuning: highest all-copies cluster recall with "
+                          f"sparse-copies cluster precision >= {MIN_CLUSTER_PRECISION} and all-copies cluster "
+                          f"precision >= hashes alone's",
+              "hashes_alone_tuning": {name: [t[0]["precision"], t[0]["recall"]] for name, t in tuned.items()},
+              "tuning_grid": {f"c={c} B={b} max_attach={m}": {"all_copies": [all_table[k]["precision"],
+                                                                             all_table[k]["recall"]],
+                                                              "sparse_copies": [one_table[k]["precision"],
+                                                                           one_table[k]["recall"]]}
+                              for k in all_table for c, b, m in [k]}}
+    if not eligible:
+        result["chosen"] = None
+        return result
+    c, band, attach = max(eligible, key=lambda k: (all_table[k]["recall"], one_table[k]["recall"], k[0], -k[1], -k[2]))
+    rule = EmbeddingRule(c, band, attach)
+    result["chosen"] = {"c": c, "B": band, "max_attach": attach,
+                        "tuning": {"all_copies": all_table[(c, band, attach)],
+                                   "sparse_copies": one_table[(c, band, attach)]}}
+    for name, chosen in sets.items():
+        for protocol, group in (("strict", None), ("burst_shots_excluded", groups)):
+            subset = held & chosen
+            args = (phash[subset], dhash[subset], vectors[subset], photo[subset], variant[subset],
+                    None if group is None else group[subset], priority[subset])
+            result[f"held_out_{name}_{protocol}"] = {
+                "rule": f"{hash_rule.describe()} OR ({rule.describe()})",
+                **signal_metrics(*args, hash_rule, rule),
+                "hashes_alone": signal_metrics(*args, hash_rule, None)}
     return result
 
 
@@ -506,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     phash, dhash = as_uint64(per_image[:, 2]), as_uint64(per_image[:, 3])
     tuning, held = subsets["tuning"], subsets["held_out"]
     stage_t = Settings().dedup_threshold
+    pixels = pixels_of(photos, args.hash_cache, args.workers)
+    # The stage's representative order: largest first, then (standing in for "earliest") the original.
+    priority = np.empty(len(pixels), dtype=np.int64)
+    priority[np.lexsort((variant_of, -pixels))] = np.arange(len(pixels))
     groups = burst_groups(phash, dhash, photo_of, variant_of, stage_t)
     report["hashes_plus_embedding"] = {
         "embedding_version": embedding_version(settings), "dim": int(vectors.shape[1]),
@@ -545,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
             t, band, k = chosen
             hash_rule, embedding_rule = DuplicateRule(max(t, 0)), EmbeddingRule(bin_cosine(k), band)
             subset = (phash[held], dhash[held], vectors[held], photo_of[held], variant_of[held],
-                      None if group is None else group[held])
+                      None if group is None else group[held], priority[held])
             section[f"chosen_{label}"] = {
                 "T": t, "c": bin_cosine(k), "B": band, "tuning": table[chosen], "held_out": held_table[chosen],
                 "held_out_neighbours": {f"T={t + dt} c={bin_cosine(k + dk)} B={band + db}":
@@ -559,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
                     "hashes_alone": signal_metrics(*subset, DuplicateRule(stage_t), None)},
             }
         report["hashes_plus_embedding"][protocol] = section
+    report["hashes_plus_embedding"]["stage_clusters"] = stage_cluster_search(
+        phash, dhash, vectors, photo_of, variant_of, groups, priority, tuning, held, stage_t)
     print("hashes_plus_embedding", json.dumps(report["hashes_plus_embedding"], indent=1))
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -225,14 +225,21 @@ def cropped(image: Image.Image, fraction: float = 0.08) -> Image.Image:
 
 
 @pytest.fixture
+def on(settings):
+    """The settings with the embedding signal on (off by default, see docs/benchmarks.md)."""
+    return settings.with_overrides(dedup_embedding=True)
+
+
+@pytest.fixture
 def reupload(crawl, settings):
-    """An original photo, its 8 % crop re-uploaded, and another photo of the same product."""
+    """An original photo, its 7 % crop re-uploaded, and another photo of the same product."""
     original, other = product_photos(3, 2)
-    data = {"original": jpeg(original), "cropped": jpeg(cropped(original), quality=85), "other": jpeg(other)}
+    data = {"original": jpeg(original), "cropped": jpeg(cropped(original, 0.07), quality=85), "other": jpeg(other)}
     return data, {name: crawl.add(blob) for name, blob in data.items()}
 
 
-def test_a_cropped_reupload_is_clustered_with_its_original_though_hashes_miss_it(crawl, settings, reupload):
+def test_a_cropped_reupload_is_clustered_with_its_original_though_hashes_miss_it(crawl, on, reupload):
+    settings = on
     data, sha = reupload
     assert combined_distance(data["original"], data["cropped"]) > settings.dedup_threshold  # hashes miss it
 
@@ -250,7 +257,8 @@ def test_a_cropped_reupload_is_clustered_with_its_original_though_hashes_miss_it
     assert {r.embedding_version for r in stored} == {similarity.embedding_version(settings)}
 
 
-def test_turning_the_embedding_signal_off_reverts_to_hashes_only(crawl, settings, reupload):
+def test_turning_the_embedding_signal_off_reverts_to_hashes_only(crawl, on, reupload):
+    settings = on
     _, sha = reupload
     dedup.run(settings, "crawl-1")
     assert crawl.dedup_rows()[sha["cropped"]]["duplicate_of"] == sha["original"]
@@ -263,7 +271,8 @@ def test_turning_the_embedding_signal_off_reverts_to_hashes_only(crawl, settings
     assert all(row["cluster_id"] == s and row["embedding_rule"] is None for s, row in rows.items())
 
 
-def test_a_new_embedding_version_recomputes_every_vector_and_reclusters(crawl, settings, reupload, monkeypatch):
+def test_a_new_embedding_version_recomputes_every_vector_and_reclusters(crawl, on, reupload, monkeypatch):
+    settings = on
     _, sha = reupload
     dedup.run(settings, "crawl-1")
     monkeypatch.setattr(similarity, "EMBEDDING_SCHEME", similarity.EMBEDDING_SCHEME + "-next")
@@ -277,7 +286,8 @@ def test_a_new_embedding_version_recomputes_every_vector_and_reclusters(crawl, s
     assert versions == [similarity.embedding_version(settings)]
 
 
-def test_a_batch_that_fails_writes_nothing_and_a_retry_writes_the_same_rows(crawl, settings, reupload, monkeypatch):
+def test_a_batch_that_fails_writes_nothing_and_a_retry_writes_the_same_rows(crawl, on, reupload, monkeypatch):
+    settings = on
     [batch] = dedup.plan_batches(settings, "crawl-1")
 
     def broken(*args):
@@ -300,3 +310,109 @@ def test_a_batch_that_fails_writes_nothing_and_a_retry_writes_the_same_rows(craw
     with crawl.engine.connect() as conn:
         assert dict(conn.execute(sa.text("SELECT sha256, vector FROM image_embeddings")).all()) == vectors
     assert dedup.plan_batches(settings, "crawl-1") == []
+
+
+# --- how embedding pairs become clusters: attached under a guard, never chained -------------------
+def unit(angle_degrees: float) -> np.ndarray:
+    """A unit vector in a plane: the cosine of two of them is the cosine of their angle apart."""
+    angle = np.radians(angle_degrees)
+    return np.array([np.cos(angle), np.sin(angle), 0.0], dtype=np.float32)
+
+
+def bits(*ranges: tuple[int, int]) -> int:
+    """A 64-bit hash (signed, as stored) with the given bit ranges set."""
+    value = sum(1 << k for start, stop in ranges for k in range(start, stop))
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+Row = __import__("collections").namedtuple(
+    "Row", "sha256 phash dhash width height first_seen_run created_at product_id")
+
+
+def rows_of(images: dict[str, tuple[int, int]], pixels: dict[str, int]) -> list:
+    return [Row(sha, phash, 0, pixels[sha], 1, 1, 0, 1) for sha, (phash, _) in sorted(images.items())]
+
+
+def clusters_of(decided) -> set[frozenset]:
+    by_cluster: dict[str, set] = {}
+    for row in decided:
+        by_cluster.setdefault(row.cluster_id, set()).add(row.sha256)
+    return {frozenset(members) for members in by_cluster.values()}
+
+
+def signals_for(rows, angles: dict[str, float], settings) -> dedup.Signals:
+    rule = similarity.EmbeddingRule(settings.dedup_embedding_min_cosine, settings.dedup_embedding_max_hash_distance,
+                                    settings.dedup_embedding_max_attach)
+    vectors = np.stack([unit(angles[r.sha256]) for r in rows])
+    return dedup.Signals(rule, vectors, np.ones(len(rows), bool))
+
+
+def chain_of_three(settings):
+    """a ~ b and b ~ c by the embedding rule (cosine halfway between the rule's minimum and 1,
+    hashes 30 apart: beyond the hash rule, within the band), but a and c are two different photos
+    (twice the angle: below the minimum cosine): a chain, not a cluster."""
+    assert settings.dedup_threshold < 30 <= settings.dedup_embedding_max_hash_distance
+    hashes = {"a": (0, 0), "b": (bits((0, 30)), 0), "c": (bits((15, 45)), 0)}
+    step = float(np.degrees(np.arccos((1 + settings.dedup_embedding_min_cosine) / 2)))
+    angles = {"a": 0.0, "b": step, "c": 2 * step}
+    return hashes, angles
+
+
+def test_an_embedding_chain_does_not_put_two_different_photos_in_one_cluster(settings):
+    hashes, angles = chain_of_three(settings)
+    rows = rows_of(hashes, {"a": 300, "b": 200, "c": 100})
+    signals = signals_for(rows, angles, settings)
+    assert signals.vectors[0] @ signals.vectors[2] < settings.dedup_embedding_min_cosine
+    pair_counts: dict = {}
+
+    decided, _ = dedup.assign_clusters(rows, {}, dedup.DuplicateRule(settings.dedup_threshold), True, signals,
+                                       pair_counts)
+
+    assert pair_counts == {"hash": 0, "embedding": 2}  # both links are found ...
+    assert clusters_of(decided) == {frozenset("ab"), frozenset("c")}  # ... c fails against the representative a
+
+
+def test_an_image_arriving_later_is_checked_against_the_clusters_representative_too(settings):
+    hashes, angles = chain_of_three(settings)
+    rows = rows_of(hashes, {"a": 300, "b": 200, "c": 100})
+    signals = signals_for(rows, angles, settings)
+    rule = dedup.DuplicateRule(settings.dedup_threshold)
+    stored = {"a": ("a", None), "b": ("a", "a")}  # a and b clustered by an earlier night
+
+    decided, queried = dedup.assign_clusters(rows, stored, rule, False, signals)
+
+    assert queried == 1
+    assert clusters_of(decided) == {frozenset("c")}  # c stays on its own; the stored cluster is untouched
+
+
+def test_one_embedding_pair_does_not_merge_two_established_clusters(settings):
+    """Two photos with three hash-identical copies each: one close embedding pair between them,
+    even one whose representatives pass the rule, is not enough to merge clusters of more than
+    ``dedup_embedding_max_attach`` images."""
+    assert settings.dedup_embedding_max_attach < 4
+    hashes = {f"{photo}{k}": (0 if photo == "a" else bits((0, 30)), 0) for photo in "ab" for k in range(4)}
+    angles = {sha: 0.0 if sha[0] == "a" else 10.0 for sha in hashes}  # cosine 0.985
+    rows = rows_of(hashes, {sha: 100 + k for k, sha in enumerate(sorted(hashes))})
+
+    decided, _ = dedup.assign_clusters(rows, {}, dedup.DuplicateRule(settings.dedup_threshold), True,
+                                       signals_for(rows, angles, settings))
+
+    assert clusters_of(decided) == {frozenset(f"a{k}" for k in range(4)), frozenset(f"b{k}" for k in range(4))}
+    # ... while a single copy of b (a re-upload) is attached to a's cluster
+    single = {sha: hashes[sha] for sha in ("a0", "a1", "a2", "a3", "b0")}
+    rows = rows_of(single, {sha: 100 + k for k, sha in enumerate(sorted(single))})
+    decided, _ = dedup.assign_clusters(rows, {}, dedup.DuplicateRule(settings.dedup_threshold), True,
+                                       signals_for(rows, angles, settings))
+    assert clusters_of(decided) == {frozenset(single)}
+
+
+def test_guarded_labels_attach_through_any_member_but_check_the_representative():
+    from dataset.dedup.clusters import guarded_labels
+
+    # 0-1-2 one cluster by trusted (hash) edges; 0 represents it (lowest priority). Extra edges:
+    # 3 ~ 2 (a non-representative member) and 4 ~ 2; joins() accepts 3 with 0 but not 4 with 0.
+    accepted = {frozenset((0, 3))}
+    labels = guarded_labels(5, [0, 1], [1, 2], [2, 2], [3, 4], [0.95, 0.97], priority=[0, 1, 2, 3, 4],
+                            joins=lambda a, b: frozenset((a, b)) in accepted, max_attach=3)
+    assert labels[3] == labels[0] == labels[1] == labels[2]
+    assert labels[4] != labels[0]

@@ -97,7 +97,7 @@ def crawl(manifest_url, s3_settings):
 
 @pytest.fixture
 def settings(manifest_url, s3_settings):
-    return s3_settings.with_overrides(manifest_url=manifest_url, dedup_hash_batch=3,
+    return s3_settings.with_overrides(manifest_url=manifest_url, dedup_hash_batch=3, dedup_embedding=True,
                                       filter_detect_batch=3,
                                       detector_model_path=str(shared_path("models", "yolox_nano.onnx")))
 

@@ -4,6 +4,7 @@ Two images are near-duplicates when their pHash distance plus their dHash distan
 threshold (rule and default chosen by measurement in ``benchmarks/near_duplicates.py``). Clusters are the connected components of that relation, so
 they do not depend on the order images arrive in: adding images can only merge clusters, which
 is what lets the nightly run update clusters incrementally and still match a full recomputation.
+:func:`guarded_labels` adds the second signal's pairs on top without chaining through them.
 """
 from __future__ import annotations
 
@@ -104,3 +105,49 @@ def representative_order(pixels: Sequence[int], first_seen: Sequence, sha256: Se
 
 def hamming_distances(a, b) -> np.ndarray:
     return np.bitwise_count(as_uint64(a) ^ as_uint64(b)).astype(np.int64)
+
+
+def guarded_labels(count: int, first, second, extra_first, extra_second, extra_score, priority,
+                   joins, max_attach: int) -> np.ndarray:
+    """Cluster label of each of ``count`` nodes: connected components of the trusted edges
+    (``first``, ``second``: the hash rule's pairs, stored clusters), then the ``extra`` edges (the
+    embedding's pairs) merge two clusters only under a guard, so they never chain distinct photos.
+
+    Extra edges are taken best ``extra_score`` first; one merges clusters X and Y only when the
+    smaller has at most ``max_attach`` members (an edge attaches a re-upload and the few copies the
+    hashes link to it, never two established clusters) and ``joins(rep X, rep Y)`` accepts the two
+    clusters' current representatives (lowest ``priority``, then lowest position), so every
+    attached image also stands the rule against the cluster's representative, not only against
+    whichever member it happened to be close to.
+    """
+    labels = component_labels(count, first, second)
+    if count == 0 or len(extra_first) == 0:
+        return labels
+    priority = np.asarray(priority)
+    order = np.lexsort((np.arange(count), priority))
+    rank = np.empty(count, dtype=np.int64)
+    rank[order] = np.arange(count)
+    best = np.full(labels.max() + 1, count, dtype=np.int64)
+    np.minimum.at(best, labels, rank)
+    rep = order[best]  # each component's best member
+    size = np.bincount(labels).astype(np.int64)
+    parent = np.arange(len(rep))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    extra_first, extra_second = np.asarray(extra_first, np.int64), np.asarray(extra_second, np.int64)
+    for e in np.lexsort((extra_second, extra_first, -np.asarray(extra_score, dtype=np.float64))):
+        x, y = root(labels[extra_first[e]]), root(labels[extra_second[e]])
+        if x == y or min(size[x], size[y]) > max_attach or not joins(int(rep[x]), int(rep[y])):
+            continue
+        if rank[rep[y]] < rank[rep[x]]:
+            x, y = y, x
+        parent[y] = x
+        size[x] += size[y]
+    roots = np.array([root(k) for k in range(len(rep))], dtype=np.int64)
+    _, merged = np.unique(roots[labels], return_inverse=True)
+    return merged.astype(np.int64)

@@ -39,27 +39,37 @@ def embedding_version(settings: Settings) -> str:
 
 @dataclass(frozen=True)
 class EmbeddingRule:
-    """Near-duplicates by embedding: cosine >= ``min_cosine`` and pHash + dHash <= ``max_hash_distance``."""
+    """Near-duplicates by embedding: cosine >= ``min_cosine`` and pHash + dHash <= ``max_hash_distance``.
+
+    As clusters (:func:`dataset.dedup.clusters.guarded_labels`) such a pair only *attaches*: it
+    joins two clusters when the smaller has at most ``max_attach`` images and the two clusters'
+    representatives pass the rule too; it never chains distinct photos of one product together.
+    """
     min_cosine: float
     max_hash_distance: int
+    max_attach: int = 3
 
     def __post_init__(self):
         if not -1.0 <= self.min_cosine <= 1.0:
             raise ValueError(f"dedup embedding cosine must be within -1..1, got {self.min_cosine}")
         if not 0 <= self.max_hash_distance <= 128:
             raise ValueError(f"dedup embedding hash band must be within 0..128, got {self.max_hash_distance}")
+        if self.max_attach < 1:
+            raise ValueError(f"dedup embedding max attach must be at least 1, got {self.max_attach}")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "EmbeddingRule | None":
         if not settings.dedup_embedding:
             return None
-        return cls(settings.dedup_embedding_min_cosine, settings.dedup_embedding_max_hash_distance)
+        return cls(settings.dedup_embedding_min_cosine, settings.dedup_embedding_max_hash_distance,
+                   settings.dedup_embedding_max_attach)
 
     def matches(self, cosine, hash_distance):
         return (np.asarray(cosine) >= self.min_cosine) & (np.asarray(hash_distance) <= self.max_hash_distance)
 
     def describe(self) -> str:
-        return f"cosine >= {self.min_cosine:g} and phash + dhash <= {self.max_hash_distance}"
+        return (f"cosine >= {self.min_cosine:g} and phash + dhash <= {self.max_hash_distance}"
+                f" (attaches <= {self.max_attach} images, checked against the representative)")
 
 
 _EMBEDDERS: dict[tuple, object] = {}
@@ -160,3 +170,29 @@ def find_embedding_pairs(vectors: np.ndarray, phashes, dhashes, rule: EmbeddingR
     cosine = np.einsum("ij,ij->i", vectors[low], vectors[high])
     ok = rule.matches(cosine, distance)
     return EmbeddingPairs(low[ok], high[ok], cosine[ok].astype(np.float32), distance[ok])
+
+
+def guarded_clusters(count: int, hash_pairs, extra: EmbeddingPairs, rule: EmbeddingRule, hash_threshold: int,
+                     vectors: np.ndarray, phashes, dhashes, priority, has_vector=None,
+                     trusted=None) -> np.ndarray:
+    """Cluster labels the stage stores: hash pairs (and ``trusted`` (first, second) links, e.g. the
+    stored clusters) as connected components, the embedding-only pairs ``extra`` under the guard of
+    :func:`dataset.dedup.clusters.guarded_labels`: two representatives join when their hashes are
+    within ``hash_threshold`` or ``rule`` accepts them (cosine and band)."""
+    from dataset.dedup.clusters import guarded_labels
+
+    phashes, dhashes = as_uint64(phashes), as_uint64(dhashes)
+    has_vector = np.ones(count, bool) if has_vector is None else np.asarray(has_vector, bool)
+
+    def joins(a: int, b: int) -> bool:
+        distance = (int(np.bitwise_count(phashes[a] ^ phashes[b])) + int(np.bitwise_count(dhashes[a] ^ dhashes[b])))
+        if distance <= hash_threshold:
+            return True
+        return bool(has_vector[a] and has_vector[b] and rule.matches(float(vectors[a] @ vectors[b]), distance))
+
+    first, second = [np.asarray(hash_pairs.first, np.int64)], [np.asarray(hash_pairs.second, np.int64)]
+    if trusted is not None:
+        first.append(np.asarray(trusted[0], np.int64))
+        second.append(np.asarray(trusted[1], np.int64))
+    return guarded_labels(count, np.concatenate(first), np.concatenate(second), extra.first, extra.second,
+                          extra.cosine, priority, joins, rule.max_attach)

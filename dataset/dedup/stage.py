@@ -14,10 +14,15 @@ process (CLI, tests):
 3. :func:`decide` loads every hash (and vector) from the manifest and finds the near-duplicates of
    the images that have no cluster yet (multi-index search over all hashes, plus a faiss
    inner-product range search over the vectors for pairs the hashes miss: crops, re-framing),
-   merges them into the existing
-   clusters (clusters are connected components, so new images can only merge clusters), picks
-   each touched cluster's representative (largest resolution, then earliest) and writes only rows
-   that changed, in one transaction.
+   merges them into the existing clusters, picks each touched cluster's representative (largest
+   resolution, then earliest) and writes only rows that changed, in one transaction. Hash pairs
+   (and stored clusters) join as connected components, so new images can only merge clusters;
+   an embedding-only pair joins two clusters only under a guard
+   (:func:`dataset.dedup.similarity.guarded_clusters`: the smaller side has at most
+   ``dedup_embedding_max_attach`` images and the two representatives pass the rule), so a chain
+   of look-alike photos of one product is not stored as one cluster. The guard depends on the
+   order pairs are taken in (best cosine first), so an incremental night can differ from a full
+   re-clustering in rare cases (an image attached by an earlier night stays attached).
 
 A changed threshold, hash version, embedding rule or embedding version re-clusters everything. Rerunning with nothing new writes
 nothing.
@@ -233,26 +238,36 @@ def assign_clusters(rows, stored: dict[str, tuple], rule: DuplicateRule, full: b
     if len(queries) == 0:
         return [], 0
     pairs = find_pairs(phash, dhash, rule, queries)
-    first, second = [pairs.first], [pairs.second]
     counts = {"hash": len(pairs), "embedding": 0}
-    if signals is not None:
-        extra = similarity.find_embedding_pairs(signals.vectors, phash, dhash, signals.rule, queries,
-                                                signals.has_vector)
-        n = np.int64(max(len(rows), 1))
-        new = ~np.isin(extra.first * n + extra.second, pairs.first * n + pairs.second)
-        first.append(extra.first[new])
-        second.append(extra.second[new])
-        counts["embedding"] = int(new.sum())
-    if pair_counts is not None:
-        pair_counts.update(counts)
+    trusted = None
     if not full:  # keep existing clusters together: each member linked to its representative
         links = [(position[sha], position[cluster]) for sha, (cluster, *_) in stored.items()
                  if sha in position and cluster in position and sha != cluster]
         if links:
             linked = np.array(links, dtype=np.int64)
-            first.append(linked[:, 0])
-            second.append(linked[:, 1])
-    labels = component_labels(len(rows), np.concatenate(first), np.concatenate(second))
+            trusted = (linked[:, 0], linked[:, 1])
+    if signals is None:
+        first, second = [pairs.first], [pairs.second]
+        if trusted is not None:
+            first.append(trusted[0])
+            second.append(trusted[1])
+        labels = component_labels(len(rows), np.concatenate(first), np.concatenate(second))
+    else:
+        extra = similarity.find_embedding_pairs(signals.vectors, phash, dhash, signals.rule, queries,
+                                                signals.has_vector)
+        n = np.int64(max(len(rows), 1))
+        new = ~np.isin(extra.first * n + extra.second, pairs.first * n + pairs.second)
+        extra = similarity.EmbeddingPairs(extra.first[new], extra.second[new], extra.cosine[new],
+                                          extra.hash_distance[new])
+        counts["embedding"] = len(extra)
+        priority = np.empty(len(rows), dtype=np.int64)
+        priority[representative_order([r.width * r.height for r in rows],
+                                      [(r.first_seen_run, r.created_at) for r in rows], shas)] = np.arange(len(rows))
+        labels = similarity.guarded_clusters(len(rows), pairs, extra, signals.rule, rule.threshold,
+                                             signals.vectors, phash, dhash, priority, signals.has_vector,
+                                             trusted)
+    if pair_counts is not None:
+        pair_counts.update(counts)
     touched = np.unique(labels[queries])
     members_of: dict[int, list[int]] = {}
     for k in np.flatnonzero(np.isin(labels, touched)):
