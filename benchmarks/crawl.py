@@ -283,16 +283,22 @@ class Bench:
 
 
 def crawl_all(settings: Settings, parallel: int, run_key: str = "bench") -> dict:
-    """Every category, ``parallel`` at a time, each with its share of the per-host budget
-    (``Settings.share_of_shop``, as the nightly DAG runs them). ``night_s``: the whole night,
-    the run's start (migration check, bucket) and finish included."""
+    """Every category, as the nightly DAG crawls them: dealt into ``parallel`` groups
+    (``crawler.run.category_groups``), one crawl process per group (its categories at once,
+    sharing the group's budget), the groups at once, each with its share of the per-host budget
+    (``Settings.share_of_shop``). ``night_s``: the whole night, the run's start (migration
+    check, bucket) and finish included."""
+    from crawler.run import category_groups
+
     night_started = time.perf_counter()
     crawler.start_run(settings, run_key)
     share = settings.share_of_shop(parallel)
     started = time.perf_counter()
-    with ThreadPoolExecutor(parallel) as pool:
-        per_category = list(pool.map(lambda cid: crawler.crawl_category(share, cid, run_key),
-                                     settings.categories))
+    groups = category_groups(settings.categories, parallel)
+    with ThreadPoolExecutor(len(groups)) as pool:
+        per_category = [stats for by_id in pool.map(
+            lambda group: crawler.crawl_categories(share, group, run_key), groups)
+            for stats in by_id.values()]
     wall = time.perf_counter() - started
     summary = crawler.finish_run(settings, run_key)
     night = time.perf_counter() - night_started
@@ -306,8 +312,9 @@ def crawl_all(settings: Settings, parallel: int, run_key: str = "bench") -> dict
         "night_s": round(night, 3), "requests": sum(s["requests"] for s in per_category),
         "photo_transactions": sum(s.get("photo_transactions", 0) for s in per_category),
         "failures": summary["failures"],
+        "crawl_processes": len(groups),
         "per_category": [{k: s.get(k) for k in ("category_id", "photos_stored", "elapsed_s",
-                                                "image_phase_s", "requests")}
+                                                "process_s", "image_phase_s", "requests")}
                          for s in per_category],
     }
 

@@ -12,8 +12,9 @@ worth a target are the CPU a stored photo costs and the requests a night makes.
 Per latency (the replica, in its own process, holds every answer that long; default 20 ms), it
 starts the replica with ``repeats`` x K photo reviews held back (K = ``--new-reviews-percent`` of
 its photo reviews, at least 1), then ``--repeats`` rounds of:
-(a) a full crawl: the whole crawl stage (``crawl.crawl_all``: a Scrapy child process per
-    category, validate, SeaweedFS PUT, PostgreSQL rows) into a fresh manifest and bucket, no
+(a) a full crawl: the whole crawl stage (``crawl.crawl_all``: the categories dealt into
+    PARALLEL groups as the nightly DAG does, one Scrapy child process per group crawling its
+    categories at once; validate, SeaweedFS PUT, PostgreSQL rows) into a fresh manifest and bucket, no
     delay, AutoThrottle off, ``--concurrency`` per host;
 (b) asyncio doing the same storage work (``crawl.download_and_store``: aiohttp download of the
     same photos at the same concurrency, the crawler's validator and ObjectStore PUT in threads,
