@@ -202,6 +202,7 @@ def run_spiders(settings: Settings, category_ids: list[str], run_key: str) -> li
     from crawler.scrapy_settings import scrapy_settings
     from crawler.spiders.reviews import ReviewsSpider
 
+    cpu = {"imports": time.process_time()}  # interpreter start and imports, before anything
     run_id = _started_run_id(settings, run_key)
     started = time.monotonic()
     scrapy_config = scrapy_settings(settings, crawls_in_process=len(category_ids))
@@ -219,10 +220,16 @@ def run_spiders(settings: Settings, category_ids: list[str], run_key: str) -> li
         crawler.signals.connect(closed, signal=signals.spider_closed, weak=False)
         process.crawl(crawler, category_id=category_id, run_key=run_key)
         crawlers.append((str(category_id), crawler))
+    cpu["setup"] = time.process_time() - cpu["imports"]  # run lookup, Scrapy's crawlers
     process.start()
-    return [_category_stats(settings, run_id, run_key, category_id, crawler,
-                            finished.get(category_id, time.monotonic()) - started)
-            for category_id, crawler in crawlers]
+    cpu["crawl"] = time.process_time() - cpu["setup"] - cpu["imports"]
+    per_category = [_category_stats(settings, run_id, run_key, category_id, crawler,
+                                    finished.get(category_id, time.monotonic()) - started)
+                    for category_id, crawler in crawlers]
+    # The process's CPU seconds by phase (shared by its categories; the stats merges excluded).
+    for stats in per_category:
+        stats["process_cpu_s"] = {k: round(v, 3) for k, v in cpu.items()}
+    return per_category
 
 
 def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
