@@ -15,6 +15,7 @@ from pathlib import Path
 
 from scrapy import Request
 from scrapy.downloadermiddlewares.retry import RetryMiddleware
+from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
 from scrapy.exceptions import IgnoreRequest
 from scrapy.http import Response
 from scrapy.spidermiddlewares.httperror import HttpError
@@ -143,6 +144,18 @@ class SharedHostGate:
     def _release_all(self, spider=None) -> None:
         for request in list(self.held):
             self._release(request)
+
+
+class SharedRobotsTxtMiddleware(RobotsTxtMiddleware):
+    """Scrapy's robots.txt middleware, with one robots.txt per host for every category crawled
+    in this process (not one request per category and host). Enabled with SharedHostGate."""
+
+    def __init__(self, crawler):
+        super().__init__(crawler)
+        self._parsers = _ROBOT_PARSERS
+
+
+_ROBOT_PARSERS: dict = {}
 
 
 class _HostGate:

@@ -92,4 +92,8 @@ def scrapy_settings(settings: Settings, crawls_in_process: int = 1) -> dict:
         # Innermost (after HttpCacheMiddleware, 900): holds a host's place only while the
         # request is in the downloader.
         config["DOWNLOADER_MIDDLEWARES"]["crawler.middlewares.SharedHostGate"] = 950
+        # One robots.txt per host for the whole process, not one per category.
+        config["DOWNLOADER_MIDDLEWARES"].update({
+            "scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware": None,
+            "crawler.middlewares.SharedRobotsTxtMiddleware": 100})
     return config

@@ -66,6 +66,8 @@ def test_one_process_crawls_every_category_of_its_group_within_the_per_host_budg
     for host, seen in hosts.items():
         assert seen["max_in_flight"] <= settings.concurrent_per_host, host
     assert max(h["max_in_flight"] for h in hosts.values()) > 1
+    # The shop's robots.txt once for the whole process, not once per category.
+    assert slow_replica.stats()["requests"]["robots"] == 1
     # Each category's stats reached the run row.
     (row,) = query(manifest_url, "SELECT stats->'categories' FROM crawl_runs "
                                  "WHERE run_key = 'grouped'")[0]
