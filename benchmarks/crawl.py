@@ -6,15 +6,16 @@
 
 For each latency (the replica, in its own process, holds every answer that long, like a server
 across a network; 0 = loopback speed), ``--repeats`` rounds of, in alternating order:
-(a) the crawler: the whole stage (Scrapy child process per category; Pillow decode, SeaweedFS
-    PUT, PostgreSQL rows) crawls every category into a fresh manifest and bucket, no delay,
-    AutoThrottle off, ``concurrent_per_host = C`` shared by the category crawls that run at
-    once (``Settings.share_of_shop``; the nightly DAG runs 2 at once, C/2 each), so the shop
-    never sees more than C requests in flight; once per ``--crawlers`` entry
-    ``HTTP_CLIENT:PARALLEL`` (the ``http_client`` setting: Scrapy's Twisted handler or its
-    experimental aiohttp one; PARALLEL category crawls at once), the order alternating per
-    round; the target is judged on the first (default ``twisted:1``: one crawl at a time with
-    all C slots, like the plain client);
+(a) the crawler: the whole stage (the categories dealt into PARALLEL groups, one Scrapy child
+    process per group crawling its categories at once, as the nightly DAG does; Pillow decode,
+    SeaweedFS PUT, PostgreSQL rows) crawls every category into a fresh manifest and bucket, no
+    delay, AutoThrottle off, ``concurrent_per_host = C`` shared by the crawl processes that run
+    at once (``Settings.share_of_shop``; the nightly DAG runs 2 at once, C/2 each) and within a
+    process by its categories (``SharedHostGate``), so the shop never sees more than C requests
+    in flight; once per ``--crawlers`` entry ``HTTP_CLIENT:PARALLEL`` (the ``http_client``
+    setting: Scrapy's Twisted handler or its experimental aiohttp one; PARALLEL crawl processes
+    at once), the order alternating per round; the target is judged on the first (default
+    ``twisted:1``: one crawl process with all C slots, like the plain client);
 (b) the plain downloader: a bare aiohttp client fetches the very same photo URLs with C
     requests in flight and discards the bytes (run before and after (a); the faster is used,
     so that a warm or cold cache cannot flatter the ratio);
