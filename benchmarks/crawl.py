@@ -6,15 +6,16 @@
 
 For each latency (the replica, in its own process, holds every answer that long, like a server
 across a network; 0 = loopback speed), ``--repeats`` rounds of, in alternating order:
-(a) the crawler: the whole stage (Scrapy child process per category; Pillow decode, SeaweedFS
-    PUT, PostgreSQL rows) crawls every category into a fresh manifest and bucket, no delay,
-    AutoThrottle off, ``concurrent_per_host = C`` shared by the category crawls that run at
-    once (``Settings.share_of_shop``; the nightly DAG runs 2 at once, C/2 each), so the shop
-    never sees more than C requests in flight; once per ``--crawlers`` entry
-    ``HTTP_CLIENT:PARALLEL`` (the ``http_client`` setting: Scrapy's Twisted handler or its
-    experimental aiohttp one; PARALLEL category crawls at once), the order alternating per
-    round; the target is judged on the first (default ``twisted:1``: one crawl at a time with
-    all C slots, like the plain client);
+(a) the crawler: the whole stage (the categories dealt into PARALLEL groups, one Scrapy child
+    process per group crawling its categories at once, as the nightly DAG does; Pillow decode,
+    SeaweedFS PUT, PostgreSQL rows) crawls every category into a fresh manifest and bucket, no
+    delay, AutoThrottle off, ``concurrent_per_host = C`` shared by the crawl processes that run
+    at once (``Settings.share_of_shop``; the nightly DAG runs 2 at once, C/2 each) and within a
+    process by its categories (``SharedHostGate``), so the shop never sees more than C requests
+    in flight; once per ``--crawlers`` entry ``HTTP_CLIENT:PARALLEL`` (the ``http_client``
+    setting: Scrapy's Twisted handler or its experimental aiohttp one; PARALLEL crawl processes
+    at once), the order alternating per round; the target is judged on the first (default
+    ``twisted:1``: one crawl process with all C slots, like the plain client);
 (b) the plain downloader: a bare aiohttp client fetches the very same photo URLs with C
     requests in flight and discards the bytes (run before and after (a); the faster is used,
     so that a warm or cold cache cannot flatter the ratio);
@@ -283,16 +284,22 @@ class Bench:
 
 
 def crawl_all(settings: Settings, parallel: int, run_key: str = "bench") -> dict:
-    """Every category, ``parallel`` at a time, each with its share of the per-host budget
-    (``Settings.share_of_shop``, as the nightly DAG runs them). ``night_s``: the whole night,
-    the run's start (migration check, bucket) and finish included."""
+    """Every category, as the nightly DAG crawls them: dealt into ``parallel`` groups
+    (``crawler.run.category_groups``), one crawl process per group (its categories at once,
+    sharing the group's budget), the groups at once, each with its share of the per-host budget
+    (``Settings.share_of_shop``). ``night_s``: the whole night, the run's start (migration
+    check, bucket) and finish included."""
+    from crawler.run import category_groups
+
     night_started = time.perf_counter()
     crawler.start_run(settings, run_key)
     share = settings.share_of_shop(parallel)
     started = time.perf_counter()
-    with ThreadPoolExecutor(parallel) as pool:
-        per_category = list(pool.map(lambda cid: crawler.crawl_category(share, cid, run_key),
-                                     settings.categories))
+    groups = category_groups(settings.categories, parallel)
+    with ThreadPoolExecutor(len(groups)) as pool:
+        per_category = [stats for by_id in pool.map(
+            lambda group: crawler.crawl_categories(share, group, run_key), groups)
+            for stats in by_id.values()]
     wall = time.perf_counter() - started
     summary = crawler.finish_run(settings, run_key)
     night = time.perf_counter() - night_started
@@ -304,10 +311,14 @@ def crawl_all(settings: Settings, parallel: int, run_key: str = "bench") -> dict
         "image_phase_photos_per_s": round(photos / image_phase, 2) if image_phase else 0.0,
         "end_to_end_s": round(wall, 3), "end_to_end_photos_per_s": round(photos / wall, 2),
         "night_s": round(night, 3), "requests": sum(s["requests"] for s in per_category),
-        "photo_transactions": sum(s.get("photo_transactions", 0) for s in per_category),
+        # Each category reports its process's count so far (one transaction stream per process).
+        "photo_transactions": sum(max(s.get("photo_transactions", 0) for s in per_category
+                                      if s.get("pid") == pid)
+                                  for pid in {s.get("pid") for s in per_category}),
         "failures": summary["failures"],
+        "crawl_processes": len(groups),
         "per_category": [{k: s.get(k) for k in ("category_id", "photos_stored", "elapsed_s",
-                                                "image_phase_s", "requests")}
+                                                "process_s", "image_phase_s", "requests")}
                          for s in per_category],
     }
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from scrapy import Request
 from scrapy.downloadermiddlewares.retry import RetryMiddleware
+from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
 from scrapy.exceptions import IgnoreRequest
 from scrapy.http import Response
 from scrapy.spidermiddlewares.httperror import HttpError
@@ -82,6 +83,90 @@ class HostSlotMiddleware:
         return None
 
 
+class SharedHostGate:
+    """Keeps the per-host politeness of a crawl process whose categories crawl at once: every
+    crawler (category) of the process has its own Scrapy downloader, so without this each would
+    send ``concurrent_per_host`` requests to the shop; through this gate all of them together
+    keep at most ``concurrent_per_host`` in flight per host:port and start them no closer than
+    ``download_delay`` apart.
+
+    Innermost downloader middleware: it holds a host's place from just before the request goes
+    to the downloader until its response or exception comes back (retries and redirects queue
+    again). Enabled by crawler/run.py when a process crawls more than one category.
+    """
+
+    def __init__(self, crawler):
+        shop = crawler.settings["SHOPLENS_SETTINGS"]
+        self.limit, self.delay = shop.concurrent_per_host, shop.download_delay
+        self.held: set[Request] = set()
+        from scrapy import signals
+
+        crawler.signals.connect(self._release_all, signal=signals.spider_closed)
+
+    @classmethod
+    def from_crawler(cls, crawler):
+        return cls(crawler)
+
+    def _host(self, request: Request) -> "_HostGate":
+        netloc = request.meta.get("download_slot") or urlparse_cached(request).netloc
+        gate = _HOST_GATES.get(netloc)
+        if gate is None:
+            gate = _HOST_GATES[netloc] = _HostGate(self.limit)
+        return gate
+
+    async def process_request(self, request: Request):
+        gate = self._host(request)
+        await gate.slots.acquire()
+        if self.delay > 0:
+            now = time.monotonic()
+            start_at = max(now, gate.next_start)
+            gate.next_start = start_at + self.delay
+            if start_at > now:
+                await asyncio.sleep(start_at - now)
+        request.meta["shoplens_gate"] = gate
+        self.held.add(request)
+        return None
+
+    def _release(self, request: Request) -> None:
+        gate = request.meta.pop("shoplens_gate", None)
+        if gate is not None and request in self.held:
+            self.held.discard(request)
+            gate.slots.release()
+
+    def process_response(self, request: Request, response: Response):
+        self._release(request)
+        return response
+
+    def process_exception(self, request: Request, exception: BaseException):
+        self._release(request)
+        return None
+
+    def _release_all(self, spider=None) -> None:
+        for request in list(self.held):
+            self._release(request)
+
+
+class SharedRobotsTxtMiddleware(RobotsTxtMiddleware):
+    """Scrapy's robots.txt middleware, with one robots.txt per host for every category crawled
+    in this process (not one request per category and host). Enabled with SharedHostGate."""
+
+    def __init__(self, crawler):
+        super().__init__(crawler)
+        self._parsers = _ROBOT_PARSERS
+
+
+_ROBOT_PARSERS: dict = {}
+
+
+class _HostGate:
+    def __init__(self, limit: int):
+        self.slots = asyncio.Semaphore(limit)
+        self.next_start = 0.0
+
+
+_HOST_GATES: dict[str, _HostGate] = {}
+
+
 class WafCookieMiddleware:
     """Adds the browser-obtained WAF cookie to guarded shop calls, once the shop asks for one.
 
@@ -91,8 +176,8 @@ class WafCookieMiddleware:
     Referer (the page a visitor would be on), so a night when the WAF is off or its script
     changed crawls without one. A refusal of a request sent with the current cookie renews it;
     requests sent with an older cookie just retry with the newer one. The cookie is kept in a
-    private temp file per shop, so the next crawl process (next category) reuses it instead of
-    starting a browser again, as a visitor's browser would. A challenge page still served after
+    private temp file per shop, so the next crawl process reuses it instead of starting a browser
+    again, as a visitor's browser would; the categories crawled in one process share it. A challenge page still served after
     ``max_renewals`` retries with a renewed cookie becomes :class:`WafChallenged`
     (``waf_challenge``); a refusal status stays the response (``http_403``).
 
@@ -106,45 +191,31 @@ class WafCookieMiddleware:
         self.site = ShopSite(self.shop.shop_base_url)
         self.allowed = {self.site.netloc, *self.shop.allowed_hosts}
         self.stats = crawler.stats
-        self.cookie_header: str | None = None
-        self.generation = 0
-        # A renewal that failed for a generation is not tried again by every refused request.
-        self.failed: tuple[int, BrowserError] | None = None
-        self._lock = asyncio.Lock()
         key = hashlib.sha256(f"{self.site.base_url}|{self.shop.user_agent}".encode()).hexdigest()
-        self.cache_file = Path(tempfile.gettempdir()) / f"shoplens-waf-{key[:20]}.json"
-        self._load_cached()
-
-    def _load_cached(self) -> None:
-        try:
-            cached = json.loads(self.cache_file.read_text())
-        except (OSError, ValueError):
-            return
-        if isinstance(cached, dict) and isinstance(cached.get("cookie"), str):
-            self.cookie_header = cached["cookie"]
-            self.generation = 1
+        cache_file = Path(tempfile.gettempdir()) / f"shoplens-waf-{key[:20]}.json"
+        # The categories crawled in one process share one cookie (and one browser start).
+        self.jar = _WAF_JARS.get(cache_file)
+        if self.jar is None:
+            self.jar = _WAF_JARS[cache_file] = _WafJar(cache_file)
+        if self.jar.cookie_header is not None:
             self.stats.inc_value("shoplens/waf_cookie_reused")
 
-    def _save_cached(self) -> None:
-        tmp = self.cache_file.with_name(f"{self.cache_file.name}.{os.getpid()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"cookie": self.cookie_header, "saved_at": time.time()}, fh)
-            tmp.replace(self.cache_file)
-        except OSError as exc:  # only an optimisation: the next process renews instead
-            logger.info("could not cache the WAF cookie: %s", exc)
+    # The shared jar's state, under the names this middleware always used.
+    cookie_header = property(lambda self: self.jar.cookie_header)
+    generation = property(lambda self: self.jar.generation)
+    cache_file = property(lambda self: self.jar.cache_file)
 
     @classmethod
     def from_crawler(cls, crawler):
         return cls(crawler)
 
     async def _renew(self, page_url: str, seen_generation: int) -> None:
-        async with self._lock:
-            if self.generation != seen_generation:
+        jar = self.jar
+        async with jar.lock:
+            if jar.generation != seen_generation:
                 return  # someone renewed it while we waited
-            if self.failed is not None and self.failed[0] == seen_generation:
-                raise self.failed[1]
+            if jar.failed is not None and jar.failed[0] == seen_generation:
+                raise jar.failed[1]
             started = time.monotonic()
             try:
                 cookies = await acquire_cookies(
@@ -152,11 +223,11 @@ class WafCookieMiddleware:
                     user_agent=self.shop.user_agent, allowed_hosts=self.allowed,
                     allowed_schemes={self.site.scheme}, timeout_s=self.shop.download_timeout)
             except BrowserError as exc:
-                self.failed = (seen_generation, exc)
+                jar.failed = (seen_generation, exc)
                 raise
-            self.cookie_header = "; ".join(f"{k}={v}" for k, v in cookies.items())
-            self.generation += 1
-            self._save_cached()
+            jar.cookie_header = "; ".join(f"{k}={v}" for k, v in cookies.items())
+            jar.generation += 1
+            jar.save()
             self.stats.inc_value("shoplens/waf_cookie_acquired")
             logger.info("WAF cookie obtained from %s in %.1fs", page_url,
                         time.monotonic() - started)
@@ -189,6 +260,39 @@ class WafCookieMiddleware:
         retry = request.replace(dont_filter=True)
         retry.meta["waf_renewals"] = renewals + 1
         return retry
+
+
+class _WafJar:
+    """The WAF cookie of one shop in this process, shared by its category crawls, and kept in a
+    private temp file so the next crawl process reuses it instead of starting a browser."""
+
+    def __init__(self, cache_file: Path):
+        self.cache_file = cache_file
+        self.cookie_header: str | None = None
+        self.generation = 0
+        # A renewal that failed for a generation is not tried again by every refused request.
+        self.failed: tuple[int, BrowserError] | None = None
+        self.lock = asyncio.Lock()
+        try:
+            cached = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(cached, dict) and isinstance(cached.get("cookie"), str):
+            self.cookie_header = cached["cookie"]
+            self.generation = 1
+
+    def save(self) -> None:
+        tmp = self.cache_file.with_name(f"{self.cache_file.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"cookie": self.cookie_header, "saved_at": time.time()}, fh)
+            tmp.replace(self.cache_file)
+        except OSError as exc:  # only an optimisation: the next process renews instead
+            logger.info("could not cache the WAF cookie: %s", exc)
+
+
+_WAF_JARS: dict[Path, _WafJar] = {}
 
 
 class RetryAfterMiddleware(RetryMiddleware):

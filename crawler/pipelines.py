@@ -45,21 +45,33 @@ class StoreUnavailable(RuntimeError):
     """The object store did not accept a write (down, refusing, out of space)."""
 
 
+class _SharedPhotoWork:
+    """The photo threads and the group-committed photo rows of one run in this process, shared
+    by the categories it crawls at once: one pool of ``SHOPLENS_PHOTO_THREADS`` threads (not
+    one per category, which only adds threads contending for the GIL) and one transaction
+    stream (bigger batches, fewer commits)."""
+
+    def __init__(self, writer: ManifestWriter, threads: int, max_batch: int):
+        # Decoding, hashing and the S3 PUT block: they run in these threads, off the event loop.
+        self.workers = ThreadPoolExecutor(threads, thread_name_prefix="photo")
+        self.photo_rows: GroupCommit[PhotoRow, bool] = GroupCommit(
+            writer.record_photos, max_batch=max_batch,
+            # A row the database refuses costs its own photo, not the photos batched with it;
+            # an outage fails the batch at once (and aborts the crawl below).
+            isolate=lambda exc: not isinstance(exc, _DATABASE_DOWN))
+        self.users = 0
+
+
+_SHARED_WORK: dict[tuple[str, int], _SharedPhotoWork] = {}
+
+
 class ReviewPhotoPipeline:
     def __init__(self, crawler):
         self.crawler = crawler
         self.shop = crawler.settings["SHOPLENS_SETTINGS"]
         self.store = ObjectStore(self.shop)
         self.writer: ManifestWriter | None = None
-        # Decoding, hashing and the S3 PUT block: they run in these threads, off the event loop.
-        self.workers = ThreadPoolExecutor(crawler.settings.getint("SHOPLENS_PHOTO_THREADS", 4),
-                                          thread_name_prefix="photo")
-        self.photo_rows: GroupCommit[PhotoRow, bool] = GroupCommit(
-            lambda rows: self.writer.record_photos(rows),
-            max_batch=crawler.settings.getint("SHOPLENS_PHOTO_BATCH", 200),
-            # A row the database refuses costs its own photo, not the photos batched with it;
-            # an outage fails the batch at once (and aborts the crawl below).
-            isolate=lambda exc: not isinstance(exc, _DATABASE_DOWN))
+        self.shared: _SharedPhotoWork | None = None
 
     @classmethod
     def from_crawler(cls, crawler):
@@ -67,10 +79,23 @@ class ReviewPhotoPipeline:
 
     def open_spider(self) -> None:
         self.writer = self.crawler.spider.writer
+        key = (self.shop.manifest_url, self.writer.run_id)
+        self.shared = _SHARED_WORK.get(key)
+        if self.shared is None:
+            settings = self.crawler.settings
+            self.shared = _SHARED_WORK[key] = _SharedPhotoWork(
+                self.writer, settings.getint("SHOPLENS_PHOTO_THREADS", 4),
+                settings.getint("SHOPLENS_PHOTO_BATCH", 200))
+        self.shared.users += 1
+        self.workers, self.photo_rows = self.shared.workers, self.shared.photo_rows
 
     def close_spider(self) -> None:
-        self.workers.shutdown(wait=False, cancel_futures=True)  # every item is settled by now
+        # The process's photo transactions so far (shared by the categories crawled at once).
         self.crawler.stats.set_value("shoplens/photo_transactions", self.photo_rows.transactions)
+        self.shared.users -= 1
+        if self.shared.users == 0:  # the last category of the process: every item is settled
+            self.workers.shutdown(wait=False, cancel_futures=True)
+            _SHARED_WORK.pop((self.shop.manifest_url, self.writer.run_id), None)
 
     async def process_item(self, item):
         if isinstance(item, ReviewPhotoItem):

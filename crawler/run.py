@@ -54,24 +54,74 @@ def check_object_store(settings: Settings) -> None:
 
 def crawl_category(settings: Settings, category_id: str, run_key: str) -> dict:
     """Crawl one category into the run ``run_key`` in a child process; returns its stats."""
+    return crawl_categories(settings, [category_id], run_key)[str(category_id)]
+
+
+def crawl_categories(settings: Settings, category_ids: list[str], run_key: str) -> dict[str, dict]:
+    """Crawl several categories into the run ``run_key`` in ONE child process (one interpreter,
+    one reactor, the imports and the run lookup paid once), all at once, sharing
+    ``settings.concurrent_per_host`` per host (crawler/middlewares.py ``SharedHostGate``);
+    returns each category's stats by category id, in order.
+
+    Each category keeps its own outcome: its stats (and their error) reach the run row, and if
+    any category failed (no product, an exception in a callback, the manifest lost) this raises
+    ``CrawlError`` naming every failed category, after the others ran to their end.
+    """
+    category_ids = [str(c) for c in category_ids]
+    if not category_ids:
+        return {}
     with tempfile.TemporaryDirectory(prefix="shoplens-crawl-") as tmp:
         stats_file = Path(tmp) / "stats.json"
-        cmd = [sys.executable, "-m", "crawler", "crawl", "--category", str(category_id),
-               "--run-key", run_key, "--stats-file", str(stats_file)]
+        cmd = [sys.executable, "-m", "crawler", "crawl", "--run-key", run_key,
+               "--stats-file", str(stats_file)]
+        for category_id in category_ids:
+            cmd += ["--category", category_id]
         env = {**os.environ, **settings_env(settings)}
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         started = time.monotonic()
         returncode, tail = _run_relaying_stderr(cmd, env)
         process_s = time.monotonic() - started
-        stats = json.loads(stats_file.read_text()) if stats_file.exists() else None
-    if returncode != 0 or stats is None or stats.get("error"):
-        reason = (stats or {}).get("error") or f"exit status {returncode}; last log lines:\n{tail}"
-        raise CrawlError(f"crawl of category {category_id} (run {run_key}) failed: {reason}")
-    # The child process's whole life; minus elapsed_s (the spider's) it is the fixed cost of a
-    # category: interpreter start, imports, the run lookup, Scrapy's engine start and stop.
-    stats["process_s"] = round(process_s, 3)
-    return stats
+        per_category = json.loads(stats_file.read_text()) if stats_file.exists() else None
+    which = f"category {category_ids[0]}" if len(category_ids) == 1 else \
+        f"categories {', '.join(category_ids)}"
+    if not per_category:
+        raise CrawlError(f"crawl of {which} (run {run_key}) failed: exit status {returncode}; "
+                         f"last log lines:\n{tail}")
+    failed = [s for s in per_category if s.get("error")]
+    if len(category_ids) == 1 and failed:
+        raise CrawlError(f"crawl of {which} (run {run_key}) failed: {failed[0]['error']}")
+    if failed:
+        reasons = "; ".join(f"category {s.get('category_id')}: {s['error']}" for s in failed)
+        raise CrawlError(f"crawl of {len(failed)} of {len(per_category)} categories "
+                         f"(run {run_key}) failed: {reasons}")
+    if returncode != 0:
+        raise CrawlError(f"crawl of {which} (run {run_key}) failed: exit status {returncode}; "
+                         f"last log lines:\n{tail}")
+    # The child process's whole life, shared by its categories; minus the spiders' time it is
+    # the fixed cost of a crawl process: interpreter start, imports, the run lookup, Scrapy's
+    # engine start and stop.
+    for stats in per_category:
+        stats["process_s"] = round(process_s, 3)
+        stats["categories_in_process"] = len(per_category)
+    return {str(stats["category_id"]): stats for stats in per_category}
+
+
+def plan_groups(settings: Settings) -> list[list[str]]:
+    """The night's crawl processes: ``settings.categories`` in ``settings.crawl_groups`` groups
+    (0: ``crawl_parallelism``, so that every crawl slot has a process to run)."""
+    return category_groups(settings.categories,
+                           settings.crawl_groups or settings.crawl_parallelism)
+
+
+def category_groups(category_ids, groups: int) -> list[list[str]]:
+    """``category_ids`` dealt round-robin into at most ``groups`` non-empty groups (one crawl
+    process each): as many as asked, never more than there are categories."""
+    ids = [str(c) for c in category_ids]
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    n = min(groups, len(ids))
+    return [ids[i::n] for i in range(n)]
 
 
 def finish_run(settings: Settings, run_key: str) -> dict:
@@ -142,24 +192,53 @@ def _started_run_id(settings: Settings, run_key: str) -> int:
         return start_run(settings, run_key)
 
 
-def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
-    """The crawl itself, in this process (the ``python -m crawler crawl`` child)."""
+def run_spiders(settings: Settings, category_ids: list[str], run_key: str) -> list[dict]:
+    """The crawl itself, in this process (the ``python -m crawler crawl`` child): one spider per
+    category, all in one reactor at once; their requests share ``concurrent_per_host`` per host
+    through ``SharedHostGate``. Returns each category's stats, in order."""
+    from scrapy import signals
     from scrapy.crawler import AsyncCrawlerProcess
 
     from crawler.scrapy_settings import scrapy_settings
     from crawler.spiders.reviews import ReviewsSpider
 
+    cpu = {"imports": time.process_time()}  # interpreter start and imports, before anything
     run_id = _started_run_id(settings, run_key)
     started = time.monotonic()
-    scrapy_config = scrapy_settings(settings)
+    scrapy_config = scrapy_settings(settings, crawls_in_process=len(category_ids))
     process = AsyncCrawlerProcess(scrapy_config)
     # Scrapy filters by LOG_LEVEL in its handler, after a record of every "Crawled"/"Scraped"
     # debug line was built: the logger's own level skips building them.
     logging.getLogger("scrapy").setLevel(scrapy_config["LOG_LEVEL"])
-    crawler = process.create_crawler(ReviewsSpider)
-    process.crawl(crawler, category_id=category_id, run_key=run_key)
+    crawlers, finished = [], {}
+    for category_id in category_ids:
+        crawler = process.create_crawler(ReviewsSpider)
+
+        def closed(spider, reason, _category=str(category_id)):
+            finished[_category] = time.monotonic()
+
+        crawler.signals.connect(closed, signal=signals.spider_closed, weak=False)
+        process.crawl(crawler, category_id=category_id, run_key=run_key)
+        crawlers.append((str(category_id), crawler))
+    cpu["setup"] = time.process_time() - cpu["imports"]  # run lookup, Scrapy's crawlers
     process.start()
-    elapsed = time.monotonic() - started
+    cpu["crawl"] = time.process_time() - cpu["setup"] - cpu["imports"]
+    per_category = [_category_stats(settings, run_id, run_key, category_id, crawler,
+                                    finished.get(category_id, time.monotonic()) - started)
+                    for category_id, crawler in crawlers]
+    # The process's CPU seconds by phase (shared by its categories; the stats merges excluded).
+    for stats in per_category:
+        stats["process_cpu_s"] = {k: round(v, 3) for k, v in cpu.items()}
+    return per_category
+
+
+def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
+    """One category, in this process."""
+    return run_spiders(settings, [category_id], run_key)[0]
+
+
+def _category_stats(settings: Settings, run_id: int, run_key: str, category_id: str, crawler,
+                    elapsed: float) -> dict:
     raw = crawler.stats.get_stats()
     spider = crawler.spider
     ours = {k.removeprefix("shoplens/"): v for k, v in raw.items()
@@ -168,7 +247,7 @@ def run_spider(settings: Settings, category_id: str, run_key: str) -> dict:
                 if k.startswith("shoplens/failures/")}
     first, last = ours.pop("first_photo_request_at", None), ours.pop("last_photo_stored_at", None)
     stats = {
-        "category_id": category_id, "run_key": run_key, "run_id": run_id,
+        "category_id": category_id, "run_key": run_key, "run_id": run_id, "pid": os.getpid(),
         **{k: ours.get(k, 0) for k in (
             "products", "products_synced", "products_unchanged", "review_pages", "reviews_seen",
             "reviews_new",

@@ -15,9 +15,11 @@ _DOWNLOAD_HANDLERS = {
 DISABLED_SCHEMES = ("file", "s3", "ftp", "data")
 
 
-def scrapy_settings(settings: Settings) -> dict:
+def scrapy_settings(settings: Settings, crawls_in_process: int = 1) -> dict:
+    """``crawls_in_process``: category crawls that run at once in this process; with more than
+    one, ``SharedHostGate`` makes them share ``concurrent_per_host`` and ``download_delay``."""
     per_host = settings.concurrent_per_host
-    return {
+    config = {
         "SHOPLENS_SETTINGS": settings,
         "BOT_NAME": "shoplens",
         "USER_AGENT": settings.user_agent,
@@ -86,3 +88,12 @@ def scrapy_settings(settings: Settings) -> dict:
         },
         "ITEM_PIPELINES": {"crawler.pipelines.ReviewPhotoPipeline": 300},
     }
+    if crawls_in_process > 1:
+        # Innermost (after HttpCacheMiddleware, 900): holds a host's place only while the
+        # request is in the downloader.
+        config["DOWNLOADER_MIDDLEWARES"]["crawler.middlewares.SharedHostGate"] = 950
+        # One robots.txt per host for the whole process, not one per category.
+        config["DOWNLOADER_MIDDLEWARES"].update({
+            "scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware": None,
+            "crawler.middlewares.SharedRobotsTxtMiddleware": 100})
+    return config

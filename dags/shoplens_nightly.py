@@ -59,23 +59,24 @@ def _stage(name: str, entry, *args, settings=None, **kwargs):
 )
 def shoplens_nightly():
     @task
-    def start_run() -> list[str]:
-        from crawler import start_run as begin
+    def start_run() -> list[list[str]]:  # the category groups: one crawl process each
+        from crawler import plan_groups, start_run as begin
 
         settings = _settings()
         begin(settings, get_current_context()["run_id"])
-        return list(settings.categories)
+        return plan_groups(settings)
 
     @task(max_active_tis_per_dagrun=CRAWL_PARALLELISM, pool="shop")
-    def crawl_category(category_id: str) -> dict:
-        from crawler import crawl_category as crawl
+    def crawl_categories(category_ids: list[str]) -> dict:
+        from crawler import crawl_categories as crawl
 
-        # Each parallel crawl gets its share of the per-host budget, whatever the worker count.
-        return _stage(f"crawl:{category_id}", crawl, category_id,
+        # Each parallel crawl (a process: its categories at once) gets its share of the per-host
+        # budget, whatever the worker count. A failed category fails the task.
+        return _stage(f"crawl:{','.join(category_ids)}", crawl, category_ids,
                       settings=_settings().share_of_shop(CRAWL_PARALLELISM))
 
     @task
-    def finish_crawl(per_category: list[dict]) -> dict:
+    def finish_crawl(per_group: list[dict]) -> dict:
         from crawler import finish_run
 
         return _stage("crawl", finish_run)
@@ -137,7 +138,7 @@ def shoplens_nightly():
         return ops.summarize_run(_settings(), ctx["run_id"], run_started_at=ctx["dag_run"].start_date)
 
     categories = start_run()
-    crawled = finish_crawl(crawl_category.expand(category_id=categories))
+    crawled = finish_crawl(crawl_categories.expand(category_ids=categories))
     # A teardown runs even after a failure and does not decide the run's state: the stages do.
     deduped = dedup(dedup_hash.expand(batch=dedup_plan(crawled)))
     filtered = filter_photos(filter_detect.expand(batch=filter_plan(deduped)))

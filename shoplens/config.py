@@ -135,6 +135,10 @@ class Settings:
     # Category crawls that may run at once across all workers (the Airflow pool `shop` and the
     # DAG's per-run cap); the politeness budgets above are shared among them.
     crawl_parallelism: int = 2
+    # Crawl processes (one Airflow task each) a night's categories are dealt into; the
+    # categories of one group crawl in one process, at once, sharing its politeness budget.
+    # 0 = crawl_parallelism (never more groups than categories).
+    crawl_groups: int = 0
     # --- object store --------------------------------------------------------------------------
     s3_endpoint: str = "127.0.0.1:8333"
     s3_access_key: str = "shoplens"
@@ -436,6 +440,8 @@ class Settings:
             raise ConfigError(f"recheck_unchanged_days must be >= 0, got {self.recheck_unchanged_days}")
         if self.max_page_bytes < 1 or self.max_image_bytes < 1:
             raise ConfigError("max_page_bytes and max_image_bytes must be >= 1")
+        if self.crawl_groups < 0:
+            raise ConfigError("crawl_groups must be >= 0 (0 = crawl_parallelism)")
         if self.concurrent_per_host < 1:
             raise ConfigError("concurrent_per_host must be >= 1")
         if self.download_delay < 0:

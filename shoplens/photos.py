@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
 
-import numpy as np
 import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -179,6 +178,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        import numpy as np  # here only: the crawl process validates photos without it (~0.15 s)
     if mode.startswith("I;16") or mode == "I":
         # 16-bit samples (PNG, TIFF): keep the top 8 bits, as a viewer shows them.
         image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))

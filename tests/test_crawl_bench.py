@@ -48,6 +48,12 @@ def test_incremental_night_ratios_are_incremental_over_full_per_kind_and_for_tim
     assert ratios["requests"] == {"pages": 1.0, "json": 0.95, "photos": 0.01, "other": 0.9,
                                   "total": round(220 / 2800, 4)}
     assert ratios["time"] == 0.08
+    assert ratios["own_cpu"] is None  # no CPU measured
+    full["cpu"] = {"cpu_s": {"crawl_process": 20.0, "object_store": 5.0, "database": 2.0,
+                             "shop": 3.0, "other": 500.0}}
+    incremental["cpu"] = {"cpu_s": {"crawl_process": 2.5, "object_store": 0.2, "database": 0.2,
+                                    "shop": 0.1, "other": 100.0}}
+    assert economics.incremental_vs_full(full, incremental)["own_cpu"] == 0.1  # 3 of 30 s
     assert ratios["time_target_met"] and not ratios["requests_target_met"]  # 7.9 % > 5 %
 
 

@@ -25,7 +25,7 @@ def test_every_dag_file_imports_without_errors(dagbag):
 
 def test_nightly_runs_crawl_then_dedup_filter_build(dagbag):
     dag = dagbag.dags["shoplens_nightly"]
-    order = ["start_run", "crawl_category", "finish_crawl", "dedup_plan", "dedup_hash", "dedup",
+    order = ["start_run", "crawl_categories", "finish_crawl", "dedup_plan", "dedup_hash", "dedup",
              "filter_plan", "filter_detect", "filter_photos", "build_dataset"]
     for upstream, downstream in zip(order, order[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids, (upstream, downstream)
@@ -43,9 +43,12 @@ def test_the_search_index_is_refreshed_after_the_filter_and_before_the_run_summa
     assert refresh.retries >= 1 and refresh.on_failure_callback
 
 
-def test_crawl_is_mapped_over_categories_and_capped(dagbag):
-    crawl = dagbag.dags["shoplens_nightly"].get_task("crawl_category")
+def test_crawl_is_mapped_over_the_planned_category_groups_and_capped(dagbag):
+    """One task instance (one crawl process) per category group that start_run plans."""
+    crawl = dagbag.dags["shoplens_nightly"].get_task("crawl_categories")
     assert type(crawl).__name__.endswith("MappedOperator")
+    assert set(crawl.op_kwargs_expand_input.value) == {"category_ids"}
+    assert set(crawl.upstream_task_ids) == {"start_run"}
     assert crawl.pool == "shop"
     from shoplens.dev.airflow_stack import AirflowStack
     from shoplens.config import Settings

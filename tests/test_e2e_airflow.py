@@ -90,7 +90,7 @@ def test_two_workers_one_killed_mid_run_still_succeed_with_the_same_manifest(
         state = stack.wait_for_run("shoplens_nightly", run_id, timeout=900)
         assert state == "success", stack.logs_tail()
         tries = [ti["try_number"] for ti in stack.task_instances("shoplens_nightly", run_id)
-                 if ti["task_id"] == "crawl_category"]
+                 if ti["task_id"] == "crawl_categories"]
         assert max(tries) >= 2, "the killed worker's crawl was retried elsewhere"
     finally:
         stack.stop()
@@ -117,7 +117,7 @@ def _wait_for_running_crawl(stack, run_id: str, timeout: float = 300) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for ti in stack.task_instances("shoplens_nightly", run_id):
-            if ti["task_id"] == "crawl_category" and ti["state"] == "running" and ti.get("pid"):
+            if ti["task_id"] == "crawl_categories" and ti["state"] == "running" and ti.get("pid"):
                 try:
                     ancestors = {p.pid for p in psutil.Process(ti["pid"]).parents()}
                 except psutil.NoSuchProcess:
