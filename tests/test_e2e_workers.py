@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from urllib.request import quote
 
 import pytest
@@ -114,9 +115,9 @@ def tries(stack, run_id: str, task_id: str) -> list[dict]:
     """Every try of every mapped ``task_id`` instance (map_index, try_number, hostname, state)."""
     out = []
     for ti in stack.task_instances(DAG, run_id):
-        if ti["task_id"] != task_id:
+        if task_id is not None and ti["task_id"] != task_id:
             continue
-        path = f"/dags/{DAG}/dagRuns/{quote(run_id)}/taskInstances/{task_id}/{ti['map_index']}/tries"
+        path = f"/dags/{DAG}/dagRuns/{quote(run_id)}/taskInstances/{ti['task_id']}/{ti['map_index']}/tries"
         out += stack.api("GET", path)["task_instances"]
     return out
 
@@ -128,8 +129,32 @@ def log_text(stack, run_id: str, task_id: str, map_index: int, try_number: int) 
     return "\n".join(e if isinstance(e, str) else str(e.get("event", "")) for e in content)
 
 
+def undisturbed_run(settings, manifest_url: str, model) -> None:
+    """The same shop crawled and staged in this process into ``manifest_url`` and a bucket of its
+    own: default batch size (one batch a stage), one process, nothing killed."""
+    from crawler import crawl_category, finish_run, start_run
+    from dataset.build import stage as build
+    from dataset.dedup import stage as dedup
+    from dataset.filter import stage as filter_stage
+    from shoplens.manifest import upgrade
+
+    reference = settings.with_overrides(
+        manifest_url=manifest_url, s3_bucket=f"t-{uuid.uuid4().hex[:12]}", categories=CATEGORIES,
+        best_n=BEST_N, detector_model_path=str(model), detector_threads=1,
+        dataset_min_photos_per_product=1)
+    ObjectStore(reference).ensure_bucket()
+    upgrade(manifest_url)
+    start_run(reference, "reference")
+    for category in CATEGORIES:
+        crawl_category(reference, category, "reference")
+    finish_run(reference, "reference")
+    dedup.run(reference, "reference")
+    filter_stage.run(reference, "reference")
+    build.run(reference, "reference")
+
+
 def test_two_workers_share_the_mapped_batches_and_a_worker_killed_mid_batch_changes_nothing(
-        tmp_path, replica_settings, fresh_database):
+        tmp_path, replica_settings, other_database):
     model = shared_path("models", "yolox_nano.onnx")  # the filter stage needs the detector
     settings = replica_settings
     stack = stack_for(tmp_path / "airflow", settings, model)
@@ -137,35 +162,41 @@ def test_two_workers_share_the_mapped_batches_and_a_worker_killed_mid_batch_chan
     stack.extra_env.update({"SHOPLENS_DEDUP_HASH_BATCH": str(BATCH),
                             "SHOPLENS_FILTER_DETECT_BATCH": str(BATCH),
                             "SHOPLENS_DETECTOR_THREADS": "1"})
+    hosts = {w: worker_hostname(w) for w in WORKERS}
     gates = {"dedup_hash": WriteGate(settings.manifest_url, "image_hashes"),
              "filter_detect": WriteGate(settings.manifest_url, "detections")}
-    hosts = {w: worker_hostname(w) for w in WORKERS}
-    try:
-        stack.start(workers={w: "default,training" for w in WORKERS})
-        run_id = stack.trigger(DAG, {"categories": CATEGORIES, "best_n": BEST_N})
+    # The reference run, in its own database and bucket, overlaps the stack's start (mostly waits).
+    with ThreadPoolExecutor(1) as pool:
+        reference = pool.submit(undisturbed_run, settings, other_database, model)
+        try:
+            stack.start(workers={w: "default,training" for w in WORKERS})
+            run_id = stack.trigger(DAG, {"categories": CATEGORIES, "best_n": BEST_N})
 
-        waiting = wait_for_batches_at_write(stack, run_id, "dedup_hash", gates["dedup_hash"])
-        gates["dedup_hash"].open()
+            # Both workers in a dedup batch, waiting at its write: let them write.
+            wait_for_batches_at_write(stack, run_id, "dedup_hash", gates["dedup_hash"])
+            gates["dedup_hash"].open()
 
-        waiting = wait_for_batches_at_write(stack, run_id, "filter_detect", gates["filter_detect"])
-        killed_batch = min(waiting)
-        victim = next(w for w, h in hosts.items() if h == waiting[killed_batch])
-        survivor = next(w for w in WORKERS if w != victim)
-        stack.kill(victim)
-        gates["filter_detect"].open()
+            # Both workers in a filter batch, waiting at its write: kill one, let the other write.
+            waiting = wait_for_batches_at_write(stack, run_id, "filter_detect", gates["filter_detect"])
+            killed_batch = min(waiting)
+            victim = next(w for w, h in hosts.items() if h == waiting[killed_batch])
+            survivor = next(w for w in WORKERS if w != victim)
+            stack.kill(victim)
+            gates["filter_detect"].open()
 
-        state = stack.wait_for_run(DAG, run_id, timeout=600)
-        assert state == "success", stack.logs_tail()
-        dedup_tries = tries(stack, run_id, "dedup_hash")
-        filter_tries = tries(stack, run_id, "filter_detect")
-        logs = {(t["task_id"], t["map_index"], t["try_number"]):
-                log_text(stack, run_id, t["task_id"], t["map_index"], t["try_number"])
-                for t in dedup_tries + filter_tries if t["state"] == "success"}
-    finally:
-        for gate in gates.values():
-            gate.open()
-        stack.stop()
-        drop_database(stack.db_url)
+            state = stack.wait_for_run(DAG, run_id, timeout=600)
+            assert state == "success", stack.logs_tail()
+            dedup_tries = tries(stack, run_id, "dedup_hash")
+            filter_tries = tries(stack, run_id, "filter_detect")
+            logs = {(t["task_id"], t["map_index"], t["try_number"]):
+                    log_text(stack, run_id, t["task_id"], t["map_index"], t["try_number"])
+                    for t in dedup_tries + filter_tries if t["state"] == "success"}
+        finally:
+            for gate in gates.values():
+                gate.open()
+            stack.stop()
+            drop_database(stack.db_url)
+        reference.result()
 
     # (a) The mapped batches ran on both workers, and each batch's log shows its progress line.
     assert len({t["map_index"] for t in dedup_tries}) >= 3
@@ -180,28 +211,8 @@ def test_two_workers_share_the_mapped_batches_and_a_worker_killed_mid_batch_chan
     assert killed[0]["hostname"] == hosts[victim] and killed[0]["state"] != "success"
     assert killed[-1]["hostname"] == hosts[survivor] and killed[-1]["state"] == "success"
 
-    # (c) The same shop crawled and staged in this process, one batch a stage, nothing killed.
-    from crawler import crawl_category, finish_run, start_run
-    from dataset.build import stage as build
-    from dataset.dedup import stage as dedup
-    from dataset.filter import stage as filter_stage
-    from shoplens.manifest import upgrade
-
-    reference = settings.with_overrides(
-        manifest_url=fresh_database, s3_bucket=f"t-{uuid.uuid4().hex[:12]}", categories=CATEGORIES,
-        best_n=BEST_N, detector_model_path=str(model), detector_threads=1,
-        dataset_min_photos_per_product=1)
-    ObjectStore(reference).ensure_bucket()
-    upgrade(fresh_database)
-    start_run(reference, "reference")
-    for category in CATEGORIES:
-        crawl_category(reference, category, "reference")
-    finish_run(reference, "reference")
-    dedup.run(reference, "reference")
-    filter_stage.run(reference, "reference")
-    build.run(reference, "reference")
-
-    after_kill, undisturbed = manifest_dump(settings.manifest_url), manifest_dump(fresh_database)
+    # (b) and (c): the run succeeded (above), and its manifest is the undisturbed run's.
+    after_kill, undisturbed = manifest_dump(settings.manifest_url), manifest_dump(other_database)
     assert undisturbed["dataset_members"], "the reference built a dataset version"
     for table in MANIFEST_QUERIES:
         assert after_kill[table] == undisturbed[table], table
