@@ -21,7 +21,8 @@ from shoplens.ops import FailureAlert
 # Crawls at once: the DAG's cap per run; the `shop` pool (same size) caps them across runs.
 CRAWL_PARALLELISM = int(os.environ.get("SHOPLENS_CRAWL_PARALLELISM", "2"))
 
-default_args = {"retries": 2, "retry_delay": timedelta(seconds=20), "retry_exponential_backoff": True,
+_RETRY_S = float(os.environ.get("SHOPLENS_TASK_RETRY_DELAY", "20"))  # first retry; e2e tests: 2
+default_args = {"retries": 2, "retry_delay": timedelta(seconds=_RETRY_S), "retry_exponential_backoff": True,
                 "max_retry_delay": timedelta(minutes=10), "on_failure_callback": FailureAlert()}
 
 

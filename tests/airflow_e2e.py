@@ -34,6 +34,8 @@ def stack_for(home: Path, settings: Settings, model_path: Path | None) -> Airflo
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "60",
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "15",
         "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "300",
+        # A task failed or killed is retried after 2-3 s instead of 20-40 s.
+        "SHOPLENS_TASK_RETRY_DELAY": "2",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         # Only the runs a test triggers: unpausing a scheduled DAG would also start last night's run.
         "SHOPLENS_NIGHTLY_SCHEDULE": "",

@@ -32,9 +32,8 @@ def _admin_engine():
     return sa.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
 
 
-@pytest.fixture
-def fresh_database():
-    """URL of a new empty database; dropped after the test."""
+def _new_database():
+    """URL of a new empty database, dropped when the generator is closed."""
     name = f"shoplens_test_{uuid.uuid4().hex[:10]}"
     eng = _admin_engine()
     with eng.connect() as conn:
@@ -47,6 +46,20 @@ def fresh_database():
     with eng.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     eng.dispose()
+
+
+@pytest.fixture
+def fresh_database():
+    """URL of a new empty database; dropped after the test. It is also the database behind
+    ``manifest_url`` (and ``replica_settings``) when a test asks for those."""
+    yield from _new_database()
+
+
+@pytest.fixture
+def other_database():
+    """URL of a second new empty database, never the one behind ``manifest_url`` (e.g. for a
+    reference run to compare a manifest with); dropped after the test."""
+    yield from _new_database()
 
 
 @pytest.fixture

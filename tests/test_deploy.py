@@ -130,7 +130,7 @@ def _stack_commands(monkeypatch, tmp_path) -> tuple[dict[str, list[str]], dict[s
                                        api_port=8080)
     monkeypatch.setattr(stack, "init_db", lambda: None)
 
-    def record(name: str, args: list[str]) -> int:
+    def record(name: str, args: list[str], env: dict[str, str] | None = None) -> int:
         spawned[name] = args
         stack._procs[name] = None
         return 0

@@ -79,7 +79,7 @@ def test_nightly_dag_triggered_over_rest_crawls_exactly_the_shop(tmp_path, crawl
 
 
 def test_two_workers_one_killed_mid_run_still_succeed_with_the_same_manifest(
-        tmp_path, crawl_settings, replica, fresh_database):
+        tmp_path, crawl_settings, replica, other_database):
     # Slow the crawl a little so that the kill lands while crawl tasks are running.
     settings = crawl_settings.with_overrides(download_delay=0.05, concurrent_per_host=2)
     stack = _run_stack(tmp_path, settings, {"worker-a": "default,training", "worker-b": "default,training"})
@@ -100,13 +100,13 @@ def test_two_workers_one_killed_mid_run_still_succeed_with_the_same_manifest(
     from shoplens.manifest import upgrade
     from crawler import crawl_category, finish_run, start_run
 
-    undisturbed = settings.with_overrides(manifest_url=fresh_database, categories=CATEGORIES, best_n=BEST_N)
-    upgrade(fresh_database)
+    undisturbed = settings.with_overrides(manifest_url=other_database, categories=CATEGORIES, best_n=BEST_N)
+    upgrade(other_database)
     start_run(undisturbed, "undisturbed")
     for category in CATEGORIES:
         crawl_category(undisturbed, category, "undisturbed")
     finish_run(undisturbed, "undisturbed")
-    assert manifest_snapshot(settings.manifest_url) == manifest_snapshot(fresh_database)
+    assert manifest_snapshot(settings.manifest_url) == manifest_snapshot(other_database)
 
 
 def _wait_for_running_crawl(stack, run_id: str, timeout: float = 300) -> str:

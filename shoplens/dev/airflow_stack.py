@@ -4,7 +4,7 @@ workers (Redis broker), metadata in PostgreSQL, everything bound to 127.0.0.1.
 Used by ``make demo`` and by the end-to-end tests; the Docker images run the very same
 ``airflow`` commands (see ``docker/``). Each process is recorded by PID and stopped by PID.
 
-    python -m shoplens.dev.airflow_stack up   [--home .run/airflow] [--workers 1]
+    python -m shoplens.dev.airflow_stack up   [--home .run/airflow] [--workers 1] [--concurrency 2]
     python -m shoplens.dev.airflow_stack trigger shoplens_nightly --conf '{"best_n": 5}' --wait
     python -m shoplens.dev.airflow_stack down [--home .run/airflow]
 """
@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,16 @@ from shoplens.dev.services import LOCALHOST, stop_pid, wait_for_port
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_USER = "admin"
 SHOP_POOL = "shop"
+# Set in each worker's environment: the worker's name, which its task instances report as host.
+WORKER_NAME_ENV = "SHOPLENS_AIRFLOW_WORKER"
+
+
+def worker_hostname(name: str | None = None) -> str:
+    """``[core] hostname_callable`` of the dev workers: ``<worker name>@<host>``, the worker's
+    Celery node name, so that two workers on one machine show apart in each task instance's
+    ``hostname`` (the machine's name alone is the same for both)."""
+    name = name or os.environ.get(WORKER_NAME_ENV)
+    return f"{name}@{socket.getfqdn()}" if name else socket.getfqdn()
 
 
 @dataclass
@@ -38,6 +49,7 @@ class AirflowStack:
     broker_url: str = "redis://127.0.0.1:6379/0"
     executor: str = "CeleryExecutor"
     shop_pool_slots: int = field(default_factory=lambda: int(os.environ.get("SHOPLENS_CRAWL_PARALLELISM", "2")))
+    worker_concurrency: int = 2  # task slots per Celery worker
     extra_env: dict[str, str] = field(default_factory=dict)
     password: str = ""
     pids: dict[str, int] = field(default_factory=dict)
@@ -108,11 +120,12 @@ class AirflowStack:
         self.airflow("pools", "set", SHOP_POOL, str(self.shop_pool_slots),
                      "Crawl tasks allowed to run against the shop at the same time")
 
-    def _spawn(self, name: str, args: list[str]) -> int:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> int:
         logs = self.home / "procs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name}.log", "ab")
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("airflow")), *args], env=self.env(),
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("airflow")), *args],
+                                env={**self.env(), **(env or {})},
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=str(REPO))
         self._procs[name] = proc
@@ -138,10 +151,14 @@ class AirflowStack:
         self._wait_healthy(timeout)
         return self
 
-    def start_worker(self, name: str, queues: str = "default,training") -> int:
-        # Each worker its own hostname so that two workers on one machine are two Celery nodes.
+    def start_worker(self, name: str, queues: str = "default,training", concurrency: int | None = None) -> int:
+        # Each worker its own Celery node name so that two workers on one machine are two nodes,
+        # and its task instances report that name as their hostname.
+        slots = concurrency or self.worker_concurrency
         return self._spawn(name, ["celery", "worker", "--skip-serve-logs", "--queues", queues,
-                                  "--celery-hostname", f"{name}@%h", "--concurrency", "2"])
+                                  "--celery-hostname", f"{name}@%h", "--concurrency", str(slots)],
+                           env={WORKER_NAME_ENV: name,
+                                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "shoplens.dev.airflow_stack.worker_hostname"})
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill one component and every process under it (Celery pool, task runners, crawls),
@@ -296,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up")
-    up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--workers", type=int, default=1, help="Celery workers (each its own node)")
+    up.add_argument("--concurrency", type=int, default=2, help="task slots per worker")
     trig = sub.add_parser("trigger")
     trig.add_argument("dag_id")
     trig.add_argument("--conf", default="{}")
@@ -309,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stack = default_stack(args.home.resolve(), args.api_port)
     if args.cmd == "up":
+        stack.worker_concurrency = args.concurrency
         workers = {f"worker-{i + 1}": "default,training" for i in range(args.workers)}
         stack.start(workers=workers)
         print(f"Airflow UI: {stack.api_url}  (user {ADMIN_USER}, password in {args.home}/passwords.json)")
