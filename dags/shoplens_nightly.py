@@ -1,6 +1,5 @@
-"""shoplens nightly: crawl review photos -> dedup -> filter -> build a dataset version, and refresh
-the product search index (after the filter, beside the build: a failed data-quality check of the
-dataset does not keep tonight's new products out of search).
+"""shoplens nightly: crawl -> dedup -> filter -> build a dataset version, and refresh the search
+index beside the build (a failed dataset check keeps no new product out of search).
 
 Thin by design: each task calls one stage entry in the packages (logic testable there without
 Airflow) through ``ops.run_stage``, which records its duration and data volume. Dedup hashing and
