@@ -96,7 +96,8 @@ def split_scores(hits, truth_pids, labels) -> dict:
 
 
 def pooling_key(embedder) -> str:
-    return "" if embedder.pooling == "avg" else f"gem{embedder.gem_p:g}-"
+    return ("" if embedder.pooling == "avg" else f"gem{embedder.gem_p:g}-") + \
+        ("flip-" if embedder.flip_tta else "")
 
 
 def features_cached(embedder, paths: list[str], cache: Path) -> np.ndarray:
@@ -237,6 +238,8 @@ def parse_args(argv=None):
     ap.add_argument("--backbone", default="efficientnet_lite2")
     ap.add_argument("--pooling", default="gem", choices=("avg", "gem"))
     ap.add_argument("--gem-p", type=float, default=3.0)
+    ap.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=True,
+                    help="average each crop's and its mirror image's features")
     ap.add_argument("--whiten-dim", type=int, default=256)
     ap.add_argument("--whiten-reg", type=float, default=0.5)
     ap.add_argument("--image-size", type=int, default=0)
@@ -298,7 +301,7 @@ def main(argv=None) -> int:
     iconic = [(c["iconic"], c["label"]) for c in classes if c["iconic"]]
 
     base = Embedder(args.backbone, args.image_size, settings=Settings.from_env(),
-                    pooling=args.pooling, gem_p=args.gem_p)
+                    pooling=args.pooling, gem_p=args.gem_p, flip_tta=args.flip_tta)
     cache = args.work / "features"
     t_feat = time.monotonic()
     f_train = features_cached(base, [p for p, _ in train], cache)
@@ -368,7 +371,7 @@ def main(argv=None) -> int:
                     "queries": {"n": len(queries), "novel": sum(map(is_novel, q_labels)),
                                 "listing": str(args.queries_list or "val.txt")},
                     "backbone": base.backbone, "image_size": base.image_size,
-                    "pooling": base.pooling, "gem_p": base.gem_p if base.pooling == "gem" else None,
+                    "flip_tta": base.flip_tta, "pooling": base.pooling, "gem_p": base.gem_p if base.pooling == "gem" else None,
                     "whitening": whitened.report, "head": head_report, "aggregation": {}}
     indexes = {}
     for name, emb in embedders.items():

@@ -339,12 +339,13 @@ def test_learned_whitening_needs_two_products_and_matching_labels():
         learned_whitening(x, [1, 2])
 
 
-def test_gem_pooled_whitened_embedder_saves_and_reloads_to_the_same_vectors(tmp_path):
+def test_gem_pooled_flip_averaged_whitened_embedder_saves_and_reloads_to_the_same_vectors(tmp_path):
     from shoplens.vision.embedding import learned_whitening
 
     settings = Settings().with_overrides(model_init="random")
     avg = Embedder("efficientnet_lite0", 32, settings=settings)
-    gem = Embedder("efficientnet_lite0", 32, settings=settings, pooling="gem", gem_p=3.0)
+    gem = Embedder("efficientnet_lite0", 32, settings=settings, pooling="gem", gem_p=3.0,
+                   flip_tta=True)
     imgs = [_photo(p, v) for p in SHAPES for v in range(2)]
     feats = gem.features(gem.centre_crops(gem.squares(imgs)))
     assert not np.allclose(feats, avg.features(avg.centre_crops(avg.squares(imgs))))
@@ -352,7 +353,8 @@ def test_gem_pooled_whitened_embedder_saves_and_reloads_to_the_same_vectors(tmp_
                                                     dim=4))
     whitened.save(tmp_path / "emb")
     config = json.loads((tmp_path / "emb" / "embedding.json").read_text())
-    assert config["pooling"] == "gem" and config["gem_p"] == 3.0 and config["dim"] == 4
+    assert config["pooling"] == "gem" and config["gem_p"] == 3.0 and config["flip_tta"]
+    assert config["dim"] == 4
     loaded = Embedder.load(tmp_path / "emb", settings)
     a, b = whitened.embed_decoded(imgs), loaded.embed_decoded(imgs)
     assert a.shape == (len(imgs), 4)

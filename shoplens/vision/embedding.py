@@ -8,6 +8,8 @@ vector, so the dot product of two embeddings is their cosine similarity:
 - pooling: the last feature map's average (``avg``, the default) or its generalised mean
   (``gem``, GeM with exponent ``gem_p``: Radenović et al., "Fine-tuning CNN image retrieval with
   no human annotation"), which weighs the strongest activations more;
+- ``flip_tta``: the features are the mean of the L2-normalised pooled features of the crop and
+  of its mirror image (twice the backbone's work per photo);
 - whitened: the L2-normalised pooled features centred and projected by a *learned whitening*
   (same paper, "Lw"): the within-product covariance of labelled photos is whitened (regularised)
   and the result rotated to its principal axes and truncated to ``dim``. It is fitted in closed
@@ -77,6 +79,7 @@ class Embedder:
     pooling: str = "avg"                 # "avg" or "gem" (generalised mean, exponent gem_p)
     gem_p: float = 3.0
     whitening: dict | None = None        # {"mean": (F,), "projection": (F, W)} or None
+    flip_tta: bool = False               # average the crop's and its mirror image's features
     _model: object = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -118,6 +121,7 @@ class Embedder:
                 "backbone_weights": BACKBONE_WEIGHTS_FILE if self.tuned_blocks else None,
                 "pooling": self.pooling, "gem_p": self.gem_p if self.pooling == "gem" else None,
                 "whitening": WHITENING_FILE if self.whitening is not None else None,
+                "flip_tta": self.flip_tta,
                 "report": self.report}
 
     @property
@@ -147,7 +151,14 @@ class Embedder:
         return out
 
     def features(self, crops: np.ndarray) -> np.ndarray:
-        """float32 (N, F): pooled backbone features of (N, size, size, 3) RGB crops in [0, 255]."""
+        """float32 (N, F): pooled backbone features of (N, size, size, 3) RGB crops in [0, 255]
+        (with ``flip_tta``, the mean of the crop's and its mirror image's, each L2-normalised)."""
+        if self.flip_tta:
+            return (l2_normalise(self._pooled(crops))
+                    + l2_normalise(self._pooled(crops[:, :, ::-1]))) / 2
+        return self._pooled(crops)
+
+    def _pooled(self, crops: np.ndarray) -> np.ndarray:
         chunks = [np.asarray(self.model.predict_on_batch(crops[i:i + _BATCH].astype(np.float32)))
                   for i in range(0, len(crops), _BATCH)]
         if not chunks:
@@ -232,13 +243,14 @@ class Embedder:
             raise EmbeddingError(f"{root}: fine-tuned backbone weights {weights.name} missing")
         return cls(config["backbone"], int(config["image_size"]), head,
                    config.get("report") or {}, settings, tuned, str(weights) if tuned else None,
-                   pooling, float(config.get("gem_p") or 3.0), whitening)
+                   pooling, float(config.get("gem_p") or 3.0), whitening,
+                   bool(config.get("flip_tta", False)))
 
     def with_head(self, head: dict | None, report: dict | None = None) -> "Embedder":
         """The same backbone (not rebuilt) with another projection head."""
         other = Embedder(self.backbone, self.image_size, head, report or {}, self.settings,
                          self.tuned_blocks, self.weights_file, self.pooling, self.gem_p,
-                         self.whitening)
+                         self.whitening, self.flip_tta)
         other._model = self._model
         return other
 
