@@ -308,3 +308,59 @@ def test_search_is_a_modeling_command(photo_index, capsys):
     line = json.loads(capsys.readouterr().out.splitlines()[0])
     assert line["top"][0]["product_id"] == 3
     assert main(["search", "--index", str(index_dir)]) == 2  # no photo given: usage error
+
+
+# --- GeM pooling and the learned whitening ------------------------------------------------------
+def test_learned_whitening_fitted_on_other_products_finds_novel_products_raw_cosine_confuses():
+    """Fitted in closed form on some products' photos, the whitening shrinks the directions
+    photos of one product vary along, so photos of products it never saw match far better."""
+    from shoplens.vision.embedding import learned_whitening
+
+    rng = np.random.default_rng(0)
+    seen_x, seen_y = _toy_features(range(12), 40, rng)
+    novel_x, novel_y = _toy_features(range(100, 112), 10, rng)
+    w = learned_whitening(seen_x, seen_y, dim=16, regularisation=0.01)
+    assert w["projection"].shape == (64, 16) and w["mean"].shape == (64,)
+    whitened = Embedder("efficientnet_lite0", 32).with_whitening(w)
+    assert whitened.dim == 16 and whitened.feature_dim == 64 and not whitened.trained
+
+    untrained = _nearest_neighbour_recall(l2_normalise(novel_x), novel_y)
+    after = _nearest_neighbour_recall(whitened.project(novel_x), novel_y)
+    assert after >= untrained + 0.3, (untrained, after)
+
+
+def test_learned_whitening_needs_two_products_and_matching_labels():
+    from shoplens.vision.embedding import learned_whitening
+
+    x = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match="two products"):
+        learned_whitening(x, [1, 1, 1, 1])
+    with pytest.raises(ValueError, match="length"):
+        learned_whitening(x, [1, 2])
+
+
+def test_gem_pooled_flip_averaged_whitened_embedder_saves_and_reloads_to_the_same_vectors(tmp_path):
+    from shoplens.vision.embedding import learned_whitening
+
+    settings = Settings().with_overrides(model_init="random")
+    avg = Embedder("efficientnet_lite0", 32, settings=settings)
+    gem = Embedder("efficientnet_lite0", 32, settings=settings, pooling="gem", gem_p=3.0,
+                   flip_tta=True)
+    imgs = [_photo(p, v) for p in SHAPES for v in range(2)]
+    feats = gem.features(gem.centre_crops(gem.squares(imgs)))
+    assert not np.allclose(feats, avg.features(avg.centre_crops(avg.squares(imgs))))
+    whitened = gem.with_whitening(learned_whitening(feats, [p for p in SHAPES for _ in range(2)],
+                                                    dim=4))
+    whitened.save(tmp_path / "emb")
+    config = json.loads((tmp_path / "emb" / "embedding.json").read_text())
+    assert config["pooling"] == "gem" and config["gem_p"] == 3.0 and config["flip_tta"]
+    assert config["dim"] == 4
+    loaded = Embedder.load(tmp_path / "emb", settings)
+    a, b = whitened.embed_decoded(imgs), loaded.embed_decoded(imgs)
+    assert a.shape == (len(imgs), 4)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_unknown_pooling_is_refused():
+    with pytest.raises(ValueError, match="pooling"):
+        Embedder("efficientnet_lite0", 32, pooling="median")

@@ -5,6 +5,16 @@ the PyPI packages) on the photo's centre crop and turns the pooled features into
 vector, so the dot product of two embeddings is their cosine similarity:
 
 - untrained (the baseline): the pooled backbone features themselves, L2-normalised;
+- pooling: the last feature map's average (``avg``, the default) or its generalised mean
+  (``gem``, GeM with exponent ``gem_p``: Radenović et al., "Fine-tuning CNN image retrieval with
+  no human annotation"), which weighs the strongest activations more;
+- ``flip_tta``: the features are the mean of the L2-normalised pooled features of the crop and
+  of its mirror image (twice the backbone's work per photo);
+- whitened: the L2-normalised pooled features centred and projected by a *learned whitening*
+  (same paper, "Lw"): the within-product covariance of labelled photos is whitened (regularised)
+  and the result rotated to its principal axes and truncated to ``dim``. It is fitted in closed
+  form (no gradient training) by :func:`learned_whitening`, e.g. on the training products only,
+  and applies to any product;
 - trained: a linear projection of them learnt by metric learning — a normalised-softmax
   classifier over the training products with an additive cosine margin (CosFace; margin 0 is the
   plain normalised softmax of Zhai & Wu, "Classification is a strong baseline for deep metric
@@ -20,6 +30,7 @@ Directory layout (``save`` / ``load``)::
     embedding.json        backbone, image_size, weights, feature_dim, dim, trained, tuned_blocks,
                           training report
     head.npz              the projection (kernel, bias), when trained
+    whitening.npz         the learned whitening (mean, projection), when whitened
     backbone.weights.h5   the whole backbone's weights, when its top blocks were fine-tuned
 """
 from __future__ import annotations
@@ -39,6 +50,8 @@ log = logging.getLogger(__name__)
 
 EMBEDDING_FILE = "embedding.json"
 HEAD_FILE = "head.npz"
+WHITENING_FILE = "whitening.npz"
+POOLINGS = ("avg", "gem")
 BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 DEFAULT_BACKBONE = "efficientnet_lite0"
 _BATCH = 32
@@ -63,12 +76,18 @@ class Embedder:
     settings: Settings | None = None
     tuned_blocks: int = 0                # top backbone blocks fine-tuned with the head (0: frozen)
     weights_file: str | None = None      # their weights, when loaded from a directory
+    pooling: str = "avg"                 # "avg" or "gem" (generalised mean, exponent gem_p)
+    gem_p: float = 3.0
+    whitening: dict | None = None        # {"mean": (F,), "projection": (F, W)} or None
+    flip_tta: bool = False               # average the crop's and its mirror image's features
     _model: object = field(default=None, repr=False)
 
     def __post_init__(self):
         from shoplens.vision import backbones
 
         self._spec = backbones.member(self.backbone)  # refuses an unknown backbone early
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if not self.image_size:
             self.image_size = self._spec.native_size
 
@@ -79,10 +98,17 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return int(self.head["kernel"].shape[1]) if self.head is not None else self.feature_dim
+        if self.head is not None:
+            return int(self.head["kernel"].shape[1])
+        if self.whitening is not None:
+            return int(self.whitening["projection"].shape[1])
+        return self.feature_dim
 
     @property
     def feature_dim(self) -> int:
+        """The pooled backbone features' width (what ``features`` returns)."""
+        if self.whitening is not None:
+            return int(self.whitening["projection"].shape[0])
         if self.head is not None:
             return int(self.head["kernel"].shape[0])
         return int(self.model.output.shape[-1])
@@ -93,6 +119,9 @@ class Embedder:
                 "feature_dim": self.feature_dim, "dim": self.dim, "trained": self.trained,
                 "head": HEAD_FILE if self.trained else None, "tuned_blocks": self.tuned_blocks,
                 "backbone_weights": BACKBONE_WEIGHTS_FILE if self.tuned_blocks else None,
+                "pooling": self.pooling, "gem_p": self.gem_p if self.pooling == "gem" else None,
+                "whitening": WHITENING_FILE if self.whitening is not None else None,
+                "flip_tta": self.flip_tta,
                 "report": self.report}
 
     @property
@@ -105,6 +134,8 @@ class Embedder:
 
                 keras.utils.set_random_seed(settings.model_seed)
             self._model = self._spec.build(self.image_size, settings)
+            if self.pooling == "gem":
+                self._model = _with_gem_pooling(self._model, self.gem_p)
             if self.weights_file:
                 self._model.load_weights(self.weights_file)
             self._model.trainable = False
@@ -120,7 +151,14 @@ class Embedder:
         return out
 
     def features(self, crops: np.ndarray) -> np.ndarray:
-        """float32 (N, F): pooled backbone features of (N, size, size, 3) RGB crops in [0, 255]."""
+        """float32 (N, F): pooled backbone features of (N, size, size, 3) RGB crops in [0, 255]
+        (with ``flip_tta``, the mean of the crop's and its mirror image's, each L2-normalised)."""
+        if self.flip_tta:
+            return (l2_normalise(self._pooled(crops))
+                    + l2_normalise(self._pooled(crops[:, :, ::-1]))) / 2
+        return self._pooled(crops)
+
+    def _pooled(self, crops: np.ndarray) -> np.ndarray:
         chunks = [np.asarray(self.model.predict_on_batch(crops[i:i + _BATCH].astype(np.float32)))
                   for i in range(0, len(crops), _BATCH)]
         if not chunks:
@@ -134,6 +172,8 @@ class Embedder:
     def project(self, features: np.ndarray) -> np.ndarray:
         """float32 (N, dim), unit length: the embedding of already computed backbone features."""
         x = np.asarray(features, dtype=np.float32)
+        if self.whitening is not None:
+            x = (l2_normalise(x) - self.whitening["mean"]) @ self.whitening["projection"]
         if self.head is not None:
             x = x @ self.head["kernel"] + self.head["bias"]
         return l2_normalise(x)
@@ -155,6 +195,9 @@ class Embedder:
         out.mkdir(parents=True, exist_ok=True)
         if self.head is not None:
             np.savez(out / HEAD_FILE, kernel=self.head["kernel"], bias=self.head["bias"])
+        if self.whitening is not None:
+            np.savez(out / WHITENING_FILE, mean=self.whitening["mean"],
+                     projection=self.whitening["projection"])
         if self.tuned_blocks:
             self.model.save_weights(out / BACKBONE_WEIGHTS_FILE)
         # Written last: a directory with embedding.json is complete.
@@ -179,6 +222,17 @@ class Embedder:
                             "bias": z["bias"].astype(np.float32)}
             except (OSError, KeyError, ValueError) as exc:
                 raise EmbeddingError(f"{root}: cannot read {HEAD_FILE} ({exc})") from None
+        whitening = None
+        if config.get("whitening"):
+            try:
+                with np.load(root / WHITENING_FILE) as z:
+                    whitening = {"mean": z["mean"].astype(np.float32),
+                                 "projection": z["projection"].astype(np.float32)}
+            except (OSError, KeyError, ValueError) as exc:
+                raise EmbeddingError(f"{root}: cannot read {WHITENING_FILE} ({exc})") from None
+        pooling = config.get("pooling") or "avg"  # directories written before pooling existed
+        if pooling not in POOLINGS:
+            raise EmbeddingError(f"{root}: unknown pooling {pooling!r}")
         # The backbone is rebuilt with the weights the vectors were made with (ImageNet, or
         # random in tests), whatever the caller's settings say.
         settings = (settings or Settings()).with_overrides(
@@ -188,13 +242,74 @@ class Embedder:
         if tuned and not weights.is_file():
             raise EmbeddingError(f"{root}: fine-tuned backbone weights {weights.name} missing")
         return cls(config["backbone"], int(config["image_size"]), head,
-                   config.get("report") or {}, settings, tuned, str(weights) if tuned else None)
+                   config.get("report") or {}, settings, tuned, str(weights) if tuned else None,
+                   pooling, float(config.get("gem_p") or 3.0), whitening,
+                   bool(config.get("flip_tta", False)))
 
     def with_head(self, head: dict | None, report: dict | None = None) -> "Embedder":
         """The same backbone (not rebuilt) with another projection head."""
         other = Embedder(self.backbone, self.image_size, head, report or {}, self.settings,
-                         self.tuned_blocks, self.weights_file)
+                         self.tuned_blocks, self.weights_file, self.pooling, self.gem_p,
+                         self.whitening, self.flip_tta)
         other._model = self._model
         return other
+
+    def with_whitening(self, whitening: dict | None, report: dict | None = None) -> "Embedder":
+        """The same backbone (not rebuilt) with a learned whitening (see :func:`learned_whitening`)
+        and no head."""
+        other = self.with_head(None, report if report is not None else self.report)
+        other.whitening = whitening
+        return other
+
+
+def _with_gem_pooling(backbone, p: float):
+    """The backbone with its global average pooling replaced by a generalised mean (GeM)."""
+    import keras
+
+    pool = backbone.layers[-1]
+    if not isinstance(pool, keras.layers.GlobalAveragePooling2D):
+        raise EmbeddingError(f"{backbone.name}: GeM pooling needs a backbone ending in global "
+                             f"average pooling, not {type(pool).__name__}")
+    ops = keras.ops
+
+    def gem(fmap):
+        return ops.power(ops.mean(ops.power(ops.maximum(fmap, 1e-6), p), axis=(1, 2)), 1.0 / p)
+
+    out = keras.layers.Lambda(gem, name="gem_pool")(pool.input)
+    return keras.Model(backbone.input, out, name=backbone.name)
+
+
+def learned_whitening(features: np.ndarray, labels, dim: int = 256, regularisation: float = 0.5
+                      ) -> dict:
+    """A learned whitening ("Lw", Radenović et al.) fitted on labelled photos' pooled features.
+
+    The features are L2-normalised and centred; their within-product covariance (each photo minus
+    its product's mean) is whitened, regularised by ``regularisation`` times its mean eigenvalue
+    so that directions the few training products never vary along are not blown up; the whitened
+    features are then rotated to their principal axes and the first ``dim`` kept. Closed form,
+    deterministic; no photo of a product it will search for is needed (fit it on other products).
+    Returns {"mean": (F,), "projection": (F, dim)} for :meth:`Embedder.with_whitening`.
+    """
+    x = l2_normalise(features).astype(np.float64)
+    labels = np.asarray(labels)
+    if len(x) != len(labels):
+        raise ValueError("features and labels differ in length")
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise ValueError("learned whitening needs photos of at least two products")
+    mean = x.mean(0)
+    pos = np.searchsorted(classes, labels)
+    class_means = np.zeros((len(classes), x.shape[1]))
+    np.add.at(class_means, pos, x)
+    class_means /= np.bincount(pos)[:, None]
+    within = x - class_means[pos]
+    evals, evecs = np.linalg.eigh(within.T @ within / len(x))
+    evals = np.maximum(evals, 0)
+    whiten = evecs / np.sqrt(evals + regularisation * max(evals.mean(), 1e-12))
+    z = (x - mean) @ whiten
+    evals2, evecs2 = np.linalg.eigh(z.T @ z / len(z))
+    order = np.argsort(-evals2)[:min(dim, x.shape[1])]
+    projection = whiten @ evecs2[:, order]
+    return {"mean": mean.astype(np.float32), "projection": projection.astype(np.float32)}
 
 
