@@ -28,7 +28,9 @@ the product id to report (``ref``):
   Catalogue photos on a white backdrop are trimmed to the product's extent first
   (``identify_trim_gallery``).
 - :meth:`Gallery.from_index`: the shop's search index; a product's class is its ``class``
-  entry, or its ``category`` mapped by ``identify_category_classes``; ids are the shop's.
+  entry, or its ``category`` (the nightly index records the shop's category id, and its name as
+  ``category_name``) mapped by ``identify_category_classes`` (by id, else by name); ids are the
+  shop's.
 """
 from __future__ import annotations
 
@@ -170,8 +172,11 @@ class Gallery:
         self.refs = {}
         for pid, p in index.products.items():
             cls = p.get("class")
-            if cls is None and p.get("category") is not None:
-                cls = classes.get(str(p["category"]))
+            if cls is None:  # the shop's category, by id, else by name
+                for key in ("category", "category_name"):
+                    if p.get(key) is not None and str(p[key]) in classes:
+                        cls = classes[str(p[key])]
+                        break
             # "sofa bed,couch": a product may be several classes; "" (or none) matches any.
             names = {c.strip() for c in (cls or "").split(",")}
             self.classes[pid] = frozenset() if "" in names else frozenset(names)
