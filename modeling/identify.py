@@ -333,6 +333,16 @@ def identify(image: Image.Image, gallery: Gallery, detector: Detector | None,
 
     Boxes in image pixels (1 decimal), scores rounded to 4 decimals. ``detector`` None skips
     detection (the whole-image object only)."""
+    return [{"box": [round(c, 1) for c in o.box], "class": o.label,
+             "score": None if o.score is None else round(o.score, 4),
+             "top": [{"product_id": pid, "score": round(float(s), 4)} for pid, s in top]}
+            for o, top in identify_objects(image, gallery, detector, settings, k)]
+
+
+def identify_objects(image: Image.Image, gallery: Gallery, detector: Detector | None,
+                     settings: Settings | None = None, k: int | None = None
+                     ) -> list[tuple[DetectedBox, list[tuple[object, float]]]]:
+    """:func:`identify`'s answer unrounded: (object, [(product id, score), ...]) best first."""
     settings = settings or gallery.settings
     k = k or settings.identify_top
     objects = detect_objects(image, detector, settings) if detector is not None else []
@@ -341,10 +351,4 @@ def identify(image: Image.Image, gallery: Gallery, detector: Detector | None,
     crops = [object_crop(image, o.box, settings.identify_margin) if o.label is not None
              else image for o in objects]
     vectors = embed_images(gallery.embedder, crops, gallery.flip)
-    out = []
-    for o, v in zip(objects, vectors):
-        top = gallery.search(v, o.label, k)
-        out.append({"box": [round(c, 1) for c in o.box], "class": o.label,
-                    "score": None if o.score is None else round(o.score, 4),
-                    "top": [{"product_id": pid, "score": round(float(s), 4)} for pid, s in top]})
-    return out
+    return [(o, gallery.search(v, o.label, k)) for o, v in zip(objects, vectors)]
