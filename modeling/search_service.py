@@ -406,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     import uvicorn
 
+    model = Path(settings.detector_model_path).expanduser()
+    if not model.is_file():
+        print(f"warning: no detector model at {model}: POST /identify answers 503 and the page "
+              "searches the whole photo (`shoplens models fetch` or SHOPLENS_DETECTOR_MODEL_PATH)",
+              file=sys.stderr)
     print(f"shoplens search on http://{args.host}:{args.port}/ "
           f"(index {args.index or 'current: ' + app.state.holder.index_id})",
           file=sys.stderr)
