@@ -54,8 +54,8 @@ import sqlalchemy as sa
 
 from shoplens.config import Settings
 from shoplens.manifest import engine_for, require_migrated, session_scope
-from shoplens.manifest.schema import (catalogue_images, current_search_index, products,
-                                      search_indexes)
+from shoplens.manifest.schema import (catalogue_images, categories, current_search_index,
+                                      products, search_indexes)
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +219,19 @@ def _enrolment(settings: Settings) -> tuple[dict, dict]:
             thumbs[int(r.product_id)] = r.object_key
         ids = sorted({pid for pid, _, _ in wanted.values()})
         p = products.c
-        rows = conn.execute(sa.select(p.id, p.name, p.brand, p.price, p.source_url)
+        rows = conn.execute(sa.select(p.id, p.name, p.brand, p.price, p.source_url,
+                                      p.category_id, categories.c.name.label("category_name"))
+                            .select_from(products.outerjoin(categories,
+                                                            categories.c.id == p.category_id))
                             .where(p.id.in_(ids))).all() if ids else []
     details = {}
     for r in rows:
-        entry = {"product_id": int(r.id), "name": r.name, "url": r.source_url}
+        # The shop's category (id and name): identify maps it to a detector class
+        # (identify_category_classes) so a detected chair is matched among chairs.
+        entry = {"product_id": int(r.id), "name": r.name, "url": r.source_url,
+                 "category": r.category_id}
+        if r.category_name:
+            entry["category_name"] = r.category_name
         if r.price is not None:
             entry["price"] = int(r.price)
         if r.brand:

@@ -28,7 +28,9 @@ the product id to report (``ref``):
   Catalogue photos on a white backdrop are trimmed to the product's extent first
   (``identify_trim_gallery``).
 - :meth:`Gallery.from_index`: the shop's search index; a product's class is its ``class``
-  entry, or its ``category`` mapped by ``identify_category_classes``; ids are the shop's.
+  entry, or its ``category`` (the nightly index records the shop's category id, and its name as
+  ``category_name``) mapped by ``identify_category_classes`` (by id, else by name); ids are the
+  shop's.
 """
 from __future__ import annotations
 
@@ -170,8 +172,11 @@ class Gallery:
         self.refs = {}
         for pid, p in index.products.items():
             cls = p.get("class")
-            if cls is None and p.get("category") is not None:
-                cls = classes.get(str(p["category"]))
+            if cls is None:  # the shop's category, by id, else by name
+                for key in ("category", "category_name"):
+                    if p.get(key) is not None and str(p[key]) in classes:
+                        cls = classes[str(p[key])]
+                        break
             # "sofa bed,couch": a product may be several classes; "" (or none) matches any.
             names = {c.strip() for c in (cls or "").split(",")}
             self.classes[pid] = frozenset() if "" in names else frozenset(names)
@@ -328,6 +333,16 @@ def identify(image: Image.Image, gallery: Gallery, detector: Detector | None,
 
     Boxes in image pixels (1 decimal), scores rounded to 4 decimals. ``detector`` None skips
     detection (the whole-image object only)."""
+    return [{"box": [round(c, 1) for c in o.box], "class": o.label,
+             "score": None if o.score is None else round(o.score, 4),
+             "top": [{"product_id": pid, "score": round(float(s), 4)} for pid, s in top]}
+            for o, top in identify_objects(image, gallery, detector, settings, k)]
+
+
+def identify_objects(image: Image.Image, gallery: Gallery, detector: Detector | None,
+                     settings: Settings | None = None, k: int | None = None
+                     ) -> list[tuple[DetectedBox, list[tuple[object, float]]]]:
+    """:func:`identify`'s answer unrounded: (object, [(product id, score), ...]) best first."""
     settings = settings or gallery.settings
     k = k or settings.identify_top
     objects = detect_objects(image, detector, settings) if detector is not None else []
@@ -336,10 +351,4 @@ def identify(image: Image.Image, gallery: Gallery, detector: Detector | None,
     crops = [object_crop(image, o.box, settings.identify_margin) if o.label is not None
              else image for o in objects]
     vectors = embed_images(gallery.embedder, crops, gallery.flip)
-    out = []
-    for o, v in zip(objects, vectors):
-        top = gallery.search(v, o.label, k)
-        out.append({"box": [round(c, 1) for c in o.box], "class": o.label,
-                    "score": None if o.score is None else round(o.score, 4),
-                    "top": [{"product_id": pid, "score": round(float(s), 4)} for pid, s in top]})
-    return out
+    return [(o, gallery.search(v, o.label, k)) for o, v in zip(objects, vectors)]

@@ -7,8 +7,8 @@ CSV's folder; class a COCO class name, empty = any product), cached under
 search index directory; with neither, the shop's current search index (the manifest's
 ``current_search_index``, downloaded once into the local cache, as ``shoplens search`` does).
 A shop index's products have a class when they carry ``class``, or a ``category`` mapped by
-``SHOPLENS_IDENTIFY_CATEGORY_CLASSES``; the nightly index records neither yet, so there every
-product matches every object.
+``SHOPLENS_IDENTIFY_CATEGORY_CLASSES`` (the nightly index records each product's shop category id
+and name; an unmapped category matches every object).
 
 One JSON object per photo on stdout, in the order given (directories expand to their images)::
 

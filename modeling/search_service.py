@@ -1,9 +1,11 @@
 """``shoplens serve [--index DIR] [--port N]``: the product search over HTTP, and a page for people.
 
 - ``GET /``: a self-contained page (no external assets: shop machines may be offline) where a
-  person uploads or takes a photo and sees the top-3 products with score, and the catalogue
-  thumbnail, price and shop link when the index's product table carries them (``thumbnail_key``
-  or ``thumbnail_url``, ``price``, ``url``), or "no confident match".
+  person uploads or takes a photo; it is sent to ``/identify`` and each detected product's box is
+  drawn over the photo (scaled to its displayed size); clicking a box shows that object's top-3
+  products with score, and the catalogue thumbnail, price and shop link when the index's product
+  table carries them (``thumbnail_key`` or ``thumbnail_url``, ``price``, ``url``), or "no
+  confident match". Nothing detected: the whole photo's top-3; no detector (503): ``/search``.
 - ``POST /search``: multipart upload (field ``photo``) -> ``{"top": [{product_id, name, score,
   ...details}], "confident", "index"}``. The photo goes through the one decoder
   (``shoplens.photos``) with the configured byte and pixel caps; a refused photo is a 4xx whose
@@ -11,6 +13,12 @@
   many bytes or pixels (decompression bomb) 413, not an image or an unsupported format 415, a
   cut-off or corrupt image 422. The request body itself is cut off at the byte cap (plus room
   for the multipart envelope) before it is all read.
+- ``POST /identify``: the same upload, caps and 4xx answers -> every product in the photo
+  (:func:`modeling.identify.identify` over the served index, restricted by
+  ``identify_category_classes``): ``{"image": {width, height}, "objects": [{"box": [x0, y0, x1,
+  y1] (image pixels, upright), "class", "score", "confident", "top": [3 hits as /search's]}],
+  "index"}``; nothing detected: one object, the whole image, ``class``/``score`` null. 503
+  ``no_detector`` when no detector model is configured or loadable (``detector_model_path``).
 - ``GET /thumbnails/<product_id>``: the product's catalogue image (its ``thumbnail_key`` in the
   index's product table: only those keys are served) read from the object store, as a JPEG of at
   most ``THUMBNAIL_SIDE`` px through the one photo decoder; 404 when the product has none.
@@ -138,6 +146,9 @@ class CurrentIndexHolder:
         return self.index
 
 
+FROM_SETTINGS = object()  # create_app's default detector: the configured model
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -191,8 +202,43 @@ def _error(status: int, reason: str, message: str):
     return JSONResponse({"error": reason, "message": message}, status_code=status)
 
 
-def create_app(index, settings: Settings | None = None):
-    """The FastAPI app over an index directory, an ``IndexHolder`` or a ``CurrentIndexHolder``."""
+class DetectorHolder:
+    """The detector ``POST /identify`` uses: the one given, or the configured model
+    (``detector_model_path``) loaded on first use; ``reason`` says why there is none."""
+
+    def __init__(self, settings: Settings, detector=FROM_SETTINGS):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._loaded = detector is not FROM_SETTINGS
+        self.detector = None if detector is FROM_SETTINGS else detector
+        self.reason = None if self.detector is not None else "detection is turned off"
+
+    def get(self):
+        """The detector, or None (then ``reason`` says why)."""
+        if self._loaded:
+            return self.detector
+        with self._lock:
+            if not self._loaded:
+                from shoplens.vision.detector import Detector, DetectorError
+
+                try:
+                    self.detector = Detector(self.settings.detector_model_path,
+                                             min_score=self.settings.identify_min_score,
+                                             threads=self.settings.detector_threads)
+                    self.reason = None
+                except DetectorError as exc:
+                    self.reason = str(exc)
+                    log.warning("no detector: POST /identify answers 503: %s", exc)
+                self._loaded = True
+        return self.detector
+
+
+def create_app(index, settings: Settings | None = None, detector=FROM_SETTINGS):
+    """The FastAPI app over an index directory, an ``IndexHolder`` or a ``CurrentIndexHolder``.
+
+    ``detector``: what ``POST /identify`` detects with (anything with ``detect(image)``, as
+    :class:`shoplens.vision.detector.Detector`); by default the configured model, loaded on
+    first use; None turns detection off (``/identify`` answers 503, the page uses ``/search``)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, Response
     from starlette.concurrency import run_in_threadpool
@@ -203,8 +249,11 @@ def create_app(index, settings: Settings | None = None):
     limits = PhotoLimits.from_settings(settings)
     holder = index if isinstance(index, (IndexHolder, CurrentIndexHolder)) else \
         IndexHolder(index, settings)
+    detectors = DetectorHolder(settings, detector)
     app = FastAPI(title="shoplens search", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.holder = holder
+    app.state.detectors = detectors
+    galleries: dict = {}  # the served index -> its identify Gallery (rebuilt when it is swapped)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):  # one error shape for every 4xx
@@ -241,19 +290,33 @@ def create_app(index, settings: Settings | None = None):
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "public, max-age=86400"})
 
-    @app.post("/search")
-    async def search(request: Request):
+    async def uploaded_photo(request: Request):
+        """(the decoded photo, None) or (None, the 4xx answer)."""
         form = await request.form(max_files=1, max_fields=8)
         photo = form.get("photo")
         if not isinstance(photo, UploadFile):
-            return _error(400, "no_file", "no photo uploaded: send multipart/form-data with the "
-                          "image in a field named 'photo'")
+            return None, _error(400, "no_file", "no photo uploaded: send multipart/form-data "
+                                "with the image in a field named 'photo'")
         data = await photo.read()
         try:
-            image = decode_photo(data, limits).image
+            return decode_photo(data, limits).image, None
         except PhotoRejected as exc:
-            return _error(REASON_STATUS.get(exc.reason, 422), exc.reason,
-                          f"{photo.filename or 'photo'}: {exc.message}")
+            return None, _error(REASON_STATUS.get(exc.reason, 422), exc.reason,
+                                f"{photo.filename or 'photo'}: {exc.message}")
+
+    def with_details(idx, hit: dict) -> dict:
+        product = idx.products.get(hit["product_id"], {})
+        hit.setdefault("name", product.get("name", str(hit["product_id"])))
+        hit.update({k: product[k] for k in PRODUCT_DETAILS if product.get(k) is not None})
+        if product.get("thumbnail_key") and "thumbnail_url" not in hit:
+            hit["thumbnail_url"] = f"thumbnails/{hit['product_id']}"
+        return hit
+
+    @app.post("/search")
+    async def search(request: Request):
+        image, refused = await uploaded_photo(request)
+        if refused is not None:
+            return refused
         idx = holder.current()
 
         def embed():
@@ -262,11 +325,41 @@ def create_app(index, settings: Settings | None = None):
 
         answer = idx.answer(await run_in_threadpool(embed), TOP_K)
         for hit in answer["top"]:
-            product = idx.products.get(hit["product_id"], {})
-            hit.update({k: product[k] for k in PRODUCT_DETAILS if product.get(k) is not None})
-            if product.get("thumbnail_key") and "thumbnail_url" not in hit:
-                hit["thumbnail_url"] = f"thumbnails/{hit['product_id']}"
+            with_details(idx, hit)
         return {**answer, "index": _index_summary(idx, holder)}
+
+    @app.post("/identify")
+    async def identify_objects(request: Request):
+        from modeling.identify import Gallery, identify_objects
+
+        image, refused = await uploaded_photo(request)
+        if refused is not None:
+            return refused
+        found = await run_in_threadpool(detectors.get)
+        if found is None:
+            return _error(503, "no_detector", "object detection is not available here "
+                          f"({detectors.reason}): use POST /search for the whole photo")
+        idx = holder.current()
+        gallery = galleries.get(id(idx))
+        if gallery is None or gallery.index is not idx:
+            galleries.clear()  # only the served index's gallery is kept
+            gallery = galleries[id(idx)] = Gallery.from_index(idx, settings)
+
+        def work():
+            with holder.embed_lock:  # the detector and the embedder, one photo at a time
+                return identify_objects(image, gallery, found, settings, TOP_K)
+
+        objects = []
+        for obj, top in await run_in_threadpool(work):
+            objects.append({
+                "box": [round(c, 1) for c in obj.box], "class": obj.label,
+                "score": None if obj.score is None else round(obj.score, 4),
+                # the unrounded best score against the threshold, as /search does
+                "confident": bool(top) and idx.is_confident(top[0][1]),
+                "top": [with_details(idx, {"product_id": pid, "score": float(score)})
+                        for pid, score in top]})
+        return {"image": {"width": image.width, "height": image.height}, "objects": objects,
+                "index": _index_summary(idx, holder)}
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_bytes + MULTIPART_OVERHEAD)
     return app
@@ -313,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     import uvicorn
 
+    model = Path(settings.detector_model_path).expanduser()
+    if not model.is_file():
+        print(f"warning: no detector model at {model}: POST /identify answers 503 and the page "
+              "searches the whole photo (`shoplens models fetch` or SHOPLENS_DETECTOR_MODEL_PATH)",
+              file=sys.stderr)
     print(f"shoplens search on http://{args.host}:{args.port}/ "
           f"(index {args.index or 'current: ' + app.state.holder.index_id})",
           file=sys.stderr)
@@ -328,7 +426,14 @@ PAGE = """<!doctype html>
  body{font-family:system-ui,sans-serif;max-width:40rem;margin:1rem auto;padding:0 1rem;color:#222}
  h1{font-size:1.3rem} label.pick{display:inline-block;padding:.7rem 1.2rem;background:#1f6feb;
  color:#fff;border-radius:.4rem;cursor:pointer} input[type=file]{display:none}
- #preview{max-width:10rem;max-height:10rem;display:block;margin:1rem 0}
+ #frame{position:relative;display:inline-block;max-width:100%;margin:1rem 0;line-height:0}
+ #preview{display:block;max-width:100%;max-height:24rem}
+ .box{position:absolute;box-sizing:border-box;border:3px solid #1f6feb;background:transparent;
+ padding:0;cursor:pointer;border-radius:.2rem}
+ .box span{position:absolute;left:-3px;top:-3px;background:#1f6feb;color:#fff;font-size:.75rem;
+ line-height:1.2;padding:.1rem .3rem;white-space:nowrap}
+ .box.selected{border-color:#e8590c;box-shadow:0 0 0 2px #fff}
+ .box.selected span{background:#e8590c}
  ol{padding:0;list-style:none} li{display:flex;gap:.8rem;align-items:center;border:1px solid #ddd;
  border-radius:.4rem;padding:.5rem;margin:.4rem 0} li img{width:4rem;height:4rem;object-fit:cover}
  .score{color:#666;font-size:.9rem} .none{color:#a40} .error{color:#b00}
@@ -336,37 +441,33 @@ PAGE = """<!doctype html>
 <h1>Find a product by photo</h1>
 <label class="pick">Upload or take a photo
  <input id="photo" type="file" name="photo" accept="image/*" capture="environment"></label>
-<img id="preview" alt="" hidden>
+<div id="frame" hidden><img id="preview" alt="your photo"></div>
+<p id="found" hidden></p>
 <p id="status" role="status"></p>
 <ol id="results"></ol>
 <script>
 const input = document.getElementById("photo"), status = document.getElementById("status"),
-      results = document.getElementById("results"), preview = document.getElementById("preview");
+      results = document.getElementById("results"), preview = document.getElementById("preview"),
+      frame = document.getElementById("frame"), found = document.getElementById("found");
 function el(tag, attrs, text) {
   const e = document.createElement(tag);
   Object.entries(attrs || {}).forEach(([k, v]) => e.setAttribute(k, v));
   if (text !== undefined) e.textContent = text;
   return e;
 }
-input.addEventListener("change", async () => {
-  const file = input.files[0];
-  if (!file) return;
-  preview.src = URL.createObjectURL(file); preview.hidden = false;
-  results.replaceChildren(); status.className = ""; status.textContent = "Searching\u2026";
+async function post(path, file) {
   const body = new FormData(); body.append("photo", file);
-  let answer;
-  try {
-    const response = await fetch("search", {method: "POST", body});
-    answer = await response.json();
-    if (!response.ok) throw new Error(answer.message || response.statusText);
-  } catch (err) {
-    status.className = "error"; status.textContent = "Could not search: " + err.message; return;
-  }
-  if (!answer.confident) {
-    status.className = "none";
-    status.textContent = "No confident match. Closest products:";
-  } else status.textContent = "Best matches:";
-  for (const hit of answer.top) {
+  const response = await fetch(path, {method: "POST", body});
+  let answer = {};
+  try { answer = await response.json(); } catch (err) { /* not JSON: the status says enough */ }
+  return {response, answer};
+}
+function showTop(top, confident, what) {
+  results.replaceChildren();
+  status.className = confident ? "" : "none";
+  status.textContent = (what ? what + ": " : "") +
+    (confident ? "best matches:" : "no confident match. Closest products:");
+  for (const hit of top) {
     const li = el("li", {"data-product-id": hit.product_id});
     if (hit.thumbnail_url) li.append(el("img", {src: hit.thumbnail_url, alt: ""}));
     const text = el("div");
@@ -378,6 +479,58 @@ input.addEventListener("change", async () => {
     text.append(el("div", {class: "score"}, "score " + hit.score.toFixed(3)));
     if (hit.url) text.append(el("a", {class: "shop", href: hit.url, rel: "noopener"}, "View in shop"));
     li.append(text); results.append(li);
+  }
+}
+function drawBoxes(answer, detected) {
+  const pct = (v, total) => (100 * v / total) + "%";
+  const {width, height} = answer.image;
+  detected.forEach((obj, i) => {
+    const [x0, y0, x1, y1] = obj.box;
+    const label = (i + 1) + ". " + obj.class;
+    const box = el("button", {type: "button", class: "box", "data-object": i,
+                              "aria-pressed": "false", "aria-label": label + ": show its matches"});
+    Object.assign(box.style, {left: pct(x0, width), top: pct(y0, height),
+                              width: pct(x1 - x0, width), height: pct(y1 - y0, height)});
+    box.append(el("span", {}, label));
+    box.addEventListener("click", () => select(detected, i));
+    frame.append(box);
+  });
+}
+function select(detected, i) {
+  frame.querySelectorAll(".box").forEach(b => {
+    const on = b.dataset.object === String(i);
+    b.classList.toggle("selected", on); b.setAttribute("aria-pressed", String(on));
+  });
+  showTop(detected[i].top, detected[i].confident, (i + 1) + ". " + detected[i].class);
+}
+input.addEventListener("change", async () => {
+  const file = input.files[0];
+  if (!file) return;
+  frame.querySelectorAll(".box").forEach(b => b.remove());
+  preview.src = URL.createObjectURL(file); frame.hidden = false; found.hidden = true;
+  results.replaceChildren(); status.className = ""; status.textContent = "Searching\u2026";
+  try {
+    let {response, answer} = await post("identify", file);
+    if (response.status === 503) {  // no detector here: the whole photo, as one product
+      ({response, answer} = await post("search", file));
+      if (!response.ok) throw new Error(answer.message || response.statusText);
+      showTop(answer.top, answer.confident);
+      return;
+    }
+    if (!response.ok) throw new Error(answer.message || response.statusText);
+    const detected = answer.objects.filter(o => o.class !== null);
+    if (!detected.length) {  // nothing detected: the whole-image answer
+      showTop(answer.objects[0].top, answer.objects[0].confident);
+      return;
+    }
+    drawBoxes(answer, detected);
+    found.textContent = detected.length + " product" + (detected.length > 1 ? "s" : "") +
+      " found in the photo: tap a box to see its matches.";
+    found.hidden = false;
+    select(detected, 0);
+  } catch (err) {
+    results.replaceChildren();
+    status.className = "error"; status.textContent = "Could not search: " + err.message;
   }
 });
 </script></body></html>

@@ -309,6 +309,52 @@ def test_serve_answers_from_the_current_index_and_picks_up_a_newer_one(settings,
         assert body["index"]["id"] == second["index_id"] and body["top"][0]["product_id"] == 3
 
 
+def test_identify_over_the_shop_index_matches_a_detected_chair_only_among_chair_categories(
+        settings, shop, tmp_path):
+    """The nightly index records each product's shop category, so ``identify`` (without
+    ``--gallery``: the current index) applies ``identify_category_classes``: a detected chair is
+    never matched to a product whose category is mapped to another class, even the one the photo
+    shows; an unmapped category matches any object."""
+    from modeling.identify_cli import main as identify_main
+    from shoplens.vision.detector import Box
+
+    shop.product(3, category_id="sofas", name="green triangle sofa")
+    for v in range(3):
+        shop.photo(3, data=_jpeg(drawn_photo(3, v)))
+    shop.product(4, category_id="lamps", name="orange ellipse lamp")
+    shop.photo(4, data=_jpeg(drawn_photo(4, 0)))
+    built = catalogue_index.refresh(settings)
+    index_dir = catalogue_index.download(settings, built["index_id"],
+                                         catalogue_index.cache_dir(settings))
+    details = json.loads((index_dir / "products.json").read_text())
+    assert {p["product_id"]: p["category"] for p in details} == {
+        1: "10120000", 2: "10120000", 3: "sofas", 4: "lamps"}
+    assert {p["category_name"] for p in details} == {"10120000", "sofas", "lamps"}
+
+    photo = tmp_path / "sofa.jpg"
+    photo.write_bytes(_jpeg(drawn_photo(3, 1)))
+    mapped = settings.with_overrides(identify_category_classes={"10120000": "chair",
+                                                                "sofas": "couch"})
+
+    def identify(detected):
+        class Stub:
+            def detect(self, image, original_size=None):
+                return detected
+
+        out, err = io.StringIO(), io.StringIO()
+        assert identify_main([str(photo)], out=out, err=err, settings=mapped,
+                             detector=Stub()) == 0, err.getvalue()
+        [line] = [json.loads(x) for x in out.getvalue().splitlines()]
+        [obj] = line["objects"]
+        return [t["product_id"] for t in obj["top"]]
+
+    # Nothing detected: the whole photo, over every product, finds the sofa it shows first.
+    assert identify([])[0] == 3
+    # Detected as a chair: chairs (category 10120000) and the unmapped lamp only.
+    assert set(identify([Box("chair", 0.9, 0.0, 0.0, 64.0, 64.0)])) == {1, 2, 4}
+    assert set(identify([Box("couch", 0.9, 0.0, 0.0, 64.0, 64.0)])) == {3, 4}
+
+
 def test_the_demo_ends_with_one_example_search_and_a_copy_of_the_index(
         settings, shop, monkeypatch, tmp_path, capsys):
     from shoplens.dev.demo import _example_search
