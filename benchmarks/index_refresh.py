@@ -110,9 +110,17 @@ class Manifest:
                 " VALUES (:s, :s, 6, false, :r)"), rows)
 
 
-def timed(label: str, fn) -> dict:
+def timed(label: str, fn, profile_dir: Path | None = None) -> dict:
     t0 = time.monotonic()
-    stats = fn()
+    if profile_dir is not None:  # cProfile the step: <profile_dir>/<label>.prof
+        import cProfile
+
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        prof = cProfile.Profile()
+        stats = prof.runcall(fn)
+        prof.dump_stats(str(profile_dir / f"{label}.prof"))
+    else:
+        stats = fn()
     stats = {**stats, "wall_s": round(time.monotonic() - t0, 2)}
     print(f"{label}: {json.dumps(stats)}", file=sys.stderr, flush=True)
     return stats
@@ -126,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=128, help="baseline embedding input, px")
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "index_refresh.json")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="folder for a cProfile dump per step (<step>.prof); slows the steps")
     args = ap.parse_args(argv)
     os.environ.setdefault("SHOPLENS_PROGRESS", "log")
     from modeling import catalogue_index
@@ -150,14 +160,16 @@ def main(argv=None) -> int:
             search_cache_dir=str(work / "cache"))
         manifest = Manifest(settings, args.products)
         manifest.add(generated[:-held])
-        steps = {"full": timed("full", lambda: catalogue_index.refresh(settings, "night-1"))}
+        def step(label, run_key, full=False):
+            steps[label] = timed(
+                label, lambda: catalogue_index.refresh(settings, run_key, full=full), args.profile)
+
+        steps: dict = {}
+        step("full", "night-1")
         manifest.add(generated[-held:])
-        steps["incremental"] = timed("incremental",
-                                     lambda: catalogue_index.refresh(settings, "night-2"))
-        steps["nothing_new"] = timed("nothing_new",
-                                     lambda: catalogue_index.refresh(settings, "night-3"))
-        steps["full_again"] = timed("full_again",
-                                    lambda: catalogue_index.refresh(settings, "night-4", full=True))
+        step("incremental", "night-2")
+        step("nothing_new", "night-3")
+        step("full_again", "night-4", full=True)
         full, inc = steps["full_again"]["seconds"], steps["incremental"]["seconds"]
         # Both build the backbone and do the same bookkeeping: their difference is the cost of
         # the photos only one of them embeds; what is left of the incremental one is fixed.
@@ -172,6 +184,7 @@ def main(argv=None) -> int:
                "embedded": {k: v["embedded"] for k, v in steps.items()},
                "fixed_s": round(fixed, 2), "nothing_new_s": steps["nothing_new"]["seconds"],
                "per_photo_ms": round(1000 * per_photo, 2),
+               "incremental_timings": steps["incremental"].get("timings"),
                "projected_incremental_vs_full_at_photos": projection,
                "target_incremental_vs_full": 0.05,
                "command": "benchmarks/index_refresh.py " + " ".join(
@@ -181,7 +194,7 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1))
         print(json.dumps({k: out[k] for k in ("incremental_vs_full", "embedded", "fixed_s",
-                                              "per_photo_ms",
+                                              "per_photo_ms", "incremental_timings",
                                               "projected_incremental_vs_full_at_photos")}))
         print(f"wall {out['wall_s']} s; results in {args.out}")
     finally:
