@@ -17,10 +17,16 @@ Every step is the stage entry itself, in this process (a step that embeds builds
 as a night's task would). ``full_again`` minus ``incremental`` over the photos only the first
 embeds is the per-photo cost; the rest of ``incremental`` is its fixed cost (backbone build,
 bookkeeping): together a linear projection of the ratio to larger catalogues (labelled as a
-projection in the results, not measured).
+projection in the results, not measured). Each step's summary carries the refresh's own
+``timings`` (seconds by phase); ``incremental_timings`` in the results is the incremental
+step's, i.e. where its fixed cost goes. ``--profile DIR`` also writes a cProfile dump per step
+(DIR/<step>.prof; profiling slows TensorFlow's Python-heavy tracing several-fold, so its times
+are for the split, not for the ratio).
 
     nice -n 10 .venv/bin/python benchmarks/index_refresh.py                 # ~2 min, 1,000 photos
     .venv/bin/python benchmarks/index_refresh.py --photos 300 --image-size 96   # quick
+    nice -n 10 .venv/bin/python benchmarks/index_refresh.py --photos 5000 --products 500 \
+        --out results/index_refresh_5000.json                                  # ~10 min
 """
 from __future__ import annotations
 
