@@ -17,10 +17,16 @@ Every step is the stage entry itself, in this process (a step that embeds builds
 as a night's task would). ``full_again`` minus ``incremental`` over the photos only the first
 embeds is the per-photo cost; the rest of ``incremental`` is its fixed cost (backbone build,
 bookkeeping): together a linear projection of the ratio to larger catalogues (labelled as a
-projection in the results, not measured).
+projection in the results, not measured). Each step's summary carries the refresh's own
+``timings`` (seconds by phase); ``incremental_timings`` in the results is the incremental
+step's, i.e. where its fixed cost goes. ``--profile DIR`` also writes a cProfile dump per step
+(DIR/<step>.prof; profiling slows TensorFlow's Python-heavy tracing several-fold, so its times
+are for the split, not for the ratio).
 
     nice -n 10 .venv/bin/python benchmarks/index_refresh.py                 # ~2 min, 1,000 photos
     .venv/bin/python benchmarks/index_refresh.py --photos 300 --image-size 96   # quick
+    nice -n 10 .venv/bin/python benchmarks/index_refresh.py --photos 5000 --products 500 \
+        --out results/index_refresh_5000.json                                  # ~10 min
 """
 from __future__ import annotations
 
@@ -110,9 +116,17 @@ class Manifest:
                 " VALUES (:s, :s, 6, false, :r)"), rows)
 
 
-def timed(label: str, fn) -> dict:
+def timed(label: str, fn, profile_dir: Path | None = None) -> dict:
     t0 = time.monotonic()
-    stats = fn()
+    if profile_dir is not None:  # cProfile the step: <profile_dir>/<label>.prof
+        import cProfile
+
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        prof = cProfile.Profile()
+        stats = prof.runcall(fn)
+        prof.dump_stats(str(profile_dir / f"{label}.prof"))
+    else:
+        stats = fn()
     stats = {**stats, "wall_s": round(time.monotonic() - t0, 2)}
     print(f"{label}: {json.dumps(stats)}", file=sys.stderr, flush=True)
     return stats
@@ -126,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=128, help="baseline embedding input, px")
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "index_refresh.json")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="folder for a cProfile dump per step (<step>.prof); slows the steps")
     args = ap.parse_args(argv)
     os.environ.setdefault("SHOPLENS_PROGRESS", "log")
     from modeling import catalogue_index
@@ -150,14 +166,16 @@ def main(argv=None) -> int:
             search_cache_dir=str(work / "cache"))
         manifest = Manifest(settings, args.products)
         manifest.add(generated[:-held])
-        steps = {"full": timed("full", lambda: catalogue_index.refresh(settings, "night-1"))}
+        def step(label, run_key, full=False):
+            steps[label] = timed(
+                label, lambda: catalogue_index.refresh(settings, run_key, full=full), args.profile)
+
+        steps: dict = {}
+        step("full", "night-1")
         manifest.add(generated[-held:])
-        steps["incremental"] = timed("incremental",
-                                     lambda: catalogue_index.refresh(settings, "night-2"))
-        steps["nothing_new"] = timed("nothing_new",
-                                     lambda: catalogue_index.refresh(settings, "night-3"))
-        steps["full_again"] = timed("full_again",
-                                    lambda: catalogue_index.refresh(settings, "night-4", full=True))
+        step("incremental", "night-2")
+        step("nothing_new", "night-3")
+        step("full_again", "night-4", full=True)
         full, inc = steps["full_again"]["seconds"], steps["incremental"]["seconds"]
         # Both build the backbone and do the same bookkeeping: their difference is the cost of
         # the photos only one of them embeds; what is left of the incremental one is fixed.
@@ -172,6 +190,7 @@ def main(argv=None) -> int:
                "embedded": {k: v["embedded"] for k, v in steps.items()},
                "fixed_s": round(fixed, 2), "nothing_new_s": steps["nothing_new"]["seconds"],
                "per_photo_ms": round(1000 * per_photo, 2),
+               "incremental_timings": steps["incremental"].get("timings"),
                "projected_incremental_vs_full_at_photos": projection,
                "target_incremental_vs_full": 0.05,
                "command": "benchmarks/index_refresh.py " + " ".join(
@@ -181,7 +200,7 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1))
         print(json.dumps({k: out[k] for k in ("incremental_vs_full", "embedded", "fixed_s",
-                                              "per_photo_ms",
+                                              "per_photo_ms", "incremental_timings",
                                               "projected_incremental_vs_full_at_photos")}))
         print(f"wall {out['wall_s']} s; results in {args.out}")
     finally:

@@ -76,16 +76,19 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
     """Build the next search index version (incrementally from the current one when it was
     made with the current embedding) and make it current. Returns its summary:
     ``{index_id, parent_id, model_id, mode, products, vectors, added_vectors, embedded,
-    removed_vectors, unreadable, threshold, calibration_queries, seconds}``."""
+    removed_vectors, unreadable, threshold, calibration_queries, seconds, timings}``, where
+    ``timings`` splits ``seconds`` by phase (``_Phases``: what a refresh's fixed cost is)."""
     from modeling.search_index import SearchIndex
 
     started = time.monotonic()
+    phases = _Phases()
     engine = engine_for(settings.manifest_url)
     with engine.connect() as conn:
         require_migrated(conn)
         parent = conn.execute(sa.select(current_search_index)).mappings().first()
     cache = cache_dir(settings)
-    embedder, model_id = _embedder(settings, cache)
+    with phases("embedder"):
+        embedder, model_id = _embedder(settings, cache)
     identity = embedding_identity(embedder, model_id)
     incremental = parent is not None and not full and _same_embedding(parent, identity)
     index_id = new_index_id()
@@ -98,13 +101,17 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
              f" on {parent['id']}" if incremental else "")
     work = Path(tempfile.mkdtemp(prefix=f"shoplens-index-{index_id}-"))
     try:
-        wanted, details = _enrolment(settings)
+        with phases("manifest"):
+            wanted, details = _enrolment(settings)
         if incremental:
-            parent_dir = download(settings, parent["id"], cache)
-            shutil.copytree(parent_dir, work / "index", copy_function=_link_or_copy)
-            index = SearchIndex.load(work / "index", settings)  # its own embedder: the same
-            index.aggregation = settings.search_aggregation  # a setting, not a rebuild
+            with phases("parent"):
+                parent_dir = download(settings, parent["id"], cache)
+                shutil.copytree(parent_dir, work / "index", copy_function=_link_or_copy)
+                index = SearchIndex.load(work / "index", settings)  # its own embedder: the same
+                index.aggregation = settings.search_aggregation  # a setting, not a rebuild
         else:
+            with phases("backbone"):  # the index's dimension is the backbone's output
+                embedder.model  # noqa: B018
             index = SearchIndex(embedder, settings.search_aggregation)
         stale = [s for s in index.sources() if s not in wanted]
         if stale:
@@ -113,10 +120,11 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
         index.products = {}
         index.add_products([details[pid] for pid in sorted({pid for pid, _, _ in wanted.values()})])
         base = len(index)
-        embedded, reused, unreadable = _add_new_sources(settings, index, wanted)
-        calibration = index.calibrate_leave_one_out(settings.search_target_precision,
-                                                    settings.search_calibration_queries,
-                                                    seed=settings.model_seed)
+        embedded, reused, unreadable = _add_new_sources(settings, index, wanted, phases)
+        with phases("calibration"):
+            calibration = index.calibrate_leave_one_out(settings.search_target_precision,
+                                                        settings.search_calibration_queries,
+                                                        seed=settings.model_seed)
         if calibration["queries"] >= MIN_CALIBRATION_QUERIES:
             index.threshold = calibration
         else:
@@ -124,8 +132,10 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
                         index_id, calibration["queries"], MIN_CALIBRATION_QUERIES,
                         previous_threshold and round(previous_threshold["threshold"], 4))
             index.threshold = previous_threshold
-        index.save(work / "index")
-        upload(settings, work / "index", prefix)
+        with phases("save"):  # the vectors' new chunk, the product table, the ANN
+            index.save(work / "index")
+        with phases("upload"):
+            upload(settings, work / "index", prefix)
         stats = {"index_id": index_id, "parent_id": parent["id"] if incremental else None,
                  "model_id": model_id, "mode": "incremental" if incremental else "full",
                  "products": index.product_count(), "vectors": len(index),
@@ -140,6 +150,7 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
                 added_vectors=stats["added_vectors"], threshold=stats["threshold"],
                 completed_at=sa.func.now()))
         stats["seconds"] = round(time.monotonic() - started, 3)
+        stats["timings"] = phases.summary(stats["seconds"])
         log.info("search index %s complete: %s", index_id, stats)
         return stats
     except BaseException as exc:
@@ -147,6 +158,35 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+class _Phases:
+    """Wall seconds per phase of a refresh: ``embedder`` (finding the model; the backbone is
+    built lazily), ``manifest`` (enrolment queries), ``parent`` (download and load of the parent
+    index), ``backbone`` (building the network with its weights, only when something is
+    embedded), ``embed`` (reading, decoding and embedding the new photos; the first batch
+    includes tracing the network), ``calibration``, ``save`` (the new chunk, product table and
+    ANN), ``upload``; ``other`` is the rest (manifest rows, copies)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def timer():
+            t0 = time.monotonic()
+            try:
+                yield
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - t0
+        return timer()
+
+    def summary(self, total: float) -> dict:
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["other"] = round(max(0.0, total - sum(self.seconds.values())), 3)
+        return out
 
 
 def new_index_id() -> str:
@@ -242,9 +282,11 @@ def _enrolment(settings: Settings) -> tuple[dict, dict]:
     return wanted, details
 
 
-def _add_new_sources(settings: Settings, index, wanted: dict) -> tuple[int, int, int]:
+def _add_new_sources(settings: Settings, index, wanted: dict,
+                     phases: _Phases | None = None) -> tuple[int, int, int]:
     """Embed the sources not in ``index`` (each distinct photo once; bytes already in the index
     under another source reuse its vector). Returns (embedded, reused, unreadable)."""
+    phases = phases or _Phases()
     from shoplens.batches import prefetch
     from shoplens.photos import PhotoLimits
     from shoplens.progress import progress
@@ -265,6 +307,10 @@ def _add_new_sources(settings: Settings, index, wanted: dict) -> tuple[int, int,
         vecs = np.stack([known[wanted[s][1]] for s in sources])
         reused = index.add_vectors(vecs, [wanted[s][0] for s in sources], sources)
     fresh = [sha for sha in by_sha if sha not in known]
+    if not fresh:
+        return 0, reused, 0
+    with phases("backbone"):
+        index.embedder.model  # noqa: B018 - built here, so that its cost is told apart
     store, limits = ObjectStore(settings), PhotoLimits.from_settings(settings)
     key_of = {sha: wanted[by_sha[sha][0]][2] for sha in fresh}
     embedded = unreadable = 0
@@ -280,7 +326,8 @@ def _add_new_sources(settings: Settings, index, wanted: dict) -> tuple[int, int,
         index.add_vectors(vecs[[i for i, _ in rows]], [wanted[s][0] for _, s in rows],
                           [s for _, s in rows])
 
-    with progress(total=len(fresh), desc="search index: embedding", unit="photos") as bar:
+    with phases("embed"), progress(total=len(fresh), desc="search index: embedding",
+                                   unit="photos") as bar:
         part: list = []
         for sha, data, error in prefetch(fresh, lambda sha: store.get_bytes(key_of[sha])):
             if error is not None:

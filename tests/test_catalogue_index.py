@@ -161,6 +161,35 @@ def test_full_refresh_embeds_everything_again(settings, shop, embedded):
     assert full["embedded"] == full["vectors"] == 7 and sum(embedded) == 7
 
 
+def test_a_refresh_splits_its_time_by_phase_and_builds_the_backbone_only_to_embed(
+        settings, shop, monkeypatch):
+    built = []
+    real = Embedder.model.fget
+
+    def counting(self):
+        if self._model is None:
+            built.append(self.backbone)
+        return real(self)
+
+    monkeypatch.setattr(Embedder, "model", property(counting))
+    first = catalogue_index.refresh(settings)
+    phases = first["timings"]
+    assert {"embedder", "manifest", "backbone", "embed", "calibration", "save", "upload",
+            "other"} <= set(phases) and "parent" not in phases
+    assert sum(phases.values()) == pytest.approx(first["seconds"], abs=0.01)
+    assert len(built) == 1
+
+    built.clear()
+    again = catalogue_index.refresh(settings)  # nothing new: the parent, no network
+    assert "parent" in again["timings"] and "backbone" not in again["timings"]
+    assert "embed" not in again["timings"] and built == []
+
+    _add_product(shop, 3)
+    third = catalogue_index.refresh(settings)  # new photos: the network is built to embed them
+    assert third["embedded"] == 3 and {"parent", "backbone", "embed"} <= set(third["timings"])
+    assert len(built) == 1
+
+
 def test_a_failed_refresh_is_marked_failed_and_the_current_index_is_unchanged(
         settings, shop, monkeypatch, tmp_path):
     from shoplens.store import ObjectStore
