@@ -414,28 +414,6 @@ def download(settings: Settings, index_id: str, cache: Path) -> Path:
     return target
 
 
-def _download_prefix(settings: Settings, prefix: str, target: Path, marker: str) -> Path:
-    if any(target.rglob(marker)):
-        return target
-    from shoplens.store import ObjectStore
-
-    store = ObjectStore(settings)
-    keys = list(store.list_keys(prefix))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        for key in keys:
-            dest = tmp / key[len(prefix):].lstrip("/")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(store.get_bytes(key))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
