@@ -342,3 +342,49 @@ def test_benchmark_ranks_a_class_by_the_best_object_and_counts_a_hit_if_any_true
     assert table["tune"]["chair"]["R@1"] == 1.0 and table["report"]["chair"]["R@1"] == 0.0
     assert table["all"]["dining table"] == {"pairs": 1, "R@1": 0.0, "R@3": 0.0, "R@10": 0.0}
     assert bench.parse_cap("8p2") == (8, 2) and bench.parse_cap("8") == (8, 0)
+
+
+def test_roi_pooling_of_a_box_covering_a_square_photo_is_the_backbones_own_pooled_features(tmp_path):
+    """identify_pooling "roi": one pass over the photo, each box averaged over the feature-map
+    cells under it; a box over the whole (square) photo is the global average pooling."""
+    import numpy as np
+
+    from shoplens.vision.embedding import Embedder
+
+    settings = _settings(tmp_path)
+    photo = _room_photo().resize((64, 64))
+    embedder = Embedder("efficientnet_lite0", 64, settings=settings)
+    [whole, left] = identify_module.roi_features(embedder, photo, [(0, 0, 64, 64), (0, 0, 31, 64)],
+                                                 64)
+    expected = embedder.features(np.asarray(photo, dtype=np.float32)[None])[0]
+    # (random-initialised features are tiny: compared as directions and relative sizes)
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    np.testing.assert_allclose(unit(whole), unit(expected), atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(whole), np.linalg.norm(expected), rtol=1e-3)
+    assert float(unit(left) @ unit(whole)) < 0.9999  # the left half pools only its own cells
+
+
+def test_roi_pooling_answers_each_object_within_its_class_without_cropping(gallery_dir, tmp_path,
+                                                                           monkeypatch):
+    listing, room = gallery_dir
+    settings = _settings(tmp_path, identify_pooling="roi", identify_roi_size=64)
+
+    def no_crops(*args, **kwargs):
+        raise AssertionError("roi pooling embeds no crops")
+
+    monkeypatch.setattr(identify_module, "object_crop", no_crops)
+    detector = StubDetector([Box("couch", 0.4, 90, 5, 155, 115), Box("chair", 0.7, *CHAIR_BOX)])
+    _, [line], _ = _run(["--gallery", str(listing), str(room)], settings, detector)
+    assert [o["class"] for o in line["objects"]] == ["chair", "couch"]
+    chairs = {f"100.000.{n:02d}" for n in range(12)} | {"500.000.00"}
+    assert {t["product_id"] for t in line["objects"][0]["top"]} <= chairs
+    assert {t["product_id"] for t in line["objects"][1]["top"]} == {
+        "900.000.01", "900.000.02", "900.000.03", "500.000.00"}
+
+
+@pytest.mark.parametrize("overrides", [{"identify_pooling": "grid"}, {"identify_roi_size": 8}])
+def test_bad_roi_settings_are_refused(overrides):
+    from shoplens.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        Settings().with_overrides(**overrides)
