@@ -164,6 +164,16 @@ def parse_backbone(spec: str) -> dict:
     crops and gallery at 128 px; ``:roi448`` pools each box from one 448 px pass over the photo
     (``identify_pooling = "roi"``); ``:gem`` GeM-pools the crops (benchmark only)."""
     head, _, pooling = spec.partition(":")
+    if head.startswith("head="):  # an embedding directory with a trained head
+        from shoplens.vision.embedding import Embedder
+
+        root = head[len("head="):]
+        e = Embedder.load(root)
+        out = {"identify_backbone": e.backbone, "identify_image_size": e.image_size,
+               "identify_embedding": root}
+        if pooling.startswith("roi"):
+            out.update(identify_pooling="roi", identify_roi_size=int(pooling[3:] or 448))
+        return out
     name, _, size = head.partition("@")
     out = {"identify_backbone": name, "identify_image_size": int(size or 0)}
     if pooling.startswith("roi"):
@@ -176,7 +186,9 @@ def embedder_for(backbone: str, _cache={}):
 
     if backbone not in _cache:
         p = parse_backbone(backbone)
-        _cache[backbone] = Embedder(p["identify_backbone"], p["identify_image_size"])
+        _cache[backbone] = Embedder.load(p["identify_embedding"]) \
+            if p.get("identify_embedding") else \
+            Embedder(p["identify_backbone"], p["identify_image_size"])
     return _cache[backbone]
 
 
@@ -214,7 +226,8 @@ def gallery_vectors(cache: Cache, gallery: list[dict], backbone: str, trim: bool
 
     if ":roi" in backbone:  # the gallery is embedded as usual; only the rooms differ
         backbone = backbone.partition(":")[0]
-    name = f"gallery-{backbone}-{'trim' if trim else 'raw'}{'-mirror' if mirror else ''}"
+    backbone_tag = backbone.replace("/", "_")
+    name = f"gallery-{backbone_tag}-{'trim' if trim else 'raw'}{'-mirror' if mirror else ''}"
     got = cache.vectors(name, [g["path"] for g in gallery], compute)
     return np.stack([got[g["path"]] for g in gallery])
 
@@ -274,7 +287,8 @@ def room_vectors(cache: Cache, rooms: list[dict], boxes: dict, backbone: str, ma
         return np.stack([vecs[k] for k in missing])
 
     tag = "whole" if margin is None else f"crops-m{margin:.2f}"
-    return cache.vectors(f"rooms-{backbone}-{tag}{'-mirror' if mirror else ''}", keys, compute)
+    name = f"rooms-{backbone.replace('/', '_')}-{tag}{'-mirror' if mirror else ''}"
+    return cache.vectors(name, keys, compute)
 
 
 def colour_histogram(img, backdrop: bool) -> np.ndarray:

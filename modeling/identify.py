@@ -271,8 +271,7 @@ class Gallery:
 
         settings = settings or Settings()
         rows = read_listing(listing)
-        embedder = Embedder(settings.identify_backbone, settings.identify_image_size,
-                            settings=settings)
+        embedder = identify_embedder(settings)
         key = gallery_key(rows, embedder, settings)
         root = Path(cache_dir or settings.identify_cache_dir).expanduser() / f"gallery-{key[:24]}"
         if (root / "index.json").is_file():
@@ -300,6 +299,18 @@ class Gallery:
         except OSError:  # another process cached the same gallery first: use it
             shutil.rmtree(tmp, ignore_errors=True)
         return cls(SearchIndex.load(root, settings), settings, settings.identify_flip)
+
+
+def identify_embedder(settings: Settings) -> Embedder:
+    """The embedder a listing's gallery (and so its crops) is embedded with."""
+    if settings.identify_embedding:
+        from shoplens.vision.embedding import EmbeddingError
+
+        try:
+            return Embedder.load(Path(settings.identify_embedding).expanduser(), settings)
+        except EmbeddingError as exc:
+            raise IdentifyError(f"identify_embedding: {exc}") from None
+    return Embedder(settings.identify_backbone, settings.identify_image_size, settings=settings)
 
 
 def _add_batch(index, embedder: Embedder, part: list[dict], ids: dict, listing, settings) -> int:
@@ -362,6 +373,14 @@ def read_listing(listing: str | Path) -> list[dict]:
     return rows
 
 
+def _head_digest(embedder: Embedder) -> str | None:
+    if embedder.head is None:
+        return None
+    h = hashlib.sha256(embedder.head["kernel"].tobytes())
+    h.update(embedder.head["bias"].tobytes())
+    return h.hexdigest()
+
+
 def gallery_key(rows: list[dict], embedder: Embedder, settings: Settings) -> str:
     """What a cached gallery depends on: the rows, each photo's size and mtime, the embedding."""
     entries = []
@@ -371,6 +390,7 @@ def gallery_key(rows: list[dict], embedder: Embedder, settings: Settings) -> str
     config = {"format": GALLERY_CACHE_FORMAT, "backbone": embedder.backbone,
               "image_size": embedder.image_size, "weights": settings.model_init,
               "trim": settings.identify_trim_gallery, "flip": settings.identify_flip,
+              "head": _head_digest(embedder),
               "rows": entries}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 

@@ -224,6 +224,10 @@ class Settings:
     # The embedding a --gallery listing is indexed with (the shop's index brings its own).
     identify_backbone: str = "efficientnet_lite0"
     identify_image_size: int = 0
+    # An embedding directory (Embedder.save; built by `python -m modeling.identify_head`) whose
+    # trained projection head embeds the gallery and the crops; "" = the untrained backbone
+    # above. Its own backbone and size win over identify_backbone / identify_image_size.
+    identify_embedding: str = ""
     # "crops": each box cropped and embedded (one backbone pass per box, batched); "roi": one
     # pass over the whole photo at identify_roi_size px, each box pooled from the feature map.
     identify_pooling: str = "crops"

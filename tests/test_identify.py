@@ -388,3 +388,35 @@ def test_bad_roi_settings_are_refused(overrides):
 
     with pytest.raises(ConfigError):
         Settings().with_overrides(**overrides)
+
+
+def test_a_head_trained_on_other_products_embeds_the_gallery_and_the_crops(gallery_dir, tmp_path):
+    """modeling.identify_head: the gallery's products are left out of training; the saved
+    embedding, named by identify_embedding, indexes the gallery (its own dimension) and answers."""
+    from modeling.embedding import HeadTraining
+    from modeling.identify_head import train, training_photos
+
+    listing, room = gallery_dir
+    folder = tmp_path / "objects"
+    folder.mkdir()
+    for n in range(6):
+        drawn_photo(1 + n % 4, 80 + n).save(folder / f"300.000.0{n}.png")
+    drawn_photo(1, 10).save(folder / "100.000.00.png")  # a gallery product: never trained on
+    photos = training_photos(folder, {r["product_id"] for r in read_listing(listing)})
+    assert [p.stem for p in photos] == [f"300.000.0{n}" for n in range(6)]
+
+    trained = train(photos, _settings(tmp_path), views=1, cfg=HeadTraining(epochs=2, dim=8))
+    trained.save(tmp_path / "head")
+    settings = _settings(tmp_path, identify_embedding=str(tmp_path / "head"))
+    gallery = Gallery.from_listing(listing, settings)
+    assert gallery.embedder.trained and gallery.embedder.dim == 8
+    assert Gallery.from_listing(listing, _settings(tmp_path)).embedder.dim != 8  # cached apart
+    detector = StubDetector([Box("chair", 0.7, *CHAIR_BOX)])
+    _, [line], _ = _run(["--gallery", str(listing), str(room)], settings, detector)
+    assert line["objects"][0]["class"] == "chair" and len(line["objects"][0]["top"]) == 10
+
+
+def test_a_missing_identify_embedding_is_a_clear_error(gallery_dir, tmp_path):
+    listing, _ = gallery_dir
+    with pytest.raises(IdentifyError, match="identify_embedding"):
+        Gallery.from_listing(listing, _settings(tmp_path, identify_embedding=str(tmp_path / "no")))
