@@ -28,7 +28,8 @@ the product id to report (``ref``):
 
 - :meth:`Gallery.from_listing`: a CSV ``path,product_id,class``; indexed once and kept under
   ``identify_cache_dir`` keyed by the listing's content, each photo's size and mtime, and the
-  embedding config (backbone, size, weights, trimming, flip), so a rerun embeds nothing.
+  embedding config (backbone, size, weights, trained head, trimming, flip), so a rerun embeds
+  nothing. ``identify_embedding`` names a trained head (``python -m modeling.identify_head``).
   Catalogue photos on a white backdrop are trimmed to the product's extent first
   (``identify_trim_gallery``).
 - :meth:`Gallery.from_index`: the shop's search index; a product's class is its ``class``
