@@ -344,7 +344,7 @@ def test_benchmark_ranks_a_class_by_the_best_object_and_counts_a_hit_if_any_true
     assert bench.parse_cap("8p2") == (8, 2) and bench.parse_cap("8") == (8, 0)
 
 
-def test_roi_pooling_of_a_box_covering_a_square_photo_is_the_backbones_own_pooled_features(tmp_path):
+def test_roi_pooling_of_a_box_over_a_square_photo_is_the_backbones_own_pooled_features(tmp_path):
     """identify_pooling "roi": one pass over the photo, each box averaged over the feature-map
     cells under it; a box over the whole (square) photo is the global average pooling."""
     import numpy as np
