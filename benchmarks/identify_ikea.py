@@ -159,19 +159,44 @@ def detections(cache: Cache, rooms: list[dict], model: str, settings: Settings) 
     return have["rooms"]
 
 
+def parse_backbone(spec: str) -> dict:
+    """``NAME[@SIZE][:gem|:roiSIZE]`` -> the identify settings it stands for: ``@128`` embeds
+    crops and gallery at 128 px; ``:roi448`` pools each box from one 448 px pass over the photo
+    (``identify_pooling = "roi"``); ``:gem`` GeM-pools the crops (benchmark only)."""
+    head, _, pooling = spec.partition(":")
+    if head.startswith("head="):  # an embedding directory with a trained head
+        from shoplens.vision.embedding import Embedder
+
+        root = head[len("head="):]
+        e = Embedder.load(root)
+        out = {"identify_backbone": e.backbone, "identify_image_size": e.image_size,
+               "identify_embedding": root}
+        if pooling.startswith("roi"):
+            out.update(identify_pooling="roi", identify_roi_size=int(pooling[3:] or 448))
+        return out
+    name, _, size = head.partition("@")
+    out = {"identify_backbone": name, "identify_image_size": int(size or 0)}
+    if pooling.startswith("roi"):
+        out.update(identify_pooling="roi", identify_roi_size=int(pooling[3:] or 448))
+    return out
+
+
 def embedder_for(backbone: str, _cache={}):
     from shoplens.vision.embedding import Embedder
 
     if backbone not in _cache:
-        _cache[backbone] = Embedder(backbone)
+        p = parse_backbone(backbone)
+        _cache[backbone] = Embedder.load(p["identify_embedding"]) \
+            if p.get("identify_embedding") else \
+            Embedder(p["identify_backbone"], p["identify_image_size"])
     return _cache[backbone]
 
 
 def _embed(backbone: str, photos: list) -> np.ndarray:
     """``name:gem``: generalised-mean pooling (p = 3) of the last feature map instead of the mean."""
-    name, _, pooling = backbone.partition(":")
-    embedder = embedder_for(name)
-    if not pooling:
+    base, _, pooling = backbone.partition(":")
+    embedder = embedder_for(base)
+    if not pooling or pooling.startswith("roi"):
         return embedder.embed_decoded(photos)
     import keras
 
@@ -199,7 +224,10 @@ def gallery_vectors(cache: Cache, gallery: list[dict], backbone: str, trim: bool
             out.append(_embed(backbone, imgs))
         return np.concatenate(out)
 
-    name = f"gallery-{backbone}-{'trim' if trim else 'raw'}{'-mirror' if mirror else ''}"
+    if ":roi" in backbone:  # the gallery is embedded as usual; only the rooms differ
+        backbone = backbone.partition(":")[0]
+    backbone_tag = backbone.replace("/", "_")
+    name = f"gallery-{backbone_tag}-{'trim' if trim else 'raw'}{'-mirror' if mirror else ''}"
     got = cache.vectors(name, [g["path"] for g in gallery], compute)
     return np.stack([got[g["path"]] for g in gallery])
 
@@ -233,8 +261,19 @@ def room_vectors(cache: Cache, rooms: list[dict], boxes: dict, backbone: str, ma
             by_room.setdefault(name, []).append(int(i))
         order = []
         crops = []
+        roi = parse_backbone(backbone).get("identify_roi_size")
         for name, idx in by_room.items():
             img = Image.open(paths[name]).convert("RGB")
+            if roi and margin is not None:  # one pass over the photo, each box pooled from it
+                from modeling.identify import roi_features
+
+                if mirror:
+                    raise SystemExit("error: :roi backbones take no mirror TTA (--flips 0)")
+                e = embedder_for(backbone.partition(":")[0])
+                out.append(e.project(roi_features(e, img, [boxes[name][i][:4] for i in idx],
+                                                  roi)))
+                order += [f"{name}|{i}" for i in idx]
+                continue
             for i in idx:
                 crop = img if i < 0 else object_crop(img, boxes[name][i][:4], margin)
                 crops.append(ImageOps.mirror(crop) if mirror else crop)
@@ -248,7 +287,8 @@ def room_vectors(cache: Cache, rooms: list[dict], boxes: dict, backbone: str, ma
         return np.stack([vecs[k] for k in missing])
 
     tag = "whole" if margin is None else f"crops-m{margin:.2f}"
-    return cache.vectors(f"rooms-{backbone}-{tag}{'-mirror' if mirror else ''}", keys, compute)
+    name = f"rooms-{backbone.replace('/', '_')}-{tag}{'-mirror' if mirror else ''}"
+    return cache.vectors(name, keys, compute)
 
 
 def colour_histogram(img, backdrop: bool) -> np.ndarray:
@@ -413,6 +453,10 @@ def cost_child(listing: str, work: str, settings_json: str, model: str, paths: l
     settings = Settings().with_overrides(**json.loads(settings_json))
     g = Gallery.from_listing(listing, settings, cache_dir=Path(work) / "galleries")
     det = Detector(model, min_score=settings.identify_min_score, threads=1)
+    # The baseline is the shop's search query: one photo at the backbone's native size, whatever
+    # size identify embeds its crops at.
+    from shoplens.vision.embedding import Embedder
+    query = Embedder(settings.identify_backbone, settings=settings)
     ident, search, objects = [], [], []
     for i, p in enumerate(paths):
         t0 = time.perf_counter()
@@ -420,7 +464,9 @@ def cost_child(listing: str, work: str, settings_json: str, model: str, paths: l
         out = identify(img, g, det, settings)
         t1 = time.perf_counter()
         img = images.decode(images.read_file(p), p)
-        g.index.answer(g.embedder.embed_decoded([img])[0], settings.identify_top)
+        vector = query.embed_decoded([img])[0]
+        if query.dim == g.embedder.dim:
+            g.index.answer(vector, settings.identify_top)
         t2 = time.perf_counter()
         if i >= warmup:
             ident.append((t1 - t0) * 1000)
@@ -452,7 +498,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "results" / "identify_ikea.json")
     ap.add_argument("--work", type=Path, default=REPO / "results" / "identify_ikea_work")
     ap.add_argument("--backbones", default="efficientnet_lite0",
-                    help='comma-separated; "NAME:gem" pools the last feature map by GeM (p = 3)')
+                    help='comma-separated; "NAME:gem" pools the last feature map by GeM (p = 3); '
+                         '"NAME@128" embeds at 128 px; "NAME:roi448" pools each box from one '
+                         '448 px pass over the photo')
     ap.add_argument("--margins", default="0.0,0.05,0.1,0.25",
                     help='crop margins; "a+b" averages the embeddings of both crops')
     ap.add_argument("--min-scores", default="0.05,0.25")
@@ -570,7 +618,7 @@ def main(argv=None) -> int:
               "whole_image_same_embedding": same, "best_tried": best_tried,
               "variants": [{k: v for k, v in x.items()} for x in variants]}
     overall, per = parse_cap(d["max_objects"])
-    overrides = {"identify_backbone": d["backbone"], "identify_margin": float(d["margin"]),
+    overrides = {**parse_backbone(d["backbone"]), "identify_margin": float(d["margin"]),
                  "identify_min_score": d["min_score"], "identify_max_objects": overall,
                  "identify_max_per_class": per, "identify_trim_gallery": d["trim"],
                  "identify_flip": d["flip"]}

@@ -10,7 +10,11 @@
    square around its centre with the photo's own pixels (white where the square leaves the
    photo: catalogue photos are shot on white), so the embedder's square input sees the whole
    object instead of its middle.
-3. **Embed** with the gallery's embedder (``identify_flip``: mean with the mirrored crop).
+3. **Embed** with the gallery's embedder (``identify_flip``: mean with the mirrored crop), all
+   crops in one batch at ``identify_image_size`` (0: the backbone's native size). With
+   ``identify_pooling = "roi"`` there are no crops: one backbone pass over the whole photo at
+   ``identify_roi_size`` px, each box's features average-pooled from the last feature map
+   (:func:`roi_features`).
 4. **Search** the gallery restricted to products whose class is the detected class; products
    with no class (empty) match any object. Per object the top ``k`` products with scores.
 
@@ -24,7 +28,8 @@ the product id to report (``ref``):
 
 - :meth:`Gallery.from_listing`: a CSV ``path,product_id,class``; indexed once and kept under
   ``identify_cache_dir`` keyed by the listing's content, each photo's size and mtime, and the
-  embedding config (backbone, size, weights, trimming, flip), so a rerun embeds nothing.
+  embedding config (backbone, size, weights, trained head, trimming, flip), so a rerun embeds
+  nothing. ``identify_embedding`` names a trained head (``python -m modeling.identify_head``).
   Catalogue photos on a white backdrop are trimmed to the product's extent first
   (``identify_trim_gallery``).
 - :meth:`Gallery.from_index`: the shop's search index; a product's class is its ``class``
@@ -149,6 +154,54 @@ def trimmed_to_product(image: Image.Image) -> Image.Image:
     return object_crop(image, box, TRIM_MARGIN)
 
 
+def _feature_map_model(embedder: Embedder, size: int):
+    """The embedder's backbone at ``size`` px up to its last feature map (before the global
+    pooling), with the same weights; built once per (embedder, size)."""
+    cache = embedder.__dict__.setdefault("_roi_models", {})
+    if size not in cache:
+        import keras
+
+        settings = embedder.settings or Settings()
+        if settings.model_init == "random":
+            keras.utils.set_random_seed(settings.model_seed)
+        full = embedder._spec.build(size, settings)
+        if embedder.weights_file:
+            full.load_weights(embedder.weights_file)
+        try:
+            pooled = full.get_layer("avg_pool")
+        except ValueError:
+            raise IdentifyError(f"identify_pooling 'roi' needs a backbone whose features are a "
+                                f"global average pool ({embedder.backbone} has none)") from None
+        cache[size] = keras.Model(full.input, pooled.input)
+    return cache[size]
+
+
+def roi_features(embedder: Embedder, image: Image.Image, boxes: list, size: int) -> np.ndarray:
+    """float32 (N, F): each box's backbone features average-pooled from ONE pass over the whole
+    photo (fitted, aspect kept, into a white ``size`` square at its top-left corner) instead of
+    one pass per crop. A box smaller than a cell takes the cell under its centre."""
+    scale = size / max(image.width, image.height)
+    canvas = Image.new("RGB", (size, size), WHITE)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    canvas.paste(image.convert("RGB").resize((w, h), Image.Resampling.BILINEAR), (0, 0))
+    x = np.asarray(canvas, dtype=np.float32)[None]
+    fmap = np.asarray(_feature_map_model(embedder, size).predict_on_batch(x))[0]
+    cells = fmap.shape[0]
+    stride = size / cells
+    centres = (np.arange(cells) + 0.5) * stride
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        x0, y0, x1, y1 = (c * scale for c in (x0, y0, x1, y1))
+        cols = np.nonzero((centres >= x0) & (centres <= x1))[0]
+        rows = np.nonzero((centres >= y0) & (centres <= y1))[0]
+        if not len(cols):
+            cols = np.array([min(cells - 1, int((x0 + x1) / 2 / stride))])
+        if not len(rows):
+            rows = np.array([min(cells - 1, int((y0 + y1) / 2 / stride))])
+        out.append(fmap[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].mean(axis=(0, 1)))
+    return np.stack(out).astype(np.float32) if out else np.zeros((0, fmap.shape[-1]), np.float32)
+
+
 def embed_images(embedder: Embedder, photos: list[Image.Image], flip: bool = False) -> np.ndarray:
     """Unit embeddings of upright RGB photos; with ``flip`` the mean with their mirror images."""
     vectors = embedder.embed_decoded(photos)
@@ -219,8 +272,7 @@ class Gallery:
 
         settings = settings or Settings()
         rows = read_listing(listing)
-        embedder = Embedder(settings.identify_backbone, settings.identify_image_size,
-                            settings=settings)
+        embedder = identify_embedder(settings)
         key = gallery_key(rows, embedder, settings)
         root = Path(cache_dir or settings.identify_cache_dir).expanduser() / f"gallery-{key[:24]}"
         if (root / "index.json").is_file():
@@ -248,6 +300,18 @@ class Gallery:
         except OSError:  # another process cached the same gallery first: use it
             shutil.rmtree(tmp, ignore_errors=True)
         return cls(SearchIndex.load(root, settings), settings, settings.identify_flip)
+
+
+def identify_embedder(settings: Settings) -> Embedder:
+    """The embedder a listing's gallery (and so its crops) is embedded with."""
+    if settings.identify_embedding:
+        from shoplens.vision.embedding import EmbeddingError
+
+        try:
+            return Embedder.load(Path(settings.identify_embedding).expanduser(), settings)
+        except EmbeddingError as exc:
+            raise IdentifyError(f"identify_embedding: {exc}") from None
+    return Embedder(settings.identify_backbone, settings.identify_image_size, settings=settings)
 
 
 def _add_batch(index, embedder: Embedder, part: list[dict], ids: dict, listing, settings) -> int:
@@ -310,6 +374,14 @@ def read_listing(listing: str | Path) -> list[dict]:
     return rows
 
 
+def _head_digest(embedder: Embedder) -> str | None:
+    if embedder.head is None:
+        return None
+    h = hashlib.sha256(embedder.head["kernel"].tobytes())
+    h.update(embedder.head["bias"].tobytes())
+    return h.hexdigest()
+
+
 def gallery_key(rows: list[dict], embedder: Embedder, settings: Settings) -> str:
     """What a cached gallery depends on: the rows, each photo's size and mtime, the embedding."""
     entries = []
@@ -319,6 +391,7 @@ def gallery_key(rows: list[dict], embedder: Embedder, settings: Settings) -> str
     config = {"format": GALLERY_CACHE_FORMAT, "backbone": embedder.backbone,
               "image_size": embedder.image_size, "weights": settings.model_init,
               "trim": settings.identify_trim_gallery, "flip": settings.identify_flip,
+              "head": _head_digest(embedder),
               "rows": entries}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
@@ -348,7 +421,12 @@ def identify_objects(image: Image.Image, gallery: Gallery, detector: Detector | 
     objects = detect_objects(image, detector, settings) if detector is not None else []
     if not objects:
         objects = [whole_image(image)]
-    crops = [object_crop(image, o.box, settings.identify_margin) if o.label is not None
-             else image for o in objects]
-    vectors = embed_images(gallery.embedder, crops, gallery.flip)
+    if settings.identify_pooling == "roi" and objects[0].label is not None:
+        # One backbone pass over the whole photo; each box pooled from its feature map.
+        vectors = gallery.embedder.project(roi_features(
+            gallery.embedder, image, [o.box for o in objects], settings.identify_roi_size))
+    else:
+        crops = [object_crop(image, o.box, settings.identify_margin) if o.label is not None
+                 else image for o in objects]
+        vectors = embed_images(gallery.embedder, crops, gallery.flip)
     return [(o, gallery.search(v, o.label, k)) for o, v in zip(objects, vectors)]

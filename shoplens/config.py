@@ -224,6 +224,14 @@ class Settings:
     # The embedding a --gallery listing is indexed with (the shop's index brings its own).
     identify_backbone: str = "efficientnet_lite0"
     identify_image_size: int = 0
+    # An embedding directory (Embedder.save; built by `python -m modeling.identify_head`) whose
+    # trained projection head embeds the gallery and the crops; "" = the untrained backbone
+    # above. Its own backbone and size win over identify_backbone / identify_image_size.
+    identify_embedding: str = ""
+    # "crops": each box cropped and embedded (one backbone pass per box, batched); "roi": one
+    # pass over the whole photo at identify_roi_size px, each box pooled from the feature map.
+    identify_pooling: str = "crops"
+    identify_roi_size: int = 448
     # Gallery photos on a plain white backdrop trimmed to the product's extent before embedding.
     identify_trim_gallery: bool = True
     # Mirror test-time augmentation of each crop (and gallery photo): mean of both embeddings.
@@ -430,6 +438,11 @@ class Settings:
             raise ConfigError("identify_max_per_class must be >= 0 (0: no per-class cap)")
         if self.identify_max_objects < 1 or self.identify_top < 1:
             raise ConfigError("identify_max_objects and identify_top must be >= 1")
+        if self.identify_pooling not in ("crops", "roi"):
+            raise ConfigError(f"identify_pooling must be 'crops' or 'roi', got "
+                              f"{self.identify_pooling!r}")
+        if self.identify_roi_size < 32:
+            raise ConfigError(f"identify_roi_size must be >= 32, got {self.identify_roi_size}")
         if self.identify_margin < 0:
             raise ConfigError(f"identify_margin must be >= 0, got {self.identify_margin}")
         if self.best_n < 1:

@@ -342,3 +342,81 @@ def test_benchmark_ranks_a_class_by_the_best_object_and_counts_a_hit_if_any_true
     assert table["tune"]["chair"]["R@1"] == 1.0 and table["report"]["chair"]["R@1"] == 0.0
     assert table["all"]["dining table"] == {"pairs": 1, "R@1": 0.0, "R@3": 0.0, "R@10": 0.0}
     assert bench.parse_cap("8p2") == (8, 2) and bench.parse_cap("8") == (8, 0)
+
+
+def test_roi_pooling_of_a_box_over_a_square_photo_is_the_backbones_own_pooled_features(tmp_path):
+    """identify_pooling "roi": one pass over the photo, each box averaged over the feature-map
+    cells under it; a box over the whole (square) photo is the global average pooling."""
+    import numpy as np
+
+    from shoplens.vision.embedding import Embedder
+
+    settings = _settings(tmp_path)
+    photo = _room_photo().resize((64, 64))
+    embedder = Embedder("efficientnet_lite0", 64, settings=settings)
+    [whole, left] = identify_module.roi_features(embedder, photo, [(0, 0, 64, 64), (0, 0, 31, 64)],
+                                                 64)
+    expected = embedder.features(np.asarray(photo, dtype=np.float32)[None])[0]
+    # (random-initialised features are tiny: compared as directions and relative sizes)
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    np.testing.assert_allclose(unit(whole), unit(expected), atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(whole), np.linalg.norm(expected), rtol=1e-3)
+    assert float(unit(left) @ unit(whole)) < 0.9999  # the left half pools only its own cells
+
+
+def test_roi_pooling_answers_each_object_within_its_class_without_cropping(gallery_dir, tmp_path,
+                                                                           monkeypatch):
+    listing, room = gallery_dir
+    settings = _settings(tmp_path, identify_pooling="roi", identify_roi_size=64)
+
+    def no_crops(*args, **kwargs):
+        raise AssertionError("roi pooling embeds no crops")
+
+    monkeypatch.setattr(identify_module, "object_crop", no_crops)
+    detector = StubDetector([Box("couch", 0.4, 90, 5, 155, 115), Box("chair", 0.7, *CHAIR_BOX)])
+    _, [line], _ = _run(["--gallery", str(listing), str(room)], settings, detector)
+    assert [o["class"] for o in line["objects"]] == ["chair", "couch"]
+    chairs = {f"100.000.{n:02d}" for n in range(12)} | {"500.000.00"}
+    assert {t["product_id"] for t in line["objects"][0]["top"]} <= chairs
+    assert {t["product_id"] for t in line["objects"][1]["top"]} == {
+        "900.000.01", "900.000.02", "900.000.03", "500.000.00"}
+
+
+@pytest.mark.parametrize("overrides", [{"identify_pooling": "grid"}, {"identify_roi_size": 8}])
+def test_bad_roi_settings_are_refused(overrides):
+    from shoplens.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        Settings().with_overrides(**overrides)
+
+
+def test_a_head_trained_on_other_products_embeds_the_gallery_and_the_crops(gallery_dir, tmp_path):
+    """modeling.identify_head: the gallery's products are left out of training; the saved
+    embedding, named by identify_embedding, indexes the gallery (its own dimension) and answers."""
+    from modeling.embedding import HeadTraining
+    from modeling.identify_head import train, training_photos
+
+    listing, room = gallery_dir
+    folder = tmp_path / "objects"
+    folder.mkdir()
+    for n in range(6):
+        drawn_photo(1 + n % 4, 80 + n).save(folder / f"300.000.0{n}.png")
+    drawn_photo(1, 10).save(folder / "100.000.00.png")  # a gallery product: never trained on
+    photos = training_photos(folder, {r["product_id"] for r in read_listing(listing)})
+    assert [p.stem for p in photos] == [f"300.000.0{n}" for n in range(6)]
+
+    trained = train(photos, _settings(tmp_path), views=1, cfg=HeadTraining(epochs=2, dim=8))
+    trained.save(tmp_path / "head")
+    settings = _settings(tmp_path, identify_embedding=str(tmp_path / "head"))
+    gallery = Gallery.from_listing(listing, settings)
+    assert gallery.embedder.trained and gallery.embedder.dim == 8
+    assert Gallery.from_listing(listing, _settings(tmp_path)).embedder.dim != 8  # cached apart
+    detector = StubDetector([Box("chair", 0.7, *CHAIR_BOX)])
+    _, [line], _ = _run(["--gallery", str(listing), str(room)], settings, detector)
+    assert line["objects"][0]["class"] == "chair" and len(line["objects"][0]["top"]) == 10
+
+
+def test_a_missing_identify_embedding_is_a_clear_error(gallery_dir, tmp_path):
+    listing, _ = gallery_dir
+    with pytest.raises(IdentifyError, match="identify_embedding"):
+        Gallery.from_listing(listing, _settings(tmp_path, identify_embedding=str(tmp_path / "no")))
