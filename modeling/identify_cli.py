@@ -54,7 +54,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None,
          settings: Settings | None = None, detector=None) -> int:
     """Every product in each photo: detected objects with their best gallery products (JSON lines)"""
-    out, err = out or sys.stdout, err or sys.stderr
+    from shoplens.cli import own_output_mode
+
+    with own_output_mode():
+        return _identify(argv, out or sys.stdout, err or sys.stderr, settings, detector)
+
+
+def _identify(argv, out: TextIO, err: TextIO, settings: Settings | None, detector) -> int:
     try:
         args = parser().parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)

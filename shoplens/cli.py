@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -103,6 +104,17 @@ def _restore_output_mode(was_json: bool, progress_env: str | None) -> None:
 
 def json_mode() -> bool:
     return _json_mode
+
+
+@contextlib.contextmanager
+def own_output_mode():
+    """--json lasts for one command only: callers in the same process (tests, the next command)
+    keep their own output mode and progress setting."""
+    saved = _json_mode, os.environ.get("SHOPLENS_PROGRESS")  # progress.ENV_MODE
+    try:
+        yield
+    finally:
+        _restore_output_mode(*saved)
 
 
 def emit(result: Any, human: Callable[[Any], str] | None = None, out: TextIO | None = None) -> None:
@@ -267,21 +279,17 @@ def command(bad_input: tuple[type, ...] = (), failed: tuple[type, ...] = ()):
     def wrap(main: Callable[..., int | None]) -> Callable[..., int]:
         @functools.wraps(main)
         def guarded(argv: list[str] | None = None) -> int:
-            # --json lasts for this command only (callers in the same process, e.g. tests, and
-            # the next command keep their own output mode).
-            saved = _json_mode, os.environ.get("SHOPLENS_PROGRESS")  # progress.ENV_MODE
-            try:
-                return int(main(argv) or 0)
-            except KeyboardInterrupt:
-                print("error: interrupted", file=sys.stderr)
-                return 130
-            except Exception as exc:
-                code = report(exc, bad_input, failed)
-                if code is None:
-                    raise
-                return code
-            finally:
-                _restore_output_mode(*saved)
+            with own_output_mode():
+                try:
+                    return int(main(argv) or 0)
+                except KeyboardInterrupt:
+                    print("error: interrupted", file=sys.stderr)
+                    return 130
+                except Exception as exc:
+                    code = report(exc, bad_input, failed)
+                    if code is None:
+                        raise
+                    return code
 
         return guarded
 

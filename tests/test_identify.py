@@ -226,6 +226,20 @@ def test_a_bad_listing_exits_2_saying_what_is_wrong_and_where(gallery_dir, tmp_p
     assert err.startswith("error: ") and message in err and str(bad) in err
 
 
+def test_json_mode_lasts_for_the_one_command(gallery_dir, tmp_path):
+    """--json switches progress bars off for this command only: a later command in the same
+    process (a test, the Airflow worker) prints its human form again."""
+    from shoplens import cli
+
+    listing, room = gallery_dir
+    bad = listing.with_name("empty.csv")
+    bad.write_text("path,product_id,class\n")
+    assert not cli.json_mode()
+    code, _, _ = _run(["--json", "--gallery", str(bad), str(room)], _settings(tmp_path),
+                      StubDetector([]))
+    assert code == 2 and not cli.json_mode()
+
+
 def test_an_unreadable_photo_gets_an_error_line_and_the_others_are_answered(gallery_dir, tmp_path):
     listing, room = gallery_dir
     broken = tmp_path / "broken.jpg"
