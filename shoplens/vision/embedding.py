@@ -67,6 +67,15 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def _read_arrays(root: Path, name: str, keys: tuple[str, ...]) -> dict:
+    """float32 arrays ``keys`` of the .npz file ``root/name``, or a clear EmbeddingError."""
+    try:
+        with np.load(root / name) as z:
+            return {k: z[k].astype(np.float32) for k in keys}
+    except (OSError, KeyError, ValueError) as exc:
+        raise EmbeddingError(f"{root}: cannot read {name} ({exc})") from None
+
+
 @dataclass
 class Embedder:
     backbone: str = DEFAULT_BACKBONE
@@ -214,22 +223,9 @@ class Embedder:
                 from None
         except ValueError as exc:
             raise EmbeddingError(f"{root}/{EMBEDDING_FILE} is not valid JSON ({exc})") from None
-        head = None
-        if config.get("trained"):
-            try:
-                with np.load(root / HEAD_FILE) as z:
-                    head = {"kernel": z["kernel"].astype(np.float32),
-                            "bias": z["bias"].astype(np.float32)}
-            except (OSError, KeyError, ValueError) as exc:
-                raise EmbeddingError(f"{root}: cannot read {HEAD_FILE} ({exc})") from None
-        whitening = None
-        if config.get("whitening"):
-            try:
-                with np.load(root / WHITENING_FILE) as z:
-                    whitening = {"mean": z["mean"].astype(np.float32),
-                                 "projection": z["projection"].astype(np.float32)}
-            except (OSError, KeyError, ValueError) as exc:
-                raise EmbeddingError(f"{root}: cannot read {WHITENING_FILE} ({exc})") from None
+        head = _read_arrays(root, HEAD_FILE, ("kernel", "bias")) if config.get("trained") else None
+        whitening = (_read_arrays(root, WHITENING_FILE, ("mean", "projection"))
+                     if config.get("whitening") else None)
         pooling = config.get("pooling") or "avg"  # directories written before pooling existed
         if pooling not in POOLINGS:
             raise EmbeddingError(f"{root}: unknown pooling {pooling!r}")
