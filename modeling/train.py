@@ -135,8 +135,9 @@ def _check_saved_members(root: Path, results, test) -> None:
                                f"predictions (max prob difference {diff:.4f})")
 
 
-def run(settings: Settings, dataset_version: str) -> dict:
-    """Train, evaluate, store artefacts and metrics, and decide promotion. Returns stats."""
+def begin_run(settings: Settings, dataset_version: str, setting_names, kind: str = "ensemble"):
+    """A new training run's (model_id, work dir, dataset, version id), its registry row begun
+    ('training') with the settings it trains under: shared by the ensemble and the embedding."""
     from modeling import registry
 
     model_id = new_model_id()
@@ -145,7 +146,15 @@ def run(settings: Settings, dataset_version: str) -> dict:
     version = dataset.version_id if Path(dataset_version).is_dir() else dataset_version
     dataset.version.setdefault("version_id", version)
     registry.begin(settings, model_id, version, settings.model_profile,
-                   {"training": {k: getattr(settings, k) for k in TRAINING_SETTINGS}})
+                   {"training": {k: getattr(settings, k) for k in setting_names}}, kind=kind)
+    return model_id, base, dataset, version
+
+
+def run(settings: Settings, dataset_version: str) -> dict:
+    """Train, evaluate, store artefacts and metrics, and decide promotion. Returns stats."""
+    from modeling import registry
+
+    model_id, base, dataset, version = begin_run(settings, dataset_version, TRAINING_SETTINGS)
     try:
         local = base / "models" / model_id
         trained = train_ensemble(settings, dataset, local, model_id)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modeling.dataset_layout import DatasetError, LocalDataset, Split, open_dataset
+from modeling.dataset_layout import DatasetError, LocalDataset, Split
 from shoplens.config import Settings
 from shoplens.progress import progress
 from shoplens.vision import images
@@ -221,16 +221,10 @@ def gate(new_r1: float, baseline_r1: float, current: str | None, current_now: st
 def run(settings: Settings, dataset_version: str) -> dict:
     """Train, evaluate, store the artefact and metrics, and decide promotion. Returns stats."""
     from modeling import registry
-    from modeling.train import new_model_id, work_dir
+    from modeling.train import begin_run
 
-    model_id = new_model_id()
-    base = work_dir(settings)
-    dataset = open_dataset(settings, dataset_version, base)
-    version = dataset.version_id if Path(dataset_version).is_dir() else dataset_version
-    dataset.version.setdefault("version_id", version)
-    registry.begin(settings, model_id, version, settings.model_profile,
-                   {"training": {k: getattr(settings, k) for k in EMBEDDING_SETTINGS}},
-                   kind="embedding")
+    model_id, base, dataset, version = begin_run(settings, dataset_version, EMBEDDING_SETTINGS,
+                                                 kind="embedding")
     try:
         local = base / "models" / model_id
         trained = train_on_dataset(settings, dataset, local, model_id)
