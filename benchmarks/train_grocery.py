@@ -164,6 +164,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--export", type=Path, help="ensemble directory (default WORK/ensemble)")
     ap.add_argument("--classes", type=int, default=0, help="use only the first N products")
     ap.add_argument("--per-class", type=int, default=0, help="at most N photos per product")
+    ap.add_argument("--products", choices=("all", "seen"), default="all",
+                    help="seen: only the even Class IDs, the products benchmarks/search_grocery.py "
+                         "trains its embedding on, so its --ensemble comparison is closed-set on "
+                         "the same products")
     ap.add_argument("--seed", type=int, default=20240611)
     ap.add_argument("--holdout", choices=("official-val", "random", "train-sessions", "val-halves"),
                     default="official-val",
@@ -221,6 +225,8 @@ def main() -> int:
     if args.classes:
         labels = labels[:args.classes]
         photos = [(p, lab) for p, lab in photos if lab < args.classes]
+    if args.products == "seen":
+        photos, labels = seen_products(photos, labels)
     if args.per_class:
         kept, seen = [], defaultdict(int)
         for p, lab in sorted(photos):
@@ -237,7 +243,8 @@ def main() -> int:
     else:
         split = official_val_holdout(photos, args.seed, carve=args.val_carve)
     session_val = "-sessionval" if args.val_carve == "sessions" else ""
-    tag = f"grocery-c{len(labels)}-p{args.per_class or 'all'}-s{args.seed}" + {
+    tag = f"grocery-c{len(labels)}{'-seen' if args.products == 'seen' else ''}" \
+        f"-p{args.per_class or 'all'}-s{args.seed}" + {
         "official-val": "-officialval" + session_val,
         "val-halves": f"-valhalves-{args.first_val_half}" + session_val,
         "train-sessions": "-trainsessions", "random": ""}[args.holdout]
@@ -295,6 +302,15 @@ def main() -> int:
         print(f"fit on all photos (exported) {result['export_fit_all']['wall_seconds']:.0f} s; "
               f"both fits {result['wall_seconds_both_fits']:.0f} s")
     return 0
+
+
+def seen_products(photos, labels):
+    """Only the even Class IDs, relabelled 0..K-1 for the classifier; product ids keep the
+    original Class ID (1,000,000 + id), so answers compare with the search benchmark's."""
+    kept = [e for e in labels if e["label"] % 2 == 0]
+    index = {e["label"]: i for i, e in enumerate(kept)}
+    return ([(p, index[lab]) for p, lab in photos if lab in index],
+            [{**e, "label": index[e["label"]]} for e in kept])
 
 
 def split_counts(split, names) -> dict[str, int]:
