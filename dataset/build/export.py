@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import sqlalchemy as sa
+from minio.error import S3Error
 
 from shoplens import export_layout as layout
 from shoplens.batches import MAX_BATCHES
@@ -230,14 +231,13 @@ def export_shard(settings: Settings, job: ShardJob | dict) -> dict[str, Any]:
             store.client.fput_object(store.bucket, prefix + relpath, str(path),
                                      content_type="application/octet-stream",
                                      metadata={SHARD_DIGEST_METADATA: written[relpath]["sha256"]})
+            path.unlink()  # a job of several shards holds one on disk at a time
     return {"version_id": job.version_id, "job": job.index, "shards": written,
             "images": sum(map(len, records.values()))}
 
 
 def _stored_shard(store: ObjectStore, key: str) -> dict[str, Any] | None:
     """A stored shard's digest from its object metadata; None when the object is missing."""
-    from minio.error import S3Error
-
     try:
         stat = store.client.stat_object(store.bucket, key)
     except S3Error as exc:
