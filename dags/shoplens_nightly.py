@@ -1,10 +1,9 @@
 """shoplens nightly: crawl -> dedup -> filter -> build a dataset version, and refresh the search
 index beside the build (a failed dataset check keeps no new product out of search).
 
-Thin by design: each task calls one stage entry in the packages (logic testable there without
-Airflow) through ``ops.run_stage``, which records its duration and data volume. Dedup hashing and
-filter detection are mapped over their plan's batches (a retry redoes one). Params let a manual
-run from the UI override the configured defaults; failures alert through ``FailureAlert``.
+Thin by design: each task calls one step of a stage package (testable without Airflow), the
+decisions through ``ops.run_stage`` (duration, volume). Hashing, detection and the dataset export
+are mapped over planned batches / shards (a retry redoes one). Params override the defaults.
 """
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from shoplens.assets import DATASET_VERSION
 from shoplens.ops import FailureAlert
@@ -28,7 +28,6 @@ default_args = {"retries": 2, "retry_delay": timedelta(seconds=_RETRY_S), "retry
 def _settings():
     """Settings from the worker's SHOPLENS_* environment, overridden by this run's Params."""
     from shoplens.config import Settings
-
     params = get_current_context()["params"]
     keys = ("categories", "best_n", "photo_cap_per_product", "shop_base_url")
     return Settings.from_env().with_overrides(**{k: params.get(k) for k in keys if params.get(k)})
@@ -37,7 +36,6 @@ def _settings():
 def _stage(name: str, entry, *args, settings=None, **kwargs):
     """Run one stage entry for this DAG run, recording its metrics."""
     from shoplens import ops
-
     settings, run_key = settings or _settings(), get_current_context()["run_id"]
     return ops.run_stage(settings, run_key, name, entry, settings, *args, run_key, **kwargs)
 
@@ -46,9 +44,8 @@ def _stage(name: str, entry, *args, settings=None, **kwargs):
     dag_id="shoplens_nightly",
     # Nightly at 02:00 KST; SHOPLENS_NIGHTLY_SCHEDULE overrides it ("" = manual/API runs only).
     schedule=os.environ.get("SHOPLENS_NIGHTLY_SCHEDULE", "0 2 * * *") or None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="Asia/Seoul"),
-    catchup=False, max_active_runs=1, default_args=default_args,
-    on_failure_callback=FailureAlert(), tags=["shoplens"],
+    start_date=pendulum.datetime(2026, 1, 1, tz="Asia/Seoul"), tags=["shoplens"],
+    catchup=False, max_active_runs=1, default_args=default_args, on_failure_callback=FailureAlert(),
     params={
         "categories": Param(None, type=["null", "array"], items={"type": "string", "pattern": "^[0-9]+$"},
                             description="Category ids to crawl; empty = configured defaults"),
@@ -61,7 +58,6 @@ def shoplens_nightly():
     @task
     def start_run() -> list[list[str]]:  # the category groups: one crawl process each
         from crawler import plan_groups, start_run as begin
-
         settings = _settings()
         begin(settings, get_current_context()["run_id"])
         return plan_groups(settings)
@@ -69,16 +65,13 @@ def shoplens_nightly():
     @task(max_active_tis_per_dagrun=CRAWL_PARALLELISM, pool="shop")
     def crawl_categories(category_ids: list[str]) -> dict:
         from crawler import crawl_categories as crawl
-
-        # Each parallel crawl (a process: its categories at once) gets its share of the per-host
-        # budget, whatever the worker count. A failed category fails the task.
+        # Each crawl process gets its share of the per-host budget; a failed category fails it.
         return _stage(f"crawl:{','.join(category_ids)}", crawl, category_ids,
                       settings=_settings().share_of_shop(CRAWL_PARALLELISM))
 
     @task
     def finish_crawl(per_group: list[dict]) -> dict:
         from crawler import finish_run
-
         return _stage("crawl", finish_run)
 
     @task
@@ -111,16 +104,24 @@ def shoplens_nightly():
         from dataset.filter import stage
         return _stage("filter", stage.decide, detection=list(detected))
 
-    @task(outlets=[DATASET_VERSION])
-    def build_dataset(_filter: dict) -> dict:
-        from airflow.exceptions import AirflowFailException
+    @task  # the version's members, splits and checks (stored); its shard jobs
+    def build_plan(_filter: dict) -> list[dict]:
         from dataset.build import stage
         from dataset.build.checks import DataQualityError
-
         try:
-            stats = _stage("build", stage.run)
+            return _stage("build_plan", stage.decide)["shards"]
         except DataQualityError as exc:  # the data is wrong: a retry would fail the same way
             raise AirflowFailException(str(exc)) from exc
+
+    @task
+    def export_shard(job: dict) -> dict:
+        from dataset.build import export
+        return export.export_shard(_settings(), job)
+
+    @task(outlets=[DATASET_VERSION], trigger_rule="none_failed")  # also after zero shard jobs
+    def build_dataset(_exported: list[dict]) -> dict:
+        from dataset.build import stage
+        stats = _stage("build", stage.finish)
         get_current_context()["outlet_events"][DATASET_VERSION].extra = {
             "version": stats["version_id"], "uri": stats["uri"], "unchanged": stats["unchanged"]}
         return stats
@@ -130,20 +131,18 @@ def shoplens_nightly():
         from modeling import catalogue_index
         return _stage("search_index", catalogue_index.refresh)
 
-    @task
+    @task  # the teardown: it runs after a failure too; the stages decide the run's state
     def run_summary() -> dict:
         from shoplens import ops
-
         ctx = get_current_context()
         return ops.summarize_run(_settings(), ctx["run_id"], run_started_at=ctx["dag_run"].start_date)
 
     categories = start_run()
     crawled = finish_crawl(crawl_categories.expand(category_ids=categories))
-    # A teardown runs even after a failure and does not decide the run's state: the stages do.
     deduped = dedup(dedup_hash.expand(batch=dedup_plan(crawled)))
     filtered = filter_photos(filter_detect.expand(batch=filter_plan(deduped)))
-    [build_dataset(filtered), refresh_search_index(filtered)] >> \
-        run_summary().as_teardown(setups=categories)
+    built = build_dataset(export_shard.expand(job=build_plan(filtered)))
+    [built, refresh_search_index(filtered)] >> run_summary().as_teardown(setups=categories)
 
 
 shoplens_nightly()

@@ -105,27 +105,42 @@ def parse_shard_relpath(relpath: str) -> tuple[str, int, int] | None:
 # --- the files ------------------------------------------------------------------------------
 
 
+def shard_ranges(split_sizes: dict[str, int], images_per_shard: int) -> dict[str, tuple[str, int, int]]:
+    """Relative shard path -> ``(split, start, stop)``: which of a split's ordered records it holds.
+
+    A split of ``k`` records is cut into ``n = ceil(k / images_per_shard)`` contiguous, near-equal
+    shards, shard ``i`` holding records ``[i*k//n, (i+1)*k//n)``. The names and bounds depend on
+    the split sizes only, so a shard can be planned (and written) without the other shards' rows.
+    """
+    if images_per_shard < 1:
+        raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}")
+    ranges: dict[str, tuple[str, int, int]] = {}
+    for split in SPLITS:
+        k = split_sizes.get(split, 0)
+        if k <= 0:
+            continue
+        n = math.ceil(k / images_per_shard)
+        for i in range(n):
+            ranges[shard_relpath(split, i, n)] = (split, i * k // n, (i + 1) * k // n)
+    return ranges
+
+
 def shard_plan(members: list[dict[str, Any]], images_per_shard: int, *,
                order_by_sha256: bool = True) -> dict[str, list[dict[str, Any]]]:
     """Relative shard path -> its records, for every split that has images.
 
     A split's records, ordered by sha256 (effectively a shuffle that is independent of labels) or
-    kept in the given order, are cut into ``n = ceil(images / images_per_shard)`` contiguous,
-    near-equal shards.
+    kept in the given order, are cut as :func:`shard_ranges` says.
     """
-    if images_per_shard < 1:
-        raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}")
-    plan: dict[str, list[dict[str, Any]]] = {}
-    for split in SPLITS:
-        rows = [m for m in members if m["split"] == split]
-        if order_by_sha256:
+    by_split: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    for m in members:
+        by_split[m["split"]].append(m)
+    if order_by_sha256:
+        for rows in by_split.values():
             rows.sort(key=lambda m: m["sha256"])
-        if not rows:
-            continue
-        n = math.ceil(len(rows) / images_per_shard)
-        for i in range(n):
-            plan[shard_relpath(split, i, n)] = rows[i * len(rows) // n:(i + 1) * len(rows) // n]
-    return plan
+    sizes = {split: len(rows) for split, rows in by_split.items()}
+    return {relpath: by_split[split][start:stop]
+            for relpath, (split, start, stop) in shard_ranges(sizes, images_per_shard).items()}
 
 
 def encode_example(data: bytes, sha256: str, label: int) -> bytes:
@@ -200,6 +215,31 @@ def file_digest(path: Path) -> dict[str, Any]:
     return {"sha256": sha.hexdigest(), "bytes": path.stat().st_size}
 
 
+def write_shard(path: Path, records: list[dict[str, Any]], fetch: Callable[[str], bytes],
+                pool: ThreadPoolExecutor, advance: Callable[[], Any] = lambda: None) -> dict[str, Any]:
+    """One TFRecord shard of ``records`` (in their order) at ``path``; returns its digest.
+
+    ``fetch`` gives an object key's bytes (run ``FETCH_THREADS`` ahead in ``pool``), checked
+    against the record's sha256; ``advance`` is called once per record written.
+    """
+    import tensorflow as tf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record, data in zip(records, pool.map(lambda r: fetch(r["object_key"]), records)):
+            if hashlib.sha256(data).hexdigest() != record["sha256"]:
+                raise DatasetError(f"object {record['object_key']} does not hold the bytes "
+                                   f"of {record['sha256']} (corrupt or replaced)")
+            writer.write(encode_example(data, record["sha256"], record["label"]))
+            advance()
+    return file_digest(path)
+
+
+def version_document(version_fields: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
+    """version.json's bytes: ``version_fields`` and, under ``files``, every other file's digest."""
+    return json_bytes({**version_fields, "files": dict(sorted(files.items()))})
+
+
 def write_version_files(out_dir: Path, members: list[dict[str, Any]],
                         fetch: Callable[[str], bytes], shards: dict[str, list[dict[str, Any]]],
                         version_fields: dict[str, Any],
@@ -211,30 +251,19 @@ def write_version_files(out_dir: Path, members: list[dict[str, Any]],
     ``version_fields`` version.json's content besides ``files``. ``labels`` defaults to
     :func:`labels_document` of the members.
     """
-    import tensorflow as tf
-
     files: dict[str, dict[str, Any]] = {}
     with ThreadPoolExecutor(FETCH_THREADS) as pool, \
             progress(total=len(members), desc=f"export {version_fields.get('version_id', '')}".rstrip(),
                      unit="photos") as shown:
         for relpath, records in shards.items():
-            path = out_dir / relpath
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tf.io.TFRecordWriter(str(path)) as writer:
-                for record, data in zip(records, pool.map(lambda r: fetch(r["object_key"]), records)):
-                    if hashlib.sha256(data).hexdigest() != record["sha256"]:
-                        raise DatasetError(f"object {record['object_key']} does not hold the bytes "
-                                           f"of {record['sha256']} (corrupt or replaced)")
-                    writer.write(encode_example(data, record["sha256"], record["label"]))
-                    shown.advance()
-            files[relpath] = file_digest(path)
+            files[relpath] = write_shard(out_dir / relpath, records, fetch, pool, shown.advance)
     for relpath, data in ((MANIFEST_FILE, manifest_parquet_bytes(members)),
                           (LABELS_FILE, json_bytes(labels if labels is not None
                                                    else labels_document(members)))):
         (out_dir / relpath).write_bytes(data)
         files[relpath] = digest(data)
     files = dict(sorted(files.items()))
-    version_data = json_bytes({**version_fields, "files": files})
+    version_data = version_document(version_fields, files)
     (out_dir / VERSION_FILE).write_bytes(version_data)
     return {**files, VERSION_FILE: digest(version_data)}
 

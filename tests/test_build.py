@@ -15,7 +15,8 @@ from conftest import _admin_engine, PG_SERVER
 from dataset.build import stage as build
 from dataset.build import checks, export
 from dataset.build.diff import diff_versions
-from shoplens.export_layout import materialise, read_shard
+from shoplens import export_layout as layout
+from shoplens.export_layout import DatasetError, materialise, read_shard
 from shoplens.lineage import LineageError, lineage
 from shoplens.manifest import engine_for
 from shoplens.store import ObjectStore
@@ -352,16 +353,16 @@ def test_lineage_goes_back_to_the_source_and_forward_to_models(env, tmp_path):
 def test_a_crash_during_export_leaves_a_failed_version_and_no_files(env, monkeypatch):
     settings, writer = env
     populate(writer)
-    real_export = export.export_version
+    real_finish = export.finish_export
 
-    def export_then_crash(settings_, version_id):
-        real_export(settings_, version_id)  # every file written, then the worker dies
+    def finish_then_crash(settings_, version_id):
+        real_finish(settings_, version_id)  # every file written, then the worker dies
         raise RuntimeError("worker lost before marking the version complete")
 
-    monkeypatch.setattr(export, "export_version", export_then_crash)
+    monkeypatch.setattr(export, "finish_export", finish_then_crash)
     with pytest.raises(RuntimeError, match="worker lost"):
         build.run(settings, "run-1")
-    monkeypatch.setattr(export, "export_version", real_export)
+    monkeypatch.setattr(export, "finish_export", real_finish)
 
     assert list(ObjectStore(settings).list_keys("datasets/")) == []
     assert build.latest_version_id(settings) is None
@@ -383,3 +384,125 @@ def test_a_retry_abandons_the_version_a_killed_build_left_behind(env):
         assert conn.execute(sa.text(
             "SELECT status FROM dataset_versions WHERE version_id = 'v0001'")).scalar() == "failed"
     assert all(k.startswith("datasets/v0002/") for k in ObjectStore(settings).list_keys("datasets/"))
+
+
+# --- the export as shard jobs (what the nightly DAG maps over workers) ------------------------
+
+
+def decided_version(settings, writer, run_key="night-1"):
+    """A version decided and stored (status building) with its shard jobs, nothing exported."""
+    populate(writer)
+    decided = build.decide(settings, run_key)
+    return decided["build"]["version_id"], decided["shards"]
+
+
+def version_status(settings, version_id: str) -> str:
+    with engine_for(settings.manifest_url).connect() as conn:
+        return conn.execute(sa.text("SELECT status FROM dataset_versions WHERE version_id = :v"),
+                            {"v": version_id}).scalar_one()
+
+
+def test_shard_jobs_are_planned_from_the_stored_members_the_same_way_every_time(env):
+    """One job per shard of the layout's shard plan, named as the one-process writer names
+    them, and each job's members (read by row range) are exactly that shard's records."""
+    settings, writer = env
+    version_id, jobs = decided_version(settings, writer)
+
+    with engine_for(settings.manifest_url).connect() as conn:
+        snapshot = export.load_snapshot(conn, version_id)
+        planned = export.planned_shards(conn, version_id)
+        expected = layout.shard_plan(snapshot.members, 4)
+        for relpath, bounds in planned.items():
+            shard = export.shard_members(conn, version_id, *bounds)
+            assert [m["sha256"] for m in shard] == [m["sha256"] for m in expected[relpath]]
+    assert [job["shards"] for job in jobs] == [[relpath] for relpath in expected]
+    assert jobs == [j.as_dict() for j in export.plan_shard_jobs(settings, version_id)]
+    assert len(expected) > 3 and version_status(settings, version_id) == "building"
+
+
+def test_more_shards_than_mapped_tasks_are_grouped_into_consecutive_jobs(env):
+    settings, writer = env
+    version_id, jobs = decided_version(settings, writer)
+    shards = [relpath for job in jobs for relpath in job["shards"]]
+
+    grouped = export.plan_shard_jobs(settings, version_id, max_jobs=3)
+
+    assert [job.count for job in grouped] == [3, 3, 3]
+    assert [relpath for job in grouped for relpath in job.shards] == shards
+    assert max(len(j.shards) for j in grouped) - min(len(j.shards) for j in grouped) <= 1
+
+
+def test_shards_exported_in_any_order_or_twice_are_the_same_objects(env, tmp_path):
+    """A retried (or duplicated) job PUTs the same bytes under the same key: the version equals
+    a re-materialisation from the manifest whatever order and however often jobs ran."""
+    settings, writer = env
+    version_id, jobs = decided_version(settings, writer)
+    for job in reversed(jobs):
+        export.export_shard(settings, job)
+    first = stored_files(settings, version_id)
+
+    for job in jobs + jobs[:2]:  # forwards, and the first two once more
+        export.export_shard(settings, job)
+    stats = build.finish(settings, "night-1")
+
+    assert stats["version_id"] == version_id and stats["files"]["shards"] == len(jobs)
+    again = stored_files(settings, version_id)
+    assert {k: again[k] for k in first} == first
+    assert export.verify_export(settings, version_id) == []
+    assert version_status(settings, version_id) == "complete"
+
+
+def test_a_version_is_not_readable_until_every_shard_is_stored(env, tmp_path):
+    """Without one shard the finishing step fails naming it, writes no index file and leaves
+    the version building; readers find no version. Exporting that shard and finishing again
+    completes it."""
+    settings, writer = env
+    version_id, jobs = decided_version(settings, writer)
+    lost = jobs[1]
+    for job in jobs:
+        if job is not lost:
+            export.export_shard(settings, job)
+
+    with pytest.raises(export.ExportError,
+                       match=rf"{version_id} is incomplete: 1 of {len(jobs)} shard\(s\) missing "
+                             rf"from the store \({lost['shards'][0]}\).*export_shard"):
+        build.finish(settings, "night-1")
+
+    assert version_status(settings, version_id) == "building"
+    assert build.latest_version_id(settings) is None
+    assert not {"version.json", "manifest.parquet", "labels.json"} & set(stored_files(settings, version_id))
+    with pytest.raises(DatasetError, match="has no version.json"):
+        materialise(settings, version_id, tmp_path / "early")
+    assert not (tmp_path / "early").exists()
+
+    export.export_shard(settings, lost)
+    stats = build.finish(settings, "night-1")
+
+    assert stats["version_id"] == version_id and not stats["unchanged"]
+    assert build.latest_version_id(settings) == version_id
+    assert export.verify_export(settings, version_id) == []
+    assert materialise(settings, version_id, tmp_path / "done").is_dir()
+    assert build.finish(settings, "night-1")["reused"] is True  # a retried finish changes nothing
+
+
+def test_finishing_a_night_that_made_no_new_version_reports_the_unchanged_latest(env):
+    settings, writer = env
+    populate(writer)
+    first = build.run(settings, "night-1")
+
+    decided = build.decide(settings, "night-2")
+
+    assert decided["shards"] == [] and decided["build"]["unchanged"]
+    finished = build.finish(settings, "night-2")
+    assert finished["unchanged"] and finished["version_id"] == first["version_id"]
+
+
+def test_a_shard_job_of_an_abandoned_version_writes_nothing(env):
+    """A re-run decide abandons the run's unfinished version; a late job of it stays out."""
+    settings, writer = env
+    version_id, jobs = decided_version(settings, writer)
+    assert build.decide(settings, "night-1")["build"]["version_id"] != version_id
+
+    with pytest.raises(export.ExportError, match=f"{version_id} is failed"):
+        export.export_shard(settings, jobs[0])
+    assert list(ObjectStore(settings).list_keys(export.version_prefix(version_id))) == []

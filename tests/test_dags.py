@@ -26,7 +26,8 @@ def test_every_dag_file_imports_without_errors(dagbag):
 def test_nightly_runs_crawl_then_dedup_filter_build(dagbag):
     dag = dagbag.dags["shoplens_nightly"]
     order = ["start_run", "crawl_categories", "finish_crawl", "dedup_plan", "dedup_hash", "dedup",
-             "filter_plan", "filter_detect", "filter_photos", "build_dataset"]
+             "filter_plan", "filter_detect", "filter_photos", "build_plan", "export_shard",
+             "build_dataset"]
     for upstream, downstream in zip(order, order[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids, (upstream, downstream)
     assert dag.catchup is False
@@ -58,23 +59,57 @@ def test_crawl_is_mapped_over_the_planned_category_groups_and_capped(dagbag):
     assert crawl.retries >= 1
 
 
-@pytest.mark.parametrize("plan, batches, decide", [("dedup_plan", "dedup_hash", "dedup"),
-                                                   ("filter_plan", "filter_detect", "filter_photos")])
+@pytest.mark.parametrize("plan, batches, decide, key", [
+    ("dedup_plan", "dedup_hash", "dedup", "batch"),
+    ("filter_plan", "filter_detect", "filter_photos", "batch"),
+    ("build_plan", "export_shard", "build_dataset", "job")])
 def test_per_photo_work_is_mapped_over_the_planned_batches_and_decided_once(dagbag, plan, batches,
-                                                                            decide):
-    """Hashing and detection run as one mapped task instance per planned batch (any worker takes
-    any batch, a retry redoes one batch); the decision over every stored feature is one task that
-    also runs when the plan had no batches (a zero-length map is skipped, not failed)."""
+                                                                            decide, key):
+    """Hashing, detection and the dataset export run as one mapped task instance per planned
+    batch or shard job (any worker takes any, a retry redoes one); the step over everything
+    stored (clustering, rules, completing the version) is one task that also runs when the plan
+    had nothing to do (a zero-length map is skipped, not failed)."""
     dag = dagbag.dags["shoplens_nightly"]
     mapped = dag.get_task(batches)
     assert type(mapped).__name__.endswith("MappedOperator")
     assert set(mapped.upstream_task_ids) == {plan}
-    assert set(mapped.op_kwargs_expand_input.value) == {"batch"}
+    assert set(mapped.op_kwargs_expand_input.value) == {key}
     assert mapped.retries >= 1
     decision = dag.get_task(decide)
     assert not type(decision).__name__.endswith("MappedOperator")
     assert set(decision.upstream_task_ids) == {batches}
     assert decision.trigger_rule == "none_failed"
+
+
+def test_the_build_plan_hands_on_only_its_shard_jobs_and_fails_bad_data_without_retries(
+        dagbag, manifest_url, monkeypatch):
+    """build_plan records the build's decision as stage 'build_plan' and passes on (to XCom,
+    which maps export_shard) the small shard jobs only; a data-quality failure is final."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from dataset.build import stage
+    from dataset.build.checks import DataQualityError
+    from shoplens import ops
+    from shoplens.config import Settings
+
+    jobs = [{"version_id": "v0004", "index": 0, "count": 1,
+             "shards": ["tfrecords/train-00000-of-00001.tfrecord"]}]
+    monkeypatch.setattr(stage, "decide", lambda settings, run_key: {
+        "build": {"version_id": "v0004", "counts": {"images": 12}}, "shards": jobs})
+    monkeypatch.setenv("SHOPLENS_MANIFEST_URL", manifest_url)
+    task = dagbag.dags["shoplens_nightly"].get_task("build_plan")
+    monkeypatch.setitem(task.python_callable.__globals__, "get_current_context",
+                        lambda: {"run_id": "scheduled__2026-01-05", "params": {}})
+    assert task.python_callable({"kept": 12}) == jobs
+    [row] = ops.stage_metrics(Settings(manifest_url=manifest_url), "scheduled__2026-01-05")
+    assert (row["stage"], row["volume"]) == ("build_plan", {"build.counts.images": 12})
+
+    def bad_data(settings, run_key):
+        raise DataQualityError("dataset version v0004 failed 1 data-quality check(s)")
+
+    monkeypatch.setattr(stage, "decide", bad_data)
+    with pytest.raises(AirflowFailException, match="failed 1 data-quality check"):
+        task.python_callable({"kept": 12})
 
 
 def test_manual_runs_can_override_categories_best_n_caps_and_shop(dagbag):

@@ -12,9 +12,15 @@
    object-store check) and marks the version ``failed`` on any violation,
 6. exports the files (:mod:`dataset.build.export`) and only then marks the version ``complete``.
 
+Steps 1-5 and the shard plan are :func:`decide` (one task: the decisions need every member); the
+export's shards are :func:`dataset.build.export.export_shard` jobs (the nightly DAG maps them
+over workers; a retry rewrites one job's shards); :func:`finish` writes the version's index
+files once every shard is stored and marks it complete. ``run`` does all of it in one process.
+
 Only complete versions count as parents or as the split history of later builds, so a failed or
-crashed build never changes what the next one does. Builds are serialised by an advisory lock.
-A retried task with the same ``run_key`` gets the version it already completed.
+crashed build never changes what the next one does. Decisions and completions are serialised by
+an advisory lock. A retried task with the same ``run_key`` gets the version it already completed;
+a retried :func:`decide` abandons the unfinished version an earlier attempt of its run left.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ from dataset.build.splits import SPLITS, SplitCandidate, SplitRatios, assign_spl
 from shoplens.config import ConfigError, Settings
 # The member columns a version's content hash covers: the exported manifest.parquet's.
 from shoplens.export_layout import MANIFEST_COLUMNS as MEMBER_EXPORT_COLUMNS
+from shoplens.export_layout import TFRECORD_DIR
 from shoplens.manifest import ManifestNotMigrated, engine_for, require_migrated
 from shoplens.manifest.schema import dataset_members, dataset_versions
 
@@ -104,8 +111,11 @@ def validate_settings(settings: Settings) -> SplitRatios:
     return SplitRatios.from_settings(settings)
 
 
-def run(settings: Settings, run_key: str) -> dict[str, Any]:
-    """Build (or find) the dataset version for ``run_key``; returns its stats."""
+def decide(settings: Settings, run_key: str) -> dict[str, Any]:
+    """Steps 1-5: decide (or find) the version for ``run_key``, store its members and splits,
+    check them, and plan its export. ``{"build": stats, "shards": [job, ...]}``, the jobs as
+    JSON-able dicts for :func:`dataset.build.export.export_shard`; no jobs when the run's version
+    is already complete (``reused``) or nothing changed (``unchanged``)."""
     ratios = validate_settings(settings)
     engine = engine_for(settings.manifest_url)
     with _build_lock(engine):
@@ -116,34 +126,73 @@ def run(settings: Settings, run_key: str) -> dict[str, Any]:
                 raise BuildError(f"cannot build a dataset: {exc}") from exc
             done = _complete_version_for_run(conn, run_key)
             if done is not None:
-                return _stats(settings, done, reused=True)
+                return {"build": _stats(settings, done, reused=True), "shards": []}
         _abandon_unfinished(settings, engine, run_key)
         # One snapshot for all planning reads, so a crawl writing meanwhile cannot skew them.
         with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
             parent = _latest_complete(conn)
             plan = plan_version(conn, settings, ratios, parent)
         if parent is not None and parent["content_hash"].strip() == plan.content_hash:
-            return _stats(settings, parent, unchanged=True, plan=plan)
+            return {"build": _stats(settings, parent, unchanged=True, plan=plan), "shards": []}
         version_id = _insert_version(settings, engine, run_key, parent, plan)
         try:
             check_results = _run_checks(settings, version_id)
-            files = export.export_version(settings, version_id)
+            jobs = export.plan_shard_jobs(settings, version_id)
         except BaseException as exc:
-            with engine.begin() as conn:
-                conn.execute(dataset_versions.update().where(
-                    dataset_versions.c.version_id == version_id).values(
-                    status="failed", error=f"{type(exc).__name__}: {exc}"[:20000]))
-            _remove_partial_export(settings, version_id)
+            _mark_failed(settings, engine, version_id, exc)
             raise
+        with engine.connect() as conn:
+            stats = _stats(settings, _version_row(conn, version_id), plan=plan)
+    stats["checks"] = {"passed": len(check_results), "failed": 0}
+    return {"build": stats, "shards": [job.as_dict() for job in jobs]}
+
+
+def finish(settings: Settings, run_key: str) -> dict[str, Any]:
+    """Step 6's end for the version :func:`decide` made for ``run_key``: once every shard is
+    stored, write the index files (version.json last) and mark the version complete; returns
+    its stats. When the run's version is already complete, its stats (``reused``); when the run
+    made none (nothing changed), the latest complete version's (``unchanged``).
+
+    A missing shard raises :class:`~dataset.build.export.ExportError` naming it and leaves the
+    version ``building`` (unreadable): export the shard, then finish again."""
+    engine = engine_for(settings.manifest_url)
+    with _build_lock(engine):  # a re-run decide cannot abandon the version while it completes
+        with engine.connect() as conn:
+            row = _unfailed_version_for_run(conn, run_key)
+            latest = _latest_complete(conn) if row is None else None
+        if row is None:
+            if latest is None:
+                raise BuildError(f"run {run_key} made no dataset version and none is complete: "
+                                 "decide the run's version first")
+            return _stats(settings, latest, unchanged=True)
+        if row["status"] == "complete":
+            return _stats(settings, row, reused=True)
+        files = export.finish_export(settings, row["version_id"])
         with engine.begin() as conn:
             conn.execute(dataset_versions.update().where(
-                dataset_versions.c.version_id == version_id).values(
+                (dataset_versions.c.version_id == row["version_id"])
+                & (dataset_versions.c.status == "building")).values(
                 status="complete", completed_at=sa.func.now()))
-            row = _version_row(conn, version_id)
-    stats = _stats(settings, row, plan=plan)
-    stats["checks"] = {"passed": len(check_results), "failed": 0}
-    stats["files"] = {"count": len(files), "bytes": sum(f["bytes"] for f in files.values())}
+            row = _version_row(conn, row["version_id"])
+    stats = _stats(settings, row)
+    stats["files"] = {"count": len(files), "bytes": sum(f["bytes"] for f in files.values()),
+                      "shards": sum(f.startswith(f"{TFRECORD_DIR}/") for f in files)}
     return stats
+
+
+def run(settings: Settings, run_key: str) -> dict[str, Any]:
+    """Build (or find) the dataset version for ``run_key`` in this process; returns its stats.
+    Any failure after the version was stored marks it ``failed`` and removes its files."""
+    decided = decide(settings, run_key)
+    try:
+        for job in decided["shards"]:
+            export.export_shard(settings, job)
+        return {**decided["build"], **finish(settings, run_key)}
+    except BaseException as exc:
+        if decided["shards"]:
+            _mark_failed(settings, engine_for(settings.manifest_url),
+                         decided["build"]["version_id"], exc)
+        raise
 
 
 # --- planning (pure reads) ------------------------------------------------------------------
@@ -267,6 +316,14 @@ def _run_checks(settings: Settings, version_id: str) -> list[checks.CheckResult]
     return results
 
 
+def _mark_failed(settings: Settings, engine: sa.Engine, version_id: str, exc: BaseException) -> None:
+    with engine.begin() as conn:
+        conn.execute(dataset_versions.update().where(
+            dataset_versions.c.version_id == version_id).values(
+            status="failed", error=f"{type(exc).__name__}: {exc}"[:20000]))
+    _remove_partial_export(settings, version_id)
+
+
 def _abandon_unfinished(settings: Settings, engine: sa.Engine, run_key: str) -> None:
     """A crashed attempt of this run left a 'building' version: mark it failed, drop its files."""
     with engine.begin() as conn:
@@ -304,6 +361,14 @@ def _build_lock(engine: sa.Engine) -> Iterator[None]:
 def _version_row(conn: sa.Connection, version_id: str) -> dict:
     return dict(conn.execute(sa.select(dataset_versions).where(
         dataset_versions.c.version_id == version_id)).mappings().one())
+
+
+def _unfailed_version_for_run(conn: sa.Connection, run_key: str) -> dict | None:
+    """The run's newest version that is building or complete (decide leaves at most one)."""
+    row = conn.execute(sa.select(dataset_versions).where(
+        (dataset_versions.c.run_key == run_key) & (dataset_versions.c.status != "failed"))
+        .order_by(dataset_versions.c.seq.desc()).limit(1)).mappings().first()
+    return dict(row) if row else None
 
 
 def _complete_version_for_run(conn: sa.Connection, run_key: str) -> dict | None:
