@@ -18,6 +18,14 @@ Reported (``--out``, default results/search_grocery.json):
   half of the queries and applied to the other (both ways, pooled): precision and coverage of
   the answered queries; ``threshold_seen_to_novel``: chosen on the seen products' queries only and
   applied to the novel products' queries (the threshold never sees the queries it is measured on);
+- ``confidence_rules``: the same embedding's "no confident match" rules (``top1``: the best score,
+  ``margin``: best minus runner-up product, ``combined``: logistic regression on both; see
+  modeling/search_index.py), precision / coverage of the answered queries, all / novel / seen,
+  under three protocols: ``product`` (what a refresh does: the cut is fitted by leave-one-out over
+  the index's enrolled ``train/`` photos, up to ``--calibration-queries`` of them, each leaving
+  its product's most similar photos out per ``search_calibration_holdout``, and applied to the
+  ``val/`` queries, which it never saw; ``product_holdout_0`` the plain leave-one-out),
+  ``two_fold`` and ``seen_to_novel`` (as ``threshold``);
 - ``latency_ms``: one query (decode + embed + search) on one core, p50/p95, in a child process;
 - ``wall_s`` and the machine's load average.
 
@@ -175,6 +183,73 @@ def cross_calibrated_threshold(index, q_vectors, truth, target=0.95) -> dict:
             "threshold_on_all_queries": full}
 
 
+def rule_outcome(rule: str, chosen: dict, s1, s2, correct, groups: dict) -> dict:
+    """Precision / coverage of a calibrated rule on (other) queries: all, and per group mask."""
+    from modeling.search_index import confidence_values, threshold_outcome
+
+    values = confidence_values(rule, s1, s2, chosen["weights"])
+    out = {}
+    for name, mask in {"all": np.ones(len(values), bool), **groups}.items():
+        o = threshold_outcome(values[mask], correct[mask], chosen["cut"])
+        out[name] = {k: (round(v, 4) if isinstance(v, float) else v)
+                     for k, v in o.items() if k != "threshold"}
+    return out
+
+
+def confidence_rules_report(index, q_vectors, truth, target: float, calibration_queries: int,
+                            seed: int, enrolled_exclude_prefix: str, holdouts: list[float]) -> dict:
+    """Each confidence rule under the three protocols (module docstring, ``confidence_rules``);
+    ``product`` once per leave-one-out holdout (``product`` is the first, the setting's)."""
+    from modeling.search_index import CONFIDENCE_RULES, calibrate_confidence
+
+    s1, s2, correct = index.ranked_outcomes(q_vectors, truth)
+    novel = np.array([is_novel(t - PRODUCT_BASE) for t in truth])
+    groups = {"novel": novel, "seen": ~novel}
+    half = np.zeros(len(truth), dtype=int)
+    count: dict[int, int] = {}
+    for i, t in enumerate(truth):
+        half[i] = count.get(t, 0) % 2
+        count[t] = count.get(t, 0) + 1
+    out = {"target_precision": target, "queries": len(truth),
+           "val_top1_right": round(float(correct.mean()), 4), "two_fold": {}, "seen_to_novel": {}}
+    for n, holdout in enumerate(holdouts):
+        loo = index.leave_one_out_outcomes(calibration_queries, seed, enrolled_exclude_prefix,
+                                           holdout)
+        product = {"calibrated_on": "leave-one-out over the enrolled train/ photos",
+                   "holdout": holdout, "calibration_queries": int(len(loo[0])),
+                   "calibration_top1_right": round(float(loo[2].mean()), 4)}
+        for rule in CONFIDENCE_RULES:
+            chosen = calibrate_confidence(*loo, target, rule)
+            product[rule] = {"cut": round(chosen["cut"], 4), "weights": chosen["weights"],
+                             "on_calibration": {"precision": chosen["precision"],
+                                                "coverage": round(chosen["coverage"], 4)},
+                             "on_val": rule_outcome(rule, chosen, s1, s2, correct, groups)}
+        out["product" if n == 0 else f"product_holdout_{holdout:g}"] = product
+    for rule in CONFIDENCE_RULES:
+        # 2-fold: fitted on alternate photos per product, measured on the others, both ways.
+        answered = {g: 0 for g in ("all", "novel", "seen")}
+        right = dict(answered)
+        for fold in (0, 1):
+            cal, held = half == fold, half != fold
+            chosen = calibrate_confidence(s1[cal], s2[cal], correct[cal], target, rule)
+            held_out = rule_outcome(rule, chosen, s1[held], s2[held], correct[held],
+                                    {"novel": novel[held], "seen": ~novel[held]})
+            for g, o in held_out.items():
+                answered[g] += o["answered"]
+                right[g] += round((o["precision"] or 0) * o["answered"])
+        sizes = {"all": len(truth), "novel": int(novel.sum()), "seen": int((~novel).sum())}
+        out["two_fold"][rule] = {g: {"precision": round(right[g] / answered[g], 4)
+                                     if answered[g] else None,
+                                     "coverage": round(answered[g] / sizes[g], 4),
+                                     "answered": answered[g], "queries": sizes[g]}
+                                 for g in answered}
+        if novel.any() and (~novel).any():
+            chosen = calibrate_confidence(s1[~novel], s2[~novel], correct[~novel], target, rule)
+            out["seen_to_novel"][rule] = rule_outcome(rule, chosen, s1[novel], s2[novel],
+                                                      correct[novel], {})["all"]
+    return out
+
+
 def latency_child(index_dir: str, paths: list[str], warmup: int = 3) -> None:
     """Runs in a child pinned to one core: per photo, decode + embed + search, timed."""
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -255,6 +330,14 @@ def parse_args(argv=None):
     ap.add_argument("--classes", type=int, default=0, help="only the first N products (smoke)")
     ap.add_argument("--per-class", type=int, default=0, help="at most N train photos per product")
     ap.add_argument("--latency-queries", type=int, default=40)
+    ap.add_argument("--target-precision", type=float, default=0.95,
+                    help="precision the confidence rules' cuts keep on their calibration queries")
+    ap.add_argument("--calibration-queries", type=int, default=0,
+                    help="enrolled photos the product protocol's leave-one-out calibration uses "
+                         "(0: the setting search_calibration_queries)")
+    ap.add_argument("--calibration-holdouts", type=float, nargs="+",
+                    help="leave-one-out holdouts for the product protocol, the first reported as "
+                         "'product' (default: the setting search_calibration_holdout, then 0)")
     ap.add_argument("--latency-child", nargs="+", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -395,9 +478,18 @@ def main(argv=None) -> int:
     best_agg = result["trained"]["aggregation"]
     index = indexes[("trained", best_agg)]
     q_vec = whitened.project(f_query)
-    result["threshold"] = cross_calibrated_threshold(index, q_vec, q_pids)
+    result["threshold"] = cross_calibrated_threshold(index, q_vec, q_pids, args.target_precision)
     result["threshold_baseline"] = cross_calibrated_threshold(
-        indexes[("baseline", result["baseline"]["aggregation"])], base.project(f_query), q_pids)
+        indexes[("baseline", result["baseline"]["aggregation"])], base.project(f_query), q_pids,
+        args.target_precision)
+    settings = Settings.from_env()
+    # Iconic images are the catalogue images: a refresh leaves them out of its calibration.
+    iconic_prefix = os.path.commonpath([p for p, _ in iconic]) + os.sep if iconic else "\0"
+    result["confidence_rules"] = confidence_rules_report(
+        index, q_vec, q_pids, args.target_precision,
+        args.calibration_queries or settings.search_calibration_queries, settings.model_seed,
+        iconic_prefix, args.calibration_holdouts or
+        list(dict.fromkeys([settings.search_calibration_holdout, 0.0])))
 
     if f_iconic is not None:
         cat = {}
@@ -439,7 +531,26 @@ def main(argv=None) -> int:
     s2n = result["threshold"]["seen_to_novel"] or {}
     print(f"threshold seen->novel precision {s2n.get('precision')} coverage {s2n.get('coverage')}")
     print(f"threshold precision {result['threshold']['precision']} coverage "
-          f"{result['threshold']['coverage']}; wall {result['wall_s']} s; results in {args.out}")
+          f"{result['threshold']['coverage']}")
+    rules = result["confidence_rules"]
+    others = [k for k in rules if k.startswith("product_holdout_")]
+    print(f"product protocol: leave-one-out holdout {rules['product']['holdout']:g} "
+          f"(top-1 right {rules['product']['calibration_top1_right']}; val/ "
+          f"{rules['val_top1_right']})" + "".join(
+              f"; holdout {rules[k]['holdout']:g}: top-1 right {rules[k]['calibration_top1_right']}"
+              for k in others))
+    for rule in rules["two_fold"]:
+        cells = []
+        for name, per in (("product", rules["product"][rule]["on_val"]),
+                          *((k.replace("product_holdout_", "holdout "), rules[k][rule]["on_val"])
+                            for k in others),
+                          ("2-fold", rules["two_fold"][rule])):
+            cells += [f"{name} {g} {per[g]['precision']}/{per[g]['coverage']}"
+                      for g in ("all", "novel", "seen")]
+        s2n = rules["seen_to_novel"].get(rule, {})
+        cells.append(f"seen->novel {s2n.get('precision')}/{s2n.get('coverage')}")
+        print(f"confidence {rule:8s} " + "  ".join(cells))
+    print(f"wall {result['wall_s']} s; results in {args.out}")
     return 0
 
 

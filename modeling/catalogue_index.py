@@ -17,8 +17,12 @@ still nothing is embedded again. A new embedding model, or ``full=True``, builds
 Threshold ("no confident match"): recalibrated on every refresh, by leave-one-out over a
 deterministic sample of the enrolled review photos of products that have another photo: each
 is a query against the index with itself removed (its product's prototype recomputed without
-it), the answer is right when its own product ranks first, and the lowest score that keeps the
-target precision on those queries is the threshold (``modeling.search_index.calibrate_threshold``).
+it, and without the ``search_calibration_holdout`` fraction of its product's photos most like it:
+near-duplicates from one session make a plain leave-one-out far too easy), the answer is right
+when its own product ranks first, and the lowest confidence under the
+rule ``search_confidence_rule`` (top1, margin or combined: ``modeling.search_index``) that keeps
+the target precision on those queries is the cut, saved with the index. The manifest's
+``threshold`` column holds the top-1 cut, calibrated on the same queries whatever the rule.
 Why: the threshold depends on the gallery (more products, closer impostors) as much as on the
 embedding, so a threshold chosen once drifts as the catalogue grows; leave-one-out review photos
 are the closest labelled stand-in for a customer's photo the manifest holds, and it reuses stored
@@ -124,7 +128,9 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
         with phases("calibration"):
             calibration = index.calibrate_leave_one_out(settings.search_target_precision,
                                                         settings.search_calibration_queries,
-                                                        seed=settings.model_seed)
+                                                        seed=settings.model_seed,
+                                                        rule=settings.search_confidence_rule,
+                                                        holdout=settings.search_calibration_holdout)
         if calibration["queries"] >= MIN_CALIBRATION_QUERIES:
             index.threshold = calibration
         else:
@@ -143,6 +149,7 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
                  "embedded": embedded, "reused_vectors": reused, "removed_vectors": len(stale),
                  "unreadable": unreadable,
                  "threshold": index.threshold and index.threshold["threshold"],
+                 "confidence_rule": index.threshold and index.threshold.get("rule", "top1"),
                  "calibration_queries": calibration["queries"]}
         with session_scope(settings.manifest_url) as conn:
             conn.execute(search_indexes.update().where(search_indexes.c.id == index_id).values(

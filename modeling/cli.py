@@ -208,7 +208,8 @@ def _refresh_line(stats: dict) -> str:
     return (f"search index {stats['index_id']} ({stats['mode']}): {stats['products']} products, "
             f"{stats['vectors']} vectors, {stats['added_vectors']} added "
             f"({stats['embedded']} photos embedded, {stats['removed_vectors']} removed), "
-            f"threshold {stats['threshold']}, {stats['seconds']:.1f}s")
+            f"top-1 threshold {stats['threshold']}, confidence rule "
+            f"{stats.get('confidence_rule')}, {stats['seconds']:.1f}s")
 
 
 @command(bad_input=BAD_INPUT)

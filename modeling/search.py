@@ -7,11 +7,12 @@ One JSON object per photo on stdout, in the order given (directories expand to t
 files)::
 
     {"image": "a.jpg", "top": [{"product_id": 7, "name": "...", "score": 0.83}, ...],
-     "confident": true}
+     "confident": true, "confidence": {"rule": "margin", "value": 0.12, "cut": 0.05}}
 
-``confident`` is false when the best score is under the index's calibrated threshold ("no
-confident match": the answer is more likely wrong than the target precision allows) or when the
-index was never calibrated. An unreadable photo gets ``{"image", "error"}`` on its line and the
+``confident`` is false when the answer's confidence under the index's calibrated rule is under
+its cut ("no confident match": the answer is more likely wrong than the target precision allows;
+``rule`` top1 = the best score, margin = best minus runner-up, combined = a fitted mix of both:
+``modeling.search_index``) or when the index was never calibrated (rule, value, cut null). An unreadable photo gets ``{"image", "error"}`` on its line and the
 others are still answered. Exit status: 0 every photo answered, 2 bad input (an unreadable photo,
 no photo, an index directory that is not one, no current index), 1 failed (anything else),
 3 the manifest or object store is unreachable.

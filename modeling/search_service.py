@@ -7,7 +7,8 @@
   table carries them (``thumbnail_key`` or ``thumbnail_url``, ``price``, ``url``), or "no
   confident match". Nothing detected: the whole photo's top-3; no detector (503): ``/search``.
 - ``POST /search``: multipart upload (field ``photo``) -> ``{"top": [{product_id, name, score,
-  ...details}], "confident", "index"}``. The photo goes through the one decoder
+  ...details}], "confident", "confidence": {"rule", "value", "cut"}, "index"}`` (``confident``:
+  the index's calibrated "no confident match" rule, ``modeling.search_index``). The photo goes through the one decoder
   (``shoplens.photos``) with the configured byte and pixel caps; a refused photo is a 4xx whose
   JSON says ``{"error": <reason code>, "message": <for people>}``: no file 400, empty 400, too
   many bytes or pixels (decompression bomb) 413, not an image or an unsupported format 415, a
@@ -354,8 +355,8 @@ def create_app(index, settings: Settings | None = None, detector=FROM_SETTINGS):
             objects.append({
                 "box": [round(c, 1) for c in obj.box], "class": obj.label,
                 "score": None if obj.score is None else round(obj.score, 4),
-                # the unrounded best score against the threshold, as /search does
-                "confident": bool(top) and idx.is_confident(top[0][1]),
+                # the unrounded scores against the index's confidence rule, as /search does
+                "confident": bool(top) and idx.is_confident([score for _, score in top]),
                 "top": [with_details(idx, {"product_id": pid, "score": float(score)})
                         for pid, score in top]})
         return {"image": {"width": image.width, "height": image.height}, "objects": objects,
@@ -366,8 +367,12 @@ def create_app(index, settings: Settings | None = None, detector=FROM_SETTINGS):
 
 
 def _index_summary(idx, holder=None) -> dict:
+    from modeling.search_index import confidence_rule
+
+    rule = confidence_rule(idx.threshold)
     return {"id": getattr(holder, "index_id", None), "built_at": idx.built_at,
-            "vectors": len(idx), "products": len(idx.products)}
+            "vectors": len(idx), "products": len(idx.products),
+            "confidence_rule": rule and rule[0]}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -361,6 +361,12 @@ class Settings:
     # this many enrolled review photos, for this precision on the queries it answers.
     search_target_precision: float = 0.95
     search_calibration_queries: int = 2000
+    # The confidence the threshold cuts: "top1" (best score), "margin" (best minus runner-up
+    # product) or "combined" (logistic regression on both, fitted on the same queries).
+    search_confidence_rule: str = "combined"
+    # Each calibration photo's prototype also leaves out this fraction of its product's photos
+    # most like it (near-duplicates from one session make leave-one-out far too easy).
+    search_calibration_holdout: float = 0.5
     search_embed_batch: int = 64
     # Local cache of downloaded index versions (empty: ~/.cache/shoplens/search-indexes).
     search_cache_dir: str = ""
@@ -465,6 +471,11 @@ class Settings:
         if self.search_aggregation not in ("prototype", "max"):
             raise ConfigError(f"search_aggregation must be 'prototype' or 'max', "
                               f"got {self.search_aggregation!r}")
+        if self.search_confidence_rule not in ("top1", "margin", "combined"):
+            raise ConfigError(f"search_confidence_rule must be 'top1', 'margin' or 'combined', "
+                              f"got {self.search_confidence_rule!r}")
+        if not 0 <= self.search_calibration_holdout < 1:
+            raise ConfigError("search_calibration_holdout must be in [0, 1)")
         if not 0 < self.search_target_precision <= 1:
             raise ConfigError("search_target_precision must be in (0, 1]")
         if self.search_embed_batch < 1 or self.search_calibration_queries < 0:

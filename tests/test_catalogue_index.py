@@ -229,7 +229,13 @@ def test_the_threshold_is_recalibrated_by_leave_one_out_on_the_enrolled_photos(s
     assert stats["calibration_queries"] == 12
     assert stats["threshold"] is not None
     row = _rows(settings)[stats["index_id"]]
-    assert row["threshold"] == pytest.approx(stats["threshold"])
+    assert row["threshold"] == pytest.approx(stats["threshold"])  # the top-1 cut, for salvage
+    # The confidence rule in force is saved with the index and judges its answers.
+    assert stats["confidence_rule"] == settings.search_confidence_rule == "combined"
+    saved = catalogue_index.download(settings, stats["index_id"], catalogue_index.cache_dir(settings))
+    rule = json.loads((saved / "index.json").read_text())["threshold"]
+    assert rule["rule"] == "combined" and rule["holdout"] == settings.search_calibration_holdout
+    assert rule["threshold"] == pytest.approx(stats["threshold"])
 
 
 def test_a_newly_promoted_embedding_model_gets_a_full_build(settings, shop, embedded, tmp_path):

@@ -16,7 +16,8 @@ from modeling import search_index
 from drawn_products import SHAPES, drawn_photo
 from modeling.embedding import (Embedder, HeadTraining, finetune_embedding, l2_normalise,
                                 train_embedding, train_head)
-from modeling.search_index import (SearchIndex, SearchIndexError, calibrate_threshold,
+from modeling.search_index import (CONFIDENCE_RULES, SearchIndex, SearchIndexError,
+                                   calibrate_confidence, calibrate_threshold, confidence_values,
                                    threshold_outcome)
 from shoplens.config import Settings
 
@@ -133,7 +134,10 @@ def test_index_refuses_vectors_of_unregistered_products_and_wrong_width():
     assert len(index) == 0
 
 
-def test_answers_below_the_calibrated_threshold_are_not_confident():
+@pytest.mark.parametrize("rule", ["top1", "combined"])
+def test_answers_below_the_calibrated_threshold_are_not_confident(rule):
+    """Calibrated on clear photos and photos of nothing enrolled, the rules that look at the
+    best score do not answer a photo far from every product (the margin alone may: see below)."""
     index = SearchIndex(_vector_embedder())
     dirs = _catalogue(index)
     assert index.answer(dirs[0])["confident"] is False  # never calibrated: nothing is confident
@@ -141,7 +145,7 @@ def test_answers_below_the_calibrated_threshold_are_not_confident():
     queries = np.concatenate([dirs + rng.normal(0, 0.05, dirs.shape),   # clear photos
                               rng.normal(size=(5, index.dim))])          # unrelated photos
     truth = [100 + p for p in range(5)] + [100 + p for p in range(5)]
-    chosen = index.calibrate(queries, truth, 0.95)
+    chosen = index.calibrate(queries, truth, 0.95, rule=rule)
     assert chosen["precision"] >= 0.95
     assert index.answer(dirs[1])["confident"] is True
     below = index.answer(-dirs[1])  # far from every product: still ranked, but not confident
@@ -158,6 +162,144 @@ def test_saved_index_loads_and_answers_the_same(tmp_path):
     assert loaded.threshold == index.threshold and loaded.aggregation == "max"
     for q in dirs:
         assert loaded.answer(q) == index.answer(q)
+
+
+# --- the confidence rule ------------------------------------------------------------------------
+def _twins_and_singles(index: SearchIndex, rng, photos=6):
+    """Products 100 and 101 look alike (directions ~0.04 apart); 102-105 are each on their own.
+    Returns the products' directions."""
+    dirs = l2_normalise(rng.normal(size=(6, index.dim)))
+    dirs[1] = l2_normalise(dirs[0] + rng.normal(0, 0.01, index.dim))
+    index.add_products([{"product_id": 100 + p, "name": f"product {p}"} for p in range(6)])
+    vecs = [dirs[p] + rng.normal(0, 0.03, index.dim) for p in range(6) for _ in range(photos)]
+    index.add_vectors(np.array(vecs), [100 + p for p in range(6) for _ in range(photos)],
+                      [f"photo-{p}-{j}" for p in range(6) for j in range(photos)])
+    return dirs
+
+
+def _queries_around(dirs, rng, per_product=16, spread=0.1):
+    queries = np.repeat(dirs, per_product, axis=0) + rng.normal(0, spread, (len(dirs) * per_product,
+                                                                           dirs.shape[1]))
+    return queries, [100 + p for p in range(len(dirs)) for _ in range(per_product)]
+
+
+def test_the_margin_rule_abstains_between_look_alike_products_even_with_a_high_top1():
+    """Photos of two near-identical products score high on both: the best score says "sure",
+    the runner-up only a hair below says "could be either"; a product on its own is answered."""
+    rng = np.random.default_rng(0)
+    index = SearchIndex(_vector_embedder(16))
+    dirs = _twins_and_singles(index, rng)
+    queries, truth = _queries_around(dirs, rng)
+    chosen = index.calibrate(queries, truth, 0.95, rule="margin")
+    assert chosen["rule"] == "margin" and chosen["precision"] >= 0.95
+
+    twin = index.answer(dirs[0])
+    assert twin["top"][0]["score"] > 0.95 and twin["top"][1]["product_id"] == 101
+    assert twin["confident"] is False
+    assert twin["confidence"]["rule"] == "margin"
+    assert twin["confidence"]["value"] < twin["confidence"]["cut"]
+    single = index.answer(dirs[3])
+    assert single["top"][0]["product_id"] == 103 and single["confident"] is True
+    assert single["confidence"]["value"] >= single["confidence"]["cut"]
+
+
+def test_the_combined_rule_abstains_on_look_alikes_and_on_photos_unlike_every_product():
+    """Fitted on queries that include photos of nothing enrolled (low best score) and photos of
+    the look-alikes (high best score, no lead), the combined rule answers only the clear ones."""
+    rng = np.random.default_rng(1)
+    index = SearchIndex(_vector_embedder(16))
+    dirs = _twins_and_singles(index, rng)
+    queries, truth = _queries_around(dirs, rng)
+    strangers = rng.normal(size=(24, index.dim))  # labelled with a product they are not
+    index.calibrate(np.concatenate([queries, strangers]), truth + [100 + i % 6 for i in range(24)],
+                    0.99, rule="combined")
+    assert index.threshold["rule"] == "combined" and len(index.threshold["weights"]) == 3
+    assert index.answer(dirs[4])["confident"] is True
+    assert index.answer(dirs[0])["confident"] is False
+    assert not any(index.answer(q)["confident"] for q in rng.normal(size=(10, index.dim)))
+
+
+@pytest.mark.parametrize("rule", CONFIDENCE_RULES)
+def test_calibration_picks_the_lowest_cut_keeping_the_target_precision(rule):
+    """Wrong answers have small margins and middling scores: whatever the rule, its cut keeps
+    the target precision on the calibration queries, and the next lower value would not."""
+    rng = np.random.default_rng(2)
+    correct = rng.random(400) < 0.7
+    s1 = np.where(correct, rng.uniform(0.5, 0.95, 400), rng.uniform(0.4, 0.8, 400))
+    s2 = s1 - np.where(correct, rng.uniform(0.0, 0.3, 400), rng.uniform(0.0, 0.08, 400))
+    chosen = calibrate_confidence(s1, s2, correct, 0.95, rule)
+    values = confidence_values(rule, s1, s2, chosen["weights"])
+    kept = threshold_outcome(values, correct, chosen["cut"])
+    assert kept["precision"] >= 0.95 and kept["answered"] == chosen["answered"] > 0
+    lower = values[values < chosen["cut"]].max()
+    assert threshold_outcome(values, correct, lower)["precision"] < 0.95
+    assert set(chosen["rules"]) == set(CONFIDENCE_RULES)
+    assert chosen["threshold"] == chosen["rules"]["top1"]["cut"]  # the top-1 cut, always
+
+
+def test_leave_one_out_calibration_fits_the_rule_on_the_enrolled_photos():
+    """Each enrolled photo queries the index without itself: the twins' photos are the only
+    wrong or close answers, and the margin rule's cut keeps the target on those queries."""
+    rng = np.random.default_rng(3)
+    index = SearchIndex(_vector_embedder(16))
+    _twins_and_singles(index, rng, photos=10)
+    chosen = index.calibrate_leave_one_out(0.95, rule="margin")
+    assert chosen["queries"] == 60 and chosen["method"] == "leave-one-out"
+    assert chosen["rule"] == "margin" and chosen["precision"] >= 0.95
+    # the four products on their own are always right, by a wide margin: all of them answered
+    assert chosen["answered"] >= 40
+
+
+def test_the_calibration_holdout_leaves_a_photos_near_duplicates_out_of_its_product():
+    """Each product's photos come from two sessions of near-identical shots: left out alone, a
+    photo still finds its session twins in its product's prototype; with half its product's
+    photos most like it left out, it is judged against the other session only, as a customer's
+    photo from another day would be. Products with two photos keep one (never all)."""
+    rng = np.random.default_rng(4)
+    index = SearchIndex(_vector_embedder(16))
+    sessions = l2_normalise(rng.normal(size=(8, index.dim)))
+    index.add_products([{"product_id": 100 + p, "name": f"product {p}"} for p in range(5)])
+    vecs, pids = [], []
+    for p in range(4):  # products 100-103: two sessions of 5 shots each
+        for session in (2 * p, 2 * p + 1):
+            vecs += [sessions[session] + rng.normal(0, 0.01, index.dim) for _ in range(5)]
+            pids += [100 + p] * 5
+    vecs += [rng.normal(size=index.dim) for _ in range(2)]  # product 104: two photos
+    pids += [104, 104]
+    index.add_vectors(np.array(vecs), pids, [f"photo-{i}" for i in range(len(vecs))])
+
+    alone = index.leave_one_out_outcomes(holdout=0.0)
+    half = index.leave_one_out_outcomes(holdout=0.5)
+    assert len(alone[0]) == len(half[0]) == 42
+    own_session = (alone[0][:40] - half[0][:40])
+    assert np.all(own_session > 0.1)  # the twins made the best score far higher
+    with pytest.raises(ValueError, match="holdout"):
+        index.leave_one_out_outcomes(holdout=1.0)
+
+
+def test_an_index_saved_before_the_confidence_rules_still_loads_and_cuts_the_top1_score(tmp_path):
+    index = SearchIndex(_vector_embedder())
+    dirs = _catalogue(index)
+    index.save(tmp_path / "idx")
+    config = json.loads((tmp_path / "idx" / "index.json").read_text())
+    best = [index.search_vectors(q, 1)[0][0].score for q in dirs[:2]]
+    config["threshold"] = {"threshold": float(np.mean(best)), "target_precision": 0.95,
+                           "precision": 1.0, "coverage": 0.5, "answered": 1, "queries": 2}
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(config))
+
+    loaded = SearchIndex.load(tmp_path / "idx")
+    above, below = (loaded.answer(dirs[i]) for i in np.argsort(best)[::-1])
+    assert above["confident"] is True and below["confident"] is False
+    assert above["confidence"]["rule"] == "top1"
+    assert above["confidence"]["cut"] == pytest.approx(np.mean(best), abs=1e-4)
+
+
+def test_the_confidence_rule_setting_is_checked():
+    from shoplens.config import ConfigError
+
+    assert Settings().search_confidence_rule == "combined"
+    with pytest.raises(ConfigError, match="search_confidence_rule"):
+        Settings(search_confidence_rule="top2").validate()
 
 
 def test_extending_a_saved_index_embeds_and_writes_only_the_new_photos(tmp_path):
@@ -274,8 +416,9 @@ def test_search_cli_prints_one_json_line_per_photo_with_scored_products(photo_in
     assert code == 0
     assert [line["image"] for line in lines] == [str(files[0]), str(files[4])]
     for line in lines:
-        assert set(line) == {"image", "top", "confident"}
+        assert set(line) == {"image", "top", "confident", "confidence"}
         assert len(line["top"]) == 3 and isinstance(line["confident"], bool)
+        assert line["confidence"]["rule"] == "combined"  # the rule the index was calibrated with
         assert set(line["top"][0]) == {"product_id", "name", "score"}
     # An enrolled photo is closest to its own product's prototype.
     assert lines[0]["top"][0]["product_id"] == 1 and 0 < lines[0]["top"][0]["score"] <= 1

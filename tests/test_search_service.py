@@ -124,6 +124,7 @@ def test_a_photo_of_an_enrolled_product_gets_that_product_first_among_three(clie
     assert [hit["product_id"] for hit in body["top"]][0] == 2
     assert len(body["top"]) == 3 and body["top"][0]["name"] == "blue rectangle"
     assert isinstance(body["confident"], bool)
+    assert body["confidence"]["rule"] == body["index"]["confidence_rule"] == "combined"
     assert {"product_id", "name", "score"} <= set(body["top"][0])
     scores = [hit["score"] for hit in body["top"]]
     assert scores == sorted(scores, reverse=True)
