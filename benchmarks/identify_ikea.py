@@ -175,7 +175,11 @@ def parse_backbone(spec: str) -> dict:
             out.update(identify_pooling="roi", identify_roi_size=int(pooling[3:] or 448))
         return out
     name, _, size = head.partition("@")
-    out = {"identify_backbone": name, "identify_image_size": int(size or 0)}
+    if size.endswith("g"):  # "@160g": crops at 160 px, the gallery at the backbone's own size
+        out = {"identify_backbone": name, "identify_image_size": 0,
+               "identify_crop_size": int(size[:-1])}
+    else:
+        out = {"identify_backbone": name, "identify_image_size": int(size or 0)}
     if pooling.startswith("roi"):
         out.update(identify_pooling="roi", identify_roi_size=int(pooling[3:] or 448))
     return out
@@ -188,7 +192,7 @@ def embedder_for(backbone: str, _cache={}):
         p = parse_backbone(backbone)
         _cache[backbone] = Embedder.load(p["identify_embedding"]) \
             if p.get("identify_embedding") else \
-            Embedder(p["identify_backbone"], p["identify_image_size"])
+            Embedder(p["identify_backbone"], p.get("identify_crop_size") or p["identify_image_size"])
     return _cache[backbone]
 
 
@@ -226,6 +230,8 @@ def gallery_vectors(cache: Cache, gallery: list[dict], backbone: str, trim: bool
 
     if ":roi" in backbone:  # the gallery is embedded as usual; only the rooms differ
         backbone = backbone.partition(":")[0]
+    if backbone.partition(":")[0].endswith("g") and "@" in backbone:  # "@160g": native gallery
+        backbone = backbone.partition("@")[0]
     backbone_tag = backbone.replace("/", "_")
     name = f"gallery-{backbone_tag}-{'trim' if trim else 'raw'}{'-mirror' if mirror else ''}"
     got = cache.vectors(name, [g["path"] for g in gallery], compute)
@@ -245,7 +251,7 @@ def room_vectors(cache: Cache, rooms: list[dict], boxes: dict, backbone: str, ma
     """Crop (or, margin None, whole-photo) embeddings keyed 'room|i' (i = box index; 'room|-1')."""
     from PIL import Image, ImageOps
 
-    from modeling.identify import object_crop
+    from shoplens.vision.crops import square_crop
 
     keys = []
     for r in rooms:
@@ -275,7 +281,7 @@ def room_vectors(cache: Cache, rooms: list[dict], boxes: dict, backbone: str, ma
                 order += [f"{name}|{i}" for i in idx]
                 continue
             for i in idx:
-                crop = img if i < 0 else object_crop(img, boxes[name][i][:4], margin)
+                crop = img if i < 0 else square_crop(img, boxes[name][i][:4], margin)
                 crops.append(ImageOps.mirror(crop) if mirror else crop)
                 order.append(f"{name}|{i}")
             if len(crops) >= 32:
@@ -442,52 +448,72 @@ def production_check(rooms, gallery, listing: Path, work: Path, settings: Settin
     return table
 
 
-def cost_child(listing: str, work: str, settings_json: str, model: str, paths: list[str],
+def cost_child(listing: str, work: str, variants_json: str, model: str, paths: list[str],
                warmup: int = 2) -> None:
-    """In a child pinned to one core: per photo, identify vs one whole-photo search query."""
+    """In a child pinned to one core: per photo, identify under each variant vs one whole-photo
+    search query of the same photo, interleaved so every variant sees the same load."""
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     from modeling.identify import Gallery, identify
     from shoplens.vision import images
     from shoplens.vision.detector import Detector
+    from shoplens.vision.embedding import Embedder
 
-    settings = Settings().with_overrides(**json.loads(settings_json))
-    g = Gallery.from_listing(listing, settings, cache_dir=Path(work) / "galleries")
-    det = Detector(model, min_score=settings.identify_min_score, threads=1)
+    variants = json.loads(variants_json)
+    runs = []
+    for v in variants:
+        settings = Settings().with_overrides(**v["overrides"])
+        g = Gallery.from_listing(listing, settings, cache_dir=Path(work) / "galleries")
+        runs.append((v, settings, g))
+    settings0, g0 = runs[0][1], runs[0][2]
+    det = Detector(model, min_score=min(r[1].identify_min_score for r in runs), threads=1)
     # The baseline is the shop's search query: one photo at the backbone's native size, whatever
     # size identify embeds its crops at.
-    from shoplens.vision.embedding import Embedder
-    query = Embedder(settings.identify_backbone, settings=settings)
-    ident, search, objects = [], [], []
+    query = Embedder(settings0.identify_backbone, settings=settings0)
+    searchable = Gallery.searchable
+    times = {v["name"]: [] for v, _, _ in runs}
+    objects = {v["name"]: [] for v, _, _ in runs}
+    search = []
     for i, p in enumerate(paths):
-        t0 = time.perf_counter()
-        img = images.decode(images.read_file(p), p)
-        out = identify(img, g, det, settings)
+        for v, settings, g in runs:
+            # "all_classes": boxes of classes the gallery has no product of are kept (as before).
+            Gallery.searchable = (lambda self: None) if v.get("all_classes") else searchable
+            t0 = time.perf_counter()
+            img = images.decode(images.read_file(p), p)
+            out = identify(img, g, det, settings)
+            t1 = time.perf_counter()
+            if i >= warmup:
+                times[v["name"]].append((t1 - t0) * 1000)
+                objects[v["name"]].append(len(out))
+        Gallery.searchable = searchable
         t1 = time.perf_counter()
         img = images.decode(images.read_file(p), p)
         vector = query.embed_decoded([img])[0]
-        if query.dim == g.embedder.dim:
-            g.index.answer(vector, settings.identify_top)
+        if query.dim == g0.embedder.dim:
+            g0.index.answer(vector, settings0.identify_top)
         t2 = time.perf_counter()
         if i >= warmup:
-            ident.append((t1 - t0) * 1000)
             search.append((t2 - t1) * 1000)
-            objects.append(len(out))
-    print(json.dumps({"photos": len(ident), "identify_ms_p50": round(float(np.median(ident)), 1),
-                      "search_ms_p50": round(float(np.median(search)), 1),
-                      "ratio_p50": round(float(np.median(ident) / np.median(search)), 2),
-                      "objects_mean": round(float(np.mean(objects)), 2)}))
+    s50 = float(np.median(search))
+    print(json.dumps({"photos": len(search), "search_ms_p50": round(s50, 1), "variants": {
+        name: {"identify_ms_p50": round(float(np.median(t)), 1),
+               "ratio_p50": round(float(np.median(t)) / s50, 2),
+               "objects_mean": round(float(np.mean(objects[name])), 2)}
+        for name, t in times.items()}}))
 
 
-def measure_cost(listing: Path, work: Path, overrides: dict, model: str, paths: list[str]) -> dict:
+def measure_cost(listing: Path, work: Path, variants: list[dict], model: str,
+                 paths: list[str]) -> dict:
     env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    load_before = [round(x, 2) for x in os.getloadavg()]
     proc = subprocess.run([sys.executable, __file__, "--cost-child", str(listing), str(work),
-                           json.dumps(overrides), model, *paths],
+                           json.dumps(variants), model, *paths],
                           env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "cores": 1,
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
+            "load_average_before": load_before,
+            "load_average_after": [round(x, 2) for x in os.getloadavg()]}
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -513,8 +539,18 @@ def main(argv=None) -> int:
                     help="weights of the colour histograms' similarity added to the embedding's")
     ap.add_argument("--trims", default="0,1", help="gallery trimming off/on (0,1)")
     ap.add_argument("--flips", default="0,1", help="mirror TTA off/on (0,1)")
+    ap.add_argument("--all-classes", action="store_true",
+                    help="let boxes of classes the gallery has no product of take places under "
+                         "the object caps (identify before it skipped them)")
+    ap.add_argument("--fallback-classes", default="",
+                    help="comma-separated identify_fallback_classes for the production check and "
+                         "the cost (the whole photo for such a class with no box)")
+    ap.add_argument("--fallback-embedding", default="",
+                    help="identify_fallback_embedding (e.g. a head from modeling.identify_head)")
     ap.add_argument("--no-production-check", action="store_true")
     ap.add_argument("--cost-photos", type=int, default=20, help="room photos timed (0: skip)")
+    ap.add_argument("--cost-variant", action="append", default=[],
+                    help='NAME=JSON: also time identify with these settings over the chosen ones')
     ap.add_argument("--cost-child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cost_child:
@@ -542,6 +578,8 @@ def main(argv=None) -> int:
     flips = [bool(int(f)) for f in args.flips.split(",")]
     boxes = detections(cache, rooms, model, settings)
     classes = set(settings.identify_classes)
+    if not args.all_classes:  # as identify does: only classes the gallery has products of
+        classes &= set(FOLDERS.values())
     NEEDED.update(min_score=min(min_scores), classes=classes)
     gcol, rcol = colours(cache, gallery, rooms, boxes)
 
@@ -622,6 +660,9 @@ def main(argv=None) -> int:
                  "identify_min_score": d["min_score"], "identify_max_objects": overall,
                  "identify_max_per_class": per, "identify_trim_gallery": d["trim"],
                  "identify_flip": d["flip"]}
+    if args.fallback_classes:  # the whole photo for a class with no box, as identify does it
+        overrides.update(identify_fallback_classes=args.fallback_classes.split(","),
+                         identify_fallback_embedding=args.fallback_embedding)
     result["chosen_settings"] = overrides
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=sorted))  # the variants, kept early
@@ -633,7 +674,17 @@ def main(argv=None) -> int:
         result["production_check"]["wall_s"] = round(time.time() - t0, 1)
     if args.cost_photos:
         paths = [r["path"] for r in rooms][:args.cost_photos + 2]
-        result["cost"] = measure_cost(listing, args.work, overrides, model, paths)
+        # A/B in one child: the defaults before this round (8 objects, 2 per class, any
+        # configured class, crops at 224), the chosen variant, and any --cost-variant.
+        before = {**overrides, "identify_image_size": 0, "identify_crop_size": 0,
+                  "identify_max_objects": 8, "identify_max_per_class": 2,
+                  "identify_fallback_classes": [], "identify_fallback_embedding": ""}
+        variants = [{"name": "before", "overrides": before, "all_classes": True},
+                    {"name": "chosen", "overrides": overrides}]
+        for spec in args.cost_variant:
+            name, _, extra = spec.partition("=")
+            variants.append({"name": name, "overrides": {**overrides, **json.loads(extra)}})
+        result["cost"] = measure_cost(listing, args.work, variants, model, paths)
     result["wall_s"] = round(time.time() - t_start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=sorted))

@@ -1,7 +1,7 @@
 """Detect-then-identify with another embedding for the whole-image fallback (issue 17).
 
 Scores, on the caches ``benchmarks/identify_ikea.py`` left in ``--work`` (run it first with both
-backbones), the chosen detect variant (trimmed gallery, margin 0, boxes >= 0.05, 8p2) where each
+backbones), a detect variant (trimmed gallery, margin 0, ``--min-score``, ``--max-objects``) where each
 (room, class) with no box of the class is queried by the whole photo embedded with
 ``--fallback`` (e.g. ``head=results/identify_head_objects``) against the gallery embedded the
 same way, while detected objects keep ``--backbone``. Prints R@1/R@10 per split and writes JSON.
@@ -25,6 +25,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--fallback", required=True)
+    ap.add_argument("--min-score", type=float, default=0.05)
+    ap.add_argument("--max-objects", default="8p2")
+    ap.add_argument("--all-classes", action="store_true",
+                    help="boxes of classes the gallery has no product of count under the caps")
     ap.add_argument("--work", type=Path, default=B.REPO / "results" / "identify_ikea_work")
     ap.add_argument("--out", type=Path, default=B.REPO / "results" / "identify_ikea_fallback.json")
     args = ap.parse_args(argv)
@@ -34,6 +38,8 @@ def main(argv=None) -> int:
     cache = B.Cache(args.work)
     boxes = B.detections(cache, rooms, str(B.SHARED / "models" / "yolox_nano.onnx"), Settings())
     classes = set(Settings().identify_classes)
+    if not args.all_classes:  # as identify does: only classes the gallery has products of
+        classes &= set(B.FOLDERS.values())
     B.NEEDED.update(min_score=0.05, classes=classes)
     gb = B.gallery_vectors(cache, gallery, args.backbone, True, False)
     gf = B.gallery_vectors(cache, gallery, args.fallback, True, False)
@@ -45,7 +51,7 @@ def main(argv=None) -> int:
 
     def query(r, c):
         bx = boxes[r["name"]]
-        kept = [i for i in B.objects_of(bx, 0.05, "8p2", classes) if bx[i][4] == c]
+        kept = [i for i in B.objects_of(bx, args.min_score, args.max_objects, classes) if bx[i][4] == c]
         if not kept:
             return np.concatenate([zb, whole[f"{r['name']}|-1"]])[None], np.zeros(1)
         return (np.stack([np.concatenate([crops[f"{r['name']}|{i}"], zf]) for i in kept]),
@@ -53,7 +59,9 @@ def main(argv=None) -> int:
 
     table = B.recall_table(rooms, gallery, gvec, query)
     args.out.write_text(json.dumps({"backbone": args.backbone, "fallback": args.fallback,
-                                    "table": table}, indent=1))
+                                    "min_score": args.min_score,
+                                    "max_objects": args.max_objects,
+                                    "all_classes": args.all_classes, "table": table}, indent=1))
     for split in ("tune", "report", "all"):
         print(split, " ".join(f"{c} {table[split][c]['R@1']:.3f}/{table[split][c]['R@10']:.3f}"
                               for c in ("chair", "couch", "dining table")))

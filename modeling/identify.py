@@ -3,24 +3,31 @@
 :func:`identify` is the entry point; ``shoplens identify`` (``modeling/identify_cli.py``) wraps it.
 
 1. **Detect**: YOLOX-Nano boxes (:mod:`shoplens.vision.detector`, COCO classes, image pixels) of
-   the home-goods classes in ``Settings.identify_classes`` scoring at least
+   the home-goods classes in ``Settings.identify_classes`` that the gallery has products of (all
+   of them when a classless product matches any object) scoring at least
    ``identify_min_score``; the ``identify_max_per_class`` best of each class (0: no such cap),
    and of those the ``identify_max_objects`` best, are kept.
-2. **Crop**: each box grown by ``identify_margin`` of its width/height on every side, then to a
-   square around its centre with the photo's own pixels (white where the square leaves the
-   photo: catalogue photos are shot on white), so the embedder's square input sees the whole
-   object instead of its middle.
+2. **Crop** (:func:`shoplens.vision.crops.square_crop`, the crop geometry salvage shares): each
+   box grown by ``identify_margin`` of its width/height on every side, then to a square around
+   its centre with the photo's own pixels (white where the square leaves the photo: catalogue
+   photos are shot on white), so the embedder's square input sees the whole object instead of
+   its middle; cut and scaled in one resampling to the embedder's input.
 3. **Embed** with the gallery's embedder (``identify_flip``: mean with the mirrored crop), all
-   crops in one batch at ``identify_image_size`` (0: the backbone's native size). With
+   crops in ONE batch at ``identify_crop_size`` (0: the gallery embedding's size). With
    ``identify_pooling = "roi"`` there are no crops: one backbone pass over the whole photo at
    ``identify_roi_size`` px, each box's features average-pooled from the last feature map
    (:func:`roi_features`).
-4. **Search** the gallery restricted to products whose class is the detected class; products
-   with no class (empty) match any object. Per object the top ``k`` products with scores.
+4. **Search** the gallery restricted to products whose class is the detected class (exact
+   cosine over that class's products); products with no class (empty) match any object. Per
+   object the top ``k`` products with scores.
 
 **Whole-image fallback**: when no box is kept, the photo is one object with ``box`` = the whole
 image ``[0, 0, width, height]``, ``class`` = None and ``score`` = None (no detection), searched
-unrestricted.
+unrestricted. **Per class** (``identify_fallback_classes``, default none): such a class with no
+box kept gets the whole photo as its object (``class`` the class, ``score`` None), searched within
+the class, embedded by ``identify_fallback_embedding`` when set (a head trained on other
+products, :mod:`modeling.identify_head`; its own index of the gallery; on the same backbone the
+photo rides in the crops' batch) -- a table hidden under chairs is still searched.
 
 A :class:`Gallery` is a :class:`~modeling.search_index.SearchIndex` whose products carry a
 ``class`` (COCO names, comma-separated when a product is several, e.g. a sofa bed; "" = any) and
@@ -40,6 +47,7 @@ the product id to report (``ref``):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -55,6 +63,7 @@ from PIL import Image, ImageOps
 from shoplens.config import Settings
 from shoplens.progress import progress
 from shoplens.vision import images
+from shoplens.vision.crops import square_crop
 from shoplens.vision.detector import COCO_CLASSES, Detector
 from shoplens.vision.embedding import Embedder, l2_normalise
 
@@ -66,6 +75,8 @@ BACKDROP_LEVEL = 240
 BACKDROP_BORDER = 0.9
 TRIM_MARGIN = 0.05
 MIN_BOX_SIDE = 8.0
+# Up to this many products of a class are scored exactly (one matrix product) per object.
+EXACT_SEARCH_LIMIT = 50_000
 
 
 class IdentifyError(ValueError):
@@ -97,10 +108,15 @@ def check_classes(classes: Iterable[str]) -> tuple[str, ...]:
     return classes
 
 
-def detect_objects(image: Image.Image, detector: Detector, settings: Settings) -> list[DetectedBox]:
+def detect_objects(image: Image.Image, detector: Detector, settings: Settings,
+                   searchable: frozenset[str] | None = None) -> list[DetectedBox]:
     """The configured classes' boxes on an upright RGB photo, best first (at most
-    ``identify_max_objects``); empty when none is found."""
+    ``identify_max_objects``); empty when none is found. ``searchable``: only these classes
+    (those the gallery has products of; None = all), so no crop is embedded only to be
+    searched among no products and no such box takes a place under the caps."""
     wanted = set(check_classes(settings.identify_classes))
+    if searchable is not None:
+        wanted &= searchable
     out = []
     for b in detector.detect(image):
         if (b.label in wanted and b.score >= settings.identify_min_score
@@ -122,23 +138,6 @@ def whole_image(image: Image.Image) -> DetectedBox:
     return DetectedBox(0.0, 0.0, float(image.width), float(image.height), None, None)
 
 
-def object_crop(image: Image.Image, box: tuple[float, float, float, float],
-                margin: float) -> Image.Image:
-    """The box grown by ``margin`` of its size on each side, squared around its centre with the
-    photo's pixels (white outside the photo)."""
-    x0, y0, x1, y1 = box
-    w, h = max(1.0, x1 - x0), max(1.0, y1 - y0)
-    side = max(w, h) * (1.0 + 2.0 * margin)
-    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
-    left, top = int(round(cx - side / 2.0)), int(round(cy - side / 2.0))
-    size = max(1, int(round(side)))
-    canvas = Image.new("RGB", (size, size), WHITE)
-    src = (max(0, left), max(0, top), min(image.width, left + size), min(image.height, top + size))
-    if src[2] > src[0] and src[3] > src[1]:
-        canvas.paste(image.convert("RGB").crop(src), (src[0] - left, src[1] - top))
-    return canvas
-
-
 def trimmed_to_product(image: Image.Image) -> Image.Image:
     """A catalogue photo on a white backdrop cut to the product's extent (plus 5 %) and squared
     with white; any other photo unchanged."""
@@ -151,7 +150,7 @@ def trimmed_to_product(image: Image.Image) -> Image.Image:
     if len(xs) < 50:
         return image
     box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-    return object_crop(image, box, TRIM_MARGIN)
+    return square_crop(image, box, TRIM_MARGIN)
 
 
 def _feature_map_model(embedder: Embedder, size: int):
@@ -219,6 +218,8 @@ class Gallery:
         self.index = index
         self.settings = settings
         self.flip = flip
+        # The same products embedded by identify_fallback_embedding (whole-photo objects), or None.
+        self.fallback: Gallery | None = None
         self.ids = np.array(sorted(index.products), dtype=np.int64)
         classes = settings.identify_category_classes or {}
         self.classes = {}
@@ -239,14 +240,52 @@ class Gallery:
     def embedder(self) -> Embedder:
         return self.index.embedder
 
+    def crop_embedder(self, size: int) -> Embedder:
+        """The gallery's embedder with its input at ``size`` px (0: its own): the same weights
+        and projection, built once per size."""
+        if not size or size == self.embedder.image_size:
+            return self.embedder
+        cache = self.__dict__.setdefault("_crop_embedders", {})
+        if size not in cache:
+            cache[size] = dataclasses.replace(self.embedder, image_size=size, _model=None)
+        return cache[size]
+
+    def searchable(self) -> frozenset[str] | None:
+        """The classes an object can be found among products of; None when a classless product
+        matches every object."""
+        if any(not c for c in self.classes.values()):
+            return None
+        return frozenset().union(*self.classes.values())
+
     def allowed(self, label: str | None) -> set[int] | None:
         """Products an object of ``label`` may be: that class and the classless; None = all."""
         if label is None:
             return None
         return {pid for pid, c in self.classes.items() if not c or label in c}
 
+    def _class_prototypes(self, label: str | None):
+        """(product ids, their unit prototype vectors) an object of ``label`` may be, cached per
+        class; None when the index does not keep one vector per product."""
+        if self.index.aggregation != "prototype":
+            return None
+        cache = self.__dict__.setdefault("_by_class", {})
+        if label not in cache:
+            ids, protos, _ = self.index._product_prototypes()
+            allowed = self.allowed(label)
+            rows = np.arange(len(ids)) if allowed is None else \
+                np.flatnonzero(np.isin(ids, np.fromiter(allowed, np.int64, len(allowed))))
+            cache[label] = (ids[rows], np.ascontiguousarray(protos[rows], dtype=np.float32))
+        return cache[label]
+
     def search(self, vector: np.ndarray, label: str | None, k: int) -> list[tuple[object, float]]:
         """Top-k (reported product id, score) for one embedding, restricted to ``label``."""
+        restricted = self._class_prototypes(label)
+        if restricted is not None and len(restricted[0]) <= EXACT_SEARCH_LIMIT:
+            # Exact cosine over the class's products only: one small product, no ANN round trips.
+            ids, protos = restricted
+            scores = protos @ l2_normalise(np.asarray(vector, np.float32)[None])[0]
+            order = np.argsort(-scores, kind="stable")[:k]
+            return [(self.refs[int(ids[j])], float(scores[j])) for j in order]
         allowed = self.allowed(label)
         total = len(self.ids)
         want = min(total, k if allowed is None else max(4 * k, 32))
@@ -271,6 +310,14 @@ class Gallery:
         from modeling.search_index import SearchIndex
 
         settings = settings or Settings()
+        if settings.identify_fallback_embedding:  # a second index of the same photos
+            own = cls.from_listing(listing, settings.with_overrides(
+                identify_fallback_embedding=""), cache_dir)
+            own.fallback = cls.from_listing(listing, settings.with_overrides(
+                identify_embedding=settings.identify_fallback_embedding,
+                identify_fallback_embedding=""), cache_dir)
+            own.settings = settings
+            return own
         rows = read_listing(listing)
         embedder = identify_embedder(settings)
         key = gallery_key(rows, embedder, settings)
@@ -418,15 +465,56 @@ def identify_objects(image: Image.Image, gallery: Gallery, detector: Detector | 
     """:func:`identify`'s answer unrounded: (object, [(product id, score), ...]) best first."""
     settings = settings or gallery.settings
     k = k or settings.identify_top
-    objects = detect_objects(image, detector, settings) if detector is not None else []
+    searchable = gallery.searchable()
+    objects = detect_objects(image, detector, settings, searchable) \
+        if detector is not None else []
+    found = {o.label for o in objects}
+    missing = [c for c in check_classes(settings.identify_fallback_classes)
+               if c not in found and (searchable is None or c in searchable)] \
+        if detector is not None else []
     if not objects:
         objects = [whole_image(image)]
+    fallback = gallery.fallback or gallery
+    vectors, whole = _embed_objects(image, objects, gallery, settings,
+                                    fallback.embedder if missing else None)
+    answers = [(o, gallery.search(v, o.label, k)) for o, v in zip(objects, vectors)]
+    for c in missing:  # a class with no box: the whole photo, searched within the class
+        answers.append((DetectedBox(0.0, 0.0, float(image.width), float(image.height), c, None),
+                        fallback.search(whole, c, k)))
+    return answers
+
+
+def _shares_backbone(a: Embedder, b: Embedder) -> bool:
+    """Whether two embedders compute the same backbone features (they differ at most in the
+    projection after it), so one backbone pass serves both."""
+    return (a.backbone, a.image_size, a.pooling, a.tuned_blocks, a.weights_file, a.flip_tta) == \
+        (b.backbone, b.image_size, b.pooling, b.tuned_blocks, b.weights_file, b.flip_tta)
+
+
+def _embed_objects(image: Image.Image, objects: list[DetectedBox], gallery: Gallery,
+                   settings: Settings, whole_with: Embedder | None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The objects' embeddings and, with ``whole_with``, the whole photo's by that embedder.
+    Crops (and the whole photo, when ``whole_with`` shares the backbone) go through the
+    backbone in ONE batch: one call, whatever the number of objects."""
+    embedder = gallery.crop_embedder(settings.identify_crop_size)
+    whole = None
     if settings.identify_pooling == "roi" and objects[0].label is not None:
         # One backbone pass over the whole photo; each box pooled from its feature map.
-        vectors = gallery.embedder.project(roi_features(
-            gallery.embedder, image, [o.box for o in objects], settings.identify_roi_size))
+        vectors = embedder.project(roi_features(
+            embedder, image, [o.box for o in objects], settings.identify_roi_size))
     else:
-        crops = [object_crop(image, o.box, settings.identify_margin) if o.label is not None
-                 else image for o in objects]
-        vectors = embed_images(gallery.embedder, crops, gallery.flip)
-    return [(o, gallery.search(v, o.label, k)) for o, v in zip(objects, vectors)]
+        # Each square cut and scaled in one resampling to what the embedder fits its input to.
+        side = images.margin_size(embedder.image_size)
+        crops = [square_crop(image, o.box, settings.identify_margin, side)
+                 if o.label is not None else image for o in objects]
+        if whole_with is not None and not gallery.flip and _shares_backbone(embedder, whole_with):
+            if objects[0].label is None:  # nothing detected: the photo is already in the batch
+                feats = embedder.features(embedder.centre_crops(embedder.squares(crops)))
+                return embedder.project(feats), whole_with.project(feats[:1])[0]
+            feats = embedder.features(embedder.centre_crops(embedder.squares([*crops, image])))
+            return embedder.project(feats[:-1]), whole_with.project(feats[-1:])[0]
+        vectors = embed_images(embedder, crops, gallery.flip)
+    if whole_with is not None:
+        whole = embed_images(whole_with, [image], gallery.flip)[0]
+    return vectors, whole

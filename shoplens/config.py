@@ -224,6 +224,9 @@ class Settings:
     # The embedding a --gallery listing is indexed with (the shop's index brings its own).
     identify_backbone: str = "efficientnet_lite0"
     identify_image_size: int = 0
+    # The size detected objects' crops are embedded at (0: the gallery embedding's own size).
+    # Smaller crops cost less per object; the gallery keeps its full-size embedding.
+    identify_crop_size: int = 0
     # An embedding directory (Embedder.save; built by `python -m modeling.identify_head`) whose
     # trained projection head embeds the gallery and the crops; "" = the untrained backbone
     # above. Its own backbone and size win over identify_backbone / identify_image_size.
@@ -232,6 +235,13 @@ class Settings:
     # pass over the whole photo at identify_roi_size px, each box pooled from the feature map.
     identify_pooling: str = "crops"
     identify_roi_size: int = 448
+    # Classes that get a whole-photo object (box = the photo, score null, searched within the
+    # class) when no box of theirs is kept: a table hidden under chairs and tableware is still
+    # searched. Empty: only the whole-image object when nothing at all is detected.
+    identify_fallback_classes: tuple[str, ...] = ()
+    # The embedding those whole-photo objects are searched with (a trained head on the same
+    # backbone: one shared backbone pass with the crops); "" = the gallery's own embedding.
+    identify_fallback_embedding: str = ""
     # Gallery photos on a plain white backdrop trimmed to the product's extent before embedding.
     identify_trim_gallery: bool = True
     # Mirror test-time augmentation of each crop (and gallery photo): mean of both embeddings.
@@ -447,6 +457,9 @@ class Settings:
         if self.identify_pooling not in ("crops", "roi"):
             raise ConfigError(f"identify_pooling must be 'crops' or 'roi', got "
                               f"{self.identify_pooling!r}")
+        if self.identify_crop_size and self.identify_crop_size < 32:
+            raise ConfigError(f"identify_crop_size must be 0 or >= 32, got "
+                              f"{self.identify_crop_size}")
         if self.identify_roi_size < 32:
             raise ConfigError(f"identify_roi_size must be >= 32, got {self.identify_roi_size}")
         if self.identify_margin < 0:

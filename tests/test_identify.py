@@ -9,15 +9,17 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 from conftest import shared_path
 from drawn_products import drawn_photo
 from modeling import identify as identify_module
-from modeling.identify import Gallery, IdentifyError, object_crop, read_listing
+from modeling.identify import Gallery, IdentifyError, read_listing
 from modeling.identify_cli import main as identify_main
 from shoplens.config import Settings
+from shoplens.vision.crops import square_crop
 from shoplens.vision.detector import Box
 
 PHOTO_SIZE = (160, 120)
@@ -64,7 +66,7 @@ def gallery_dir(tmp_path):
         rows.append([name, f"100.000.{n:02d}", "chair"])
     drawn_photo(2, 50).save(folder / "any.png")
     rows.append(["any.png", "500.000.00", ""])
-    object_crop(room, CHAIR_BOX, 0.1).save(folder / "couch1.png")
+    square_crop(room, CHAIR_BOX, 0.1).save(folder / "couch1.png")
     rows.append(["couch1.png", "900.000.01", "couch"])
     for n in (2, 3):
         drawn_photo(n, 60 + n).save(folder / f"couch{n}.png")
@@ -118,7 +120,7 @@ def test_a_detected_chair_is_only_matched_to_chairs_and_classless_products(galle
     assert returned == {f"100.000.{n:02d}" for n in range(12)} | {"500.000.00"}
 
     crop = tmp_path / "crop.png"
-    object_crop(_room_photo(), CHAIR_BOX, 0.1).save(crop)
+    square_crop(_room_photo(), CHAIR_BOX, 0.1).save(crop)
     _, [line], _ = _run(["--gallery", str(listing), str(crop)], settings, StubDetector([]))
     assert line["objects"][0]["top"][0]["product_id"] == "900.000.01"
 
@@ -178,12 +180,110 @@ def test_a_product_listed_under_two_classes_is_found_for_either(gallery_dir, tmp
     assert sofa_bed not in gallery.allowed("chair")
 
 
-def test_object_crop_keeps_context_and_squares_with_white_outside_the_photo():
+def test_a_square_crop_keeps_context_and_squares_with_white_outside_the_photo():
     img = Image.new("RGB", (100, 50), (10, 20, 30))
-    crop = object_crop(img, (0.0, 10.0, 40.0, 30.0), margin=0.25)
+    crop = square_crop(img, (0.0, 10.0, 40.0, 30.0), margin=0.25)
     assert crop.size == (60, 60)  # the 40 px side plus 25 % on each side
     assert crop.getpixel((0, 30)) == (255, 255, 255)  # left of the photo: white
     assert crop.getpixel((30, 30)) == (10, 20, 30)
+
+
+def test_a_square_crop_scaled_in_one_step_matches_the_full_size_crop_scaled():
+    img = Image.new("RGB", (100, 50), (10, 20, 30))
+    ImageDraw.Draw(img).rectangle((10, 15, 30, 35), fill=(200, 40, 40))
+    full = square_crop(img, (0.0, 10.0, 40.0, 30.0), margin=0.25)
+    small = square_crop(img, (0.0, 10.0, 40.0, 30.0), margin=0.25, size=30)
+    assert small.size == (30, 30)
+    assert small.getpixel((2, 15)) == (255, 255, 255)  # the white outside the photo, scaled
+    expected = np.asarray(full.resize((30, 30), Image.Resampling.BILINEAR), dtype=np.int16)
+    assert np.abs(np.asarray(small, dtype=np.int16) - expected).mean() < 8
+
+
+def _classless_rows_dropped(listing):
+    """The same gallery without its classless product: every product has a class."""
+    lines = listing.read_text().splitlines()
+    listing.write_text("\n".join(line for line in lines if "500.000.00" not in line) + "\n")
+    return listing
+
+
+def test_boxes_of_a_class_the_gallery_has_no_product_of_take_no_place_under_the_caps(
+        gallery_dir, tmp_path):
+    """A vase outscores the couch, but no gallery product is a vase: with one object allowed,
+    the couch is the one identified (a classless product would match a vase: then it stays)."""
+    listing, room = gallery_dir
+    detector = StubDetector([Box("vase", 0.9, 0, 0, 40, 40), Box("couch", 0.4, 90, 5, 155, 115)])
+    settings = _settings(tmp_path, identify_max_objects=1)
+    _, [line], _ = _run(["--gallery", str(listing), str(room)], settings, detector)
+    assert [o["class"] for o in line["objects"]] == ["vase"]
+    _, [line], _ = _run(["--gallery", str(_classless_rows_dropped(listing)), str(room)],
+                        settings, detector)
+    assert [o["class"] for o in line["objects"]] == ["couch"]
+
+
+def test_a_fallback_class_with_no_box_is_the_whole_photo_searched_within_that_class(
+        gallery_dir, tmp_path):
+    listing, room = gallery_dir
+    detector = StubDetector([Box("chair", 0.7, *CHAIR_BOX)])
+    settings = _settings(tmp_path, identify_fallback_classes=("couch", "chair", "bed"))
+    _, [line], _ = _run(["--gallery", str(_classless_rows_dropped(listing)), str(room)],
+                        settings, detector)
+    # The chair has its box; the couch has none (the whole photo stands in); no product is a
+    # bed, so no bed object.
+    assert [(o["class"], o["score"]) for o in line["objects"]] == [("chair", 0.7), ("couch", None)]
+    couch = line["objects"][1]
+    assert couch["box"] == [0.0, 0.0, float(PHOTO_SIZE[0]), float(PHOTO_SIZE[1])]
+    assert set(couch) == {"box", "class", "score", "top"}
+    assert {t["product_id"] for t in couch["top"]} == {"900.000.01", "900.000.02", "900.000.03"}
+
+
+def test_the_fallback_embedding_searches_its_own_index_of_the_gallery(gallery_dir, tmp_path):
+    """identify_fallback_embedding (a trained head): the whole-photo objects are answered from
+    the gallery embedded by it, the boxes from the gallery's own embedding."""
+    from modeling.embedding import HeadTraining
+    from modeling.identify_head import train
+
+    listing, room = gallery_dir
+    folder = tmp_path / "objects"
+    folder.mkdir()
+    for n in range(6):
+        drawn_photo(1 + n % 4, 80 + n).save(folder / f"300.000.0{n}.png")
+    trained = train(sorted(folder.iterdir()), _settings(tmp_path), views=0,
+                    cfg=HeadTraining(epochs=2, dim=8))
+    trained.save(tmp_path / "head")
+    settings = _settings(tmp_path, identify_fallback_classes=("couch",),
+                         identify_fallback_embedding=str(tmp_path / "head"))
+    gallery = Gallery.from_listing(listing, settings)
+    assert gallery.fallback.embedder.dim == 8 and gallery.embedder.dim != 8
+    objects = identify_module.identify(Image.open(room).convert("RGB"), gallery,
+                                       StubDetector([Box("chair", 0.7, *CHAIR_BOX)]), settings)
+    assert [o["class"] for o in objects] == ["chair", "couch"]
+    expected = gallery.fallback.search(
+        gallery.fallback.embedder.embed_decoded([Image.open(room).convert("RGB")])[0], "couch", 10)
+    assert [t["product_id"] for t in objects[1]["top"]] == [pid for pid, _ in expected]
+
+
+def test_the_exact_class_search_ranks_as_the_index_search(gallery_dir, tmp_path, monkeypatch):
+    listing, room = gallery_dir
+    gallery = Gallery.from_listing(listing, _settings(tmp_path))
+    vector = gallery.embedder.embed_decoded([Image.open(room).convert("RGB")])[0]
+    exact = {label: gallery.search(vector, label, 10) for label in ("chair", "couch", None)}
+    monkeypatch.setattr(identify_module, "EXACT_SEARCH_LIMIT", 0)
+    for label, hits in exact.items():
+        via_index = gallery.search(vector, label, 10)
+        assert [p for p, _ in hits] == [p for p, _ in via_index]
+        np.testing.assert_allclose([s for _, s in hits], [s for _, s in via_index], atol=1e-5)
+
+
+def test_crops_embedded_at_a_smaller_size_share_the_gallery_embedding(gallery_dir, tmp_path):
+    listing, room = gallery_dir
+    settings = _settings(tmp_path).with_overrides(identify_image_size=64, identify_crop_size=32)
+    gallery = Gallery.from_listing(listing, settings)
+    small = gallery.crop_embedder(32)
+    assert small.image_size == 32 and gallery.embedder.image_size == 64
+    assert small.backbone == gallery.embedder.backbone and small.dim == gallery.embedder.dim
+    _, [line], _ = _run(["--gallery", str(listing), str(room)], settings,
+                        StubDetector([Box("chair", 0.7, *CHAIR_BOX)]))
+    assert line["objects"][0]["class"] == "chair" and len(line["objects"][0]["top"]) == 10
 
 
 # --- the gallery --------------------------------------------------------------------------------
@@ -331,7 +431,6 @@ ROOM_WITH_CHAIRS = "ikea-dine-wherever-you-want__1364308412079-s4.jpg"
 def test_benchmark_ranks_a_class_by_the_best_object_and_counts_a_hit_if_any_true_product_is_in_the_top_k():
     """The IKEA paper's protocol (benchmarks/identify_ikea.py): per (room, class), that class's
     products ranked by their best score over the room's objects of the class; no object = miss."""
-    import numpy as np
 
     from benchmark_modules import load_benchmark
 
@@ -361,7 +460,6 @@ def test_benchmark_ranks_a_class_by_the_best_object_and_counts_a_hit_if_any_true
 def test_roi_pooling_of_a_box_over_a_square_photo_is_the_backbones_own_pooled_features(tmp_path):
     """identify_pooling "roi": one pass over the photo, each box averaged over the feature-map
     cells under it; a box over the whole (square) photo is the global average pooling."""
-    import numpy as np
 
     from shoplens.vision.embedding import Embedder
 
@@ -386,7 +484,7 @@ def test_roi_pooling_answers_each_object_within_its_class_without_cropping(galle
     def no_crops(*args, **kwargs):
         raise AssertionError("roi pooling embeds no crops")
 
-    monkeypatch.setattr(identify_module, "object_crop", no_crops)
+    monkeypatch.setattr(identify_module, "square_crop", no_crops)
     detector = StubDetector([Box("couch", 0.4, 90, 5, 155, 115), Box("chair", 0.7, *CHAIR_BOX)])
     _, [line], _ = _run(["--gallery", str(listing), str(room)], settings, detector)
     assert [o["class"] for o in line["objects"]] == ["chair", "couch"]

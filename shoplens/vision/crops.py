@@ -1,7 +1,9 @@
 """Crops of detected objects: the box plus a context margin, clipped to the photo.
 
 Shared by everything that looks at one object of a photo: the filter's salvage of multi-product
-review photos (``dataset/filter/salvage.py``) and identify (detect, then search each object).
+review photos (``dataset/filter/salvage.py``: :func:`crop`, the clipped rectangle it stores) and
+identify (``modeling/identify.py``: :func:`square_crop`, the square an embedder sees, also the
+catalogue photo trimmed to its product).
 Boxes are ``[x0, y0, x1, y1]`` in pixels of the upright photo (what the detector returns).
 """
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from PIL import Image
+
+WHITE = (255, 255, 255)
 
 
 def crop_box(box: Sequence[float], width: int, height: int, margin: float = 0.1) -> tuple[int, int, int, int]:
@@ -33,3 +37,39 @@ def crop(image: Image.Image, box: Sequence[float], margin: float = 0.1) -> tuple
     """The crop of ``image`` (an upright RGB photo) around ``box`` and the rectangle it covers."""
     rect = crop_box(box, image.width, image.height, margin)
     return image.crop(rect), rect
+
+
+def square_box(box: Sequence[float], margin: float = 0.0) -> tuple[int, int, int]:
+    """(left, top, side): ``box`` grown by ``margin`` of its width/height on each side, then
+    squared around its centre; it may reach outside the photo. A square crop lets an embedder
+    that fits its input to a square see the whole object instead of cutting a tall one."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = max(1.0, abs(x1 - x0)), max(1.0, abs(y1 - y0))
+    side = max(w, h) * (1.0 + 2.0 * margin)
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    return int(round(cx - side / 2.0)), int(round(cy - side / 2.0)), max(1, int(round(side)))
+
+
+def square_crop(image: Image.Image, box: Sequence[float], margin: float = 0.0,
+                size: int | None = None, fill: tuple[int, int, int] = WHITE) -> Image.Image:
+    """The :func:`square_box` of ``box`` with the photo's pixels, ``fill`` where it leaves the
+    photo (white: catalogue photos are shot on white). With ``size`` it comes back ``size`` x
+    ``size``, resampled once from the photo (no full-size intermediate crop)."""
+    left, top, side = square_box(box, margin)
+    out = size or side
+    scale = out / side
+    canvas = Image.new("RGB", (out, out), fill)
+    src = (max(0, left), max(0, top), min(image.width, left + side), min(image.height, top + side))
+    if src[2] <= src[0] or src[3] <= src[1]:
+        return canvas
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    dst = (int(round((src[0] - left) * scale)), int(round((src[1] - top) * scale)))
+    if size is None:
+        canvas.paste(rgb.crop(src), dst)
+        return canvas
+    w = max(1, min(out - dst[0], int(round((src[2] - src[0]) * scale))))
+    h = max(1, min(out - dst[1], int(round((src[3] - src[1]) * scale))))
+    canvas.paste(rgb.resize((w, h), Image.Resampling.BILINEAR, box=src, reducing_gap=None), dst)
+    return canvas
