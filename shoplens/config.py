@@ -170,6 +170,10 @@ class Settings:
     # An embedding pair joins two clusters only when the smaller has at most this many images (and
     # the two representatives pass the rule): it attaches re-uploads, it never chains clusters.
     dedup_embedding_max_attach: int = 3
+    # A candidate pair must also align geometrically: the two photos' grayscale thumbnails'
+    # correlation once scaled and shifted onto each other (dataset/dedup/alignment.py) at least
+    # this; -1 turns the check off.
+    dedup_embedding_min_alignment: float = 0.9
     # --- filter (dataset.filter.stage) ---------------------------------------------------------------
     # The YOLOX-Nano ONNX file; `python -m dataset models fetch` downloads it here.
     detector_model_path: str = "~/.cache/shoplens/models/yolox_nano.onnx"
