@@ -208,7 +208,8 @@ def find_embedding_pairs(vectors: np.ndarray, phashes, dhashes, rule: EmbeddingR
     """Pairs (among all items, or between ``query_positions`` and all) that ``rule`` accepts.
 
     Candidates come from an exact faiss inner-product range search (cosine >= ``min_cosine``);
-    the hash band, then (``rule.min_alignment`` set) the aligned :class:`Thumbnails` decide. Items with ``has_vector`` false take no part.
+    the hash band, then (``rule.min_alignment`` set) the aligned :class:`Thumbnails` decide. Items
+    with ``has_vector`` false take no part.
     """
     import faiss
 
