@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image, ImageEnhance
 
-from dataset.dedup import similarity, stage as dedup
+from dataset.dedup import alignment, similarity, stage as dedup
 from dataset.dedup.hashing import HASH_VERSION, hamming, hashes_of_bytes
 from shoplens.manifest import engine_for
 from shoplens.store import ObjectStore
@@ -340,11 +340,16 @@ def clusters_of(decided) -> set[frozenset]:
     return {frozenset(members) for members in by_cluster.values()}
 
 
-def signals_for(rows, angles: dict[str, float], settings) -> dedup.Signals:
+def signals_for(rows, angles: dict[str, float], settings, thumbnails: dict | None = None) -> dedup.Signals:
+    """The settings' embedding rule over planted vectors; with ``thumbnails`` (sha256 -> image) also
+    its geometric check, else without it (these rows have no pixels)."""
     rule = similarity.EmbeddingRule(settings.dedup_embedding_min_cosine, settings.dedup_embedding_max_hash_distance,
-                                    settings.dedup_embedding_max_attach)
+                                    settings.dedup_embedding_max_attach,
+                                    settings.dedup_embedding_min_alignment if thumbnails else None)
     vectors = np.stack([unit(angles[r.sha256]) for r in rows])
-    return dedup.Signals(rule, vectors, np.ones(len(rows), bool))
+    stored = None if thumbnails is None else similarity.Thumbnails(
+        alignment.thumbnail_of(thumbnails[r.sha256]) for r in rows)
+    return dedup.Signals(rule, vectors, np.ones(len(rows), bool), stored)
 
 
 def chain_of_three(settings):
@@ -416,3 +421,69 @@ def test_guarded_labels_attach_through_any_member_but_check_the_representative()
                             joins=lambda a, b: frozenset((a, b)) in accepted, max_attach=3)
     assert labels[3] == labels[0] == labels[1] == labels[2]
     assert labels[4] != labels[0]
+
+
+# --- the geometric check: a crop is the same pixels re-framed, another shot is not ------------------
+def reframed(image: Image.Image, fraction: float = 0.08) -> Image.Image:
+    """``fraction`` cut from the right and the bottom, scaled back to the original size (a slight stretch)."""
+    w, h = image.size
+    return image.crop((0, 0, round(w * (1 - fraction)), round(h * (1 - fraction)))).resize((w, h), Image.BICUBIC)
+
+
+def test_crops_and_reframings_align_with_their_original_and_other_shots_of_the_product_do_not(settings):
+    original, other = product_photos(5, 2)
+    darker = ImageEnhance.Brightness(cropped(original, 0.10)).enhance(0.85)
+    thumbnail = alignment.thumbnail_of
+    check = settings.dedup_embedding_min_alignment
+
+    for copy in (cropped(original, 0.06), cropped(original, 0.10), reframed(original), darker,
+                 original.resize((160, 120))):
+        assert alignment.aligned_correlation(thumbnail(original), thumbnail(copy)) >= check
+    assert alignment.aligned_correlation(thumbnail(original), thumbnail(other)) < check
+
+
+def two_images_the_embedding_cannot_tell_apart(settings):
+    """Two images with the same vector (cosine 1) and hashes 30 apart (beyond the hash rule, within the band)."""
+    assert settings.dedup_threshold < 30 <= settings.dedup_embedding_max_hash_distance
+    hashes = {"a": (0, 0), "b": (bits((0, 30)), 0)}
+    rows = rows_of(hashes, {"a": 300, "b": 200})
+    return rows, {"a": 0.0, "b": 0.0}
+
+
+def test_the_geometric_check_keeps_another_shot_of_the_product_out_and_lets_a_crop_in(settings):
+    rows, angles = two_images_the_embedding_cannot_tell_apart(settings)
+    original, other = product_photos(7, 2)
+    rule = dedup.DuplicateRule(settings.dedup_threshold)
+
+    another_shot, _ = dedup.assign_clusters(rows, {}, rule, True,
+                                            signals_for(rows, angles, settings, {"a": original, "b": other}))
+    a_crop, _ = dedup.assign_clusters(rows, {}, rule, True,
+                                      signals_for(rows, angles, settings, {"a": original, "b": cropped(original)}))
+
+    assert clusters_of(another_shot) == {frozenset("a"), frozenset("b")}
+    assert clusters_of(a_crop) == {frozenset("ab")}
+
+
+def test_an_image_without_a_thumbnail_is_not_attached_when_the_check_is_on(settings):
+    rows, angles = two_images_the_embedding_cannot_tell_apart(settings)
+    original = product_photos(7, 1)[0]
+    signals = signals_for(rows, angles, settings, {"a": original, "b": cropped(original)})
+    signals.thumbnails.items[1] = None  # e.g. a row of an older embedding version
+
+    decided, _ = dedup.assign_clusters(rows, {}, dedup.DuplicateRule(settings.dedup_threshold), True, signals)
+
+    assert clusters_of(decided) == {frozenset("a"), frozenset("b")}
+
+
+def test_with_the_check_on_a_chain_of_crops_still_does_not_reach_past_the_representative(settings):
+    """a ~ b ~ c as in :func:`chain_of_three`, every thumbnail a crop of one photo (all align): the
+    check adds a condition, it does not replace the cosine and band against the representative."""
+    hashes, angles = chain_of_three(settings)
+    rows = rows_of(hashes, {"a": 300, "b": 200, "c": 100})
+    original = product_photos(9, 1)[0]
+    crops = {"a": original, "b": cropped(original, 0.05), "c": cropped(original, 0.10)}
+
+    decided, _ = dedup.assign_clusters(rows, {}, dedup.DuplicateRule(settings.dedup_threshold), True,
+                                       signals_for(rows, angles, settings, crops))
+
+    assert clusters_of(decided) == {frozenset("ab"), frozenset("c")}

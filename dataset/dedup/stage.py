@@ -13,7 +13,8 @@ process (CLI, tests):
    writes nothing, a re-run batch writes the same rows;
 3. :func:`decide` loads every hash (and vector) from the manifest and finds the near-duplicates of
    the images that have no cluster yet (multi-index search over all hashes, plus a faiss
-   inner-product range search over the vectors for pairs the hashes miss: crops, re-framing),
+   inner-product range search over the vectors for pairs the hashes miss: crops, re-framing,
+   confirmed by aligning the two photos' stored thumbnails when ``min_alignment`` is set),
    merges them into the existing clusters, picks each touched cluster's representative (largest
    resolution, then earliest) and writes only rows that changed, in one transaction. Hash pairs
    (and stored clusters) join as connected components, so new images can only merge clusters;
@@ -37,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from dataset.dedup.clusters import DuplicateRule, component_labels, find_pairs, representative_order
-from dataset.dedup import similarity
+from dataset.dedup import alignment, similarity
 from dataset.dedup.hashing import HASH_VERSION, ImageDecodeError, hamming, hashes_of_image, trim_uniform_border
 from dataset.dedup.similarity import EmbeddingRule, embedding_version
 from shoplens import batches
@@ -126,13 +127,15 @@ def hash_batch(settings: Settings, batch: Batch | dict) -> dict:
     limits = PhotoLimits.from_settings(settings)  # the caps the crawler stored the photos under
     version = embedding_version(settings) if settings.dedup_embedding else None
     hashes, vectors, squares, failures, rehashed, reembedded = [], [], [], [], 0, 0
+    thumbnails: dict[str, bytes] = {}
 
     def embed_pending() -> None:  # a few at a time: decoded photos are not all kept in memory
         if squares:
             shas, arrays = zip(*squares)
             for sha256, vector in zip(shas, similarity.embed_squares(settings, list(arrays))):
                 vectors.append({"sha256": sha256, "embedding_version": version, "dim": len(vector),
-                                "vector": similarity.to_bytes(vector), "computed_run": run_id})
+                                "vector": similarity.to_bytes(vector), "computed_run": run_id,
+                                "thumbnail": thumbnails.pop(sha256)})
             squares.clear()
 
     with progress(total=len(todo), desc=f"dedup hashing, {batch.label}", unit="photos") as shown:
@@ -154,6 +157,7 @@ def hash_batch(settings: Settings, batch: Batch | dict) -> dict:
                 rehashed += item.older_hash
             if item.embed:
                 squares.append((item.sha256, similarity.square_of(settings, trimmed)))
+                thumbnails[item.sha256] = similarity.thumbnail_to_bytes(alignment.thumbnail_of(trimmed))
                 reembedded += item.older_vector
                 if len(squares) >= similarity.EMBED_CHUNK:
                     embed_pending()
@@ -169,7 +173,8 @@ def hash_batch(settings: Settings, batch: Batch | dict) -> dict:
             statement = insert(image_embeddings).values(vectors[start:start + 1000])
             conn.execute(statement.on_conflict_do_update(
                 index_elements=[image_embeddings.c.sha256],
-                set_={c: statement.excluded[c] for c in ("embedding_version", "dim", "vector", "computed_run")}
+                set_={c: statement.excluded[c] for c in ("embedding_version", "dim", "vector", "computed_run",
+                                                         "thumbnail")}
                 | {"computed_at": sa.func.now()}))
     return {"batch": batch.index, "hashed": len(hashes), "rehashed": rehashed,
             "embedded": len(vectors), "reembedded": reembedded, "hash_failures": failures}
@@ -186,12 +191,15 @@ def _load_hashed_images(conn: sa.Connection):
     return rows
 
 
-def _load_vectors(conn: sa.Connection, shas: list[str], version: str) -> tuple[np.ndarray, np.ndarray]:
-    """float32 (N, D) vectors of the current version in ``shas`` order, and which rows have one."""
-    stored = {r.sha256: (r.dim, r.vector) for r in conn.execute(
-        sa.select(image_embeddings.c.sha256, image_embeddings.c.dim, image_embeddings.c.vector)
-        .where(image_embeddings.c.embedding_version == version))}
-    dims = {dim for dim, _ in stored.values()}
+def _load_vectors(conn: sa.Connection, shas: list[str], version: str, with_thumbnails: bool):
+    """float32 (N, D) vectors of the current version in ``shas`` order, which rows have one, and
+    (``with_thumbnails``) their thumbnails (None where absent), else None."""
+    columns = [image_embeddings.c.sha256, image_embeddings.c.dim, image_embeddings.c.vector]
+    if with_thumbnails:
+        columns.append(image_embeddings.c.thumbnail)
+    stored = {r.sha256: tuple(r[1:]) for r in conn.execute(
+        sa.select(*columns).where(image_embeddings.c.embedding_version == version))}
+    dims = {row[0] for row in stored.values()}
     if len(dims) > 1:
         raise RuntimeError(f"image_embeddings rows of version {version!r} differ in dim: {sorted(dims)}")
     dim = dims.pop() if dims else 1
@@ -199,7 +207,9 @@ def _load_vectors(conn: sa.Connection, shas: list[str], version: str) -> tuple[n
     vectors = np.zeros((len(shas), dim), np.float32)
     if has.any():
         vectors[has] = similarity.from_bytes([stored[sha][1] for sha in shas if sha in stored], dim)
-    return vectors, has
+    thumbnails = (similarity.Thumbnails(similarity.thumbnail_from_bytes(stored[sha][2]) if sha in stored else None
+                                        for sha in shas) if with_thumbnails else None)
+    return vectors, has, thumbnails
 
 
 def _load_clusters(conn: sa.Connection) -> dict[str, tuple]:
@@ -216,6 +226,7 @@ class Signals:
     rule: EmbeddingRule
     vectors: np.ndarray   # (N, D) unit vectors in rows order
     has_vector: np.ndarray  # (N,) bool
+    thumbnails: similarity.Thumbnails | None = None  # for the rule's geometric check
 
 
 def assign_clusters(rows, stored: dict[str, tuple], rule: DuplicateRule, full: bool,
@@ -254,7 +265,7 @@ def assign_clusters(rows, stored: dict[str, tuple], rule: DuplicateRule, full: b
         labels = component_labels(len(rows), np.concatenate(first), np.concatenate(second))
     else:
         extra = similarity.find_embedding_pairs(signals.vectors, phash, dhash, signals.rule, queries,
-                                                signals.has_vector)
+                                                signals.has_vector, signals.thumbnails)
         n = np.int64(max(len(rows), 1))
         new = ~np.isin(extra.first * n + extra.second, pairs.first * n + pairs.second)
         extra = similarity.EmbeddingPairs(extra.first[new], extra.second[new], extra.cosine[new],
@@ -265,7 +276,7 @@ def assign_clusters(rows, stored: dict[str, tuple], rule: DuplicateRule, full: b
                                       [(r.first_seen_run, r.created_at) for r in rows], shas)] = np.arange(len(rows))
         labels = similarity.guarded_clusters(len(rows), pairs, extra, signals.rule, rule.threshold,
                                              signals.vectors, phash, dhash, priority, signals.has_vector,
-                                             trusted)
+                                             trusted, signals.thumbnails)
     if pair_counts is not None:
         pair_counts.update(counts)
     touched = np.unique(labels[queries])
@@ -325,8 +336,9 @@ def decide(settings: Settings, run_key: str, hashing: list[dict] | None = None) 
         stored = _load_clusters(conn)
         signals = None
         if embedding is not None:
-            vectors, has_vector = _load_vectors(conn, [r.sha256 for r in rows], version)
-            signals = Signals(embedding, vectors, has_vector)
+            vectors, has_vector, thumbnails = _load_vectors(conn, [r.sha256 for r in rows], version,
+                                                            embedding.min_alignment is not None)
+            signals = Signals(embedding, vectors, has_vector, thumbnails)
         full = rehashed > 0 or any(v[3] != rule.threshold or v[5] != rule_text for v in stored.values())
         pair_counts: dict = {}
         decided, queried = assign_clusters(rows, stored, rule, full, signals, pair_counts)

@@ -164,6 +164,8 @@ image_embeddings = sa.Table(
     sa.Column("vector", sa.LargeBinary, nullable=False),
     sa.Column("computed_run", sa.BigInteger, sa.ForeignKey("crawl_runs.id")),
     _inserted_at("computed_at"),
+    # Grayscale thumbnail (side x side uint8) for the geometric check of candidate pairs (0010).
+    sa.Column("thumbnail", sa.LargeBinary),
     sa.CheckConstraint("octet_length(vector) = 2 * dim", name="image_embeddings_vector_size"),
 )
 
