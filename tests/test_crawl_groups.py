@@ -95,15 +95,22 @@ def test_a_lost_category_fails_its_group_by_name_and_the_others_are_still_crawle
     assert row[good]["photos_stored"] > 0
 
 
-def test_crawl_processes_forked_one_after_another_each_start_a_fresh_reactor(
-        replica_settings, small_replica, manifest_url):
-    """The warm crawl worker forks every crawl process from the same preloaded state: a second
-    crawl in the same caller runs (a reactor cannot be restarted within one process)."""
+def test_crawls_one_after_another_in_one_caller_forked_or_started_cold(
+        replica_settings, small_replica, manifest_url, monkeypatch):
+    """Every crawl process is forked from the same preloaded worker (a second crawl in the same
+    caller runs: a reactor cannot be restarted within one process); a caller that cannot fork
+    from the worker (e.g. a daemonic process) starts ``python -m crawler`` instead."""
     truth = small_replica.ground_truth()
-    first, second = (c["id"] for c in truth["categories"][:2])
-    settings = replica_settings.with_overrides(categories=[first, second])
+    first, second, third = (c["id"] for c in truth["categories"][:3])
+    settings = replica_settings.with_overrides(categories=[first, second, third])
     crawler.start_run(settings, "twice")
     one = crawler.crawl_category(settings, first, "twice")
     two = crawler.crawl_category(settings, second, "twice")
-    assert one["pid"] != two["pid"]
-    assert one["photos_stored"] > 0 and two["photos_stored"] > 0
+
+    def cannot_fork(*args, **kwargs):
+        raise worker.WorkerUnavailable("daemonic processes are not allowed to have children")
+
+    monkeypatch.setattr(worker, "run_crawl_process", cannot_fork)
+    cold = crawler.crawl_category(settings, third, "twice")
+    assert len({one["pid"], two["pid"], cold["pid"]}) == 3
+    assert all(s["error"] is None and s["photos_stored"] > 0 for s in (one, two, cold))
