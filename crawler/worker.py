@@ -62,7 +62,13 @@ def run_crawl_process(argv: list[str], env: dict[str, str], log_path: Path,
                       relay=sys.stderr) -> tuple[int, str]:
     """Run ``python -m crawler *argv`` with environment ``env`` as a process forked from the
     warm forkserver; its log goes to ``relay`` as it comes. Returns (exit status, its last log
-    lines); a negative status is the signal that ended it."""
+    lines); a negative status is the signal that ended it. :class:`WorkerUnavailable` when the
+    process cannot be forked from it, or when ``env``'s PYTHONPATH names a folder this process
+    does not import from (a forked process would not see it)."""
+    added = _not_on_our_path(env.get("PYTHONPATH", ""))
+    if added:  # a cold process would import from there (another checkout, a test's hook)
+        raise WorkerUnavailable(f"the crawl process's PYTHONPATH adds {added[0]!r}, not on "
+                                "this process's path")
     try:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["crawler.worker", *CRAWL_MODULES])
@@ -86,6 +92,13 @@ def run_crawl_process(argv: list[str], env: dict[str, str], log_path: Path,
         ended.set()
         reader.join(timeout=5)
     return process.exitcode, "\n".join(tail)
+
+
+def _not_on_our_path(pythonpath: str) -> list[str]:
+    """Entries of ``pythonpath`` missing from this process's ``sys.path``, which the forkserver
+    shares: a process forked from it imports exactly what a cold one would only without them."""
+    ours = {os.path.realpath(p) for p in sys.path if p}
+    return [p for p in pythonpath.split(os.pathsep) if p and os.path.realpath(p) not in ours]
 
 
 def _follow(path: Path, tail: collections.deque, ended: threading.Event, relay) -> None:
