@@ -59,10 +59,10 @@ def worker_pid() -> int | None:
 
 
 def run_crawl_process(argv: list[str], env: dict[str, str], log_path: Path,
-                      relay=sys.stderr) -> tuple[int, str]:
+                      relay=None) -> tuple[int, str]:
     """Run ``python -m crawler *argv`` with environment ``env`` as a process forked from the
-    warm forkserver; its log goes to ``relay`` as it comes. Returns (exit status, its last log
-    lines); a negative status is the signal that ended it. :class:`WorkerUnavailable` when the
+    warm forkserver; its log goes to ``relay`` (default: our stderr at the time) as it comes.
+    Returns (exit status, its last log lines); a negative status is the signal that ended it. :class:`WorkerUnavailable` when the
     process cannot be forked from it, or when ``env``'s PYTHONPATH names a folder this process
     does not import from (a forked process would not see it)."""
     added = _not_on_our_path(env.get("PYTHONPATH", ""))
@@ -79,6 +79,7 @@ def run_crawl_process(argv: list[str], env: dict[str, str], log_path: Path,
     except (ValueError, AssertionError, OSError) as exc:  # no forkserver, or a daemonic caller
         raise WorkerUnavailable(f"{type(exc).__name__}: {exc}") from exc
     tail: collections.deque[str] = collections.deque(maxlen=30)
+    relay = relay or sys.stderr
     ended = threading.Event()
     reader = threading.Thread(target=_follow, args=(log_path, tail, ended, relay), daemon=True)
     reader.start()
