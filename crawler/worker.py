@@ -62,9 +62,10 @@ def run_crawl_process(argv: list[str], env: dict[str, str], log_path: Path,
                       relay=None) -> tuple[int, str]:
     """Run ``python -m crawler *argv`` with environment ``env`` as a process forked from the
     warm forkserver; its log goes to ``relay`` (default: our stderr at the time) as it comes.
-    Returns (exit status, its last log lines); a negative status is the signal that ended it. :class:`WorkerUnavailable` when the
-    process cannot be forked from it, or when ``env``'s PYTHONPATH names a folder this process
-    does not import from (a forked process would not see it)."""
+    Returns (exit status, its last log lines); a negative status is the signal that ended it.
+    :class:`WorkerUnavailable` when the process cannot be forked from it, or when ``env``'s
+    PYTHONPATH names a folder this process does not import from (a forked one would not see it).
+    """
     added = _not_on_our_path(env.get("PYTHONPATH", ""))
     if added:  # a cold process would import from there (another checkout, a test's hook)
         raise WorkerUnavailable(f"the crawl process's PYTHONPATH adds {added[0]!r}, not on "
