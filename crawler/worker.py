@@ -14,12 +14,16 @@ The forkserver is started by the first crawl of the calling process and ends wit
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import multiprocessing
+import multiprocessing.context
 import os
 import sys
 import threading
 import time
+from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
+from multiprocessing.context import set_spawning_popen
 from pathlib import Path
 
 # What a crawl process imports (its own modules, and Scrapy's components that
@@ -53,8 +57,6 @@ class WorkerUnavailable(RuntimeError):
 def worker_pid() -> int | None:
     """The forkserver's pid once started (its CPU and its ended crawl processes' CPU are
     accounted under it), else None."""
-    from multiprocessing import forkserver
-
     return getattr(forkserver._forkserver, "_forkserver_pid", None)
 
 
@@ -74,8 +76,8 @@ def run_crawl_process(argv: list[str], env: dict[str, str], log_path: Path,
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["crawler.worker", *CRAWL_MODULES])
         log_path.touch()
-        process = context.Process(target=_crawl_process, args=(argv, env, str(log_path)),
-                                  name="shoplens-crawl")
+        process = _CrawlProcess(target=_crawl_process, args=(argv, env, str(log_path)),
+                                name="shoplens-crawl")
         process.start()
     except (ValueError, AssertionError, OSError) as exc:  # no forkserver, or a daemonic caller
         raise WorkerUnavailable(f"{type(exc).__name__}: {exc}") from exc
@@ -94,6 +96,37 @@ def run_crawl_process(argv: list[str], env: dict[str, str], log_path: Path,
         ended.set()
         reader.join(timeout=5)
     return process.exitcode, "\n".join(tail)
+
+
+class _PopenWithoutMain(popen_forkserver.Popen):
+    """multiprocessing's forkserver start, except that the child does not import the caller's
+    ``__main__`` script again (multiprocessing does, for pickled functions defined there): a
+    crawl process needs nothing from it, and the caller may be any program (a benchmark, an
+    Airflow task runner). The rest is ``popen_forkserver.Popen._launch`` of Python 3.11."""
+
+    def _launch(self, process_obj):
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        prep_data.pop("init_main_from_path", None)
+        prep_data.pop("init_main_from_name", None)
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+        parent_w = os.dup(w)  # the child's sentinel of its parent, as in _launch
+        self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _CrawlProcess(multiprocessing.context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        return _PopenWithoutMain(process_obj)
 
 
 def _not_on_our_path(pythonpath: str) -> list[str]:
