@@ -367,10 +367,22 @@ def _mean_in_flight(before: dict, after: dict) -> float | None:
     return round(weighted / busy, 2) if busy > 0 else None
 
 
+def _crawl_worker_cpu() -> float:
+    """CPU seconds of the crawl worker (crawler/worker.py: the forkserver the crawl processes
+    are forked from) and of its ended crawl processes; they are not this process's children,
+    so ``os.times`` misses them."""
+    from crawler.worker import worker_pid
+
+    pid = worker_pid()
+    spent = cpu_seconds(f"/proc/{pid}/stat") if pid else None
+    return sum(spent) if spent else 0.0
+
+
 class CpuMeter:
     """Where the machine's CPU goes while one side runs: core-seconds per process group.
 
-    Groups: this benchmark's child processes (the crawl subprocesses; counted when they end),
+    Groups: this benchmark's child processes (the crawl processes, counted when they end, and
+    the crawl worker they are forked from),
     this process itself (the plain downloader runs here), the replica, the object store and
     PostgreSQL (live backends plus those that ended, through the postmaster's children
     times; with ``postmaster_pid``, that server only, else every PostgreSQL process on the
@@ -383,7 +395,7 @@ class CpuMeter:
 
     def snapshot(self) -> dict:
         own = os.times()
-        groups = {"children": own.children_user + own.children_system,
+        groups = {"children": own.children_user + own.children_system + _crawl_worker_cpu(),
                   "this_process": own.user + own.system}
         for name, pid in self.pids.items():
             groups[name] = (cpu_seconds(f"/proc/{pid}/stat") or (0.0, 0.0))[0] if pid else 0.0

@@ -1,5 +1,6 @@
 """``python -m crawler``: alias of ``shoplens crawl`` (crawler/cli.py); crawler/run.py starts
-each group of categories' crawl child this way.
+each group of categories' crawl child this way when it cannot fork it from the warm crawl worker
+(crawler/worker.py, which ends its forked child the same way).
 
 The child ends with ``os._exit`` once its output is flushed: everything it wrote is committed or
 closed by then (the stats file, the manifest rows, the stored objects), and tearing down the

@@ -1,6 +1,7 @@
 """Public entries of the crawl stage: start a run, crawl one category, finish the run.
 
-``crawl_category`` runs Scrapy in a child process (``python -m crawler crawl``): Twisted's reactor
+``crawl_category`` runs Scrapy in a child process (what ``python -m crawler crawl`` runs, forked
+from the warm crawl worker, crawler/worker.py, else started as that command): Twisted's reactor
 cannot be restarted inside one process, so an Airflow worker or a test can call it any number of
 times, and killing the child (even with SIGKILL) is a realistic crash that a rerun recovers from.
 """
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from crawler import manifest_writer
+from crawler import manifest_writer, worker
 from shoplens import summary as run_summary
 from shoplens.config import Settings
 from shoplens.manifest import engine_for, upgrade
@@ -72,15 +73,17 @@ def crawl_categories(settings: Settings, category_ids: list[str], run_key: str) 
         return {}
     with tempfile.TemporaryDirectory(prefix="shoplens-crawl-") as tmp:
         stats_file = Path(tmp) / "stats.json"
-        cmd = [sys.executable, "-m", "crawler", "crawl", "--run-key", run_key,
-               "--stats-file", str(stats_file)]
+        argv = ["crawl", "--run-key", run_key, "--stats-file", str(stats_file)]
         for category_id in category_ids:
-            cmd += ["--category", category_id]
+            argv += ["--category", category_id]
         env = {**os.environ, **settings_env(settings)}
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         started = time.monotonic()
-        returncode, tail = _run_relaying_stderr(cmd, env)
+        try:  # forked from the warm crawl worker: the imports are paid once per caller
+            returncode, tail = worker.run_crawl_process(argv, env, Path(tmp) / "crawl.log")
+        except worker.WorkerUnavailable:
+            returncode, tail = _run_relaying_stderr([sys.executable, "-m", "crawler", *argv], env)
         process_s = time.monotonic() - started
         per_category = json.loads(stats_file.read_text()) if stats_file.exists() else None
     which = f"category {category_ids[0]}" if len(category_ids) == 1 else \

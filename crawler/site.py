@@ -36,6 +36,7 @@ REVIEWS_ORDER_RECENT = "recent"
 _BUILD_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _BUILD_MANIFEST_SRC_RE = re.compile(r"/_next/static/(?P<build>[^/\"']+)/_buildManifest\.js")
 _SURROGATES_RE = re.compile("[\ud800-\udfff]")
+_CONTROL_OR_SURROGATE_RE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 PHOTO_SCHEMES = ("http", "https")
 MAX_URL_LENGTH = 2048
 # The reason a product's unusable ``originalImageUrl`` is recorded under (the product is kept).
@@ -381,8 +382,8 @@ def _short(value: Any) -> str:
 
 
 def _has_control(text: str) -> bool:
-    return any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text) or bool(
-        _SURROGATES_RE.search(text))
+    # One regex scan: a per-character loop here was ~4 % of the crawl's reactor-thread CPU.
+    return _CONTROL_OR_SURROGATE_RE.search(text) is not None
 
 
 def _reject_constant(name: str) -> Any:

@@ -7,7 +7,7 @@ keeps its own outcome: its stats, its run-row entry, and a failure naming it.
 import pytest
 
 import crawler
-from crawler import CrawlError
+from crawler import CrawlError, worker
 from crawler.replica import ReplicaShop
 from crawler.run import category_groups, plan_groups
 from shoplens.config import ConfigError, Settings
@@ -53,6 +53,8 @@ def test_one_process_crawls_every_category_of_its_group_within_the_per_host_budg
 
     assert list(by_id) == categories
     assert len({s["pid"] for s in by_id.values()}) == 1  # one crawl process for the group
+    # ... forked from the warm crawl worker, not started cold.
+    assert worker.worker_pid() is not None and by_id[categories[0]]["pid"] != worker.worker_pid()
     best = {c["id"]: c["product_ids_by_rank"][:settings.best_n] for c in truth["categories"]}
     for category_id, stats in by_id.items():
         assert stats["error"] is None and stats["products"] == len(best[category_id])
@@ -91,3 +93,24 @@ def test_a_lost_category_fails_its_group_by_name_and_the_others_are_still_crawle
     assert row["99990000"]["products"] == 0 and "no product crawled" in row["99990000"]["error"]
     assert row[good]["error"] is None and row[good]["products"] > 0
     assert row[good]["photos_stored"] > 0
+
+
+def test_crawls_one_after_another_in_one_caller_forked_or_started_cold(
+        replica_settings, small_replica, manifest_url, monkeypatch):
+    """Every crawl process is forked from the same preloaded worker (a second crawl in the same
+    caller runs: a reactor cannot be restarted within one process); a caller that cannot fork
+    from the worker (e.g. a daemonic process) starts ``python -m crawler`` instead."""
+    truth = small_replica.ground_truth()
+    first, second, third = (c["id"] for c in truth["categories"][:3])
+    settings = replica_settings.with_overrides(categories=[first, second, third])
+    crawler.start_run(settings, "twice")
+    one = crawler.crawl_category(settings, first, "twice")
+    two = crawler.crawl_category(settings, second, "twice")
+
+    def cannot_fork(*args, **kwargs):
+        raise worker.WorkerUnavailable("daemonic processes are not allowed to have children")
+
+    monkeypatch.setattr(worker, "run_crawl_process", cannot_fork)
+    cold = crawler.crawl_category(settings, third, "twice")
+    assert len({one["pid"], two["pid"], cold["pid"]}) == 3
+    assert all(s["error"] is None and s["photos_stored"] > 0 for s in (one, two, cold))

@@ -4,8 +4,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -17,6 +21,8 @@ from crawler.run import settings_env
 from crawler.site import ParseError, ShopSite
 from crawler.scrapy_settings import scrapy_settings
 from shoplens.config import ConfigError, Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SITE = ShopSite("http://shop.test", "w=1280&h=1280")
 LIMITS = dict(max_pixels=40_000_000, max_bytes=20_000_000)
@@ -320,6 +326,18 @@ def test_settings_survive_the_trip_to_the_crawl_subprocess():
                                          obey_robots=False, download_delay=0.05,
                                          allowed_hosts=["127.0.0.1:9", "cdn.test"])
     assert Settings.from_env(settings_env(settings)) == settings
+
+
+def test_the_crawl_worker_preloads_every_crawl_module_and_installs_no_reactor():
+    """The forkserver imports ``CRAWL_MODULES`` before any crawl: each must import, and none may
+    install Twisted's default reactor (each crawl process installs the asyncio one)."""
+    code = ("import importlib, sys; from crawler.worker import CRAWL_MODULES\n"
+            "for name in CRAWL_MODULES: importlib.import_module(name)\n"
+            "print('twisted.internet.reactor' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
 
 
 def test_the_http_client_picks_scrapys_download_handler_and_an_unknown_one_is_refused():
