@@ -11,9 +11,12 @@ regularisation) are scored by a cross-validation on the 41 *seen* products only:
   ``train/`` photos and catalogue image, prototype ranking, as benchmarks/search_grocery.py);
 - each split is used both ways; R@1 / R@3 are averaged over the 2 x splits folds.
 
-Rule (fixed before any novel number was looked at): the candidate with the highest mean seen-CV
-R@1 is chosen, ties (within 0.001) broken by the higher mean seen-CV R@3, then by the cheaper
-query (fewer backbone passes). Only then are the novel and seen ``val/`` numbers computed, for
+Candidates: backbone sets x pooling x flip averaging x (no whitening, or the learned whitening's
+width x regularisation). Rule (fixed before any novel number was looked at): the candidate with
+the highest mean seen-CV R@1 (to 3 decimals) is chosen, then the higher mean seen-CV R@3, then
+the cheaper query (fewer backbone passes). ``chosen_whitened`` applies the same rule to the
+whitened candidates only (the settings of benchmarks/search_grocery.py's ``trained`` row; added
+after the first run, see docs/benchmarks.md). Only then are the novel and seen ``val/`` numbers computed, for
 every candidate (so the table shows what the rule gave up), with the whitening fitted on all
 seen products' ``train/`` photos as the product does.
 
@@ -109,33 +112,62 @@ def embed_features(per_backbone: list[dict], pooling: str, flip: bool) -> np.nda
     return parts[0] if len(parts) == 1 else np.concatenate([l2(p) for p in parts], axis=1)
 
 
-def whitening_basis(x_fit: np.ndarray, labels: np.ndarray):
-    """The learned whitening's pieces that do not depend on its regularisation or width.
+def unit_gram(per_backbone: list[dict], pooling: str, flip: bool, cache: dict) -> np.ndarray:
+    """float64 (N, N): dot products of the photos' L2-normalised ``embed_features`` (what
+    learned_whitening and the index see), assembled from per-backbone Gram matrices (cached in
+    ``cache``): the concatenation of k unit parts has norm sqrt(k), so its Gram is their sum / k.
+    Every fold then works in this N x N space, whatever the features' width."""
+    total = None
+    for feats in per_backbone:
+        key = (id(feats), pooling, flip)
+        if key not in cache:
+            a = l2(feats[pooling]["plain"])
+            g = (a @ a.T).astype(np.float64)
+            if flip:
+                b = l2(feats[pooling]["flip"])
+                ab = (a @ b.T).astype(np.float64)
+                g = (g + ab + ab.T + (b @ b.T).astype(np.float64)) / 4
+                norms = np.sqrt(np.diag(g))
+                g = g / np.outer(norms, norms)
+            cache[key] = g
+        total = cache[key] if total is None else total + cache[key]
+    return total / len(per_backbone)
 
-    Computed in the span of the centred fitting photos (at most as many dimensions as photos),
-    which gives exactly shoplens.vision.embedding.learned_whitening's embeddings (the within-
-    product covariance is zero outside that span, so the kept axes lie inside it) at a fraction
-    of the cost for the 3,840-wide concatenations. Returns (mean, basis (F, r), within
-    eigenvalues, eigenvectors, the fit photos' coordinates, F).
-    """
-    x = l2(x_fit.astype(np.float64))
-    mean = x.mean(0)
-    centred = x - mean
-    _, sing, vt = np.linalg.svd(centred, full_matrices=False)
-    basis = vt[sing > sing[0] * 1e-9].T
-    coords = centred @ basis
+
+def fit_coordinates(gram: np.ndarray, fit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every photo's coordinates (N, r) in an orthonormal basis of the span of the fitting
+    photos' centred unit features, and the fitting photos' own (len(fit), r): (x_i - m) . v_k
+    from the Gram matrix alone (m: the fitting photos' mean)."""
+    to_fit = gram[:, fit]
+    fit_fit = to_fit[fit]
+    col_mean = fit_fit.mean(0)
+    centred = to_fit - to_fit.mean(1, keepdims=True) - col_mean[None, :] + col_mean.mean()
+    evals, evecs = np.linalg.eigh(centred[fit])
+    keep = evals > evals[-1] * 1e-6  # the span's dimensions (the rest is round-off)
+    basis = evecs[:, keep] / np.sqrt(evals[keep])
+    coords = (centred @ basis).astype(np.float32)
+    return coords, coords[fit].astype(np.float64)
+
+
+def whitening_basis(fit_coords: np.ndarray, labels: np.ndarray, width: int):
+    """The learned whitening's pieces that do not depend on its regularisation or width, in the
+    fitting photos' span (:func:`fit_coordinates`). This gives exactly
+    shoplens.vision.embedding.learned_whitening's embeddings: the within-product covariance is
+    zero outside that span, so every kept axis lies inside it. ``width``: the features' F (the
+    regularisation is relative to the mean of all F eigenvalues). Returns (within eigenvalues,
+    eigenvectors, the fitting photos' coordinates, F)."""
     classes, pos = np.unique(labels, return_inverse=True)
-    class_means = np.zeros((len(classes), coords.shape[1]))
-    np.add.at(class_means, pos, coords)
+    class_means = np.zeros((len(classes), fit_coords.shape[1]))
+    np.add.at(class_means, pos, fit_coords)
     class_means /= np.bincount(pos)[:, None]
-    within = coords - class_means[pos]
-    evals, evecs = np.linalg.eigh(within.T @ within / len(x))
-    return mean, basis, np.maximum(evals, 0), evecs, coords, x.shape[1]
+    within = fit_coords - class_means[pos]
+    evals, evecs = np.linalg.eigh(within.T @ within / len(fit_coords))
+    return np.maximum(evals, 0), evecs, fit_coords, width
 
 
 def whitening_projections(parts, regs, dims) -> dict:
     """{(reg, dim): (r, dim) projection} of the coordinates in the basis, per learned_whitening."""
-    _, _, evals, evecs, coords, width = parts
+    evals, evecs, coords, width = parts
     # The mean eigenvalue over all F dimensions (the ones outside the span are zero).
     mean_eval = max(evals.sum() / width, 1e-12)
     out = {}
@@ -154,8 +186,9 @@ def recalls(q: np.ndarray, q_labels: np.ndarray, enrol: np.ndarray, enrol_labels
     """Prototype ranking (the normalised mean of each product's unit embeddings), as the index
     does: R@1, R@3 and the per-query rank hits (for the spread)."""
     products, pos = np.unique(enrol_labels, return_inverse=True)
-    protos = np.zeros((len(products), enrol.shape[1]))
-    np.add.at(protos, pos, l2(enrol))
+    members = np.zeros((len(products), len(enrol)), np.float32)
+    members[pos, np.arange(len(enrol))] = 1
+    protos = members @ l2(enrol)
     scores = l2(q) @ l2(protos).T
     top = np.argsort(-scores, axis=1, kind="stable")[:, :3]
     truth = np.searchsorted(products, q_labels)
@@ -208,6 +241,9 @@ def main(argv=None) -> int:
                     help="learned whitening widths (0, no whitening, is always a candidate)")
     ap.add_argument("--regs", type=float, nargs="+", default=[0.2, 0.5, 1.0])
     ap.add_argument("--print-top", type=int, default=15)
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="RESULTS",
+                    help="apply the rule to the candidates of earlier runs (e.g. one per "
+                         "backbone set, run side by side) instead of computing anything")
     ap.add_argument("--features-only", action="store_true",
                     help="only compute (cache) the backbone features")
     args = ap.parse_args(argv)
@@ -215,6 +251,8 @@ def main(argv=None) -> int:
         print(f"skipped: needs {args.grocery} (absent on this machine)")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.merge:
+        return merge(args.merge, args.out, args.print_top)
     load_start = os.getloadavg()
     t0 = time.monotonic()
     classes = read_classes(args.grocery)
@@ -243,27 +281,38 @@ def main(argv=None) -> int:
     for c in rows:
         by_features.setdefault((c["backbones"], c["pooling"], c["flip"]), []).append(c)
     t_grid = time.monotonic()
+    grams: dict = {}
+    top_dim = max(dims)
+
+    def embeddings(gram, fit, width):
+        """{candidate key: (N, dim) embeddings} for the whitening fitted on the ``fit`` photos."""
+        coords, fit_coords = fit_coordinates(gram, fit)
+        proj = whitening_projections(whitening_basis(fit_coords, labels[fit], width), regs,
+                                     [top_dim])
+        out = {}
+        for reg in regs:
+            full = coords @ proj[(reg, top_dim)].astype(np.float32)
+            for dim in dims:  # the kept axes are ordered: a narrower whitening is a prefix
+                out[(reg, dim)] = full[:, :dim]
+        return out
+
     for (bset, pooling, flip), group in by_features.items():
-        x = embed_features([feats[b] for b in BACKBONE_SETS[bset]], pooling, flip)
-        x = l2(x)  # what learned_whitening and the index see first
+        per_backbone = [feats[b] for b in BACKBONE_SETS[bset]]
+        width = sum(f[pooling]["plain"].shape[1] for f in per_backbone)
+        gram = unit_gram(per_backbone, pooling, flip, grams)
+        raw = l2(embed_features(per_backbone, pooling, flip)) if 0 in [c["whiten_dim"] for c in group] \
+            else None
         fold_scores = {id(c): [] for c in group}
         for fit_on, ask in folds:
             fit = np.flatnonzero(is_train & np.isin(labels, fit_on))
             asked = query[np.isin(labels[query], ask)]
-            parts = whitening_basis(x[fit], labels[fit])
-            mean, basis = parts[0], parts[1]
-            coords = ((x - mean) @ basis).astype(np.float32)
-            proj = whitening_projections(parts, regs, dims)
+            emb = embeddings(gram, fit, width)
             for c in group:
-                e = x if not c["whiten_dim"] else \
-                    coords @ proj[(c["whiten_reg"], c["whiten_dim"])].astype(np.float32)
+                e = raw if not c["whiten_dim"] else emb[(c["whiten_reg"], c["whiten_dim"])]
                 r1, r3, _ = recalls(e[asked], labels[asked], e[enrol], labels[enrol])
                 fold_scores[id(c)].append((r1, r3))
         # The product's fit: the whitening on all seen products' train/ photos; every query.
-        fit = np.flatnonzero(is_train & np.isin(labels, seen))
-        parts = whitening_basis(x[fit], labels[fit])
-        coords = ((x - parts[0]) @ parts[1]).astype(np.float32)
-        proj = whitening_projections(parts, regs, dims)
+        emb = embeddings(gram, np.flatnonzero(is_train & np.isin(labels, seen)), width)
         novel_q = query[[is_novel(lab) for lab in labels[query]]]
         seen_q = query[[not is_novel(lab) for lab in labels[query]]]
         for c in group:
@@ -271,8 +320,7 @@ def main(argv=None) -> int:
             c["cv"] = {"R@1": round(float(s[:, 0].mean()), 4), "R@3": round(float(s[:, 1].mean()), 4),
                        "R@1_sd": round(float(s[:, 0].std()), 4),
                        "R@3_sd": round(float(s[:, 1].std()), 4), "folds": len(s)}
-            e = x if not c["whiten_dim"] else \
-                coords @ proj[(c["whiten_reg"], c["whiten_dim"])].astype(np.float32)
+            e = raw if not c["whiten_dim"] else emb[(c["whiten_reg"], c["whiten_dim"])]
             for name, asked in (("novel", novel_q), ("seen", seen_q)):
                 r1, r3, _ = recalls(e[asked], labels[asked], e[enrol], labels[enrol])
                 c[name] = {"R@1": round(r1, 4), "R@3": round(r3, 4), "n": len(asked)}
@@ -288,16 +336,42 @@ def main(argv=None) -> int:
                           "grid": round(time.monotonic() - t_grid, 1)},
               "wall_s": round(time.monotonic() - t0, 1),
               "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    for c in sorted(rows, key=lambda r: -r["cv"]["R@1"])[:args.print_top]:
+    report(result, args.out, args.print_top)
+    return 0
+
+
+def merge(paths: list[Path], out: Path, print_top: int) -> int:
+    runs = [json.loads(p.read_text()) for p in paths]
+    protocols = {json.dumps({k: v for k, v in r["protocol"].items()}, sort_keys=True)
+                 for r in runs}
+    if len(protocols) != 1:
+        raise SystemExit("error: the runs differ in protocol (splits, seed, rule)")
+    rows = [c for r in runs for c in r["candidates"]]
+    result = {"benchmark": "search_grocery_select", "protocol": runs[0]["protocol"],
+              "chosen": choose(rows), "candidates": rows, "merged_from": [str(p) for p in paths],
+              "runs": [{k: r[k] for k in ("seconds", "wall_s", "load_average_at_start",
+                                          "load_average_at_end")} for r in runs]}
+    report(result, out, print_top)
+    return 0
+
+
+def report(result: dict, out: Path, print_top: int) -> None:
+    rows, chosen = result["candidates"], result["chosen"]
+    # The same rule among the whitened candidates only: the settings of the benchmark's
+    # "trained" row (its "baseline" row is the unwhitened embedding).
+    result["chosen_whitened"] = choose([r for r in rows if r["whiten_dim"]])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    for c in sorted(rows, key=lambda r: -r["cv"]["R@1"])[:print_top]:
         print(f"{c['backbones']:18s} {c['pooling']:4s} flip={c['flip']!s:5s} "
               f"W{c['whiten_dim']:<3d} reg {c['whiten_reg']!s:4s}  CV R@1 {c['cv']['R@1']:.3f}"
               f"±{c['cv']['R@1_sd']:.3f} R@3 {c['cv']['R@3']:.3f}   novel {c['novel']['R@1']:.3f}"
               f" / {c['novel']['R@3']:.3f}   seen {c['seen']['R@1']:.3f} / {c['seen']['R@3']:.3f}")
     print(f"chosen: {json.dumps({k: chosen[k] for k in ('backbones', 'pooling', 'flip', 'whiten_dim', 'whiten_reg')})}"
-          f" -> novel {chosen['novel']}  seen {chosen['seen']}; results in {args.out}")
-    return 0
+          f" -> novel {chosen['novel']}  seen {chosen['seen']}; results in {out}")
+    w = result["chosen_whitened"]
+    print(f"chosen among whitened: {json.dumps({k: w[k] for k in ('backbones', 'pooling', 'flip', 'whiten_dim', 'whiten_reg')})}"
+          f" -> novel {w['novel']}  seen {w['seen']}")
 
 
 if __name__ == "__main__":
