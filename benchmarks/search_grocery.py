@@ -310,14 +310,17 @@ def parse_args(argv=None):
     ap.add_argument("--out", type=Path, default=REPO / "results" / "search_grocery.json")
     ap.add_argument("--work", type=Path, default=REPO / ".run" / "search_grocery")
     ap.add_argument("--ensemble", help="an exported closed-set ensemble directory")
-    ap.add_argument("--backbone", default="efficientnet_lite2",
+    # The defaults: benchmarks/search_grocery_select.py's choice among whitened settings, made
+    # on the seen products alone (docs/benchmarks.md).
+    ap.add_argument("--backbone",
+                    default="efficientnet_lite0+efficientnet_lite1+efficientnet_lite2",
                     help="several joined by '+': their L2-normalised features concatenated")
-    ap.add_argument("--pooling", default="gem", choices=("avg", "gem"))
+    ap.add_argument("--pooling", default="avg", choices=("avg", "gem"))
     ap.add_argument("--gem-p", type=float, default=3.0)
     ap.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=True,
                     help="average each crop's and its mirror image's features")
-    ap.add_argument("--whiten-dim", type=int, default=256)
-    ap.add_argument("--whiten-reg", type=float, default=0.5)
+    ap.add_argument("--whiten-dim", type=int, default=512)
+    ap.add_argument("--whiten-reg", type=float, default=1.0)
     ap.add_argument("--image-size", type=int, default=0)
     ap.add_argument("--views", type=int, default=2, help="augmented views per training photo")
     ap.add_argument("--epochs", type=int, default=40, help="CosFace head epochs (0: no head)")
