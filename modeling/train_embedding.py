@@ -72,10 +72,17 @@ def split_features(embedder: Embedder, split: Split, what: str, views: int = 0,
         for start in range(0, len(split), _CHUNK):
             decoded = [images.decode(data, f"{what} photo {sha[:12]}") for data, sha in
                        zip(split.encoded[start:start + _CHUNK], split.sha256[start:start + _CHUNK])]
-            squares = embedder.squares(decoded)
-            clean.append(embedder.features(embedder.centre_crops(squares)))
+            # Several backbones: each on its own crops, combined (concatenated) per photo.
+            part_clean, part_extra = [], []
+            for part in embedder.parts:
+                squares = part.squares(decoded)
+                part_clean.append(part.features(part.centre_crops(squares)))
+                if views:
+                    part_extra.append(augmented_features(part, squares, views, seed + start,
+                                                         min_scale))
+            clean.append(embedder.combine(part_clean))
             if views:
-                extra.append(augmented_features(embedder, squares, views, seed + start, min_scale))
+                extra.append(embedder.combine(part_extra))
             bar.advance(len(decoded))
     dim = clean[0].shape[1] if clean else 0
     return (np.concatenate(clean) if clean else np.zeros((0, dim), np.float32),

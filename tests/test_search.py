@@ -507,3 +507,71 @@ def test_gem_pooled_flip_averaged_whitened_embedder_saves_and_reloads_to_the_sam
 def test_unknown_pooling_is_refused():
     with pytest.raises(ValueError, match="pooling"):
         Embedder("efficientnet_lite0", 32, pooling="median")
+
+
+# --- several backbones --------------------------------------------------------------------------
+TWO_BACKBONES = "efficientnet_lite0+efficientnet_lite1"
+
+
+def test_several_backbones_concatenate_each_ones_normalised_features_and_reload_the_same(tmp_path):
+    from shoplens.vision.embedding import learned_whitening
+
+    settings = Settings().with_overrides(model_init="random")
+    both = Embedder(TWO_BACKBONES, 32, settings=settings, pooling="gem", flip_tta=True)
+    assert both.backbones == ["efficientnet_lite0", "efficientnet_lite1"]
+    singles = [Embedder(name, 32, settings=settings, pooling="gem", flip_tta=True)
+               for name in both.backbones]
+    imgs = [_photo(p, v) for p in SHAPES for v in range(2)]
+    feats = both.features_decoded(imgs)
+    assert feats.shape == (len(imgs), sum(s.feature_dim for s in singles)) == \
+        (len(imgs), both.feature_dim)
+    np.testing.assert_allclose(
+        feats, np.concatenate([l2_normalise(s.features_decoded(imgs)) for s in singles], 1),
+        atol=1e-5)
+    whitened = both.with_whitening(learned_whitening(feats, [p for p in SHAPES for _ in range(2)],
+                                                     dim=4))
+    assert whitened.dim == 4 and whitened.feature_dim == feats.shape[1]
+    whitened.save(tmp_path / "emb")
+    config = json.loads((tmp_path / "emb" / "embedding.json").read_text())
+    assert config["backbones"] == both.backbones and config["backbone"] == TWO_BACKBONES
+    loaded = Embedder.load(tmp_path / "emb", settings)
+    assert loaded.backbones == both.backbones and loaded.flip_tta and loaded.pooling == "gem"
+    a, b = whitened.embed_decoded(imgs), loaded.embed_decoded(imgs)
+    assert a.shape == (len(imgs), 4)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_several_backbones_refuse_repeats_unknown_names_fine_tuning_and_single_crop_calls():
+    from shoplens.vision.embedding import EmbeddingError
+
+    with pytest.raises(ValueError, match="twice"):
+        Embedder("efficientnet_lite0+efficientnet_lite0", 32)
+    with pytest.raises(ValueError, match="unknown"):
+        Embedder("efficientnet_lite0+resnet999", 32)
+    with pytest.raises(ValueError, match="single backbone"):
+        Embedder(TWO_BACKBONES, 32, tuned_blocks=1)
+    both = Embedder(TWO_BACKBONES, 32)
+    with pytest.raises(EmbeddingError, match="features_decoded"):
+        both.squares([_photo(next(iter(SHAPES)), 0)])
+
+
+def test_a_saved_embedding_naming_an_unknown_backbone_is_not_loadable(tmp_path):
+    from shoplens.vision.embedding import EmbeddingError
+
+    settings = Settings().with_overrides(model_init="random")
+    Embedder(TWO_BACKBONES, 32, settings=settings).save(tmp_path / "emb")
+    config = json.loads((tmp_path / "emb" / "embedding.json").read_text())
+    config["backbones"] = ["efficientnet_lite0", "no_such_net"]
+    (tmp_path / "emb" / "embedding.json").write_text(json.dumps(config))
+    with pytest.raises(EmbeddingError, match="no_such_net"):
+        Embedder.load(tmp_path / "emb")
+
+
+def test_the_embedding_backbone_setting_may_name_several_backbones():
+    from shoplens.vision.current import baseline_embedder, embedding_backbone
+
+    settings = Settings().with_overrides(model_init="random", embedding_backbone=TWO_BACKBONES)
+    assert embedding_backbone(settings) == TWO_BACKBONES
+    assert baseline_embedder(settings, 32).backbones == ["efficientnet_lite0", "efficientnet_lite1"]
+    with pytest.raises(ValueError, match="unknown"):
+        embedding_backbone(settings.with_overrides(embedding_backbone="efficientnet_lite0+vgg99"))

@@ -68,11 +68,15 @@ def download(settings: Settings, model_id: str, prefix: str, cache: Path,
 
 
 def embedding_backbone(settings: Settings) -> str:
-    """The embedding's backbone: ``embedding_backbone``, else the profile's first member."""
+    """The embedding's backbone: ``embedding_backbone`` (several joined by ``+``: their
+    features concatenated), else the profile's first member."""
     from shoplens.vision import backbones
+    from shoplens.vision.embedding import BACKBONE_SEPARATOR
 
     if settings.embedding_backbone:
-        return backbones.member(settings.embedding_backbone).name
+        return BACKBONE_SEPARATOR.join(
+            backbones.member(name).name
+            for name in settings.embedding_backbone.split(BACKBONE_SEPARATOR))
     return backbones.members(settings)[0].name
 
 

@@ -10,6 +10,11 @@ vector, so the dot product of two embeddings is their cosine similarity:
   no human annotation"), which weighs the strongest activations more;
 - ``flip_tta``: the features are the mean of the L2-normalised pooled features of the crop and
   of its mirror image (twice the backbone's work per photo);
+- several backbones (``backbone`` names them joined by ``+``, e.g.
+  ``efficientnet_lite0+efficientnet_lite1+efficientnet_lite2``): each runs on its own centre crop
+  at its own resolution (``image_size`` 0) and the features are the concatenation of the
+  backbones' L2-normalised pooled features (one backbone pass each per photo); the whitening or
+  head then works on the concatenation;
 - whitened: the L2-normalised pooled features centred and projected by a *learned whitening*
   (same paper, "Lw"): the within-product covariance of labelled photos is whitened (regularised)
   and the result rotated to its principal axes and truncated to ``dim``. It is fitted in closed
@@ -27,8 +32,9 @@ near-duplicate signal, the filter's salvage); training the projection lives in
 
 Directory layout (``save`` / ``load``)::
 
-    embedding.json        backbone, image_size, weights, feature_dim, dim, trained, tuned_blocks,
-                          training report
+    embedding.json        backbone (several joined by "+"), backbones (their list), image_size,
+                          weights, feature_dim, dim, trained, tuned_blocks, pooling, gem_p,
+                          flip_tta, training report
     head.npz              the projection (kernel, bias), when trained
     whitening.npz         the learned whitening (mean, projection), when whitened
     backbone.weights.h5   the whole backbone's weights, when its top blocks were fine-tuned
@@ -54,6 +60,7 @@ WHITENING_FILE = "whitening.npz"
 POOLINGS = ("avg", "gem")
 BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 DEFAULT_BACKBONE = "efficientnet_lite0"
+BACKBONE_SEPARATOR = "+"
 _BATCH = 32
 
 
@@ -90,17 +97,41 @@ class Embedder:
     whitening: dict | None = None        # {"mean": (F,), "projection": (F, W)} or None
     flip_tta: bool = False               # average the crop's and its mirror image's features
     _model: object = field(default=None, repr=False)
+    _parts: list = field(default=None, repr=False)  # one single-backbone Embedder per backbone
 
     def __post_init__(self):
         from shoplens.vision import backbones
 
-        self._spec = backbones.member(self.backbone)  # refuses an unknown backbone early
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if not self.image_size:
-            self.image_size = self._spec.native_size
+        names = self.backbone.split(BACKBONE_SEPARATOR)
+        if len(names) == 1:
+            self._spec = backbones.member(self.backbone)  # refuses an unknown backbone early
+            if not self.image_size:
+                self.image_size = self._spec.native_size
+            return
+        if len(set(names)) != len(names):
+            raise ValueError(f"backbone {self.backbone!r} names a backbone twice")
+        if self.tuned_blocks:
+            raise ValueError("fine-tuned blocks need a single backbone, not "
+                             f"{self.backbone!r}")
+        self._spec = None
+        if self._parts is None:
+            # Each refuses an unknown name; image_size 0 keeps every one at its native size.
+            self._parts = [Embedder(name, self.image_size, settings=self.settings,
+                                    pooling=self.pooling, gem_p=self.gem_p,
+                                    flip_tta=self.flip_tta) for name in names]
 
     # --- what it is -------------------------------------------------------------------------
+    @property
+    def backbones(self) -> list[str]:
+        return self.backbone.split(BACKBONE_SEPARATOR)
+
+    @property
+    def parts(self) -> list["Embedder"]:
+        """The single-backbone embedders whose features are concatenated ([self] for one)."""
+        return self._parts if self._parts is not None else [self]
+
     @property
     def trained(self) -> bool:
         return self.head is not None
@@ -120,10 +151,13 @@ class Embedder:
             return int(self.whitening["projection"].shape[0])
         if self.head is not None:
             return int(self.head["kernel"].shape[0])
+        if self._parts is not None:
+            return sum(part.feature_dim for part in self._parts)
         return int(self.model.output.shape[-1])
 
     def config(self) -> dict:
-        return {"backbone": self.backbone, "image_size": self.image_size,
+        return {"backbone": self.backbone, "backbones": self.backbones,
+                "image_size": self.image_size,
                 "weights": (self.settings or Settings()).model_init,
                 "feature_dim": self.feature_dim, "dim": self.dim, "trained": self.trained,
                 "head": HEAD_FILE if self.trained else None, "tuned_blocks": self.tuned_blocks,
@@ -135,7 +169,10 @@ class Embedder:
 
     @property
     def model(self):
-        """The frozen backbone (built on first use: a few seconds)."""
+        """The frozen backbone (built on first use: a few seconds); with several backbones, the
+        list of them."""
+        if self._parts is not None:
+            return [part.model for part in self._parts]
         if self._model is None:
             settings = self.settings or Settings()
             if settings.model_init == "random":  # tests/CI: the same network on every load
@@ -151,8 +188,14 @@ class Embedder:
         return self._model
 
     # --- photos -> vectors --------------------------------------------------------------------
+    def _single(self, what: str) -> None:
+        if self._parts is not None:
+            raise EmbeddingError(f"{what} works on one backbone's crops; {self.backbone} has "
+                                 f"{len(self._parts)}: use features_decoded (or each of parts)")
+
     def squares(self, decoded: list) -> np.ndarray:
         """uint8 (N, margin, margin, 3): upright RGB photos fitted to the margin square."""
+        self._single("squares")
         m = images.margin_size(self.image_size)
         out = np.empty((len(decoded), m, m, 3), dtype=np.uint8)
         for i, img in enumerate(decoded):
@@ -162,6 +205,7 @@ class Embedder:
     def features(self, crops: np.ndarray) -> np.ndarray:
         """float32 (N, F): pooled backbone features of (N, size, size, 3) RGB crops in [0, 255]
         (with ``flip_tta``, the mean of the crop's and its mirror image's, each L2-normalised)."""
+        self._single("features")
         if self.flip_tta:
             return (l2_normalise(self._pooled(crops))
                     + l2_normalise(self._pooled(crops[:, :, ::-1]))) / 2
@@ -174,7 +218,20 @@ class Embedder:
             return np.zeros((0, self.model.output.shape[-1]), np.float32)
         return np.concatenate(chunks).astype(np.float32)
 
+    def features_decoded(self, decoded: list) -> np.ndarray:
+        """float32 (N, F): the pooled backbone features of upright RGB PIL images' centre crops;
+        with several backbones, each one's (at its own crop) L2-normalised and concatenated."""
+        return self.combine([part.features(part.centre_crops(part.squares(decoded)))
+                             for part in self.parts])
+
+    def combine(self, part_features: list[np.ndarray]) -> np.ndarray:
+        """The features of several backbones' (in ``parts`` order) as one row per photo."""
+        if self._parts is None:
+            return part_features[0]
+        return np.concatenate([l2_normalise(f) for f in part_features], axis=1)
+
     def centre_crops(self, squares: np.ndarray) -> np.ndarray:
+        self._single("centre_crops")
         off = (squares.shape[1] - self.image_size) // 2
         return squares[:, off:off + self.image_size, off:off + self.image_size]
 
@@ -191,7 +248,7 @@ class Embedder:
         """Embeddings of upright RGB PIL images (what ``images.decode`` returns)."""
         if not decoded:
             return np.zeros((0, self.dim), np.float32)
-        return self.project(self.features(self.centre_crops(self.squares(decoded))))
+        return self.project(self.features_decoded(decoded))
 
     def embed_bytes(self, photos: list[bytes], names: list[str] | None = None) -> np.ndarray:
         """Embeddings of encoded photos (raises ``images.UnreadableImage`` naming the bad one)."""
@@ -227,6 +284,11 @@ class Embedder:
         whitening = (_read_arrays(root, WHITENING_FILE, ("mean", "projection"))
                      if config.get("whitening") else None)
         pooling = config.get("pooling") or "avg"  # directories written before pooling existed
+        backbone = config.get("backbone")
+        if config.get("backbones"):
+            backbone = BACKBONE_SEPARATOR.join(config["backbones"])
+        if not isinstance(backbone, str) or not backbone:
+            raise EmbeddingError(f"{root}/{EMBEDDING_FILE} names no backbone")
         if pooling not in POOLINGS:
             raise EmbeddingError(f"{root}: unknown pooling {pooling!r}")
         # The backbone is rebuilt with the weights the vectors were made with (ImageNet, or
@@ -237,16 +299,20 @@ class Embedder:
         weights = root / BACKBONE_WEIGHTS_FILE
         if tuned and not weights.is_file():
             raise EmbeddingError(f"{root}: fine-tuned backbone weights {weights.name} missing")
-        return cls(config["backbone"], int(config["image_size"]), head,
-                   config.get("report") or {}, settings, tuned, str(weights) if tuned else None,
-                   pooling, float(config.get("gem_p") or 3.0), whitening,
-                   bool(config.get("flip_tta", False)))
+        try:
+            return cls(backbone, int(config["image_size"]), head,
+                       config.get("report") or {}, settings, tuned,
+                       str(weights) if tuned else None, pooling,
+                       float(config.get("gem_p") or 3.0), whitening,
+                       bool(config.get("flip_tta", False)))
+        except ValueError as exc:  # an unknown backbone, say
+            raise EmbeddingError(f"{root}: {exc}") from None
 
     def with_head(self, head: dict | None, report: dict | None = None) -> "Embedder":
         """The same backbone (not rebuilt) with another projection head."""
         other = Embedder(self.backbone, self.image_size, head, report or {}, self.settings,
                          self.tuned_blocks, self.weights_file, self.pooling, self.gem_p,
-                         self.whitening, self.flip_tta)
+                         self.whitening, self.flip_tta, _parts=self._parts)
         other._model = self._model
         return other
 

@@ -1,0 +1,58 @@
+"""The seen-only model selection benchmark (benchmarks/search_grocery_select.py): its fast
+Gram-space whitening must give the product's learned whitening's embeddings, and its rule must
+pick by the seen-products cross-validation alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmark_modules import load_benchmark
+from shoplens.vision.embedding import learned_whitening
+
+select = load_benchmark("search_grocery_select")
+choose, cv_splits, embed_features, l2 = (select.choose, select.cv_splits, select.embed_features,
+                                         select.l2)
+
+
+def _pooled(rng, labels, width):
+    """Non-negative pooled features with a per-product part, for a plain and a mirrored view."""
+    per_product = np.abs(rng.normal(size=(labels.max() + 1, width)))[labels] * 2
+    plain = per_product + np.abs(rng.normal(size=(len(labels), width)))
+    return {"gem3": {"plain": plain.astype(np.float32),
+                     "flip": (plain + np.abs(rng.normal(size=plain.shape)) * 0.5).astype(np.float32)}}
+
+
+@pytest.mark.parametrize("backbones,flip", [(1, False), (1, True), (2, True)])
+def test_gram_space_whitening_gives_the_learned_whitenings_cosines(backbones, flip):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(30), 10)
+    parts = [_pooled(rng, labels, width) for width in (200, 150)[:backbones]]
+    fit = np.flatnonzero(labels < 12)
+    x = embed_features(parts, "gem3", flip)
+    coords, fit_coords = select.fit_coordinates(select.unit_gram(parts, "gem3", flip, {}), fit)
+    basis = select.whitening_basis(fit_coords, labels[fit], x.shape[1])
+    projection = select.whitening_projections(basis, [0.5], [40])[(0.5, 40)]
+    fast = l2(coords @ projection)
+    w = learned_whitening(x[fit], labels[fit], 40, 0.5)
+    exact = l2((l2(x) - w["mean"]) @ w["projection"])
+    np.testing.assert_allclose(fast @ fast.T, exact @ exact.T, atol=2e-4)
+
+
+def test_splits_halve_the_seen_products_both_ways_and_repeat_with_the_seed():
+    seen = list(range(0, 82, 2))
+    folds = cv_splits(seen, 3, seed=7)
+    assert len(folds) == 6 and folds == cv_splits(seen, 3, seed=7)
+    for fit_on, ask in folds:
+        assert sorted(fit_on + ask) == seen and abs(len(fit_on) - len(ask)) <= 1
+
+
+def test_the_rule_reads_the_cross_validation_only_and_breaks_ties_by_r3_then_cost():
+    def row(cv1, cv3, passes, novel):
+        return {"cv": {"R@1": cv1, "R@3": cv3}, "backbone_passes": passes,
+                "novel": {"R@1": novel}}
+
+    best_cv = row(0.75, 0.90, 6, novel=0.1)
+    assert choose([row(0.70, 0.99, 1, novel=0.9), best_cv]) is best_cv
+    assert choose([row(0.75, 0.90, 6, 0), tie := row(0.7504, 0.95, 6, 0)]) is tie
+    cheap = row(0.75, 0.95, 1, 0)
+    assert choose([row(0.75, 0.95, 6, 0), cheap]) is cheap
