@@ -4,9 +4,10 @@ the untrained baseline, store, and maybe promote — the registry and gate the e
 ``run(settings, dataset_version)`` is the Airflow task's and ``shoplens train --kind embedding``'s
 entry; ``train_on_dataset`` is the part that needs neither the manifest nor the object store.
 
-- **Training**: the CosFace projection head (:mod:`modeling.embedding`) on the frozen backbone
-  (``embedding_backbone``, default the profile's first member), from the version's ``train``
-  photos: each photo's centre crop plus ``embedding_views`` augmented views. Photos are decoded
+- **Training** (``embedding_method``): the CosFace projection head (:mod:`modeling.embedding`)
+  on the frozen backbone (``embedding_backbone``, default the profile's first member), from the
+  version's ``train`` photos: each photo's centre crop plus ``embedding_views`` augmented views;
+  or a learned whitening fitted in closed form on the centre crops' features. Photos are decoded
   a chunk at a time, so only their backbone features are held in memory.
 - **Evaluation** (retrieval, as search answers): every product is enrolled from its ``train``
   photos (its prototype: the normalised mean of their embeddings), each ``val`` / ``test`` photo
@@ -38,13 +39,14 @@ from shoplens.config import Settings
 from shoplens.progress import progress
 from shoplens.vision import images
 from shoplens.vision.current import baseline_embedder
-from shoplens.vision.embedding import Embedder, l2_normalise
+from shoplens.vision.embedding import Embedder, l2_normalise, learned_whitening
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_SETTINGS = (
     "model_profile", "embedding_backbone", "model_image_size", "embedding_dim", "embedding_epochs",
-    "embedding_views", "embedding_margin", "embedding_scale", "model_crop_min_scale",
+    "embedding_views", "embedding_margin", "embedding_scale", "embedding_method",
+    "embedding_whiten_regularisation", "model_crop_min_scale",
     "model_seed", "model_init", "embedding_baseline_margin", "model_promotion_margin",
 )
 EVAL_SPLITS = ("val", "test")
@@ -166,13 +168,24 @@ def train_on_dataset(settings: Settings, dataset: LocalDataset, out_dir: Path,
     for s in eval_splits:
         features[s] = split_features(base, data[s], s)[0]
     t_features = time.monotonic() - t0
-    head, report = train_head(np.concatenate([clean, extra]),
-                              np.concatenate([train_labels, augmented_labels(train_labels, views)]),
-                              cfg)
-    del extra
-    report.update(photos=int(len(train_labels)), augmented_views=int(views),
-                  feature_seconds=round(t_features, 1))
-    trained = base.with_head(head, report)
+    if settings.embedding_method == "whitening":
+        # Closed form on the clean views: the augmented ones would teach it the augmentation's
+        # variation rather than the photos'.
+        del extra
+        whitening = learned_whitening(clean, train_labels, settings.embedding_dim,
+                                      settings.embedding_whiten_regularisation)
+        report = {"method": "whitening", "dim": int(whitening["projection"].shape[1]),
+                  "regularisation": settings.embedding_whiten_regularisation,
+                  "photos": int(len(train_labels)), "feature_seconds": round(t_features, 1)}
+        trained = base.with_whitening(whitening, report)
+    else:
+        head, report = train_head(np.concatenate([clean, extra]),
+                                  np.concatenate([train_labels,
+                                                  augmented_labels(train_labels, views)]), cfg)
+        del extra
+        report.update(method="head", photos=int(len(train_labels)), augmented_views=int(views),
+                      feature_seconds=round(t_features, 1))
+        trained = base.with_head(head, report)
     scores = {"trained": evaluate_embedding(trained, data, eval_splits, features),
               "baseline": evaluate_embedding(base, data, eval_splits, features)}
     metrics = {

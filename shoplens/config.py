@@ -355,6 +355,12 @@ class Settings:
     embedding_views: int = 2
     embedding_margin: float = 0.2
     embedding_scale: float = 30.0
+    # How the embedding is trained on top of the frozen backbone: "head" (the CosFace head above)
+    # or "whitening" (a learned whitening of embedding_dim dims, closed form, regularised by
+    # embedding_whiten_regularisation; on grocery it carried to products it never saw, where the
+    # head did not: docs/benchmarks.md, issue 16).
+    embedding_method: str = "head"
+    embedding_whiten_regularisation: float = 0.5
     # A trained embedding is promoted only if its test R@1 >= the untrained ImageNet baseline's
     # (measured in the same run) plus this margin, and >= the current embedding's minus
     # model_promotion_margin (the ensemble's gate).
@@ -488,6 +494,12 @@ class Settings:
         if self.search_aggregation not in ("prototype", "max"):
             raise ConfigError(f"search_aggregation must be 'prototype' or 'max', "
                               f"got {self.search_aggregation!r}")
+        if self.embedding_method not in ("head", "whitening"):
+            raise ConfigError(f"embedding_method must be 'head' or 'whitening', got "
+                              f"{self.embedding_method!r}")
+        if self.embedding_whiten_regularisation <= 0:
+            raise ConfigError("embedding_whiten_regularisation must be > 0, got "
+                              f"{self.embedding_whiten_regularisation}")
         if self.search_confidence_rule not in ("top1", "margin", "combined"):
             raise ConfigError(f"search_confidence_rule must be 'top1', 'margin' or 'combined', "
                               f"got {self.search_confidence_rule!r}")

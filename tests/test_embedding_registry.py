@@ -244,3 +244,27 @@ def test_loading_the_current_embedding_says_which_service_is_unreachable(setting
             manifest_url="postgresql+psycopg2://nobody@127.0.0.1:9/shoplens"), tmp_path / "cache")
     with pytest.raises(registry.ModelNotFound, match="no complete artefacts"):
         registry.load_current_embedding(settings, tmp_path / "cache")  # a row without files
+
+
+def test_a_whitening_run_stores_a_whitened_embedding_that_the_registry_loads(settings, tmp_path):
+    from modeling import train_embedding
+    from shoplens.store import ObjectStore
+    from shoplens.vision.current import load_current_embedding
+
+    version = make_dataset(tmp_path, "v0001", seed=3)
+    run = train_embedding.run(settings.with_overrides(
+        embedding_method="whitening", embedding_dim=16, embedding_baseline_margin=-1.0),
+        str(version))
+    prefix = f"models/{run['model_id']}/"
+    keys = set(ObjectStore(settings).list_keys(prefix))
+    assert prefix + "whitening.npz" in keys and prefix + "head.npz" not in keys
+    model_id, embedder = load_current_embedding(settings, tmp_path / "cache")
+    assert model_id == run["model_id"]
+    assert embedder.whitening is not None and embedder.dim == 16
+
+
+def test_the_embedding_method_is_checked_when_settings_are_made(settings):
+    from shoplens.config import ConfigError
+
+    with pytest.raises(ConfigError, match="embedding_method"):
+        settings.with_overrides(embedding_method="arcface")
