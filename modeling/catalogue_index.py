@@ -103,7 +103,10 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
             embedding=identity, status="building", artifact_prefix=prefix, run_key=run_key))
     log.info("search index %s: %s build%s", index_id, "incremental" if incremental else "full",
              f" on {parent['id']}" if incremental else "")
-    work = Path(tempfile.mkdtemp(prefix=f"shoplens-index-{index_id}-"))
+    # Built inside the cache (a dot folder: not a version), so that once uploaded it becomes the
+    # cached copy of this version by a rename: the next night's parent is then read locally.
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=cache, prefix=f".build-{index_id}-"))
     try:
         with phases("manifest"):
             wanted, details = _enrolment(settings)
@@ -141,7 +144,7 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
         with phases("save"):  # the vectors' new chunk, the product table, the ANN
             index.save(work / "index")
         with phases("upload"):
-            upload(settings, work / "index", prefix)
+            uploaded = upload(settings, work / "index", prefix)
         stats = {"index_id": index_id, "parent_id": parent["id"] if incremental else None,
                  "model_id": model_id, "mode": "incremental" if incremental else "full",
                  "products": index.product_count(), "vectors": len(index),
@@ -156,6 +159,8 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
                 status="complete", products=stats["products"], vectors=stats["vectors"],
                 added_vectors=stats["added_vectors"], threshold=stats["threshold"],
                 completed_at=sa.func.now()))
+        with phases("save"):
+            _keep_as_cached(work / "index", uploaded, cache / index_id)
         stats["seconds"] = round(time.monotonic() - started, 3)
         stats["timings"] = phases.summary(stats["seconds"])
         log.info("search index %s complete: %s", index_id, stats)
@@ -327,7 +332,7 @@ def _add_new_sources(settings: Settings, index, wanted: dict,
         nonlocal embedded
         if not part:
             return
-        vecs = index.embedder.embed_decoded([img for _, img in part])
+        vecs = index.embedder.embed_decoded([img for _, img in part], fixed_batch=True)
         rows = [(i, s) for i, (sha, _) in enumerate(part) for s in by_sha[sha]]
         embedded += len(part)
         index.add_vectors(vecs[[i for i, _ in rows]], [wanted[s][0] for _, s in rows],
@@ -356,9 +361,14 @@ def _add_new_sources(settings: Settings, index, wanted: dict,
 # --------------------------------------------------------------------------------------------
 # The object store
 # --------------------------------------------------------------------------------------------
-def upload(settings: Settings, local_dir: Path, prefix: str) -> None:
+def upload(settings: Settings, local_dir: Path, prefix: str) -> dict:
     """Chunks to their content address (skipped when already stored), then the version's own
-    files, index.json last (with the chunk names it lists)."""
+    files, index.json last (with the chunk names it lists). Returns that index.json.
+
+    A chunk whose file is already named by its content address came with the parent version
+    (complete, so the chunk is stored): it is neither hashed nor looked up again, and a night
+    that adds one chunk uploads that chunk, the product table and index.json (the exact ANN is
+    not stored: ``SearchIndex.save``)."""
     from modeling.search_index import CHUNK_DIR, INDEX_FILE
     from shoplens.store import ObjectStore
 
@@ -367,6 +377,9 @@ def upload(settings: Settings, local_dir: Path, prefix: str) -> None:
     config = json.loads((local_dir / INDEX_FILE).read_text())
     names = []
     for name in config["chunks"]:
+        if _is_content_address(name):
+            names.append(name)
+            continue
         path = local_dir / CHUNK_DIR / name
         digest = _file_sha256(path)
         stored = f"{digest}.npz"
@@ -382,6 +395,31 @@ def upload(settings: Settings, local_dir: Path, prefix: str) -> None:
     config["chunks"] = names
     store.put_bytes(prefix + INDEX_FILE, json.dumps(config, indent=1, ensure_ascii=False).encode(),
                     "application/json")
+    return config
+
+
+def _is_content_address(chunk_name: str) -> bool:
+    stem = chunk_name.removesuffix(".npz")
+    return chunk_name.endswith(".npz") and len(stem) == 64 and \
+        all(c in "0123456789abcdef" for c in stem)
+
+
+def _keep_as_cached(local_dir: Path, uploaded: dict, target: Path) -> None:
+    """Turn the just-uploaded build folder into the cache's copy of its version (what
+    ``download`` would assemble): chunks renamed to their content addresses, index.json as
+    uploaded. Same filesystem (built under the cache): renames only, nothing copied."""
+    from modeling.search_index import CHUNK_DIR, INDEX_FILE
+
+    try:
+        local = json.loads((local_dir / INDEX_FILE).read_text())["chunks"]
+        for name, stored in zip(local, uploaded["chunks"]):
+            if name != stored:
+                os.replace(local_dir / CHUNK_DIR / name, local_dir / CHUNK_DIR / stored)
+        (local_dir / INDEX_FILE).write_text(json.dumps(uploaded, indent=1, ensure_ascii=False))
+        if not (target / INDEX_FILE).is_file():
+            os.replace(local_dir, target)
+    except OSError as exc:  # only a cache: the next reader downloads the version instead
+        log.warning("search index: could not keep %s in the cache: %s", target.name, exc)
 
 
 def download(settings: Settings, index_id: str, cache: Path) -> Path:
