@@ -15,7 +15,10 @@ changed catalogue image) are dropped by copying the parent's other vectors into 
 still nothing is embedded again. A new embedding model, or ``full=True``, builds from scratch.
 
 Threshold ("no confident match"): recalibrated on every refresh, by leave-one-out over a
-deterministic sample of the enrolled review photos of products that have another photo: each
+deterministic sample (at most ``search_calibration_queries``, chosen by a seeded hash of the
+source names, so an incremental refresh and a full rebuild of one catalogue use the same
+queries and choose the same threshold) of the enrolled review photos of products that have
+another photo: each
 is a query against the index with itself removed (its product's prototype recomputed without
 it, and without the ``search_calibration_holdout`` fraction of its product's photos most like it:
 near-duplicates from one session make a plain leave-one-out far too easy), the answer is right
@@ -31,15 +34,18 @@ parent's threshold is kept (none on a first build: answers are then never marked
 
 Storage, under ``search-indexes/`` in the bucket::
 
-    search-indexes/<index_id>/index.json, products.json, ann-<n>.faiss, embedding/...
+    search-indexes/<index_id>/index.json, products.json, embedding/..., ann-<n>.faiss (IVF only)
     search-indexes/chunks/<sha256>.npz    vector chunks, content-addressed and shared by versions
 
-(so a refresh uploads only its new chunk, the product table and the ANN). The ``search_indexes``
+so a version is its parent's chunks plus a delta: a refresh uploads only its new chunk, the
+product table and index.json (an exact ANN is rebuilt from the chunks when loaded; a trained
+IVF one, above ``EXACT_BELOW`` vectors, is still stored whole). The ``search_indexes``
 row is inserted as 'building' first and set 'complete' only after every object is uploaded
 (index.json last); any exception sets it 'failed' with the error, and the current index (the
 newest complete row) is never modified. Readers download a version into a local cache folder
 keyed by its id, assembled in a temporary folder and renamed into place (chunks already cached
-for another version are hard-linked, not downloaded again).
+for another version are hard-linked, not downloaded again). A refresh builds in a dot folder of
+that cache and renames it into place once uploaded, so the next night's parent is local.
 """
 from __future__ import annotations
 
