@@ -18,9 +18,8 @@ Threshold ("no confident match"): recalibrated on every refresh, by leave-one-ou
 deterministic sample (at most ``search_calibration_queries``, chosen by a seeded hash of the
 source names, so an incremental refresh and a full rebuild of one catalogue use the same
 queries and choose the same threshold) of the enrolled review photos of products that have
-another photo: each
-is a query against the index with itself removed (its product's prototype recomputed without
-it, and without the ``search_calibration_holdout`` fraction of its product's photos most like it:
+another photo: each is a query against the index with itself removed (its product's prototype
+recomputed without it, and without the ``search_calibration_holdout`` fraction of its product's photos most like it:
 near-duplicates from one session make a plain leave-one-out far too easy), the answer is right
 when its own product ranks first, and the lowest confidence under the
 rule ``search_confidence_rule`` (top1, margin or combined: ``modeling.search_index``) that keeps
