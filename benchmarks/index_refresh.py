@@ -9,7 +9,8 @@ With ``--hold-back`` (default 1 %) of them held back:
 1. ``full``: the first refresh (a full build: every photo embedded);
 2. ``incremental``: the held-back photos are added, the next refresh embeds only them;
 3. ``nothing_new``: a refresh with no new photo (manifest reads, parent from the local cache,
-   threshold calibration, upload of the product table and the ANN; the backbone is not built);
+   threshold calibration, upload of the product table and index.json; the backbone is not
+   built);
 4. ``full_again``: ``refresh(full=True)`` over all N photos (the rebuild an incremental refresh
    replaces; ``incremental_vs_full`` divides by it).
 

@@ -15,9 +15,11 @@ changed catalogue image) are dropped by copying the parent's other vectors into 
 still nothing is embedded again. A new embedding model, or ``full=True``, builds from scratch.
 
 Threshold ("no confident match"): recalibrated on every refresh, by leave-one-out over a
-deterministic sample of the enrolled review photos of products that have another photo: each
-is a query against the index with itself removed (its product's prototype recomputed without
-it, and without the ``search_calibration_holdout`` fraction of its product's photos most like it:
+deterministic sample (at most ``search_calibration_queries``, chosen by a seeded hash of the
+source names, so an incremental refresh and a full rebuild of one catalogue use the same
+queries and choose the same threshold) of the enrolled review photos of products that have
+another photo: each is a query against the index with itself removed (its product's prototype
+recomputed without it, and without the ``search_calibration_holdout`` fraction of its product's photos most like it:
 near-duplicates from one session make a plain leave-one-out far too easy), the answer is right
 when its own product ranks first, and the lowest confidence under the
 rule ``search_confidence_rule`` (top1, margin or combined: ``modeling.search_index``) that keeps
@@ -31,15 +33,18 @@ parent's threshold is kept (none on a first build: answers are then never marked
 
 Storage, under ``search-indexes/`` in the bucket::
 
-    search-indexes/<index_id>/index.json, products.json, ann-<n>.faiss, embedding/...
+    search-indexes/<index_id>/index.json, products.json, embedding/..., ann-<n>.faiss (IVF only)
     search-indexes/chunks/<sha256>.npz    vector chunks, content-addressed and shared by versions
 
-(so a refresh uploads only its new chunk, the product table and the ANN). The ``search_indexes``
+so a version is its parent's chunks plus a delta: a refresh uploads only its new chunk, the
+product table and index.json (an exact ANN is rebuilt from the chunks when loaded; a trained
+IVF one, above ``EXACT_BELOW`` vectors, is still stored whole). The ``search_indexes``
 row is inserted as 'building' first and set 'complete' only after every object is uploaded
 (index.json last); any exception sets it 'failed' with the error, and the current index (the
 newest complete row) is never modified. Readers download a version into a local cache folder
 keyed by its id, assembled in a temporary folder and renamed into place (chunks already cached
-for another version are hard-linked, not downloaded again).
+for another version are hard-linked, not downloaded again). A refresh builds in a dot folder of
+that cache and renames it into place once uploaded, so the next night's parent is local.
 """
 from __future__ import annotations
 
@@ -103,7 +108,10 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
             embedding=identity, status="building", artifact_prefix=prefix, run_key=run_key))
     log.info("search index %s: %s build%s", index_id, "incremental" if incremental else "full",
              f" on {parent['id']}" if incremental else "")
-    work = Path(tempfile.mkdtemp(prefix=f"shoplens-index-{index_id}-"))
+    # Built inside the cache (a dot folder: not a version), so that once uploaded it becomes the
+    # cached copy of this version by a rename: the next night's parent is then read locally.
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=cache, prefix=f".build-{index_id}-"))
     try:
         with phases("manifest"):
             wanted, details = _enrolment(settings)
@@ -141,7 +149,7 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
         with phases("save"):  # the vectors' new chunk, the product table, the ANN
             index.save(work / "index")
         with phases("upload"):
-            upload(settings, work / "index", prefix)
+            uploaded = upload(settings, work / "index", prefix)
         stats = {"index_id": index_id, "parent_id": parent["id"] if incremental else None,
                  "model_id": model_id, "mode": "incremental" if incremental else "full",
                  "products": index.product_count(), "vectors": len(index),
@@ -156,6 +164,8 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
                 status="complete", products=stats["products"], vectors=stats["vectors"],
                 added_vectors=stats["added_vectors"], threshold=stats["threshold"],
                 completed_at=sa.func.now()))
+        with phases("save"):
+            _keep_as_cached(work / "index", uploaded, cache / index_id)
         stats["seconds"] = round(time.monotonic() - started, 3)
         stats["timings"] = phases.summary(stats["seconds"])
         log.info("search index %s complete: %s", index_id, stats)
@@ -327,7 +337,7 @@ def _add_new_sources(settings: Settings, index, wanted: dict,
         nonlocal embedded
         if not part:
             return
-        vecs = index.embedder.embed_decoded([img for _, img in part])
+        vecs = index.embedder.embed_decoded([img for _, img in part], fixed_batch=True)
         rows = [(i, s) for i, (sha, _) in enumerate(part) for s in by_sha[sha]]
         embedded += len(part)
         index.add_vectors(vecs[[i for i, _ in rows]], [wanted[s][0] for _, s in rows],
@@ -356,9 +366,14 @@ def _add_new_sources(settings: Settings, index, wanted: dict,
 # --------------------------------------------------------------------------------------------
 # The object store
 # --------------------------------------------------------------------------------------------
-def upload(settings: Settings, local_dir: Path, prefix: str) -> None:
+def upload(settings: Settings, local_dir: Path, prefix: str) -> dict:
     """Chunks to their content address (skipped when already stored), then the version's own
-    files, index.json last (with the chunk names it lists)."""
+    files, index.json last (with the chunk names it lists). Returns that index.json.
+
+    A chunk whose file is already named by its content address came with the parent version
+    (complete, so the chunk is stored): it is neither hashed nor looked up again, and a night
+    that adds one chunk uploads that chunk, the product table and index.json (the exact ANN is
+    not stored: ``SearchIndex.save``)."""
     from modeling.search_index import CHUNK_DIR, INDEX_FILE
     from shoplens.store import ObjectStore
 
@@ -367,6 +382,9 @@ def upload(settings: Settings, local_dir: Path, prefix: str) -> None:
     config = json.loads((local_dir / INDEX_FILE).read_text())
     names = []
     for name in config["chunks"]:
+        if _is_content_address(name):
+            names.append(name)
+            continue
         path = local_dir / CHUNK_DIR / name
         digest = _file_sha256(path)
         stored = f"{digest}.npz"
@@ -382,6 +400,31 @@ def upload(settings: Settings, local_dir: Path, prefix: str) -> None:
     config["chunks"] = names
     store.put_bytes(prefix + INDEX_FILE, json.dumps(config, indent=1, ensure_ascii=False).encode(),
                     "application/json")
+    return config
+
+
+def _is_content_address(chunk_name: str) -> bool:
+    stem = chunk_name.removesuffix(".npz")
+    return chunk_name.endswith(".npz") and len(stem) == 64 and \
+        all(c in "0123456789abcdef" for c in stem)
+
+
+def _keep_as_cached(local_dir: Path, uploaded: dict, target: Path) -> None:
+    """Turn the just-uploaded build folder into the cache's copy of its version (what
+    ``download`` would assemble): chunks renamed to their content addresses, index.json as
+    uploaded. Same filesystem (built under the cache): renames only, nothing copied."""
+    from modeling.search_index import CHUNK_DIR, INDEX_FILE
+
+    try:
+        local = json.loads((local_dir / INDEX_FILE).read_text())["chunks"]
+        for name, stored in zip(local, uploaded["chunks"]):
+            if name != stored:
+                os.replace(local_dir / CHUNK_DIR / name, local_dir / CHUNK_DIR / stored)
+        (local_dir / INDEX_FILE).write_text(json.dumps(uploaded, indent=1, ensure_ascii=False))
+        if not (target / INDEX_FILE).is_file():
+            os.replace(local_dir, target)
+    except OSError as exc:  # only a cache: the next reader downloads the version instead
+        log.warning("search index: could not keep %s in the cache: %s", target.name, exc)
 
 
 def download(settings: Settings, index_id: str, cache: Path) -> Path:

@@ -36,7 +36,8 @@ Directory layout (``save`` / ``load``)::
     index.json          config: embedding, dim, aggregation, threshold, counts, chunk files, ann file
     products.json       [{product_id, name, ...}] every enrolled product
     chunks/NNNNNN.npz   vectors (float16), product_ids, sources: one file per batch of added photos
-    ann-<n>.faiss       the faiss structure over the first n vectors (rebuilt from chunks if missing)
+    ann-<n>.faiss       the trained (IVF) faiss structure over the first n vectors; an exact one
+                        (below EXACT_BELOW vectors) is not stored, it is rebuilt from the chunks
     embedding/          the embedder that made the vectors (see modeling.embedding)
 
 Extending it (``add_photos`` + ``save`` to the same directory) embeds only the new photos and
@@ -123,6 +124,32 @@ def set_nprobe(ann, nprobe: int) -> None:
         faiss.extract_index_ivf(ann).nprobe = nprobe
     except RuntimeError:  # not an IVF index: nothing to probe
         pass
+
+
+def product_sums(positions: np.ndarray, vectors: np.ndarray, count: int) -> np.ndarray:
+    """float64 (count, dim): the sum of the ``vectors`` rows of each position 0..count-1
+    (``np.add.at`` with a sort and ``reduceat``: it was most of a refresh's calibration)."""
+    order = np.argsort(positions, kind="stable")
+    sums = np.zeros((count, vectors.shape[1]), np.float64)
+    block = 1 << 16  # rows converted to float64 at a time (bounded memory at a million vectors)
+    for b in range(0, len(order), block):
+        rows = order[b:b + block]
+        pos = positions[rows]
+        starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
+        sums[pos[starts]] += np.add.reduceat(vectors[rows].astype(np.float64), starts, axis=0)
+    return sums
+
+
+def calibration_sample(rows: list[int], sources: list[str], size: int, seed: int) -> list[int]:
+    """``size`` of ``rows``, in order, chosen by a seeded hash of each row's source name: the same
+    photos whatever order the vectors were added in (an incremental refresh and a full rebuild
+    of one catalogue calibrate on the same queries, so they choose the same threshold), and
+    each refresh's leave-one-out search is capped at ``size`` queries."""
+    import hashlib
+
+    def rank(row):
+        return hashlib.blake2b(f"{seed}:{sources[row]}".encode(), digest_size=8).digest()
+    return sorted(sorted(rows, key=rank)[:size])
 
 
 def calibrate_threshold(scores, correct, target_precision: float = 0.95) -> dict:
@@ -372,9 +399,7 @@ class SearchIndex:
         (from the stored vectors: nothing is embedded again)."""
         if self._prototypes is None:
             ids = np.array(sorted(set(self._product_ids.tolist())), dtype=np.int64)
-            pos = np.searchsorted(ids, self._product_ids)
-            sums = np.zeros((len(ids), self.dim), np.float64)
-            np.add.at(sums, pos, self._vectors.astype(np.float32))
+            sums = product_sums(np.searchsorted(ids, self._product_ids), self._vectors, len(ids))
             protos = l2_normalise(sums)
             self._prototypes = (ids, protos, build_ann(protos, ann_factory(len(ids)), self.nprobe))
         return self._prototypes
@@ -504,9 +529,8 @@ class SearchIndex:
                     if not s.startswith(exclude_prefix) and per_row[i] >= 2]
         if not eligible:
             return None
-        rng = np.random.default_rng(seed)
         if len(eligible) > max_queries:
-            eligible = sorted(rng.choice(eligible, max_queries, replace=False).tolist())
+            eligible = calibration_sample(eligible, sources, max_queries, seed)
         vecs = self._vectors.astype(np.float32)
         rows_of = {int(pid): np.flatnonzero(inverse == i) for i, pid in enumerate(ids)}
 
@@ -524,8 +548,7 @@ class SearchIndex:
         if self.aggregation == "prototype":
             pids, protos, ann = self._product_prototypes()
             pos = np.searchsorted(pids, self._product_ids)
-            sums = np.zeros((len(pids), self.dim), np.float64)
-            np.add.at(sums, pos, vecs)
+            sums = product_sums(pos, vecs, len(pids))
             queries = vecs[eligible]
             _, found = ann.search(queries, k)
             for q, row, cand in zip(queries, eligible, found):
@@ -589,8 +612,8 @@ class SearchIndex:
                 os.replace(tmp, root / CHUNK_DIR / name)
                 c["file"] = name
                 taken.add(name)
-        ann_name = f"ann-{len(self)}.faiss"
-        if self._ann is not None:
+        ann_name = f"ann-{len(self)}.faiss" if self._ann_is_stored() else None
+        if ann_name:
             faiss.write_index(self._ann, str(root / f".{ann_name}.tmp"))
             os.replace(root / f".{ann_name}.tmp", root / ann_name)
         _atomic_write(root / PRODUCTS_FILE, json.dumps(sorted(self.products.values(),
@@ -598,7 +621,7 @@ class SearchIndex:
                                                        ensure_ascii=False, indent=0))
         self.built_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         config = self.config()
-        config["ann_file"] = ann_name if self._ann is not None else None
+        config["ann_file"] = ann_name
         # index.json last: until it is replaced, the previous version stays what loads.
         _atomic_write(root / INDEX_FILE, json.dumps(config, indent=1, ensure_ascii=False))
         for old in root.glob("ann-*.faiss"):
@@ -606,6 +629,12 @@ class SearchIndex:
                 old.unlink(missing_ok=True)
         self.root = root
         return root
+
+    def _ann_is_stored(self) -> bool:
+        """Only a trained (IVF) structure is saved: an exact one is the stored vectors
+        themselves, rebuilt from the chunks on load in about the time reading it would take, so
+        a version that adds one chunk writes and uploads that chunk, not the whole ANN again."""
+        return self._ann is not None and self._ann_factory != "Flat"
 
     @classmethod
     def load(cls, root: str | Path, settings: Settings | None = None) -> "SearchIndex":

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 
@@ -19,6 +20,7 @@ from drawn_products import SHAPES, drawn_photo
 from modeling import catalogue_index
 from shoplens.manifest import engine_for
 from shoplens.store import ObjectStore
+from shoplens.vision import embedding
 from shoplens.vision.embedding import Embedder
 from test_crawl import crawl_run, crawl_settings, replica  # noqa: F401 - the replica fixture
 
@@ -75,9 +77,9 @@ def embedded(monkeypatch):
     seen = []
     real = Embedder.embed_decoded
 
-    def counting(self, decoded):
+    def counting(self, decoded, **kwargs):
         seen.append(len(decoded))
-        return real(self, decoded)
+        return real(self, decoded, **kwargs)
 
     monkeypatch.setattr(Embedder, "embed_decoded", counting)
     return seen
@@ -236,6 +238,97 @@ def test_the_threshold_is_recalibrated_by_leave_one_out_on_the_enrolled_photos(s
     rule = json.loads((saved / "index.json").read_text())["threshold"]
     assert rule["rule"] == "combined" and rule["holdout"] == settings.search_calibration_holdout
     assert rule["threshold"] == pytest.approx(stats["threshold"])
+
+
+def _built(settings, index_id: str):
+    """The stored version, read by a reader with an empty cache (what ``serve`` would load)."""
+    from modeling.search_index import SearchIndex
+
+    fresh_cache = catalogue_index.cache_dir(settings).with_name(f"reader-{index_id}")
+    return SearchIndex.load(catalogue_index.download(settings, index_id, fresh_cache), settings)
+
+
+def test_an_incremental_refresh_stores_the_same_index_as_a_full_rebuild(settings, shop):
+    """Products, every source's vector and the threshold: the calibration sample (capped below
+    the eligible photos here) is chosen by source, not by the order vectors were added in."""
+    capped = settings.with_overrides(search_calibration_queries=10)
+    _add_product(shop, 3, photos=range(6))
+    catalogue_index.refresh(capped)
+    _add_product(shop, 4, photos=range(4))  # 16 review photos can be queries now: 10 are
+    incremental = catalogue_index.refresh(capped)
+    full = catalogue_index.refresh(capped, full=True)
+    assert (incremental["mode"], full["mode"]) == ("incremental", "full")
+    assert incremental["calibration_queries"] == full["calibration_queries"] == 10
+    assert incremental["threshold"] == full["threshold"] is not None
+    a, b = _built(settings, incremental["index_id"]), _built(settings, full["index_id"])
+    assert a.products == b.products and a.threshold == b.threshold
+    assert sorted(a.sources()) == sorted(b.sources()) and len(a) == 17
+    vectors_a, vectors_b = a.vectors_by_sha(str), b.vectors_by_sha(str)
+    for source, vector in vectors_b.items():
+        np.testing.assert_array_equal(vectors_a[source], vector, err_msg=source)
+    photo = shop.engine.connect().execute(sa.text(
+        "SELECT sha256 FROM kept_images WHERE product_id = 4 LIMIT 1")).scalar_one()
+    assert a.search_vectors(vectors_b[photo], 3) == b.search_vectors(vectors_b[photo], 3)
+
+
+def test_a_refresh_uploads_only_its_new_chunk_and_keeps_its_version_in_the_cache(
+        settings, shop, monkeypatch):
+    """The delta: the parent's chunks are neither re-uploaded nor re-hashed, the exact ANN is
+    not stored (rebuilt from the chunks when loaded), and the version just built is the local
+    cache's copy, so the next night reads its parent without downloading it."""
+    from shoplens.store import ObjectStore
+
+    first = catalogue_index.refresh(settings)
+    _add_product(shop, 3)
+    put, got = [], []
+    real_put, real_get = ObjectStore.put_bytes, ObjectStore.get_bytes
+    monkeypatch.setattr(ObjectStore, "put_bytes",
+                        lambda self, key, *a, **k: put.append(key) or real_put(self, key, *a, **k))
+    monkeypatch.setattr(ObjectStore, "get_bytes",
+                        lambda self, key, *a, **k: got.append(key) or real_get(self, key, *a, **k))
+    second = catalogue_index.refresh(settings)
+    prefix = f"search-indexes/{second['index_id']}/"
+    new_chunks = [k for k in put if k.startswith("search-indexes/chunks/")]
+    assert len(new_chunks) == 1  # 3 new photos: one chunk; the parent's are not sent again
+    assert not any(k.endswith(".faiss") for k in put)
+    assert {k[len(prefix):] for k in put if k.startswith(prefix)} >= {"index.json", "products.json"}
+    assert not any(k.startswith("search-indexes/") for k in got)  # the parent came from the cache
+    assert (catalogue_index.cache_dir(settings) / second["index_id"] / "index.json").is_file()
+
+    got.clear()
+    third = catalogue_index.refresh(settings)  # nothing new: nothing read from the store at all
+    assert third["parent_id"] == second["index_id"] and got == []
+    stored = _built(settings, second["index_id"])  # a reader with an empty cache
+    assert len(stored) == second["vectors"] and stored.config()["ann"] == "Flat"
+    assert stored.product_count() == 3 and first["vectors"] + 3 == len(stored)
+
+
+def test_a_refresh_runs_the_network_on_one_batch_shape_whatever_the_photo_count(
+        settings, shop, monkeypatch):
+    """Keras traces the network once per input shape (about a second each): the refresh pads
+    each network batch to the fixed size; a single query is not padded."""
+    import keras
+
+    shapes = []
+    real = keras.Model.predict_on_batch
+
+    def recording(self, x):
+        shapes.append(x.shape[0])
+        return real(self, x)
+
+    monkeypatch.setattr(keras.Model, "predict_on_batch", recording)
+    catalogue_index.refresh(settings)  # 7 photos in flushes of 4 and 3
+    _add_product(shop, 3)
+    catalogue_index.refresh(settings)  # 3 photos
+    assert shapes and set(shapes) == {embedding._BATCH}
+
+    embedder = Embedder("efficientnet_lite0", 32, settings=settings)
+    photos = [drawn_photo(1, v) for v in range(3)]
+    shapes.clear()
+    padded = embedder.embed_decoded(photos, fixed_batch=True)
+    single = embedder.embed_decoded(photos[:1])
+    assert shapes == [embedding._BATCH, 1]
+    np.testing.assert_allclose(padded[:1], single, atol=1e-5)
 
 
 def test_a_newly_promoted_embedding_model_gets_a_full_build(settings, shop, embedded, tmp_path):

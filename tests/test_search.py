@@ -323,7 +323,8 @@ def test_extending_a_saved_index_embeds_and_writes_only_the_new_photos(tmp_path)
     reloaded = SearchIndex.load(root)
     assert len(reloaded) == 23
     assert reloaded.search_vectors(new_dir, 1)[0][0].product_id == 900
-    assert len(list(root.glob("ann-*.faiss"))) == 1
+    # The exact ANN is the vectors themselves: not stored, rebuilt from the chunks on load.
+    assert list(root.glob("ann-*.faiss")) == [] and reloaded.config()["ann"] == "Flat"
 
 
 def test_index_moves_to_an_ivf_structure_when_it_outgrows_exact_search(monkeypatch, tmp_path):
@@ -336,6 +337,8 @@ def test_index_moves_to_an_ivf_structure_when_it_outgrows_exact_search(monkeypat
     _catalogue(index, n_products=10, photos=30, seed=1, first_id=500)
     assert index.config()["ann"].startswith("IVF")
     index.save(tmp_path / "idx")
+    stored = [p.name for p in (tmp_path / "idx").glob("ann-*.faiss")]
+    assert stored == [f"ann-{len(index)}.faiss"]  # trained: saved, not rebuilt on load
     loaded = SearchIndex.load(tmp_path / "idx")
     assert loaded.config()["ann"].startswith("IVF")
     assert [h[0].product_id for h in loaded.search_vectors(dirs[:3], 1)] == [100, 101, 102]

@@ -202,26 +202,32 @@ class Embedder:
             out[i] = images.fitted_square(img, m)
         return out
 
-    def features(self, crops: np.ndarray) -> np.ndarray:
+    def features(self, crops: np.ndarray, fixed_batch: bool = False) -> np.ndarray:
         """float32 (N, F): pooled backbone features of (N, size, size, 3) RGB crops in [0, 255]
-        (with ``flip_tta``, the mean of the crop's and its mirror image's, each L2-normalised)."""
+        (with ``flip_tta``, the mean of the crop's and its mirror image's, each L2-normalised).
+        ``fixed_batch``: see :meth:`embed_decoded`."""
         self._single("features")
         if self.flip_tta:
-            return (l2_normalise(self._pooled(crops))
-                    + l2_normalise(self._pooled(crops[:, :, ::-1]))) / 2
-        return self._pooled(crops)
+            return (l2_normalise(self._pooled(crops, fixed_batch))
+                    + l2_normalise(self._pooled(crops[:, :, ::-1], fixed_batch))) / 2
+        return self._pooled(crops, fixed_batch)
 
-    def _pooled(self, crops: np.ndarray) -> np.ndarray:
-        chunks = [np.asarray(self.model.predict_on_batch(crops[i:i + _BATCH].astype(np.float32)))
-                  for i in range(0, len(crops), _BATCH)]
+    def _pooled(self, crops: np.ndarray, fixed_batch: bool = False) -> np.ndarray:
+        chunks = []
+        for i in range(0, len(crops), _BATCH):
+            x = crops[i:i + _BATCH].astype(np.float32)
+            if fixed_batch and len(x) < _BATCH:  # padded: the one traced shape; rows dropped
+                x = np.concatenate([x, np.zeros((_BATCH - len(x),) + x.shape[1:], np.float32)])
+            chunks.append(np.asarray(self.model.predict_on_batch(x))[:len(crops) - i])
         if not chunks:
             return np.zeros((0, self.model.output.shape[-1]), np.float32)
         return np.concatenate(chunks).astype(np.float32)
 
-    def features_decoded(self, decoded: list) -> np.ndarray:
+    def features_decoded(self, decoded: list, fixed_batch: bool = False) -> np.ndarray:
         """float32 (N, F): the pooled backbone features of upright RGB PIL images' centre crops;
-        with several backbones, each one's (at its own crop) L2-normalised and concatenated."""
-        return self.combine([part.features(part.centre_crops(part.squares(decoded)))
+        with several backbones, each one's (at its own crop) L2-normalised and concatenated.
+        ``fixed_batch``: see :meth:`embed_decoded`."""
+        return self.combine([part.features(part.centre_crops(part.squares(decoded)), fixed_batch)
                              for part in self.parts])
 
     def combine(self, part_features: list[np.ndarray]) -> np.ndarray:
@@ -244,11 +250,16 @@ class Embedder:
             x = x @ self.head["kernel"] + self.head["bias"]
         return l2_normalise(x)
 
-    def embed_decoded(self, decoded: list) -> np.ndarray:
-        """Embeddings of upright RGB PIL images (what ``images.decode`` returns)."""
+    def embed_decoded(self, decoded: list, fixed_batch: bool = False) -> np.ndarray:
+        """Embeddings of upright RGB PIL images (what ``images.decode`` returns).
+
+        ``fixed_batch``: the network always runs on batches of ``_BATCH`` photos, the last one
+        padded, so that a sequence of calls with any counts traces one input shape (Keras traces
+        ``predict_on_batch`` once per shape, about a second each). For batch work such as an
+        index refresh; a single query stays unpadded (32 times the work otherwise)."""
         if not decoded:
             return np.zeros((0, self.dim), np.float32)
-        return self.project(self.features_decoded(decoded))
+        return self.project(self.features_decoded(decoded, fixed_batch))
 
     def embed_bytes(self, photos: list[bytes], names: list[str] | None = None) -> np.ndarray:
         """Embeddings of encoded photos (raises ``images.UnreadableImage`` naming the bad one)."""
