@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"shoplens_bench_{uuid.uuid4().hex[:8]}"
     weed = SeaweedFS(Path(tempfile.mkdtemp(prefix="stage-scaling-")), free_port_block(12),
                      "bench", "bench-secret-key")
-    weed.start()
+    weed.start(timeout=300)  # a loaded shared machine can take minutes
     STORE_PID.append(weed.pid)
     admin = sa.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
     try:
