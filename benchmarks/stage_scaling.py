@@ -148,7 +148,7 @@ def reset(settings, stage: str) -> None:
     from shoplens.manifest import engine_for
 
     tables = {"dedup": ("image_dedup", "image_hashes"),
-              "filter": ("rule_decisions", "detections", "filter_runs")}[stage]
+              "filter": ("salvaged_crops", "rule_decisions", "detections", "filter_runs")}[stage]
     with engine_for(settings.manifest_url).begin() as conn:
         for table in tables:
             conn.execute(sa.text(f"DELETE FROM {table}"))
