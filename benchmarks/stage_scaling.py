@@ -15,7 +15,11 @@ compute, one upsert transaction per batch); the bare compute is the stage's own 
 function on bytes already in memory (``hashes_of_bytes``: decode + hash; ``features_for``:
 decode + detect + image statistics), one photo after the other. Both sides in the same process,
 one onnxruntime session with 1 intra-op thread; which side goes first alternates per round. The
-ratio is (stage photos/s) / (bare photos/s), median over rounds.
+ratio is (stage photos/s) / (bare photos/s), median over rounds. Since photos/s moves with the
+load other jobs put on the shared machine, the process CPU seconds of each side (all threads)
+are also reported: bare CPU / stage CPU (the worker's own overhead: GETs, manifest, threads),
+and the same with SeaweedFS's CPU during the stage side added (as when the store shares the
+worker's cores).
 
 (b) **2 workers vs 1** on the whole backlog: N worker processes (as N Celery workers with one
 slot each) take the planned batches from one queue; each loads its detector (1 intra-op thread)
@@ -144,7 +148,7 @@ def reset(settings, stage: str) -> None:
     from shoplens.manifest import engine_for
 
     tables = {"dedup": ("image_dedup", "image_hashes"),
-              "filter": ("rule_decisions", "detections", "filter_runs")}[stage]
+              "filter": ("salvaged_crops", "rule_decisions", "detections", "filter_runs")}[stage]
     with engine_for(settings.manifest_url).begin() as conn:
         for table in tables:
             conn.execute(sa.text(f"DELETE FROM {table}"))
@@ -262,8 +266,13 @@ def stage_over_bare(settings, photos: list[bytes], rounds: int) -> dict:
     bare = {"dedup": lambda data: hashes_of_bytes(data, limits=limits),
             "filter": lambda data: features_for(detector, data, limits=limits)}
 
+    def store_cpu() -> float:
+        return cpu_seconds(f"/proc/{STORE_PID[0]}/stat")[0] if STORE_PID else 0.0
+
     def stage_side(name: str) -> float:
         reset(settings, name)
+        cpu[name]["stage_store"] -= store_cpu()
+        cpu[name]["stage"] -= time.process_time()
         started = time.perf_counter()
         if name == "dedup":
             for batch in dedup.plan_batches(settings, "ratio"):
@@ -271,17 +280,26 @@ def stage_over_bare(settings, photos: list[bytes], rounds: int) -> dict:
         else:
             for batch in filter_stage.plan_batches(settings, "ratio"):
                 filter_stage.detect_batch(settings, batch, detector)
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        cpu[name]["stage"] += time.process_time()
+        cpu[name]["stage_store"] += store_cpu()
+        return seconds
 
     def bare_side(name: str) -> float:
+        cpu[name]["bare"] -= time.process_time()
         started = time.perf_counter()
         for data in photos:
             bare[name](data)
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        cpu[name]["bare"] += time.process_time()
+        return seconds
 
     for data in photos[:5]:  # warm-up: codecs, onnxruntime arenas
         bare["dedup"](data), bare["filter"](data)
     out = {}
+    # Process CPU seconds of each side (all its threads), and SeaweedFS's during the stage side:
+    # unlike photos/s, these hardly move with the load other jobs put on the machine.
+    cpu = {name: {"stage": 0.0, "bare": 0.0, "stage_store": 0.0} for name in ("dedup", "filter")}
     for name in ("dedup", "filter"):
         runs = []
         for r in range(rounds):
@@ -302,6 +320,15 @@ def stage_over_bare(settings, photos: list[bytes], rounds: int) -> dict:
                      "stage_photos_per_s": round(len(photos) / statistics.median(
                          r["stage_s"] for r in runs), 1),
                      "target": 0.85, "rounds": runs}
+        photo_count = len(photos) * rounds
+        ms = {k: 1000 * v / photo_count for k, v in cpu[name].items()}
+        out[name] |= {
+            "cpu_ms_per_photo": {"bare": round(ms["bare"], 3), "stage": round(ms["stage"], 3),
+                                 "object_store_during_stage": round(ms["stage_store"], 3)},
+            # bare CPU / stage process CPU: the worker's own overhead (the store runs elsewhere
+            # in a deployment); and with the store's CPU added, as when it shares the cores.
+            "cpu_ratio_stage_process": round(ms["bare"] / ms["stage"], 3),
+            "cpu_ratio_with_object_store": round(ms["bare"] / (ms["stage"] + ms["stage_store"]), 3)}
     return out
 
 
@@ -351,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"shoplens_bench_{uuid.uuid4().hex[:8]}"
     weed = SeaweedFS(Path(tempfile.mkdtemp(prefix="stage-scaling-")), free_port_block(12),
                      "bench", "bench-secret-key")
-    weed.start()
+    weed.start(timeout=300)  # a loaded shared machine can take minutes
     STORE_PID.append(weed.pid)
     admin = sa.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
     try:
@@ -378,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             subset = photos[:args.ratio_photos]
             seed_manifest(ratio_settings, subset)
             result["stage_over_bare"] = stage_over_bare(ratio_settings, subset, args.ratio_rounds)
-            print(json.dumps({k: v["ratio_stage_over_bare"]
+            print(json.dumps({k: {f: v[f] for f in ("ratio_stage_over_bare", "cpu_ratio_stage_process",
+                                                    "cpu_ratio_with_object_store", "cpu_ms_per_photo")}
                               for k, v in result["stage_over_bare"].items()}), file=sys.stderr)
             engine_for(ratio_url).dispose()
 

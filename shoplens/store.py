@@ -6,10 +6,16 @@ atomic: a reader never sees a half-written object, and a crash mid-upload leaves
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
+import hmac
+import http.client
 import io
 import json
+import threading
+import xml.etree.ElementTree as ET
 from typing import Iterator
+from urllib.parse import quote
 
 from minio import Minio
 from minio.error import S3Error
@@ -18,12 +24,23 @@ from shoplens.config import Settings
 
 IMAGE_PREFIX = "images"
 
+# sha256 of an empty body: what a GET signs as its payload.
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
 _CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif",
                   "heic": "image/heic"}
 
 
 class StoreError(RuntimeError):
     """The object store could not be reached or refused an operation."""
+
+
+class ObjectReadError(StoreError):
+    """A GET answered with an error status; ``code`` is the S3 error code (e.g. ``NoSuchKey``)."""
+
+    def __init__(self, key: str, status: int, code: str):
+        super().__init__(f"GET {key}: HTTP {status} {code}")
+        self.key, self.status, self.code = key, status, code
 
 
 def image_key(sha256: str, fmt: str) -> str:
@@ -34,6 +51,7 @@ def image_key(sha256: str, fmt: str) -> str:
 class ObjectStore:
     def __init__(self, settings: Settings):
         self.bucket = settings.s3_bucket
+        self._reader = _SignedReader(settings)
         self.client = Minio(
             settings.s3_endpoint,
             access_key=settings.s3_access_key,
@@ -83,6 +101,14 @@ class ObjectStore:
             resp.close()
             resp.release_conn()
 
+    def read_object(self, key: str) -> bytes:
+        """The object's bytes, like :meth:`get_bytes`, through a plain keep-alive HTTP connection
+        per thread signed here (AWS signature v4) instead of the minio client: about a third of
+        its CPU per object, which the per-photo stages (dedup hashing, filter detection) pay
+        once per photo. Errors: :class:`ObjectReadError` (an S3 error status), ``OSError`` /
+        ``http.client.HTTPException`` (connection)."""
+        return self._reader.get(self.bucket, key)
+
     def put_json(self, key: str, obj) -> None:
         data = json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True).encode()
         self.put_bytes(key, data, "application/json")
@@ -93,3 +119,68 @@ class ObjectStore:
 
     def remove(self, key: str) -> None:
         self.client.remove_object(self.bucket, key)
+
+
+class _SignedReader:
+    """S3 GETs over one ``http.client`` connection per thread (path-style URLs, SigV4 with the
+    day's signing key cached)."""
+
+    def __init__(self, settings: Settings):
+        self.host = settings.s3_endpoint
+        self.secure = settings.s3_secure
+        self.region = settings.s3_region or "us-east-1"
+        self.access_key = settings.s3_access_key
+        self.secret_key = settings.s3_secret_key
+        self._local = threading.local()
+        self._keys: dict[str, bytes] = {}
+
+    def _signing_key(self, day: str) -> bytes:
+        key = self._keys.get(day)
+        if key is None:
+            key = ("AWS4" + self.secret_key).encode()
+            for part in (day, self.region, "s3", "aws4_request"):
+                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            self._keys = {day: key}
+        return key
+
+    def _headers(self, path: str) -> dict[str, str]:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+        signed = "host;x-amz-content-sha256;x-amz-date"
+        canonical = (f"GET\n{path}\n\nhost:{self.host}\nx-amz-content-sha256:{_EMPTY_SHA256}\n"
+                     f"x-amz-date:{stamp}\n\n{signed}\n{_EMPTY_SHA256}")
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        to_sign = (f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n"
+                   f"{hashlib.sha256(canonical.encode()).hexdigest()}")
+        signature = hmac.new(self._signing_key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        return {"Host": self.host, "x-amz-content-sha256": _EMPTY_SHA256, "x-amz-date": stamp,
+                "Authorization": f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
+                                 f"SignedHeaders={signed}, Signature={signature}"}
+
+    def get(self, bucket: str, key: str) -> bytes:
+        path = "/" + quote(f"{bucket}/{key}", safe="/-_.~")
+        for attempt in (1, 2):  # a kept-alive connection the server has closed: reconnect once
+            connection = getattr(self._local, "connection", None)
+            fresh = connection is None
+            if fresh:
+                kind = http.client.HTTPSConnection if self.secure else http.client.HTTPConnection
+                connection = self._local.connection = kind(self.host, timeout=300)
+            try:
+                connection.request("GET", path, headers=self._headers(path))
+                response = connection.getresponse()
+                body = response.read()
+            except (OSError, http.client.HTTPException):
+                connection.close()
+                self._local.connection = None
+                if fresh or attempt == 2:
+                    raise
+                continue
+            if response.status == 200:
+                return body
+            code = "unknown"
+            try:
+                code = ET.fromstring(body).findtext("Code") or code
+            except ET.ParseError:
+                pass
+            raise ObjectReadError(key, response.status, code)
+        raise AssertionError("unreachable")

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from shoplens import summary
 from shoplens.config import ConfigError, Settings
 from shoplens.manifest.db import current_revision, engine_for, upgrade
-from shoplens.store import ObjectStore, image_key
+from shoplens.store import ObjectReadError, ObjectStore, image_key
 
 
 def test_settings_come_from_environment(monkeypatch):
@@ -111,6 +111,24 @@ def test_images_are_stored_once_under_their_content_address(s3_settings):
     assert store.put_image(data, "jpeg") == (key, False)
     assert store.get_bytes(key) == data
     assert list(store.list_keys("images/")) == [key]
+
+
+def test_signed_reads_return_the_stored_bytes_from_any_thread_and_name_a_missing_key(s3_settings):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = ObjectStore(s3_settings)
+    objects = {f"images/ab/{n} odd+name.jpg": bytes([n]) * (1000 + 70_000 * n) for n in range(6)}
+    for key, data in objects.items():
+        store.put_bytes(key, data)
+    with ThreadPoolExecutor(3) as pool:  # reads reuse one connection per thread
+        assert list(pool.map(store.read_object, [*objects] * 3)) == [*objects.values()] * 3
+    with pytest.raises(ObjectReadError) as missing:
+        store.read_object("images/ab/absent.jpg")
+    assert (missing.value.status, missing.value.code) == (404, "NoSuchKey")
+    wrong = ObjectStore(s3_settings.with_overrides(s3_secret_key="not-the-key"))
+    with pytest.raises(ObjectReadError) as refused:
+        wrong.read_object(next(iter(objects)))
+    assert refused.value.status == 403
 
 
 def test_parallel_crawls_share_the_politeness_budget_instead_of_multiplying_it():

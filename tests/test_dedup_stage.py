@@ -95,6 +95,24 @@ def combined_distance(a: bytes, b: bytes) -> int:
     return hamming(ha.phash, hb.phash) + hamming(ha.dhash, hb.dhash)
 
 
+def test_hashes_are_bit_for_bit_those_of_the_imagehash_library_the_version_names():
+    import imagehash
+
+    from dataset.dedup.hashing import hashes_of_image, to_signed64, trim_uniform_border
+
+    rng = np.random.RandomState(7)
+    images = [photo(seed, size) for seed, size in zip(range(12), itertools.cycle([(320, 240), (97, 411), (640, 640)]))]
+    images += [Image.fromarray(rng.randint(0, 256, (120, 90, 3)).astype(np.uint8)),  # noise
+               Image.new("RGB", (64, 48), (200, 10, 10)),  # one flat colour
+               photo(3).convert("L")]
+    for image in images:
+        trimmed = trim_uniform_border(image)
+        expected = (to_signed64(int(str(imagehash.phash(trimmed, hash_size=8)), 16)),
+                    to_signed64(int(str(imagehash.dhash(trimmed, hash_size=8)), 16)))
+        hashes = hashes_of_image(image)
+        assert (hashes.phash, hashes.dhash) == expected
+
+
 def test_largest_image_represents_its_cluster_and_the_others_point_to_it_with_distance(crawl, settings):
     large, small, recompressed = jpeg(photo(1)), jpeg(photo(1).resize((160, 120))), jpeg(photo(1), quality=55)
     other = jpeg(photo(2))

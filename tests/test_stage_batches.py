@@ -80,11 +80,13 @@ def test_prefetch_keeps_input_order_reports_each_failed_read_and_bounds_reads_in
             raise OSError("object gone")
         return n * n
 
-    out = list(batches.prefetch(range(40), fetch, in_flight=4))
-    assert [item for item, _, _ in out] == list(range(40))
-    assert [r for n, r, e in out if e is None] == [n * n for n in range(40) if n != 7]
-    assert [(n, type(e)) for n, _, e in out if e is not None] == [(7, OSError)]
-    assert 1 <= most[0] <= 4
+    for per_task in (1, 3):
+        most[0] = 0
+        out = list(batches.prefetch(range(40), fetch, in_flight=4, per_task=per_task))
+        assert [item for item, _, _ in out] == list(range(40))
+        assert [r for n, r, e in out if e is None] == [n * n for n in range(40) if n != 7]
+        assert [(n, type(e)) for n, _, e in out if e is not None] == [(7, OSError)]
+        assert 1 <= most[0] <= 4
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ as the filter and the model see it.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import imagehash
 import numpy as np
+import scipy.fftpack
 from PIL import Image, ImageChops
 
 from shoplens.photos import DECODER_VERSION, DEFAULT_LIMITS, PhotoLimits, PhotoRejected, decode_photo
@@ -48,16 +50,17 @@ def to_unsigned64(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
 
 
-def _hash_to_int(bits: imagehash.ImageHash) -> int:
-    return to_signed64(int(str(bits), 16))
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")  # no copy of an RGB image
 
 
 def trim_uniform_border(image: Image.Image, tolerance: int = BORDER_TOLERANCE) -> Image.Image:
-    """The image without a frame whose colour matches its top-left corner pixel (within tolerance)."""
-    rgb = image.convert("RGB")
+    """The image without a frame whose colour matches its top-left corner pixel (within tolerance);
+    the image itself (not a copy) when it is RGB and has no such frame."""
+    rgb = _rgb(image)
     background = Image.new("RGB", rgb.size, rgb.getpixel((0, 0)))
     difference = ImageChops.difference(rgb, background).convert("L")
-    mask = difference.point(lambda v: 255 if v > tolerance else 0)
+    mask = difference.point(_threshold_table(tolerance))
     box = mask.getbbox()
     if box is None:  # one flat colour: nothing to trim
         return rgb
@@ -67,10 +70,30 @@ def trim_uniform_border(image: Image.Image, tolerance: int = BORDER_TOLERANCE) -
     return rgb.crop(box)
 
 
+@functools.lru_cache(maxsize=4)
+def _threshold_table(tolerance: int) -> list[int]:
+    return [255 if v > tolerance else 0 for v in range(256)]
+
+
+def _bits_to_int(bits: np.ndarray) -> int:
+    """The signed 64-bit value of a boolean array read row by row, first bit most significant
+    (what ``int(str(imagehash.ImageHash(bits)), 16)`` gives, without the hex string)."""
+    return to_signed64(int.from_bytes(np.packbits(bits.ravel()).tobytes(), "big"))
+
+
 def hashes_of_image(image: Image.Image, trim_border: bool = True) -> PerceptualHashes:
-    prepared = trim_uniform_border(image) if trim_border else image.convert("RGB")
-    return PerceptualHashes(phash=_hash_to_int(imagehash.phash(prepared, hash_size=8)),
-                            dhash=_hash_to_int(imagehash.dhash(prepared, hash_size=8)))
+    """pHash and dHash with 8x8 bits, bit for bit ``imagehash.phash`` / ``imagehash.dhash`` (the
+    same Pillow and scipy calls, tests/test_dedup_stage.py checks), sharing one grayscale image."""
+    prepared = trim_uniform_border(image) if trim_border else _rgb(image)
+    gray = prepared.convert("L")
+    # imagehash.phash: 32x32 Lanczos, 2-D DCT-II, the 8x8 low frequencies against their median.
+    pixels = np.asarray(gray.resize((8 * 4, 8 * 4), Image.LANCZOS))
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)[:8, :8]
+    phash = _bits_to_int(dct > np.median(dct))
+    # imagehash.dhash: 9x8 Lanczos, each pixel brighter than its left neighbour.
+    small = np.asarray(gray.resize((8 + 1, 8), Image.LANCZOS))
+    dhash = _bits_to_int(small[:, 1:] > small[:, :-1])
+    return PerceptualHashes(phash=phash, dhash=dhash)
 
 
 def hashes_of_bytes(data: bytes, trim_border: bool = True,

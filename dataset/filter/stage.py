@@ -139,7 +139,7 @@ def detect_batch(settings: Settings, batch: Batch | dict, detector: Detector | N
     values = []
     with progress(total=len(todo), desc=f"filter detection, {batch.label}", unit="photos") as shown:
         for (sha256, object_key), data, error in batches.prefetch(
-                todo, lambda row: store.get_bytes(row.object_key)):
+                todo, lambda row: store.read_object(row.object_key)):
             if error is not None:  # the photo was stored by the crawler: its absence is an outage
                 raise RuntimeError(f"cannot read {object_key}: {type(error).__name__}: {error}") from error
             features = features_for(detector, data, limits=limits)
