@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import hmac
 import http.client
 import io
 import json
 import threading
 import xml.etree.ElementTree as ET
 from typing import Iterator
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from minio import Minio
+from minio.credentials import Credentials
+from minio.signer import sign_v4_s3
 from minio.error import S3Error
 
 from shoplens.config import Settings
@@ -122,40 +123,26 @@ class ObjectStore:
 
 
 class _SignedReader:
-    """S3 GETs over one ``http.client`` connection per thread (path-style URLs, SigV4 with the
-    day's signing key cached)."""
+    """S3 GETs over one ``http.client`` connection per thread (path-style URLs, signed by minio's
+    SigV4 signer)."""
 
     def __init__(self, settings: Settings):
         self.host = settings.s3_endpoint
         self.secure = settings.s3_secure
         self.region = settings.s3_region or "us-east-1"
-        self.access_key = settings.s3_access_key
-        self.secret_key = settings.s3_secret_key
+        self.credentials = Credentials(settings.s3_access_key, settings.s3_secret_key)
         self._local = threading.local()
-        self._keys: dict[str, bytes] = {}
-
-    def _signing_key(self, day: str) -> bytes:
-        key = self._keys.get(day)
-        if key is None:
-            key = ("AWS4" + self.secret_key).encode()
-            for part in (day, self.region, "s3", "aws4_request"):
-                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-            self._keys = {day: key}
-        return key
 
     def _headers(self, path: str) -> dict[str, str]:
+        # minio's own SigV4 signer: the same signature its client sends, without its per-request
+        # machinery around it.
         now = datetime.datetime.now(datetime.timezone.utc)
-        stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
-        signed = "host;x-amz-content-sha256;x-amz-date"
-        canonical = (f"GET\n{path}\n\nhost:{self.host}\nx-amz-content-sha256:{_EMPTY_SHA256}\n"
-                     f"x-amz-date:{stamp}\n\n{signed}\n{_EMPTY_SHA256}")
-        scope = f"{day}/{self.region}/s3/aws4_request"
-        to_sign = (f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n"
-                   f"{hashlib.sha256(canonical.encode()).hexdigest()}")
-        signature = hmac.new(self._signing_key(day), to_sign.encode(), hashlib.sha256).hexdigest()
-        return {"Host": self.host, "x-amz-content-sha256": _EMPTY_SHA256, "x-amz-date": stamp,
-                "Authorization": f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
-                                 f"SignedHeaders={signed}, Signature={signature}"}
+        headers = {"Host": self.host, "x-amz-content-sha256": _EMPTY_SHA256,
+                   "x-amz-date": now.strftime("%Y%m%dT%H%M%SZ")}
+        url = urlsplit(f"{'https' if self.secure else 'http'}://{self.host}{path}")
+        return dict(sign_v4_s3(method="GET", url=url, region=self.region, headers=headers,
+                               credentials=self.credentials, content_sha256=_EMPTY_SHA256,
+                               date=now))
 
     def get(self, bucket: str, key: str) -> bytes:
         path = "/" + quote(f"{bucket}/{key}", safe="/-_.~")
