@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import collections
 import io
-import logging
 import multiprocessing
 import multiprocessing.context
 import os
+import runpy
 import sys
 import threading
 import time
@@ -159,18 +159,16 @@ def _follow(path: Path, tail: collections.deque, ended: threading.Event, relay) 
 
 
 def _crawl_process(argv: list[str], env: dict[str, str], log_path: str) -> None:
-    """The forked crawl process: the caller's environment and log file, then what
-    ``python -m crawler`` does (crawler/__main__.py), ending with ``os._exit`` the same way."""
+    """The forked crawl process: the caller's environment and log file, then ``python -m
+    crawler`` itself (crawler/__main__.py), which ends with ``os._exit``."""
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
     os.environ.clear()
     os.environ.update(env)
-    from crawler.cli import main
-
-    code = main(argv)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # Run the module as the program it is, exactly as the cold path's subprocess does (it ends
+    # the process itself); the worker only launches it, it does not depend on its code.
+    sys.argv = ["crawler", *argv]
+    runpy.run_module("crawler", run_name="__main__", alter_sys=True)
+    os._exit(1)  # not reached: crawler/__main__.py ends with os._exit
