@@ -31,6 +31,10 @@ are the closest labelled stand-in for a customer's photo the manifest holds, and
 vectors (no photo embedded for it). With fewer than ``MIN_CALIBRATION_QUERIES`` such queries the
 parent's threshold is kept (none on a first build: answers are then never marked confident).
 
+Retention (:func:`prune`, run after each refresh and by ``shoplens index prune``): the newest
+``search_keep_versions`` complete versions are kept; the others become 'pruned' rows whose
+objects, and the chunks no kept version lists, are deleted.
+
 Storage, under ``search-indexes/`` in the bucket::
 
     search-indexes/<index_id>/index.json, products.json, embedding/..., ann-<n>.faiss (IVF only)
@@ -166,6 +170,8 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
                 completed_at=sa.func.now()))
         with phases("save"):
             _keep_as_cached(work / "index", uploaded, cache / index_id)
+        with phases("prune"):
+            stats["pruned"] = _prune_quietly(settings)
         stats["seconds"] = round(time.monotonic() - started, 3)
         stats["timings"] = phases.summary(stats["seconds"])
         log.info("search index %s complete: %s", index_id, stats)
@@ -477,6 +483,76 @@ def _link_or_copy(src, dst) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+# --------------------------------------------------------------------------------------------
+# Retention: old versions pruned
+# --------------------------------------------------------------------------------------------
+def prune(settings: Settings, keep: int | None = None) -> dict:
+    """Keep the newest ``keep`` complete versions (default ``search_keep_versions``; the current
+    one is the newest, so it is always kept) and delete the other versions' objects: their own
+    files, then every chunk no kept version lists. Returns ``{kept, pruned, removed_objects,
+    removed_chunks, chunks_skipped}``.
+
+    Safe against readers and a concurrent refresh: a pruned row is marked 'pruned' before its
+    objects go (nobody resolves it any more: ``current_search_index`` is the newest complete
+    one), a refresh's parent is the current version (kept, so its chunks are kept), and chunks
+    are left alone while any build is in progress (it may be reusing one). Idempotent: a crash
+    halfway leaves rows already 'pruned', whose remaining objects the next prune deletes."""
+    from modeling.search_index import INDEX_FILE
+    from shoplens.store import ObjectStore
+
+    keep = settings.search_keep_versions if keep is None else keep
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (0 in settings means never prune), got {keep}")
+    s = search_indexes.c
+    with session_scope(settings.manifest_url) as conn:
+        complete = conn.execute(sa.select(s.id).where(s.status == "complete")
+                                .order_by(s.completed_at.desc(), s.id.desc())).scalars().all()
+        kept, dropped = complete[:keep], complete[keep:]
+        if dropped:
+            conn.execute(search_indexes.update().where(s.id.in_(dropped)).values(status="pruned"))
+        gone = conn.execute(sa.select(s.id, s.artifact_prefix)
+                            .where(s.status.in_(("pruned", "failed")))).all()
+        building = conn.execute(sa.select(sa.func.count()).where(s.status == "building")).scalar()
+    store = ObjectStore(settings)
+    removed = 0
+    for _, prefix in gone:
+        for key in list(store.list_keys(prefix)):
+            store.remove(key)
+            removed += 1
+    removed_chunks, skipped = 0, None
+    if building:
+        skipped = f"{building} index build(s) in progress"
+    elif gone:  # a few GETs and one LIST: also collects chunks a skipped run left behind
+        listed = set()
+        for index_id in kept:
+            listed.update(json.loads(store.get_bytes(
+                f"{INDEX_PREFIX}/{index_id}/{INDEX_FILE}"))["chunks"])
+        for key in list(store.list_keys(CHUNK_PREFIX)):
+            if key[len(CHUNK_PREFIX):] not in listed:
+                store.remove(key)
+                removed_chunks += 1
+    cache = cache_dir(settings)
+    for index_id, _ in gone:  # hard links: the kept versions' chunks stay where they are
+        shutil.rmtree(cache / index_id, ignore_errors=True)
+    result = {"kept": len(kept), "pruned": list(dropped), "removed_objects": removed,
+              "removed_chunks": removed_chunks, "chunks_skipped": skipped}
+    if dropped or removed or removed_chunks:
+        log.info("search index retention: %s", result)
+    return result
+
+
+def _prune_quietly(settings: Settings) -> dict | None:
+    """The refresh's pruning: never fails the refresh that made a new version current."""
+    if not settings.search_keep_versions:
+        return None
+    try:
+        return prune(settings)
+    except Exception as exc:  # the next refresh (or `shoplens index prune`) tries again
+        log.warning("search index retention failed, nothing lost: %s: %s",
+                    type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 # --------------------------------------------------------------------------------------------

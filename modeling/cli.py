@@ -229,6 +229,28 @@ def index_refresh(argv: list[str] | None = None) -> int:
 
 
 @command(bad_input=BAD_INPUT)
+def index_prune(argv: list[str] | None = None) -> int:
+    """Delete old product search index versions, keeping the newest complete ones (the current among them)"""
+    parser = argument_parser("python -m modeling index prune", index_prune.__doc__)
+    parser.add_argument("--keep", type=int, default=None,
+                        help="complete versions to keep (default: search_keep_versions)")
+    args = parse_args(parser, argv)
+    from modeling import catalogue_index
+
+    settings = Settings.from_env()
+    keep = args.keep if args.keep is not None else settings.search_keep_versions
+    if keep < 1:
+        raise BadInput(f"--keep must be >= 1, got {keep}")
+    emit(catalogue_index.prune(settings, keep),
+         lambda r: (f"kept {r['kept']} search index version(s); pruned {len(r['pruned'])}"
+                    f"{': ' + ', '.join(r['pruned']) if r['pruned'] else ''}; removed "
+                    f"{r['removed_objects']} object(s) and {r['removed_chunks']} chunk(s)"
+                    + (f"; chunks left alone: {r['chunks_skipped']}" if r["chunks_skipped"]
+                       else "")))
+    return 0
+
+
+@command(bad_input=BAD_INPUT)
 def index_list(argv: list[str] | None = None) -> int:
     """Every product search index version; the current one (what search answers from) is marked *"""
     parser = argument_parser("python -m modeling index list", index_list.__doc__)

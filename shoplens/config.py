@@ -390,6 +390,9 @@ class Settings:
     search_embed_batch: int = 64
     # Local cache of downloaded index versions (empty: ~/.cache/shoplens/search-indexes).
     search_cache_dir: str = ""
+    # Complete index versions kept (the current one always among them) when a refresh or
+    # `shoplens index prune` prunes; the others' objects are deleted (0: never prune).
+    search_keep_versions: int = 7
     # `shoplens serve` without --index asks the manifest for a newer index at most this often.
     search_reload_seconds: float = 30.0
 
@@ -507,6 +510,9 @@ class Settings:
             raise ConfigError("search_calibration_holdout must be in [0, 1)")
         if not 0 < self.search_target_precision <= 1:
             raise ConfigError("search_target_precision must be in (0, 1]")
+        if self.search_keep_versions < 0:
+            raise ConfigError(f"search_keep_versions must be >= 0 (0: keep every version), got "
+                              f"{self.search_keep_versions}")
         if self.search_embed_batch < 1 or self.search_calibration_queries < 0:
             raise ConfigError("search_embed_batch must be >= 1, search_calibration_queries >= 0")
         if self.alert_webhook_url and not self.alert_webhook_url.startswith(("http://", "https://")):

@@ -380,6 +380,83 @@ def test_a_product_newly_ranked_in_the_replica_is_searchable_after_the_next_craw
     assert code == 0 and line["top"][0]["product_id"] == new_product
 
 
+# --- retention ------------------------------------------------------------------------------------
+def _stored(settings, prefix: str) -> set[str]:
+    return set(ObjectStore(settings).list_keys(prefix))
+
+
+def test_refreshes_keep_the_newest_versions_and_prune_the_rest_with_their_unlisted_chunks(
+        settings, shop, tmp_path):
+    """Each night adds a version; with search_keep_versions = 2 the third refresh marks the
+    first 'pruned' and deletes its files and the chunks no kept version lists, while both kept
+    versions still load whole from the store into an empty cache."""
+    from modeling.search_index import SearchIndex
+
+    kept2 = settings.with_overrides(search_keep_versions=2)
+    first = catalogue_index.refresh(kept2)
+    _add_product(shop, 3)
+    second = catalogue_index.refresh(kept2)
+    kept = shop.engine.connect().execute(sa.text(
+        "SELECT sha256 FROM kept_images WHERE product_id = 2 ORDER BY sha256")).scalars().all()
+    shop.reject(kept[0])  # the vectors are copied into a new chunk: the first one is unlisted
+    third = catalogue_index.refresh(kept2)
+    assert third["pruned"]["pruned"] == [first["index_id"]]
+
+    statuses = {r["id"]: r["status"] for r in catalogue_index.list_indexes(settings)}
+    assert statuses == {first["index_id"]: "pruned", second["index_id"]: "complete",
+                        third["index_id"]: "complete"}
+    assert _stored(settings, f"search-indexes/{first['index_id']}/") == set()
+    listed = set()
+    for built in (second, third):
+        fresh = catalogue_index.download(settings, built["index_id"], tmp_path / built["index_id"])
+        listed.update(json.loads((fresh / "index.json").read_text())["chunks"])
+        assert len(SearchIndex.load(fresh, settings)) == built["vectors"]
+    assert {k.rsplit("/", 1)[1] for k in _stored(settings, catalogue_index.CHUNK_PREFIX)} == listed
+    assert not (tmp_path / "cache" / first["index_id"]).exists()
+
+
+def test_pruning_leaves_chunks_alone_while_a_build_is_in_progress_and_finishes_later(
+        settings, shop):
+    first = catalogue_index.refresh(settings)
+    kept = shop.engine.connect().execute(sa.text(
+        "SELECT sha256 FROM kept_images WHERE product_id = 2 ORDER BY sha256")).scalars().all()
+    shop.reject(kept[0])
+    second = catalogue_index.refresh(settings)  # vectors copied to a new chunk: the first's unlisted
+    with engine_for(settings.manifest_url).begin() as conn:
+        conn.execute(sa.text("INSERT INTO search_indexes (id, status, artifact_prefix) "
+                             "VALUES ('in-progress', 'building', 'search-indexes/in-progress/')"))
+    chunks_before = _stored(settings, catalogue_index.CHUNK_PREFIX)
+
+    during = catalogue_index.prune(settings, keep=1)
+    assert during["pruned"] == [first["index_id"]]
+    assert during["chunks_skipped"] == "1 index build(s) in progress"
+    assert _stored(settings, catalogue_index.CHUNK_PREFIX) == chunks_before
+    assert _stored(settings, f"search-indexes/{first['index_id']}/") == set()
+
+    with engine_for(settings.manifest_url).begin() as conn:
+        conn.execute(sa.text("UPDATE search_indexes SET status = 'failed' WHERE id = 'in-progress'"))
+    after = catalogue_index.prune(settings, keep=1)
+    assert after["pruned"] == [] and after["chunks_skipped"] is None
+    assert catalogue_index.current_index_id(settings) == second["index_id"]
+    assert _stored(settings, catalogue_index.CHUNK_PREFIX) < chunks_before
+    assert catalogue_index.prune(settings, keep=1)["removed_chunks"] == 0  # idempotent
+
+
+def test_the_prune_command_reports_what_it_removed_and_refuses_to_keep_nothing(
+        settings, shop, monkeypatch, capsys):
+    from shoplens import cli
+
+    _env(monkeypatch, settings)
+    monkeypatch.setenv("SHOPLENS_PROGRESS", "off")
+    catalogue_index.refresh(settings)
+    newest = catalogue_index.refresh(settings)
+    assert cli.main(["index", "prune", "--keep", "0"]) == 2
+    assert "--keep must be >= 1" in capsys.readouterr().err
+    assert cli.main(["index", "prune", "--keep", "1"]) == 0
+    assert capsys.readouterr().out.startswith("kept 1 search index version(s); pruned 1")
+    assert catalogue_index.current_index_id(settings) == newest["index_id"]
+
+
 # --- the commands ---------------------------------------------------------------------------------
 def test_index_refresh_and_list_commands(settings, shop, monkeypatch, capsys):
     from shoplens import cli

@@ -457,7 +457,7 @@ search_indexes = sa.Table(
     _inserted_at("built_at"),
     sa.Column("completed_at", sa.DateTime(timezone=True)),
     sa.Column("error", sa.Text),
-    sa.CheckConstraint("status IN ('building', 'complete', 'failed')",
+    sa.CheckConstraint("status IN ('building', 'complete', 'failed', 'pruned')",
                        name="search_indexes_status"),
     sa.Index("search_indexes_completed_at", "completed_at"),
 )
