@@ -516,21 +516,25 @@ def prune(settings: Settings, keep: int | None = None) -> dict:
                             .where(s.status.in_(("pruned", "failed")))).all()
         building = conn.execute(sa.select(sa.func.count()).where(s.status == "building")).scalar()
     store = ObjectStore(settings)
+    # One LIST of what is stored (the kept versions, chunks, leftovers), not one per pruned row:
+    # the history of pruned rows grows every night, the stored objects do not.
+    gone_prefixes = tuple(prefix for _, prefix in gone)
+    stored = list(store.list_keys(f"{INDEX_PREFIX}/")) if gone else []
     removed = 0
-    for _, prefix in gone:
-        for key in list(store.list_keys(prefix)):
+    for key in stored:
+        if gone_prefixes and key.startswith(gone_prefixes):
             store.remove(key)
             removed += 1
     removed_chunks, skipped = 0, None
     if building:
         skipped = f"{building} index build(s) in progress"
-    elif gone:  # a few GETs and one LIST: also collects chunks a skipped run left behind
+    elif gone:  # a few GETs: also collects chunks a skipped run left behind
         listed = set()
         for index_id in kept:
             listed.update(json.loads(store.get_bytes(
                 f"{INDEX_PREFIX}/{index_id}/{INDEX_FILE}"))["chunks"])
-        for key in list(store.list_keys(CHUNK_PREFIX)):
-            if key[len(CHUNK_PREFIX):] not in listed:
+        for key in stored:
+            if key.startswith(CHUNK_PREFIX) and key[len(CHUNK_PREFIX):] not in listed:
                 store.remove(key)
                 removed_chunks += 1
     cache = cache_dir(settings)
