@@ -25,6 +25,14 @@ DEFAULT_CATEGORIES: dict[str, str] = {
     "16220000": "그릇",
 }
 
+# Default category -> COCO class the detector finds its products as (identify's restriction).
+DEFAULT_CATEGORY_CLASSES: dict[str, str] = {
+    "10120000": "bed",           # 침대
+    "10130000": "bed",           # 매트리스/토퍼: a mattress is detected as a bed
+    "10150000": "dining table",  # 테이블
+    "16220000": "bowl",          # 그릇
+}
+
 
 def _parse(name: str, raw: str, type_name: Any) -> Any:
     """Parse one environment value by the dataclass field's (string) annotation."""
@@ -250,8 +258,11 @@ class Settings:
     identify_trim_gallery: bool = True
     # Mirror test-time augmentation of each crop (and gallery photo): mean of both embeddings.
     identify_flip: bool = False
-    # JSON object: shop category (id or name) -> the COCO class its products are detected as.
-    identify_category_classes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # JSON object: shop category (id or name) -> the COCO class its products are detected as
+    # (a detected bed is then matched among beds). Categories without a COCO class (hangers,
+    # chests of drawers) are left out: their products match an object of any class.
+    identify_category_classes: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_CATEGORY_CLASSES))
     # Indexed --gallery listings are kept here (keyed by the listing and the embedding config).
     identify_cache_dir: str = "~/.cache/shoplens/identify"
     # --- salvage (dataset.filter.salvage): crops of multi-product review photos -------------------

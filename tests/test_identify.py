@@ -388,6 +388,34 @@ def test_a_shop_index_restricts_by_the_class_its_categories_map_to(tmp_path):
     assert {t["product_id"] for t in line["objects"][0]["top"]} == {1, 2, 4}
 
 
+def test_by_default_the_shops_bed_and_table_categories_are_found_as_their_detector_classes(
+        tmp_path):
+    """Without configuration, the shop's categories that have a COCO class are restricted to it
+    (beds and mattresses: bed, tables: dining table, bowls: bowl); hangers and chests of drawers
+    have none and match an object of any class. An empty map switches the restriction off."""
+    from modeling.search_index import SearchIndex
+    from shoplens.vision.embedding import Embedder
+
+    categories = {1: "10120000", 2: "10130000", 3: "10150000", 4: "13020000", 5: "16220000"}
+
+    def answer(settings, label):
+        index = SearchIndex(Embedder("efficientnet_lite0", 32, settings=settings))
+        index.add_products([{"product_id": p, "name": f"p{p}", "category": c}
+                            for p, c in categories.items()])
+        index.add_photos([(drawn_photo(1 + (p - 1) % 4, p), p, f"p{p}") for p in categories])
+        index.save(tmp_path / "index")
+        room = tmp_path / "room.png"
+        _room_photo().save(room)
+        code, [line], _ = _run(["--index", str(tmp_path / "index"), str(room)], settings,
+                               StubDetector([Box(label, 0.9, *CHAIR_BOX)]))
+        assert code == 0
+        return {t["product_id"] for t in line["objects"][0]["top"]}
+
+    assert answer(_settings(tmp_path), "bed") == {1, 2, 4}
+    assert answer(_settings(tmp_path), "dining table") == {3, 4}
+    assert answer(_settings(tmp_path, identify_category_classes={}), "bed") == {1, 2, 3, 4, 5}
+
+
 # --- the real detector --------------------------------------------------------------------------
 def test_the_real_detector_finds_chairs_in_an_ikea_room_and_they_get_only_chairs(
         tmp_path, monkeypatch, capsys):
