@@ -131,6 +131,83 @@ def test_signed_reads_return_the_stored_bytes_from_any_thread_and_name_a_missing
     assert refused.value.status == 403
 
 
+def test_pipelined_reads_answer_each_item_in_order_and_a_missing_key_fails_only_itself(s3_settings):
+    store = ObjectStore(s3_settings)
+    objects = {f"images/cd/{n}.jpg": bytes([n]) * (500 + 40_000 * (n % 3)) for n in range(20)}
+    for key, data in objects.items():
+        store.put_bytes(key, data)
+    keys = [*objects][:7] + ["images/cd/absent.jpg"] + [*objects][7:]
+    answers = list(store.read_objects([(k,) for k in keys], key=lambda item: item[0], in_flight=4))
+    assert [item[0] for item, _, _ in answers] == keys
+    for (key,), data, error in answers:
+        if key == "images/cd/absent.jpg":
+            assert data is None and (error.status, error.code) == (404, "NoSuchKey")
+        else:
+            assert error is None and data == objects[key]
+    # A caller that stops early leaves no unread answer behind for the thread's next read.
+    reads = store.read_objects([*objects], in_flight=8)
+    next(reads), next(reads)
+    reads.close()
+    assert store.read_object("images/cd/19.jpg") == objects["images/cd/19.jpg"]
+
+
+class _PickyServer:
+    """A local HTTP/1.1 server that answers pipelined GETs with the path as the body, chunked
+    for paths with "chunked", and ends every connection after ``per_connection`` answers (the
+    last one saying ``Connection: close``), dropping the requests it has not answered."""
+
+    def __init__(self, per_connection: int):
+        import socket
+        import threading
+
+        self.per_connection, self.connections = per_connection, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn, conn.makefile("rb") as reader:
+                for answered in range(1, self.per_connection + 1):
+                    request = reader.readline()
+                    if not request:
+                        break
+                    while reader.readline() not in (b"\r\n", b""):
+                        pass
+                    path = request.split()[1]
+                    last = answered == self.per_connection
+                    head = b"HTTP/1.1 200 OK\r\n" + (b"Connection: close\r\n" if last else b"")
+                    if b"chunked" in path:
+                        half = len(path) // 2
+                        body = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                                        for part in (path[:half], path[half:])) + b"0\r\n\r\n"
+                        conn.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + body)
+                    else:
+                        conn.sendall(head + b"Content-Length: %d\r\n\r\n" % len(path) + path)
+
+    def close(self):
+        self.listener.close()
+
+
+def test_pipelined_reads_survive_a_server_that_closes_connections_and_sends_chunked_bodies():
+    server = _PickyServer(per_connection=3)
+    try:
+        store = ObjectStore(Settings().with_overrides(s3_endpoint=server.endpoint, s3_bucket="b"))
+        keys = [f"k{n}" + ("-chunked" if n % 2 else "") for n in range(10)]
+        answers = list(store.read_objects(keys, in_flight=5))
+        assert [(item, data, error) for item, data, error in answers] == [
+            (key, f"/b/{key}".encode(), None) for key in keys]
+        assert server.connections == 4  # 10 answers, 3 per connection
+        assert store.read_object("after") == b"/b/after"
+    finally:
+        server.close()
+
+
 def test_parallel_crawls_share_the_politeness_budget_instead_of_multiplying_it():
     s = Settings().with_overrides(concurrent_per_host=4, download_delay=0.4)
     share = s.share_of_shop(2)

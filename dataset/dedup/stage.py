@@ -139,7 +139,7 @@ def hash_batch(settings: Settings, batch: Batch | dict) -> dict:
             squares.clear()
 
     with progress(total=len(todo), desc=f"dedup hashing, {batch.label}", unit="photos") as shown:
-        for item, data, error in batches.prefetch(todo, lambda t: store.read_object(t.object_key)):
+        for item, data, error in store.read_objects(todo, key=lambda t: t.object_key):
             shown.advance()
             if error is not None:  # a missing or unreadable object must not stop the night
                 failures.append({"sha256": item.sha256, "reason": f"unreadable object {item.object_key}: "

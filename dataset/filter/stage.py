@@ -138,8 +138,8 @@ def detect_batch(settings: Settings, batch: Batch | dict, detector: Detector | N
     limits = PhotoLimits.from_settings(settings)  # the caps the crawler stored the photos under
     values = []
     with progress(total=len(todo), desc=f"filter detection, {batch.label}", unit="photos") as shown:
-        for (sha256, object_key), data, error in batches.prefetch(
-                todo, lambda row: store.read_object(row.object_key)):
+        for (sha256, object_key), data, error in store.read_objects(
+                todo, key=lambda row: row.object_key):
             if error is not None:  # the photo was stored by the crawler: its absence is an outage
                 raise RuntimeError(f"cannot read {object_key}: {type(error).__name__}: {error}") from error
             features = features_for(detector, data, limits=limits)
