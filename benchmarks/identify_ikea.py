@@ -74,6 +74,13 @@ def split_of(name: str) -> str:
     return "tune" if int(hashlib.sha256(name.encode()).hexdigest(), 16) % 2 == 0 else "report"
 
 
+def tune_room_photos(rooms_dir: Path) -> list[Path]:
+    """Every room photo of the "tune" half (with ground truth or not): what a head trained for
+    this benchmark may paste products onto; the "report" rooms stay unseen."""
+    return sorted(p for p in rooms_dir.iterdir()
+                  if p.suffix.lower() in (".jpg", ".jpeg", ".png") and split_of(p.name) == "tune")
+
+
 # --- data -------------------------------------------------------------------------------------
 def read_gallery(ikea: Path) -> list[dict]:
     out = []
@@ -551,8 +558,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cost-photos", type=int, default=20, help="room photos timed (0: skip)")
     ap.add_argument("--cost-variant", action="append", default=[],
                     help='NAME=JSON: also time identify with these settings over the chosen ones')
+    ap.add_argument("--write-tune-rooms", type=Path, metavar="PATH",
+                    help="only write the tune half's room photos, one a line (backgrounds for "
+                         "modeling.identify_head --backgrounds), and exit")
     ap.add_argument("--cost-child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.write_tune_rooms:
+        tune = tune_room_photos(args.rooms or args.shared / "datasets" / "ikea" / "images" / "room_scenes")
+        args.write_tune_rooms.write_text("".join(f"{p}\n" for p in tune))
+        print(f"wrote {len(tune)} tune-half room photos to {args.write_tune_rooms}")
+        return 0
     if args.cost_child:
         cost_child(args.cost_child[0], args.cost_child[1], args.cost_child[2], args.cost_child[3],
                    args.cost_child[4:])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -560,3 +561,101 @@ def test_a_missing_identify_embedding_is_a_clear_error(gallery_dir, tmp_path):
     listing, _ = gallery_dir
     with pytest.raises(IdentifyError, match="identify_embedding"):
         Gallery.from_listing(listing, _settings(tmp_path, identify_embedding=str(tmp_path / "no")))
+
+
+# --- the head's room-like training views -------------------------------------------------------
+def _studio_photo(colour=(220, 20, 20), size=(60, 30)) -> Image.Image:
+    """A catalogue-style photo: a ``size`` product of one colour on a white backdrop."""
+    photo = Image.new("RGB", (100, 100), (255, 255, 255))
+    ImageDraw.Draw(photo).rectangle((20, 35, 20 + size[0] - 1, 35 + size[1] - 1), fill=colour)
+    return photo
+
+
+def _blue_rooms(n=3) -> list:
+    return [Image.new("RGB", (200 + 40 * i, 150), (30, 40, 200 + 10 * i)) for i in range(n)]
+
+
+def test_a_room_like_view_is_the_same_for_the_same_seed_and_differs_for_another():
+    from modeling.identify_head import product_cutout, room_like_view
+
+    cut = product_cutout(_studio_photo())
+    others = [product_cutout(_studio_photo((20, 200, 20), (30, 30)))]
+
+    def view(seed):
+        img, box = room_like_view(cut, _blue_rooms(), np.random.default_rng(seed), 48, others, 1.0)
+        return np.asarray(img), box
+
+    (a, box_a), (b, box_b), (c, _) = view(3), view(3), view(4)
+    assert a.shape == (48, 48, 3) and box_a == box_b
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_pasted_product_fills_the_square_crop_of_its_box(seed):
+    """Margin 0, as identify crops a detected box: the product (wider than tall) spans the whole
+    width of the view, half its height, centred, on the room's background."""
+    from modeling.identify_head import product_cutout, room_like_view
+
+    cut = product_cutout(_studio_photo())
+    assert cut[0].size == (60, 30) and np.asarray(cut[1]).min() == 255
+    rng = np.random.default_rng(seed)
+    rooms = _blue_rooms()
+    view, (x0, y0, x1, y1) = room_like_view(cut, rooms, rng, 64, occluded=0.0)
+    assert abs((x1 - x0) - 2 * (y1 - y0)) <= 1 and 0 <= x0 < x1 <= max(r.width for r in rooms)
+    pixels = np.asarray(view).astype(int)
+    red = pixels[..., 0] > pixels[..., 2] + 40
+    cols, rows = np.nonzero(red.any(axis=0))[0], np.nonzero(red.any(axis=1))[0]
+    assert cols.min() <= 1 and cols.max() >= 62                     # the product's full width
+    assert abs(len(rows) - 32) <= 3 and abs(rows.min() - 16) <= 3    # half the height, centred
+
+
+def test_a_photo_not_on_a_white_backdrop_has_no_cutout():
+    from modeling.identify_head import product_cutout
+
+    assert product_cutout(Image.new("RGB", (64, 64), (90, 120, 60))) is None
+    assert product_cutout(Image.new("RGB", (64, 64), (255, 255, 255))) is None
+
+
+def test_the_ikea_benchmark_gives_the_head_only_tune_half_rooms_as_backgrounds(tmp_path,
+                                                                                monkeypatch):
+    """Room-like views never see a held-out room: the benchmark writes the tune half's rooms,
+    and training reads the backgrounds listed there and nothing else; its features cache is
+    reused by a second head without reading a photo."""
+    from benchmark_modules import load_benchmark
+    from modeling import identify_head
+    from modeling.embedding import HeadTraining
+
+    bench = load_benchmark("identify_ikea")
+    rooms_dir = tmp_path / "rooms"
+    rooms_dir.mkdir()
+    for n in range(12):
+        Image.new("RGB", (80, 60), (40 + 10 * n, 90, 160)).save(rooms_dir / f"room-{n}.jpg")
+    halves = {p.name: bench.split_of(p.name) for p in rooms_dir.iterdir()}
+    assert set(halves.values()) == {"tune", "report"}
+    listing = tmp_path / "tune_rooms.txt"
+    assert bench.main(["--write-tune-rooms", str(listing), "--rooms", str(rooms_dir)]) == 0
+    backgrounds = identify_head.background_photos(listing)
+    assert sorted(p.name for p in backgrounds) == sorted(n for n, h in halves.items() if h == "tune")
+
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    for n, colour in enumerate([(200, 30, 30), (30, 160, 30), (30, 30, 200), (200, 200, 30)]):
+        _studio_photo(colour, (40 + 5 * n, 30)).save(objects / f"300.000.0{n}.png")
+    photos = identify_head.training_photos(objects, set())
+    read = []
+    real_read = identify_head.images.read_file
+    monkeypatch.setattr(identify_head.images, "read_file",
+                        lambda path, *a, **k: read.append(Path(path).name) or real_read(path, *a, **k))
+    cache = tmp_path / "feats.npz"
+    trained = identify_head.train(photos, _settings(tmp_path), views=0, room_views=2,
+                                  backgrounds=backgrounds, features_cache=cache,
+                                  cfg=HeadTraining(epochs=2, dim=8))
+    assert trained.dim == 8 and trained.report["room_views"] == 2
+    read_rooms = {n for n in read if n.startswith("room-")}
+    assert read_rooms == {n for n, h in halves.items() if h == "tune"}
+    read.clear()
+    smaller = identify_head.train(photos, _settings(tmp_path), views=0, room_views=2,
+                                  backgrounds=backgrounds, features_cache=cache,
+                                  cfg=HeadTraining(epochs=2, dim=4))
+    assert smaller.dim == 4 and read == []
