@@ -415,24 +415,23 @@ def write_listing(gallery: list[dict], path: Path) -> Path:
 
 
 def production_check(rooms, gallery, listing: Path, work: Path, settings: Settings, model: str):
-    """R@k of the chosen variant through modeling.identify.identify (all products returned)."""
-    from PIL import Image
-
-    from modeling.identify import Gallery, identify
-    from shoplens.vision.detector import Detector
+    """R@k of the chosen variant through modeling.identify.identify (all products returned),
+    the photo decoded and the detector chosen as identify's settings say."""
+    from modeling.identify import Gallery, decode_for_identify, identify, identify_detector
 
     g = Gallery.from_listing(listing, settings, cache_dir=work / "galleries")
-    det = Detector(model, min_score=settings.identify_min_score)
+    det = identify_detector(settings.with_overrides(detector_model_path=model), threads=0)
     ids = [x["product_id"] for x in gallery]
     cls_of: dict[str, set] = {}
     for x in gallery:  # a sofa bed is in the bed and the couch folders
         cls_of.setdefault(x["product_id"], set()).add(x["class"])
     outputs = {}
     for r in rooms:
-        img = Image.open(r["path"]).convert("RGB")
-        outputs[r["name"]] = identify(img, g, det, settings, k=len(ids))
+        photo = decode_for_identify(Path(r["path"]).read_bytes(), settings)
+        outputs[r["name"]] = identify(photo.image, g, det, settings, k=len(ids),
+                                      full_size=(photo.width, photo.height))
     table = {}
-    for split in ("report", "all"):
+    for split in ("tune", "report", "all"):
         per = {}
         for c in sorted({c for r in rooms for c in r["truth"]}):
             hits, n = {k: 0 for k in KS}, 0
@@ -460,9 +459,8 @@ def cost_child(listing: str, work: str, variants_json: str, model: str, paths: l
     """In a child pinned to one core: per photo, identify under each variant vs one whole-photo
     search query of the same photo, interleaved so every variant sees the same load."""
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    from modeling.identify import Gallery, identify
+    from modeling.identify import Gallery, decode_for_identify, identify, identify_detector
     from shoplens.vision import images
-    from shoplens.vision.detector import Detector
     from shoplens.vision.embedding import Embedder
 
     variants = json.loads(variants_json)
@@ -472,7 +470,14 @@ def cost_child(listing: str, work: str, variants_json: str, model: str, paths: l
         g = Gallery.from_listing(listing, settings, cache_dir=Path(work) / "galleries")
         runs.append((v, settings, g))
     settings0, g0 = runs[0][1], runs[0][2]
-    det = Detector(model, min_score=min(r[1].identify_min_score for r in runs), threads=1)
+    # One detector per model file (a variant may run an int8 copy), at the lowest min score.
+    min_score = min(r[1].identify_min_score for r in runs)
+    detectors = {}
+    for _, settings, _ in runs:
+        path = settings.identify_detector_model_path or model
+        if path not in detectors:
+            detectors[path] = identify_detector(settings.with_overrides(
+                identify_detector_model_path=path, identify_min_score=min_score), threads=1)
     # The baseline is the shop's search query: one photo at the backbone's native size, whatever
     # size identify embeds its crops at.
     query = Embedder(settings0.identify_backbone, settings=settings0)
@@ -485,8 +490,9 @@ def cost_child(listing: str, work: str, variants_json: str, model: str, paths: l
             # "all_classes": boxes of classes the gallery has no product of are kept (as before).
             Gallery.searchable = (lambda self: None) if v.get("all_classes") else searchable
             t0 = time.perf_counter()
-            img = images.decode(images.read_file(p), p)
-            out = identify(img, g, det, settings)
+            photo = decode_for_identify(images.read_file(p), settings)
+            out = identify(photo.image, g, detectors[settings.identify_detector_model_path or model],
+                           settings, full_size=(photo.width, photo.height))
             t1 = time.perf_counter()
             if i >= warmup:
                 times[v["name"]].append((t1 - t0) * 1000)
@@ -555,6 +561,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fallback-embedding", default="",
                     help="identify_fallback_embedding (e.g. a head from modeling.identify_head)")
     ap.add_argument("--no-production-check", action="store_true")
+    ap.add_argument("--production-variant", action="append", default=[],
+                    help='NAME=JSON: also run the production check with these settings over the '
+                         'chosen ones (e.g. identify_decode_side, identify_detector_model_path)')
     ap.add_argument("--cost-photos", type=int, default=20, help="room photos timed (0: skip)")
     ap.add_argument("--cost-variant", action="append", default=[],
                     help='NAME=JSON: also time identify with these settings over the chosen ones')
@@ -687,6 +696,14 @@ def main(argv=None) -> int:
         result["production_check"] = production_check(
             rooms, gallery, listing, args.work, settings.with_overrides(**overrides), model)
         result["production_check"]["wall_s"] = round(time.time() - t0, 1)
+        for spec in args.production_variant:
+            name, _, extra = spec.partition("=")
+            t0 = time.time()
+            check = production_check(rooms, gallery, listing, args.work,
+                                     settings.with_overrides(**{**overrides, **json.loads(extra)}),
+                                     model)
+            result.setdefault("production_variants", {})[name] = {
+                **check, "settings": json.loads(extra), "wall_s": round(time.time() - t0, 1)}
     if args.cost_photos:
         paths = [r["path"] for r in rooms][:args.cost_photos + 2]
         # A/B in one child: the defaults before this round (8 objects, 2 per class, any
@@ -711,6 +728,10 @@ def main(argv=None) -> int:
             print("  ", split, json.dumps(b["table"][split]))
     if "production_check" in result:
         print("production_check all", json.dumps(result["production_check"]["all"]))
+        print("production_check tune", json.dumps(result["production_check"]["tune"]))
+    for name, check in result.get("production_variants", {}).items():
+        for split in ("tune", "report"):
+            print(f"production {name} {split}", json.dumps(check[split]))
     print("cost", json.dumps(result.get("cost")))
     print(f"wrote {args.out}")
     return 0

@@ -4,6 +4,8 @@
         ../shared/models/yolox_nano.onnx ROOM.jpg... > results/identify_profile.json
 
 Pinned to one CPU with one thread (run it with TF_NUM_INTRAOP_THREADS=1 OMP_NUM_THREADS=1).
+Settings come from the environment (e.g. SHOPLENS_IDENTIFY_DECODE_SIDE=512); the detector is the
+model file given (an int8 copy from ``shoplens.vision.detector_int8`` to profile that).
 Per photo it times each stage of :func:`modeling.identify.identify` separately (decode, the
 detector's resize / tensor / inference / decoding, the crops, the backbone on the crops in one
 batch and at fixed batch sizes 1/2/4/8, the searches), the whole call, and one search query of
@@ -44,8 +46,9 @@ def main(argv=None) -> int:
 
     for p in paths:
         data = t("read", images.read_file, p)
-        img = t("decode", images.decode, data, p)
-        t("decode_draft_512", lambda: decode_photo(data, reduce_to=416))
+        photo = t("decode", I.decode_for_identify, data, s)  # identify_decode_side applies
+        img = photo.image
+        t("decode_draft_416", lambda: decode_photo(data, reduce_to=416))
         fitted, scale = t("detector_resize", fit_for_model, img)
         tensor = t("detector_tensor", tensor_from_fitted, fitted)
         raw = t("detector_inference", det.infer, tensor)
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
         vecs = emb.project(feats)
         t("search_each_object", lambda: [g.search(v, o.label, s.identify_top)
                                          for o, v in zip(objs, vecs)])
-        t("identify_total", I.identify, img, g, det, s)
+        t("identify_total", I.identify, img, g, det, s, None, (photo.width, photo.height))
 
         def query():
             im = images.decode(images.read_file(p), p)

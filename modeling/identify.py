@@ -21,6 +21,11 @@
    cosine over that class's products); products with no class (empty) match any object. Per
    object the top ``k`` products with scores.
 
+**Cost options**: :func:`decode_for_identify` decodes a JPEG at a reduced scale
+(``identify_decode_side``; detection and crops then work on it, boxes are reported in the full
+photo's pixels via ``full_size``); :func:`identify_detector` runs ``identify_detector_model_path``
+(e.g. an int8 copy) instead of the filter's model. docs/benchmarks.md says what each costs.
+
 **Whole-image fallback**: when no box is kept, the photo is one object with ``box`` = the whole
 image ``[0, 0, width, height]``, ``class`` = None and ``score`` = None (no detection), searched
 unrestricted. **Per class** (``identify_fallback_classes``, default none): such a class with no
@@ -61,6 +66,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from shoplens.config import Settings
+from shoplens.photos import DEFAULT_LIMITS, Photo, PhotoLimits, decode_photo
 from shoplens.progress import progress
 from shoplens.vision import images
 from shoplens.vision.crops import square_crop
@@ -97,6 +103,22 @@ class DetectedBox:
     @property
     def box(self) -> tuple[float, float, float, float]:
         return (self.x0, self.y0, self.x1, self.y1)
+
+
+# --- the photo and the detector ---------------------------------------------------------------
+def decode_for_identify(data: bytes, settings: Settings, limits: PhotoLimits = DEFAULT_LIMITS) -> Photo:
+    """The photo as identify reads it: through the one decoder, a JPEG at the reduced scale
+    ``identify_decode_side`` asks for (full resolution when 0). Pass ``(photo.width,
+    photo.height)`` as ``identify(..., full_size=)`` so boxes come back in full-size pixels."""
+    return decode_photo(data, limits, reduce_to=settings.identify_decode_side or None)
+
+
+def identify_detector(settings: Settings, threads: int | None = None) -> Detector:
+    """The detector identify runs: ``identify_detector_model_path`` (e.g. an int8 copy), else
+    the filter's ``detector_model_path``."""
+    return Detector(settings.identify_detector_model_path or settings.detector_model_path,
+                    min_score=settings.identify_min_score,
+                    threads=settings.detector_threads if threads is None else threads)
 
 
 # --- detection and crops ----------------------------------------------------------------------
@@ -445,24 +467,39 @@ def gallery_key(rows: list[dict], embedder: Embedder, settings: Settings) -> str
 
 # --- the entry point --------------------------------------------------------------------------
 def identify(image: Image.Image, gallery: Gallery, detector: Detector | None,
-             settings: Settings | None = None, k: int | None = None) -> list[dict]:
+             settings: Settings | None = None, k: int | None = None,
+             full_size: tuple[int, int] | None = None) -> list[dict]:
     """Every object of an upright RGB photo with its top-k gallery products::
 
         [{"box": [x0, y0, x1, y1], "class": "chair", "score": 0.83,
           "top": [{"product_id": ..., "score": 0.71}, ...]}, ...]
 
     Boxes in image pixels (1 decimal), scores rounded to 4 decimals. ``detector`` None skips
-    detection (the whole-image object only)."""
+    detection (the whole-image object only). ``full_size``: the photo's (width, height) when
+    ``image`` was decoded smaller (:func:`decode_for_identify`); boxes are then in its pixels."""
     return [{"box": [round(c, 1) for c in o.box], "class": o.label,
              "score": None if o.score is None else round(o.score, 4),
              "top": [{"product_id": pid, "score": round(float(s), 4)} for pid, s in top]}
-            for o, top in identify_objects(image, gallery, detector, settings, k)]
+            for o, top in identify_objects(image, gallery, detector, settings, k, full_size)]
 
 
 def identify_objects(image: Image.Image, gallery: Gallery, detector: Detector | None,
-                     settings: Settings | None = None, k: int | None = None
+                     settings: Settings | None = None, k: int | None = None,
+                     full_size: tuple[int, int] | None = None
                      ) -> list[tuple[DetectedBox, list[tuple[object, float]]]]:
     """:func:`identify`'s answer unrounded: (object, [(product id, score), ...]) best first."""
+    answers = _identify_decoded(image, gallery, detector, settings, k)
+    if full_size is None or tuple(full_size) == image.size:
+        return answers
+    # Detected and cropped on the reduced decode; reported in the full photo's pixels.
+    sx, sy = full_size[0] / image.width, full_size[1] / image.height
+    return [(dataclasses.replace(o, x0=o.x0 * sx, y0=o.y0 * sy, x1=o.x1 * sx, y1=o.y1 * sy), top)
+            for o, top in answers]
+
+
+def _identify_decoded(image: Image.Image, gallery: Gallery, detector: Detector | None,
+                      settings: Settings | None, k: int | None
+                      ) -> list[tuple[DetectedBox, list[tuple[object, float]]]]:
     settings = settings or gallery.settings
     k = k or settings.identify_top
     searchable = gallery.searchable()

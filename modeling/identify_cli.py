@@ -80,16 +80,17 @@ def _identify(argv, out: TextIO, err: TextIO, settings: Settings | None, detecto
     if not files:
         print("error: no photo files given", file=err)
         return EXIT_BAD_INPUT
-    from modeling.identify import Gallery, IdentifyError, check_classes, identify
+    from modeling.identify import (Gallery, IdentifyError, check_classes, decode_for_identify,
+                                   identify, identify_detector)
     from modeling.search_index import SearchIndex, SearchIndexError
     from shoplens.cli import EXIT_UNREACHABLE, ServiceUnreachable
-    from shoplens.vision.detector import Detector, DetectorError
+    from shoplens.photos import PhotoRejected
+    from shoplens.vision.detector import DetectorError
 
     try:
         check_classes(settings.identify_classes)
         if detector is None:
-            detector = Detector(settings.detector_model_path, min_score=settings.identify_min_score,
-                                threads=settings.detector_threads)
+            detector = identify_detector(settings)
         if args.gallery:
             gallery = Gallery.from_listing(args.gallery, settings)
         else:
@@ -109,13 +110,15 @@ def _identify(argv, out: TextIO, err: TextIO, settings: Settings | None, detecto
     try:
         for path in files:
             try:
-                photo = images.decode(images.read_file(path), path)
-            except images.UnreadableImage as exc:
+                photo = decode_for_identify(images.read_file(path), settings)
+            except (images.UnreadableImage, PhotoRejected) as exc:
+                message = f"{path}: {exc.message}" if isinstance(exc, PhotoRejected) else str(exc)
                 unreadable += 1
-                print(f"error: {exc}", file=err)
-                line = {"image": path, "error": str(exc)}
+                print(f"error: {message}", file=err)
+                line = {"image": path, "error": message}
             else:
-                line = {"image": path, "objects": identify(photo, gallery, detector, settings)}
+                line = {"image": path, "objects": identify(photo.image, gallery, detector, settings,
+                                                           full_size=(photo.width, photo.height))}
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
             out.flush()
     except Exception as exc:  # noqa: BLE001

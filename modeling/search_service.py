@@ -205,7 +205,8 @@ def _error(status: int, reason: str, message: str):
 
 class DetectorHolder:
     """The detector ``POST /identify`` uses: the one given, or the configured model
-    (``detector_model_path``) loaded on first use; ``reason`` says why there is none."""
+    (``identify_detector_model_path``, else ``detector_model_path``) loaded on first use;
+    ``reason`` says why there is none."""
 
     def __init__(self, settings: Settings, detector=FROM_SETTINGS):
         self.settings = settings
@@ -220,12 +221,11 @@ class DetectorHolder:
             return self.detector
         with self._lock:
             if not self._loaded:
-                from shoplens.vision.detector import Detector, DetectorError
+                from modeling.identify import identify_detector
+                from shoplens.vision.detector import DetectorError
 
                 try:
-                    self.detector = Detector(self.settings.detector_model_path,
-                                             min_score=self.settings.identify_min_score,
-                                             threads=self.settings.detector_threads)
+                    self.detector = identify_detector(self.settings)
                     self.reason = None
                 except DetectorError as exc:
                     self.reason = str(exc)
@@ -291,8 +291,9 @@ def create_app(index, settings: Settings | None = None, detector=FROM_SETTINGS):
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "public, max-age=86400"})
 
-    async def uploaded_photo(request: Request):
-        """(the decoded photo, None) or (None, the 4xx answer)."""
+    async def uploaded_photo(request: Request, reduce_to: int | None = None):
+        """(the decoded :class:`~shoplens.photos.Photo`, None) or (None, the 4xx answer);
+        ``reduce_to`` as :func:`shoplens.photos.decode_photo` takes it."""
         form = await request.form(max_files=1, max_fields=8)
         photo = form.get("photo")
         if not isinstance(photo, UploadFile):
@@ -300,7 +301,7 @@ def create_app(index, settings: Settings | None = None, detector=FROM_SETTINGS):
                                 "with the image in a field named 'photo'")
         data = await photo.read()
         try:
-            return decode_photo(data, limits).image, None
+            return decode_photo(data, limits, reduce_to=reduce_to), None
         except PhotoRejected as exc:
             return None, _error(REASON_STATUS.get(exc.reason, 422), exc.reason,
                                 f"{photo.filename or 'photo'}: {exc.message}")
@@ -315,10 +316,11 @@ def create_app(index, settings: Settings | None = None, detector=FROM_SETTINGS):
 
     @app.post("/search")
     async def search(request: Request):
-        image, refused = await uploaded_photo(request)
+        photo, refused = await uploaded_photo(request)
         if refused is not None:
             return refused
         idx = holder.current()
+        image = photo.image
 
         def embed():
             with holder.embed_lock:
@@ -333,7 +335,8 @@ def create_app(index, settings: Settings | None = None, detector=FROM_SETTINGS):
     async def identify_objects(request: Request):
         from modeling.identify import Gallery, identify_objects
 
-        image, refused = await uploaded_photo(request)
+        # As the CLI reads it (identify_decode_side); boxes come back in full-size pixels.
+        photo, refused = await uploaded_photo(request, settings.identify_decode_side or None)
         if refused is not None:
             return refused
         found = await run_in_threadpool(detectors.get)
@@ -348,7 +351,8 @@ def create_app(index, settings: Settings | None = None, detector=FROM_SETTINGS):
 
         def work():
             with holder.embed_lock:  # the detector and the embedder, one photo at a time
-                return identify_objects(image, gallery, found, settings, TOP_K)
+                return identify_objects(photo.image, gallery, found, settings, TOP_K,
+                                        (photo.width, photo.height))
 
         objects = []
         for obj, top in await run_in_threadpool(work):
@@ -359,7 +363,7 @@ def create_app(index, settings: Settings | None = None, detector=FROM_SETTINGS):
                 "confident": bool(top) and idx.is_confident([score for _, score in top]),
                 "top": [with_details(idx, {"product_id": pid, "score": float(score)})
                         for pid, score in top]})
-        return {"image": {"width": image.width, "height": image.height}, "objects": objects,
+        return {"image": {"width": photo.width, "height": photo.height}, "objects": objects,
                 "index": _index_summary(idx, holder)}
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_bytes + MULTIPART_OVERHEAD)
@@ -411,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     import uvicorn
 
-    model = Path(settings.detector_model_path).expanduser()
+    model = Path(settings.identify_detector_model_path or settings.detector_model_path).expanduser()
     if not model.is_file():
         print(f"warning: no detector model at {model}: POST /identify answers 503 and the page "
               "searches the whole photo (`shoplens models fetch` or SHOPLENS_DETECTOR_MODEL_PATH)",

@@ -265,6 +265,15 @@ class Settings:
         default_factory=lambda: dict(DEFAULT_CATEGORY_CLASSES))
     # Indexed --gallery listings are kept here (keyed by the listing and the embedding config).
     identify_cache_dir: str = "~/.cache/shoplens/identify"
+    # Decode a JPEG photo at a reduced scale (Pillow draft: 1/2, 1/4, 1/8) that still covers a
+    # square of this side (0: full resolution): the detector sees 416 px and crops are embedded at
+    # 224, so a big photo's full decode is mostly thrown away. Boxes stay in full-size pixels.
+    # 512 gave the same R@1/R@10 as full decoding on both IKEA halves (docs/benchmarks.md).
+    identify_decode_side: int = 512
+    # The detector model identify runs ("" = detector_model_path, the filter's). An int8 copy made
+    # by `python -m shoplens.vision.detector_int8` can go here: the filter keeps its own model, so
+    # its stored detections and decisions never change with this.
+    identify_detector_model_path: str = ""
     # --- salvage (dataset.filter.salvage): crops of multi-product review photos -------------------
     # A photo rejected as multi-product yields the crop of its box that matches the reviewed
     # product (its kept photos and catalogue image, by the current search embedding) best, at or
@@ -484,6 +493,9 @@ class Settings:
         if self.identify_crop_size and self.identify_crop_size < 32:
             raise ConfigError(f"identify_crop_size must be 0 or >= 32, got "
                               f"{self.identify_crop_size}")
+        if self.identify_decode_side and self.identify_decode_side < 32:
+            raise ConfigError(f"identify_decode_side must be 0 or >= 32, got "
+                              f"{self.identify_decode_side}")
         if self.identify_roi_size < 32:
             raise ConfigError(f"identify_roi_size must be >= 32, got {self.identify_roi_size}")
         if self.identify_margin < 0:

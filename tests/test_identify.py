@@ -659,3 +659,77 @@ def test_the_ikea_benchmark_gives_the_head_only_tune_half_rooms_as_backgrounds(t
                                   backgrounds=backgrounds, features_cache=cache,
                                   cfg=HeadTraining(epochs=2, dim=4))
     assert smaller.dim == 4 and read == []
+
+
+# --- cost options: the reduced decode and identify's own detector ------------------------------
+class RecordingDetector:
+    """One chair box at fixed shares of whatever image it is given; records the images' sizes."""
+
+    SHARES = (0.125, 0.25, 0.525, 0.78)
+
+    def __init__(self):
+        self.sizes = []
+
+    def detect(self, image, original_size=None):
+        self.sizes.append(image.size)
+        w, h = image.size
+        s = self.SHARES
+        return [Box("chair", 0.9, s[0] * w, s[1] * h, s[2] * w, s[3] * h)]
+
+
+def _big_sideways_jpeg(path) -> tuple[int, int]:
+    """The room photo at 1600 x 1200, stored as a phone does (sideways, EXIF orientation 6)."""
+    upright = _room_photo().resize((1600, 1200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, "JPEG", quality=90, exif=exif.tobytes())
+    return upright.size
+
+
+@pytest.mark.parametrize("side", [0, 400])
+def test_a_photo_decoded_reduced_is_detected_upright_and_small_and_answered_in_full_size_pixels(
+        gallery_dir, tmp_path, monkeypatch, side):
+    listing, _ = gallery_dir
+    room = tmp_path / "phone.jpg"
+    width, height = _big_sideways_jpeg(room)
+    asked = []
+    real_decode = identify_module.decode_photo
+    monkeypatch.setattr(identify_module, "decode_photo",  # the one decoder, spied on
+                        lambda data, limits, reduce_to=None: asked.append(reduce_to) or
+                        real_decode(data, limits, reduce_to=reduce_to))
+    detector = RecordingDetector()
+    code, [line], _ = _run(["--gallery", str(listing), "--json", str(room)],
+                           _settings(tmp_path, identify_decode_side=side), detector)
+    assert code == 0 and asked == [side or None]
+    [seen] = detector.sizes
+    assert seen[0] > seen[1]  # upright: the EXIF orientation was applied
+    if side:
+        assert side <= max(seen) < width and seen[0] / seen[1] == pytest.approx(width / height, rel=0.01)
+    else:
+        assert seen == (width, height)
+    [obj] = line["objects"]
+    expected = [s * (width if i % 2 == 0 else height) for i, s in enumerate(RecordingDetector.SHARES)]
+    assert obj["box"] == pytest.approx(expected, abs=1.0)
+
+
+def test_the_cost_options_are_settings_from_the_environment_and_bad_sides_are_refused(monkeypatch):
+    from shoplens.config import ConfigError
+
+    monkeypatch.setenv("SHOPLENS_IDENTIFY_DECODE_SIDE", "512")
+    monkeypatch.setenv("SHOPLENS_IDENTIFY_DETECTOR_MODEL_PATH", "/models/int8.onnx")
+    s = Settings.from_env()
+    assert s.identify_decode_side == 512 and s.identify_detector_model_path == "/models/int8.onnx"
+    assert Settings().identify_detector_model_path == ""  # the filter's model unless set
+    with pytest.raises(ConfigError, match="identify_decode_side"):
+        Settings().with_overrides(identify_decode_side=16)
+
+
+@pytest.mark.parametrize("own_model", [True, False])
+def test_identify_runs_its_own_detector_model_when_one_is_set_else_the_filters(
+        gallery_dir, tmp_path, own_model):
+    listing, room = gallery_dir
+    settings = _settings(tmp_path, detector_model_path=str(tmp_path / "filter.onnx"),
+                         identify_detector_model_path=str(tmp_path / "int8.onnx") if own_model else "")
+    code, _, err = _run(["--gallery", str(listing), str(room)], settings, None)
+    assert code == 2
+    assert ("int8.onnx" in err) == own_model and ("filter.onnx" in err) != own_model

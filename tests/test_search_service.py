@@ -336,3 +336,33 @@ def test_a_person_sees_a_box_on_each_product_and_clicking_one_shows_that_product
         assert page.locator("#status").inner_text().startswith("2. couch")
         assert boxes.nth(1).get_attribute("aria-pressed") == "true"
         assert boxes.nth(0).get_attribute("aria-pressed") == "false"
+
+
+def test_identify_on_a_reduced_decode_answers_boxes_and_size_in_the_uploaded_photos_pixels(
+        index_dir, settings):
+    from fastapi.testclient import TestClient
+
+    from modeling.search_service import create_app
+    from shoplens.vision.detector import Box
+
+    class ShareDetector:  # the chair box at the same shares of whatever image it is given
+        seen = []
+
+        def detect(self, image, original_size=None):
+            self.seen.append(image.size)
+            x0, y0, x1, y1 = SHELF_BOXES[1]
+            w, h = image.size
+            return [Box("chair", 0.9, x0 / SHELF_SIZE[0] * w, y0 / SHELF_SIZE[1] * h,
+                        x1 / SHELF_SIZE[0] * w, y1 / SHELF_SIZE[1] * h)]
+
+    big = _shelf().resize((SHELF_SIZE[0] * 4, SHELF_SIZE[1] * 4))  # under max_image_pixels
+    out = io.BytesIO()
+    big.save(out, "JPEG", quality=90)
+    detector = ShareDetector()
+    app = create_app(index_dir, settings.with_overrides(identify_decode_side=112), detector=detector)
+    with TestClient(app) as client:
+        body = _search(client, out.getvalue(), name="big.jpg", path="/identify").json()
+    assert max(detector.seen[0]) < big.width  # detected on the reduced decode
+    assert body["image"] == {"width": big.width, "height": big.height}
+    [chair] = body["objects"]
+    assert chair["box"] == pytest.approx([4 * c for c in SHELF_BOXES[1]], abs=1.0)
