@@ -52,7 +52,7 @@ def matched_share(reference: list, other: list) -> tuple[int, int, list[float]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", type=Path, default=SHARED)
-    ap.add_argument("--int8", help="an int8 detector (shoplens.vision.detector_int8)")
+    ap.add_argument("--int8", help="an int8 detector model file to compare")
     ap.add_argument("--decode-sides", default="512", help="identify_decode_side values (0 = full)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "detector_agreement.json")
     args = ap.parse_args(argv)

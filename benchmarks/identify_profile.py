@@ -5,7 +5,7 @@
 
 Pinned to one CPU with one thread (run it with TF_NUM_INTRAOP_THREADS=1 OMP_NUM_THREADS=1).
 Settings come from the environment (e.g. SHOPLENS_IDENTIFY_DECODE_SIDE=512); the detector is the
-model file given (an int8 copy from ``shoplens.vision.detector_int8`` to profile that).
+model file given (e.g. an int8 copy, to profile that).
 Per photo it times each stage of :func:`modeling.identify.identify` separately (decode, the
 detector's resize / tensor / inference / decoding, the crops, the backbone on the crops in one
 batch and at fixed batch sizes 1/2/4/8, the searches), the whole call, and one search query of

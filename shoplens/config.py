@@ -270,9 +270,8 @@ class Settings:
     # 224, so a big photo's full decode is mostly thrown away. Boxes stay in full-size pixels.
     # 512 gave the same R@1/R@10 as full decoding on both IKEA halves (docs/benchmarks.md).
     identify_decode_side: int = 512
-    # The detector model identify runs ("" = detector_model_path, the filter's). An int8 copy made
-    # by `python -m shoplens.vision.detector_int8` can go here: the filter keeps its own model, so
-    # its stored detections and decisions never change with this.
+    # The detector model identify runs ("" = detector_model_path, the filter's): the filter keeps
+    # its own model, so its stored detections and decisions never change with this.
     identify_detector_model_path: str = ""
     # --- salvage (dataset.filter.salvage): crops of multi-product review photos -------------------
     # A photo rejected as multi-product yields the crop of its box that matches the reviewed
