@@ -19,22 +19,19 @@ from shoplens.ops import FailureAlert
 
 # Crawls at once: the DAG's cap per run; the `shop` pool (same size) caps them across runs.
 CRAWL_PARALLELISM = int(os.environ.get("SHOPLENS_CRAWL_PARALLELISM", "2"))
-
 _RETRY_S = float(os.environ.get("SHOPLENS_TASK_RETRY_DELAY", "20"))  # first retry; e2e tests: 2
 default_args = {"retries": 2, "retry_delay": timedelta(seconds=_RETRY_S), "retry_exponential_backoff": True,
                 "max_retry_delay": timedelta(minutes=10), "on_failure_callback": FailureAlert()}
 
 
-def _settings():
-    """Settings from the worker's SHOPLENS_* environment, overridden by this run's Params."""
+def _settings():  # from the worker's SHOPLENS_* environment, overridden by this run's Params
     from shoplens.config import Settings
     params = get_current_context()["params"]
     keys = ("categories", "best_n", "photo_cap_per_product", "shop_base_url")
     return Settings.from_env().with_overrides(**{k: params.get(k) for k in keys if params.get(k)})
 
 
-def _stage(name: str, entry, *args, settings=None, **kwargs):
-    """Run one stage entry for this DAG run, recording its metrics."""
+def _stage(name: str, entry, *args, settings=None, **kwargs):  # recording the stage's metrics
     from shoplens import ops
     settings, run_key = settings or _settings(), get_current_context()["run_id"]
     return ops.run_stage(settings, run_key, name, entry, settings, *args, run_key, **kwargs)
@@ -58,8 +55,7 @@ def shoplens_nightly():
     @task
     def start_run() -> list[list[str]]:  # the category groups: one crawl process each
         from crawler import plan_groups, start_run as begin
-        settings = _settings()
-        begin(settings, get_current_context()["run_id"])
+        begin(settings := _settings(), get_current_context()["run_id"])
         return plan_groups(settings)
 
     @task(max_active_tis_per_dagrun=CRAWL_PARALLELISM, pool="shop")
@@ -126,6 +122,11 @@ def shoplens_nightly():
             "version": stats["version_id"], "uri": stats["uri"], "unchanged": stats["unchanged"]}
         return stats
 
+    @task(trigger_rule="all_done", retries=0)  # fails the version a failed shard job left
+    def close_build(_exported: list[dict]) -> dict:
+        from dataset.build import stage
+        return _stage("close_build", stage.abandon_incomplete)
+
     @task
     def refresh_search_index(_filter: dict) -> dict:
         from modeling import catalogue_index
@@ -134,15 +135,15 @@ def shoplens_nightly():
     @task  # the teardown: it runs after a failure too; the stages decide the run's state
     def run_summary() -> dict:
         from shoplens import ops
-        ctx = get_current_context()
-        return ops.summarize_run(_settings(), ctx["run_id"], run_started_at=ctx["dag_run"].start_date)
+        return ops.summarize_dag_run(_settings(), get_current_context())
 
     categories = start_run()
     crawled = finish_crawl(crawl_categories.expand(category_ids=categories))
     deduped = dedup(dedup_hash.expand(batch=dedup_plan(crawled)))
     filtered = filter_photos(filter_detect.expand(batch=filter_plan(deduped)))
-    built = build_dataset(export_shard.expand(job=build_plan(filtered)))
-    [built, refresh_search_index(filtered)] >> run_summary().as_teardown(setups=categories)
+    exported = export_shard.expand(job=build_plan(filtered))
+    built = [build_dataset(exported), close_build(exported), refresh_search_index(filtered)]
+    built >> run_summary().as_teardown(setups=categories)
 
 
 shoplens_nightly()

