@@ -76,6 +76,9 @@ INDEX_PREFIX = "search-indexes"
 CHUNK_PREFIX = f"{INDEX_PREFIX}/chunks/"
 CATALOGUE_SOURCE = "catalogue"
 MIN_CALIBRATION_QUERIES = 10
+# In the local index cache (a dot folder: not a version): the embedding network frozen once, so
+# that a night with a few new photos loads it instead of building and tracing Keras again.
+NETWORK_CACHE = ".networks"
 
 
 class IndexNotFound(LookupError):
@@ -124,10 +127,11 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
                 parent_dir = download(settings, parent["id"], cache)
                 shutil.copytree(parent_dir, work / "index", copy_function=_link_or_copy)
                 index = SearchIndex.load(work / "index", settings)  # its own embedder: the same
+                index.embedder.cache_network(cache / NETWORK_CACHE)
                 index.aggregation = settings.search_aggregation  # a setting, not a rebuild
         else:
             with phases("backbone"):  # the index's dimension is the backbone's output
-                embedder.model  # noqa: B018
+                embedder.cache_network(cache / NETWORK_CACHE).prepare_network()
             index = SearchIndex(embedder, settings.search_aggregation)
         stale = [s for s in index.sources() if s not in wanted]
         if stale:
@@ -332,8 +336,8 @@ def _add_new_sources(settings: Settings, index, wanted: dict,
     fresh = [sha for sha in by_sha if sha not in known]
     if not fresh:
         return 0, reused, 0
-    with phases("backbone"):
-        index.embedder.model  # noqa: B018 - built here, so that its cost is told apart
+    with phases("backbone"):  # built or loaded here, so that its cost is told apart
+        index.embedder.prepare_network()
     store, limits = ObjectStore(settings), PhotoLimits.from_settings(settings)
     key_of = {sha: wanted[by_sha[sha][0]][2] for sha in fresh}
     embedded = unreadable = 0

@@ -187,9 +187,9 @@ def test_a_refresh_splits_its_time_by_phase_and_builds_the_backbone_only_to_embe
     assert "embed" not in again["timings"] and built == []
 
     _add_product(shop, 3)
-    third = catalogue_index.refresh(settings)  # new photos: the network is built to embed them
+    third = catalogue_index.refresh(settings)  # new photos: the frozen network is loaded
     assert third["embedded"] == 3 and {"parent", "backbone", "embed"} <= set(third["timings"])
-    assert len(built) == 1
+    assert built == []  # the first refresh froze it into the cache: no Keras build again
 
 
 def test_a_failed_refresh_is_marked_failed_and_the_current_index_is_unchanged(
@@ -305,18 +305,16 @@ def test_a_refresh_uploads_only_its_new_chunk_and_keeps_its_version_in_the_cache
 
 def test_a_refresh_runs_the_network_on_one_batch_shape_whatever_the_photo_count(
         settings, shop, monkeypatch):
-    """Keras traces the network once per input shape (about a second each): the refresh pads
-    each network batch to the fixed size; a single query is not padded."""
-    import keras
-
+    """The refresh pads each network batch to the fixed size, so that every photo is embedded
+    by the same kernels whatever its batch held; a single query is not padded."""
     shapes = []
-    real = keras.Model.predict_on_batch
+    real = Embedder._network
 
-    def recording(self, x):
-        shapes.append(x.shape[0])
-        return real(self, x)
+    def recording(self):
+        run = real(self)
+        return lambda x: shapes.append(x.shape[0]) or run(x)
 
-    monkeypatch.setattr(keras.Model, "predict_on_batch", recording)
+    monkeypatch.setattr(Embedder, "_network", recording)
     catalogue_index.refresh(settings)  # 7 photos in flushes of 4 and 3
     _add_product(shop, 3)
     catalogue_index.refresh(settings)  # 3 photos
@@ -329,6 +327,40 @@ def test_a_refresh_runs_the_network_on_one_batch_shape_whatever_the_photo_count(
     single = embedder.embed_decoded(photos[:1])
     assert shapes == [embedding._BATCH, 1]
     np.testing.assert_allclose(padded[:1], single, atol=1e-5)
+
+
+def test_the_frozen_network_embeds_as_the_keras_one_and_is_made_once_per_network(
+        settings, tmp_path, monkeypatch):
+    """A process that embeds a few photos loads the network frozen by an earlier one instead of
+    building Keras again; the features agree with the Keras network's within float noise and do
+    not depend on the batch; another image size is another frozen network."""
+    photos = [drawn_photo(pid, v) for pid in (1, 2) for v in range(3)]
+    keras_features = Embedder("efficientnet_lite0", 32, settings=settings).features_decoded(photos)
+    folder = tmp_path / "networks"
+    first = Embedder("efficientnet_lite0", 32, settings=settings).cache_network(folder)
+    frozen = first.features_decoded(photos, fixed_batch=True)
+    np.testing.assert_allclose(frozen, keras_features, rtol=1e-4, atol=1e-4 * np.abs(
+        keras_features).max())
+    assert len(list(folder.glob(f"*{embedding.GRAPH_SUFFIX}"))) == 1
+
+    built = []
+    real = Embedder.model.fget
+
+    def counting(self):
+        if self._model is None:
+            built.append(self.image_size)
+        return real(self)
+
+    monkeypatch.setattr(Embedder, "model", property(counting))
+    later = Embedder("efficientnet_lite0", 32, settings=settings).cache_network(folder)
+    assert later.feature_dim == keras_features.shape[1] and built == []
+    np.testing.assert_array_equal(later.features_decoded(photos[:2], fixed_batch=True), frozen[:2])
+    np.testing.assert_array_equal(later.features_decoded(photos[2:5], fixed_batch=True),
+                                  frozen[2:5])
+    assert built == []
+
+    Embedder("efficientnet_lite0", 48, settings=settings).cache_network(folder).prepare_network()
+    assert len(list(folder.glob(f"*{embedding.GRAPH_SUFFIX}"))) == 2 and len(built) == 1
 
 
 def test_a_newly_promoted_embedding_model_gets_a_full_build(settings, shop, embedded, tmp_path):

@@ -41,8 +41,10 @@ Directory layout (``save`` / ``load``)::
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,10 @@ BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 DEFAULT_BACKBONE = "efficientnet_lite0"
 BACKBONE_SEPARATOR = "+"
 _BATCH = 32
+GRAPH_SUFFIX = ".graph.pb"
+# What a frozen network depends on besides the Embedder's own settings: the code that builds it.
+_NETWORK_SOURCES = ("backbones.py", "efficientnet_lite.py", "layers.py", "weights.py",
+                    "torch_checkpoint.py", "embedding.py")
 
 
 class EmbeddingError(ValueError):
@@ -98,6 +104,10 @@ class Embedder:
     flip_tta: bool = False               # average the crop's and its mirror image's features
     _model: object = field(default=None, repr=False)
     _parts: list = field(default=None, repr=False)  # one single-backbone Embedder per backbone
+    # Not copied by dataclasses.replace (another size is another network): see cache_network.
+    _graph_dir: Path | None = field(default=None, repr=False, init=False)
+    _run: object = field(default=None, repr=False, init=False)  # batch -> features
+    _graph_dim: int | None = field(default=None, repr=False, init=False)
 
     def __post_init__(self):
         from shoplens.vision import backbones
@@ -153,6 +163,9 @@ class Embedder:
             return int(self.head["kernel"].shape[0])
         if self._parts is not None:
             return sum(part.feature_dim for part in self._parts)
+        if self._graph_dir is not None:  # a frozen network: the Keras one need not be built
+            self._network()
+            return self._graph_dim
         return int(self.model.output.shape[-1])
 
     def config(self) -> dict:
@@ -187,6 +200,95 @@ class Embedder:
             self._model.trainable = False
         return self._model
 
+    def cache_network(self, folder: str | Path) -> "Embedder":
+        """Run the backbone(s) as a frozen TensorFlow graph kept in ``folder``, made from the
+        Keras network once and loaded on later uses instead of building and tracing the
+        network again (the fixed cost of a process that embeds a few photos: about 2 s of
+        Keras build and first trace). The file is named by everything the network depends on
+        (backbone, size, weights, pooling, TensorFlow and Keras versions, the building code).
+        Its features equal the Keras network's within float noise (batch-norm folded into the
+        convolutions); every photo embedded through one frozen graph gets the same vector
+        whatever else is in its batch. Returns self."""
+        for part in self.parts:
+            part._graph_dir, part._run = Path(folder), None
+        return self
+
+    def prepare_network(self) -> None:
+        """Build or load the network now (so that its cost can be told apart from embedding)."""
+        for part in self.parts:
+            part._network()
+
+    def _network(self):
+        if self._run is None:
+            if self._graph_dir is None:
+                model = self.model
+                self._run = lambda x: np.asarray(model.predict_on_batch(x))
+            else:
+                self._run = self._frozen_network()
+        return self._run
+
+    def _network_key(self) -> str:
+        import keras
+        import tensorflow as tf
+
+        settings = self.settings or Settings()
+        here = Path(__file__).resolve().parent
+        what = {"backbone": self.backbone, "image_size": self.image_size,
+                "weights": settings.model_init,
+                "seed": settings.model_seed if settings.model_init == "random" else None,
+                "pooling": self.pooling, "gem_p": self.gem_p if self.pooling == "gem" else None,
+                "tuned": _file_sha256(Path(self.weights_file)) if self.weights_file else None,
+                "tensorflow": tf.__version__, "keras": keras.__version__,
+                "code": {n: _file_sha256(here / n) for n in _NETWORK_SOURCES
+                         if (here / n).is_file()}}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
+
+    def _frozen_network(self):
+        import tensorflow as tf
+        from google.protobuf.message import DecodeError
+
+        path = self._graph_dir / f"{self.backbone}-{self.image_size}-{self._network_key()}"
+        graph_file, meta_file = path.with_name(path.name + GRAPH_SUFFIX), path.with_suffix(".json")
+        if not graph_file.is_file():
+            self._freeze(graph_file, meta_file)
+        try:
+            meta = json.loads(meta_file.read_text())
+            graph = tf.compat.v1.GraphDef()
+            graph.ParseFromString(graph_file.read_bytes())
+        except (OSError, ValueError, DecodeError) as exc:  # a damaged cache file: made again
+            log.warning("%s: %s; freezing the network again", graph_file, exc)
+            self._freeze(graph_file, meta_file)
+            meta = json.loads(meta_file.read_text())
+            graph = tf.compat.v1.GraphDef()
+            graph.ParseFromString(graph_file.read_bytes())
+        wrapped = tf.compat.v1.wrap_function(
+            lambda: tf.compat.v1.import_graph_def(graph, name=""), [])
+        run = wrapped.prune(wrapped.graph.get_tensor_by_name(meta["input"]),
+                            wrapped.graph.get_tensor_by_name(meta["output"]))
+        self._graph_dim = int(meta["dim"])
+        return lambda x: run(tf.constant(x)).numpy()
+
+    def _freeze(self, graph_file: Path, meta_file: Path) -> None:
+        import tensorflow as tf
+        from tensorflow.python.framework.convert_to_constants import (
+            convert_variables_to_constants_v2)
+
+        model, s = self.model, self.image_size
+        traced = tf.function(lambda crops: model(crops, training=False)).get_concrete_function(
+            tf.TensorSpec([None, s, s, 3], tf.float32, name="crops"))
+        frozen = convert_variables_to_constants_v2(traced)
+        graph_file.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"input": frozen.inputs[0].name, "output": frozen.outputs[0].name,
+                "dim": int(frozen.outputs[0].shape[-1]), "backbone": self.backbone,
+                "image_size": s}
+        # Each written aside and renamed: the graph file's presence means both are complete.
+        for target, data in ((meta_file, json.dumps(meta).encode()),
+                             (graph_file, frozen.graph.as_graph_def().SerializeToString())):
+            tmp = target.with_name(f".{target.name}.{os.getpid()}")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+        log.info("%s: network frozen (%d bytes)", graph_file, graph_file.stat().st_size)
+
     # --- photos -> vectors --------------------------------------------------------------------
     def _single(self, what: str) -> None:
         if self._parts is not None:
@@ -218,9 +320,9 @@ class Embedder:
             x = crops[i:i + _BATCH].astype(np.float32)
             if fixed_batch and len(x) < _BATCH:  # padded: the one traced shape; rows dropped
                 x = np.concatenate([x, np.zeros((_BATCH - len(x),) + x.shape[1:], np.float32)])
-            chunks.append(np.asarray(self.model.predict_on_batch(x))[:len(crops) - i])
+            chunks.append(self._network()(x)[:len(crops) - i])
         if not chunks:
-            return np.zeros((0, self.model.output.shape[-1]), np.float32)
+            return np.zeros((0, self.feature_dim), np.float32)
         return np.concatenate(chunks).astype(np.float32)
 
     def features_decoded(self, decoded: list, fixed_batch: bool = False) -> np.ndarray:
@@ -255,8 +357,9 @@ class Embedder:
 
         ``fixed_batch``: the network always runs on batches of ``_BATCH`` photos, the last one
         padded, so that a sequence of calls with any counts traces one input shape (Keras traces
-        ``predict_on_batch`` once per shape, about a second each). For batch work such as an
-        index refresh; a single query stays unpadded (32 times the work otherwise)."""
+        ``predict_on_batch`` once per shape, about a second each) and every photo goes through
+        the same kernels (a batch of 1 may differ by ~5e-7). For batch work such as an index
+        refresh; a single query stays unpadded (32 times the work otherwise)."""
         if not decoded:
             return np.zeros((0, self.dim), np.float32)
         return self.project(self.features_decoded(decoded, fixed_batch))
@@ -324,7 +427,8 @@ class Embedder:
         other = Embedder(self.backbone, self.image_size, head, report or {}, self.settings,
                          self.tuned_blocks, self.weights_file, self.pooling, self.gem_p,
                          self.whitening, self.flip_tta, _parts=self._parts)
-        other._model = self._model
+        other._model, other._graph_dir = self._model, self._graph_dir
+        other._run, other._graph_dim = self._run, self._graph_dim
         return other
 
     def with_whitening(self, whitening: dict | None, report: dict | None = None) -> "Embedder":
@@ -333,6 +437,14 @@ class Embedder:
         other = self.with_head(None, report if report is not None else self.report)
         other.whitening = whitening
         return other
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _with_gem_pooling(backbone, p: float):
