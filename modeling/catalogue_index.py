@@ -52,7 +52,6 @@ that cache and renames it into place once uploaded, so the next night's parent i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -67,6 +66,7 @@ import sqlalchemy as sa
 
 from shoplens.config import Settings
 from shoplens.manifest import engine_for, require_migrated, session_scope
+from shoplens.checksums import file_sha256
 from shoplens.manifest.schema import (catalogue_images, categories, current_search_index,
                                       products, search_indexes)
 
@@ -396,7 +396,7 @@ def upload(settings: Settings, local_dir: Path, prefix: str) -> dict:
             names.append(name)
             continue
         path = local_dir / CHUNK_DIR / name
-        digest = _file_sha256(path)
+        digest = file_sha256(path)
         stored = f"{digest}.npz"
         if not store.exists(CHUNK_PREFIX + stored):
             store.put_bytes(CHUNK_PREFIX + stored, path.read_bytes())
@@ -473,13 +473,6 @@ def download(settings: Settings, index_id: str, cache: Path) -> Path:
         raise
     return target
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _link_or_copy(src, dst) -> None:

@@ -6,7 +6,6 @@ the original image) is done here in numpy, so it can be tested against hand-comp
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from shoplens.photos import DECODER_VERSION, DEFAULT_LIMITS, PhotoLimits, decode_photo
+from shoplens.checksums import file_sha256
 
 INPUT_SIZE = 416
 STRIDES = (8, 16, 32)
@@ -231,13 +231,6 @@ def postprocess_dicts(raw: np.ndarray, scale: float, width: int, height: int,
     return [{"label": COCO_CLASSES[c], "score": s, "box": b}
             for b, s, c in zip(xyxy, rounded, classes.tolist())]
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_version(model_path: str | Path) -> str:

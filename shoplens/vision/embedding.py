@@ -53,6 +53,7 @@ import numpy as np
 
 from shoplens.vision import images
 from shoplens.config import Settings
+from shoplens.checksums import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +238,9 @@ class Embedder:
                 "weights": settings.model_init,
                 "seed": settings.model_seed if settings.model_init == "random" else None,
                 "pooling": self.pooling, "gem_p": self.gem_p if self.pooling == "gem" else None,
-                "tuned": _file_sha256(Path(self.weights_file)) if self.weights_file else None,
+                "tuned": file_sha256(Path(self.weights_file)) if self.weights_file else None,
                 "tensorflow": tf.__version__, "keras": keras.__version__,
-                "code": {n: _file_sha256(here / n) for n in _NETWORK_SOURCES
+                "code": {n: file_sha256(here / n) for n in _NETWORK_SOURCES
                          if (here / n).is_file()}}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -438,13 +439,6 @@ class Embedder:
         other.whitening = whitening
         return other
 
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _with_gem_pooling(backbone, p: float):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shoplens.cli import argument_parser, command, emit, parse_args
 from shoplens.config import Settings
+from shoplens.checksums import file_sha256
 
 PINNED_SIZE = 3_659_407
 PINNED_SHA256 = "c789161ed43c8269fcd4e67c67eeeb4e80c622da2eb296a20bc6007bd18a0b7d"
@@ -28,7 +29,7 @@ def fetch(url: str, dest: str | Path, expected_size: int = PINNED_SIZE,
           expected_sha256: str = PINNED_SHA256, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest`` if it is not already there with the expected checksum."""
     target = Path(dest).expanduser()
-    if target.is_file() and target.stat().st_size == expected_size and _sha256(target) == expected_sha256:
+    if target.is_file() and target.stat().st_size == expected_size and file_sha256(target) == expected_sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
@@ -59,13 +60,6 @@ def fetch(url: str, dest: str | Path, expected_size: int = PINNED_SIZE,
     finally:
         tmp.unlink(missing_ok=True)
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @command(failed=(FetchError,))
