@@ -314,7 +314,6 @@ def _add_new_sources(settings: Settings, index, wanted: dict,
     """Embed the sources not in ``index`` (each distinct photo once; bytes already in the index
     under another source reuse its vector). Returns (embedded, reused, unreadable)."""
     phases = phases or _Phases()
-    from shoplens.batches import prefetch
     from shoplens.photos import PhotoLimits
     from shoplens.progress import progress
     from shoplens.store import ObjectStore
@@ -356,7 +355,7 @@ def _add_new_sources(settings: Settings, index, wanted: dict,
     with phases("embed"), progress(total=len(fresh), desc="search index: embedding",
                                    unit="photos") as bar:
         part: list = []
-        for sha, data, error in prefetch(fresh, lambda sha: store.get_bytes(key_of[sha])):
+        for sha, data, error in store.read_objects(fresh, key=key_of.__getitem__):
             if error is not None:
                 raise error  # the store failing is the night failing, not one bad photo
             try:

@@ -1,4 +1,5 @@
-"""Batches of a night's photos for the per-photo stages, and the bounded prefetch inside one.
+"""Batches of a night's photos for the per-photo stages (a batch reads its photos ahead with
+``ObjectStore.read_objects``).
 
 A per-photo stage (dedup hashing, filter detection) is planned as ranges of sha256: the photos
 still to do, in sha256 order, cut every ``size`` photos. Batch ``k`` covers every sha256 in
@@ -9,27 +10,20 @@ of photos, so a million-photo night plans in a few kilobytes; a retried batch re
 its range is still to do, so it redoes only its own photos.
 
     batches = plan(shas_sorted, stage="filter", run_key=key, size=200, version=v)
-    for item, data, error in prefetch(rows, lambda row: store.get_bytes(row.object_key)):
+    for item, data, error in store.read_objects(rows, key=lambda row: row.object_key):
         ...
 """
 from __future__ import annotations
 
-import itertools
 import math
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import sqlalchemy as sa
 
 # Airflow's [core] max_map_length is 1024 by default: plan at most this many batches a night;
 # beyond it batches grow instead.
 MAX_BATCHES = 1000
-# Object-store reads in flight ahead of the compute of one batch (threads), and consecutive
-# photos each thread task reads (so up to FETCH_IN_FLIGHT * FETCH_PER_TASK photos are held ahead).
-FETCH_IN_FLIGHT = 8
-FETCH_PER_TASK = 4
 
 
 @dataclass(frozen=True)
@@ -84,44 +78,3 @@ def plan(shas: Sequence[str], *, stage: str, run_key: str, size: int, version: s
     return [Batch(stage, run_key, k, len(starts), bounds[k], bounds[k + 1],
                   min(size, len(shas) - start), version)
             for k, start in enumerate(starts)]
-
-
-def prefetch(items: Iterable, fetch: Callable[[Any], Any], in_flight: int = FETCH_IN_FLIGHT,
-             per_task: int = FETCH_PER_TASK) -> Iterator[tuple[Any, Any, BaseException | None]]:
-    """``(item, fetch(item), None)`` or ``(item, None, error)`` in input order, with up to
-    ``in_flight`` fetches running at once in threads ahead of the caller, who computes on the
-    previous items meanwhile (object-store reads wait on the network, not the CPU). Each thread
-    task fetches ``per_task`` consecutive items: one hand-over between threads per few photos
-    rather than per photo, which is CPU the compute would otherwise lose (``per_task=1``: one
-    item per task)."""
-    def fetch_run(run: list) -> list[tuple[Any, Any, BaseException | None]]:
-        out = []
-        for item in run:
-            try:
-                out.append((item, fetch(item), None))
-            except Exception as exc:  # noqa: BLE001 - the caller decides what a failed fetch means
-                out.append((item, None, exc))
-        return out
-
-    per_task = max(1, per_task)
-    pending: deque = deque()
-    iterator = iter(items)
-    with ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="prefetch") as pool:
-        def top_up() -> None:
-            while len(pending) < max(1, in_flight):
-                run = list(itertools.islice(iterator, per_task))
-                if not run:
-                    return
-                pending.append(pool.submit(fetch_run, run))
-
-        try:
-            top_up()
-            while pending:
-                future = pending.popleft()
-                top_up()
-                yield from future.result()
-        finally:
-            # Left early (the caller failed or stopped): drop the queued reads; shutdown then
-            # waits only for the few already running.
-            for future in pending:
-                future.cancel()

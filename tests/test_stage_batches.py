@@ -7,8 +7,6 @@ as one process running the whole stage.
 from __future__ import annotations
 
 import random
-import threading
-import time
 
 import pytest
 import sqlalchemy as sa
@@ -24,7 +22,7 @@ from tests.test_dedup_stage import Crawl, jpeg, photo
 
 
 # --------------------------------------------------------------------------------------------
-# Planning and prefetch (no services)
+# Planning (no services)
 # --------------------------------------------------------------------------------------------
 def shas(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
@@ -63,30 +61,6 @@ def test_a_batch_travels_as_a_plain_dict_and_selects_its_range_in_sql():
     assert Batch.of(batch.as_dict()) == batch
     condition = str(batch.where(sa.column("sha256")).compile(compile_kwargs={"literal_binds": True}))
     assert f"sha256 >= '{batch.lo}'" in condition and f"sha256 < '{batch.hi}'" in condition
-
-
-def test_prefetch_keeps_input_order_reports_each_failed_read_and_bounds_reads_in_flight():
-    running, most = [0], [0]
-    lock = threading.Lock()
-
-    def fetch(n: int) -> int:
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.002 * (n % 5))  # later items often finish first
-        with lock:
-            running[0] -= 1
-        if n == 7:
-            raise OSError("object gone")
-        return n * n
-
-    for per_task in (1, 3):
-        most[0] = 0
-        out = list(batches.prefetch(range(40), fetch, in_flight=4, per_task=per_task))
-        assert [item for item, _, _ in out] == list(range(40))
-        assert [r for n, r, e in out if e is None] == [n * n for n in range(40) if n != 7]
-        assert [(n, type(e)) for n, _, e in out if e is not None] == [(7, OSError)]
-        assert 1 <= most[0] <= 4
 
 
 # --------------------------------------------------------------------------------------------
