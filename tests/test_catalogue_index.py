@@ -303,6 +303,26 @@ def test_a_refresh_uploads_only_its_new_chunk_and_keeps_its_version_in_the_cache
     assert stored.product_count() == 3 and first["vectors"] + 3 == len(stored)
 
 
+def test_freezing_optimises_the_graph_once_and_later_runs_give_the_same_features(
+        settings, tmp_path, monkeypatch):
+    """Freezing also runs TensorFlow's graph optimiser once and stores its result, which later
+    processes run with the optimiser off (less work before their first batch): the features
+    are those of the plain frozen graph optimised at run time, to the bit. Where the optimiser
+    cannot run ahead, the plain graph is stored and still works."""
+    photos = [drawn_photo(pid, v) for pid in (1, 2) for v in range(3)]
+    ahead = Embedder("efficientnet_lite0", 32, settings=settings).cache_network(tmp_path / "a")
+    features = ahead.features_decoded(photos)
+    assert json.loads(next((tmp_path / "a").glob("*.json")).read_text())["optimised"] is True
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("no graph optimiser here")
+
+    monkeypatch.setattr(embedding, "optimise_frozen_graph", unavailable)
+    plain = Embedder("efficientnet_lite0", 32, settings=settings).cache_network(tmp_path / "p")
+    np.testing.assert_array_equal(plain.features_decoded(photos), features)
+    assert "optimised" not in json.loads(next((tmp_path / "p").glob("*.json")).read_text())
+
+
 def test_a_refresh_runs_the_network_on_one_batch_shape_whatever_the_photo_count(
         settings, shop, monkeypatch):
     """The refresh pads each network batch to the fixed size, so that every photo is embedded
