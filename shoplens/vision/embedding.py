@@ -259,9 +259,11 @@ class Embedder:
         network again (the fixed cost of a process that embeds a few photos: about 2 s of
         Keras build and first trace). The file is named by everything the network depends on
         (backbone, size, weights, pooling, TensorFlow and Keras versions, the building code).
-        Its features equal the Keras network's within float noise (batch-norm folded into the
-        convolutions); every photo embedded through one frozen graph gets the same vector
-        whatever else is in its batch. Returns self."""
+        The stored graph is already optimised (:func:`optimise_frozen_graph`) and runs in its
+        own session (:func:`frozen_graph_runner`): loading it and running the first batch take
+        about 0.3 s instead of 1.1 s. Its features equal the Keras network's within float noise
+        (batch-norm folded into the convolutions); every photo embedded through one frozen graph
+        gets the same vector whatever else is in its batch. Returns self."""
         for part in self.parts:
             part._graph_dir, part._run = Path(folder), None
         return self
@@ -377,7 +379,9 @@ class Embedder:
         chunks = []
         for i in range(0, len(crops), _BATCH):
             x = crops[i:i + _BATCH].astype(np.float32)
-            if fixed_batch and len(x) < _BATCH:  # padded: the one traced shape; rows dropped
+            # Padded for Keras only (the one traced shape; rows dropped): the frozen graph takes
+            # any batch size without tracing and gives each photo the same vector in any batch.
+            if fixed_batch and self._graph_dir is None and len(x) < _BATCH:
                 x = np.concatenate([x, np.zeros((_BATCH - len(x),) + x.shape[1:], np.float32)])
             chunks.append(self._network()(x)[:len(crops) - i])
         if not chunks:
@@ -414,11 +418,14 @@ class Embedder:
     def embed_decoded(self, decoded: list, fixed_batch: bool = False) -> np.ndarray:
         """Embeddings of upright RGB PIL images (what ``images.decode`` returns).
 
-        ``fixed_batch``: the network always runs on batches of ``_BATCH`` photos, the last one
-        padded, so that a sequence of calls with any counts traces one input shape (Keras traces
-        ``predict_on_batch`` once per shape, about a second each) and every photo goes through
-        the same kernels (a batch of 1 may differ by ~5e-7). For batch work such as an index
-        refresh; a single query stays unpadded (32 times the work otherwise)."""
+        ``fixed_batch``: the Keras network always runs on batches of ``_BATCH`` photos, the last
+        one padded, so that a sequence of calls with any counts traces one input shape (Keras
+        traces ``predict_on_batch`` once per shape, about a second each) and every photo goes
+        through the same kernels (a batch of 1 may differ by ~5e-7). For batch work such as an
+        index refresh; a single query stays unpadded (32 times the work otherwise). The frozen
+        network (:meth:`cache_network`) is never padded: it is not traced per shape, and a photo
+        gets the same vector in a batch of any size (tested: the incremental refresh's equality
+        with a full rebuild rests on it)."""
         if not decoded:
             return np.zeros((0, self.dim), np.float32)
         return self.project(self.features_decoded(decoded, fixed_batch))
