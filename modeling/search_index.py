@@ -292,9 +292,11 @@ class SearchIndex:
         self._vectors = np.zeros((0, self._dim), np.float16)
         self._product_ids = np.zeros(0, np.int64)
         self._sources: set[str] = set()
-        self._ann = None
+        self._ann = None                    # the per-photo ANN, made on first use (max aggregation)
         self._ann_factory = None
+        self._stored_ann: tuple[Path, str, int] | None = None  # (file, factory, vectors) on disk
         self._prototypes = None
+        self._prototype_sums = None
         self.root: Path | None = None
         self.built_at: str | None = None
 
@@ -384,14 +386,35 @@ class SearchIndex:
         return added
 
     def _extend_ann(self, new_vectors: np.ndarray) -> None:
-        factory = ann_factory(len(self))
-        if self._ann is None or factory != self._ann_factory:
-            # First build, or the index outgrew exact search: (re)build from the stored vectors
-            # (no photo is embedded again).
-            self._ann = build_ann(self._vectors, factory, self.nprobe)
-            self._ann_factory = factory
+        """Keep a per-photo ANN already made up to date; none is made here."""
+        if self._ann is None:
+            return
+        if ann_factory(len(self)) != self._ann_factory:
+            self._ann = None  # the index outgrew its structure: made again on next use
         else:
             self._ann.add(np.ascontiguousarray(new_vectors, dtype=np.float32))
+
+    def _photo_ann(self):
+        """The faiss index over every photo's vector, made on first use: only the "max"
+        aggregation and its calibration search photos (prototype search has its own, over the
+        products), so a prototype index never builds, trains, stores or uploads one (above 50 k
+        vectors an IVF training of seconds to minutes per refresh). Made from the stored
+        vectors (nothing is embedded again), or read from the file saved with the index and
+        extended by the vectors added since."""
+        if self._ann is None and len(self):
+            factory = ann_factory(len(self))
+            stored = self._stored_ann
+            if stored is not None and stored[1] == factory and stored[2] <= len(self):
+                import faiss
+
+                self._ann = faiss.read_index(str(stored[0]))
+                set_nprobe(self._ann, self.nprobe)
+                if stored[2] < len(self):
+                    self._ann.add(np.ascontiguousarray(self._vectors[stored[2]:], np.float32))
+            else:
+                self._ann = build_ann(self._vectors, factory, self.nprobe)
+            self._ann_factory = factory
+        return self._ann
 
     # --- search -------------------------------------------------------------------------------
     def _product_prototypes(self):
@@ -402,6 +425,7 @@ class SearchIndex:
             sums = product_sums(np.searchsorted(ids, self._product_ids), self._vectors, len(ids))
             protos = l2_normalise(sums)
             self._prototypes = (ids, protos, build_ann(protos, ann_factory(len(ids)), self.nprobe))
+            self._prototype_sums = sums  # float64, kept for the leave-one-out calibration
         return self._prototypes
 
     def search_vectors(self, queries: np.ndarray, k: int = 3) -> list[list[Hit]]:
@@ -425,7 +449,7 @@ class SearchIndex:
         # Ask the ANN for more photos until k distinct products are among them.
         want = min(len(self), max(64, 16 * k))
         while True:
-            _, rows = self._ann.search(query[None].astype(np.float32), want)
+            _, rows = self._photo_ann().search(query[None].astype(np.float32), want)
             rows = rows[0][rows[0] >= 0]
             # Re-score the candidates exactly: a quantised index's scores are approximate.
             scores = self._vectors[rows].astype(np.float32) @ query
@@ -531,52 +555,94 @@ class SearchIndex:
             return None
         if len(eligible) > max_queries:
             eligible = calibration_sample(eligible, sources, max_queries, seed)
+        if self.aggregation == "prototype":
+            return self._prototype_leave_one_out(np.asarray(eligible), holdout)
+        return self._max_leave_one_out(eligible, holdout)
+
+    def _holdout_count(self, photos: int, holdout: float) -> int:
+        """How many of a product's ``photos`` a leave-one-out query leaves out: itself and, with
+        a holdout, that fraction of them (at least itself, never all)."""
+        return min(photos - 1, max(1, int(holdout * photos)))
+
+    def _prototype_leave_one_out(self, eligible: np.ndarray, holdout: float):
+        """Prototype aggregation: per query, its product's prototype without the left-out photos
+        against the other products' nearest prototypes. Vectorised by product (one matrix
+        product per product for the holdout, one for the sums left out) because the per-query
+        loop was most of a refresh's calibration at 10,000 photos."""
+        pids, protos, ann = self._product_prototypes()
+        pos = np.searchsorted(pids, self._product_ids)
+        queries = self._vectors[eligible].astype(np.float32)
+        own = pos[eligible]
+        # Each product's rows, ascending: the rows sorted by product, stably.
+        by_product = np.argsort(pos, kind="stable")
+        first = np.searchsorted(pos[by_product], np.arange(len(pids) + 1))
+        left_out_sum = np.zeros((len(eligible), self.dim), np.float64)
+        grouped = np.argsort(own, kind="stable")
+        for group in np.split(grouped, np.flatnonzero(np.diff(own[grouped])) + 1):
+            product = own[group[0]]
+            mine = by_product[first[product]:first[product + 1]]
+            n = self._holdout_count(len(mine), holdout)
+            mine_vecs = self._vectors[mine].astype(np.float32)
+            similar = queries[group] @ mine_vecs.T
+            # The query itself first, then its product's photos most like it (ties by row).
+            similar[np.arange(len(group)), np.searchsorted(mine, eligible[group])] = np.inf
+            nearest = np.argsort(-similar, axis=1, kind="stable")[:, :n]
+            chosen = np.zeros(similar.shape, np.float64)
+            np.put_along_axis(chosen, nearest, 1.0, axis=1)
+            # float64: a sum of float16 values is exact in any order, so an incremental refresh
+            # and a full rebuild (other row orders) score every query identically.
+            left_out_sum[group] = chosen @ mine_vecs.astype(np.float64)
+        own_score = np.einsum("qd,qd->q", l2_normalise(self._prototype_sums[own] - left_out_sum),
+                              queries).astype(np.float64)
+
+        _, found = ann.search(queries, min(len(pids), 8))
+        others = np.full(found.shape, -np.inf)
+        for b in range(0, len(found), 256):  # bounded (256, 8, dim) gathers
+            f = found[b:b + 256]
+            valid = (f >= 0) & (f != own[b:b + 256, None])
+            scores = np.einsum("qkd,qd->qk", protos[np.maximum(f, 0)], queries[b:b + 256])
+            others[b:b + 256] = np.where(valid, scores, -np.inf)
+        others = -np.sort(-others, axis=1)
+        o1 = others[:, 0]
+        o2 = others[:, 1] if others.shape[1] > 1 else np.full(len(o1), -np.inf)
+        alone = np.isneginf(o1)
+        correct = alone | (own_score >= o1)
+        best = np.where(correct, own_score, o1)
+        runner = np.where(correct, o1, np.maximum(own_score, o2))
+        runner = np.where(alone, NO_RUNNER_UP, runner)
+        return best, runner, correct
+
+    def _max_leave_one_out(self, eligible: list[int], holdout: float):
+        """Max aggregation: per query, every product's best photo but the left-out ones."""
         vecs = self._vectors.astype(np.float32)
+        ids, inverse = np.unique(self._product_ids, return_inverse=True)
         rows_of = {int(pid): np.flatnonzero(inverse == i) for i, pid in enumerate(ids)}
 
         def left_out(row: int) -> np.ndarray:
             """The query's row and, with a holdout, its product's photos most like it."""
             mine = rows_of[int(self._product_ids[row])]
-            n = min(len(mine) - 1, max(1, int(holdout * len(mine))))
+            n = self._holdout_count(len(mine), holdout)
             if n <= 1:
                 return np.array([row])
             nearest = mine[np.argsort(-(vecs[mine] @ vecs[row]), kind="stable")]
             return np.unique(np.r_[row, nearest[nearest != row][:n - 1]])
 
         s1, s2, correct = [], [], []
-        k = min(len(ids), 8)
-        if self.aggregation == "prototype":
-            pids, protos, ann = self._product_prototypes()
-            pos = np.searchsorted(pids, self._product_ids)
-            sums = product_sums(pos, vecs, len(pids))
-            queries = vecs[eligible]
-            _, found = ann.search(queries, k)
-            for q, row, cand in zip(queries, eligible, found):
-                own = pos[row]
-                own_score = float(l2_normalise(sums[own] - vecs[left_out(row)].sum(0)) @ q)
-                cand = cand[(cand >= 0) & (cand != own)]
-                others = np.sort(protos[cand] @ q)[::-1] if len(cand) else np.zeros(0)
-                ranked = sorted([own_score, *others[:2].tolist()], reverse=True)
-                best, runner = confidence_inputs(ranked)
-                s1.append(best)
-                s2.append(runner)
-                correct.append(not len(others) or own_score >= others[0])
-        else:
-            want = min(len(self), max(64, 16 * k))
-            _, found = self._ann.search(vecs[eligible], want)
-            for row, cand in zip(eligible, found):
-                cand = cand[(cand >= 0) & ~np.isin(cand, left_out(row))]
-                scores = vecs[cand] @ vecs[row]
-                best_of: dict[int, float] = {}
-                for r, sc in zip(cand, scores):
-                    pid = int(self._product_ids[r])
-                    if sc > best_of.get(pid, -np.inf):
-                        best_of[pid] = float(sc)
-                ranked = sorted(best_of.items(), key=lambda kv: -kv[1])
-                best, runner = confidence_inputs([sc for _, sc in ranked])
-                s1.append(best)
-                s2.append(runner)
-                correct.append(ranked[0][0] == int(self._product_ids[row]))
+        want = min(len(self), max(64, 16 * min(len(ids), 8)))
+        _, found = self._photo_ann().search(vecs[eligible], want)
+        for row, cand in zip(eligible, found):
+            cand = cand[(cand >= 0) & ~np.isin(cand, left_out(row))]
+            scores = vecs[cand] @ vecs[row]
+            best_of: dict[int, float] = {}
+            for r, sc in zip(cand, scores):
+                pid = int(self._product_ids[r])
+                if sc > best_of.get(pid, -np.inf):
+                    best_of[pid] = float(sc)
+            ranked = sorted(best_of.items(), key=lambda kv: -kv[1])
+            best, runner = confidence_inputs([sc for _, sc in ranked])
+            s1.append(best)
+            s2.append(runner)
+            correct.append(ranked[0][0] == int(self._product_ids[row]))
         return np.array(s1), np.array(s2), np.array(correct, dtype=bool)
 
     # --- persistence --------------------------------------------------------------------------
@@ -586,7 +652,8 @@ class SearchIndex:
                 "metric": "cosine", "aggregation": self.aggregation, "nprobe": self.nprobe,
                 "threshold": self.threshold, "vectors": len(self),
                 "products": len(set(self._product_ids.tolist())),
-                "registered_products": len(self.products), "ann": self._ann_factory,
+                "registered_products": len(self.products),
+                "ann": ann_factory(len(self)) if len(self) else None,
                 "chunks": [c["file"] for c in self._chunks], "built_at": self.built_at}
 
     def save(self, root: str | Path) -> Path:
@@ -595,6 +662,8 @@ class SearchIndex:
 
         root = Path(root)
         same = self.root is not None and self.root.resolve() == root.resolve()
+        if self.aggregation == "max" and len(self) and ann_factory(len(self)) != "Flat":
+            self._photo_ann()  # a max index's readers need its trained structure: saved with it
         (root / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
         if not same:
             for c in self._chunks:
@@ -627,13 +696,15 @@ class SearchIndex:
         for old in root.glob("ann-*.faiss"):
             if old.name != ann_name:
                 old.unlink(missing_ok=True)
+        self._stored_ann = (root / ann_name, self._ann_factory, len(self)) if ann_name else None
         self.root = root
         return root
 
     def _ann_is_stored(self) -> bool:
-        """Only a trained (IVF) structure is saved: an exact one is the stored vectors
-        themselves, rebuilt from the chunks on load in about the time reading it would take, so
-        a version that adds one chunk writes and uploads that chunk, not the whole ANN again."""
+        """Only a trained (IVF) structure that was made is saved: an exact one is the stored
+        vectors themselves, rebuilt from the chunks on load in about the time reading it would
+        take, so a version that adds one chunk writes and uploads that chunk, not the whole ANN
+        again; a prototype index never makes one (``_photo_ann``)."""
         return self._ann is not None and self._ann_factory != "Flat"
 
     @classmethod
@@ -681,14 +752,8 @@ class SearchIndex:
             raise SearchIndexError(f"{root}: {len(index)} vectors in chunks, index.json says "
                                    f"{config['vectors']}")
         ann_file = config.get("ann_file")
-        if len(index):
-            if ann_file and (root / ann_file).is_file():
-                index._ann = faiss.read_index(str(root / ann_file))
-                set_nprobe(index._ann, index.nprobe)
-                index._ann_factory = config["ann"]
-            else:  # derivable: rebuild from the stored vectors
-                index._ann_factory = ann_factory(len(index))
-                index._ann = build_ann(index._vectors, index._ann_factory, index.nprobe)
+        if len(index) and ann_file and (root / ann_file).is_file():  # read on first use
+            index._stored_ann = (root / ann_file, config["ann"], len(index))
         index.root = root
         return index
 

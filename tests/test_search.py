@@ -277,6 +277,53 @@ def test_the_calibration_holdout_leaves_a_photos_near_duplicates_out_of_its_prod
         index.leave_one_out_outcomes(holdout=1.0)
 
 
+def _leave_one_out_by_definition(index, holdout):
+    """The prototype leave-one-out, one query at a time, exactly as its docstring defines it:
+    the query's product prototype without the query and the ``holdout`` fraction of its
+    product's photos most like it, against every other product's prototype."""
+    vecs = index._vectors.astype(np.float64)
+    pids = index._product_ids
+    products = sorted(set(pids.tolist()))
+    protos = {p: l2_normalise(vecs[pids == p].sum(0)) for p in products}
+    s1, s2, correct = [], [], []
+    for row in range(len(pids)):
+        mine = np.flatnonzero(pids == pids[row])
+        n = min(len(mine) - 1, max(1, int(holdout * len(mine))))
+        others_of_mine = [r for r in mine[np.argsort(-(vecs[mine] @ vecs[row]), kind="stable")]
+                          if r != row]
+        left_out = [row, *others_of_mine[:n - 1]]
+        own = float(l2_normalise(vecs[mine].sum(0) - vecs[left_out].sum(0)) @ vecs[row])
+        others = sorted((float(protos[p] @ vecs[row]) for p in products if p != pids[row]),
+                        reverse=True)
+        ranked = sorted([own, *others], reverse=True)
+        s1.append(ranked[0])
+        s2.append(ranked[1])
+        correct.append(own >= others[0])
+    return np.array(s1), np.array(s2), np.array(correct)
+
+
+@pytest.mark.parametrize("holdout", [0.0, 0.3, 0.5])
+def test_leave_one_out_outcomes_are_those_of_its_per_query_definition(holdout):
+    """The calibration is computed a product at a time; each query's best and runner-up scores
+    and whether it was right are those of leaving it (and its nearest twins) out by hand."""
+    rng = np.random.default_rng(7)
+    index = SearchIndex(_vector_embedder(16))
+    index.add_products([{"product_id": 100 + p, "name": f"product {p}"} for p in range(6)])
+    centres = rng.normal(size=(6, index.dim))
+    pids = rng.integers(0, 6, 60)
+    pids[:12] = np.repeat(np.arange(6), 2)  # every product has at least two photos
+    vecs = centres[pids] + rng.normal(0, 1.2, (60, index.dim))
+    index.add_vectors(vecs[:35], 100 + pids[:35], [f"photo-{i}" for i in range(35)])
+    index.add_vectors(vecs[35:], 100 + pids[35:], [f"photo-{i}" for i in range(35, 60)])
+
+    s1, s2, correct = index.leave_one_out_outcomes(holdout=holdout)
+    want_s1, want_s2, want_correct = _leave_one_out_by_definition(index, holdout)
+    assert correct.tolist() == want_correct.tolist()
+    assert 0 < correct.mean() < 1  # both kinds of outcome are compared
+    np.testing.assert_allclose(s1, want_s1, atol=1e-5)
+    np.testing.assert_allclose(s2, want_s2, atol=1e-5)
+
+
 def test_an_index_saved_before_the_confidence_rules_still_loads_and_cuts_the_top1_score(tmp_path):
     index = SearchIndex(_vector_embedder())
     dirs = _catalogue(index)
@@ -327,21 +374,46 @@ def test_extending_a_saved_index_embeds_and_writes_only_the_new_photos(tmp_path)
     assert list(root.glob("ann-*.faiss")) == [] and reloaded.config()["ann"] == "Flat"
 
 
-def test_index_moves_to_an_ivf_structure_when_it_outgrows_exact_search(monkeypatch, tmp_path):
-    """Crossing the size limit rebuilds the ANN from the stored vectors (nothing re-embedded);
-    results stay right and the IVF structure is what is saved and reloaded."""
+def test_a_max_index_moves_to_an_ivf_structure_when_it_outgrows_exact_search(monkeypatch,
+                                                                            tmp_path):
+    """Max aggregation searches photos: crossing the size limit rebuilds its photo ANN from the
+    stored vectors (nothing re-embedded); results stay right, and the IVF structure is what is
+    saved, read back and extended by later additions instead of trained again."""
     monkeypatch.setattr(search_index, "EXACT_BELOW", 100)
-    index = SearchIndex(_vector_embedder(), nprobe=64)
+    index = SearchIndex(_vector_embedder(), aggregation="max", nprobe=64)
     dirs = _catalogue(index, n_products=10, photos=5)
     assert index.config()["ann"] == "Flat"
+    assert [h[0].product_id for h in index.search_vectors(dirs[:1], 1)] == [100]
     _catalogue(index, n_products=10, photos=30, seed=1, first_id=500)
     assert index.config()["ann"].startswith("IVF")
     index.save(tmp_path / "idx")
     stored = [p.name for p in (tmp_path / "idx").glob("ann-*.faiss")]
     assert stored == [f"ann-{len(index)}.faiss"]  # trained: saved, not rebuilt on load
+
     loaded = SearchIndex.load(tmp_path / "idx")
     assert loaded.config()["ann"].startswith("IVF")
+    _catalogue(loaded, n_products=2, photos=5, seed=2, first_id=900)  # a night's new photos
+    built = []
+    real = search_index.build_ann
+    monkeypatch.setattr(search_index, "build_ann", lambda *a, **k: built.append(1) or real(*a, **k))
     assert [h[0].product_id for h in loaded.search_vectors(dirs[:3], 1)] == [100, 101, 102]
+    assert built == []
+
+
+def test_a_prototype_index_never_makes_a_photo_ann(monkeypatch, tmp_path):
+    """Prototype aggregation searches one vector per product: an index of any size builds,
+    stores and reads no structure over its photos (above the exact limit that would be an IVF
+    training per refresh for nothing)."""
+    monkeypatch.setattr(search_index, "EXACT_BELOW", 100)
+    index = SearchIndex(_vector_embedder(), nprobe=64)
+    dirs = _catalogue(index, n_products=10, photos=35)
+    assert [h[0].product_id for h in index.search_vectors(dirs[:3], 1)] == [100, 101, 102]
+    index.calibrate_leave_one_out()
+    index.save(tmp_path / "idx")
+    assert index._ann is None and list((tmp_path / "idx").glob("ann-*.faiss")) == []
+    loaded = SearchIndex.load(tmp_path / "idx")
+    assert [h[0].product_id for h in loaded.search_vectors(dirs[:3], 1)] == [100, 101, 102]
+    assert loaded._ann is None
 
 
 def test_loading_something_that_is_not_an_index_says_what_is_missing(tmp_path):

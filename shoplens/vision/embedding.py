@@ -90,6 +90,58 @@ def _read_arrays(root: Path, name: str, keys: tuple[str, ...]) -> dict:
         raise EmbeddingError(f"{root}: cannot read {name} ({exc})") from None
 
 
+def optimise_frozen_graph(graph, input_name: str, output_name: str, size: int, dim: int):
+    """The frozen network's GraphDef run through TensorFlow's graph optimiser (Grappler) once,
+    as a function call would on its first run (constants folded, convolutions fused with their
+    bias and activation, on the CPU), so that a process loading it skips that work: with
+    :func:`frozen_graph_runner` about 0.6 s less before the first batch (measured at 128 px),
+    the same features to the bit."""
+    import tensorflow as tf
+    from tensorflow.core.framework import types_pb2
+    from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
+    from tensorflow.python.grappler import tf_optimizer
+    from tensorflow.python.training.saver import export_meta_graph
+
+    placed = tf.compat.v1.GraphDef()
+    placed.CopyFrom(graph)
+    for node in placed.node:  # the fusions are per device: placed as a run would place them
+        node.device = "/job:localhost/replica:0/task:0/device:CPU:0"
+    with tf.Graph().as_default() as g:
+        tf.compat.v1.import_graph_def(placed, name="")
+        meta = export_meta_graph(graph_def=g.as_graph_def(), graph=g)
+    signature = meta_graph_pb2.SignatureDef()
+    for end, name, shape in ((signature.inputs, input_name, [None, size, size, 3]),
+                             (signature.outputs, output_name, [None, dim])):
+        end[name].name = name
+        end[name].dtype = types_pb2.DT_FLOAT
+        end[name].tensor_shape.CopyFrom(tf.TensorShape(shape).as_proto())
+    meta.signature_def["embed"].CopyFrom(signature)
+    fetch = meta_graph_pb2.CollectionDef()  # what Grappler must keep: the input and the output
+    fetch.node_list.value.extend([input_name, output_name])
+    meta.collection_def["train_op"].CopyFrom(fetch)
+    return tf_optimizer.OptimizeGraph(config_pb2.ConfigProto(), meta)
+
+
+def frozen_graph_runner(graph, input_name: str, output_name: str, optimised: bool):
+    """A function (N, s, s, 3) float32 -> (N, F) features over a frozen GraphDef, run in its
+    own TensorFlow session: a session imports the graph in a fraction of the time a wrapped
+    eager function takes, and its own configuration turns the graph optimiser off for an
+    ``optimised`` graph (done once, ahead) without touching the process's eager settings."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import config_pb2
+
+    g = tf.Graph()
+    with g.as_default():
+        tf.compat.v1.import_graph_def(graph, name="")
+    config = config_pb2.ConfigProto(
+        intra_op_parallelism_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+        inter_op_parallelism_threads=tf.config.threading.get_inter_op_parallelism_threads())
+    config.graph_options.rewrite_options.disable_meta_optimizer = optimised
+    session = tf.compat.v1.Session(graph=g, config=config)
+    x, y = g.get_tensor_by_name(input_name), g.get_tensor_by_name(output_name)
+    return lambda crops: session.run(y, {x: crops})
+
+
 @dataclass
 class Embedder:
     backbone: str = DEFAULT_BACKBONE
@@ -207,9 +259,11 @@ class Embedder:
         network again (the fixed cost of a process that embeds a few photos: about 2 s of
         Keras build and first trace). The file is named by everything the network depends on
         (backbone, size, weights, pooling, TensorFlow and Keras versions, the building code).
-        Its features equal the Keras network's within float noise (batch-norm folded into the
-        convolutions); every photo embedded through one frozen graph gets the same vector
-        whatever else is in its batch. Returns self."""
+        The stored graph is already optimised (:func:`optimise_frozen_graph`) and runs in its
+        own session (:func:`frozen_graph_runner`): loading it and running the first batch take
+        about 0.3 s instead of 1.1 s. Its features equal the Keras network's within float noise
+        (batch-norm folded into the convolutions); every photo embedded through one frozen graph
+        gets the same vector whatever else is in its batch. Returns self."""
         for part in self.parts:
             part._graph_dir, part._run = Path(folder), None
         return self
@@ -240,6 +294,8 @@ class Embedder:
                 "pooling": self.pooling, "gem_p": self.gem_p if self.pooling == "gem" else None,
                 "tuned": file_sha256(Path(self.weights_file)) if self.weights_file else None,
                 "tensorflow": tf.__version__, "keras": keras.__version__,
+                # oneDNN decides which fused kernels the graph is optimised into
+                "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
                 "code": {n: file_sha256(here / n) for n in _NETWORK_SOURCES
                          if (here / n).is_file()}}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
@@ -262,12 +318,9 @@ class Embedder:
             meta = json.loads(meta_file.read_text())
             graph = tf.compat.v1.GraphDef()
             graph.ParseFromString(graph_file.read_bytes())
-        wrapped = tf.compat.v1.wrap_function(
-            lambda: tf.compat.v1.import_graph_def(graph, name=""), [])
-        run = wrapped.prune(wrapped.graph.get_tensor_by_name(meta["input"]),
-                            wrapped.graph.get_tensor_by_name(meta["output"]))
         self._graph_dim = int(meta["dim"])
-        return lambda x: run(tf.constant(x)).numpy()
+        return frozen_graph_runner(graph, meta["input"], meta["output"],
+                                   optimised=bool(meta.get("optimised")))
 
     def _freeze(self, graph_file: Path, meta_file: Path) -> None:
         import tensorflow as tf
@@ -278,13 +331,20 @@ class Embedder:
         traced = tf.function(lambda crops: model(crops, training=False)).get_concrete_function(
             tf.TensorSpec([None, s, s, 3], tf.float32, name="crops"))
         frozen = convert_variables_to_constants_v2(traced)
-        graph_file.parent.mkdir(parents=True, exist_ok=True)
         meta = {"input": frozen.inputs[0].name, "output": frozen.outputs[0].name,
                 "dim": int(frozen.outputs[0].shape[-1]), "backbone": self.backbone,
                 "image_size": s}
+        graph = frozen.graph.as_graph_def()
+        try:
+            graph = optimise_frozen_graph(graph, meta["input"], meta["output"], s, meta["dim"])
+            meta["optimised"] = True
+        except Exception as exc:  # noqa: BLE001 - the plain graph still works, optimised per run
+            log.warning("%s: graph not optimised ahead (%s: %s); optimised at each first run",
+                        graph_file.name, type(exc).__name__, exc)
+        graph_file.parent.mkdir(parents=True, exist_ok=True)
         # Each written aside and renamed: the graph file's presence means both are complete.
         for target, data in ((meta_file, json.dumps(meta).encode()),
-                             (graph_file, frozen.graph.as_graph_def().SerializeToString())):
+                             (graph_file, graph.SerializeToString())):
             tmp = target.with_name(f".{target.name}.{os.getpid()}")
             tmp.write_bytes(data)
             tmp.replace(target)
@@ -319,7 +379,9 @@ class Embedder:
         chunks = []
         for i in range(0, len(crops), _BATCH):
             x = crops[i:i + _BATCH].astype(np.float32)
-            if fixed_batch and len(x) < _BATCH:  # padded: the one traced shape; rows dropped
+            # Padded for Keras only (the one traced shape; rows dropped): the frozen graph takes
+            # any batch size without tracing and gives each photo the same vector in any batch.
+            if fixed_batch and self._graph_dir is None and len(x) < _BATCH:
                 x = np.concatenate([x, np.zeros((_BATCH - len(x),) + x.shape[1:], np.float32)])
             chunks.append(self._network()(x)[:len(crops) - i])
         if not chunks:
@@ -356,11 +418,14 @@ class Embedder:
     def embed_decoded(self, decoded: list, fixed_batch: bool = False) -> np.ndarray:
         """Embeddings of upright RGB PIL images (what ``images.decode`` returns).
 
-        ``fixed_batch``: the network always runs on batches of ``_BATCH`` photos, the last one
-        padded, so that a sequence of calls with any counts traces one input shape (Keras traces
-        ``predict_on_batch`` once per shape, about a second each) and every photo goes through
-        the same kernels (a batch of 1 may differ by ~5e-7). For batch work such as an index
-        refresh; a single query stays unpadded (32 times the work otherwise)."""
+        ``fixed_batch``: the Keras network always runs on batches of ``_BATCH`` photos, the last
+        one padded, so that a sequence of calls with any counts traces one input shape (Keras
+        traces ``predict_on_batch`` once per shape, about a second each) and every photo goes
+        through the same kernels (a batch of 1 may differ by ~5e-7). For batch work such as an
+        index refresh; a single query stays unpadded (32 times the work otherwise). The frozen
+        network (:meth:`cache_network`) is never padded: it is not traced per shape, and a photo
+        gets the same vector in a batch of any size (tested: the incremental refresh's equality
+        with a full rebuild rests on it)."""
         if not decoded:
             return np.zeros((0, self.dim), np.float32)
         return self.project(self.features_decoded(decoded, fixed_batch))
