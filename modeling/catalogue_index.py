@@ -573,10 +573,10 @@ def current_index_id(settings: Settings) -> str | None:
 
 def load_for_queries(path: str | Path, settings: Settings | None = None):
     """A search index ready to embed query photos: its embedder runs the frozen network kept in
-    the local index cache (the one the refresh uses, made there once), loaded on the first
-    query in about 0.1 s where building Keras took about 5 s, and about 5 ms faster per photo
-    (13.6 vs 18.4 ms median on one thread at 224 px). The query's vector then comes from the
-    same computation as the index's vectors."""
+    the local index cache (the one the refresh uses, made there once): a fresh process's first
+    query takes about 0.3 s instead of 1.5 s of building Keras, and each photo about 5 ms less
+    (13.0 vs 17.8 ms median on one thread at 224 px, ``benchmarks/query_embed.py``). The query's
+    vector then comes from the same computation as the index's vectors."""
     from modeling.search_index import SearchIndex
 
     index = SearchIndex.load(path, settings)

@@ -541,7 +541,7 @@ def test_queries_embed_with_the_network_the_refresh_froze_and_never_build_keras(
         settings, shop, monkeypatch):
     """The service, the search and identify commands load the index for queries with its
     embedder on the frozen network the refresh left in the index cache: answering a photo
-    builds no Keras network (about 5 s per process or reload otherwise)."""
+    builds no Keras network (about 1.5 s per process or reload otherwise)."""
     from modeling.search_service import CurrentIndexHolder
 
     catalogue_index.refresh(settings)
