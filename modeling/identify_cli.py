@@ -82,7 +82,8 @@ def _identify(argv, out: TextIO, err: TextIO, settings: Settings | None, detecto
         return EXIT_BAD_INPUT
     from modeling.identify import (Gallery, IdentifyError, check_classes, decode_for_identify,
                                    identify, identify_detector)
-    from modeling.search_index import SearchIndex, SearchIndexError
+    from modeling.catalogue_index import load_for_queries
+    from modeling.search_index import SearchIndexError
     from shoplens.cli import EXIT_UNREACHABLE, ServiceUnreachable
     from shoplens.photos import PhotoRejected
     from shoplens.vision.detector import DetectorError
@@ -95,7 +96,7 @@ def _identify(argv, out: TextIO, err: TextIO, settings: Settings | None, detecto
             gallery = Gallery.from_listing(args.gallery, settings)
         else:
             index_dir = args.index or _current_index_dir(settings)
-            gallery = Gallery.from_index(SearchIndex.load(index_dir, settings), settings)
+            gallery = Gallery.from_index(load_for_queries(index_dir, settings), settings)
     except (IdentifyError, SearchIndexError, DetectorError, LookupError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=err)
         return EXIT_BAD_INPUT

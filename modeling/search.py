@@ -59,11 +59,12 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
     if not files:
         print("error: no photo files given", file=err)
         return EXIT_BAD_INPUT
-    from modeling.search_index import SearchIndex, SearchIndexError
+    from modeling.catalogue_index import load_for_queries
+    from modeling.search_index import SearchIndexError
     from shoplens.cli import EXIT_UNREACHABLE, ServiceUnreachable
 
     try:
-        index = SearchIndex.load(args.index or _current_index_dir())
+        index = load_for_queries(args.index or _current_index_dir())
     except (SearchIndexError, LookupError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=err)
         return EXIT_BAD_INPUT

@@ -67,16 +67,17 @@ class IndexHolder:
     """The search index currently served, replaced whole when the directory holds a newer one."""
 
     def __init__(self, root: str | Path, settings: Settings | None = None):
-        from modeling.search_index import INDEX_FILE, SearchIndex
+        from modeling.catalogue_index import load_for_queries
+        from modeling.search_index import INDEX_FILE
 
         self.root = Path(root)
         self.settings = settings
         self._index_file = self.root / INDEX_FILE
-        self._load = SearchIndex.load
+        self._load = load_for_queries
         self._lock = threading.Lock()
         self._stamp = self._identity()
         self.index = self._load(self.root, settings)  # SearchIndexError: not an index, fail now
-        self.embed_lock = threading.Lock()  # one embedding at a time: Keras models are not re-entrant
+        self.embed_lock = threading.Lock()  # one photo at a time: the detector, a Keras fallback
 
     def _identity(self):
         try:
@@ -111,12 +112,11 @@ class CurrentIndexHolder:
 
     def __init__(self, settings: Settings, reload_seconds: float | None = None):
         from modeling import catalogue_index
-        from modeling.search_index import SearchIndex
 
         self.settings = settings
         self.reload_seconds = (settings.search_reload_seconds if reload_seconds is None
                                else reload_seconds)
-        self._catalogue, self._load = catalogue_index, SearchIndex.load
+        self._catalogue, self._load = catalogue_index, catalogue_index.load_for_queries
         self._lock = threading.Lock()
         self.embed_lock = threading.Lock()
         # No current index, an unreachable manifest or store: fail now, with the reason.

@@ -20,6 +20,21 @@ SHARED = Path(os.environ.get("SHOPLENS_SHARED_DIR", REPO.parent / "shared"))
 PG_SERVER = os.environ.get("SHOPLENS_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_writes_to_the_users_cache(tmp_path_factory):
+    """The default search cache (indexes, the frozen query network) is a session folder, so no
+    test writes into ~/.cache; a test whose settings name a cache folder uses that one."""
+    name = "SHOPLENS_SEARCH_CACHE_DIR"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = str(tmp_path_factory.mktemp("search-cache"))
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or a skip that says in one line that it is absent."""
     path = SHARED.joinpath(*parts)

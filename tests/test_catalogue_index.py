@@ -537,6 +537,31 @@ def test_search_without_an_index_says_there_is_none_yet(settings, tmp_path, monk
 
 
 # --- the service ----------------------------------------------------------------------------------
+def test_queries_embed_with_the_network_the_refresh_froze_and_never_build_keras(
+        settings, shop, monkeypatch):
+    """The service, the search and identify commands load the index for queries with its
+    embedder on the frozen network the refresh left in the index cache: answering a photo
+    builds no Keras network (about 1.5 s per process or reload otherwise)."""
+    from modeling.search_service import CurrentIndexHolder
+
+    catalogue_index.refresh(settings)
+    built = []
+    real = Embedder.model.fget
+
+    def counting(self):
+        if self._model is None:
+            built.append(self.image_size)
+        return real(self)
+
+    monkeypatch.setattr(Embedder, "model", property(counting))
+    index = CurrentIndexHolder(settings, reload_seconds=0).current()
+    vector = index.embedder.embed_decoded([drawn_photo(1, 0)])[0]
+    assert index.answer(vector, 1)["top"][0]["product_id"] == 1
+    assert built == []
+    assert list((catalogue_index.cache_dir(settings) / catalogue_index.NETWORK_CACHE).glob(
+        f"*{embedding.GRAPH_SUFFIX}"))
+
+
 def test_serve_answers_from_the_current_index_and_picks_up_a_newer_one(settings, shop):
     from fastapi.testclient import TestClient
 

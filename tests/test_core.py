@@ -166,6 +166,8 @@ class _PickyServer:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self):
+        import socket
+
         while True:
             try:
                 conn, _ = self.listener.accept()
@@ -189,6 +191,12 @@ class _PickyServer:
                         conn.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + body)
                     else:
                         conn.sendall(head + b"Content-Length: %d\r\n\r\n" % len(path) + path)
+                # A graceful close, as HTTP servers do it (lingering close): closing with
+                # requests unread would reset the connection and could destroy the last answer
+                # before the client reads it.
+                conn.shutdown(socket.SHUT_WR)
+                while reader.read(65536):
+                    pass
 
     def close(self):
         self.listener.close()

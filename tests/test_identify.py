@@ -41,7 +41,8 @@ class StubDetector:
 
 def _settings(tmp_path, **overrides) -> Settings:
     return Settings().with_overrides(model_init="random", identify_image_size=32,
-                                     identify_cache_dir=str(tmp_path / "cache"), **overrides)
+                                     identify_cache_dir=str(tmp_path / "cache"),
+                                     search_cache_dir=str(tmp_path / "search-cache"), **overrides)
 
 
 def _room_photo() -> Image.Image:

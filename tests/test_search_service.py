@@ -65,9 +65,10 @@ def _png(img: Image.Image) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def settings():
+def settings(tmp_path_factory):
     return Settings().with_overrides(model_init="random", max_image_bytes=MAX_BYTES,
-                                     max_image_pixels=MAX_PIXELS)
+                                     max_image_pixels=MAX_PIXELS,
+                                     search_cache_dir=str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture(scope="module")
