@@ -473,7 +473,6 @@ def download(settings: Settings, index_id: str, cache: Path) -> Path:
     return target
 
 
-
 def _link_or_copy(src, dst) -> None:
     try:
         os.link(src, dst)

@@ -152,6 +152,12 @@ def calibration_sample(rows: list[int], sources: list[str], size: int, seed: int
     return sorted(sorted(rows, key=rank)[:size])
 
 
+def holdout_count(photos: int, holdout: float) -> int:
+    """How many of a product's ``photos`` a leave-one-out query leaves out: itself and, with a
+    holdout, that fraction of them (at least itself, never all)."""
+    return min(photos - 1, max(1, int(holdout * photos)))
+
+
 def calibrate_threshold(scores, correct, target_precision: float = 0.95) -> dict:
     """The lowest score that keeps precision >= target on the queries it answers.
 
@@ -556,21 +562,16 @@ class SearchIndex:
         if len(eligible) > max_queries:
             eligible = calibration_sample(eligible, sources, max_queries, seed)
         if self.aggregation == "prototype":
-            return self._prototype_leave_one_out(np.asarray(eligible), holdout)
-        return self._max_leave_one_out(eligible, holdout)
+            return self._prototype_leave_one_out(np.asarray(eligible), inverse, holdout)
+        return self._max_leave_one_out(eligible, ids, inverse, holdout)
 
-    def _holdout_count(self, photos: int, holdout: float) -> int:
-        """How many of a product's ``photos`` a leave-one-out query leaves out: itself and, with
-        a holdout, that fraction of them (at least itself, never all)."""
-        return min(photos - 1, max(1, int(holdout * photos)))
-
-    def _prototype_leave_one_out(self, eligible: np.ndarray, holdout: float):
+    def _prototype_leave_one_out(self, eligible: np.ndarray, pos: np.ndarray, holdout: float):
         """Prototype aggregation: per query, its product's prototype without the left-out photos
         against the other products' nearest prototypes. Vectorised by product (one matrix
         product per product for the holdout, one for the sums left out) because the per-query
-        loop was most of a refresh's calibration at 10,000 photos."""
+        loop was most of a refresh's calibration at 10,000 photos. ``pos``: each row's product
+        position among the prototypes (the sorted product ids)."""
         pids, protos, ann = self._product_prototypes()
-        pos = np.searchsorted(pids, self._product_ids)
         queries = self._vectors[eligible].astype(np.float32)
         own = pos[eligible]
         # Each product's rows, ascending: the rows sorted by product, stably.
@@ -581,7 +582,7 @@ class SearchIndex:
         for group in np.split(grouped, np.flatnonzero(np.diff(own[grouped])) + 1):
             product = own[group[0]]
             mine = by_product[first[product]:first[product + 1]]
-            n = self._holdout_count(len(mine), holdout)
+            n = holdout_count(len(mine), holdout)
             mine_vecs = self._vectors[mine].astype(np.float32)
             similar = queries[group] @ mine_vecs.T
             # The query itself first, then its product's photos most like it (ties by row).
@@ -612,16 +613,16 @@ class SearchIndex:
         runner = np.where(alone, NO_RUNNER_UP, runner)
         return best, runner, correct
 
-    def _max_leave_one_out(self, eligible: list[int], holdout: float):
+    def _max_leave_one_out(self, eligible: list[int], ids: np.ndarray, inverse: np.ndarray,
+                           holdout: float):
         """Max aggregation: per query, every product's best photo but the left-out ones."""
         vecs = self._vectors.astype(np.float32)
-        ids, inverse = np.unique(self._product_ids, return_inverse=True)
         rows_of = {int(pid): np.flatnonzero(inverse == i) for i, pid in enumerate(ids)}
 
         def left_out(row: int) -> np.ndarray:
             """The query's row and, with a holdout, its product's photos most like it."""
             mine = rows_of[int(self._product_ids[row])]
-            n = self._holdout_count(len(mine), holdout)
+            n = holdout_count(len(mine), holdout)
             if n <= 1:
                 return np.array([row])
             nearest = mine[np.argsort(-(vecs[mine] @ vecs[row]), kind="stable")]

@@ -232,7 +232,6 @@ def postprocess_dicts(raw: np.ndarray, scale: float, width: int, height: int,
             for b, s, c in zip(xyxy, rounded, classes.tolist())]
 
 
-
 def model_version(model_path: str | Path) -> str:
     """The version naming the exact weights and decoder (:attr:`Detector.version`), without
     loading the model; :class:`DetectorError` when the file is missing."""

@@ -505,7 +505,6 @@ class Embedder:
         return other
 
 
-
 def _with_gem_pooling(backbone, p: float):
     """The backbone with its global average pooling replaced by a generalised mean (GeM)."""
     import keras

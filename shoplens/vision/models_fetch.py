@@ -61,7 +61,6 @@ def fetch(url: str, dest: str | Path, expected_size: int = PINNED_SIZE,
         tmp.unlink(missing_ok=True)
 
 
-
 @command(failed=(FetchError,))
 def main(argv: list[str] | None = None) -> int:
     """Download the filter's detector model file (YOLOX-Nano ONNX), verified against its pin"""
