@@ -76,6 +76,20 @@ def test_batch_size_yields_the_same_photos_in_batches(tmp_path):
         load_version(root, "train", decode=True, batch_size=3)
 
 
+def test_photos_cross_threads_in_parsed_batches_not_one_by_one(tmp_path):
+    """The photo-by-photo stream is unbatched in the reader's own thread: tf.data is told not
+    to inject a prefetch after it (handing single photos between threads made a full pass run
+    at 0.7x the raw records: benchmarks/dataset_stream.py). Decoded photos, whose decoding
+    dwarfs a hand-over, are still prefetched one by one."""
+    root = version(tmp_path)
+    photo_by_photo = load_version(root, "train")
+    assert photo_by_photo.options().experimental_optimization.inject_prefetch is False
+    assert "Prefetch" not in type(photo_by_photo._input_dataset).__name__  # noqa: SLF001
+    assert "Unbatch" in type(photo_by_photo._input_dataset).__name__  # noqa: SLF001
+    decoded = load_version(root, "train", decode=True)
+    assert "Prefetch" in type(decoded).__name__
+
+
 def exif_rotated_jpeg(width=20, height=10) -> bytes:
     """A JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees to show upright)."""
     exif = Image.Exif()
