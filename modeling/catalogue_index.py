@@ -487,7 +487,8 @@ def prune(settings: Settings, keep: int | None = None) -> dict:
     """Keep the newest ``keep`` complete versions (default ``search_keep_versions``; the current
     one is the newest, so it is always kept) and delete the other versions' objects: their own
     files, then every chunk no kept version lists. Returns ``{kept, pruned, removed_objects,
-    removed_chunks, chunks_skipped}``.
+    removed_chunks, chunks_skipped, removed_network_files}``; the local cache loses the pruned
+    versions and the frozen networks not loaded for two weeks (``prune_frozen_networks``).
 
     Safe against readers and a concurrent refresh: a pruned row is marked 'pruned' before its
     objects go (nobody resolves it any more: ``current_search_index`` is the newest complete
@@ -496,6 +497,7 @@ def prune(settings: Settings, keep: int | None = None) -> dict:
     halfway leaves rows already 'pruned', whose remaining objects the next prune deletes."""
     from modeling.search_index import INDEX_FILE
     from shoplens.store import ObjectStore
+    from shoplens.vision.embedding import prune_frozen_networks
 
     keep = settings.search_keep_versions if keep is None else keep
     if keep < 1:
@@ -535,9 +537,11 @@ def prune(settings: Settings, keep: int | None = None) -> dict:
     cache = cache_dir(settings)
     for index_id, _ in gone:  # hard links: the kept versions' chunks stay where they are
         shutil.rmtree(cache / index_id, ignore_errors=True)
+    networks = prune_frozen_networks(cache / NETWORK_CACHE)
     result = {"kept": len(kept), "pruned": list(dropped), "removed_objects": removed,
-              "removed_chunks": removed_chunks, "chunks_skipped": skipped}
-    if dropped or removed or removed_chunks:
+              "removed_chunks": removed_chunks, "chunks_skipped": skipped,
+              "removed_network_files": len(networks)}
+    if dropped or removed or removed_chunks or networks:
         log.info("search index retention: %s", result)
     return result
 

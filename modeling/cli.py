@@ -246,7 +246,9 @@ def index_prune(argv: list[str] | None = None) -> int:
                     f"{': ' + ', '.join(r['pruned']) if r['pruned'] else ''}; removed "
                     f"{r['removed_objects']} object(s) and {r['removed_chunks']} chunk(s)"
                     + (f"; chunks left alone: {r['chunks_skipped']}" if r["chunks_skipped"]
-                       else "")))
+                       else "")
+                    + (f"; {r['removed_network_files']} unused frozen network file(s) deleted "
+                       "from the local cache" if r["removed_network_files"] else "")))
     return 0
 
 

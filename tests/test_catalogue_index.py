@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import time
 import json
 
 import numpy as np
@@ -492,6 +494,59 @@ def test_pruning_leaves_chunks_alone_while_a_build_is_in_progress_and_finishes_l
     assert catalogue_index.current_index_id(settings) == second["index_id"]
     assert _stored(settings, catalogue_index.CHUNK_PREFIX) < chunks_before
     assert catalogue_index.prune(settings, keep=1)["removed_chunks"] == 0  # idempotent
+
+
+def _age(path, days: float) -> None:
+    then = time.time() - days * 86400
+    os.utime(path, (then, then))
+
+
+def test_frozen_networks_unused_for_two_weeks_leave_the_cache_with_their_leftovers(tmp_path):
+    """A network's metadata goes with its graph, whose modification time is its last use;
+    what an interrupted freeze left is deleted once as old; the rest stays."""
+    from shoplens.vision.embedding import prune_frozen_networks
+
+    folder = tmp_path / "networks"
+    folder.mkdir()
+    files = {name: folder / name for name in (
+        "lite0-224-old.graph.pb", "lite0-224-old.json",          # unused for 20 days
+        "lite0-224-used.graph.pb", "lite0-224-used.json",        # loaded yesterday
+        ".lite0-224-crash.json.123", "lite0-224-crash.json",     # a freeze that died: old
+        ".lite0-224-writing.graph.pb.456")}                      # a freeze under way
+    for path in files.values():
+        path.write_bytes(b"x")
+    for name in ("lite0-224-old.graph.pb", "lite0-224-old.json", "lite0-224-used.json",
+                 ".lite0-224-crash.json.123", "lite0-224-crash.json"):
+        _age(files[name], 20)
+    _age(files["lite0-224-used.graph.pb"], 1)
+
+    assert prune_frozen_networks(folder) == [
+        ".lite0-224-crash.json.123", "lite0-224-crash.json", "lite0-224-old.graph.pb",
+        "lite0-224-old.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".lite0-224-writing.graph.pb.456", "lite0-224-used.graph.pb", "lite0-224-used.json"]
+    assert prune_frozen_networks(folder) == []
+    assert prune_frozen_networks(tmp_path / "never-made") == []
+
+
+def test_a_refresh_marks_the_network_it_loads_as_used_and_prunes_those_left_unused(
+        settings, shop, tmp_path):
+    """After a TensorFlow upgrade the old frozen network is never loaded again: the refresh's
+    retention deletes it two weeks on, while the network it has just loaded stays, however
+    old its file was."""
+    catalogue_index.refresh(settings)
+    networks = tmp_path / "cache" / catalogue_index.NETWORK_CACHE
+    ours = sorted(p.name for p in networks.iterdir())
+    for path in networks.iterdir():
+        _age(path, 30)
+    for name in ("lite0-224-before-upgrade.graph.pb", "lite0-224-before-upgrade.json"):
+        (networks / name).write_bytes(b"x")
+        _age(networks / name, 15)
+
+    _add_product(shop, 3)
+    night = catalogue_index.refresh(settings)  # new photos: the network is loaded
+    assert night["embedded"] == 3 and night["pruned"]["removed_network_files"] == 2
+    assert sorted(p.name for p in networks.iterdir()) == ours
 
 
 def test_the_prune_command_reports_what_it_removed_and_refuses_to_keep_nothing(

@@ -66,6 +66,9 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 BACKBONE_SEPARATOR = "+"
 _BATCH = 32
 GRAPH_SUFFIX = ".graph.pb"
+# A frozen network not loaded for this long is deleted by prune_frozen_networks (about 14 MB
+# each; a new TensorFlow, Keras or building code makes a new one and leaves the old unused).
+NETWORK_KEEP_SECONDS = 14 * 24 * 3600
 # What a frozen network depends on besides the Embedder's own settings: the code that builds it.
 _NETWORK_SOURCES = ("backbones.py", "efficientnet_lite.py", "layers.py", "weights.py",
                     "torch_checkpoint.py", "embedding.py")
@@ -140,6 +143,38 @@ def frozen_graph_runner(graph, input_name: str, output_name: str, optimised: boo
     session = tf.compat.v1.Session(graph=g, config=config)
     x, y = g.get_tensor_by_name(input_name), g.get_tensor_by_name(output_name)
     return lambda crops: session.run(y, {x: crops})
+
+
+def prune_frozen_networks(folder: str | Path, unused_for: float = NETWORK_KEEP_SECONDS,
+                          now: float | None = None) -> list[str]:
+    """Delete the frozen networks in ``folder`` (:meth:`Embedder.cache_network`) not loaded for
+    ``unused_for`` seconds, each graph with its metadata, and what an interrupted freeze left
+    (a dot file, or metadata without its graph) as old. Returns the names deleted. Safe while
+    others use the folder: a process that has read a network keeps it, and one that finds it
+    gone freezes it again."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    cutoff = (time.time() if now is None else now) - unused_for
+    graphs = {p.name[:-len(GRAPH_SUFFIX)] for p in folder.glob(f"*{GRAPH_SUFFIX}")}
+    stale = []
+    for path in folder.iterdir():
+        # Metadata goes with its graph; anything else (a leftover) is as old as itself.
+        owner = (path.with_name(path.stem + GRAPH_SUFFIX)
+                 if path.suffix == ".json" and path.stem in graphs else path)
+        try:
+            if path.is_file() and owner.stat().st_mtime < cutoff:
+                stale.append(path)
+        except FileNotFoundError:  # another prune got there first
+            continue
+    removed = []
+    for path in sorted(stale):
+        path.unlink(missing_ok=True)
+        removed.append(path.name)
+    if removed:
+        log.info("%s: %d frozen network file(s) unused for %d days deleted", folder,
+                 len(removed), unused_for // 86400)
+    return removed
 
 
 @dataclass
@@ -319,6 +354,10 @@ class Embedder:
             graph = tf.compat.v1.GraphDef()
             graph.ParseFromString(graph_file.read_bytes())
         self._graph_dim = int(meta["dim"])
+        try:  # its modification time says when it was last used (prune_frozen_networks)
+            os.utime(graph_file)
+        except OSError:  # a read-only cache is still a cache
+            pass
         return frozen_graph_runner(graph, meta["input"], meta["output"],
                                    optimised=bool(meta.get("optimised")))
 
