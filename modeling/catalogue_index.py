@@ -322,10 +322,10 @@ def _add_new_sources(settings: Settings, index, wanted: dict,
     todo = [s for s in sorted(wanted) if not index.has_source(s)]
     if not todo:
         return 0, 0, 0
-    known = index.vectors_by_sha(source_sha)
     by_sha: dict[str, list[str]] = {}
     for s in todo:
         by_sha.setdefault(wanted[s][1], []).append(s)
+    known = index.vectors_by_sha(source_sha, by_sha)
     reused = 0
     reuse = [sha for sha in by_sha if sha in known]
     if reuse:

@@ -325,11 +325,13 @@ class SearchIndex:
         """Products with at least one vector (the searchable ones)."""
         return len(set(self._product_ids.tolist()))
 
-    def vectors_by_sha(self, sha_of) -> dict[str, np.ndarray]:
+    def vectors_by_sha(self, sha_of, only=None) -> dict[str, np.ndarray]:
         """{sha_of(source): its stored vector}: photos already embedded, whatever source names
-        them."""
-        return {sha_of(s): self._vectors[i].astype(np.float32)
-                for i, s in enumerate(self.sources())}
+        them; with ``only`` (a collection of shas), just those of them that are stored."""
+        rows = {sha_of(s): i for i, s in enumerate(self.sources())}
+        if only is not None:
+            rows = {sha: rows[sha] for sha in only if sha in rows}
+        return {sha: self._vectors[i].astype(np.float32) for sha, i in rows.items()}
 
     def without_sources(self, drop: set[str]) -> "SearchIndex":
         """A new index with the same embedder, products, threshold and every vector but those of

@@ -171,6 +171,23 @@ def test_nothing_new_embeds_nothing_and_a_rejected_photo_leaves_without_reembedd
     assert sum(embedded) == 0
 
 
+def test_a_new_source_with_bytes_already_indexed_reuses_their_vector(settings, shop, embedded):
+    """Product 2's catalogue image turns out to be one of its review photos, byte for byte: the
+    next refresh enrols it under its catalogue source with that photo's stored vector and
+    embeds nothing."""
+    first = catalogue_index.refresh(settings)
+    embedded.clear()
+    sha = _catalogue_image(shop, 2, drawn_photo(2, 0))  # the bytes of product 2's first photo
+    night = catalogue_index.refresh(settings)
+    assert (night["embedded"], night["reused_vectors"]) == (0, 1) and embedded == []
+    assert night["vectors"] == first["vectors"] + 1
+    index = _built(settings, night["index_id"])
+    both = [v for s, v in zip(index.sources(), index._vectors) if s.endswith(sha)]  # noqa: SLF001
+    assert len(both) == 2
+    np.testing.assert_array_equal(both[0], both[1])
+    assert index.vectors_by_sha(catalogue_index.source_sha, {sha, "f" * 64}).keys() == {sha}
+
+
 def test_full_refresh_embeds_everything_again(settings, shop, embedded):
     catalogue_index.refresh(settings)
     embedded.clear()
