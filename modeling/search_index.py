@@ -60,6 +60,7 @@ from shoplens.config import Settings
 INDEX_FILE = "index.json"
 PRODUCTS_FILE = "products.json"
 CHUNK_DIR = "chunks"
+CHUNK_VECTORS = 65_536  # the most vectors one saved chunk holds (168 MB of 1280-d float16)
 EMBEDDING_DIR = "embedding"
 FORMAT = 1
 # Below this many vectors exact search is as fast as an ANN structure and loses nothing.
@@ -295,8 +296,12 @@ class SearchIndex:
         self._embedding_config = embedding_config
         self.products: dict[int, dict] = {}
         self._chunks: list[dict] = []       # {"vectors" f16, "product_ids", "sources", "file"}
-        self._vectors = np.zeros((0, self._dim), np.float16)
-        self._product_ids = np.zeros(0, np.int64)
+        # Every vector in one matrix (what search and calibration read), and the chunks added
+        # since it was last read: joined once on the next read, not copied on every addition.
+        self._matrix = np.zeros((0, self._dim), np.float16)
+        self._matrix_pids = np.zeros(0, np.int64)
+        self._unjoined: list[dict] = []
+        self._count = 0
         self._sources: set[str] = set()
         self._ann = None                    # the per-photo ANN, made on first use (max aggregation)
         self._ann_factory = None
@@ -312,7 +317,26 @@ class SearchIndex:
         return self._dim
 
     def __len__(self) -> int:
-        return len(self._product_ids)
+        return self._count
+
+    @property
+    def _vectors(self) -> np.ndarray:
+        """float16 (N, dim): every vector, in the order added."""
+        self._join()
+        return self._matrix
+
+    @property
+    def _product_ids(self) -> np.ndarray:
+        """int64 (N,): each vector's product."""
+        self._join()
+        return self._matrix_pids
+
+    def _join(self) -> None:
+        if self._unjoined:
+            self._matrix = np.concatenate([self._matrix] + [c["vectors"] for c in self._unjoined])
+            self._matrix_pids = np.concatenate([self._matrix_pids]
+                                               + [c["product_ids"] for c in self._unjoined])
+            self._unjoined = []
 
     def has_source(self, source: str) -> bool:
         return source in self._sources
@@ -375,8 +399,8 @@ class SearchIndex:
         chunk = {"vectors": vecs.astype(np.float16), "product_ids": product_ids[keep],
                  "sources": np.array([sources[i] for i in keep]), "file": None}
         self._chunks.append(chunk)
-        self._vectors = np.concatenate([self._vectors, chunk["vectors"]])
-        self._product_ids = np.concatenate([self._product_ids, chunk["product_ids"]])
+        self._unjoined.append(chunk)
+        self._count += len(keep)
         self._sources.update(chunk["sources"].tolist())
         self._extend_ann(vecs)
         self._prototypes = None
@@ -675,6 +699,7 @@ class SearchIndex:
         elif not (root / EMBEDDING_DIR / "embedding.json").is_file():
             self.embedder.save(root / EMBEDDING_DIR)
         taken = {c["file"] for c in self._chunks if c["file"]}
+        self._chunks = _merged_unsaved(self._chunks)
         for c in self._chunks:
             if c["file"] is None:
                 name = _next_chunk_name(root, taken)
@@ -749,8 +774,9 @@ class SearchIndex:
             pids.append(chunk["product_ids"])
             index._sources.update(chunk["sources"].tolist())
         if vectors:
-            index._vectors = np.concatenate(vectors)
-            index._product_ids = np.concatenate(pids)
+            index._matrix = np.concatenate(vectors)
+            index._matrix_pids = np.concatenate(pids)
+            index._count = len(index._matrix_pids)
         if len(index) != config["vectors"]:
             raise SearchIndexError(f"{root}: {len(index)} vectors in chunks, index.json says "
                                    f"{config['vectors']}")
@@ -759,6 +785,39 @@ class SearchIndex:
             index._stored_ann = (root / ann_file, config["ann"], len(index))
         index.root = root
         return index
+
+
+def _merged_unsaved(chunks: list[dict], limit: int | None = None) -> list[dict]:
+    """The chunks with each run of unsaved ones (added since the last save, one per addition:
+    a refresh adds one per embedding batch) joined into chunks of at most ``limit`` vectors
+    (default ``CHUNK_VECTORS``), in the same order: a night writes and uploads a few files, not
+    one per batch."""
+    limit = CHUNK_VECTORS if limit is None else limit
+    out: list[dict] = []
+    run: list[dict] = []
+    size = 0
+
+    def close_run():
+        nonlocal size
+        if run:
+            out.append(run[0] if len(run) == 1 else {
+                "vectors": np.concatenate([c["vectors"] for c in run]),
+                "product_ids": np.concatenate([c["product_ids"] for c in run]),
+                "sources": np.concatenate([c["sources"] for c in run]), "file": None})
+            run.clear()
+            size = 0
+
+    for chunk in chunks:
+        if chunk["file"] is not None:
+            close_run()
+            out.append(chunk)
+            continue
+        if run and size + len(chunk["product_ids"]) > limit:
+            close_run()
+        run.append(chunk)
+        size += len(chunk["product_ids"])
+    close_run()
+    return out
 
 
 def _next_chunk_name(root: Path, taken: set) -> str:

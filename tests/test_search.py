@@ -374,6 +374,37 @@ def test_extending_a_saved_index_embeds_and_writes_only_the_new_photos(tmp_path)
     assert list(root.glob("ann-*.faiss")) == [] and reloaded.config()["ann"] == "Flat"
 
 
+def test_photos_added_in_many_batches_are_saved_as_few_chunks_in_their_order(monkeypatch,
+                                                                               tmp_path):
+    """A refresh adds one embedding batch at a time: what was added since the last save is
+    written as one chunk (of at most CHUNK_VECTORS vectors, here 5), the saved chunks are left
+    as they are, and the index answers as the same photos added at once."""
+    monkeypatch.setattr(search_index, "CHUNK_VECTORS", 5)
+    rng = np.random.default_rng(3)
+    vecs = l2_normalise(rng.normal(size=(16, 8)))
+    pids = [100 + i % 4 for i in range(16)]
+    products = [{"product_id": 100 + p, "name": f"product {p}"} for p in range(4)]
+    at_once, in_batches = SearchIndex(_vector_embedder()), SearchIndex(_vector_embedder())
+    for index in (at_once, in_batches):
+        index.add_products(products)
+    at_once.add_vectors(vecs, pids, [f"p{i}" for i in range(16)])
+    for i in range(0, 4):  # four of one each, saved: one chunk
+        in_batches.add_vectors(vecs[i:i + 1], pids[i:i + 1], [f"p{i}"])
+    in_batches.save(tmp_path / "idx")
+    for i in range(4, 16, 2):  # six of two each: chunks of 4, 4 and 4 after the saved one
+        in_batches.add_vectors(vecs[i:i + 2], pids[i:i + 2], [f"p{i}", f"p{i + 1}"])
+    assert len(in_batches) == 16
+    in_batches.save(tmp_path / "idx")
+
+    saved = json.loads((tmp_path / "idx" / "index.json").read_text())["chunks"]
+    sizes = [len(np.load(tmp_path / "idx" / "chunks" / name)["sources"]) for name in saved]
+    assert sizes == [4, 4, 4, 4]
+    loaded = SearchIndex.load(tmp_path / "idx")
+    assert loaded.sources() == [f"p{i}" for i in range(16)]
+    np.testing.assert_array_equal(loaded._vectors, at_once._vectors)  # noqa: SLF001
+    assert loaded.search_vectors(vecs, 3) == at_once.search_vectors(vecs, 3)
+
+
 def test_a_max_index_moves_to_an_ivf_structure_when_it_outgrows_exact_search(monkeypatch,
                                                                             tmp_path):
     """Max aggregation searches photos: crossing the size limit rebuilds its photo ANN from the
