@@ -30,6 +30,9 @@ embedding, so a threshold chosen once drifts as the catalogue grows; leave-one-o
 are the closest labelled stand-in for a customer's photo the manifest holds, and it reuses stored
 vectors (no photo embedded for it). With fewer than ``MIN_CALIBRATION_QUERIES`` such queries the
 parent's threshold is kept (none on a first build: answers are then never marked confident).
+A refresh that neither adds nor removes a vector keeps its parent's threshold without running
+the calibration when the settings it used (``_calibration_inputs``, saved with the threshold)
+are unchanged: it would choose the same one.
 
 Retention (:func:`prune`, run after each refresh and by ``shoplens index prune``): the newest
 ``search_keep_versions`` complete versions are kept; the others become 'pruned' rows whose
@@ -141,12 +144,21 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
         index.add_products([details[pid] for pid in sorted({pid for pid, _, _ in wanted.values()})])
         base = len(index)
         embedded, reused, unreadable = _add_new_sources(settings, index, wanted, phases)
-        with phases("calibration"):
-            calibration = index.calibrate_leave_one_out(settings.search_target_precision,
-                                                        settings.search_calibration_queries,
-                                                        seed=settings.model_seed,
-                                                        rule=settings.search_confidence_rule,
-                                                        holdout=settings.search_calibration_holdout)
+        inputs = _calibration_inputs(settings)
+        if (incremental and not stale and len(index) == base and previous_threshold
+                and previous_threshold.get("inputs") == inputs):
+            # The same vectors, sources and settings as the parent's calibration: it would
+            # choose the same rule again (it is deterministic), so it is not run.
+            calibration = previous_threshold
+            log.info("search index %s: nothing changed since %s: its threshold kept",
+                     index_id, parent["id"])
+        else:
+            with phases("calibration"):
+                calibration = index.calibrate_leave_one_out(
+                    settings.search_target_precision, settings.search_calibration_queries,
+                    seed=settings.model_seed, rule=settings.search_confidence_rule,
+                    holdout=settings.search_calibration_holdout)
+            calibration["inputs"] = inputs
         if calibration["queries"] >= MIN_CALIBRATION_QUERIES:
             index.threshold = calibration
         else:
@@ -185,6 +197,20 @@ def refresh(settings: Settings, run_key: str | None = None, full: bool = False) 
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# Bumped when the leave-one-out calibration's code changes what it chooses: a threshold made
+# by other code is not carried over to a version with the same vectors.
+CALIBRATION_VERSION = 1
+
+
+def _calibration_inputs(settings: Settings) -> dict:
+    """What besides the index's vectors and sources decides its calibrated threshold."""
+    return {"version": CALIBRATION_VERSION, "aggregation": settings.search_aggregation,
+            "target_precision": settings.search_target_precision,
+            "max_queries": settings.search_calibration_queries, "seed": settings.model_seed,
+            "rule": settings.search_confidence_rule,
+            "holdout": settings.search_calibration_holdout}
 
 
 class _Phases:

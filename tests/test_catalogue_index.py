@@ -265,6 +265,41 @@ def test_the_threshold_is_recalibrated_by_leave_one_out_on_the_enrolled_photos(s
     assert rule["threshold"] == pytest.approx(stats["threshold"])
 
 
+def test_a_refresh_that_changes_no_vector_keeps_its_parents_threshold_without_calibrating(
+        settings, shop, monkeypatch):
+    """Nothing new and nothing gone, same settings: the calibration (deterministic) would pick
+    the parent's threshold again, so it is not run and the threshold is the parent's. A photo
+    added, a photo gone or a calibration setting changed runs it again."""
+    from modeling.search_index import SearchIndex
+
+    for pid in (3, 4):
+        _add_product(shop, pid)
+    first = catalogue_index.refresh(settings)
+    runs = []
+    real = SearchIndex.calibrate_leave_one_out
+    monkeypatch.setattr(SearchIndex, "calibrate_leave_one_out",
+                        lambda self, *a, **k: runs.append(1) or real(self, *a, **k))
+
+    same = catalogue_index.refresh(settings)
+    assert runs == [] and "calibration" not in same["timings"]
+    assert (same["threshold"], same["calibration_queries"]) == (first["threshold"], 12)
+    assert _built(settings, same["index_id"]).threshold == _built(settings,
+                                                                  first["index_id"]).threshold
+    full = catalogue_index.refresh(settings, full=True)  # calibrates: the same threshold
+    assert runs == [1] and full["threshold"] == first["threshold"]
+
+    stricter = catalogue_index.refresh(settings.with_overrides(search_target_precision=0.99))
+    assert runs == [1, 1] and "calibration" in stricter["timings"]
+    kept = shop.engine.connect().execute(sa.text(
+        "SELECT sha256 FROM kept_images WHERE product_id = 3 ORDER BY sha256")).scalars().all()
+    shop.reject(kept[0])
+    gone = catalogue_index.refresh(settings)
+    assert runs == [1, 1, 1] and gone["removed_vectors"] == 1
+    shop.photo(4, data=_jpeg(drawn_photo(4, 7)))  # one more photo of product 4
+    added = catalogue_index.refresh(settings)
+    assert runs == [1, 1, 1, 1] and added["embedded"] == 1
+
+
 def _built(settings, index_id: str):
     """The stored version, read by a reader with an empty cache (what ``serve`` would load)."""
     from modeling.search_index import SearchIndex
