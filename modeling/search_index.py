@@ -61,6 +61,9 @@ INDEX_FILE = "index.json"
 PRODUCTS_FILE = "products.json"
 CHUNK_DIR = "chunks"
 CHUNK_VECTORS = 65_536  # the most vectors one saved chunk holds (168 MB of 1280-d float16)
+# A night adds a chunk: past this many chunks, a save rewrites the small ones (under a quarter
+# of CHUNK_VECTORS) as few, so loading and downloading a version stays a few files.
+COMPACT_ABOVE_CHUNKS = 16
 EMBEDDING_DIR = "embedding"
 FORMAT = 1
 # Below this many vectors exact search is as fast as an ANN structure and loses nothing.
@@ -684,7 +687,9 @@ class SearchIndex:
                 "chunks": [c["file"] for c in self._chunks], "built_at": self.built_at}
 
     def save(self, root: str | Path) -> Path:
-        """Write the index; to the directory it was loaded from, only the new chunks are written."""
+        """Write the index; to the directory it was loaded from, only the new chunks are written
+        (with more than ``COMPACT_ABOVE_CHUNKS`` chunks, the small ones are also written again
+        as few, and their old files deleted once index.json no longer lists them)."""
         import faiss
 
         root = Path(root)
@@ -698,6 +703,10 @@ class SearchIndex:
             self.embedder.save(root / EMBEDDING_DIR)
         elif not (root / EMBEDDING_DIR / "embedding.json").is_file():
             self.embedder.save(root / EMBEDDING_DIR)
+        if len(self._chunks) > COMPACT_ABOVE_CHUNKS:
+            for c in self._chunks:  # written again, joined with their neighbours
+                if len(c["product_ids"]) < CHUNK_VECTORS // 4:
+                    c["file"] = None
         taken = {c["file"] for c in self._chunks if c["file"]}
         self._chunks = _merged_unsaved(self._chunks)
         for c in self._chunks:
@@ -723,6 +732,10 @@ class SearchIndex:
         _atomic_write(root / INDEX_FILE, json.dumps(config, indent=1, ensure_ascii=False))
         for old in root.glob("ann-*.faiss"):
             if old.name != ann_name:
+                old.unlink(missing_ok=True)
+        listed = {c["file"] for c in self._chunks}
+        for old in (root / CHUNK_DIR).glob("*.npz"):  # compacted away (links: a parent keeps its)
+            if old.name not in listed and not old.name.startswith("."):
                 old.unlink(missing_ok=True)
         self._stored_ann = (root / ann_name, self._ann_factory, len(self)) if ann_name else None
         self.root = root

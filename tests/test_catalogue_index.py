@@ -300,6 +300,29 @@ def test_a_refresh_that_changes_no_vector_keeps_its_parents_threshold_without_ca
     assert runs == [1, 1, 1, 1] and added["embedded"] == 1
 
 
+def test_nightly_chunks_are_compacted_into_one_stored_chunk_that_readers_load_whole(
+        settings, shop, monkeypatch):
+    """With more nights' chunks than COMPACT_ABOVE_CHUNKS (here 2), the refresh stores the
+    small ones rewritten as one chunk: a reader with an empty cache downloads one chunk and
+    finds every photo; the night's cached copy holds only that chunk."""
+    from modeling import search_index
+
+    monkeypatch.setattr(search_index, "COMPACT_ABOVE_CHUNKS", 2)
+    catalogue_index.refresh(settings)
+    _add_product(shop, 3)
+    second = catalogue_index.refresh(settings)
+    assert len(_built(settings, second["index_id"])._chunks) == 2  # noqa: SLF001
+    _add_product(shop, 4)
+    third = catalogue_index.refresh(settings)
+
+    reader = _built(settings, third["index_id"])
+    assert len(reader._chunks) == 1 and len(reader) == third["vectors"] == 13  # noqa: SLF001
+    full = catalogue_index.refresh(settings, full=True)
+    assert sorted(reader.sources()) == sorted(_built(settings, full["index_id"]).sources())
+    cached = catalogue_index.cache_dir(settings) / third["index_id"] / "chunks"
+    assert len(list(cached.glob("*.npz"))) == 1
+
+
 def _built(settings, index_id: str):
     """The stored version, read by a reader with an empty cache (what ``serve`` would load)."""
     from modeling.search_index import SearchIndex

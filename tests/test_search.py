@@ -405,6 +405,36 @@ def test_photos_added_in_many_batches_are_saved_as_few_chunks_in_their_order(mon
     assert loaded.search_vectors(vecs, 3) == at_once.search_vectors(vecs, 3)
 
 
+def test_a_night_after_many_is_saved_with_its_small_chunks_compacted(monkeypatch, tmp_path):
+    """Each night adds a chunk; past COMPACT_ABOVE_CHUNKS (here 4) a save rewrites the chunks
+    under a quarter of CHUNK_VECTORS (here 8: under 2 vectors) as few, in order, and deletes
+    the files it replaced; a reader of the saved folder sees every vector as before."""
+    monkeypatch.setattr(search_index, "CHUNK_VECTORS", 8)
+    monkeypatch.setattr(search_index, "COMPACT_ABOVE_CHUNKS", 4)
+    root = tmp_path / "idx"
+    index = SearchIndex(_vector_embedder())
+    index.add_products([{"product_id": 100, "name": "a"}, {"product_id": 101, "name": "b"}])
+    rng = np.random.default_rng(5)
+    vecs = l2_normalise(rng.normal(size=(8, 8)))
+    index.add_vectors(vecs[:3], [100, 101, 100], ["s0", "s1", "s2"])  # a first build: 3 vectors
+    index.save(root)
+    for night in range(3, 6):  # three nights of one photo: 4 chunks
+        index = SearchIndex.load(root)
+        index.add_vectors(vecs[night:night + 1], [100 + night % 2], [f"s{night}"])
+        index.save(root)
+    assert len(list((root / "chunks").glob("*.npz"))) == 4
+
+    index = SearchIndex.load(root)  # the fifth chunk: compaction
+    index.add_vectors(vecs[6:8], [100, 101], ["s6", "s7"])
+    index.save(root)
+    listed = json.loads((root / "index.json").read_text())["chunks"]
+    assert sorted(p.name for p in (root / "chunks").glob("*.npz")) == sorted(listed)
+    assert [len(np.load(root / "chunks" / n)["sources"]) for n in listed] == [3, 5]
+    reloaded = SearchIndex.load(root)
+    assert reloaded.sources() == [f"s{i}" for i in range(8)]
+    np.testing.assert_array_equal(reloaded._vectors, vecs.astype(np.float16))  # noqa: SLF001
+
+
 def test_a_max_index_moves_to_an_ivf_structure_when_it_outgrows_exact_search(monkeypatch,
                                                                             tmp_path):
     """Max aggregation searches photos: crossing the size limit rebuilds its photo ANN from the
