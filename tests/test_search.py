@@ -435,6 +435,24 @@ def test_a_night_after_many_is_saved_with_its_small_chunks_compacted(monkeypatch
     np.testing.assert_array_equal(reloaded._vectors, vecs.astype(np.float16))  # noqa: SLF001
 
 
+def test_product_sums_are_the_exact_float64_sums_in_any_row_order():
+    """Each product's sum of its stored (float16, unit-length) vectors, to the last bit,
+    however the rows are ordered; a product without rows sums to zero."""
+    rng = np.random.default_rng(11)
+    vectors = l2_normalise(rng.normal(size=(300, 16))).astype(np.float16)
+    positions = rng.integers(0, 7, size=300)
+    positions[positions == 5] = 6  # position 5 has no row
+    by_definition = np.zeros((8, 16), np.float64)
+    for row, position in zip(vectors, positions):
+        by_definition[position] += row.astype(np.float64)
+    np.testing.assert_array_equal(search_index.product_sums(positions, vectors, 8), by_definition)
+    shuffled = rng.permutation(300)
+    np.testing.assert_array_equal(
+        search_index.product_sums(positions[shuffled], vectors[shuffled], 8), by_definition)
+    assert not search_index.product_sums(positions, vectors, 8)[5].any()
+    assert search_index.product_sums(positions[:0], vectors[:0], 2).shape == (2, 16)
+
+
 def test_a_max_index_moves_to_an_ivf_structure_when_it_outgrows_exact_search(monkeypatch,
                                                                             tmp_path):
     """Max aggregation searches photos: crossing the size limit rebuilds its photo ANN from the
