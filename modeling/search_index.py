@@ -359,9 +359,8 @@ class SearchIndex:
     def vectors_by_sha(self, sha_of, only=None) -> dict[str, np.ndarray]:
         """{sha_of(source): its stored vector}: photos already embedded, whatever source names
         them; with ``only`` (a collection of shas), just those of them that are stored."""
-        rows = {sha_of(s): i for i, s in enumerate(self.sources())}
-        if only is not None:
-            rows = {sha: rows[sha] for sha in only if sha in rows}
+        shas = ((sha_of(s), i) for i, s in enumerate(self.sources()))
+        rows = {sha: i for sha, i in shas if only is None or sha in only}
         return {sha: self._vectors[i].astype(np.float32) for sha, i in rows.items()}
 
     def without_sources(self, drop: set[str]) -> "SearchIndex":
@@ -707,10 +706,10 @@ class SearchIndex:
             self.embedder.save(root / EMBEDDING_DIR)
         elif not (root / EMBEDDING_DIR / "embedding.json").is_file():
             self.embedder.save(root / EMBEDDING_DIR)
-        if len(self._chunks) > COMPACT_ABOVE_CHUNKS:
-            for c in self._chunks:  # written again, joined with their neighbours
-                if len(c["product_ids"]) < CHUNK_VECTORS // 4:
-                    c["file"] = None
+        small = [c for c in self._chunks if len(c["product_ids"]) < CHUNK_VECTORS // 4]
+        if len(self._chunks) > COMPACT_ABOVE_CHUNKS and len(small) > 1:
+            for c in small:  # written again, joined with their neighbours (one alone: left)
+                c["file"] = None
         taken = {c["file"] for c in self._chunks if c["file"]}
         self._chunks = _merged_unsaved(self._chunks)
         for c in self._chunks:
