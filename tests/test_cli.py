@@ -452,3 +452,16 @@ def test_pip_install_into_a_fresh_venv_gives_a_working_shoplens_command(tmp_path
                                  env={**env, "SHOPLENS_MANIFEST_URL": closed_port_url()},
                                  capture_output=True, text=True, timeout=120)
     assert unreachable.returncode == 3, unreachable.stderr
+
+
+def test_test_servers_get_ports_below_the_kernels_outgoing_range(monkeypatch):
+    """A port picked for a local server is free and outside the range the kernel hands to
+    outgoing connections, which could take it before the server binds."""
+    from shoplens.dev import services
+
+    monkeypatch.setattr(services, "_ephemeral_ports", lambda: (32768, 60999))
+    ports = [free_port_block(3) for _ in range(50)]
+    assert all(20000 <= p and p + 3 <= 32768 for p in ports)
+    assert all(services.port_is_free(p + i) for p in ports[:5] for i in range(3))
+    monkeypatch.setattr(services, "_ephemeral_ports", lambda: (1024, 65535))  # no room below
+    assert 20000 <= free_port_block(1) < 60000

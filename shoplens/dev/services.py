@@ -28,15 +28,30 @@ LOCALHOST = "127.0.0.1"
 
 
 def free_port_block(count: int, start: int = 20000, end: int = 60000) -> int:
-    """First port of ``count`` consecutive free ports (best effort, checked by binding)."""
+    """First port of ``count`` consecutive free ports (best effort, checked by binding), below
+    the kernel's ephemeral range where it can: a port free when checked but inside that range
+    can be taken by any outgoing connection before the server binds it (an Airflow API server
+    lost its port so while the test's clients connected to PostgreSQL and Redis)."""
     import random
 
+    ephemeral_low = _ephemeral_ports()[0]
+    if ephemeral_low - count > start:
+        end = min(end, ephemeral_low)
     rng = random.Random(os.getpid() ^ int(time.time() * 1000))
     for _ in range(200):
         base = rng.randrange(start, end - count)
         if all(port_is_free(base + i) for i in range(count)):
             return base
     raise RuntimeError(f"no block of {count} free ports found")
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (Linux; its default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def port_is_free(port: int) -> bool:
