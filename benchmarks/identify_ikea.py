@@ -224,7 +224,7 @@ def _embed(backbone: str, photos: list) -> np.ndarray:
 def gallery_vectors(cache: Cache, gallery: list[dict], backbone: str, trim: bool, mirror: bool):
     from PIL import Image, ImageOps
 
-    from modeling.identify import trimmed_to_product
+    from shoplens.vision.crops import trimmed_to_product
 
     def compute(keys):
         out = []
@@ -243,6 +243,42 @@ def gallery_vectors(cache: Cache, gallery: list[dict], backbone: str, trim: bool
     name = f"gallery-{backbone_tag}-{'trim' if trim else 'raw'}{'-mirror' if mirror else ''}"
     got = cache.vectors(name, [g["path"] for g in gallery], compute)
     return np.stack([got[g["path"]] for g in gallery])
+
+
+def parse_room_views(spec: str) -> tuple[int, float]:
+    """"8:2" -> 8 room views per gallery photo, its own vector weighted 2; "0" -> off."""
+    views, _, weight = spec.partition(":")
+    return int(views), float(weight or Settings.identify_gallery_clean_weight)
+
+
+def gallery_room_vectors(cache: Cache, gallery: list[dict], backbone: str, clean: np.ndarray,
+                         spec: str, backgrounds: list[Path]) -> np.ndarray:
+    """The trimmed gallery's vectors with room views on the tune half's rooms (as identify's
+    ``identify_gallery_backgrounds`` makes them: :func:`modeling.identify.room_view_means`,
+    cached per view count, so weights cost nothing more)."""
+    from modeling.identify import _photo_seed, room_view_means, with_room_views
+    from shoplens.vision import images
+    from shoplens.vision.room_views import load_backgrounds
+
+    views, weight = parse_room_views(spec)
+    if ":" in backbone or "head=" in backbone:
+        raise SystemExit("error: --gallery-room-views takes plain backbones only")
+    rooms = []
+
+    def compute(keys):
+        if not rooms:
+            rooms.extend(load_backgrounds(backgrounds))
+        out = []
+        for start in range(0, len(keys), 32):
+            data = [images.read_file(k) for k in keys[start:start + 32]]
+            out.append(room_view_means(embedder_for(backbone),
+                                       [images.decode(d, k) for d, k in zip(data, keys[start:start + 32])],
+                                       [_photo_seed(d) for d in data], rooms, views))
+        return np.concatenate(out)
+
+    name = f"gallery-{backbone.replace('/', '_')}-trim-roomviews{views}"
+    got = cache.vectors(name, [g["path"] for g in gallery], compute)
+    return with_room_views(clean, np.stack([got[g["path"]] for g in gallery]), weight)
 
 
 NEEDED = {"min_score": DETECT_FLOOR, "max_objects": CACHE_OBJECTS, "classes": set()}
@@ -410,7 +446,7 @@ def write_listing(gallery: list[dict], path: Path) -> Path:
         w = csv.writer(f)
         w.writerow(["path", "product_id", "class"])
         for g in gallery:
-            w.writerow([g["path"], g["product_id"], g["class"]])
+            w.writerow([str(Path(g["path"]).resolve()), g["product_id"], g["class"]])
     return path
 
 
@@ -552,6 +588,10 @@ def main(argv=None) -> int:
                     help="weights of the colour histograms' similarity added to the embedding's")
     ap.add_argument("--trims", default="0,1", help="gallery trimming off/on (0,1)")
     ap.add_argument("--flips", default="0,1", help="mirror TTA off/on (0,1)")
+    ap.add_argument("--gallery-room-views", default="0",
+                    help='comma-separated "VIEWS:WEIGHT" (0 = off): the trimmed gallery also seen '
+                         'on patches of the tune half\'s rooms (identify_gallery_backgrounds); '
+                         'the held-out rooms are never read')
     ap.add_argument("--all-classes", action="store_true",
                     help="let boxes of classes the gallery has no product of take places under "
                          "the object caps (identify before it skipped them)")
@@ -600,6 +640,8 @@ def main(argv=None) -> int:
     colour_weights = [float(x) for x in args.colour_weights.split(",")]
     trims = [bool(int(t)) for t in args.trims.split(",")]
     flips = [bool(int(f)) for f in args.flips.split(",")]
+    room_views = args.gallery_room_views.split(",")
+    tune_rooms = tune_room_photos(args.rooms or ikea / "images" / "room_scenes")
     boxes = detections(cache, rooms, model, settings)
     classes = set(settings.identify_classes)
     if not args.all_classes:  # as identify does: only classes the gallery has products of
@@ -612,9 +654,13 @@ def main(argv=None) -> int:
         g = {(t, m): gallery_vectors(cache, gallery, backbone, t, m)
              for t in trims for m in {False, *flips}}
         whole = {m: room_vectors(cache, rooms, boxes, backbone, None, m) for m in {False, *flips}}
-        for trim, flip, cw in itertools.product(trims, flips, colour_weights):
+        for trim, flip, cw, rv in itertools.product(trims, flips, colour_weights, room_views):
+            if parse_room_views(rv)[0] and (flip or not trim):
+                continue  # room views are made of the trimmed studio photo, without mirroring
             # Colour: the histograms' similarity, weighted cw, added to the embedding's.
             gvec = unit(g[(trim, False)] + g[(trim, True)]) if flip else g[(trim, False)]
+            if parse_room_views(rv)[0]:
+                gvec = gallery_room_vectors(cache, gallery, backbone, gvec, rv, tune_rooms)
             gvec = np.concatenate([gvec, np.sqrt(cw) * gcol], axis=1)
 
             def whole_q(r, c, flip=flip, cw=cw):
@@ -624,7 +670,7 @@ def main(argv=None) -> int:
                 return v, np.zeros(1)
 
             variants.append({"mode": "whole_image", "backbone": backbone, "trim": trim,
-                             "flip": flip, "colour_weight": cw,
+                             "flip": flip, "colour_weight": cw, "gallery_room_views": rv,
                              "table": recall_table(rooms, gallery, gvec, whole_q)})
             for margin in margins:
                 parts = [float(m) for m in margin.split("+")]  # "0.1+0.25": mean of both crops
@@ -633,7 +679,8 @@ def main(argv=None) -> int:
                 for min_score, cap, lam, fallback in itertools.product(
                         min_scores, caps, lams, (False, True)):
                     def detect_q(r, c, parts=parts, min_score=min_score, cap=cap, lam=lam,
-                                 fallback=fallback, flip=flip, crops=crops, cw=cw):
+                                 fallback=fallback, flip=flip, crops=crops, cw=cw,
+                                 whole_q=whole_q):
                         bx = boxes[r["name"]]
                         kept = [i for i in objects_of(bx, min_score, cap, classes)
                                 if bx[i][4] == c]
@@ -651,7 +698,7 @@ def main(argv=None) -> int:
                         "mode": "detect_or_whole" if fallback else "detect",
                         "backbone": backbone, "trim": trim, "flip": flip, "margin": margin,
                         "min_score": min_score, "max_objects": cap, "det_weight": lam,
-                        "colour_weight": cw,
+                        "colour_weight": cw, "gallery_room_views": rv,
                         "objects_per_photo": round(float(np.mean(
                             [len(objects_of(boxes[r["name"]], min_score, cap, classes))
                              for r in rooms])), 2),
@@ -671,7 +718,8 @@ def main(argv=None) -> int:
     d = best["detect"]
     same = next(v for v in variants if v["mode"] == "whole_image" and v["backbone"] == d["backbone"]
                 and v["trim"] == d["trim"] and v["flip"] == d["flip"]
-                and v["colour_weight"] == d["colour_weight"])
+                and v["colour_weight"] == d["colour_weight"]
+                and v["gallery_room_views"] == d["gallery_room_views"])
     result = {"gallery_photos": len(gallery), "rooms": len(rooms),
               "rooms_by_split": {s: sum(r["split"] == s for r in rooms) for s in ("tune", "report")},
               "rooms_dir": str(args.rooms or "images/room_scenes"),
@@ -684,6 +732,13 @@ def main(argv=None) -> int:
                  "identify_min_score": d["min_score"], "identify_max_objects": overall,
                  "identify_max_per_class": per, "identify_trim_gallery": d["trim"],
                  "identify_flip": d["flip"]}
+    views, weight = parse_room_views(d["gallery_room_views"])
+    if views:  # the production check indexes the gallery on the same tune-half rooms
+        args.work.mkdir(parents=True, exist_ok=True)
+        rooms_list = args.work / "tune_rooms.txt"
+        rooms_list.write_text("".join(f"{p}\n" for p in tune_rooms))
+        overrides.update(identify_gallery_backgrounds=str(rooms_list),
+                         identify_gallery_room_views=views, identify_gallery_clean_weight=weight)
     if args.fallback_classes:  # the whole photo for a class with no box, as identify does it
         overrides.update(identify_fallback_classes=args.fallback_classes.split(","),
                          identify_fallback_embedding=args.fallback_embedding)

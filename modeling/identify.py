@@ -43,7 +43,9 @@ the product id to report (``ref``):
   embedding config (backbone, size, weights, trained head, trimming, flip), so a rerun embeds
   nothing. ``identify_embedding`` names a trained head (``python -m modeling.identify_head``).
   Catalogue photos on a white backdrop are trimmed to the product's extent first
-  (``identify_trim_gallery``).
+  (``identify_trim_gallery``). With ``identify_gallery_backgrounds`` (room photos) each such
+  photo is also seen in rooms (:func:`room_view_means`, :func:`with_room_views`): its vector
+  leans towards what a crop of the product in a room looks like.
 - :meth:`Gallery.from_index`: the shop's search index; a product's class is its ``class``
   entry, or its ``category`` (the nightly index records the shop's category id, and its name as
   ``category_name``) mapped by ``identify_category_classes`` (by id, else by name); ids are the
@@ -69,17 +71,14 @@ from shoplens.config import Settings
 from shoplens.photos import DEFAULT_LIMITS, Photo, PhotoLimits, decode_photo
 from shoplens.progress import progress
 from shoplens.vision import images
-from shoplens.vision.crops import square_crop
+from shoplens.vision.crops import square_crop, trimmed_to_product
 from shoplens.vision.detector import COCO_CLASSES, Detector
 from shoplens.vision.embedding import Embedder, l2_normalise
+from shoplens.vision.room_views import (background_photos, load_backgrounds,
+                                        product_on_room_patch, product_cutout)
 
 GALLERY_CACHE_FORMAT = 2
 WHITE = (255, 255, 255)
-# Studio photos: a pixel is backdrop when its darkest channel is at least this bright, and a
-# photo is on a backdrop when this share of its border pixels is.
-BACKDROP_LEVEL = 240
-BACKDROP_BORDER = 0.9
-TRIM_MARGIN = 0.05
 MIN_BOX_SIDE = 8.0
 # Up to this many products of a class are scored exactly (one matrix product) per object.
 EXACT_SEARCH_LIMIT = 50_000
@@ -160,21 +159,6 @@ def whole_image(image: Image.Image) -> DetectedBox:
     return DetectedBox(0.0, 0.0, float(image.width), float(image.height), None, None)
 
 
-def trimmed_to_product(image: Image.Image) -> Image.Image:
-    """A catalogue photo on a white backdrop cut to the product's extent (plus 5 %) and squared
-    with white; any other photo unchanged."""
-    rgb = np.asarray(image.convert("RGB"))
-    dark = rgb.min(axis=2) < BACKDROP_LEVEL
-    border = np.concatenate([dark[0], dark[-1], dark[:, 0], dark[:, -1]])
-    if border.mean() > 1.0 - BACKDROP_BORDER:
-        return image
-    ys, xs = np.nonzero(dark)
-    if len(xs) < 50:
-        return image
-    box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-    return square_crop(image, box, TRIM_MARGIN)
-
-
 def _feature_map_model(embedder: Embedder, size: int):
     """The embedder's backbone at ``size`` px up to its last feature map (before the global
     pooling), with the same weights; built once per (embedder, size)."""
@@ -230,6 +214,69 @@ def embed_images(embedder: Embedder, photos: list[Image.Image], flip: bool = Fal
         mirrored = embedder.embed_decoded([ImageOps.mirror(p) for p in photos])
         vectors = l2_normalise(vectors + mirrored)
     return vectors
+
+
+def gallery_backgrounds(settings: Settings) -> list[Path]:
+    """The room photos ``identify_gallery_backgrounds`` names ([] when off); a clear error for
+    a source that is missing or names no photo."""
+    source = settings.identify_gallery_backgrounds
+    if not source:
+        return []
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise IdentifyError(f"identify_gallery_backgrounds: {path} does not exist")
+    try:
+        photos = background_photos(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IdentifyError(f"identify_gallery_backgrounds: cannot read {path}: {exc}") from None
+    missing = [p for p in photos if not p.is_file()]
+    if missing:
+        raise IdentifyError(f"identify_gallery_backgrounds: {missing[0]} (listed in {path}) "
+                            "not found")
+    if not photos:
+        raise IdentifyError(f"identify_gallery_backgrounds: {path} names no photo")
+    return photos
+
+
+def room_view_means(embedder: Embedder, photos: list[Image.Image], seeds: list[int],
+                    backgrounds: list[Image.Image], views: int) -> np.ndarray:
+    """(N, dim): for each photo (as decoded) on a white backdrop, the mean embedding of ``views``
+    views of its product on room patches (:func:`product_on_room_patch`: the trimmed square
+    with a patch of a ``backgrounds`` photo behind it); NaN for a photo with nothing to cut
+    out. ``seeds`` (one per photo) make the views repeatable."""
+    # Made at the embedder's square (what it fits a photo into), so no second resampling.
+    side = images.margin_size(embedder.image_size) if embedder.image_size else 320
+    made, owners = [], []
+    for i, (photo, seed) in enumerate(zip(photos, seeds)):
+        cut = product_cutout(photo)
+        if cut is None:
+            continue
+        rng = np.random.default_rng(seed)
+        for _ in range(views):
+            made.append(product_on_room_patch(cut, backgrounds, rng, side))
+            owners.append(i)
+    seen = embedder.embed_decoded(made) if made else None
+    out = np.full((len(photos), embedder.dim), np.nan, dtype=np.float32)
+    owners_arr = np.array(owners)
+    for i in np.unique(owners_arr):
+        out[i] = seen[owners_arr == i].mean(axis=0)
+    return out
+
+
+def with_room_views(vectors: np.ndarray, means: np.ndarray, clean_weight: float) -> np.ndarray:
+    """Gallery vectors that also know the product in a room: ``clean_weight`` x the photo's own
+    unit vector + the mean of its room views (:func:`room_view_means`), normalised; a photo
+    with no views (NaN) keeps its vector."""
+    out = np.array(vectors, dtype=np.float32, copy=True)
+    has = ~np.isnan(means).any(axis=1)
+    if has.any():
+        out[has] = l2_normalise(clean_weight * out[has] + means[has])
+    return out
+
+
+def _photo_seed(data: bytes) -> int:
+    """A photo's views depend on its bytes only (not on its batch or its place in the listing)."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
 
 
 # --- the gallery ------------------------------------------------------------------------------
@@ -342,7 +389,8 @@ class Gallery:
             return own
         rows = read_listing(listing)
         embedder = identify_embedder(settings)
-        key = gallery_key(rows, embedder, settings)
+        backgrounds = gallery_backgrounds(settings)
+        key = gallery_key(rows, embedder, settings, backgrounds)
         root = Path(cache_dir or settings.identify_cache_dir).expanduser() / f"gallery-{key[:24]}"
         if (root / "index.json").is_file():
             return cls(SearchIndex.load(root, settings), settings, settings.identify_flip)
@@ -355,11 +403,12 @@ class Gallery:
                 products.append({"product_id": ids[r["product_id"]], "name": r["product_id"],
                                  "ref": r["product_id"], "class": r["class"]})
         index.add_products(products)
+        rooms = load_backgrounds(backgrounds) if backgrounds else []
         batch = 32
         with progress(total=len(rows), desc="identify: indexing the gallery", unit="photos") as bar:
             for start in range(0, len(rows), batch):
                 bar.advance(_add_batch(index, embedder, rows[start:start + batch], ids, listing,
-                                       settings))
+                                       settings, rooms))
         # Built beside the cache entry and renamed into place: a crash leaves no half entry.
         tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -383,15 +432,23 @@ def identify_embedder(settings: Settings) -> Embedder:
     return Embedder(settings.identify_backbone, settings.identify_image_size, settings=settings)
 
 
-def _add_batch(index, embedder: Embedder, part: list[dict], ids: dict, listing, settings) -> int:
-    photos = []
+def _add_batch(index, embedder: Embedder, part: list[dict], ids: dict, listing, settings,
+               rooms: list[Image.Image]) -> int:
+    decoded, seeds = [], []
     for r in part:
         try:
-            img = images.decode(images.read_file(r["file"]), r["path"])
+            data = images.read_file(r["file"])
+            decoded.append(images.decode(data, r["path"]))
         except images.UnreadableImage as exc:
             raise IdentifyError(f"{listing}:{r['line']}: {exc}") from None
-        photos.append(trimmed_to_product(img) if settings.identify_trim_gallery else img)
+        seeds.append(_photo_seed(data))
+    photos = [trimmed_to_product(img) for img in decoded] if settings.identify_trim_gallery \
+        else decoded
     vectors = embed_images(embedder, photos, settings.identify_flip)
+    if rooms:
+        vectors = with_room_views(vectors, room_view_means(
+            embedder, decoded, seeds, rooms, settings.identify_gallery_room_views),
+            settings.identify_gallery_clean_weight)
     index.add_vectors(vectors, [ids[r["product_id"]] for r in part],
                       [f'{r["product_id"]}|{r["file"]}' for r in part])
     return len(part)
@@ -451,16 +508,24 @@ def _head_digest(embedder: Embedder) -> str | None:
     return h.hexdigest()
 
 
-def gallery_key(rows: list[dict], embedder: Embedder, settings: Settings) -> str:
-    """What a cached gallery depends on: the rows, each photo's size and mtime, the embedding."""
-    entries = []
-    for r in rows:
-        st = os.stat(r["file"])
-        entries.append([r["file"], r["product_id"], r["class"], st.st_size, st.st_mtime_ns])
+def _file_entry(path) -> list:
+    st = os.stat(path)
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def gallery_key(rows: list[dict], embedder: Embedder, settings: Settings,
+                backgrounds: list[Path] = ()) -> str:
+    """What a cached gallery depends on: the rows, each photo's size and mtime, the embedding,
+    and the room views (their backgrounds' files, count and weight) when on."""
+    entries = [[r["file"], r["product_id"], r["class"], *_file_entry(r["file"])[1:]] for r in rows]
+    rooms = None if not backgrounds else {
+        "views": settings.identify_gallery_room_views,
+        "clean_weight": settings.identify_gallery_clean_weight,
+        "backgrounds": [_file_entry(p) for p in backgrounds]}
     config = {"format": GALLERY_CACHE_FORMAT, "backbone": embedder.backbone,
               "image_size": embedder.image_size, "weights": settings.model_init,
               "trim": settings.identify_trim_gallery, "flip": settings.identify_flip,
-              "head": _head_digest(embedder),
+              "head": _head_digest(embedder), "room_views": rooms,
               "rows": entries}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 

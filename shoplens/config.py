@@ -258,6 +258,15 @@ class Settings:
     identify_trim_gallery: bool = True
     # Mirror test-time augmentation of each crop (and gallery photo): mean of both embeddings.
     identify_flip: bool = False
+    # Room photos (a folder, or a file naming one photo a line) that a listing gallery's studio
+    # photos are also seen against: each gallery vector is the photo's own, weighted
+    # identify_gallery_clean_weight, plus the mean of identify_gallery_room_views views of the
+    # product cut from its backdrop and pasted on a patch of one of these rooms (what a crop of a
+    # room looks like). "" = off. On IKEA (16 views, weight 2: the tune half's pick) chair R@1
+    # held out 0.37 -> 0.50, couch R@10 0.54 -> 0.46 (docs/benchmarks.md).
+    identify_gallery_backgrounds: str = ""
+    identify_gallery_room_views: int = 16
+    identify_gallery_clean_weight: float = 2.0
     # JSON object: shop category (id or name) -> the COCO class its products are detected as
     # (a detected bed is then matched among beds). Categories without a COCO class (hangers,
     # chests of drawers) are left out: their products match an object of any class.
@@ -498,6 +507,9 @@ class Settings:
         if self.identify_decode_side and self.identify_decode_side < 32:
             raise ConfigError(f"identify_decode_side must be 0 or >= 32, got "
                               f"{self.identify_decode_side}")
+        if self.identify_gallery_room_views < 1 or self.identify_gallery_clean_weight < 0:
+            raise ConfigError("identify_gallery_room_views must be >= 1 and "
+                              "identify_gallery_clean_weight >= 0")
         if self.identify_roi_size < 32:
             raise ConfigError(f"identify_roi_size must be >= 32, got {self.identify_roi_size}")
         if self.identify_margin < 0:

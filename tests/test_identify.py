@@ -20,6 +20,7 @@ from modeling import identify as identify_module
 from modeling.identify import Gallery, IdentifyError, read_listing
 from modeling.identify_cli import main as identify_main
 from shoplens.config import Settings
+from shoplens.vision import images
 from shoplens.vision.crops import square_crop
 from shoplens.vision.detector import Box
 
@@ -577,7 +578,7 @@ def _blue_rooms(n=3) -> list:
 
 
 def test_a_room_like_view_is_the_same_for_the_same_seed_and_differs_for_another():
-    from modeling.identify_head import product_cutout, room_like_view
+    from shoplens.vision.room_views import product_cutout, room_like_view
 
     cut = product_cutout(_studio_photo())
     others = [product_cutout(_studio_photo((20, 200, 20), (30, 30)))]
@@ -596,7 +597,7 @@ def test_a_room_like_view_is_the_same_for_the_same_seed_and_differs_for_another(
 def test_the_pasted_product_fills_the_square_crop_of_its_box(seed):
     """Margin 0, as identify crops a detected box: the product (wider than tall) spans the whole
     width of the view, half its height, centred, on the room's background."""
-    from modeling.identify_head import product_cutout, room_like_view
+    from shoplens.vision.room_views import product_cutout, room_like_view
 
     cut = product_cutout(_studio_photo())
     assert cut[0].size == (60, 30) and np.asarray(cut[1]).min() == 255
@@ -612,10 +613,122 @@ def test_the_pasted_product_fills_the_square_crop_of_its_box(seed):
 
 
 def test_a_photo_not_on_a_white_backdrop_has_no_cutout():
-    from modeling.identify_head import product_cutout
+    from shoplens.vision.room_views import product_cutout
 
     assert product_cutout(Image.new("RGB", (64, 64), (90, 120, 60))) is None
     assert product_cutout(Image.new("RGB", (64, 64), (255, 255, 255))) is None
+
+
+# --- the gallery seen in rooms (identify_gallery_backgrounds) -----------------------------------
+def test_a_product_on_a_room_patch_is_the_trimmed_square_with_the_room_behind_it_not_white():
+    from shoplens.vision.room_views import product_on_room_patch, product_cutout
+
+    view = product_on_room_patch(product_cutout(_studio_photo()), _blue_rooms(),
+                                 np.random.default_rng(0), 66)
+    pixels = np.asarray(view).astype(int)
+    red = pixels[..., 0] > pixels[..., 2] + 40
+    cols, rows = np.nonzero(red.any(axis=0))[0], np.nonzero(red.any(axis=1))[0]
+    # 60 x 30 product + 5 % of its long side each way = a 66 px square: 60 x 30 px, centred
+    assert abs(len(cols) - 60) <= 2 and abs(cols.min() - 3) <= 1
+    assert abs(len(rows) - 30) <= 2 and abs(rows.min() - 18) <= 1
+    corners = pixels[[0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners[:, 2] >= 200).all() and (corners[:, 0] <= 40).all()  # the blue room
+
+
+def _studio_listing(tmp_path) -> Path:
+    """Three studio photos on white and one photo with no backdrop (nothing to cut out)."""
+    folder = tmp_path / "studio"
+    folder.mkdir()
+    rows = []
+    for n, colour in enumerate([(200, 30, 30), (30, 160, 30), (30, 30, 200)]):
+        _studio_photo(colour, (50 - 8 * n, 30 + 5 * n)).save(folder / f"p{n}.png")
+        rows.append(f"p{n}.png,100.000.0{n},chair")
+    Image.new("RGB", (80, 80), (120, 90, 60)).save(folder / "plain.png")
+    rows.append("plain.png,200.000.00,chair")
+    listing = folder / "listing.csv"
+    listing.write_text("path,product_id,class\n" + "\n".join(rows) + "\n")
+    return listing
+
+
+def _rooms_folder(tmp_path) -> Path:
+    rooms = tmp_path / "rooms"
+    rooms.mkdir()
+    for n, room in enumerate(_blue_rooms()):
+        room.save(rooms / f"room{n}.png")
+    return rooms
+
+
+def test_room_views_make_a_studio_photos_vector_its_own_weighted_plus_its_views_mean(tmp_path):
+    from shoplens.vision.crops import trimmed_to_product
+    from shoplens.vision.room_views import product_on_room_patch, product_cutout
+
+    embedder = identify_module.identify_embedder(_settings(tmp_path))
+    photos = [_studio_photo(), Image.new("RGB", (80, 80), (120, 90, 60))]
+    clean = identify_module.embed_images(embedder, [trimmed_to_product(p) for p in photos])
+    rooms = _blue_rooms()
+    means = identify_module.room_view_means(embedder, photos, [7, 8], rooms, 3)
+    got = identify_module.with_room_views(clean, means, 2.0)
+
+    rng = np.random.default_rng(7)
+    side = images.margin_size(32)  # the square the embedder fits a photo into
+    views = [product_on_room_patch(product_cutout(photos[0]), rooms, rng, side) for _ in range(3)]
+    expected = 2.0 * clean[0] + embedder.embed_decoded(views).mean(axis=0)
+    np.testing.assert_allclose(got[0], expected / np.linalg.norm(expected), atol=1e-5)
+    assert np.abs(got[0] - clean[0]).max() > 1e-3
+    assert np.isnan(means[1]).all()                  # no backdrop, nothing to paste:
+    np.testing.assert_array_equal(got[1], clean[1])  # its vector is unchanged
+    again = identify_module.room_view_means(embedder, photos, [7, 8], rooms, 3)
+    np.testing.assert_array_equal(again, means)
+
+
+def test_a_gallery_seen_in_rooms_is_indexed_apart_and_again_when_a_room_photo_changes(tmp_path):
+    listing, rooms = _studio_listing(tmp_path), _rooms_folder(tmp_path)
+    plain = Gallery.from_listing(listing, _settings(tmp_path))
+    settings = _settings(tmp_path, identify_gallery_backgrounds=str(rooms),
+                         identify_gallery_room_views=2)
+    in_rooms = Gallery.from_listing(listing, settings)
+    assert in_rooms.index.root != plain.index.root
+    vec = {pid: plain.index._vectors[plain.index._product_ids == pid][0] for pid in (1, 4)}
+    moved = {pid: in_rooms.index._vectors[in_rooms.index._product_ids == pid][0] for pid in (1, 4)}
+    assert np.abs(moved[1] - vec[1]).max() > 1e-3           # a studio photo: seen in rooms
+    np.testing.assert_allclose(moved[4], vec[4], atol=1e-6)  # no backdrop: as it was
+    assert Gallery.from_listing(listing, settings).index.root == in_rooms.index.root
+
+    Image.new("RGB", (120, 90), (200, 180, 40)).save(rooms / "room0.png")
+    assert Gallery.from_listing(listing, settings).index.root != in_rooms.index.root
+    fewer = settings.with_overrides(identify_gallery_room_views=1)
+    assert Gallery.from_listing(listing, fewer).index.root != in_rooms.index.root
+
+
+def test_room_photos_may_be_listed_in_a_file_and_bad_sources_are_clear_errors(tmp_path):
+    listing, rooms = _studio_listing(tmp_path), _rooms_folder(tmp_path)
+    named = tmp_path / "rooms.txt"
+    named.write_text(f"{rooms / 'room1.png'}\n\n{rooms / 'room2.png'}\n")
+    from_file = Gallery.from_listing(listing, _settings(
+        tmp_path, identify_gallery_backgrounds=str(named), identify_gallery_room_views=1))
+    assert len(from_file.index) == 4
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "gone.txt").write_text(f"{tmp_path / 'nowhere.jpg'}\n")
+    for source, message in [(tmp_path / "missing", "does not exist"),
+                            (tmp_path / "empty", "names no photo"),
+                            (tmp_path / "gone.txt", r"nowhere.jpg \(listed in")]:
+        with pytest.raises(IdentifyError, match=message):
+            Gallery.from_listing(listing, _settings(
+                tmp_path, identify_gallery_backgrounds=str(source)))
+
+
+def test_room_view_settings_come_from_the_environment_and_nonsense_is_refused():
+    from shoplens.config import ConfigError
+
+    got = Settings.from_env({"SHOPLENS_IDENTIFY_GALLERY_BACKGROUNDS": "/srv/rooms",
+                             "SHOPLENS_IDENTIFY_GALLERY_ROOM_VIEWS": "4",
+                             "SHOPLENS_IDENTIFY_GALLERY_CLEAN_WEIGHT": "1.5"})
+    assert (got.identify_gallery_backgrounds, got.identify_gallery_room_views,
+            got.identify_gallery_clean_weight) == ("/srv/rooms", 4, 1.5)
+    for bad in ({"identify_gallery_room_views": 0}, {"identify_gallery_clean_weight": -1.0}):
+        with pytest.raises(ConfigError):
+            Settings().with_overrides(**bad)
 
 
 def test_the_ikea_benchmark_gives_the_head_only_tune_half_rooms_as_backgrounds(tmp_path,

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 from PIL import Image
 
 WHITE = (255, 255, 255)
+# Studio photos: a pixel is backdrop when its darkest channel is at least this bright, and a
+# photo is on a backdrop when this share of its border pixels is.
+BACKDROP_LEVEL = 240
+BACKDROP_BORDER = 0.9
+TRIM_MARGIN = 0.05
 
 
 def crop_box(box: Sequence[float], width: int, height: int, margin: float = 0.1) -> tuple[int, int, int, int]:
@@ -73,3 +79,18 @@ def square_crop(image: Image.Image, box: Sequence[float], margin: float = 0.0,
     h = max(1, min(out - dst[1], int(round((src[3] - src[1]) * scale))))
     canvas.paste(rgb.resize((w, h), Image.Resampling.BILINEAR, box=src, reducing_gap=None), dst)
     return canvas
+
+
+def trimmed_to_product(image: Image.Image) -> Image.Image:
+    """A catalogue photo on a white backdrop cut to the product's extent (plus 5 %) and squared
+    with white; any other photo unchanged."""
+    rgb = np.asarray(image.convert("RGB"))
+    dark = rgb.min(axis=2) < BACKDROP_LEVEL
+    border = np.concatenate([dark[0], dark[-1], dark[:, 0], dark[:, -1]])
+    if border.mean() > 1.0 - BACKDROP_BORDER:
+        return image
+    ys, xs = np.nonzero(dark)
+    if len(xs) < 50:
+        return image
+    box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+    return square_crop(image, box, TRIM_MARGIN)
