@@ -40,12 +40,13 @@ the product id to report (``ref``):
 
 - :meth:`Gallery.from_listing`: a CSV ``path,product_id,class``; indexed once and kept under
   ``identify_cache_dir`` keyed by the listing's content, each photo's size and mtime, and the
-  embedding config (backbone, size, weights, trained head, trimming, flip), so a rerun embeds
-  nothing. ``identify_embedding`` names a trained head (``python -m modeling.identify_head``).
-  Catalogue photos on a white backdrop are trimmed to the product's extent first
-  (``identify_trim_gallery``). With ``identify_gallery_backgrounds`` (room photos) each such
-  photo is also seen in rooms (:func:`room_view_means`, :func:`with_room_views`): its vector
-  leans towards what a crop of the product in a room looks like.
+  embedding config (backbone, size, weights, trained head, trimming, flip, room views), so a
+  rerun embeds nothing. ``identify_embedding`` names a trained head
+  (``python -m modeling.identify_head``). Catalogue photos on a white backdrop are trimmed to
+  the product's extent first (``identify_trim_gallery``). With ``identify_gallery_backgrounds``
+  (room photos) each such photo is also seen in rooms (:func:`room_view_means`,
+  :func:`with_room_views`): its vector leans towards what a crop of the product in a room looks
+  like.
 - :meth:`Gallery.from_index`: the shop's search index; a product's class is its ``class``
   entry, or its ``category`` (the nightly index records the shop's category id, and its name as
   ``category_name``) mapped by ``identify_category_classes`` (by id, else by name); ids are the
@@ -403,7 +404,10 @@ class Gallery:
                 products.append({"product_id": ids[r["product_id"]], "name": r["product_id"],
                                  "ref": r["product_id"], "class": r["class"]})
         index.add_products(products)
-        rooms = load_backgrounds(backgrounds) if backgrounds else []
+        try:
+            rooms = load_backgrounds(backgrounds) if backgrounds else []
+        except images.UnreadableImage as exc:
+            raise IdentifyError(f"identify_gallery_backgrounds: {exc}") from None
         batch = 32
         with progress(total=len(rows), desc="identify: indexing the gallery", unit="photos") as bar:
             for start in range(0, len(rows), batch):
@@ -525,8 +529,9 @@ def gallery_key(rows: list[dict], embedder: Embedder, settings: Settings,
     config = {"format": GALLERY_CACHE_FORMAT, "backbone": embedder.backbone,
               "image_size": embedder.image_size, "weights": settings.model_init,
               "trim": settings.identify_trim_gallery, "flip": settings.identify_flip,
-              "head": _head_digest(embedder), "room_views": rooms,
-              "rows": entries}
+              "head": _head_digest(embedder), "rows": entries}
+    if rooms:  # only then: galleries cached before room views existed keep their keys
+        config["room_views"] = rooms
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 

@@ -710,9 +710,12 @@ def test_room_photos_may_be_listed_in_a_file_and_bad_sources_are_clear_errors(tm
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "gone.txt").write_text(f"{tmp_path / 'nowhere.jpg'}\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "room.jpg").write_bytes(b"not a photo")
     for source, message in [(tmp_path / "missing", "does not exist"),
                             (tmp_path / "empty", "names no photo"),
-                            (tmp_path / "gone.txt", r"nowhere.jpg \(listed in")]:
+                            (tmp_path / "gone.txt", r"nowhere.jpg \(listed in"),
+                            (tmp_path / "broken", "identify_gallery_backgrounds: .*room.jpg")]:
         with pytest.raises(IdentifyError, match=message):
             Gallery.from_listing(listing, _settings(
                 tmp_path, identify_gallery_backgrounds=str(source)))
