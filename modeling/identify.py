@@ -81,6 +81,8 @@ from shoplens.vision.room_views import (background_photos, load_backgrounds,
 GALLERY_CACHE_FORMAT = 2
 WHITE = (255, 255, 255)
 MIN_BOX_SIDE = 8.0
+# Room photos a gallery's room views are made on, at most (held decoded, <= 640 px, meanwhile).
+MAX_GALLERY_BACKGROUNDS = 256
 # Up to this many products of a class are scored exactly (one matrix product) per object.
 EXACT_SEARCH_LIMIT = 50_000
 
@@ -236,6 +238,9 @@ def gallery_backgrounds(settings: Settings) -> list[Path]:
                             "not found")
     if not photos:
         raise IdentifyError(f"identify_gallery_backgrounds: {path} names no photo")
+    if len(photos) > MAX_GALLERY_BACKGROUNDS:  # evenly spaced: each is kept decoded meanwhile
+        step = len(photos) / MAX_GALLERY_BACKGROUNDS
+        photos = [photos[int(i * step)] for i in range(MAX_GALLERY_BACKGROUNDS)]
     return photos
 
 

@@ -258,8 +258,8 @@ class Settings:
     identify_trim_gallery: bool = True
     # Mirror test-time augmentation of each crop (and gallery photo): mean of both embeddings.
     identify_flip: bool = False
-    # Room photos (a folder, or a file naming one photo a line) that a listing gallery's studio
-    # photos are also seen against: each gallery vector is the photo's own, weighted
+    # Room photos (a folder, or a file naming one photo a line; at most 256, evenly spaced,
+    # are used) that a listing gallery's studio photos are also seen against: each gallery vector is the photo's own, weighted
     # identify_gallery_clean_weight, plus the mean of identify_gallery_room_views views of the
     # product cut from its backdrop and pasted on a patch of one of these rooms (what a crop of a
     # room looks like). "" = off. On IKEA (16 views, weight 2: the tune half's pick) chair R@1

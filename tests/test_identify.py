@@ -721,6 +721,17 @@ def test_room_photos_may_be_listed_in_a_file_and_bad_sources_are_clear_errors(tm
                 tmp_path, identify_gallery_backgrounds=str(source)))
 
 
+def test_a_big_folder_of_room_photos_is_thinned_evenly_to_the_cap(tmp_path, monkeypatch):
+    rooms = tmp_path / "rooms"
+    rooms.mkdir()
+    for n in range(10):
+        Image.new("RGB", (40, 30), (10 * n, 40, 200)).save(rooms / f"room{n}.png")
+    monkeypatch.setattr(identify_module, "MAX_GALLERY_BACKGROUNDS", 4)
+    got = identify_module.gallery_backgrounds(
+        _settings(tmp_path, identify_gallery_backgrounds=str(rooms)))
+    assert [p.name for p in got] == ["room0.png", "room2.png", "room5.png", "room7.png"]
+
+
 def test_room_view_settings_come_from_the_environment_and_nonsense_is_refused():
     from shoplens.config import ConfigError
 
