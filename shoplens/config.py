@@ -259,11 +259,12 @@ class Settings:
     # Mirror test-time augmentation of each crop (and gallery photo): mean of both embeddings.
     identify_flip: bool = False
     # Room photos (a folder, or a file naming one photo a line; at most 256, evenly spaced,
-    # are used) that a listing gallery's studio photos are also seen against: each gallery vector is the photo's own, weighted
-    # identify_gallery_clean_weight, plus the mean of identify_gallery_room_views views of the
-    # product cut from its backdrop and pasted on a patch of one of these rooms (what a crop of a
-    # room looks like). "" = off. On IKEA (16 views, weight 2: the tune half's pick) chair R@1
-    # held out 0.37 -> 0.50, couch R@10 0.54 -> 0.46 (docs/benchmarks.md).
+    # are used) that a listing gallery's studio photos are also seen against: each gallery
+    # vector is the photo's own, weighted identify_gallery_clean_weight, plus the mean of
+    # identify_gallery_room_views views of the product cut from its backdrop and pasted on a
+    # patch of one of these rooms (what a crop of a room looks like). "" = off. On IKEA (16
+    # views, weight 2: the tune half's pick) chair R@1 held out 0.40 -> 0.50, couch R@10
+    # 0.54 -> 0.39-0.46 (docs/benchmarks.md).
     identify_gallery_backgrounds: str = ""
     identify_gallery_room_views: int = 16
     identify_gallery_clean_weight: float = 2.0
