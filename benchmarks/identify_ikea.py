@@ -270,9 +270,10 @@ def gallery_room_vectors(cache: Cache, gallery: list[dict], backbone: str, clean
             rooms.extend(load_backgrounds(backgrounds))
         out = []
         for start in range(0, len(keys), 32):
-            data = [images.read_file(k) for k in keys[start:start + 32]]
+            part = keys[start:start + 32]
+            data = [images.read_file(k) for k in part]
             out.append(room_view_means(embedder_for(backbone),
-                                       [images.decode(d, k) for d, k in zip(data, keys[start:start + 32])],
+                                       [images.decode(d, k) for d, k in zip(data, part)],
                                        [_photo_seed(d) for d in data], rooms, views))
         return np.concatenate(out)
 
