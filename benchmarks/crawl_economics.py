@@ -53,8 +53,8 @@ import crawl  # noqa: E402  (benchmarks/crawl.py)
 from crawl import REPO, Bench, CpuMeter, crawl_all, replica_photos  # noqa: E402
 from shoplens.config import HTTP_CLIENTS  # noqa: E402
 from shoplens.manifest import engine_for  # noqa: E402
-from shoplens.dev.services import (down, free_port_block, start_private_postgres,  # noqa: E402
-                                   stop_pid)
+from shoplens.dev.services import (SeaweedFS, down, free_port_block,  # noqa: E402
+                                   start_private_postgres, stop_pid)
 
 TARGET_VS_ASYNCIO = 0.8
 TARGET_INCREMENTAL_REQUESTS = 0.05
@@ -316,6 +316,9 @@ def main() -> int:
     parser.add_argument("--shared-postgres", action="store_true",
                         help="use the PostgreSQL server at $SHOPLENS_TEST_PG (its CPU is then "
                              "every PostgreSQL process's on the machine) instead of a private one")
+    parser.add_argument("--store-go-procs", type=int, default=SeaweedFS.go_max_procs,
+                        help="the object store's Go scheduler threads (0: one per core, Go's default; "
+                             "the local stack runs %(default)s)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "crawl_economics.json")
     args = parser.parse_args()
     client, _, parallel = args.crawler.partition(":")

@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO))
 import sqlalchemy as sa  # noqa: E402
 
 from benchmarks.procstat import cpu_seconds, machine_busy_seconds  # noqa: E402
+from shoplens.dev.services import SeaweedFS  # noqa: E402
 
 STORE_PID: list[int] = []  # the SeaweedFS process, for its CPU seconds
 
@@ -360,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratio-photos", type=int, default=300)
     ap.add_argument("--ratio-rounds", type=int, default=3, help="0: skip (a) and (c)")
     ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--stages", default="dedup,filter", help="comma-separated: the (b) rounds' stages")
+    ap.add_argument("--store-go-procs", type=int, default=SeaweedFS.go_max_procs,
+                    help="the store's Go scheduler threads (GOMAXPROCS; 0: one per core, Go's "
+                         "default; the local stack runs %(default)s)")
     ap.add_argument("--shared", default=os.environ.get("SHOPLENS_SHARED_DIR", str(REPO.parent / "shared")))
     ap.add_argument("--out", default=str(REPO / "results" / "stage_scaling.json"))
     args = ap.parse_args(argv)
@@ -369,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from shoplens.config import Settings
-    from shoplens.dev.services import SeaweedFS, free_port_block
+    from shoplens.dev.services import free_port_block
     from shoplens.manifest import engine_for, upgrade
 
     started = time.perf_counter()
@@ -377,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(photos)} photos ready in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     name = f"shoplens_bench_{uuid.uuid4().hex[:8]}"
     weed = SeaweedFS(Path(tempfile.mkdtemp(prefix="stage-scaling-")), free_port_block(12),
-                     "bench", "bench-secret-key")
+                     "bench", "bench-secret-key", go_max_procs=args.store_go_procs)
     weed.start(timeout=300)  # a loaded shared machine can take minutes
     STORE_PID.append(weed.pid)
     admin = sa.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
@@ -393,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         result: dict = {
             "command": "benchmarks/stage_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "cpus": os.cpu_count(), "photos": len(photos), "batch": args.batch,
+            "store_go_procs": args.store_go_procs,
             "load_at_start": load(),
         }
         if args.ratio_rounds:  # (a) and (c); 0 measures (b) only
@@ -414,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         order = [1, 2, 2, 1] * (args.rounds // 2 + 1)
         order = order[:2 * args.rounds]
         runs, first_snapshot, identical = [], None, True
+        stages = [stage for stage in ("dedup", "filter") if stage in args.stages.split(",")]
         for n in order:
-            for stage in ("dedup", "filter"):
+            for stage in stages:
                 runs.append(run_workers(base, stage, n))
                 print(json.dumps(runs[-1]), file=sys.stderr)
             shot = snapshot(base)
@@ -423,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                 first_snapshot = shot
             identical = identical and shot == first_snapshot
         scaling = {}
-        for stage in ("dedup", "filter") if runs else ():  # --rounds 0: the ratio (a) only
+        for stage in stages if runs else ():  # --rounds 0: the ratio (a) only
             mine = [r for r in runs if r["stage"] == stage]
             # Rounds run in pairs (1, 2), (2, 1), ...: each pair's ratio compares runs minutes
             # apart, under about the same load from others; the median is over pairs.

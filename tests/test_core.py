@@ -113,6 +113,16 @@ def test_images_are_stored_once_under_their_content_address(s3_settings):
     assert list(store.list_keys("images/")) == [key]
 
 
+def test_the_local_store_runs_one_go_scheduler_thread_unless_told_otherwise(seaweedfs):
+    # One thread costs the store about a quarter less CPU per GET on 2 cores it shares with the
+    # workers (benchmarks/store_get.py); the process's environment is what Go reads.
+    from pathlib import Path
+
+    environ = Path(f"/proc/{seaweedfs.pid}/environ").read_bytes().split(b"\0")
+    assert seaweedfs.go_max_procs == 1
+    assert b"GOMAXPROCS=1" in environ
+
+
 def test_signed_reads_return_the_stored_bytes_from_any_thread_and_name_a_missing_key(s3_settings):
     from concurrent.futures import ThreadPoolExecutor
 
