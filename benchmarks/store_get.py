@@ -22,14 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.procstat import cpu_seconds  # noqa: E402
 from shoplens.config import Settings  # noqa: E402
 from shoplens.dev.services import SeaweedFS, free_port_block  # noqa: E402
 from shoplens.store import ObjectStore  # noqa: E402
 
 
 def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(f"/proc/{pid}/stat")[0]
 
 
 def filled_store(weed: SeaweedFS, objects: int, size: int) -> tuple[ObjectStore, list[str]]:
@@ -38,7 +38,7 @@ def filled_store(weed: SeaweedFS, objects: int, size: int) -> tuple[ObjectStore,
     store = ObjectStore(settings)
     store.ensure_bucket()
     keys = [f"images/{i:05d}" for i in range(objects)]
-    for i, key in enumerate(keys):  # distinct objects, as photos are
+    for key in keys:  # distinct objects, as photos are
         store.put_bytes(key, os.urandom(size), "image/jpeg")
     return store, keys
 
