@@ -108,12 +108,14 @@ def pooling_key(embedder) -> str:
         ("flip-" if embedder.flip_tta else "")
 
 
-def features_cached(embedder, paths: list[str], cache: Path) -> np.ndarray:
-    """Clean (centre-crop) backbone features of the photos, cached on disk by photo list."""
+def features_cached(embedder, paths: list[str], cache: Path, weights: str = "") -> np.ndarray:
+    """Clean (centre-crop) backbone features of the photos, cached on disk by photo list
+    (``weights``: what tells fine-tuned backbones apart, see :func:`tuned_backbones`)."""
     from shoplens.vision import images
 
     key = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
-    f = cache / f"{embedder.backbone}-{embedder.image_size}-{pooling_key(embedder)}clean-{key}.npy"
+    f = cache / (f"{embedder.backbone}-{embedder.image_size}-{pooling_key(embedder)}"
+                 f"{weights and weights + '-'}clean-{key}.npy")
     if f.is_file():
         return np.load(f)
     feats = embedder.features_decoded([images.decode(images.read_file(p), p) for p in paths])
@@ -137,6 +139,31 @@ def augmented_cached(embedder, paths: list[str], views: int, seed: int, cache: P
     cache.mkdir(parents=True, exist_ok=True)
     np.save(f, feats)
     return feats
+
+
+def tuned_backbones(ensemble_dir: str, base, work: Path):
+    """(``base`` on the ensemble's fine-tuned members instead of its frozen ImageNet backbones,
+    a cache key for their features: the members' files' digest)."""
+    from modeling.ensemble import Ensemble
+    from shoplens.checksums import file_sha256
+    from shoplens.vision.embedding import Embedder
+
+    ensemble = Ensemble.load(ensemble_dir)
+    digest = hashlib.sha256("".join(
+        file_sha256(ensemble.root / m["file"]) for m in ensemble.config["members"]).encode())
+    members = ensemble.backbone_weights(work / "tuned_backbones", base.settings)
+    wrong = [f"{part.backbone} at {part.image_size} px" for part in base.parts
+             if members.get(part.backbone, {}).get("image_size") != part.image_size]
+    if wrong:
+        raise SystemExit(f"error: {ensemble_dir} has no member for {', '.join(wrong)} "
+                         f"(members: {sorted(members)})")
+    files = {part.backbone: members[part.backbone]["file"] for part in base.parts}
+    single = len(files) == 1
+    return Embedder(base.backbone, base.image_size, settings=base.settings, pooling=base.pooling,
+                    gem_p=base.gem_p, flip_tta=base.flip_tta,
+                    tuned_blocks=base.settings.model_finetune_blocks,
+                    weights_file=next(iter(files.values())) if single else None,
+                    part_weights=None if single else files), f"tuned{digest.hexdigest()[:12]}"
 
 
 def build_index(embedder, classes, vectors, pids, sources, aggregation="prototype"):
@@ -310,6 +337,10 @@ def parse_args(argv=None):
     ap.add_argument("--out", type=Path, default=REPO / "results" / "search_grocery.json")
     ap.add_argument("--work", type=Path, default=REPO / ".run" / "search_grocery")
     ap.add_argument("--ensemble", help="an exported closed-set ensemble directory")
+    ap.add_argument("--tuned-backbones", metavar="ENSEMBLE_DIR",
+                    help="the trained embedding runs on this closed-set ensemble's fine-tuned "
+                         "members (one per --backbone, trained on the seen products only) "
+                         "instead of the frozen ImageNet backbones; the baseline stays ImageNet")
     # The defaults: benchmarks/search_grocery_select.py's choice among whitened settings, made
     # on the seen products alone (docs/benchmarks.md).
     ap.add_argument("--backbone",
@@ -398,14 +429,23 @@ def main(argv=None) -> int:
     seen_train = [(p, lab) for p, lab in train if not is_novel(lab)]
     seen_rows = [i for i, (_, lab) in enumerate(train) if not is_novel(lab)]
     seen_labels = np.array([lab for _, lab in seen_train])
+    # The trained embedding's backbones: the same frozen ones, or the ensemble's fine-tuned.
+    w_base, w_feats = base, (f_train, f_iconic, f_query)
+    if args.tuned_backbones:
+        w_base, tag = tuned_backbones(args.tuned_backbones, base, args.work)
+        w_feats = (features_cached(w_base, [p for p, _ in train], cache, tag),
+                   features_cached(w_base, [p for p, _ in iconic], cache, tag) if iconic else None,
+                   features_cached(w_base, q_paths, cache, tag))
     # The learned whitening: closed form, on the seen products' clean train features only.
     t_w = time.monotonic()
-    whitened = base.with_whitening(
-        learned_whitening(f_train[seen_rows], seen_labels, args.whiten_dim, args.whiten_reg),
+    whitened = w_base.with_whitening(
+        learned_whitening(w_feats[0][seen_rows], seen_labels, args.whiten_dim, args.whiten_reg),
         {"method": "learned whitening (within-product covariance)",
          "fitted_on": "seen products' train/ photos", "photos": len(seen_rows),
          "products": len(set(seen_labels.tolist())), "dim": args.whiten_dim,
-         "regularisation": args.whiten_reg, "pooling": base.pooling, "gem_p": base.gem_p})
+         "regularisation": args.whiten_reg, "pooling": base.pooling, "gem_p": base.gem_p,
+         "backbones": f"fine-tuned members of {args.tuned_backbones}" if args.tuned_backbones
+         else "frozen ImageNet"})
     whitened.report["seconds"] = round(time.monotonic() - t_w, 2)
     cfg = HeadTraining(dim=args.dim, epochs=args.epochs, margin=args.margin, scale=args.scale)
     head_report = {"skipped": "--epochs 0", "seconds": 0}
@@ -440,7 +480,7 @@ def main(argv=None) -> int:
         tuned_train, tuned_iconic, tuned_query = f_train, f_iconic, f_query
     head_report["seen_products"] = len(set(seen_labels.tolist()))
     # Backbone features per embedding (the fine-tuned one has its own).
-    feats = {"baseline": (f_train, f_iconic, f_query), "trained": (f_train, f_iconic, f_query),
+    feats = {"baseline": (f_train, f_iconic, f_query), "trained": w_feats,
              "head": (tuned_train, tuned_iconic, tuned_query)}
     embedders = {"baseline": base, "trained": whitened}
     if trained is not None:
@@ -482,7 +522,7 @@ def main(argv=None) -> int:
 
     best_agg = result["trained"]["aggregation"]
     index = indexes[("trained", best_agg)]
-    q_vec = whitened.project(f_query)
+    q_vec = whitened.project(feats["trained"][2])
     result["threshold"] = cross_calibrated_threshold(index, q_vec, q_pids, args.target_precision)
     result["threshold_baseline"] = cross_calibrated_threshold(
         indexes[("baseline", result["baseline"]["aggregation"])], base.project(f_query), q_pids,

@@ -21,6 +21,8 @@ import numpy as np
 from shoplens.vision import images
 
 ENSEMBLE_FILE = "ensemble.json"
+# The layer between a member's pooled backbone features and its classifier (member_training).
+HEAD_INPUT_LAYER = "head_dropout"
 
 
 class EnsembleError(ValueError):
@@ -107,6 +109,44 @@ class Ensemble:
 
     def predict_probs_decoded(self, decoded: list) -> np.ndarray:
         return np.mean(list(self.member_probs_decoded(decoded).values()), axis=0)
+
+    def backbone_weights(self, out_dir: str | Path, settings=None) -> dict[str, dict]:
+        """Each member's fine-tuned backbone (its network up to the pooled features its
+        classifier reads) as a weights file that the same backbone built afresh loads (an
+        ``Embedder``'s ``weights_file`` or ``part_weights``): ``{member: {"file", "image_size"}}``.
+        Checked on a batch of noise: the rebuilt backbone gives the member's own features."""
+        import keras
+
+        from shoplens.config import Settings
+        from shoplens.vision import backbones
+
+        fresh_settings = (settings or Settings()).with_overrides(model_init="random")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        noise = np.random.default_rng(0)
+        out = {}
+        for name, size, model in self.models:
+            try:
+                pooled = model.get_layer(HEAD_INPUT_LAYER).input
+            except ValueError:
+                raise EnsembleError(f"{self.root}: member {name} has no {HEAD_INPUT_LAYER} layer "
+                                    "to take its backbone from") from None
+            features = keras.Model(model.inputs, pooled)
+            backbone = backbones.member(name).build(size, fresh_settings)
+            try:
+                backbone.set_weights(features.get_weights())
+            except ValueError as exc:
+                raise EnsembleError(f"{self.root}: member {name} is not a {name} backbone "
+                                    f"({exc})") from None
+            x = noise.uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+            want = np.asarray(features.predict_on_batch(x))
+            if not np.allclose(np.asarray(backbone.predict_on_batch(x)), want, atol=1e-4):
+                raise EnsembleError(f"{self.root}: member {name}'s backbone rebuilt from its "
+                                    "weights computes other features")
+            path = out_dir / f"{name}.weights.h5"
+            backbone.save_weights(path)
+            out[name] = {"file": str(path), "image_size": int(size)}
+        return out
 
     def top_k(self, probs: np.ndarray, k: int = 3) -> list[dict]:
         order = np.argsort(-probs)[:k]

@@ -19,6 +19,7 @@ import numpy as np
 from shoplens.vision import images
 from shoplens.vision.backbones import MemberSpec
 from modeling.dataset_layout import Split
+from modeling.ensemble import HEAD_INPUT_LAYER
 from shoplens.config import Settings
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,8 @@ def train_member(spec: MemberSpec, data: dict[str, Split], num_classes: int,
     top.trainable = False
     pooled = {k: top.predict(v, batch_size=128, verbose=0) for k, v in
               (("train", train_feats), ("val", feats["val"]))}
-    dropout = layers.Dropout(settings.model_dropout, seed=settings.model_seed, name="head_dropout")
+    dropout = layers.Dropout(settings.model_dropout, seed=settings.model_seed,
+                             name=HEAD_INPUT_LAYER)
     classifier = layers.Dense(num_classes, activation="softmax", name="classifier")
     head_in = keras.Input(pooled["train"].shape[1:], name="pooled")
     head = keras.Model(head_in, classifier(dropout(head_in)), name=f"{spec.name}_head")

@@ -695,6 +695,74 @@ def test_several_backbones_concatenate_each_ones_normalised_features_and_reload_
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def _member_like_training(name: str, settings: Settings, scale: float):
+    """A closed-set member as modeling/member_training builds it (backbone, dropout, classifier),
+    its backbone weights moved away from the fresh ones as fine-tuning would."""
+    import keras
+
+    from modeling.ensemble import HEAD_INPUT_LAYER
+    from shoplens.vision import backbones
+
+    backbone = backbones.member(name).build(32, settings)
+    backbone.set_weights([w * scale for w in backbone.get_weights()])
+    dropout = keras.layers.Dropout(0.2, name=HEAD_INPUT_LAYER)
+    return keras.Model(backbone.inputs[0], keras.layers.Dense(
+        len(SHAPES), activation="softmax", name="classifier")(dropout(backbone.outputs[0])))
+
+
+def test_an_embedder_over_the_ensembles_fine_tuned_backbones_computes_their_features(tmp_path):
+    """The search embedding can run on the closed-set ensemble's fine-tuned members: each
+    member's backbone is saved as weights a fresh backbone loads, the embedder's features are the
+    members' own pooled features (each L2-normalised, concatenated), and the embedding keeps its
+    backbones through save and load."""
+    import keras
+
+    from modeling.ensemble import HEAD_INPUT_LAYER, Ensemble, save
+    from shoplens.vision import images
+    from shoplens.vision.embedding import EmbeddingError, learned_whitening
+
+    settings = Settings().with_overrides(model_init="random")
+    names = TWO_BACKBONES.split("+")
+    members = [(name, 32, _member_like_training(name, settings, 1.1 + i / 10))
+               for i, name in enumerate(names)]
+    labels = [{"label": i, "product_id": 10 + i, "name": s} for i, s in enumerate(SHAPES)]
+    ens = Ensemble.load(save(tmp_path / "ens", {"model_id": "m-1"},
+                             {"labels": labels, "num_classes": len(labels)}, members))
+    weights = ens.backbone_weights(tmp_path / "weights", settings)
+    assert sorted(weights) == sorted(names) and all(w["image_size"] == 32 for w in weights.values())
+    tuned = Embedder(TWO_BACKBONES, 32, settings=settings, tuned_blocks=5,
+                     part_weights={n: w["file"] for n, w in weights.items()})
+    imgs = [_photo(p, v) for p in SHAPES for v in range(2)]
+    squares = np.stack([np.asarray(images.centre_crop(images.fitted_square(
+        img, images.margin_size(32)), 32)) for img in imgs]).astype(np.float32)
+    own = np.concatenate([l2_normalise(np.asarray(keras.Model(
+        m.inputs, m.get_layer(HEAD_INPUT_LAYER).input).predict_on_batch(squares)))
+        for _, _, m in members], 1)
+    np.testing.assert_allclose(tuned.features_decoded(imgs), own, atol=1e-4)
+    untuned = Embedder(TWO_BACKBONES, 32, settings=settings).features_decoded(imgs)
+    assert not np.allclose(untuned, own, atol=1e-3)
+    whitened = tuned.with_whitening(learned_whitening(own, [p for p in SHAPES for _ in range(2)],
+                                                      dim=4))
+    whitened.save(tmp_path / "emb")
+    loaded = Embedder.load(tmp_path / "emb", settings)
+    assert loaded.part_weights is not None and loaded.tuned_blocks == 5
+    np.testing.assert_allclose(loaded.embed_decoded(imgs), whitened.embed_decoded(imgs), atol=1e-5)
+    (tmp_path / "emb" / "backbone.efficientnet_lite1.weights.h5").unlink()
+    with pytest.raises(EmbeddingError, match="efficientnet_lite1.weights.h5 missing"):
+        Embedder.load(tmp_path / "emb", settings)
+
+
+def test_a_member_that_is_not_the_backbone_it_is_named_after_is_refused(tmp_path):
+    from modeling.ensemble import EnsembleError, Ensemble, save
+
+    settings = Settings().with_overrides(model_init="random")
+    member = _member_like_training("efficientnet_lite0", settings, 1.0)
+    ens = Ensemble.load(save(tmp_path / "ens", {"model_id": "m-1"}, {"labels": [], "num_classes": 0},
+                             [("efficientnet_lite1", 32, member)]))
+    with pytest.raises(EnsembleError, match="efficientnet_lite1"):
+        ens.backbone_weights(tmp_path / "weights", settings)
+
+
 def test_several_backbones_refuse_repeats_unknown_names_fine_tuning_and_single_crop_calls():
     from shoplens.vision.embedding import EmbeddingError
 
@@ -702,8 +770,10 @@ def test_several_backbones_refuse_repeats_unknown_names_fine_tuning_and_single_c
         Embedder("efficientnet_lite0+efficientnet_lite0", 32)
     with pytest.raises(ValueError, match="unknown"):
         Embedder("efficientnet_lite0+resnet999", 32)
-    with pytest.raises(ValueError, match="single backbone"):
+    with pytest.raises(ValueError, match="part_weights"):
         Embedder(TWO_BACKBONES, 32, tuned_blocks=1)
+    with pytest.raises(ValueError, match="backbones are"):
+        Embedder(TWO_BACKBONES, 32, tuned_blocks=1, part_weights={"efficientnet_lite0": "w.h5"})
     both = Embedder(TWO_BACKBONES, 32)
     with pytest.raises(EmbeddingError, match="features_decoded"):
         both.squares([_photo(next(iter(SHAPES)), 0)])

@@ -38,6 +38,7 @@ Directory layout (``save`` / ``load``)::
     head.npz              the projection (kernel, bias), when trained
     whitening.npz         the learned whitening (mean, projection), when whitened
     backbone.weights.h5   the whole backbone's weights, when its top blocks were fine-tuned
+    backbone.<name>.weights.h5   each backbone's, when several are (e.g. the ensemble's members)
 """
 from __future__ import annotations
 
@@ -190,6 +191,9 @@ class Embedder:
     gem_p: float = 3.0
     whitening: dict | None = None        # {"mean": (F,), "projection": (F, W)} or None
     flip_tta: bool = False               # average the crop's and its mirror image's features
+    # Several backbones, fine-tuned: {backbone name: its whole backbone's weights file} (e.g. the
+    # closed-set ensemble's members, modeling/ensemble.py); one backbone uses weights_file.
+    part_weights: dict | None = None
     _model: object = field(default=None, repr=False)
     _parts: list = field(default=None, repr=False)  # one single-backbone Embedder per backbone
     # Not copied by dataclasses.replace (another size is another network): see cache_network.
@@ -204,21 +208,29 @@ class Embedder:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         names = self.backbone.split(BACKBONE_SEPARATOR)
         if len(names) == 1:
+            if self.part_weights is not None:
+                raise ValueError("part_weights is for several backbones; one uses weights_file")
             self._spec = backbones.member(self.backbone)  # refuses an unknown backbone early
             if not self.image_size:
                 self.image_size = self._spec.native_size
             return
         if len(set(names)) != len(names):
             raise ValueError(f"backbone {self.backbone!r} names a backbone twice")
-        if self.tuned_blocks:
-            raise ValueError("fine-tuned blocks need a single backbone, not "
-                             f"{self.backbone!r}")
+        if self.tuned_blocks and self.part_weights is None:
+            raise ValueError("fine-tuned blocks of several backbones need part_weights (a "
+                             f"weights file per backbone); {self.backbone!r} has none")
+        if self.part_weights is not None and sorted(self.part_weights) != sorted(names):
+            raise ValueError(f"part_weights names {sorted(self.part_weights)}, the backbones "
+                             f"are {sorted(names)}")
         self._spec = None
         if self._parts is None:
             # Each refuses an unknown name; image_size 0 keeps every one at its native size.
+            weights = self.part_weights or {}
             self._parts = [Embedder(name, self.image_size, settings=self.settings,
                                     pooling=self.pooling, gem_p=self.gem_p,
-                                    flip_tta=self.flip_tta) for name in names]
+                                    flip_tta=self.flip_tta,
+                                    tuned_blocks=self.tuned_blocks if name in weights else 0,
+                                    weights_file=weights.get(name)) for name in names]
 
     # --- what it is -------------------------------------------------------------------------
     @property
@@ -262,7 +274,7 @@ class Embedder:
                 "weights": (self.settings or Settings()).model_init,
                 "feature_dim": self.feature_dim, "dim": self.dim, "trained": self.trained,
                 "head": HEAD_FILE if self.trained else None, "tuned_blocks": self.tuned_blocks,
-                "backbone_weights": BACKBONE_WEIGHTS_FILE if self.tuned_blocks else None,
+                "backbone_weights": self._weights_files() if self.tuned_blocks else None,
                 "pooling": self.pooling, "gem_p": self.gem_p if self.pooling == "gem" else None,
                 "whitening": WHITENING_FILE if self.whitening is not None else None,
                 "flip_tta": self.flip_tta,
@@ -483,8 +495,11 @@ class Embedder:
         if self.whitening is not None:
             np.savez(out / WHITENING_FILE, mean=self.whitening["mean"],
                      projection=self.whitening["projection"])
-        if self.tuned_blocks:
+        if self.tuned_blocks and self._parts is None:
             self.model.save_weights(out / BACKBONE_WEIGHTS_FILE)
+        elif self.tuned_blocks:
+            for part, name in zip(self._parts, self._weights_files().values()):
+                part.model.save_weights(out / name)
         # Written last: a directory with embedding.json is complete.
         (out / EMBEDDING_FILE).write_text(json.dumps(self.config(), indent=1))
         return out
@@ -515,15 +530,19 @@ class Embedder:
         settings = (settings or Settings()).with_overrides(
             model_init=config.get("weights", "imagenet"))
         tuned = int(config.get("tuned_blocks") or 0)
-        weights = root / BACKBONE_WEIGHTS_FILE
-        if tuned and not weights.is_file():
-            raise EmbeddingError(f"{root}: fine-tuned backbone weights {weights.name} missing")
+        files = config.get("backbone_weights") if tuned else None
+        if not isinstance(files, dict):  # one backbone (and directories written before parts)
+            files = {None: BACKBONE_WEIGHTS_FILE} if tuned else {}
+        for name in files.values():
+            if not (root / name).is_file():
+                raise EmbeddingError(f"{root}: fine-tuned backbone weights {name} missing")
+        weights = {part: str(root / name) for part, name in files.items()}
         try:
             return cls(backbone, int(config["image_size"]), head,
-                       config.get("report") or {}, settings, tuned,
-                       str(weights) if tuned else None, pooling,
+                       config.get("report") or {}, settings, tuned, weights.get(None), pooling,
                        float(config.get("gem_p") or 3.0), whitening,
-                       bool(config.get("flip_tta", False)))
+                       bool(config.get("flip_tta", False)),
+                       {k: v for k, v in weights.items() if k is not None} or None)
         except ValueError as exc:  # an unknown backbone, say
             raise EmbeddingError(f"{root}: {exc}") from None
 
@@ -531,10 +550,17 @@ class Embedder:
         """The same backbone (not rebuilt) with another projection head."""
         other = Embedder(self.backbone, self.image_size, head, report or {}, self.settings,
                          self.tuned_blocks, self.weights_file, self.pooling, self.gem_p,
-                         self.whitening, self.flip_tta, _parts=self._parts)
+                         self.whitening, self.flip_tta, self.part_weights, _parts=self._parts)
         other._model, other._graph_dir = self._model, self._graph_dir
         other._run, other._graph_dim = self._run, self._graph_dim
         return other
+
+    def _weights_files(self):
+        """The fine-tuned backbone weights' file names in a saved directory."""
+        if self._parts is None:
+            return BACKBONE_WEIGHTS_FILE
+        return {part.backbone: f"backbone.{part.backbone}.weights.h5" for part in self._parts
+                if part.tuned_blocks}
 
     def with_whitening(self, whitening: dict | None, report: dict | None = None) -> "Embedder":
         """The same backbone (not rebuilt) with a learned whitening (see :func:`learned_whitening`)
