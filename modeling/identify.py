@@ -599,8 +599,10 @@ def _identify_decoded(image: Image.Image, gallery: Gallery, detector: Detector |
 def _shares_backbone(a: Embedder, b: Embedder) -> bool:
     """Whether two embedders compute the same backbone features (they differ at most in the
     projection after it), so one backbone pass serves both."""
-    return (a.backbone, a.image_size, a.pooling, a.tuned_blocks, a.weights_file, a.flip_tta) == \
-        (b.backbone, b.image_size, b.pooling, b.tuned_blocks, b.weights_file, b.flip_tta)
+    return (a.backbone, a.image_size, a.pooling, a.tuned_blocks, a.weights_file, a.flip_tta,
+            a.part_weights) == \
+        (b.backbone, b.image_size, b.pooling, b.tuned_blocks, b.weights_file, b.flip_tta,
+         b.part_weights)
 
 
 def _embed_objects(image: Image.Image, objects: list[DetectedBox], gallery: Gallery,
