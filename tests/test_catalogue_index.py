@@ -450,10 +450,15 @@ def test_the_frozen_network_embeds_as_the_keras_one_and_is_made_once_per_network
     built = _count_keras_builds(monkeypatch)
     later = Embedder("efficientnet_lite0", 32, settings=settings).cache_network(folder)
     assert later.feature_dim == keras_features.shape[1] and built == []
-    np.testing.assert_array_equal(later.features_decoded(photos[:2], fixed_batch=True), frozen[:2])
-    np.testing.assert_array_equal(later.features_decoded(photos[2:5], fixed_batch=True),
-                                  frozen[2:5])
-    np.testing.assert_array_equal(later.features_decoded(photos[5:]), frozen[5:])  # alone
+    # Equal bit for bit on the CPUs measured until 2026-12-04; on an AMD EPYC (2026-12-05) the
+    # frozen graph's kernels depend on the batch size: relative differences up to 4e-4 on these
+    # random-weight features (values near 1e-13), so the batch is compared within float noise.
+    same = dict(rtol=1e-3, atol=1e-6 * np.abs(frozen).max())
+    np.testing.assert_allclose(later.features_decoded(photos[:2], fixed_batch=True), frozen[:2],
+                               **same)
+    np.testing.assert_allclose(later.features_decoded(photos[2:5], fixed_batch=True), frozen[2:5],
+                               **same)
+    np.testing.assert_allclose(later.features_decoded(photos[5:]), frozen[5:], **same)  # alone
     assert built == []
 
     Embedder("efficientnet_lite0", 48, settings=settings).cache_network(folder).prepare_network()
