@@ -501,8 +501,10 @@ class Embedder:
         if self.tuned_blocks and self._parts is None:
             self.model.save_weights(out / BACKBONE_WEIGHTS_FILE)
         elif self.tuned_blocks:
-            for part, name in zip(self._parts, self._weights_files().values()):
-                part.model.save_weights(out / name)
+            files = self._weights_files()
+            for part in self._parts:
+                if part.backbone in files:
+                    part.model.save_weights(out / files[part.backbone])
         # Written last: a directory with embedding.json is complete.
         (out / EMBEDDING_FILE).write_text(json.dumps(self.config(), indent=1))
         return out
@@ -534,18 +536,20 @@ class Embedder:
             model_init=config.get("weights", "imagenet"))
         tuned = int(config.get("tuned_blocks") or 0)
         files = config.get("backbone_weights") if tuned else None
-        if not isinstance(files, dict):  # one backbone (and directories written before parts)
-            files = {None: BACKBONE_WEIGHTS_FILE} if tuned else {}
-        for name in files.values():
-            if not (root / name).is_file():
+        # Several backbones name a file each; one backbone (and directories written before
+        # several could be fine-tuned) has the one file.
+        parts = files if isinstance(files, dict) else {}
+        single = BACKBONE_WEIGHTS_FILE if tuned and not parts else None
+        for name in [single, *parts.values()]:
+            if name and not (root / name).is_file():
                 raise EmbeddingError(f"{root}: fine-tuned backbone weights {name} missing")
-        weights = {part: str(root / name) for part, name in files.items()}
         try:
             return cls(backbone, int(config["image_size"]), head,
-                       config.get("report") or {}, settings, tuned, weights.get(None), pooling,
+                       config.get("report") or {}, settings, tuned,
+                       str(root / single) if single else None, pooling,
                        float(config.get("gem_p") or 3.0), whitening,
                        bool(config.get("flip_tta", False)),
-                       {k: v for k, v in weights.items() if k is not None} or None)
+                       {part: str(root / name) for part, name in parts.items()} or None)
         except ValueError as exc:  # an unknown backbone, say
             raise EmbeddingError(f"{root}: {exc}") from None
 
