@@ -16,7 +16,7 @@ With ``--hold-back`` (default 1 %) of them held back:
 
 Every step is the stage entry itself, in this process (a step that embeds loads the network,
 as a night's task would: the first build freezes it into the local index cache, later steps,
-the full rebuild included, load the frozen graph instead of building Keras). ``full_again`` minus ``incremental`` over the photos only the first
+the full rebuild included, load the frozen network instead of building Keras). ``full_again`` minus ``incremental`` over the photos only the first
 embeds is the per-photo cost; the rest of ``incremental`` is its fixed cost (backbone build,
 bookkeeping): together a linear projection of the ratio to larger catalogues (labelled as a
 projection in the results, not measured). Each step's summary carries the refresh's own

@@ -1,8 +1,8 @@
-"""A query photo's embedding: the Keras network against the frozen, pre-optimised network the
-search service now uses (``catalogue_index.load_for_queries``), in one process on one thread:
+"""A query photo's embedding: the Keras network against the frozen network (ONNX, run by
+onnxruntime) the search service now uses (``catalogue_index.load_for_queries``), in one process on one thread:
 
     TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 \\
-        .venv/bin/python benchmarks/query_embed.py [--size 224] [--rounds 30]
+        .venv/bin/python benchmarks/query_embed.py [--backbone efficientnet_lite0+efficientnet_lite1+efficientnet_lite2] [--size 0] [--rounds 30]
 
 - first query in a fresh process (TensorFlow imported, nothing built): Keras builds its
   network (what every service reload and every ``search`` command paid), the frozen network is
@@ -31,7 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--size", type=int, default=0,
+                    help="crop size (0: each backbone's native size, as the search runs them)")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--out", default=str(REPO / "results" / "query_embed.json"))
     ap.add_argument("--first", nargs=2, metavar=("KIND", "CACHE"), help=argparse.SUPPRESS)
@@ -83,6 +84,10 @@ def main() -> int:
     result = {"backbone": args.backbone, "image_size": args.size, "rounds": args.rounds,
               "first_query_s": {k: [round(x, 3) for x in v] for k, v in first.items()},
               "single_photo": {name: stats(v) for name, v in times.items()},
+              "frozen_to_keras": {
+                  "median": round(float(np.median(times["frozen"]) / np.median(times["keras"])), 3),
+                  "p95": round(float(np.percentile(times["frozen"], 95)
+                                     / np.percentile(times["keras"], 95)), 3)},
               "max_abs_difference": difference,
               "threads": {k: os.environ.get(k) for k in ("TF_NUM_INTRAOP_THREADS",
                                                          "TF_NUM_INTEROP_THREADS")},

@@ -26,7 +26,9 @@ Reported (``--out``, default results/search_grocery.json):
   its product's most similar photos out per ``search_calibration_holdout``, and applied to the
   ``val/`` queries, which it never saw; ``product_holdout_0`` the plain leave-one-out),
   ``two_fold`` and ``seen_to_novel`` (as ``threshold``);
-- ``latency_ms``: one query (decode + embed + search) on one core, p50/p95, in a child process;
+- ``latency_ms``: one query (decode + embed + search) on one core, p50/p95, in a child process,
+  as the service runs it (the frozen ONNX network), with the Keras network's in another child
+  as the same run's baseline (``keras``, ``p95_ratio_to_keras``);
 - ``wall_s`` and the machine's load average.
 
     nice -n 10 env TF_NUM_INTRAOP_THREADS=2 .venv/bin/python benchmarks/search_grocery.py
@@ -277,13 +279,23 @@ def confidence_rules_report(index, q_vectors, truth, target: float, calibration_
     return out
 
 
-def latency_child(index_dir: str, paths: list[str], warmup: int = 3) -> None:
-    """Runs in a child pinned to one core: per photo, decode + embed + search, timed."""
+def latency_child(index_dir: str, network: str, paths: list[str], warmup: int = 3) -> None:
+    """Runs in a child pinned to one core: per photo, decode + embed + search, timed. ``network``
+    ``frozen``: the index loaded as the service and the search command load it
+    (``catalogue_index.load_for_queries``: the frozen ONNX network, made once in a cache folder
+    beside the index, before the timed photos); ``keras``: the Keras network (the baseline)."""
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    from shoplens.config import Settings
     from shoplens.vision import images
+    from modeling import catalogue_index
     from modeling.search_index import SearchIndex
 
-    index = SearchIndex.load(index_dir)
+    if network == "frozen":
+        settings = Settings.from_env().with_overrides(
+            search_cache_dir=str(Path(index_dir).parent / "query-cache"))
+        index = catalogue_index.load_for_queries(index_dir, settings)
+    else:
+        index = SearchIndex.load(index_dir)
     times = []
     for i, p in enumerate(paths):
         t0 = time.perf_counter()
@@ -296,14 +308,21 @@ def latency_child(index_dir: str, paths: list[str], warmup: int = 3) -> None:
 
 
 def measure_latency(index_dir: Path, paths: list[str]) -> dict:
+    """The product's query path (frozen network) and the Keras baseline, one child each, in
+    turn on the same photos; their p95 ratio."""
     env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, __file__, "--latency-child", str(index_dir), *paths],
-                          env=env, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "cores": 1,
-            "load_average": os.getloadavg()}
+    out = {}
+    for network in ("frozen", "keras"):
+        proc = subprocess.run([sys.executable, __file__, "--latency-child", str(index_dir),
+                               network, *paths], env=env, capture_output=True, text=True,
+                              timeout=1800)
+        if proc.returncode != 0:
+            return {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+        out[network] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**out["frozen"], "keras": out["keras"],
+            "p95_ratio_to_keras": round(out["frozen"]["p95"] / out["keras"]["p95"], 3),
+            "cores": 1, "load_average": os.getloadavg()}
 
 
 def ensemble_scores(ensemble_dir: str, paths: list[str], labels: list[int]) -> dict:
@@ -381,7 +400,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.latency_child:
-        latency_child(args.latency_child[0], args.latency_child[1:])
+        latency_child(args.latency_child[0], args.latency_child[1], args.latency_child[2:])
         return 0
     if not (args.grocery / "classes.csv").is_file():
         print(f"skipped: needs {args.grocery} (absent on this machine)")

@@ -66,7 +66,8 @@ BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 DEFAULT_BACKBONE = "efficientnet_lite0"
 BACKBONE_SEPARATOR = "+"
 _BATCH = 32
-GRAPH_SUFFIX = ".graph.pb"
+NETWORK_SUFFIX = ".onnx"
+ONNX_OPSET = 17
 # A frozen network not loaded for this long is deleted by prune_frozen_networks (about 14 MB
 # each; a new TensorFlow, Keras or building code makes a new one and leaves the old unused).
 NETWORK_KEEP_SECONDS = 14 * 24 * 3600
@@ -94,56 +95,45 @@ def _read_arrays(root: Path, name: str, keys: tuple[str, ...]) -> dict:
         raise EmbeddingError(f"{root}: cannot read {name} ({exc})") from None
 
 
-def optimise_frozen_graph(graph, input_name: str, output_name: str, size: int, dim: int):
-    """The frozen network's GraphDef run through TensorFlow's graph optimiser (Grappler) once,
-    as a function call would on its first run (constants folded, convolutions fused with their
-    bias and activation, on the CPU), so that a process loading it skips that work: with
-    :func:`frozen_graph_runner` about 0.6 s less before the first batch (measured at 128 px),
-    the same features to the bit."""
+def onnx_network(graph, input_name: str, output_name: str):
+    """The frozen TensorFlow network (a GraphDef with its weights as constants) converted to an
+    ONNX model (serialised bytes) by tf2onnx, for :func:`onnx_runner`."""
+    import tf2onnx
+
+    model, _ = tf2onnx.convert.from_graph_def(graph, input_names=[input_name],
+                                              output_names=[output_name], opset=ONNX_OPSET)
+    return model.SerializeToString()
+
+
+def network_threads() -> int:
+    """Threads one network run may use: TensorFlow's setting where the process made one, else
+    the TF_NUM_INTRAOP_THREADS or OMP_NUM_THREADS environment (as services and benchmarks pin
+    them), else 0 (onnxruntime's default: one per physical core)."""
     import tensorflow as tf
-    from tensorflow.core.framework import types_pb2
-    from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
-    from tensorflow.python.grappler import tf_optimizer
-    from tensorflow.python.training.saver import export_meta_graph
 
-    placed = tf.compat.v1.GraphDef()
-    placed.CopyFrom(graph)
-    for node in placed.node:  # the fusions are per device: placed as a run would place them
-        node.device = "/job:localhost/replica:0/task:0/device:CPU:0"
-    with tf.Graph().as_default() as g:
-        tf.compat.v1.import_graph_def(placed, name="")
-        meta = export_meta_graph(graph_def=g.as_graph_def(), graph=g)
-    signature = meta_graph_pb2.SignatureDef()
-    for end, name, shape in ((signature.inputs, input_name, [None, size, size, 3]),
-                             (signature.outputs, output_name, [None, dim])):
-        end[name].name = name
-        end[name].dtype = types_pb2.DT_FLOAT
-        end[name].tensor_shape.CopyFrom(tf.TensorShape(shape).as_proto())
-    meta.signature_def["embed"].CopyFrom(signature)
-    fetch = meta_graph_pb2.CollectionDef()  # what Grappler must keep: the input and the output
-    fetch.node_list.value.extend([input_name, output_name])
-    meta.collection_def["train_op"].CopyFrom(fetch)
-    return tf_optimizer.OptimizeGraph(config_pb2.ConfigProto(), meta)
+    for value in (tf.config.threading.get_intra_op_parallelism_threads(),
+                  os.environ.get("TF_NUM_INTRAOP_THREADS"), os.environ.get("OMP_NUM_THREADS")):
+        try:
+            if int(value or 0) > 0:
+                return int(value)
+        except ValueError:
+            continue
+    return 0
 
 
-def frozen_graph_runner(graph, input_name: str, output_name: str, optimised: bool):
-    """A function (N, s, s, 3) float32 -> (N, F) features over a frozen GraphDef, run in its
-    own TensorFlow session: a session imports the graph in a fraction of the time a wrapped
-    eager function takes, and its own configuration turns the graph optimiser off for an
-    ``optimised`` graph (done once, ahead) without touching the process's eager settings."""
-    import tensorflow as tf
-    from tensorflow.core.protobuf import config_pb2
+def onnx_runner(model: bytes, threads: int = 0):
+    """A function (N, s, s, 3) float32 -> (N, F) features over an ONNX network, run by
+    onnxruntime in ``threads`` threads: on one core it embeds a photo in about 0.6x the time the
+    same network takes as an optimised TensorFlow graph (``benchmarks/query_embed.py``)."""
+    import onnxruntime as ort
 
-    g = tf.Graph()
-    with g.as_default():
-        tf.compat.v1.import_graph_def(graph, name="")
-    config = config_pb2.ConfigProto(
-        intra_op_parallelism_threads=tf.config.threading.get_intra_op_parallelism_threads(),
-        inter_op_parallelism_threads=tf.config.threading.get_inter_op_parallelism_threads())
-    config.graph_options.rewrite_options.disable_meta_optimizer = optimised
-    session = tf.compat.v1.Session(graph=g, config=config)
-    x, y = g.get_tensor_by_name(input_name), g.get_tensor_by_name(output_name)
-    return lambda crops: session.run(y, {x: crops})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # its warnings about unused initialisers are not ours
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda crops: session.run(None, {name: crops})[0]
 
 
 def prune_frozen_networks(folder: str | Path, unused_for: float = NETWORK_KEEP_SECONDS,
@@ -157,11 +147,11 @@ def prune_frozen_networks(folder: str | Path, unused_for: float = NETWORK_KEEP_S
     if not folder.is_dir():
         return []
     cutoff = (time.time() if now is None else now) - unused_for
-    graphs = {p.name[:-len(GRAPH_SUFFIX)] for p in folder.glob(f"*{GRAPH_SUFFIX}")}
+    graphs = {p.name[:-len(NETWORK_SUFFIX)] for p in folder.glob(f"*{NETWORK_SUFFIX}")}
     stale = []
     for path in folder.iterdir():
         # Metadata goes with its graph; anything else (a leftover) is as old as itself.
-        owner = (path.with_name(path.stem + GRAPH_SUFFIX)
+        owner = (path.with_name(path.stem + NETWORK_SUFFIX)
                  if path.suffix == ".json" and path.stem in graphs else path)
         try:
             if path.is_file() and owner.stat().st_mtime < cutoff:
@@ -301,18 +291,17 @@ class Embedder:
         return self._model
 
     def cache_network(self, folder: str | Path) -> "Embedder":
-        """Run the backbone(s) as a frozen TensorFlow graph kept in ``folder``, made from the
-        Keras network once and loaded on later uses instead of building and tracing the
-        network again (the fixed cost of a process that embeds a few photos: about 2 s of
-        Keras build and first trace). The file is named by everything the network depends on
-        (backbone, size, weights, pooling, TensorFlow and Keras versions, the building code).
-        The stored graph is already optimised (:func:`optimise_frozen_graph`) and runs in its
-        own session (:func:`frozen_graph_runner`): loading it and running the first batch take
-        about 0.3 s instead of 1.1 s. Its features equal the Keras network's within float noise
-        (batch-norm folded into the convolutions); every photo embedded through one frozen graph
-        gets the same vector whatever else is in its batch (bit for bit on the Intel CPUs measured;
-        within float noise, relative 4e-4, on an AMD EPYC whose kernels depend on the batch size).
-        Returns self."""
+        """Run the backbone(s) as a frozen network kept in ``folder``: made from the Keras network
+        once (traced, its weights folded in as constants, converted to ONNX) and loaded on later
+        uses instead of building and tracing the network again (the fixed cost of a process
+        that embeds a few photos: about 2 s of Keras build and first trace), run by onnxruntime
+        (:func:`onnx_runner`: about 0.6x TensorFlow's time per photo on one core). The file is
+        named by everything the network depends on (backbone, size, weights, pooling,
+        TensorFlow, Keras and converter versions, the building code). Its features equal the
+        Keras network's within float noise (batch norm folded into the convolutions), and
+        every photo embedded through one frozen network gets the same vector, within float
+        noise, whatever else is in its batch. A backbone the converter cannot handle runs on
+        Keras (logged). Returns self."""
         for part in self.parts:
             part._graph_dir, part._run = Path(folder), None
         return self
@@ -324,14 +313,13 @@ class Embedder:
 
     def _network(self):
         if self._run is None:
-            if self._graph_dir is None:
-                model = self.model
-                self._run = lambda x: np.asarray(model.predict_on_batch(x))
-            else:
-                self._run = self._frozen_network()
+            self._run = (self._keras_network() if self._graph_dir is None
+                         else self._frozen_network())
         return self._run
 
     def _network_key(self) -> str:
+        from importlib.metadata import version
+
         import keras
         import tensorflow as tf
 
@@ -343,39 +331,43 @@ class Embedder:
                 "pooling": self.pooling, "gem_p": self.gem_p if self.pooling == "gem" else None,
                 "tuned": file_sha256(Path(self.weights_file)) if self.weights_file else None,
                 "tensorflow": tf.__version__, "keras": keras.__version__,
-                # oneDNN decides which fused kernels the graph is optimised into
-                "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+                "tf2onnx": version("tf2onnx"), "onnx": version("onnx"), "opset": ONNX_OPSET,
                 "code": {n: file_sha256(here / n) for n in _NETWORK_SOURCES
                          if (here / n).is_file()}}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
 
     def _frozen_network(self):
-        import tensorflow as tf
-        from google.protobuf.message import DecodeError
-
         path = self._graph_dir / f"{self.backbone}-{self.image_size}-{self._network_key()}"
-        graph_file, meta_file = path.with_name(path.name + GRAPH_SUFFIX), path.with_suffix(".json")
-        if not graph_file.is_file():
-            self._freeze(graph_file, meta_file)
+        network_file = path.with_name(path.name + NETWORK_SUFFIX)
+        meta_file = path.with_suffix(".json")
+        if not network_file.is_file() and not self._freeze(network_file, meta_file):
+            return self._keras_network()
         try:
             meta = json.loads(meta_file.read_text())
-            graph = tf.compat.v1.GraphDef()
-            graph.ParseFromString(graph_file.read_bytes())
-        except (OSError, ValueError, DecodeError) as exc:  # a damaged cache file: made again
-            log.warning("%s: %s; freezing the network again", graph_file, exc)
-            self._freeze(graph_file, meta_file)
+            run = onnx_runner(network_file.read_bytes(), network_threads())
+        except Exception as exc:  # noqa: BLE001 - a damaged cache file (onnxruntime's own errors)
+            log.warning("%s: %s; freezing the network again", network_file, exc)
+            if not self._freeze(network_file, meta_file):
+                return self._keras_network()
             meta = json.loads(meta_file.read_text())
-            graph = tf.compat.v1.GraphDef()
-            graph.ParseFromString(graph_file.read_bytes())
+            run = onnx_runner(network_file.read_bytes(), network_threads())
         self._graph_dim = int(meta["dim"])
         try:  # its modification time says when it was last used (prune_frozen_networks)
-            os.utime(graph_file)
+            os.utime(network_file)
         except OSError:  # a read-only cache is still a cache
             pass
-        return frozen_graph_runner(graph, meta["input"], meta["output"],
-                                   optimised=bool(meta.get("optimised")))
+        return run
 
-    def _freeze(self, graph_file: Path, meta_file: Path) -> None:
+    def _keras_network(self):
+        """The Keras network, for a backbone the converter cannot handle (it pads batch work to
+        one traced shape, as without a cache)."""
+        self._graph_dir = None
+        model = self.model
+        return lambda x: np.asarray(model.predict_on_batch(x))
+
+    def _freeze(self, network_file: Path, meta_file: Path) -> bool:
+        """Trace the Keras network, fold its weights in as constants and store it as ONNX;
+        False (logged) where the conversion fails."""
         import tensorflow as tf
         from tensorflow.python.framework.convert_to_constants import (
             convert_variables_to_constants_v2)
@@ -386,22 +378,21 @@ class Embedder:
         frozen = convert_variables_to_constants_v2(traced)
         meta = {"input": frozen.inputs[0].name, "output": frozen.outputs[0].name,
                 "dim": int(frozen.outputs[0].shape[-1]), "backbone": self.backbone,
-                "image_size": s}
-        graph = frozen.graph.as_graph_def()
+                "image_size": s, "format": "onnx", "opset": ONNX_OPSET}
         try:
-            graph = optimise_frozen_graph(graph, meta["input"], meta["output"], s, meta["dim"])
-            meta["optimised"] = True
-        except Exception as exc:  # noqa: BLE001 - the plain graph still works, optimised per run
-            log.warning("%s: graph not optimised ahead (%s: %s); optimised at each first run",
-                        graph_file.name, type(exc).__name__, exc)
-        graph_file.parent.mkdir(parents=True, exist_ok=True)
-        # Each written aside and renamed: the graph file's presence means both are complete.
-        for target, data in ((meta_file, json.dumps(meta).encode()),
-                             (graph_file, graph.SerializeToString())):
+            network = onnx_network(frozen.graph.as_graph_def(), meta["input"], meta["output"])
+        except Exception as exc:  # noqa: BLE001 - the converter's errors are its own
+            log.warning("%s: the network cannot be converted to ONNX (%s: %s); running Keras",
+                        network_file.name, type(exc).__name__, exc)
+            return False
+        network_file.parent.mkdir(parents=True, exist_ok=True)
+        # Each written aside and renamed: the network file's presence means both are complete.
+        for target, data in ((meta_file, json.dumps(meta).encode()), (network_file, network)):
             tmp = target.with_name(f".{target.name}.{os.getpid()}")
             tmp.write_bytes(data)
             tmp.replace(target)
-        log.info("%s: network frozen (%d bytes)", graph_file, graph_file.stat().st_size)
+        log.info("%s: network frozen (%d bytes)", network_file, network_file.stat().st_size)
+        return True
 
     # --- photos -> vectors --------------------------------------------------------------------
     def _single(self, what: str) -> None:
@@ -429,14 +420,14 @@ class Embedder:
         return self._pooled(crops, fixed_batch)
 
     def _pooled(self, crops: np.ndarray, fixed_batch: bool = False) -> np.ndarray:
-        chunks = []
+        chunks, run = [], self._network() if len(crops) else None
         for i in range(0, len(crops), _BATCH):
             x = crops[i:i + _BATCH].astype(np.float32)
-            # Padded for Keras only (the one traced shape; rows dropped): the frozen graph takes
+            # Padded for Keras only (the one traced shape; rows dropped): the frozen network takes
             # any batch size without tracing and gives each photo the same vector in any batch.
             if fixed_batch and self._graph_dir is None and len(x) < _BATCH:
                 x = np.concatenate([x, np.zeros((_BATCH - len(x),) + x.shape[1:], np.float32)])
-            chunks.append(self._network()(x)[:len(crops) - i])
+            chunks.append(run(x)[:len(crops) - i])
         if not chunks:
             return np.zeros((0, self.feature_dim), np.float32)
         return np.concatenate(chunks).astype(np.float32)
