@@ -498,7 +498,7 @@ def cost_child(listing: str, work: str, variants_json: str, model: str, paths: l
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     from modeling.identify import Gallery, decode_for_identify, identify, identify_detector
     from shoplens.vision import images
-    from shoplens.vision.embedding import Embedder
+    from shoplens.vision.embedding import NETWORK_CACHE, Embedder
 
     variants = json.loads(variants_json)
     runs = []
@@ -516,8 +516,10 @@ def cost_child(listing: str, work: str, variants_json: str, model: str, paths: l
             detectors[path] = identify_detector(settings.with_overrides(
                 identify_detector_model_path=path, identify_min_score=min_score), threads=1)
     # The baseline is the shop's search query: one photo at the backbone's native size, whatever
-    # size identify embeds its crops at.
-    query = Embedder(settings0.identify_backbone, settings=settings0)
+    # size identify embeds its crops at, on the frozen network as the search service runs it
+    # (the galleries' crops run theirs too).
+    query = Embedder(settings0.identify_backbone, settings=settings0).cache_network(
+        Path(work) / "galleries" / NETWORK_CACHE)
     searchable = Gallery.searchable
     times = {v["name"]: [] for v, _, _ in runs}
     objects = {v["name"]: [] for v, _, _ in runs}

@@ -70,6 +70,9 @@ import sqlalchemy as sa
 from shoplens.config import Settings
 from shoplens.manifest import engine_for, require_migrated, session_scope
 from shoplens.checksums import file_sha256
+# In the local index cache: the embedding network frozen once, so that a night with a few new
+# photos loads it instead of building and tracing Keras again.
+from shoplens.vision.embedding import NETWORK_CACHE
 from shoplens.manifest.schema import (catalogue_images, categories, current_search_index,
                                       products, search_indexes)
 
@@ -79,9 +82,6 @@ INDEX_PREFIX = "search-indexes"
 CHUNK_PREFIX = f"{INDEX_PREFIX}/chunks/"
 CATALOGUE_SOURCE = "catalogue"
 MIN_CALIBRATION_QUERIES = 10
-# In the local index cache (a dot folder: not a version): the embedding network frozen once, so
-# that a night with a few new photos loads it instead of building and tracing Keras again.
-NETWORK_CACHE = ".networks"
 
 
 class IndexNotFound(LookupError):

@@ -74,7 +74,7 @@ from shoplens.progress import progress
 from shoplens.vision import images
 from shoplens.vision.crops import square_crop, trimmed_to_product
 from shoplens.vision.detector import COCO_CLASSES, Detector
-from shoplens.vision.embedding import Embedder, l2_normalise
+from shoplens.vision.embedding import NETWORK_CACHE, Embedder, l2_normalise
 from shoplens.vision.room_views import (background_photos, load_backgrounds,
                                         product_on_room_patch, product_cutout)
 
@@ -394,12 +394,16 @@ class Gallery:
             own.settings = settings
             return own
         rows = read_listing(listing)
-        embedder = identify_embedder(settings)
+        cache = Path(cache_dir or settings.identify_cache_dir).expanduser()
+        # The gallery and the crops run the frozen network kept beside the galleries (made once):
+        # no Keras build per command, and about half the time per crop on one core.
+        embedder = identify_embedder(settings).cache_network(cache / NETWORK_CACHE)
         backgrounds = gallery_backgrounds(settings)
         key = gallery_key(rows, embedder, settings, backgrounds)
-        root = Path(cache_dir or settings.identify_cache_dir).expanduser() / f"gallery-{key[:24]}"
+        root = cache / f"gallery-{key[:24]}"
         if (root / "index.json").is_file():
-            return cls(SearchIndex.load(root, settings), settings, settings.identify_flip)
+            return cls(_for_queries(SearchIndex.load(root, settings), cache), settings,
+                       settings.identify_flip)
         index = SearchIndex(embedder, aggregation="prototype")
         ids: dict[str, int] = {}
         products = []
@@ -426,7 +430,13 @@ class Gallery:
             os.rename(tmp, root)
         except OSError:  # another process cached the same gallery first: use it
             shutil.rmtree(tmp, ignore_errors=True)
-        return cls(SearchIndex.load(root, settings), settings, settings.identify_flip)
+        return cls(_for_queries(SearchIndex.load(root, settings), cache), settings,
+                   settings.identify_flip)
+
+
+def _for_queries(index, cache: Path):
+    index.embedder.cache_network(cache / NETWORK_CACHE)
+    return index
 
 
 def identify_embedder(settings: Settings) -> Embedder:

@@ -295,7 +295,7 @@ def test_an_indexed_gallery_is_reused_and_a_changed_listing_is_indexed_again(
     listing, room = gallery_dir
     settings = _settings(tmp_path)
     first = Gallery.from_listing(listing, settings)
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert len(list((tmp_path / "cache").glob("gallery-*"))) == 1
 
     def no_embedding(*args, **kwargs):
         raise AssertionError("a cached gallery was embedded again")
@@ -309,7 +309,37 @@ def test_an_indexed_gallery_is_reused_and_a_changed_listing_is_indexed_again(
     listing.write_text(listing.read_text().replace("100.000.00,chair", "100.000.00,dining table"))
     changed = Gallery.from_listing(listing, settings)
     assert changed.index.root != first.index.root
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(list((tmp_path / "cache").glob("gallery-*"))) == 2
+
+
+def test_a_cached_gallery_embeds_crops_on_the_frozen_network_and_builds_no_keras(
+        gallery_dir, tmp_path, monkeypatch):
+    """The gallery is embedded on the frozen network made once beside the galleries; a later
+    command that finds the gallery cached answers a photo without building Keras (seconds per
+    command otherwise) and gets the vectors the Keras network would give, within float noise."""
+    from shoplens.vision.embedding import NETWORK_CACHE, NETWORK_SUFFIX, Embedder
+
+    listing, room = gallery_dir
+    settings = _settings(tmp_path)
+    Gallery.from_listing(listing, settings)
+    assert len(list((tmp_path / "cache" / NETWORK_CACHE).glob(f"*{NETWORK_SUFFIX}"))) == 1
+
+    built = []
+    real = Embedder.model.fget
+
+    def counting(self):
+        if self._model is None:
+            built.append(self.backbone)
+        return real(self)
+
+    monkeypatch.setattr(Embedder, "model", property(counting))
+    again = Gallery.from_listing(listing, settings)
+    photo = drawn_photo(1, 0)
+    frozen = again.index.embedder.embed_decoded([photo])
+    assert built == []
+    monkeypatch.undo()
+    keras = identify_module.identify_embedder(settings).embed_decoded([photo])
+    np.testing.assert_allclose(frozen, keras, atol=1e-5)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -67,6 +67,8 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 BACKBONE_SEPARATOR = "+"
 _BATCH = 32
 NETWORK_SUFFIX = ".onnx"
+# The folder of frozen networks inside a cache (a dot folder: not an index or a gallery).
+NETWORK_CACHE = ".networks"
 ONNX_OPSET = 17
 # A frozen network not loaded for this long is deleted by prune_frozen_networks (about 14 MB
 # each; a new TensorFlow, Keras or building code makes a new one and leaves the old unused).
