@@ -43,6 +43,22 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def count_keras_builds(monkeypatch) -> list:
+    """From now on, each Keras network an Embedder builds appends its backbone to the list."""
+    from shoplens.vision.embedding import Embedder
+
+    built = []
+    real = Embedder.model.fget
+
+    def counting(self):
+        if self._model is None:
+            built.append(self.backbone)
+        return real(self)
+
+    monkeypatch.setattr(Embedder, "model", property(counting))
+    return built
+
+
 def _admin_engine():
     return sa.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
 

@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from build_fixtures import ManifestWriter
+from conftest import count_keras_builds
 from drawn_products import SHAPES, drawn_photo
 from modeling import catalogue_index
 from shoplens.manifest import engine_for
@@ -49,20 +50,6 @@ def shop(settings):
         _add_product(writer, pid)
     _catalogue_image(writer, 1, drawn_photo(1, 9))
     return writer
-
-
-def _count_keras_builds(monkeypatch) -> list:
-    """From now on, each Keras network an Embedder builds appends its backbone to the list."""
-    built = []
-    real = Embedder.model.fget
-
-    def counting(self):
-        if self._model is None:
-            built.append(self.backbone)
-        return real(self)
-
-    monkeypatch.setattr(Embedder, "model", property(counting))
-    return built
 
 
 def _add_product(writer, pid: int, photos=range(3)) -> list[str]:
@@ -198,7 +185,7 @@ def test_full_refresh_embeds_everything_again(settings, shop, embedded):
 
 def test_a_refresh_splits_its_time_by_phase_and_builds_the_backbone_only_to_embed(
         settings, shop, monkeypatch):
-    built = _count_keras_builds(monkeypatch)
+    built = count_keras_builds(monkeypatch)
     first = catalogue_index.refresh(settings)
     phases = first["timings"]
     assert {"embedder", "manifest", "backbone", "embed", "calibration", "save", "upload",
@@ -456,7 +443,7 @@ def test_the_frozen_network_embeds_as_the_keras_one_and_is_made_once_per_network
         keras_features).max())
     assert len(list(folder.glob(f"*{embedding.NETWORK_SUFFIX}"))) == 1
 
-    built = _count_keras_builds(monkeypatch)
+    built = count_keras_builds(monkeypatch)
     later = Embedder("efficientnet_lite0", 32, settings=settings).cache_network(folder)
     assert later.feature_dim == keras_features.shape[1] and built == []
     # Within float noise, not to the bit: a TensorFlow graph's kernels depended on the batch size
@@ -687,7 +674,7 @@ def test_queries_embed_with_the_network_the_refresh_froze_and_never_build_keras(
     from modeling.search_service import CurrentIndexHolder
 
     catalogue_index.refresh(settings)
-    built = _count_keras_builds(monkeypatch)
+    built = count_keras_builds(monkeypatch)
     index = CurrentIndexHolder(settings, reload_seconds=0).current()
     vector = index.embedder.embed_decoded([drawn_photo(1, 0)])[0]
     assert index.answer(vector, 1)["top"][0]["product_id"] == 1

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import shared_path
+from conftest import count_keras_builds, shared_path
 from drawn_products import drawn_photo
 from modeling import identify as identify_module
 from modeling.identify import Gallery, IdentifyError, read_listing
@@ -317,22 +317,14 @@ def test_a_cached_gallery_embeds_crops_on_the_frozen_network_and_builds_no_keras
     """The gallery is embedded on the frozen network made once beside the galleries; a later
     command that finds the gallery cached answers a photo without building Keras (seconds per
     command otherwise) and gets the vectors the Keras network would give, within float noise."""
-    from shoplens.vision.embedding import NETWORK_CACHE, NETWORK_SUFFIX, Embedder
+    from shoplens.vision.embedding import NETWORK_CACHE, NETWORK_SUFFIX
 
     listing, room = gallery_dir
     settings = _settings(tmp_path)
     Gallery.from_listing(listing, settings)
     assert len(list((tmp_path / "cache" / NETWORK_CACHE).glob(f"*{NETWORK_SUFFIX}"))) == 1
 
-    built = []
-    real = Embedder.model.fget
-
-    def counting(self):
-        if self._model is None:
-            built.append(self.backbone)
-        return real(self)
-
-    monkeypatch.setattr(Embedder, "model", property(counting))
+    built = count_keras_builds(monkeypatch)
     again = Gallery.from_listing(listing, settings)
     photo = drawn_photo(1, 0)
     frozen = again.index.embedder.embed_decoded([photo])
