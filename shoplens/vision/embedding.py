@@ -126,7 +126,8 @@ def network_threads() -> int:
 def onnx_runner(model: bytes, threads: int = 0):
     """A function (N, s, s, 3) float32 -> (N, F) features over an ONNX network, run by
     onnxruntime in ``threads`` threads: on one core it embeds a photo in about 0.6x the time the
-    same network takes as an optimised TensorFlow graph (``benchmarks/query_embed.py``)."""
+    same network took as an optimised TensorFlow graph, and about 0.5x Keras's
+    (``benchmarks/query_embed.py``; docs/benchmarks.md)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -141,20 +142,21 @@ def onnx_runner(model: bytes, threads: int = 0):
 def prune_frozen_networks(folder: str | Path, unused_for: float = NETWORK_KEEP_SECONDS,
                           now: float | None = None) -> list[str]:
     """Delete the frozen networks in ``folder`` (:meth:`Embedder.cache_network`) not loaded for
-    ``unused_for`` seconds, each graph with its metadata, and what an interrupted freeze left
-    (a dot file, or metadata without its graph) as old. Returns the names deleted. Safe while
+    ``unused_for`` seconds, each network file with its metadata, and what an interrupted freeze
+    left (a dot file, or metadata without its network) as old. Returns the names deleted. Safe while
     others use the folder: a process that has read a network keeps it, and one that finds it
     gone freezes it again."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     cutoff = (time.time() if now is None else now) - unused_for
-    graphs = {p.name[:-len(NETWORK_SUFFIX)] for p in folder.glob(f"*{NETWORK_SUFFIX}")}
+    networks = {p.name[:-len(NETWORK_SUFFIX)] for p in folder.glob(f"*{NETWORK_SUFFIX}")}
     stale = []
     for path in folder.iterdir():
-        # Metadata goes with its graph; anything else (a leftover) is as old as itself.
+        # Metadata goes with its network; anything else (a leftover, or a TensorFlow graph file
+        # of an earlier version) is as old as itself.
         owner = (path.with_name(path.stem + NETWORK_SUFFIX)
-                 if path.suffix == ".json" and path.stem in graphs else path)
+                 if path.suffix == ".json" and path.stem in networks else path)
         try:
             if path.is_file() and owner.stat().st_mtime < cutoff:
                 stale.append(path)
