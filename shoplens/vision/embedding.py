@@ -344,17 +344,20 @@ class Embedder:
         path = self._graph_dir / f"{self.backbone}-{self.image_size}-{self._network_key()}"
         network_file = path.with_name(path.name + NETWORK_SUFFIX)
         meta_file = path.with_suffix(".json")
+
+        def load():
+            return (json.loads(meta_file.read_text()),
+                    onnx_runner(network_file.read_bytes(), network_threads()))
+
         if not network_file.is_file() and not self._freeze(network_file, meta_file):
             return self._keras_network()
         try:
-            meta = json.loads(meta_file.read_text())
-            run = onnx_runner(network_file.read_bytes(), network_threads())
+            meta, run = load()
         except Exception as exc:  # noqa: BLE001 - a damaged cache file (onnxruntime's own errors)
             log.warning("%s: %s; freezing the network again", network_file, exc)
             if not self._freeze(network_file, meta_file):
                 return self._keras_network()
-            meta = json.loads(meta_file.read_text())
-            run = onnx_runner(network_file.read_bytes(), network_threads())
+            meta, run = load()
         self._graph_dim = int(meta["dim"])
         try:  # its modification time says when it was last used (prune_frozen_networks)
             os.utime(network_file)
