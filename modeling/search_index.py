@@ -259,6 +259,10 @@ def calibrate_confidence(s1, s2, correct, target_precision: float = 0.95,
         raise ValueError(f"confidence rule must be one of {CONFIDENCE_RULES}, got {rule!r}")
     s1, s2 = np.asarray(s1, dtype=np.float64), np.asarray(s2, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
+    # The queries in one canonical order: the fit's float sums then do not depend on the order
+    # the index holds its vectors in (an incremental refresh and a full rebuild differ there).
+    order = np.lexsort((correct, s2, s1))
+    s1, s2, correct = s1[order], s2[order], correct[order]
     weights = fit_logistic(np.column_stack([s1, s1 - s2]), correct) if len(s1) else None
     outcomes = {}
     for name in CONFIDENCE_RULES:

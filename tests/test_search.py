@@ -237,6 +237,20 @@ def test_calibration_picks_the_lowest_cut_keeping_the_target_precision(rule):
     assert chosen["threshold"] == chosen["rules"]["top1"]["cut"]  # the top-1 cut, always
 
 
+def test_the_same_calibration_queries_in_another_order_give_the_same_rule_to_the_last_bit():
+    """An incremental refresh and a full rebuild hold their vectors in different orders, so
+    their leave-one-out queries come in different orders: the fitted weights and cut must not
+    depend on it (float sums in another order differ in the last bits)."""
+    rng = np.random.default_rng(4)
+    correct = rng.random(3000) < 0.7
+    s1 = np.where(correct, rng.uniform(0.5, 0.95, 3000), rng.uniform(0.4, 0.8, 3000))
+    s2 = s1 - rng.uniform(0.0, 0.2, 3000)
+    shuffled = rng.permutation(3000)
+    first = calibrate_confidence(s1, s2, correct, 0.95, "combined")
+    again = calibrate_confidence(s1[shuffled], s2[shuffled], correct[shuffled], 0.95, "combined")
+    assert again == first
+
+
 def test_leave_one_out_calibration_fits_the_rule_on_the_enrolled_photos():
     """Each enrolled photo queries the index without itself: the twins' photos are the only
     wrong or close answers, and the margin rule's cut keeps the target on those queries."""
