@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from urllib.parse import urljoin, urlsplit
 
 logger = logging.getLogger(__name__)
@@ -17,8 +18,22 @@ _SKIPPED_RESOURCES = {"image", "font", "media", "stylesheet"}
 WEB_SCHEMES = frozenset({"http", "https"})
 
 
+# Chromium makes its singleton socket in a new folder under $TMPDIR, and a Unix socket's path
+# holds at most 107 bytes: under a deeper temporary folder (a CI workspace, a test's tmp_path)
+# it exits as soon as it starts, which Playwright reports only as "browser has been closed".
+CHROMIUM_TMPDIR_MAX = 60
+
+
 class BrowserError(RuntimeError):
     """The browser could not obtain the shop's cookies."""
+
+
+def chromium_env() -> dict[str, str] | None:
+    """The browser's environment: this process's, with TMPDIR=/tmp when $TMPDIR is too deep for
+    Chromium (None: inherit it as it is)."""
+    if len(os.environ.get("TMPDIR", "")) <= CHROMIUM_TMPDIR_MAX or not os.path.isdir("/tmp"):
+        return None
+    return {**os.environ, "TMPDIR": "/tmp"}
 
 
 def host_allowed(url: str, allowed: set[str]) -> bool:
@@ -58,7 +73,7 @@ async def acquire_cookies(page_url: str, *, chromium_path: str, user_agent: str,
     try:
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=chromium_path, headless=True,
-                                               args=CHROMIUM_ARGS)
+                                               args=CHROMIUM_ARGS, env=chromium_env())
             try:
                 context = await browser.new_context(user_agent=user_agent,
                                                     service_workers="block")

@@ -652,6 +652,44 @@ def _offsite_probe() -> dict[str, int]:
     return dict(hits)
 
 
+def test_the_cookie_browser_starts_under_a_temporary_folder_too_deep_for_chromiums_socket(
+        tmp_path, monkeypatch):
+    """Chromium makes a Unix socket under $TMPDIR and exits at once when that path is too long
+    (Playwright says only "browser has been closed"): the crawler's browser still gets the
+    cookie when the worker's TMPDIR is deep."""
+    import asyncio
+
+    from aiohttp import web
+
+    from crawler.browser import CHROMIUM_TMPDIR_MAX, acquire_cookies
+
+    deep = tmp_path / ("d" * (CHROMIUM_TMPDIR_MAX + 10))
+    deep.mkdir()
+    monkeypatch.setenv("TMPDIR", str(deep))
+
+    async def scenario():
+        async def page(request):
+            return web.Response(content_type="text/html", text=(
+                "<html><head><script>document.cookie='waf=1; path=/';</script></head></html>"))
+
+        app = web.Application()
+        app.router.add_get("/page", page)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            return await acquire_cookies(
+                f"http://127.0.0.1:{port}/page", chromium_path="/usr/bin/chromium",
+                user_agent="shoplens-test", allowed_hosts={f"127.0.0.1:{port}"}, timeout_s=5.0,
+                attempts=1)
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(scenario()) == {"waf": "1"}
+
+
 def test_the_browser_never_reaches_another_host_by_popup_worker_socket_or_redirect():
     """The cookie browser's allow-list covers the whole context: popups, workers, service
     workers, web sockets, and redirects of the page and of its scripts."""
