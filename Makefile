@@ -36,9 +36,12 @@ deps:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$need; \
 	fi
 
+# The suite on TEST_WORKERS processes (0 = one process), a test file per process at a time: the
+# tests that start Airflow wait on it most of their time, and module fixtures are built once.
+TEST_WORKERS ?= 2
 test: venv deps
 	$(PY) -m shoplens.dev.services ensure --state-dir $(RUN)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The whole nightly pipeline on embedded defaults: generated replica shop, SeaweedFS, PostgreSQL,
 # a real Airflow (CeleryExecutor, Redis); prints the run summary and stops what it started.

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from shoplens.dev.airflow_stack import AirflowStack
 from shoplens.config import Settings
 from shoplens.dev.services import free_port_block
+from tests.conftest import xdist_worker_number
 
 PG_SERVER = os.environ.get("SHOPLENS_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 
@@ -44,7 +45,15 @@ def stack_for(home: Path, settings: Settings, model_path: Path | None) -> Airflo
         env["SHOPLENS_DETECTOR_MODEL_PATH"] = str(model_path)
     db = f"{PG_SERVER}/airflow_test_{uuid.uuid4().hex[:8]}"
     return AirflowStack(home=home, db_url=db, api_port=free_port_block(1),
-                        broker_url=f"redis://127.0.0.1:6379/{7 + uuid.uuid4().int % 8}", extra_env=env)
+                        broker_url=broker_for_this_test_process(), extra_env=env)
+
+
+def broker_for_this_test_process() -> str:
+    """A Redis database for this test process's Celery messages: under pytest-xdist one per
+    worker, so that stacks started by parallel workers never take each other's tasks."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return f"redis://127.0.0.1:6379/{7 + xdist_worker_number() % 9}"
+    return f"redis://127.0.0.1:6379/{7 + uuid.uuid4().int % 9}"
 
 
 def drop_database(url: str) -> None:

@@ -35,6 +35,19 @@ def _no_writes_to_the_users_cache(tmp_path_factory):
         os.environ.pop(name, None)
 
 
+def pytest_collection_modifyitems(items):
+    """Files that start a real Airflow stack run first, so that under ``make test``'s workers
+    (``--dist loadfile``) the two longest files start at once on different workers instead of
+    ending the run alone; the order within a file is kept."""
+    starts_airflow = {item.path for item in items if item.get_closest_marker("e2e")}
+    items.sort(key=lambda item: item.path not in starts_airflow)
+
+
+def xdist_worker_number() -> int:
+    """0, 1, ... for pytest-xdist's workers gw0, gw1, ...; 0 without xdist."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or a skip that says in one line that it is absent."""
     path = SHARED.joinpath(*parts)
