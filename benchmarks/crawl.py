@@ -113,7 +113,7 @@ async def download_and_store(photos: list[dict], concurrency: int, settings: Set
         image = validate_image(body, content_type, max_pixels=settings.max_image_pixels,
                                max_bytes=settings.max_image_bytes)
         key = image_key(image.sha256, image.format)
-        store.put_bytes(key, body, IMAGE_CONTENT_TYPES[image.format])
+        store.write_object(key, body, IMAGE_CONTENT_TYPES[image.format], sha256=image.sha256)
         return image, key
 
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)

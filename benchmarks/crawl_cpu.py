@@ -66,6 +66,7 @@ try:
                 r1 = os.times()
                 cpu += (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
                 s = json.loads(sf.read_text())
+                s = s[0] if isinstance(s, list) else s  # the stats file lists its categories
                 if not a.profile and not a.spy:
                     c = json.loads((work / f"cpu-{cid}.json").read_text())
                     for k, v in c.items(): threads[k] = threads.get(k, 0) + v

@@ -182,8 +182,9 @@ class ReviewPhotoPipeline:
             raise StoreUnavailable(self.crawler.spider.fatal_error)
         key = image_key(image.sha256, image.format)
         try:
-            self.store.put_bytes(key, item.body, IMAGE_CONTENT_TYPES[image.format])
-        except Exception as exc:  # minio raises urllib3/S3 errors of many kinds
+            self.store.write_object(key, item.body, IMAGE_CONTENT_TYPES[image.format],
+                                    sha256=image.sha256)
+        except Exception as exc:  # S3 error statuses, connection errors of several kinds
             raise StoreUnavailable(f"object store {self.shop.s3_endpoint} bucket "
                                    f"{self.shop.s3_bucket!r} refused a write: "
                                    f"{type(exc).__name__}: {str(exc)[:300]}") from exc

@@ -141,6 +141,38 @@ def test_signed_reads_return_the_stored_bytes_from_any_thread_and_name_a_missing
     assert refused.value.status == 403
 
 
+def test_signed_writes_store_bytes_any_client_reads_back_and_name_a_refusal(s3_settings):
+    """``write_object`` (the crawler's photo PUT) stores what the minio client then reads, from
+    any thread, with the payload hash given or computed; a refused PUT is an
+    ``ObjectWriteError`` with the S3 status and code; its connection outlives a server's close."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shoplens.store import ObjectWriteError
+
+    store = ObjectStore(s3_settings)
+    objects = {f"images/ef/{n} odd+name.jpg": bytes([n]) * (700 + 90_000 * n) for n in range(6)}
+
+    def write(item):
+        key, data = item
+        given = hashlib.sha256(data).hexdigest() if len(data) % 2 else None
+        store.write_object(key, data, "image/jpeg", sha256=given)
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(write, objects.items()))
+    for key, data in objects.items():
+        assert store.get_bytes(key) == data
+        assert store.client.stat_object(store.bucket, key).content_type == "image/jpeg"
+    refused = ObjectStore(s3_settings.with_overrides(s3_secret_key="not-the-key"))
+    with pytest.raises(ObjectWriteError) as denied:
+        refused.write_object("images/ef/denied.jpg", b"x", "image/jpeg")
+    assert denied.value.status == 403 and not store.exists("images/ef/denied.jpg")
+    store.write_object("images/ef/before.jpg", b"before", "image/jpeg")
+    store._signed_writes._local.conn[0].close()  # this thread's connection, broken while idle
+    store.write_object("images/ef/after.jpg", b"after", "image/jpeg")
+    assert store.read_object("images/ef/after.jpg") == b"after"
+
+
 def test_pipelined_reads_answer_each_item_in_order_and_a_missing_key_fails_only_itself(s3_settings):
     store = ObjectStore(s3_settings)
     objects = {f"images/cd/{n}.jpg": bytes([n]) * (500 + 40_000 * (n % 3)) for n in range(20)}
