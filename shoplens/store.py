@@ -41,18 +41,24 @@ class StoreError(RuntimeError):
     """The object store could not be reached or refused an operation."""
 
 
-class ObjectReadError(StoreError):
-    """A GET answered with an error status; ``code`` is the S3 error code (e.g. ``NoSuchKey``)."""
+class ObjectRequestError(StoreError):
+    """A request answered with an error status; ``code`` is the S3 error code."""
 
-    method = "GET"
+    method = "?"
 
     def __init__(self, key: str, status: int, code: str):
         super().__init__(f"{self.method} {key}: HTTP {status} {code}")
         self.key, self.status, self.code = key, status, code
 
 
-class ObjectWriteError(ObjectReadError):
-    """A PUT answered with an error status (e.g. ``AccessDenied``, ``NoSuchBucket``)."""
+class ObjectReadError(ObjectRequestError):
+    """A GET answered with an error status (e.g. 404 ``NoSuchKey``)."""
+
+    method = "GET"
+
+
+class ObjectWriteError(ObjectRequestError):
+    """A PUT answered with an error status (e.g. 403 ``AccessDenied``, 404 ``NoSuchBucket``)."""
 
     method = "PUT"
 
