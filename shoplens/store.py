@@ -141,10 +141,11 @@ class ObjectStore:
     def write_object(self, key: str, data: bytes, content_type: str,
                      sha256: str | None = None) -> None:
         """Store ``data`` under ``key``, like :meth:`put_bytes` without metadata, in one signed PUT
-        on the thread's kept-alive connection (as :meth:`read_object` reads): less than half the
-        minio client's CPU per object, and the payload hash is not computed again when the caller
-        knows it (``sha256``, hex; a content-addressed key's). Errors: :class:`ObjectWriteError`
-        (an S3 error status), ``OSError`` / ``http.client.HTTPException`` (connection)."""
+        on a kept-alive connection per thread (signed as :meth:`read_object`'s GETs are, on
+        connections of its own): less than half the minio client's CPU per object, and the
+        payload hash is not computed again when the caller knows it (``sha256``, hex; a
+        content-addressed key's). Errors: :class:`ObjectWriteError` (an S3 error status),
+        ``OSError`` / ``http.client.HTTPException`` (connection)."""
         self._signed_writes.put(self.bucket, key, data, content_type, sha256)
 
     def put_json(self, key: str, obj) -> None:
