@@ -14,6 +14,9 @@ Reported (``--out``, default results/search_grocery.json):
 - ``aggregation``: the same for "max" (best photo per product) and "prototype" (mean per product);
 - ``ensemble`` (with ``--ensemble DIR``): that closed-set ensemble's Top-1/Top-3 on the seen queries;
 - ``catalogue_only``: R@1 when each product is enrolled by its catalogue image alone;
+- ``seen_like_for_like``: per embedding, the seen queries answered as a closed-set model answers
+  them (only the seen products enrolled; a linear softmax probe on the same vectors), next to the
+  open-set answer, and what took the top of the open-set misses (a novel or another seen product);
 - ``threshold``: the "no confident match" threshold of the ``trained`` embedding, chosen on one
   half of the queries and applied to the other (both ways, pooled): precision and coverage of
   the answered queries; ``threshold_seen_to_novel``: chosen on the seen products' queries only and
@@ -348,6 +351,66 @@ def ensemble_scores(ensemble_dir: str, paths: list[str], labels: list[int]) -> d
             "model": ens.model_id}
 
 
+def linear_probe(train_vectors: np.ndarray, train_labels, l2: float = 1e-3, scale: float = 30.0):
+    """A softmax classifier over the seen products fitted on their ``train/`` vectors (L-BFGS,
+    L2 ``l2``, logits = ``scale`` x vector . weights + bias): (predict(vectors) -> labels)."""
+    from scipy.optimize import minimize
+
+    labels = sorted(set(int(x) for x in train_labels))
+    y = np.searchsorted(labels, np.asarray(train_labels))
+    x = np.asarray(train_vectors, np.float64)
+    (n, d), k = x.shape, len(labels)
+    onehot = np.eye(k)[y]
+
+    def loss(w):
+        weights, bias = w[:d * k].reshape(d, k), w[d * k:]
+        z = scale * (x @ weights) + bias
+        z -= z.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+        g = (p - onehot) / n
+        value = -np.mean(np.log(p[np.arange(n), y] + 1e-12)) + l2 * np.sum(weights ** 2)
+        return value, np.concatenate([(scale * x.T @ g + 2 * l2 * weights).ravel(), g.sum(0)])
+
+    w = minimize(loss, np.zeros(d * k + k), jac=True, method="L-BFGS-B",
+                 options={"maxiter": 500}).x
+    weights, bias = w[:d * k].reshape(d, k), w[d * k:]
+    return lambda v: np.asarray(labels)[np.argmax(np.asarray(v) @ weights * scale + bias, 1)]
+
+
+def seen_like_for_like(emb, enrol_vectors, enrol_labels, train_count: int, q_vectors, q_labels,
+                       open_hits, aggregation: str, classes) -> dict:
+    """The seen queries three ways, to compare with a closed-set model (which chooses among the
+    seen products only): the open-set answer (all products enrolled); the same embedding with
+    only the seen products enrolled (``closed_set``); a linear softmax probe on the same vectors
+    (a closed-set classifier at no backbone cost, fitted like the ensemble on the seen
+    products' ``train/`` photos: the first ``train_count`` enrolled rows). ``open_set_misses``: seen queries whose
+    open-set top-1 is wrong, by what took the top: a novel product or another seen one."""
+    enrol_labels = np.asarray(enrol_labels)
+    seen_enrol = ~np.array([is_novel(int(x)) for x in enrol_labels])
+    seen_q = [i for i, lab in enumerate(q_labels) if not is_novel(lab)]
+    if not seen_q or not seen_enrol.any():
+        return {}
+    truth = [PRODUCT_BASE + q_labels[i] for i in seen_q]
+    closed = build_index(emb, [c for c in classes if not is_novel(c["label"])],
+                         enrol_vectors[seen_enrol],
+                         [PRODUCT_BASE + int(x) for x in enrol_labels[seen_enrol]],
+                         [str(i) for i in np.flatnonzero(seen_enrol)], aggregation)
+    closed_hits = closed.search_vectors(q_vectors[seen_q], 3)
+    train_rows = seen_enrol & (np.arange(len(enrol_labels)) < train_count)
+    predict = linear_probe(enrol_vectors[train_rows], enrol_labels[train_rows])
+    probe = predict(q_vectors[seen_q])
+    top = [open_hits[i][0].product_id - PRODUCT_BASE for i in seen_q]
+    wrong = [t for t, i in zip(top, seen_q) if t != q_labels[i]]
+    return {"n": len(seen_q),
+            "open_set": {"R@1": recall([open_hits[i] for i in seen_q], truth, 1),
+                         "R@3": recall([open_hits[i] for i in seen_q], truth, 3)},
+            "closed_set": {"R@1": recall(closed_hits, truth, 1), "R@3": recall(closed_hits, truth, 3)},
+            "linear_probe": {"Top-1": round(float(np.mean(probe == np.asarray(q_labels)[seen_q])), 4)},
+            "open_set_misses": {"novel_product_on_top": sum(map(is_novel, wrong)),
+                                "other_seen_product_on_top": sum(not is_novel(t) for t in wrong)}}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grocery", type=Path, default=GROCERY)
@@ -542,6 +605,16 @@ def main(argv=None) -> int:
     best_agg = result["trained"]["aggregation"]
     index = indexes[("trained", best_agg)]
     q_vec = whitened.project(feats["trained"][2])
+    # The closed-set ensemble chooses among the seen products only; this says how much of the
+    # seen-query gap to it is the novel products the search must also rank.
+    enrol_labels = [lab for _, lab in train] + [lab for _, lab in iconic]
+    result["seen_like_for_like"] = {
+        name: seen_like_for_like(emb, emb.project(enrol_feats(name)), enrol_labels, len(train),
+                                 emb.project(feats[name][2]), q_labels,
+                                 indexes[(name, result[name]["aggregation"])].search_vectors(
+                                     emb.project(feats[name][2]), 3),
+                                 result[name]["aggregation"], classes)
+        for name, emb in embedders.items()}
     result["threshold"] = cross_calibrated_threshold(index, q_vec, q_pids, args.target_precision)
     result["threshold_baseline"] = cross_calibrated_threshold(
         indexes[("baseline", result["baseline"]["aggregation"])], base.project(f_query), q_pids,
@@ -592,6 +665,12 @@ def main(argv=None) -> int:
         r = result[name]
         print(f"{name:9s} ({r['aggregation']:9s}) novel R@1 {r['novel']['R@1']}  R@3 {r['novel']['R@3']}"
               f"   seen R@1 {r['seen']['R@1']}  R@3 {r['seen']['R@3']}")
+    for name, like in result["seen_like_for_like"].items():
+        if like:
+            print(f"{name:9s} seen queries: open set R@1 {like['open_set']['R@1']}, only the seen "
+                  f"products enrolled {like['closed_set']['R@1']}, linear probe "
+                  f"{like['linear_probe']['Top-1']}; open-set misses "
+                  f"{like['open_set_misses']}")
     s2n = result["threshold"]["seen_to_novel"] or {}
     print(f"threshold seen->novel precision {s2n.get('precision')} coverage {s2n.get('coverage')}")
     print(f"threshold precision {result['threshold']['precision']} coverage "
