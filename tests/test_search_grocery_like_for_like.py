@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmark_modules import load_benchmark
+from modeling.search_index import Hit
 from shoplens.vision.embedding import l2_normalise
 
 grocery = load_benchmark("search_grocery")
@@ -43,3 +44,18 @@ def test_a_seen_query_lost_to_a_novel_product_is_right_among_the_seen_products_a
     assert like["closed_set"]["R@1"] == 1.0
     assert like["linear_probe"]["Top-1"] == 1.0
     assert like["open_set_misses"] == {"novel_product_on_top": 1, "other_seen_product_on_top": 0}
+
+
+def _hit(label, score):
+    return Hit(grocery.PRODUCT_BASE + label, str(label), score)
+
+
+def test_trusting_the_classifier_for_seen_products_wins_seen_queries_only_by_losing_novel_ones():
+    # A seen query (product 2) whose best match is novel product 3 by 0.03, and a novel query
+    # (product 3) whose own product leads seen product 2 by 0.03; the classifier says 2 for both.
+    ranked = [_hit(3, 0.80), _hit(2, 0.77), _hit(4, 0.10)]
+
+    rows = grocery.seen_first_sweep([ranked, ranked], [2, 3], [2, 2], biases=(0.0, 0.05))
+
+    assert rows == [{"bias": 0.0, "novel_R@1": 1.0, "seen_R@1": 0.0},
+                    {"bias": 0.05, "novel_R@1": 0.0, "seen_R@1": 1.0}]
