@@ -411,9 +411,10 @@ def seen_like_for_like(emb, enrol_vectors, enrol_labels, train_count: int, q_vec
     seen products only): the open-set answer (all products enrolled); the same embedding with
     only the seen products enrolled (``closed_set``); a linear softmax probe on the same vectors
     (a closed-set classifier at no backbone cost, fitted like the ensemble on the seen
-    products' ``train/`` photos: the first ``train_count`` enrolled rows). ``open_set_misses``: seen queries whose
-    open-set top-1 is wrong, by what took the top: a novel product or another seen one. With
-    ``open_index`` (the open-set index), also :func:`seen_first_sweep` over every query."""
+    products' ``train/`` photos: the first ``train_count`` enrolled rows). ``open_set_misses``:
+    seen queries whose open-set top-1 is wrong, by what took the top: a novel product or another
+    seen one. With ``open_index`` (the open-set index), also :func:`seen_first_sweep` over every
+    query."""
     enrol_labels = np.asarray(enrol_labels)
     seen_enrol = ~np.array([is_novel(int(x)) for x in enrol_labels])
     seen_q = [i for i, lab in enumerate(q_labels) if not is_novel(lab)]
