@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from shoplens.config import Settings
-from shoplens.dev.services import SeaweedFS, free_port_block
+from shoplens.dev.services import SeaweedFS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SHOPLENS_SHARED_DIR", REPO.parent / "shared"))
@@ -117,7 +117,7 @@ def manifest_url(fresh_database):
 
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory):
-    weed = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), free_port_block(12),
+    weed = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), 0,
                      "test-access", "test-secret-key")
     weed.start()
     yield weed

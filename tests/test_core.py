@@ -123,6 +123,49 @@ def test_the_local_store_runs_one_go_scheduler_thread_unless_told_otherwise(seaw
     assert b"GOMAXPROCS=1" in environ
 
 
+def test_a_store_on_chosen_ports_starts_on_others_when_one_is_taken_before_it_binds(
+        tmp_path, monkeypatch):
+    # Two test workers choose free ports at the same moment: the block found free can be taken
+    # before weed binds it. The first block offered here has its master port already listening.
+    import socket
+
+    from shoplens.dev import services
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken_block = busy.getsockname()[1]
+    free_block = services.free_port_block(services.SEAWEEDFS_PORTS)
+    offered = iter([taken_block, free_block])
+    monkeypatch.setattr(services, "free_port_block", lambda count: next(offered))
+    weed = services.SeaweedFS(tmp_path / "weed", 0, "ports-key", "ports-secret-key")
+    try:
+        weed.start()
+        assert weed.base_port == free_block
+        assert services.PORT_TAKEN in (tmp_path / "weed" / "weed.log").read_bytes()
+    finally:
+        weed.stop()
+        busy.close()
+
+
+def test_a_store_given_its_ports_does_not_move_to_others(tmp_path):
+    import socket
+
+    from shoplens.dev import services
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    weed = services.SeaweedFS(tmp_path / "weed", busy.getsockname()[1], "k", "secret-key-1")
+    try:
+        with pytest.raises(RuntimeError, match="before port"):
+            weed.start(timeout=30)
+        assert weed.base_port == busy.getsockname()[1]
+    finally:
+        weed.stop()
+        busy.close()
+
+
 def test_signed_reads_return_the_stored_bytes_from_any_thread_and_name_a_missing_key(s3_settings):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -23,6 +24,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 LOCALHOST = "127.0.0.1"
 
@@ -109,9 +112,17 @@ SEAWEED_PORTS = 12  # master, master grpc, volume, volume grpc, filer, filer grp
 #                     admin, admin grpc, iceberg, lance: every port explicit so instances coexist
 
 
+SEAWEEDFS_PORTS = 12  # master, volume, filer, S3, admin, iceberg, lance: HTTP + gRPC each
+# What weed mini logs when a port it was given is in use.
+PORT_TAKEN = b"Port allocation failed"
+
+
 @dataclass
 class SeaweedFS:
     data_dir: Path
+    # 12 consecutive ports from here (SEAWEEDFS_PORTS); 0: start() chooses a free block, and
+    # another one when a port of it was taken between the check and weed binding it (a test
+    # worker beside this one starting its own servers).
     base_port: int
     access_key: str
     secret_key: str
@@ -148,7 +159,34 @@ class SeaweedFS:
             "-master.volumeSizeLimitMB=64", "-volume.max=4000",
         ]
 
-    def start(self, timeout: float = 90.0) -> "SeaweedFS":
+    def start(self, timeout: float = 90.0, port_attempts: int = 5) -> "SeaweedFS":
+        """Starts ``weed mini`` and waits for its S3 API. With ``base_port`` 0, up to
+        ``port_attempts`` free port blocks are tried (``base_port`` then says which one won)."""
+        choose = not self.base_port
+        for attempt in range(port_attempts if choose else 1):
+            if choose:
+                self.base_port = free_port_block(SEAWEEDFS_PORTS)
+            log_start = self._log_size()
+            try:
+                return self._start(timeout)
+            except RuntimeError:
+                taken = PORT_TAKEN in self._log_tail(log_start)
+                if not (choose and taken and attempt + 1 < port_attempts):
+                    raise
+                log.warning("SeaweedFS: a port of %d-%d was taken before it bound; trying others",
+                            self.base_port, self.base_port + SEAWEEDFS_PORTS - 1)
+        raise AssertionError("unreachable")
+
+    def _log_size(self) -> int:
+        path = self.data_dir / "weed.log"
+        return path.stat().st_size if path.is_file() else 0
+
+    def _log_tail(self, start: int) -> bytes:
+        with open(self.data_dir / "weed.log", "rb") as f:
+            f.seek(start)
+            return f.read()
+
+    def _start(self, timeout: float) -> "SeaweedFS":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "data").mkdir(exist_ok=True)
         identities = {"identities": [{
