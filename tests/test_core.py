@@ -135,7 +135,7 @@ def test_a_store_on_chosen_ports_starts_on_others_when_one_is_taken_before_it_bi
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     taken_block = busy.getsockname()[1]
-    free_block = services.free_port_block(services.SEAWEEDFS_PORTS)
+    free_block = services.free_port_block(services.SEAWEED_PORTS)
     offered = iter([taken_block, free_block])
     monkeypatch.setattr(services, "free_port_block", lambda count: next(offered))
     weed = services.SeaweedFS(tmp_path / "weed", 0, "ports-key", "ports-secret-key")

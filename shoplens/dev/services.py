@@ -110,9 +110,6 @@ def stop_pid(pid: int, timeout: float = 15.0) -> None:
 # --------------------------------------------------------------------------------------------
 SEAWEED_PORTS = 12  # master, master grpc, volume, volume grpc, filer, filer grpc, s3, s3 grpc,
 #                     admin, admin grpc, iceberg, lance: every port explicit so instances coexist
-
-
-SEAWEEDFS_PORTS = 12  # master, volume, filer, S3, admin, iceberg, lance: HTTP + gRPC each
 # What weed mini logs when a port it was given is in use.
 PORT_TAKEN = b"Port allocation failed"
 
@@ -120,7 +117,7 @@ PORT_TAKEN = b"Port allocation failed"
 @dataclass
 class SeaweedFS:
     data_dir: Path
-    # 12 consecutive ports from here (SEAWEEDFS_PORTS); 0: start() chooses a free block, and
+    # 12 consecutive ports from here (SEAWEED_PORTS); 0: start() chooses a free block, and
     # another one when a port of it was taken between the check and weed binding it (a test
     # worker beside this one starting its own servers).
     base_port: int
@@ -165,7 +162,7 @@ class SeaweedFS:
         choose = not self.base_port
         for attempt in range(port_attempts if choose else 1):
             if choose:
-                self.base_port = free_port_block(SEAWEEDFS_PORTS)
+                self.base_port = free_port_block(SEAWEED_PORTS)
             log_start = self._log_size()
             try:
                 return self._start(timeout)
@@ -174,8 +171,8 @@ class SeaweedFS:
                 if not (choose and taken and attempt + 1 < port_attempts):
                     raise
                 log.warning("SeaweedFS: a port of %d-%d was taken before it bound; trying others",
-                            self.base_port, self.base_port + SEAWEEDFS_PORTS - 1)
-        raise AssertionError("unreachable")
+                            self.base_port, self.base_port + SEAWEED_PORTS - 1)
+        raise AssertionError("the loop returns or raises")
 
     def _log_size(self) -> int:
         path = self.data_dir / "weed.log"
