@@ -427,8 +427,8 @@ def seen_like_for_like(emb, enrol_vectors, enrol_labels, train_count: int, q_vec
                          [str(i) for i in np.flatnonzero(seen_enrol)], aggregation)
     closed_hits = closed.search_vectors(q_vectors[seen_q], 3)
     train_rows = seen_enrol & (np.arange(len(enrol_labels)) < train_count)
-    predict = linear_probe(enrol_vectors[train_rows], enrol_labels[train_rows])
-    probe = predict(q_vectors[seen_q])
+    probe_all = linear_probe(enrol_vectors[train_rows], enrol_labels[train_rows])(q_vectors)
+    probe = probe_all[seen_q]
     top = [open_hits[i][0].product_id - PRODUCT_BASE for i in seen_q]
     wrong = [t for t, i in zip(top, seen_q) if t != q_labels[i]]
     every = open_index.search_vectors(q_vectors, len(classes)) if open_index is not None else None
@@ -439,7 +439,7 @@ def seen_like_for_like(emb, enrol_vectors, enrol_labels, train_count: int, q_vec
             "linear_probe": {"Top-1": round(float(np.mean(probe == np.asarray(q_labels)[seen_q])), 4)},
             "open_set_misses": {"novel_product_on_top": sum(map(is_novel, wrong)),
                                 "other_seen_product_on_top": sum(not is_novel(t) for t in wrong)},
-            **({"seen_first": seen_first_sweep(every, q_labels, predict(q_vectors))}
+            **({"seen_first": seen_first_sweep(every, q_labels, probe_all)}
                if every is not None else {})}
 
 
@@ -640,14 +640,14 @@ def main(argv=None) -> int:
     # The closed-set ensemble chooses among the seen products only; this says how much of the
     # seen-query gap to it is the novel products the search must also rank.
     enrol_labels = [lab for _, lab in train] + [lab for _, lab in iconic]
-    result["seen_like_for_like"] = {
-        name: seen_like_for_like(emb, emb.project(enrol_feats(name)), enrol_labels, len(train),
-                                 emb.project(feats[name][2]), q_labels,
-                                 indexes[(name, result[name]["aggregation"])].search_vectors(
-                                     emb.project(feats[name][2]), 3),
-                                 result[name]["aggregation"], classes,
-                                 index if name == "trained" else None)
-        for name, emb in embedders.items()}
+    result["seen_like_for_like"] = {}
+    for name, emb in embedders.items():
+        queries_embedded = emb.project(feats[name][2])
+        result["seen_like_for_like"][name] = seen_like_for_like(
+            emb, emb.project(enrol_feats(name)), enrol_labels, len(train), queries_embedded,
+            q_labels, indexes[(name, result[name]["aggregation"])].search_vectors(
+                queries_embedded, 3),
+            result[name]["aggregation"], classes, index if name == "trained" else None)
     result["threshold"] = cross_calibrated_threshold(index, q_vec, q_pids, args.target_precision)
     result["threshold_baseline"] = cross_calibrated_threshold(
         indexes[("baseline", result["baseline"]["aggregation"])], base.project(f_query), q_pids,

@@ -189,9 +189,6 @@ class _SignedS3:
         lines = [f"{method} {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in signed.items()]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def _request(self, bucket: str, key: str) -> bytes:
-        return self._head("GET", bucket, key)
-
     def put(self, bucket: str, key: str, data: bytes, content_type: str,
             sha256: str | None = None) -> None:
         """One PUT, sent again once on a new connection when the kept-alive one turns out closed
@@ -239,7 +236,7 @@ class _SignedS3:
                 item = next(iterator, _END)
                 if item is _END:
                     break
-                request = self._request(bucket, key(item))
+                request = self._head("GET", bucket, key(item))
                 pending.append([item, request, False])
                 self._send(request, pending)
             if not pending:
