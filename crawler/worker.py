@@ -32,6 +32,7 @@ from pathlib import Path
 CRAWL_MODULES = (
     "crawler.cli", "crawler.run", "crawler.scrapy_settings", "crawler.spiders.reviews",
     "crawler.pipelines", "crawler.middlewares", "crawler.downloader", "crawler.images",
+    "crawler.stats", "uvloop",
     "scrapy.crawler", "scrapy.core.engine", "scrapy.core.scheduler", "scrapy.core.scraper",
     "scrapy.core.downloader", "scrapy.core.downloader.handlers.http11", "scrapy.pqueues",
     "scrapy.squeues", "scrapy.dupefilters", "scrapy.statscollectors", "scrapy.logformatter",

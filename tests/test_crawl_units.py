@@ -340,6 +340,43 @@ def test_the_crawl_worker_preloads_every_crawl_module_and_installs_no_reactor():
     assert done.stdout.strip() == "False"
 
 
+def test_a_crawl_runs_on_uvloop_with_scrapys_stats_api_and_no_per_access_wrapper():
+    """The crawl's event loop and stats class, seen from a spider in a Scrapy process."""
+    code = """
+import asyncio, json, scrapy
+from scrapy.crawler import AsyncCrawlerProcess
+from crawler.scrapy_settings import scrapy_settings
+from shoplens.config import Settings
+
+class Probe(scrapy.Spider):
+    name = "probe"
+    async def start(self):
+        stats = self.crawler.stats
+        stats.inc_value("n"); stats.inc_value("n", 2); stats.max_value("m", 3)
+        stats.max_value("m", 1); stats.set_value("s", "x")
+        print(json.dumps({"loop": type(asyncio.get_running_loop()).__module__,
+                          "stats": type(stats).__name__,
+                          "values": {k: stats.get_value(k) for k in ("n", "m", "s")},
+                          "wrapped": stats.inc_value.__func__ is not type(stats).inc_value}))
+        return
+        yield
+
+chosen = scrapy_settings(Settings())
+process = AsyncCrawlerProcess({k: chosen[k] for k in ("ASYNCIO_EVENT_LOOP", "STATS_CLASS")}
+                              | {"LOG_LEVEL": "ERROR"})
+process.crawl(Probe)
+process.start()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["loop"].startswith("uvloop")
+    assert probe["stats"] == "PlainStatsCollector"
+    assert probe["values"] == {"n": 3, "m": 3, "s": "x"}
+    assert probe["wrapped"] is False  # Scrapy's own collector hands out a wrapper per method
+
+
 def test_the_http_client_picks_scrapys_download_handler_and_an_unknown_one_is_refused():
     off = {"file": None, "s3": None, "ftp": None, "data": None}
     # Twisted is Scrapy's default for http(s): no entry; every non-web scheme is switched off.
