@@ -277,8 +277,15 @@ class Bench:
         _copy_reviews(photos, settings)
         threads = min(10, max(2, 2 * self.args.concurrency))  # as crawler.scrapy_settings
         before = meter.snapshot() if meter else None
-        result = asyncio.run(download_and_store(photos, self.args.concurrency, settings,
-                                                "bench-storage", threads))
+        # The event loop asyncio runs on: Python's own, or uvloop (the crawler's, since
+        # crawler/scrapy_settings.py chose it), for a like-for-like baseline.
+        loop_factory = None
+        if getattr(self.args, "baseline_loop", "asyncio") == "uvloop":
+            import uvloop
+            loop_factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            result = runner.run(download_and_store(photos, self.args.concurrency, settings,
+                                                   "bench-storage", threads))
         if meter:
             result["cpu_spent_s"] = CpuMeter.spent(before, meter.snapshot())
         return result

@@ -308,6 +308,8 @@ def main() -> int:
     parser.add_argument("--crawler", default="twisted:1",
                         help="HTTP_CLIENT:PARALLEL: the http_client setting and how many category "
                              "crawls run at once (sharing --concurrency)")
+    parser.add_argument("--baseline-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="the event loop of the asyncio baseline (the crawler runs on uvloop)")
     parser.add_argument("--new-reviews-percent", type=float, default=1.0,
                         help="reviews released before each incremental night, in %% of the "
                              "shop's photo reviews")
@@ -362,7 +364,7 @@ def main() -> int:
     result = {
         "command": [Path(sys.executable).name, *sys.argv],
         "catalogue": catalogue, "concurrency_per_host": args.concurrency,
-        "crawler": args.crawler, "repeats": args.repeats,
+        "crawler": args.crawler, "baseline_loop": args.baseline_loop, "repeats": args.repeats,
         "postgres": "shared server" if args.shared_postgres else "private server",
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
         "wall_s": round(time.time() - started, 1),
