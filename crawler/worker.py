@@ -47,6 +47,10 @@ CRAWL_MODULES = (
     "scrapy.extensions.memdebug", "scrapy.extensions.memusage", "scrapy.extensions.spiderstate",
     "scrapy.extensions.throttle", "scrapy.spidermiddlewares.httperror",
     "scrapy.spidermiddlewares.referer", "scrapy.spidermiddlewares.start",
+    # Imported by a crawl even when unused (the remote-control extension, off, imports aiohttp's
+    # server) or when the shop's WAF challenges it; the aiohttp client handler by its setting.
+    "scrapy.extensions.remote_control", "scrapy.core.downloader.handlers._aiohttp",
+    "playwright.async_api",
 )
 
 
