@@ -277,8 +277,8 @@ class Bench:
         _copy_reviews(photos, settings)
         threads = min(10, max(2, 2 * self.args.concurrency))  # as crawler.scrapy_settings
         before = meter.snapshot() if meter else None
-        # The event loop asyncio runs on: Python's own, or uvloop (the crawler's, since
-        # crawler/scrapy_settings.py chose it), for a like-for-like baseline.
+        # Python's own event loop, or uvloop as the crawler's (crawler/scrapy_settings.py):
+        # the same loop on both sides when asked.
         loop_factory = None
         if getattr(self.args, "baseline_loop", "asyncio") == "uvloop":
             import uvloop

@@ -2,7 +2,7 @@
 work, and what an incremental night costs against a full crawl, all from one run.
 
     .venv/bin/python benchmarks/crawl_economics.py [--latency-ms 20[,50]] [--repeats 3]
-        [--concurrency 8] [--crawler twisted:1] [--new-reviews-percent 1]
+        [--concurrency 8] [--crawler twisted:1] [--baseline-loop asyncio] [--new-reviews-percent 1]
         [--listing CSV | --synthetic] [--out results/crawl_economics.json]
 
 Replaces the crawl target against a downloader that throws the bytes away (benchmarks/crawl.py,
