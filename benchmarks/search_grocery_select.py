@@ -12,7 +12,9 @@ regularisation) are scored by a cross-validation on the 41 *seen* products only:
 - each split is used both ways; R@1 / R@3 are averaged over the 2 x splits folds.
 
 Candidates: backbone sets x pooling x flip averaging x (no whitening, or the learned whitening's
-width x regularisation). Rule (fixed before any novel number was looked at): the candidate with
+width x regularisation); ``--whiten-mirrors`` adds, for every setting without flip averaging,
+the whitening fitted on the fitting photos *and their mirror images* (each mirror a photo of the
+same product): twice the data for the fit, the same one pass per backbone at query time. Rule (fixed before any novel number was looked at): the candidate with
 the highest mean seen-CV R@1 (to 3 decimals) is chosen, then the higher mean seen-CV R@3, then
 the cheaper query (fewer backbone passes). ``chosen_whitened`` applies the same rule to the
 whitened candidates only (the settings of benchmarks/search_grocery.py's ``trained`` row; added
@@ -134,6 +136,17 @@ def unit_gram(per_backbone: list[dict], pooling: str, flip: bool, cache: dict) -
     return total / len(per_backbone)
 
 
+def mirrored_unit_gram(per_backbone: list[dict], pooling: str) -> np.ndarray:
+    """float64 (2N, 2N): :func:`unit_gram` without flip averaging over the N photos followed by
+    their N mirror images (rows N.. are the mirrors, in the same order)."""
+    total = None
+    for feats in per_backbone:
+        both = l2(np.concatenate([feats[pooling]["plain"], feats[pooling]["flip"]]))
+        g = (both @ both.T).astype(np.float64)
+        total = g if total is None else total + g
+    return total / len(per_backbone)
+
+
 def fit_coordinates(gram: np.ndarray, fit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every photo's coordinates (N, r) in an orthonormal basis of the span of the fitting
     photos' centred unit features, and the fitting photos' own (len(fit), r): (x_i - m) . v_k
@@ -197,7 +210,7 @@ def recalls(q: np.ndarray, q_labels: np.ndarray, enrol: np.ndarray, enrol_labels
     return float(hit1.mean()), float(hit3.mean()), hit1
 
 
-def candidates(backbone_sets, dims, regs) -> list[dict]:
+def candidates(backbone_sets, dims, regs, mirrors: bool = False) -> list[dict]:
     out = []
     for bset, pooling, flip in itertools.product(backbone_sets, POOLINGS, (False, True)):
         out.append({"backbones": bset, "pooling": pooling, "flip": flip, "whiten_dim": 0,
@@ -205,6 +218,9 @@ def candidates(backbone_sets, dims, regs) -> list[dict]:
         for dim, reg in itertools.product(dims, regs):
             out.append({"backbones": bset, "pooling": pooling, "flip": flip, "whiten_dim": dim,
                         "whiten_reg": reg})
+            if mirrors and not flip:
+                out.append({"backbones": bset, "pooling": pooling, "flip": False,
+                            "whiten_dim": dim, "whiten_reg": reg, "whiten_mirrors": True})
     for c in out:
         c["backbone_passes"] = len(BACKBONE_SETS[c["backbones"]]) * (2 if c["flip"] else 1)
     return out
@@ -240,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", type=int, nargs="+", default=[256, 512],
                     help="learned whitening widths (0, no whitening, is always a candidate)")
     ap.add_argument("--regs", type=float, nargs="+", default=[0.2, 0.5, 1.0])
+    ap.add_argument("--whiten-mirrors", action="store_true",
+                    help="also the whitening fitted with the fitting photos' mirror images")
     ap.add_argument("--print-top", type=int, default=15)
     ap.add_argument("--merge", nargs="+", type=Path, metavar="RESULTS",
                     help="apply the rule to the candidates of earlier runs (e.g. one per "
@@ -276,43 +294,50 @@ def main(argv=None) -> int:
     seen = sorted({lab for _, lab in train if not is_novel(lab)})
     folds = cv_splits(seen, args.splits, args.seed)
     regs, dims = args.regs, args.dims
-    rows = candidates(args.backbone_sets, dims, regs)
+    rows = candidates(args.backbone_sets, dims, regs, args.whiten_mirrors)
     by_features: dict = {}
     for c in rows:
-        by_features.setdefault((c["backbones"], c["pooling"], c["flip"]), []).append(c)
+        by_features.setdefault((c["backbones"], c["pooling"], c["flip"],
+                                c.get("whiten_mirrors", False)), []).append(c)
     t_grid = time.monotonic()
     grams: dict = {}
     top_dim = max(dims)
 
-    def embeddings(gram, fit, width):
-        """{candidate key: (N, dim) embeddings} for the whitening fitted on the ``fit`` photos."""
-        coords, fit_coords = fit_coordinates(gram, fit)
-        proj = whitening_projections(whitening_basis(fit_coords, labels[fit], width), regs,
-                                     [top_dim])
+    n_photos = len(photos)
+
+    def embeddings(gram, fit, width, mirrors=False):
+        """{candidate key: (N, dim) embeddings} for the whitening fitted on the ``fit`` photos
+        (``mirrors``: ``gram`` is :func:`mirrored_unit_gram`'s and the fit takes the photos'
+        mirror images too; the embeddings are the photos' own)."""
+        fit_rows = np.concatenate([fit, fit + n_photos]) if mirrors else fit
+        coords, fit_coords = fit_coordinates(gram, fit_rows)
+        proj = whitening_projections(whitening_basis(fit_coords, labels[fit_rows % n_photos],
+                                                     width), regs, [top_dim])
         out = {}
         for reg in regs:
-            full = coords @ proj[(reg, top_dim)].astype(np.float32)
+            full = coords[:n_photos] @ proj[(reg, top_dim)].astype(np.float32)
             for dim in dims:  # the kept axes are ordered: a narrower whitening is a prefix
                 out[(reg, dim)] = full[:, :dim]
         return out
 
-    for (bset, pooling, flip), group in by_features.items():
+    for (bset, pooling, flip, mirrors), group in by_features.items():
         per_backbone = [feats[b] for b in BACKBONE_SETS[bset]]
         width = sum(f[pooling]["plain"].shape[1] for f in per_backbone)
-        gram = unit_gram(per_backbone, pooling, flip, grams)
+        gram = (mirrored_unit_gram(per_backbone, pooling) if mirrors
+                else unit_gram(per_backbone, pooling, flip, grams))
         raw = l2(embed_features(per_backbone, pooling, flip)) if 0 in [c["whiten_dim"] for c in group] \
             else None
         fold_scores = {id(c): [] for c in group}
         for fit_on, ask in folds:
             fit = np.flatnonzero(is_train & np.isin(labels, fit_on))
             asked = query[np.isin(labels[query], ask)]
-            emb = embeddings(gram, fit, width)
+            emb = embeddings(gram, fit, width, mirrors)
             for c in group:
                 e = raw if not c["whiten_dim"] else emb[(c["whiten_reg"], c["whiten_dim"])]
                 r1, r3, _ = recalls(e[asked], labels[asked], e[enrol], labels[enrol])
                 fold_scores[id(c)].append((r1, r3))
         # The product's fit: the whitening on all seen products' train/ photos; every query.
-        emb = embeddings(gram, np.flatnonzero(is_train & np.isin(labels, seen)), width)
+        emb = embeddings(gram, np.flatnonzero(is_train & np.isin(labels, seen)), width, mirrors)
         novel_q = query[[is_novel(lab) for lab in labels[query]]]
         seen_q = query[[not is_novel(lab) for lab in labels[query]]]
         for c in group:
@@ -324,8 +349,8 @@ def main(argv=None) -> int:
             for name, asked in (("novel", novel_q), ("seen", seen_q)):
                 r1, r3, _ = recalls(e[asked], labels[asked], e[enrol], labels[enrol])
                 c[name] = {"R@1": round(r1, 4), "R@3": round(r3, 4), "n": len(asked)}
-        log.info("%s %s flip=%s: best CV R@1 %.3f (%.0f s)", bset, pooling, flip,
-                 max(c["cv"]["R@1"] for c in group), time.monotonic() - t_grid)
+        log.info("%s %s flip=%s mirrors=%s: best CV R@1 %.3f (%.0f s)", bset, pooling, flip,
+                 mirrors, max(c["cv"]["R@1"] for c in group), time.monotonic() - t_grid)
     chosen = choose(rows)
     result = {"benchmark": "search_grocery_select",
               "protocol": {"seen_products": len(seen), "splits": args.splits, "seed": args.seed,
@@ -364,13 +389,13 @@ def report(result: dict, out: Path, print_top: int) -> None:
     out.write_text(json.dumps(result, indent=1))
     for c in sorted(rows, key=lambda r: -r["cv"]["R@1"])[:print_top]:
         print(f"{c['backbones']:18s} {c['pooling']:4s} flip={c['flip']!s:5s} "
-              f"W{c['whiten_dim']:<3d} reg {c['whiten_reg']!s:4s}  CV R@1 {c['cv']['R@1']:.3f}"
+              f"{'M' if c.get('whiten_mirrors') else ' '}W{c['whiten_dim']:<3d} reg {c['whiten_reg']!s:4s}  CV R@1 {c['cv']['R@1']:.3f}"
               f"±{c['cv']['R@1_sd']:.3f} R@3 {c['cv']['R@3']:.3f}   novel {c['novel']['R@1']:.3f}"
               f" / {c['novel']['R@3']:.3f}   seen {c['seen']['R@1']:.3f} / {c['seen']['R@3']:.3f}")
-    print(f"chosen: {json.dumps({k: chosen[k] for k in ('backbones', 'pooling', 'flip', 'whiten_dim', 'whiten_reg')})}"
+    print(f"chosen: {json.dumps({k: chosen.get(k) for k in ('backbones', 'pooling', 'flip', 'whiten_dim', 'whiten_reg', 'whiten_mirrors')})}"
           f" -> novel {chosen['novel']}  seen {chosen['seen']}; results in {out}")
     w = result["chosen_whitened"]
-    print(f"chosen among whitened: {json.dumps({k: w[k] for k in ('backbones', 'pooling', 'flip', 'whiten_dim', 'whiten_reg')})}"
+    print(f"chosen among whitened: {json.dumps({k: w.get(k) for k in ('backbones', 'pooling', 'flip', 'whiten_dim', 'whiten_reg', 'whiten_mirrors')})}"
           f" -> novel {w['novel']}  seen {w['seen']}")
 
 

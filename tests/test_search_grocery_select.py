@@ -38,6 +38,32 @@ def test_gram_space_whitening_gives_the_learned_whitenings_cosines(backbones, fl
     np.testing.assert_allclose(fast @ fast.T, exact @ exact.T, atol=2e-4)
 
 
+@pytest.mark.parametrize("backbones", [1, 2])
+def test_a_whitening_fitted_with_mirror_images_is_the_learned_whitening_of_photos_and_mirrors(
+        backbones):
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(30), 10)
+    parts = [_pooled(rng, labels, width) for width in (200, 150)[:backbones]]
+    fit, n = np.flatnonzero(labels < 12), len(labels)
+    gram = select.mirrored_unit_gram(parts, "gem3")
+    rows = np.concatenate([fit, fit + n])
+    coords, fit_coords = select.fit_coordinates(gram, rows)
+    plain = embed_features(parts, "gem3", False)
+    basis = select.whitening_basis(fit_coords, labels[rows % n], plain.shape[1])
+    projection = select.whitening_projections(basis, [0.5], [40])[(0.5, 40)]
+    fast = l2(coords[:n] @ projection)
+    mirrors = embed_features([{"gem3": {"plain": p["gem3"]["flip"]}} for p in parts], "gem3",
+                             False)
+    w = learned_whitening(np.concatenate([plain[fit], mirrors[fit]]),
+                          np.concatenate([labels[fit], labels[fit]]), 40, 0.5)
+    exact = l2((l2(plain) - w["mean"]) @ w["projection"])
+    np.testing.assert_allclose(fast @ fast.T, exact @ exact.T, atol=2e-4)
+    # and it is not the whitening of the photos alone
+    alone = learned_whitening(plain[fit], labels[fit], 40, 0.5)
+    other = l2((l2(plain) - alone["mean"]) @ alone["projection"])
+    assert np.abs(other @ other.T - exact @ exact.T).max() > 1e-2
+
+
 def test_splits_halve_the_seen_products_both_ways_and_repeat_with_the_seed():
     seen = list(range(0, 82, 2))
     folds = cv_splits(seen, 3, seed=7)
