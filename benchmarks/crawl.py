@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -505,6 +506,7 @@ def main() -> int:
     finally:
         bench.weed.stop()
         bench.drop_databases()
+        shutil.rmtree(work, ignore_errors=True)  # the store's files
     result = {
         "catalogue": catalogue, "concurrency_per_host": args.concurrency,
         "repeats": args.repeats, "target_ratio": TARGET_RATIO,

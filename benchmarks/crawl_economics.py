@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -361,6 +362,7 @@ def main() -> int:
         bench.drop_databases()
         if postmaster_pid:
             down(pg_state)
+        shutil.rmtree(work, ignore_errors=True)  # the store's and the database's files: ~0.5 GB
     result = {
         "command": [Path(sys.executable).name, *sys.argv],
         "catalogue": catalogue, "concurrency_per_host": args.concurrency,

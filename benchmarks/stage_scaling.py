@@ -41,6 +41,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import shutil
 import random
 import statistics
 import sys
@@ -463,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             for db in (name, f"{name}_ratio"):
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
         weed.stop()
+        shutil.rmtree(weed.data_dir, ignore_errors=True)  # the store's files
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
