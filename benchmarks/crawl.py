@@ -149,7 +149,7 @@ class Bench:
         self.pg_server = pg_server
         self.admin = sa.create_engine(f"{pg_server}/postgres", isolation_level="AUTOCOMMIT")
         self.databases: list[str] = []
-        self.weed = SeaweedFS(work / "weed", free_port_block(12), "bench-key", "bench-secret-key",
+        self.weed = SeaweedFS(work / "weed", 0, "bench-key", "bench-secret-key",
                               go_max_procs=getattr(args, "store_go_procs", SeaweedFS.go_max_procs))
 
     def fresh_settings(self, base: str, cdn: str, categories: list[str]) -> Settings:

@@ -48,7 +48,7 @@ from dataset.build import export  # noqa: E402
 from shoplens import export_layout as layout  # noqa: E402
 from shoplens.config import Settings  # noqa: E402
 from shoplens.manifest import engine_for  # noqa: E402
-from shoplens.dev.services import SeaweedFS, free_port_block  # noqa: E402
+from shoplens.dev.services import SeaweedFS  # noqa: E402
 from shoplens.store import ObjectStore  # noqa: E402
 
 PG_SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
@@ -78,7 +78,7 @@ def main() -> int:
     url = f"{PG_SERVER}/{name}"
     admin = sa.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
     with tempfile.TemporaryDirectory() as tmp:
-        weed = SeaweedFS(Path(tmp) / "weed", free_port_block(12), "bench", "bench-secret-key")
+        weed = SeaweedFS(Path(tmp) / "weed", 0, "bench", "bench-secret-key")
         weed.start()
         try:
             migrate_for_build(url)

@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("SHOPLENS_PROGRESS", "log")
     from modeling import catalogue_index
     from shoplens.config import Settings
-    from shoplens.dev.services import SeaweedFS, free_port_block
+    from shoplens.dev.services import SeaweedFS
     from shoplens.manifest import engine_for, upgrade
 
     load_start = os.getloadavg()
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     generated = photos(args.photos, args.products, args.seed)
     held = max(1, round(args.photos * args.hold_back))
     work = Path(tempfile.mkdtemp(prefix="index-refresh-"))
-    weed = SeaweedFS(work / "seaweedfs", free_port_block(12), "bench", "bench-secret-key")
+    weed = SeaweedFS(work / "seaweedfs", 0, "bench", "bench-secret-key")
     weed.start()
     name = f"shoplens_bench_{uuid.uuid4().hex[:8]}"
     url = f"{PG_SERVER}/{name}"

@@ -20,7 +20,7 @@ from benchmarks.procstat import cpu_seconds
 N = int(os.environ.get("N", "300"))
 PROFILE = os.environ.get("PROFILE", "")
 from shoplens.config import Settings
-from shoplens.dev.services import SeaweedFS, free_port_block
+from shoplens.dev.services import SeaweedFS
 from shoplens.manifest import upgrade
 
 def pg_cpu(url):
@@ -34,7 +34,7 @@ def main():
     photos = ss.replica_photos(N)
     name = f"shoplens_prof_{uuid.uuid4().hex[:8]}"
     model = Path(os.environ.get("SHOPLENS_SHARED_DIR", "/work/shared")) / "models" / "yolox_nano.onnx"
-    weed = SeaweedFS(Path(tempfile.mkdtemp(prefix="prof-")), free_port_block(12), "bench", "bench-secret-key")
+    weed = SeaweedFS(Path(tempfile.mkdtemp(prefix="prof-")), 0, "bench", "bench-secret-key")
     weed.start()
     admin = sa.create_engine(f"{ss.PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
     try:

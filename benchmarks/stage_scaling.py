@@ -375,14 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from shoplens.config import Settings
-    from shoplens.dev.services import free_port_block
     from shoplens.manifest import engine_for, upgrade
 
     started = time.perf_counter()
     photos = replica_photos(args.photos)
     print(f"{len(photos)} photos ready in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     name = f"shoplens_bench_{uuid.uuid4().hex[:8]}"
-    weed = SeaweedFS(Path(tempfile.mkdtemp(prefix="stage-scaling-")), free_port_block(12),
+    weed = SeaweedFS(Path(tempfile.mkdtemp(prefix="stage-scaling-")), 0,
                      "bench", "bench-secret-key", go_max_procs=args.store_go_procs)
     weed.start(timeout=300)  # a loaded shared machine can take minutes
     STORE_PID.append(weed.pid)

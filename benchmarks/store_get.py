@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.procstat import cpu_seconds  # noqa: E402
 from shoplens.config import Settings  # noqa: E402
-from shoplens.dev.services import SeaweedFS, free_port_block  # noqa: E402
+from shoplens.dev.services import SeaweedFS  # noqa: E402
 from shoplens.store import ObjectStore  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def store_cpu_by_go_threads(objects: int, size: int, repeats: int) -> dict:
     stores, samples = {}, {name: [] for name in setups}
     try:
         for name, procs in setups.items():
-            weed = SeaweedFS(Path(tempfile.mkdtemp(prefix="store-cpu-")), free_port_block(12), "bench",
+            weed = SeaweedFS(Path(tempfile.mkdtemp(prefix="store-cpu-")), 0, "bench",
                              "bench-secret-key", go_max_procs=procs)
             stores[name] = (weed.start(), *filled_store(weed, objects, size))
         for name, (weed, store, keys) in stores.items():  # warm-up; every GET answers
@@ -82,7 +82,7 @@ def main() -> int:
     ap.add_argument("--store-repeats", type=int, default=10, help="0: skip the store's CPU")
     ap.add_argument("--out", default="results/store_get.json")
     args = ap.parse_args()
-    weed = SeaweedFS(Path(tempfile.mkdtemp(prefix="store-get-")), free_port_block(12), "bench",
+    weed = SeaweedFS(Path(tempfile.mkdtemp(prefix="store-get-")), 0, "bench",
                      "bench-secret-key")
     weed.start()
     try:
