@@ -14,9 +14,16 @@ regularisation) are scored by a cross-validation on the 41 *seen* products only:
 Candidates: backbone sets x pooling x flip averaging x (no whitening, or the learned whitening's
 width x regularisation); ``--whiten-mirrors`` adds, for every setting without flip averaging,
 the whitening fitted on the fitting photos *and their mirror images* (each mirror a photo of the
-same product): twice the data for the fit, the same one pass per backbone at query time. Rule (fixed before any novel number was looked at): the candidate with
+same product): twice the data for the fit, the same one pass per backbone at query time.
+``--hubness K:BETA,...`` adds, for every candidate, the same embedding ranked with a hubness
+correction computed from the index alone (no query, no novel label): each product's score is
+its cosine minus BETA x its *hubness*, the mean cosine between its prototype and the K enrolled
+photos of *other* products nearest to it (CSLS's target-side term, with the gallery's photos
+standing in for the queries it cannot know). It costs nothing per query beyond one subtraction
+per product. Rule (fixed before any novel number was looked at): the candidate with
 the highest mean seen-CV R@1 (to 3 decimals) is chosen, then the higher mean seen-CV R@3, then
-the cheaper query (fewer backbone passes). ``chosen_whitened`` applies the same rule to the
+the cheaper query (fewer backbone passes); a tie that remains goes to the candidate listed first
+(a plain ranking before its hubness-corrected copies). ``chosen_whitened`` applies the same rule to the
 whitened candidates only (the settings of benchmarks/search_grocery.py's ``trained`` row; added
 after the first run, see docs/benchmarks.md). Only then are the novel and seen ``val/`` numbers computed, for
 every candidate (so the table shows what the rule gave up), with the whitening fitted on all
@@ -54,6 +61,8 @@ BACKBONE_SETS = {"lite2": ("efficientnet_lite2",),
                  "lite0+lite1+lite2": ("efficientnet_lite0", "efficientnet_lite1",
                                        "efficientnet_lite2")}
 POOLINGS = {"avg": None, "gem3": 3.0}
+SETTING_KEYS = ("backbones", "pooling", "flip", "whiten_dim", "whiten_reg", "whiten_mirrors",
+                "hubness")
 log = logging.getLogger("search_grocery_select")
 
 
@@ -194,15 +203,29 @@ def whitening_projections(parts, regs, dims) -> dict:
     return out
 
 
-def recalls(q: np.ndarray, q_labels: np.ndarray, enrol: np.ndarray, enrol_labels: np.ndarray
-            ) -> tuple[float, float, np.ndarray]:
+def hubness(protos: np.ndarray, enrol: np.ndarray, enrol_pos: np.ndarray, k: int) -> np.ndarray:
+    """(P,) each product's hubness: the mean cosine between its unit prototype and the ``k``
+    enrolled unit photos of other products nearest to it (``enrol_pos``: each photo's product
+    row). A product whose prototype sits close to many other products' photos wins queries it
+    should not; CSLS subtracts this term."""
+    sims = protos @ enrol.T
+    sims[enrol_pos, np.arange(len(enrol))] = -np.inf  # a product's own photos do not count
+    k = min(k, sims.shape[1] - 1)
+    return np.partition(sims, -k, axis=1)[:, -k:].mean(1)
+
+
+def recalls(q: np.ndarray, q_labels: np.ndarray, enrol: np.ndarray, enrol_labels: np.ndarray,
+            hub: tuple[int, float] | None = None) -> tuple[float, float, np.ndarray]:
     """Prototype ranking (the normalised mean of each product's unit embeddings), as the index
-    does: R@1, R@3 and the per-query rank hits (for the spread)."""
+    does: R@1, R@3 and the per-query rank hits (for the spread). ``hub`` (K, BETA): scores
+    less BETA x :func:`hubness` with K neighbours."""
     products, pos = np.unique(enrol_labels, return_inverse=True)
     members = np.zeros((len(products), len(enrol)), np.float32)
     members[pos, np.arange(len(enrol))] = 1
-    protos = members @ l2(enrol)
-    scores = l2(q) @ l2(protos).T
+    protos = l2(members @ l2(enrol))
+    scores = l2(q) @ protos.T
+    if hub is not None:
+        scores = scores - hub[1] * hubness(protos, l2(enrol), pos, hub[0])[None, :]
     top = np.argsort(-scores, axis=1, kind="stable")[:, :3]
     truth = np.searchsorted(products, q_labels)
     hit1 = top[:, 0] == truth
@@ -210,7 +233,8 @@ def recalls(q: np.ndarray, q_labels: np.ndarray, enrol: np.ndarray, enrol_labels
     return float(hit1.mean()), float(hit3.mean()), hit1
 
 
-def candidates(backbone_sets, dims, regs, mirrors: bool = False) -> list[dict]:
+def candidates(backbone_sets, dims, regs, mirrors: bool = False,
+               hubs: tuple[tuple[int, float], ...] = ()) -> list[dict]:
     out = []
     for bset, pooling, flip in itertools.product(backbone_sets, POOLINGS, (False, True)):
         out.append({"backbones": bset, "pooling": pooling, "flip": flip, "whiten_dim": 0,
@@ -221,9 +245,20 @@ def candidates(backbone_sets, dims, regs, mirrors: bool = False) -> list[dict]:
             if mirrors and not flip:
                 out.append({"backbones": bset, "pooling": pooling, "flip": False,
                             "whiten_dim": dim, "whiten_reg": reg, "whiten_mirrors": True})
+    out = [dict(c, **extra) for c in out
+           for extra in [{}] + [{"hubness": [k, beta]} for k, beta in hubs]]
     for c in out:
         c["backbone_passes"] = len(BACKBONE_SETS[c["backbones"]]) * (2 if c["flip"] else 1)
     return out
+
+
+def parse_hubs(text: str) -> tuple[tuple[int, float], ...]:
+    """"10:0.5,10:1" -> ((10, 0.5), (10, 1.0))."""
+    out = []
+    for item in filter(None, text.split(",")):
+        k, beta = item.split(":")
+        out.append((int(k), float(beta)))
+    return tuple(out)
 
 
 def cv_splits(seen: list[int], splits: int, seed: int) -> list[tuple[list[int], list[int]]]:
@@ -258,6 +293,9 @@ def main(argv=None) -> int:
     ap.add_argument("--regs", type=float, nargs="+", default=[0.2, 0.5, 1.0])
     ap.add_argument("--whiten-mirrors", action="store_true",
                     help="also the whitening fitted with the fitting photos' mirror images")
+    ap.add_argument("--hubness", type=parse_hubs, default=(), metavar="K:BETA,...",
+                    help="also every candidate ranked with the hubness correction (K gallery "
+                         "neighbours, weight BETA)")
     ap.add_argument("--print-top", type=int, default=15)
     ap.add_argument("--merge", nargs="+", type=Path, metavar="RESULTS",
                     help="apply the rule to the candidates of earlier runs (e.g. one per "
@@ -294,7 +332,7 @@ def main(argv=None) -> int:
     seen = sorted({lab for _, lab in train if not is_novel(lab)})
     folds = cv_splits(seen, args.splits, args.seed)
     regs, dims = args.regs, args.dims
-    rows = candidates(args.backbone_sets, dims, regs, args.whiten_mirrors)
+    rows = candidates(args.backbone_sets, dims, regs, args.whiten_mirrors, args.hubness)
     by_features: dict = {}
     for c in rows:
         by_features.setdefault((c["backbones"], c["pooling"], c["flip"],
@@ -334,7 +372,8 @@ def main(argv=None) -> int:
             emb = embeddings(gram, fit, width, mirrors)
             for c in group:
                 e = raw if not c["whiten_dim"] else emb[(c["whiten_reg"], c["whiten_dim"])]
-                r1, r3, _ = recalls(e[asked], labels[asked], e[enrol], labels[enrol])
+                r1, r3, _ = recalls(e[asked], labels[asked], e[enrol], labels[enrol],
+                                    c.get("hubness"))
                 fold_scores[id(c)].append((r1, r3))
         # The product's fit: the whitening on all seen products' train/ photos; every query.
         emb = embeddings(gram, np.flatnonzero(is_train & np.isin(labels, seen)), width, mirrors)
@@ -347,7 +386,8 @@ def main(argv=None) -> int:
                        "R@3_sd": round(float(s[:, 1].std()), 4), "folds": len(s)}
             e = raw if not c["whiten_dim"] else emb[(c["whiten_reg"], c["whiten_dim"])]
             for name, asked in (("novel", novel_q), ("seen", seen_q)):
-                r1, r3, _ = recalls(e[asked], labels[asked], e[enrol], labels[enrol])
+                r1, r3, _ = recalls(e[asked], labels[asked], e[enrol], labels[enrol],
+                                    c.get("hubness"))
                 c[name] = {"R@1": round(r1, 4), "R@3": round(r3, 4), "n": len(asked)}
         log.info("%s %s flip=%s mirrors=%s: best CV R@1 %.3f (%.0f s)", bset, pooling, flip,
                  mirrors, max(c["cv"]["R@1"] for c in group), time.monotonic() - t_grid)
@@ -389,13 +429,14 @@ def report(result: dict, out: Path, print_top: int) -> None:
     out.write_text(json.dumps(result, indent=1))
     for c in sorted(rows, key=lambda r: -r["cv"]["R@1"])[:print_top]:
         print(f"{c['backbones']:18s} {c['pooling']:4s} flip={c['flip']!s:5s} "
-              f"{'M' if c.get('whiten_mirrors') else ' '}W{c['whiten_dim']:<3d} reg {c['whiten_reg']!s:4s}  CV R@1 {c['cv']['R@1']:.3f}"
+              f"{'M' if c.get('whiten_mirrors') else ' '}W{c['whiten_dim']:<3d} reg {c['whiten_reg']!s:4s} "
+              f"hub {c.get('hubness') or '-'!s:9s} CV R@1 {c['cv']['R@1']:.3f}"
               f"±{c['cv']['R@1_sd']:.3f} R@3 {c['cv']['R@3']:.3f}   novel {c['novel']['R@1']:.3f}"
               f" / {c['novel']['R@3']:.3f}   seen {c['seen']['R@1']:.3f} / {c['seen']['R@3']:.3f}")
-    print(f"chosen: {json.dumps({k: chosen.get(k) for k in ('backbones', 'pooling', 'flip', 'whiten_dim', 'whiten_reg', 'whiten_mirrors')})}"
+    print(f"chosen: {json.dumps({k: chosen.get(k) for k in SETTING_KEYS})}"
           f" -> novel {chosen['novel']}  seen {chosen['seen']}; results in {out}")
     w = result["chosen_whitened"]
-    print(f"chosen among whitened: {json.dumps({k: w.get(k) for k in ('backbones', 'pooling', 'flip', 'whiten_dim', 'whiten_reg', 'whiten_mirrors')})}"
+    print(f"chosen among whitened: {json.dumps({k: w.get(k) for k in SETTING_KEYS})}"
           f" -> novel {w['novel']}  seen {w['seen']}")
 
 

@@ -82,3 +82,39 @@ def test_the_rule_reads_the_cross_validation_only_and_breaks_ties_by_r3_then_cos
     assert choose([row(0.75, 0.90, 6, 0), tie := row(0.7504, 0.95, 6, 0)]) is tie
     cheap = row(0.75, 0.95, 1, 0)
     assert choose([row(0.75, 0.95, 6, 0), cheap]) is cheap
+
+
+def test_a_hub_product_near_other_products_photos_loses_the_queries_it_should_not_win():
+    # Products 0, 2 and 3 lie on the three axes; product 1's photos sit between all of them (a
+    # hub), so its raw cosine wins a query that leans to product 0; the correction, read from
+    # the gallery alone, gives the query back to product 0.
+    enrol = l2(np.array([[1.0, 0, 0.05], [1.0, 0.05, 0],             # product 0
+                         [0.6, 0.55, 0.55], [0.55, 0.6, 0.55],       # product 1, the hub
+                         [0, 1.0, 0.05], [0.05, 1.0, 0],             # product 2
+                         [0, 0.05, 1.0], [0.05, 0, 1.0]]))           # product 3
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    query, truth = l2(np.array([[0.85, 0.4, 0.35]])), np.array([0])
+    plain_r1, _, _ = select.recalls(query, truth, enrol, labels)
+    fixed_r1, _, _ = select.recalls(query, truth, enrol, labels, hub=(6, 1.0))
+    assert (plain_r1, fixed_r1) == (0.0, 1.0)
+    assert select.recalls(query, truth, enrol, labels, hub=(6, 0.0))[0] == plain_r1
+
+
+def test_hubness_counts_only_other_products_photos():
+    enrol = l2(np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.6, 0.8]]))
+    pos = np.array([0, 0, 1, 1])
+    protos = l2(np.array([[1.0, 0.05], [0.3, 0.9]]))
+    h = select.hubness(protos, enrol, pos, k=1)
+    np.testing.assert_allclose(h, [max(protos[0] @ enrol[2], protos[0] @ enrol[3]),
+                                   max(protos[1] @ enrol[0], protos[1] @ enrol[1])], rtol=1e-6)
+
+
+def test_every_candidate_gets_its_hubness_copies_after_it_at_the_same_query_cost():
+    rows = select.candidates(["lite2"], [256], [0.5], hubs=((10, 0.5), (10, 1.0)))
+    plain = [r for r in rows if "hubness" not in r]
+    assert len(rows) == 3 * len(plain)
+    for i, r in enumerate(rows):
+        if "hubness" in r:
+            base = rows[i - 1] if rows[i - 1].get("hubness") is None else rows[i - 2]
+            assert {k: v for k, v in r.items() if k != "hubness"} == base
+    assert select.parse_hubs("10:0.5,5:1") == ((10, 0.5), (5, 1.0))
