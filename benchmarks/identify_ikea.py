@@ -381,9 +381,44 @@ def unit(x):
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def recall_table(rooms, gallery, gvec, query_sets) -> dict:
+def class_hubness(gvec: np.ndarray, gallery: list[dict], k: int,
+                  proxies: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """(G,) each gallery product's hubness within its class: the mean similarity of its vector
+    to the ``k`` nearest stand-ins for queries of that class. ``proxies`` None: the class's
+    *other* gallery photos; else {class: (n, d) vectors}, e.g. crops of that class from rooms
+    that are never scored (the tune half). A product near everything of its class (a plain
+    grey sofa) wins rooms it is not in; CSLS subtracts this term."""
+    cls_arr = np.array([g["class"] for g in gallery])
+    out = np.zeros(len(gallery))
+    for c in set(cls_arr):
+        members = np.flatnonzero(cls_arr == c)
+        if proxies is None:
+            sims = gvec[members] @ gvec[members].T
+            np.fill_diagonal(sims, -np.inf)
+        elif c in proxies and len(proxies[c]):
+            sims = gvec[members] @ proxies[c].T
+        else:
+            continue
+        kk = min(k, sims.shape[1] - (1 if proxies is None else 0))
+        if kk > 0:
+            out[members] = np.partition(sims, -kk, axis=1)[:, -kk:].mean(1)
+    return out
+
+
+def parse_hubness(spec: str) -> tuple[str, int, float] | None:
+    """"0" -> None; "gallery:10:0.5" / "rooms:10:0.5" -> (source, k, beta)."""
+    if spec in ("", "0"):
+        return None
+    source, k, beta = spec.split(":")
+    if source not in ("gallery", "rooms"):
+        raise SystemExit(f"error: hubness source {source!r}: gallery or rooms")
+    return source, int(k), float(beta)
+
+
+def recall_table(rooms, gallery, gvec, query_sets, gbias=None) -> dict:
     """query_sets(room, cls) -> ((n, d) query vectors (may be empty: a miss), (n,) score offsets).
-    R@k per class and split, and the per-class pair counts."""
+    ``gbias``: (G,) added to each gallery product's score (a hubness correction). R@k per class
+    and split, and the per-class pair counts."""
     classes = sorted({c for r in rooms for c in r["truth"]})
     ids = np.array([g["product_id"] for g in gallery])
     cls_arr = np.array([g["class"] for g in gallery])
@@ -402,6 +437,8 @@ def recall_table(rooms, gallery, gvec, query_sets) -> dict:
                 if len(q) == 0:
                     continue
                 best = (gvec[members] @ q.T + offsets[None, :]).max(axis=1)
+                if gbias is not None:
+                    best = best + gbias[members]
                 ranked = ids[members][np.argsort(-best, kind="stable")]
                 for k in KS:
                     hits[k] += bool(set(ranked[:k]) & r["truth"][c])
@@ -595,6 +632,12 @@ def main(argv=None) -> int:
                     help='comma-separated "VIEWS:WEIGHT" (0 = off): the trimmed gallery also seen '
                          'on patches of the tune half\'s rooms (identify_gallery_backgrounds); '
                          'the held-out rooms are never read')
+    ap.add_argument("--hubness", default="0",
+                    help='comma-separated "SOURCE:K:BETA" (0 = off): scores less BETA x each '
+                         'product\'s mean similarity to its K nearest stand-in queries of its '
+                         'class, SOURCE "gallery" (its class\'s other products) or "rooms" (the '
+                         'tune half\'s crops of the class: tune numbers see their own rooms, the '
+                         'held-out half does not)')
     ap.add_argument("--all-classes", action="store_true",
                     help="let boxes of classes the gallery has no product of take places under "
                          "the object caps (identify before it skipped them)")
@@ -644,6 +687,7 @@ def main(argv=None) -> int:
     trims = [bool(int(t)) for t in args.trims.split(",")]
     flips = [bool(int(f)) for f in args.flips.split(",")]
     room_views = args.gallery_room_views.split(",")
+    hubs = [parse_hubness(h) for h in args.hubness.split(",")]
     tune_rooms = tune_room_photos(args.rooms or ikea / "images" / "room_scenes")
     boxes = detections(cache, rooms, model, settings)
     classes = set(settings.identify_classes)
@@ -679,8 +723,8 @@ def main(argv=None) -> int:
                 parts = [float(m) for m in margin.split("+")]  # "0.1+0.25": mean of both crops
                 crops = {(p, m): room_vectors(cache, rooms, boxes, backbone, p, m)
                          for p in parts for m in ((False, True) if flip else (False,))}
-                for min_score, cap, lam, fallback in itertools.product(
-                        min_scores, caps, lams, (False, True)):
+                for min_score, cap, lam, fallback, hub in itertools.product(
+                        min_scores, caps, lams, (False, True), hubs):
                     def detect_q(r, c, parts=parts, min_score=min_score, cap=cap, lam=lam,
                                  fallback=fallback, flip=flip, crops=crops, cw=cw,
                                  whole_q=whole_q):
@@ -697,20 +741,34 @@ def main(argv=None) -> int:
                             [rcol[f"{r['name']}|{i}"] for i in kept])], axis=1)
                         return v, lam * np.array([bx[i][5] for i in kept])
 
+                    gbias = None
+                    if hub is not None:
+                        source, k, beta = hub
+                        proxies = None
+                        if source == "rooms":
+                            proxies = {}
+                            for r in rooms:  # crops exist for the classes of its truth
+                                for c in r["truth"] if r["split"] == "tune" else ():
+                                    q, _ = detect_q(r, c)
+                                    if len(q):  # the queries this variant would ask
+                                        proxies.setdefault(c, []).append(q)
+                            proxies = {c: np.concatenate(v) for c, v in proxies.items()}
+                        gbias = -beta * class_hubness(gvec, gallery, k, proxies)
                     variants.append({
                         "mode": "detect_or_whole" if fallback else "detect",
                         "backbone": backbone, "trim": trim, "flip": flip, "margin": margin,
                         "min_score": min_score, "max_objects": cap, "det_weight": lam,
                         "colour_weight": cw, "gallery_room_views": rv,
+                        "hubness": list(hub) if hub else None,
                         "objects_per_photo": round(float(np.mean(
                             [len(objects_of(boxes[r["name"]], min_score, cap, classes))
                              for r in rooms])), 2),
-                        "table": recall_table(rooms, gallery, gvec, detect_q)})
+                        "table": recall_table(rooms, gallery, gvec, detect_q, gbias)})
     # Chosen among what modeling.identify does (one crop margin, ranking by similarity alone);
     # the best of every variant tried is reported beside it ("best_tried").
     def runnable(v):
         return ("+" not in str(v.get("margin", "")) and not v.get("det_weight")
-                and not v.get("colour_weight"))
+                and not v.get("colour_weight") and not v.get("hubness"))
 
     best = {mode: max((v for v in variants if v["mode"] == mode and runnable(v)),
                       key=lambda v: chosen_key(v["table"]))

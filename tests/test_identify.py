@@ -510,6 +510,35 @@ def test_benchmark_ranks_a_class_by_the_best_object_and_counts_a_hit_if_any_true
     assert bench.parse_cap("8p2") == (8, 2) and bench.parse_cap("8") == (8, 0)
 
 
+def test_benchmark_hubness_demotes_a_product_close_to_its_whole_class():
+    """``--hubness``: each product's score less BETA x its mean similarity to its K nearest
+    stand-in queries of its class (its class-mates' photos, or given crops of that class)."""
+    from benchmark_modules import load_benchmark
+
+    bench = load_benchmark("identify_ikea")
+    gallery = [{"product_id": p, "class": "chair"} for p in "abcd"]
+    # "h" (product b) sits between the others: the hub.
+    gvec = bench.unit(np.array([[1.0, 0, 0], [0.6, 0.6, 0.5], [0, 1.0, 0], [0, 0, 1.0]]))
+    hub = bench.class_hubness(gvec, gallery, k=3)
+    assert hub.argmax() == 1
+    np.testing.assert_allclose(hub[0], np.mean([gvec[0] @ gvec[j] for j in (1, 2, 3)]))
+    proxies = {"chair": bench.unit(np.array([[0.0, 1.0, 0.1]]))}
+    np.testing.assert_allclose(bench.class_hubness(gvec, gallery, 1, proxies),
+                               gvec @ proxies["chair"][0])
+    assert not bench.class_hubness(gvec, gallery, 1, {"couch": proxies["chair"]}).any()
+    rooms = [{"name": "r1", "split": "report", "truth": {"chair": {"a"}}}]
+    query = bench.unit(np.array([[0.8, 0.45, 0.35]]))  # leans to "a", closer still to the hub
+
+    def queries(room, cls):
+        return query, np.zeros(1)
+
+    plain = bench.recall_table(rooms, gallery, gvec, queries)
+    fixed = bench.recall_table(rooms, gallery, gvec, queries, gbias=-1.0 * hub)
+    assert (plain["all"]["chair"]["R@1"], fixed["all"]["chair"]["R@1"]) == (0.0, 1.0)
+    assert bench.parse_hubness("0") is None
+    assert bench.parse_hubness("rooms:10:0.5") == ("rooms", 10, 0.5)
+
+
 def test_roi_pooling_of_a_box_over_a_square_photo_is_the_backbones_own_pooled_features(tmp_path):
     """identify_pooling "roi": one pass over the photo, each box averaged over the feature-map
     cells under it; a box over the whole (square) photo is the global average pooling."""
