@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -286,19 +287,63 @@ class AirflowStack:
     def run_state(self, dag_id: str, run_id: str) -> str:
         return self.api("GET", f"/dags/{dag_id}/dagRuns/{urllib.request.quote(run_id)}")["state"]
 
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 900) -> str:
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 900,
+                     progress: Callable[[str], None] | None = None) -> str:
+        """The run's final state; ``progress`` gets a line for each of its task instances as it
+        ends (:class:`TaskProgress`), so a long run shows where it is."""
         deadline = time.monotonic() + timeout
         state = "unknown"
+        tasks = TaskProgress()
         while time.monotonic() < deadline:
             state = self.run_state(dag_id, run_id)
+            if progress is not None:
+                for line in tasks.lines(self.task_instances(dag_id, run_id)):
+                    progress(line)
             if state in ("success", "failed"):
                 return state
             time.sleep(3)
         raise TimeoutError(f"run {run_id} still {state} after {timeout:.0f}s\n{self.logs_tail()}")
 
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+    def task_instances(self, dag_id: str, run_id: str, page: int = 200) -> list[dict]:
+        """Every task instance of the run (a night maps up to ~1,000 batches: read page by page,
+        in a fixed order so that the pages neither overlap nor skip)."""
         q = urllib.request.quote(run_id)
-        return self.api("GET", f"/dags/{dag_id}/dagRuns/{q}/taskInstances?limit=200")["task_instances"]
+        out: list[dict] = []
+        while True:
+            got = self.api("GET", f"/dags/{dag_id}/dagRuns/{q}/taskInstances"
+                                  f"?order_by=id&limit={page}&offset={len(out)}")["task_instances"]
+            out += got
+            if len(got) < page:
+                return out
+
+
+class TaskProgress:
+    """One line for each task instance of a run as it reaches a final state, in the order they
+    ended: ``crawl.crawl_group[1] success 42s`` (a mapped task's index in brackets). Each call
+    gives only what ended since the previous one."""
+
+    FINAL = ("success", "failed", "upstream_failed", "skipped", "removed")
+
+    def __init__(self) -> None:
+        self._reported: dict[tuple[str, int], str] = {}
+
+    def lines(self, task_instances: list[dict]) -> list[str]:
+        ended = [ti for ti in task_instances if ti.get("state") in self.FINAL
+                 and self._reported.get(self._key(ti)) != ti["state"]]
+        out = []
+        for ti in sorted(ended, key=lambda t: (t.get("end_date") or "", t["task_id"],
+                                               self._key(t)[1])):
+            key = self._key(ti)
+            self._reported[key] = ti["state"]
+            name = ti["task_id"] + (f"[{key[1]}]" if key[1] >= 0 else "")
+            took = f" {ti['duration']:.0f}s" if ti.get("duration") is not None else ""
+            out.append(f"{name} {ti['state']}{took}")
+        return out
+
+    @staticmethod
+    def _key(ti: dict) -> tuple[str, int]:
+        index = ti.get("map_index")
+        return ti["task_id"], -1 if index is None else int(index)
 
 
 def default_stack(home: Path, api_port: int = 8780) -> AirflowStack:
@@ -336,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         run_id = stack.trigger(args.dag_id, json.loads(args.conf))
         print(f"triggered {args.dag_id} run {run_id}")
         if args.wait:
-            state = stack.wait_for_run(args.dag_id, run_id, args.timeout)
+            state = stack.wait_for_run(args.dag_id, run_id, args.timeout,
+                                       progress=lambda line: print(f"  {line}", flush=True))
             print(f"run {run_id}: {state}")
             return 0 if state == "success" else 1
     else:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from shoplens.cli import argument_parser, command
+from shoplens.dev.airflow_stack import TaskProgress, default_stack
 from shoplens.dev.services import LOCALHOST, down, stop_pid, up, wait_for_port
 
 REPLICA_PORT, CDN_PORT, AIRFLOW_PORT = 8611, 8612, 8780
@@ -93,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         wait_for_port(REPLICA_PORT, 180, proc=replica)
         print(f"[demo] replica shop on {env['SHOPLENS_SHOP_BASE_URL']}")
 
-        from shoplens.dev.airflow_stack import default_stack
-
         stack = default_stack(state / "airflow", AIRFLOW_PORT)
         stack.extra_env.update(env)
         # The demo triggers its night itself; unpausing a scheduled DAG would add last night's run.
@@ -105,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         stack.api("PATCH", "/dags/shoplens_train", {"is_paused": False})
         trainings_before = _train_run_ids(stack)
         run_id = stack.trigger("shoplens_nightly", {})
-        print(f"[demo] triggered shoplens_nightly {run_id}; waiting...")
-        state_nightly = stack.wait_for_run("shoplens_nightly", run_id, args.timeout)
+        print(f"[demo] triggered shoplens_nightly {run_id}; each task as it ends:")
+        state_nightly = stack.wait_for_run("shoplens_nightly", run_id, args.timeout,
+                                           progress=_print_progress)
         print(f"[demo] shoplens_nightly: {state_nightly}")
         train_state = None
         if state_nightly == "success":
@@ -176,12 +176,22 @@ def _train_run_ids(stack) -> set[str]:
     return {r["dag_run_id"] for r in runs}
 
 
+def _print_progress(line: str) -> None:
+    print(f"[demo]   {line}", flush=True)
+
+
 def _wait_for_training(stack, before: set[str], timeout: float) -> str | None:
-    """State of the training run that this night's dataset version triggered."""
+    """State of the training run that this night's dataset version triggered (its tasks printed
+    as they end)."""
     deadline = time.monotonic() + timeout
+    tasks: dict[str, TaskProgress] = {}
     while time.monotonic() < deadline:
         runs = stack.api("GET", "/dags/shoplens_train/dagRuns?limit=100")["dag_runs"]
         new = [r for r in runs if r["dag_run_id"] not in before]
+        for r in new:
+            progress = tasks.setdefault(r["dag_run_id"], TaskProgress())
+            for line in progress.lines(stack.task_instances("shoplens_train", r["dag_run_id"])):
+                _print_progress(f"shoplens_train {line}")
         if new and all(r["state"] in ("success", "failed") for r in new):
             return "success" if all(r["state"] == "success" for r in new) else "failed"
         time.sleep(5)
