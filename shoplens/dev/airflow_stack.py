@@ -319,7 +319,7 @@ class AirflowStack:
 
 class TaskProgress:
     """One line for each task instance of a run as it reaches a final state, in the order they
-    ended: ``crawl.crawl_group[1] success 42s`` (a mapped task's index in brackets). Each call
+    ended: ``dedup_hash[2] success 4s`` (a mapped task's index in brackets). Each call
     gives only what ended since the previous one."""
 
     FINAL = ("success", "failed", "upstream_failed", "skipped", "removed")
