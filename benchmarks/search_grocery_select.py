@@ -222,10 +222,11 @@ def recalls(q: np.ndarray, q_labels: np.ndarray, enrol: np.ndarray, enrol_labels
     products, pos = np.unique(enrol_labels, return_inverse=True)
     members = np.zeros((len(products), len(enrol)), np.float32)
     members[pos, np.arange(len(enrol))] = 1
-    protos = l2(members @ l2(enrol))
+    photos = l2(enrol)
+    protos = l2(members @ photos)
     scores = l2(q) @ protos.T
     if hub is not None:
-        scores = scores - hub[1] * hubness(protos, l2(enrol), pos, hub[0])[None, :]
+        scores = scores - hub[1] * hubness(protos, photos, pos, hub[0])[None, :]
     top = np.argsort(-scores, axis=1, kind="stable")[:, :3]
     truth = np.searchsorted(products, q_labels)
     hit1 = top[:, 0] == truth

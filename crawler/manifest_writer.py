@@ -285,45 +285,36 @@ def _bigint_or_none(value) -> int | None:
     return value if isinstance(value, int) and -2 ** 63 <= value < 2 ** 63 else None
 
 
+def _upsert(table, keys: list[str], refreshed: tuple[str, ...], also=None):
+    """INSERT ... ON CONFLICT (keys) DO UPDATE: the ``refreshed`` columns take the new row's
+    values; ``also(excluded)`` gives any other column's expression."""
+    stmt = insert(table)
+    return stmt.on_conflict_do_update(
+        index_elements=[table.c[k] for k in keys],
+        set_={**{c: stmt.excluded[c] for c in refreshed},
+              **(also(stmt.excluded) if also else {})})
+
+
 # The upserts, built once and run with a row or a list of rows (SQLAlchemy's
 # "insertmanyvalues": one multi-row INSERT per batch), so their compiled form is cached. A
 # statement holding the rows themselves (``.values(rows)``) is compiled again for every
 # transaction: ~4 ms of CPU each, measured, when the batches are a few photos; built per call,
 # the review pages' and rankings' upserts were ~8 % of the crawl process's GIL time (profiled).
-_category_upsert = insert(categories)
-_UPSERT_CATEGORY = _category_upsert.on_conflict_do_update(
-    index_elements=[categories.c.id],
-    set_={"name": sa.func.coalesce(_category_upsert.excluded.name, categories.c.name),
-          "source_url": _category_upsert.excluded.source_url,
-          "last_seen_run": _category_upsert.excluded.last_seen_run})
-_product_upsert = insert(products)
-_UPSERT_PRODUCT = _product_upsert.on_conflict_do_update(
-    index_elements=[products.c.id],
-    set_={**{c: _product_upsert.excluded[c] for c in (
-        "category_id", "name", "brand", "price", "rank", "review_count", "rating", "source_url",
-        "last_seen_run")}, "last_seen_at": sa.func.now()})
-_rank_upsert = insert(product_ranks)
-_UPSERT_PRODUCT_RANK = _rank_upsert.on_conflict_do_update(
-    index_elements=[product_ranks.c.run_id, product_ranks.c.product_id],
-    set_={c: _rank_upsert.excluded[c] for c in (
-        "category_id", "rank", "review_count", "rating", "source_url")})
-_review_upsert = insert(reviews)
-_UPSERT_REVIEWS = _review_upsert.on_conflict_do_update(
-    index_elements=[reviews.c.id],
-    set_={c: _review_upsert.excluded[c] for c in (
-        "product_id", "created_date", "stars", "comment", "writer_nickname", "photo_url")})
+_UPSERT_CATEGORY = _upsert(categories, ["id"], ("source_url", "last_seen_run"),
+                           lambda new: {"name": sa.func.coalesce(new.name, categories.c.name)})
+_UPSERT_PRODUCT = _upsert(products, ["id"], (
+    "category_id", "name", "brand", "price", "rank", "review_count", "rating", "source_url",
+    "last_seen_run"), lambda new: {"last_seen_at": sa.func.now()})
+_UPSERT_PRODUCT_RANK = _upsert(product_ranks, ["run_id", "product_id"], (
+    "category_id", "rank", "review_count", "rating", "source_url"))
+_UPSERT_REVIEWS = _upsert(reviews, ["id"], (
+    "product_id", "created_date", "stars", "comment", "writer_nickname", "photo_url"))
 _INSERT_NEW_IMAGES = (insert(images).on_conflict_do_nothing(index_elements=[images.c.sha256])
                       .returning(images.c.sha256))
-_catalogue_upsert = insert(catalogue_images)
-_UPSERT_CATALOGUE_IMAGE = _catalogue_upsert.on_conflict_do_update(
-    index_elements=[catalogue_images.c.product_id],
-    set_={**{c: _catalogue_upsert.excluded[c] for c in (
-        "sha256", "object_key", "source_url", "size_bytes", "width", "height", "format",
-        "run_id")}, "stored_at": sa.func.now()})
-_review_photo_upsert = insert(review_photos)
-_UPSERT_REVIEW_PHOTOS = _review_photo_upsert.on_conflict_do_update(
-    index_elements=[review_photos.c.review_id],
-    set_={"sha256": _review_photo_upsert.excluded.sha256})
+_UPSERT_CATALOGUE_IMAGE = _upsert(catalogue_images, ["product_id"], (
+    "sha256", "object_key", "source_url", "size_bytes", "width", "height", "format", "run_id"),
+    lambda new: {"stored_at": sa.func.now()})
+_UPSERT_REVIEW_PHOTOS = _upsert(review_photos, ["review_id"], ("sha256",))
 
 
 # --- runs -----------------------------------------------------------------------------------
